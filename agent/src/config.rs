@@ -1,0 +1,644 @@
+//! Configuration: TOML in, validated typed config out. Every error names the file, the
+//! line, the key and what would be valid; nothing here touches the kernel.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+use toml::Spanned;
+
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/uplink/uplinkd.toml";
+
+/// How many ip-rule priorities uplinkd owns, starting at `dataplane.rule_priority`.
+pub const RULE_PRIORITY_BAND: u32 = 100;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub agent: AgentConfig,
+    pub lan: LanConfig,
+    pub dataplane: DataplaneConfig,
+    pub uplinks: Vec<UplinkConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentConfig {
+    pub name: String,
+    pub state_dir: PathBuf,
+    pub resync_interval: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LanConfig {
+    pub interfaces: Vec<String>,
+    pub prefixes: Vec<IpNet>,
+    pub client_idle_timeout: Duration,
+}
+
+/// What uplinkd owns in the kernel. Everything outside these bounds is never touched.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DataplaneConfig {
+    /// Name of the one nft table (family inet) uplinkd owns.
+    pub nft_table: String,
+    /// Bits of the packet and conntrack mark that uplinkd owns.
+    pub fwmark_mask: u32,
+    /// First of the `RULE_PRIORITY_BAND` ip-rule priorities uplinkd owns.
+    pub rule_priority: u32,
+    /// Uplink tables are `table_base + 1 ..= table_base + max mark id`.
+    pub table_base: u32,
+    /// rtm protocol stamped on uplinkd's routes and rules.
+    pub route_protocol: u8,
+    /// Path of the `nft` binary.
+    pub nft: PathBuf,
+}
+
+impl DataplaneConfig {
+    /// Largest mark id that fits in the mask.
+    pub fn max_mark_id(&self) -> u32 {
+        self.fwmark_mask >> self.fwmark_mask.trailing_zeros()
+    }
+
+    /// The packet mark value for a mark id, shifted into the owned bits.
+    pub fn fwmark(&self, mark_id: u32) -> u32 {
+        mark_id << self.fwmark_mask.trailing_zeros()
+    }
+
+    pub fn owned_tables(&self) -> std::ops::RangeInclusive<u32> {
+        self.table_base + 1..=self.table_base + self.max_mark_id()
+    }
+
+    pub fn owned_priorities(&self) -> std::ops::RangeInclusive<u32> {
+        self.rule_priority..=self.rule_priority + RULE_PRIORITY_BAND - 1
+    }
+}
+
+/// Traffic-spreading mode. Per-connection balancing comes later; the model carries the mode
+/// so that adding it changes no data structure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Balance {
+    Client,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct UplinkConfig {
+    pub name: String,
+    pub interface: String,
+    /// `None` on point-to-point links: route by device only.
+    pub gateway: Option<Ipv4Addr>,
+    pub gateway6: Option<Ipv6Addr>,
+    /// Whether the uplink carries IPv6 (a default route in its table).
+    pub ipv6: bool,
+    pub weight: u32,
+    pub masquerade: bool,
+    /// Small id, shifted into `fwmark_mask` to give the packet mark.
+    pub mark: u32,
+    pub table: u32,
+    pub balance: Balance,
+}
+
+impl UplinkConfig {
+    pub fn point_to_point(&self) -> bool {
+        self.gateway.is_none()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub path: PathBuf,
+    pub line: Option<usize>,
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.path.display())?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        if self.key.is_empty() {
+            write!(f, ": {}", self.message)
+        } else {
+            write!(f, ": {}: {}", self.key, self.message)
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+// Raw, as written. Spanned fields are the ones validated after parsing, so their errors
+// can point at a line.
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    agent: RawAgent,
+    lan: Option<Spanned<RawLan>>,
+    #[serde(default)]
+    dataplane: RawDataplane,
+    #[serde(default)]
+    uplink: Vec<Spanned<RawUplink>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAgent {
+    name: Option<Spanned<String>>,
+    state_dir: Option<PathBuf>,
+    resync_interval: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLan {
+    interfaces: Spanned<Vec<Spanned<String>>>,
+    #[serde(default)]
+    prefixes: Vec<Spanned<String>>,
+    client_idle_timeout: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDataplane {
+    nft_table: Option<Spanned<String>>,
+    fwmark_mask: Option<Spanned<u32>>,
+    rule_priority: Option<Spanned<u32>>,
+    table_base: Option<Spanned<u32>>,
+    route_protocol: Option<Spanned<u32>>,
+    nft: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUplink {
+    name: Spanned<String>,
+    interface: Spanned<String>,
+    gateway: Option<Spanned<String>>,
+    gateway6: Option<Spanned<String>>,
+    ipv6: Option<bool>,
+    weight: Option<Spanned<i64>>,
+    masquerade: Option<bool>,
+    mark: Option<Spanned<i64>>,
+    table: Option<Spanned<i64>>,
+    balance: Option<Balance>,
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            path: path.to_owned(),
+            line: None,
+            key: String::new(),
+            message: format!("cannot read config file: {e}"),
+        })?;
+        Config::parse(path, &text)
+    }
+
+    /// Parses and validates config text; `path` only labels errors.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let v = Validator { path, text };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| v.toml_error(&e))?;
+        v.validate(raw)
+    }
+}
+
+struct Validator<'a> {
+    path: &'a Path,
+    text: &'a str,
+}
+
+impl Validator<'_> {
+    fn line_of(&self, span: &Range<usize>) -> usize {
+        let end = span.start.min(self.text.len());
+        self.text[..end].matches('\n').count() + 1
+    }
+
+    fn err(&self, span: Option<Range<usize>>, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+        ConfigError {
+            path: self.path.to_owned(),
+            line: span.map(|s| self.line_of(&s)),
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+
+    fn toml_error(&self, e: &toml::de::Error) -> ConfigError {
+        let message = e.message().trim().to_string();
+        // serde names the offending key in backticks ("unknown field `wieght`", "missing
+        // field `name`"); surface it as the key.
+        let key = message.split('`').nth(1).unwrap_or_default().to_string();
+        self.err(e.span(), key, message)
+    }
+
+    fn duration(&self, key: &str, value: Option<Spanned<String>>, default: Duration) -> Result<Duration, ConfigError> {
+        let Some(value) = value else { return Ok(default) };
+        let d = humantime::parse_duration(value.get_ref().trim()).map_err(|e| {
+            self.err(
+                Some(value.span()),
+                key,
+                format!("invalid duration {:?} ({e}); use a number with a unit, e.g. \"250ms\", \"10s\", \"10m\"", value.get_ref()),
+            )
+        })?;
+        if d.is_zero() {
+            return Err(self.err(Some(value.span()), key, "must be greater than zero"));
+        }
+        Ok(d)
+    }
+
+    fn ifname(&self, key: &str, value: &Spanned<String>) -> Result<String, ConfigError> {
+        let name = value.get_ref();
+        // IFNAMSIZ is 16 including the NUL.
+        let valid = !name.is_empty()
+            && name.len() <= 15
+            && name != "."
+            && name != ".."
+            && !name.chars().any(|c| c == '/' || c == ':' || c.is_whitespace());
+        if !valid {
+            return Err(self.err(
+                Some(value.span()),
+                key,
+                format!("invalid interface name {name:?}: 1-15 characters, no '/', ':' or whitespace"),
+            ));
+        }
+        Ok(name.clone())
+    }
+
+    fn validate(&self, raw: RawConfig) -> Result<Config, ConfigError> {
+        let agent = AgentConfig {
+            name: match raw.agent.name {
+                Some(n) if n.get_ref().trim().is_empty() => {
+                    return Err(self.err(Some(n.span()), "agent.name", "must not be empty"));
+                }
+                Some(n) => n.into_inner(),
+                None => hostname(),
+            },
+            state_dir: raw.agent.state_dir.unwrap_or_else(|| PathBuf::from("/var/lib/uplinkd")),
+            resync_interval: self.duration("agent.resync_interval", raw.agent.resync_interval, Duration::from_secs(10))?,
+        };
+
+        let Some(lan) = raw.lan else {
+            return Err(self.err(None, "lan", "missing [lan] table; it needs at least `interfaces = [\"br-lan\"]`"));
+        };
+        let lan_span = lan.span();
+        let lan_raw = lan.into_inner();
+        if lan_raw.interfaces.get_ref().is_empty() {
+            return Err(self.err(
+                Some(lan_raw.interfaces.span()),
+                "lan.interfaces",
+                "at least one LAN interface is required, e.g. [\"br-lan\"]",
+            ));
+        }
+        let mut lan_ifs = Vec::new();
+        for (i, name) in lan_raw.interfaces.get_ref().iter().enumerate() {
+            let n = self.ifname(&format!("lan.interfaces[{i}]"), name)?;
+            if lan_ifs.contains(&n) {
+                return Err(self.err(Some(name.span()), format!("lan.interfaces[{i}]"), format!("duplicate interface {n:?}")));
+            }
+            lan_ifs.push(n);
+        }
+        let mut prefixes = Vec::new();
+        for (i, p) in lan_raw.prefixes.iter().enumerate() {
+            let net: IpNet = p.get_ref().trim().parse().map_err(|_| {
+                self.err(
+                    Some(p.span()),
+                    format!("lan.prefixes[{i}]"),
+                    format!("invalid CIDR {:?}; use e.g. \"192.168.1.0/24\" or \"2001:db8::/64\"", p.get_ref()),
+                )
+            })?;
+            prefixes.push(net.trunc());
+        }
+        let lan = LanConfig {
+            interfaces: lan_ifs,
+            prefixes,
+            client_idle_timeout: self.duration("lan.client_idle_timeout", lan_raw.client_idle_timeout, Duration::from_secs(600))?,
+        };
+        let _ = lan_span;
+
+        let dataplane = self.dataplane(raw.dataplane)?;
+
+        if raw.uplink.is_empty() {
+            return Err(self.err(None, "uplink", "at least one [[uplink]] is required"));
+        }
+        let mut uplinks: Vec<UplinkConfig> = Vec::new();
+        let (mut names, mut ifaces, mut marks, mut tables) = (HashSet::new(), HashSet::new(), HashSet::new(), HashSet::new());
+        for (i, u) in raw.uplink.into_iter().enumerate() {
+            let span = u.span();
+            let u = u.into_inner();
+            let key = |k: &str| format!("uplink[{i}].{k}");
+            let name = u.name.get_ref().trim().to_string();
+            let valid_name = !name.is_empty()
+                && name.len() <= 32
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+            if !valid_name {
+                return Err(self.err(
+                    Some(u.name.span()),
+                    key("name"),
+                    format!("invalid uplink name {:?}: 1-32 characters of A-Z a-z 0-9 - _", u.name.get_ref()),
+                ));
+            }
+            if !names.insert(name.clone()) {
+                return Err(self.err(Some(u.name.span()), key("name"), format!("duplicate uplink name {name:?}; names must be unique")));
+            }
+            let interface = self.ifname(&key("interface"), &u.interface)?;
+            if !ifaces.insert(interface.clone()) {
+                return Err(self.err(
+                    Some(u.interface.span()),
+                    key("interface"),
+                    format!("interface {interface:?} is already used by another uplink; interfaces must be unique"),
+                ));
+            }
+            if lan.interfaces.contains(&interface) {
+                return Err(self.err(
+                    Some(u.interface.span()),
+                    key("interface"),
+                    format!("interface {interface:?} is also listed in lan.interfaces"),
+                ));
+            }
+            let gateway = match &u.gateway {
+                None => None,
+                Some(g) => Some(g.get_ref().trim().parse::<Ipv4Addr>().map_err(|_| {
+                    self.err(
+                        Some(g.span()),
+                        key("gateway"),
+                        format!("invalid IPv4 address {:?}; omit the key on point-to-point links", g.get_ref()),
+                    )
+                })?),
+            };
+            let gateway6 = match &u.gateway6 {
+                None => None,
+                Some(g) => Some(g.get_ref().trim().parse::<Ipv6Addr>().map_err(|_| {
+                    self.err(Some(g.span()), key("gateway6"), format!("invalid IPv6 address {:?}", g.get_ref()))
+                })?),
+            };
+            let weight = match &u.weight {
+                None => 1,
+                Some(w) => {
+                    let v = *w.get_ref();
+                    if !(1..=1000).contains(&v) {
+                        return Err(self.err(Some(w.span()), key("weight"), format!("must be between 1 and 1000 (got {v})")));
+                    }
+                    v as u32
+                }
+            };
+            let max_mark = dataplane.max_mark_id();
+            let mark = match &u.mark {
+                None => i as u32 + 1,
+                Some(m) => {
+                    let v = *m.get_ref();
+                    if v < 1 || v > max_mark as i64 {
+                        return Err(self.err(
+                            Some(m.span()),
+                            key("mark"),
+                            format!("must be between 1 and {max_mark} to fit dataplane.fwmark_mask {:#x} (got {v})", dataplane.fwmark_mask),
+                        ));
+                    }
+                    v as u32
+                }
+            };
+            if mark > max_mark {
+                return Err(self.err(
+                    Some(span.clone()),
+                    key("mark"),
+                    format!("more uplinks than dataplane.fwmark_mask {:#x} has mark ids (1..={max_mark})", dataplane.fwmark_mask),
+                ));
+            }
+            if !marks.insert(mark) {
+                return Err(self.err(
+                    Some(u.mark.as_ref().map(|m| m.span()).unwrap_or(span.clone())),
+                    key("mark"),
+                    format!("mark {mark} is already used by another uplink; marks must be unique"),
+                ));
+            }
+            let owned = dataplane.owned_tables();
+            let table = match &u.table {
+                None => dataplane.table_base + mark,
+                Some(t) => {
+                    let v = *t.get_ref();
+                    if v < *owned.start() as i64 || v > *owned.end() as i64 {
+                        return Err(self.err(
+                            Some(t.span()),
+                            key("table"),
+                            format!("must be within uplinkd's tables {}..={} (dataplane.table_base + 1 ..) (got {v})", owned.start(), owned.end()),
+                        ));
+                    }
+                    v as u32
+                }
+            };
+            if !tables.insert(table) {
+                return Err(self.err(
+                    Some(u.table.as_ref().map(|t| t.span()).unwrap_or(span.clone())),
+                    key("table"),
+                    format!("routing table {table} is already used by another uplink; tables must be unique"),
+                ));
+            }
+            uplinks.push(UplinkConfig {
+                name,
+                interface,
+                gateway,
+                gateway6,
+                ipv6: u.ipv6.unwrap_or(gateway6.is_some() || gateway.is_none()),
+                weight,
+                masquerade: u.masquerade.unwrap_or(true),
+                mark,
+                table,
+                balance: u.balance.unwrap_or(Balance::Client),
+            });
+        }
+        for u in &uplinks {
+            if u.ipv6 && u.gateway6.is_none() && !u.point_to_point() {
+                let i = uplinks.iter().position(|x| x.name == u.name).unwrap_or_default();
+                return Err(self.err(
+                    None,
+                    format!("uplink[{i}].ipv6"),
+                    "ipv6 = true needs gateway6 unless the link is point-to-point (no gateway)",
+                ));
+            }
+        }
+
+        Ok(Config { agent, lan, dataplane, uplinks })
+    }
+
+    fn dataplane(&self, raw: RawDataplane) -> Result<DataplaneConfig, ConfigError> {
+        let nft_table = match raw.nft_table {
+            None => "uplinkd".to_string(),
+            Some(t) => {
+                let s = t.get_ref();
+                let valid = !s.is_empty()
+                    && s.len() <= 64
+                    && s.starts_with(|c: char| c.is_ascii_alphabetic())
+                    && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+                if !valid {
+                    return Err(self.err(
+                        Some(t.span()),
+                        "dataplane.nft_table",
+                        format!("invalid table name {s:?}: a letter, then letters, digits, '_' or '-'"),
+                    ));
+                }
+                s.clone()
+            }
+        };
+        let fwmark_mask = match raw.fwmark_mask {
+            None => 0x3f00_0000,
+            Some(m) => {
+                let v = *m.get_ref();
+                // Contiguous, non-empty: mark ids are shifted into it.
+                let contiguous = v != 0 && (v >> v.trailing_zeros()).count_ones() == 32 - (v >> v.trailing_zeros()).leading_zeros();
+                if !contiguous || v.count_ones() > 16 {
+                    return Err(self.err(
+                        Some(m.span()),
+                        "dataplane.fwmark_mask",
+                        format!("must be one contiguous run of 1 to 16 bits, e.g. 0x3f000000 (got {v:#x})"),
+                    ));
+                }
+                v
+            }
+        };
+        let rule_priority = match raw.rule_priority {
+            None => 10000,
+            Some(p) => {
+                let v = *p.get_ref();
+                if !(1..=32765 - RULE_PRIORITY_BAND).contains(&v) {
+                    return Err(self.err(
+                        Some(p.span()),
+                        "dataplane.rule_priority",
+                        format!("must be between 1 and {} so the band of {RULE_PRIORITY_BAND} stays before the main table's rule (got {v})", 32765 - RULE_PRIORITY_BAND),
+                    ));
+                }
+                v
+            }
+        };
+        let route_protocol = match raw.route_protocol {
+            None => 171,
+            Some(p) => {
+                let v = *p.get_ref();
+                // 0-4 are the kernel's own (unspec, redirect, kernel, boot, static).
+                if !(5..=254).contains(&v) {
+                    return Err(self.err(Some(p.span()), "dataplane.route_protocol", format!("must be between 5 and 254 (got {v})")));
+                }
+                v as u8
+            }
+        };
+        let mut dp = DataplaneConfig {
+            nft_table,
+            fwmark_mask,
+            rule_priority,
+            table_base: 1000,
+            route_protocol,
+            nft: raw.nft.unwrap_or_else(|| PathBuf::from("nft")),
+        };
+        if let Some(b) = raw.table_base {
+            let v = *b.get_ref();
+            dp.table_base = v;
+            // 253-255 are default/main/local; 0 is unspec.
+            let reserved = dp.owned_tables().any(|t| (253..=255).contains(&t)) || v.checked_add(dp.max_mark_id()).is_none();
+            if v == 0 || reserved {
+                return Err(self.err(
+                    Some(b.span()),
+                    "dataplane.table_base",
+                    format!(
+                        "tables {}..={} would include a reserved table (0, 253 default, 254 main, 255 local) or overflow; pick e.g. 1000",
+                        v.saturating_add(1),
+                        v.saturating_add(dp.max_mark_id())
+                    ),
+                ));
+            }
+        }
+        Ok(dp)
+    }
+}
+
+fn hostname() -> String {
+    nix_hostname().unwrap_or_else(|| "uplinkd".to_string())
+}
+
+fn nix_hostname() -> Option<String> {
+    let mut buf = [0u8; 256];
+    // SAFETY: buf is valid for its length; gethostname NUL-terminates on success.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return None;
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    let s = String::from_utf8_lossy(&buf[..end]).trim().to_string();
+    (!s.is_empty()).then_some(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[agent]
+name = "gw-01"
+state_dir = "/tmp/x"
+resync_interval = "10s"
+
+[lan]
+interfaces = ["br-lan"]
+prefixes = ["192.168.1.0/24", "2001:db8:1::/64"]
+client_idle_timeout = "10m"
+
+[[uplink]]
+name = "isp1"
+interface = "wan1"
+gateway = "100.64.1.1"
+gateway6 = "fe80::1"
+weight = 2
+
+[[uplink]]
+name = "lte"
+interface = "ppp0"
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("t.toml"), text)
+    }
+
+    #[test]
+    fn parses_contract_keys_and_defaults() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.agent.name, "gw-01");
+        assert_eq!(c.agent.resync_interval, Duration::from_secs(10));
+        assert_eq!(c.lan.client_idle_timeout, Duration::from_secs(600));
+        assert_eq!(c.uplinks.len(), 2);
+        assert_eq!(c.uplinks[0].weight, 2);
+        assert!(c.uplinks[0].ipv6);
+        assert_eq!(c.uplinks[0].mark, 1);
+        assert_eq!(c.uplinks[0].table, 1001);
+        assert!(c.uplinks[1].point_to_point());
+        assert!(c.uplinks[1].ipv6, "point-to-point links route IPv6 by device");
+        assert!(c.uplinks[1].masquerade);
+        assert_eq!(c.dataplane.fwmark(1), 0x0100_0000);
+        assert_eq!(c.dataplane.max_mark_id(), 63);
+    }
+
+    #[test]
+    fn errors_name_line_and_key() {
+        let bad = GOOD.replace("weight = 2", "weight = 0");
+        let e = parse(&bad).unwrap_err();
+        assert_eq!(e.key, "uplink[0].weight");
+        assert_eq!(e.line, Some(17));
+        assert!(e.to_string().starts_with("t.toml:17: uplink[0].weight: must be between 1 and 1000"), "{e}");
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_with_line() {
+        let bad = GOOD.replace("weight = 2", "wieght = 2");
+        let e = parse(&bad).unwrap_err();
+        assert_eq!(e.key, "wieght");
+        assert_eq!(e.line, Some(17));
+    }
+
+    #[test]
+    fn fwmark_mask_must_be_contiguous() {
+        let e = parse(&format!("[dataplane]\nfwmark_mask = 0x0f0f\n{GOOD}")).unwrap_err();
+        assert_eq!(e.key, "dataplane.fwmark_mask");
+    }
+}

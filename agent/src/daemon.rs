@@ -1,0 +1,287 @@
+//! The agent loop: discovery events and timers → model → plan → dataplane.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{debug, error, info, warn};
+
+use crate::config::Config;
+use crate::dataplane::{ApplyReport, Dataplane, nft};
+use crate::discover::{self, Event};
+use crate::model::state_file::{StateError, StateFile};
+use crate::model::{Change, LinkState, Model, now_millis};
+use crate::plan::plan;
+
+/// How often idle clients are released, state is saved and failed applies are retried.
+const HOUSEKEEPING: Duration = Duration::from_secs(1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Dataplane(#[from] crate::dataplane::DataplaneError),
+    #[error(transparent)]
+    Discover(#[from] discover::DiscoverError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("signal handler: {0}")]
+    Signal(std::io::Error),
+}
+
+pub struct Agent {
+    config: Config,
+    config_path: PathBuf,
+    model: Model,
+    dataplane: Dataplane,
+    state: StateFile,
+    handle: rtnetlink::Handle,
+    /// Every link the kernel has: ifindex → name.
+    links: HashMap<u32, String>,
+    /// Address → uplink name found in the kernel's maps at start, for clients the state
+    /// file does not know. Emptied once the first dump has been matched.
+    adopt: BTreeMap<IpAddr, String>,
+    state_dirty: bool,
+    needs_retry: bool,
+}
+
+/// Connects to the kernel, adopts its state, and runs until SIGTERM/SIGINT. The dataplane
+/// is left in place on exit so traffic keeps flowing.
+pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError> {
+    let (conn, handle, _) = rtnetlink::new_connection_with_strict_check().map_err(discover::DiscoverError::Socket)?;
+    tokio::spawn(conn);
+    let mut dataplane = Dataplane::new(&config, handle.clone());
+    dataplane.check().await?;
+    let state = StateFile::new(&config.agent.state_dir);
+    let mut model = Model::new(&config);
+    match state.load() {
+        Ok(Some(clients)) => {
+            let n = clients.len();
+            let reassigned = model.restore(clients);
+            info!(clients = n, reassigned, path = %state.path().display(), "restored assignments");
+        }
+        Ok(None) => info!(path = %state.path().display(), "no state file; starting from the kernel's maps"),
+        Err(e @ (StateError::Corrupt { .. } | StateError::Version { .. })) => {
+            let aside = state.set_aside(now_millis())?;
+            error!(error = %e, kept_as = %aside.display(), "state file unreadable; kept it aside, adopting assignments from the kernel's maps");
+        }
+        Err(e) => return Err(e.into()),
+    }
+    let adopt = match dataplane.read_nft().await? {
+        Some(k) => nft::adopted_homes(k),
+        None => BTreeMap::new(),
+    };
+    let mut events = discover::subscribe()?;
+    let mut agent = Agent { config, config_path, model, dataplane, state, handle, links: HashMap::new(), adopt, state_dirty: true, needs_retry: false };
+
+    let started = Instant::now();
+    agent.resync_inputs().await?;
+    agent.adopt.clear();
+    let report = agent.apply(true).await;
+    agent.save_state();
+    info!(
+        clients = agent.model.clients.len(),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        in_sync = report.errors.is_empty(),
+        "initial apply done"
+    );
+
+    let mut sigterm = signal(SignalKind::terminate()).map_err(AgentError::Signal)?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(AgentError::Signal)?;
+    let mut sighup = signal(SignalKind::hangup()).map_err(AgentError::Signal)?;
+    let mut resync = tokio::time::interval_at(tokio::time::Instant::now() + agent.config.agent.resync_interval, agent.config.agent.resync_interval);
+    let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
+    resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+    loop {
+        tokio::select! {
+            Some(ev) = events.recv() => {
+                let received = Instant::now();
+                let mut dirty = agent.on_event(ev);
+                // Coalesce whatever else is queued into the same apply.
+                let mut n = 1usize;
+                while let Ok(ev) = events.try_recv() {
+                    dirty |= agent.on_event(ev);
+                    n += 1;
+                }
+                if dirty {
+                    agent.apply(false).await;
+                    debug!(events = n, latency_us = received.elapsed().as_micros() as u64, "dispatched");
+                }
+            }
+            _ = resync.tick() => {
+                if let Err(e) = agent.resync_inputs().await {
+                    warn!(error = %e, "resync dump failed");
+                }
+                agent.apply(true).await;
+            }
+            _ = housekeeping.tick() => {
+                let released = agent.model.expire(now_millis(), agent.config.lan.client_idle_timeout);
+                for c in &released {
+                    info!(mac = %c.mac, home = %c.home, "client idle; released");
+                }
+                if !released.is_empty() || agent.needs_retry {
+                    agent.state_dirty |= !released.is_empty();
+                    let full = agent.needs_retry;
+                    agent.apply(full).await;
+                }
+                agent.save_state();
+            }
+            _ = sighup.recv() => agent.reload().await,
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+        }
+    }
+    agent.save_state();
+    info!("stopping; dataplane left in place");
+    Ok(())
+}
+
+impl Agent {
+    /// Applies one discovery event to the model; returns whether the plan may change.
+    fn on_event(&mut self, ev: Event) -> bool {
+        match ev {
+            Event::Neighbour { ifindex, ip, mac } => {
+                let Some(name) = self.links.get(&ifindex) else { return false };
+                if !self.config.lan.interfaces.contains(name) {
+                    return false;
+                }
+                let now = now_millis();
+                match mac {
+                    Some(mac) => {
+                        let adopt = self.adopt.get(&ip).map(String::as_str);
+                        let change = self.model.neighbour_present(ip, mac, now, adopt);
+                        if change == Change::Clients {
+                            self.state_dirty = true;
+                            return true;
+                        }
+                        false
+                    }
+                    None => {
+                        self.model.neighbour_gone(ip, now);
+                        false
+                    }
+                }
+            }
+            Event::Link { ifindex, name, admin_up } => {
+                if let Some(old) = self.links.insert(ifindex, name.clone())
+                    && old != name
+                {
+                    // Renamed: the old name no longer refers to this ifindex.
+                    self.model.set_link(&old, LinkState::default());
+                }
+                self.model.set_link(&name, LinkState { ifindex: Some(ifindex), admin_up })
+            }
+            Event::LinkGone { ifindex } => match self.links.remove(&ifindex) {
+                Some(name) => self.model.set_link(&name, LinkState::default()),
+                None => false,
+            },
+        }
+    }
+
+    /// Re-reads links and neighbours from the kernel, so a lost event is repaired.
+    async fn resync_inputs(&mut self) -> Result<(), discover::DiscoverError> {
+        let links = discover::dump_links(&self.handle).await?;
+        let live: std::collections::HashSet<u32> = links
+            .iter()
+            .filter_map(|e| match e {
+                Event::Link { ifindex, .. } => Some(*ifindex),
+                _ => None,
+            })
+            .collect();
+        let stale: Vec<u32> = self.links.keys().filter(|i| !live.contains(i)).copied().collect();
+        for ifindex in stale {
+            self.on_event(Event::LinkGone { ifindex });
+        }
+        for e in links {
+            self.on_event(e);
+        }
+        let mut present = HashMap::new();
+        for e in discover::dump_neighbours(&self.handle).await? {
+            if let Event::Neighbour { ip, mac: Some(mac), ifindex } = &e
+                && self.links.get(ifindex).is_some_and(|n| self.config.lan.interfaces.contains(n))
+            {
+                present.insert(*ip, *mac);
+            }
+            self.on_event(e);
+        }
+        self.model.reconcile_present(&present, now_millis());
+        Ok(())
+    }
+
+    async fn apply(&mut self, full: bool) -> ApplyReport {
+        let started = Instant::now();
+        let desired = plan(&self.config, &self.model);
+        let report = self.dataplane.apply(&desired, full).await;
+        self.needs_retry = !report.errors.is_empty();
+        for e in &report.errors {
+            error!(error = %e, "dataplane apply failed; retrying");
+        }
+        if report.changed() {
+            info!(
+                full,
+                replaced_table = report.nft.replaced_table,
+                elements_added = report.nft.added,
+                elements_deleted = report.nft.deleted,
+                rules_added = report.rules.added,
+                rules_deleted = report.rules.deleted,
+                routes_added = report.routes.added,
+                routes_deleted = report.routes.deleted,
+                elapsed_us = started.elapsed().as_micros() as u64,
+                "applied"
+            );
+        }
+        report
+    }
+
+    fn save_state(&mut self) {
+        if !self.state_dirty {
+            return;
+        }
+        match self.state.save(self.model.clients.values()) {
+            Ok(()) => self.state_dirty = false,
+            Err(e) => error!(error = %e, "cannot save assignments; will retry"),
+        }
+    }
+
+    /// SIGHUP: a valid new config replaces the old one; an invalid one is rejected and the
+    /// old one keeps running. Ownership (the dataplane section) cannot change live.
+    async fn reload(&mut self) {
+        let new = match Config::load(&self.config_path) {
+            Ok(c) => c,
+            Err(e) => {
+                error!(error = %e, "reload rejected; keeping the running config");
+                return;
+            }
+        };
+        if new.dataplane != self.config.dataplane || new.agent.state_dir != self.config.agent.state_dir {
+            error!("reload rejected: [dataplane] and agent.state_dir define what uplinkd owns; change them with `uplinkd cleanup` and a restart");
+            return;
+        }
+        let clients = std::mem::take(&mut self.model.clients).into_values().collect();
+        self.model = Model::new(&new);
+        let reassigned = self.model.restore(clients);
+        self.config = new;
+        self.links.clear();
+        if let Err(e) = self.resync_inputs().await {
+            warn!(error = %e, "dump after reload failed");
+        }
+        self.state_dirty = true;
+        self.apply(true).await;
+        self.save_state();
+        info!(reassigned, "config reloaded");
+    }
+}
+
+/// `uplinkd cleanup`: removes exactly what uplinkd owns. The state file is kept.
+pub async fn cleanup(config: &Config) -> Result<Vec<String>, AgentError> {
+    let (conn, handle, _) = rtnetlink::new_connection_with_strict_check().map_err(discover::DiscoverError::Socket)?;
+    tokio::spawn(conn);
+    let mut dataplane = Dataplane::new(config, handle);
+    dataplane.check().await?;
+    let (table, stats, errors) = dataplane.remove_all().await;
+    info!(nft_table_removed = table, rules_and_routes_removed = stats.deleted, "cleanup done");
+    Ok(errors.into_iter().map(|e| e.to_string()).collect())
+}

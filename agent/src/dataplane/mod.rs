@@ -1,0 +1,128 @@
+//! Dataplane: reads back what uplinkd owns in the kernel, diffs it against the plan and
+//! applies the difference (one nft transaction; rules and routes over netlink).
+
+pub mod netlink;
+pub mod nft;
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+
+use crate::config::Config;
+use crate::plan::{Desired, RouteSpec, RuleSpec};
+use netlink::{NetlinkDriver, NetlinkStats};
+use nft::{KernelNft, NftDriver, NftStats};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error("cannot run {path:?} (dataplane.nft): {source}; install the nftables package or set dataplane.nft to the nft binary")]
+    NftMissing { path: PathBuf, source: std::io::Error },
+    #[error("`{command}` failed: {stderr}")]
+    Nft { command: String, stderr: String },
+    #[error("unexpected `nft -j` output: {0}")]
+    NftOutput(String),
+    #[error("netlink: {context}: {source}")]
+    Netlink { context: String, source: rtnetlink::Error },
+}
+
+impl DataplaneError {
+    pub fn netlink(context: &str, source: rtnetlink::Error) -> DataplaneError {
+        DataplaneError::Netlink { context: context.to_string(), source }
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct ApplyReport {
+    pub nft: NftStats,
+    pub rules: NetlinkStats,
+    pub routes: NetlinkStats,
+    pub errors: Vec<DataplaneError>,
+}
+
+impl ApplyReport {
+    pub fn changed(&self) -> bool {
+        !self.nft.is_empty() || self.rules != NetlinkStats::default() || self.routes != NetlinkStats::default()
+    }
+}
+
+pub struct Dataplane {
+    nft: NftDriver,
+    netlink: NetlinkDriver,
+    /// The kernel's nft state as last read or written; `None` forces a read-back.
+    nft_cache: Option<KernelNft>,
+    /// Rules and routes last applied without error; a change or a resync re-reads them.
+    applied: Option<(BTreeSet<RuleSpec>, BTreeSet<RouteSpec>)>,
+    table_known_absent: bool,
+}
+
+impl Dataplane {
+    pub fn new(config: &Config, handle: rtnetlink::Handle) -> Dataplane {
+        let dp = &config.dataplane;
+        Dataplane {
+            nft: NftDriver::new(&dp.nft, &dp.nft_table),
+            netlink: NetlinkDriver::new(handle, dp.route_protocol, dp.owned_priorities(), dp.owned_tables()),
+            nft_cache: None,
+            applied: None,
+            table_known_absent: false,
+        }
+    }
+
+    pub async fn check(&self) -> Result<(), DataplaneError> {
+        self.nft.check().await
+    }
+
+    /// Reads the kernel's nft state (for adoption at start) and keeps it as the cache.
+    pub async fn read_nft(&mut self) -> Result<Option<&KernelNft>, DataplaneError> {
+        self.nft_cache = self.nft.read().await?;
+        self.table_known_absent = self.nft_cache.is_none();
+        Ok(self.nft_cache.as_ref())
+    }
+
+    /// Applies `desired`. `full` re-reads everything from the kernel first (resync);
+    /// otherwise the cache of what was last applied stands in for the kernel.
+    pub async fn apply(&mut self, desired: &Desired, full: bool) -> ApplyReport {
+        let mut report = ApplyReport::default();
+        if full || (self.nft_cache.is_none() && !self.table_known_absent) {
+            match self.nft.read().await {
+                Ok(k) => self.nft_cache = k,
+                Err(e) => report.errors.push(e),
+            }
+        }
+        if report.errors.is_empty() {
+            match self.nft.apply(&desired.nft, &mut self.nft_cache).await {
+                Ok(s) => {
+                    report.nft = s;
+                    self.table_known_absent = false;
+                }
+                Err(e) => report.errors.push(e),
+            }
+        }
+        let same = self.applied.as_ref().is_some_and(|(r, t)| *r == desired.rules && *t == desired.routes);
+        if full || !same {
+            let (rules, mut errors) = self.netlink.apply_rules(&desired.rules).await;
+            let (routes, e2) = self.netlink.apply_routes(&desired.routes).await;
+            errors.extend(e2);
+            self.applied = errors.is_empty().then(|| (desired.rules.clone(), desired.routes.clone()));
+            report.rules = rules;
+            report.routes = routes;
+            report.errors.extend(errors);
+        }
+        report
+    }
+
+    /// Removes the nft table, rules and routes uplinkd owns, and nothing else.
+    pub async fn remove_all(&mut self) -> (bool, NetlinkStats, Vec<DataplaneError>) {
+        let mut errors = Vec::new();
+        let table = match self.nft.delete_table().await {
+            Ok(t) => t,
+            Err(e) => {
+                errors.push(e);
+                false
+            }
+        };
+        let (stats, e2) = self.netlink.remove_all().await;
+        errors.extend(e2);
+        self.nft_cache = None;
+        self.applied = None;
+        (table, stats, errors)
+    }
+}

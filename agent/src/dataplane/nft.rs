@@ -1,0 +1,521 @@
+//! The nft driver: renders the desired table as nft JSON (through the `nftables` crate's
+//! schema), reads the kernel's copy back, and applies the difference in one `nft -j -f -`
+//! transaction.
+//!
+//! Structure (chains, rules, maps) is compared by signature: every rule carries a comment
+//! with a hash of its own expression, so a deleted, added or changed rule shows up. When the
+//! structure differs, the whole table is replaced, elements included, in one transaction:
+//! packets see the old table or the new one, never a mix. Otherwise only map elements move.
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+
+use nftables::expr::{BinaryOperation, Expression, JHash, Meta, MetaKey, NamedExpression, Payload, PayloadField, SetItem, Verdict, CT};
+use nftables::schema::{Chain, Element, NfCmd, NfListObject, NfObject, Rule, Table};
+use nftables::stmt::{JumpTarget, Mangle, Match, Operator, Statement, VerdictMap};
+use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
+use serde::Deserialize;
+use tokio::io::AsyncWriteExt;
+
+use crate::plan::{ElemKey, MAP_CLIENT4, MAP_CLIENT6, MAP_STICKY, NftDesired, NftStructure, home_chain, up_chain};
+
+use super::DataplaneError;
+
+const PREROUTING: &str = "prerouting";
+const POSTROUTING: &str = "postrouting";
+/// Rule comments start with this, followed by a hash of the rule's expression.
+const COMMENT_PREFIX: &str = "uplinkd:";
+/// Fixed so that a later API can compute which bucket an unassigned client hashes to.
+pub const FALLBACK_SEED: u32 = 0;
+
+/// The kernel's copy of uplinkd's table, as far as uplinkd compares it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct KernelNft {
+    pub signature: Signature,
+    pub elements: BTreeMap<ElemKey, Arc<str>>,
+}
+
+/// What identifies the table's structure: chains with their hooks, maps with their
+/// types, and each chain's rules in order (by comment).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Signature {
+    chains: BTreeSet<(String, Option<String>, Option<String>, Option<i64>, Option<String>)>,
+    maps: BTreeSet<(String, String, String)>,
+    rules: Vec<(String, Option<String>)>,
+}
+
+/// Result of one apply, for logs and benchmarks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NftStats {
+    pub replaced_table: bool,
+    pub added: usize,
+    pub deleted: usize,
+}
+
+impl NftStats {
+    pub fn is_empty(&self) -> bool {
+        !self.replaced_table && self.added == 0 && self.deleted == 0
+    }
+}
+
+pub struct NftDriver {
+    nft: PathBuf,
+    table: String,
+}
+
+impl NftDriver {
+    pub fn new(nft: &Path, table: &str) -> NftDriver {
+        NftDriver { nft: nft.to_owned(), table: table.to_owned() }
+    }
+
+    /// Fails with a clear error when the `nft` binary is missing or unusable.
+    pub async fn check(&self) -> Result<(), DataplaneError> {
+        self.run(&["--version"], None).await.map(|_| ())
+    }
+
+    /// Reads the table back; `None` when it does not exist.
+    pub async fn read(&self) -> Result<Option<KernelNft>, DataplaneError> {
+        match self.run(&["-j", "list", "table", "inet", &self.table], None).await {
+            Ok(out) => parse_listing(&out).map(Some),
+            Err(DataplaneError::Nft { stderr, .. }) if stderr.contains("No such file or directory") => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Deletes the table if it exists; nothing else.
+    pub async fn delete_table(&self) -> Result<bool, DataplaneError> {
+        if self.read().await?.is_none() {
+            return Ok(false);
+        }
+        self.run(&["delete", "table", "inet", &self.table], None).await?;
+        Ok(true)
+    }
+
+    /// Brings the kernel to `desired`, given what the kernel has (`None`: no table), and
+    /// updates `kernel` to match. On error `kernel` is cleared, forcing a read-back.
+    pub async fn apply(&self, desired: &NftDesired, kernel: &mut Option<KernelNft>) -> Result<NftStats, DataplaneError> {
+        let structure = render_structure(&desired.structure);
+        let want_sig = signature_of(&structure);
+        let mut batch: Vec<String> = Vec::new();
+        let mut stats = NftStats::default();
+        match kernel.as_ref() {
+            Some(k) if k.signature == want_sig => {
+                let (adds, dels) = diff_elements(&desired.elements, &k.elements);
+                stats.added = adds.len();
+                stats.deleted = dels.len();
+                // Deletes first: a changed value is a delete and an add of the same key.
+                push_elements(&mut batch, &self.table, &dels, false);
+                push_elements(&mut batch, &self.table, &adds, true);
+            }
+            _ => {
+                stats.replaced_table = true;
+                stats.added = desired.elements.len();
+                let table = || NfListObject::Table(Table { family: NfFamily::INet, name: Cow::Borrowed(&self.table), handle: None });
+                // add-then-delete makes the delete valid whether or not the table exists.
+                batch.push(command(NfCmd::Add(table())));
+                batch.push(command(NfCmd::Delete(table())));
+                let mut objs = structure.into_iter();
+                batch.extend(objs.next().map(|t| command(NfCmd::Add(t))));
+                // Maps right after the table: the rules and elements that follow use them.
+                batch.extend(verdict_maps(&self.table).into_iter().map(|m| serde_json::json!({ "add": m }).to_string()));
+                batch.extend(objs.map(|o| command(NfCmd::Add(o))));
+                let all: Vec<(ElemKey, &str)> = desired.elements.iter().map(|(k, v)| (*k, &**v)).collect();
+                push_elements(&mut batch, &self.table, &all, true);
+            }
+        }
+        if batch.is_empty() {
+            return Ok(stats);
+        }
+        let payload = format!("{{\"nftables\":[{}]}}", batch.join(","));
+        drop(batch);
+        if let Err(e) = self.run(&["-j", "-f", "-"], Some(payload.into_bytes())).await {
+            *kernel = None;
+            return Err(e);
+        }
+        match kernel {
+            Some(k) if !stats.replaced_table => {
+                let (adds, dels) = diff_elements(&desired.elements, &k.elements);
+                let (adds, dels): (Vec<_>, Vec<_>) = (adds.into_iter().map(|(key, _)| key).collect(), dels.into_iter().map(|(key, _)| key).collect());
+                for key in dels {
+                    k.elements.remove(&key);
+                }
+                for key in adds {
+                    k.elements.insert(key, desired.elements[&key].clone());
+                }
+            }
+            _ => *kernel = Some(KernelNft { signature: want_sig, elements: desired.elements.clone() }),
+        }
+        Ok(stats)
+    }
+
+    async fn run(&self, args: &[&str], stdin: Option<Vec<u8>>) -> Result<String, DataplaneError> {
+        let mut cmd = tokio::process::Command::new(&self.nft);
+        cmd.args(args).stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() }).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().map_err(|e| DataplaneError::NftMissing { path: self.nft.clone(), source: e })?;
+        if let Some(input) = stdin {
+            let mut pipe = child.stdin.take().expect("stdin is piped");
+            pipe.write_all(&input).await.map_err(|e| DataplaneError::NftMissing { path: self.nft.clone(), source: e })?;
+            drop(pipe);
+        }
+        let out = child.wait_with_output().await.map_err(|e| DataplaneError::NftMissing { path: self.nft.clone(), source: e })?;
+        if !out.status.success() {
+            return Err(DataplaneError::Nft {
+                command: format!("{} {}", self.nft.display(), args.join(" ")),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            });
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+/// Adds and deletes that turn `have` into `want`, in key order.
+pub fn diff_elements<'a>(want: &'a BTreeMap<ElemKey, Arc<str>>, have: &'a BTreeMap<ElemKey, Arc<str>>) -> (Vec<(ElemKey, &'a str)>, Vec<(ElemKey, &'a str)>) {
+    let mut adds = Vec::new();
+    let mut dels = Vec::new();
+    for (k, v) in want {
+        match have.get(k) {
+            Some(h) if h == v => {}
+            Some(h) => {
+                dels.push((*k, &**h));
+                adds.push((*k, &**v));
+            }
+            None => adds.push((*k, &**v)),
+        }
+    }
+    for (k, h) in have {
+        if !want.contains_key(k) {
+            dels.push((*k, &**h));
+        }
+    }
+    (adds, dels)
+}
+
+fn command(cmd: NfCmd<'_>) -> String {
+    serde_json::to_string(&NfObject::CmdObject(cmd)).expect("nft command serializes")
+}
+
+fn push_elements(batch: &mut Vec<String>, table: &str, elems: &[(ElemKey, &str)], add: bool) {
+    for map in [MAP_CLIENT4, MAP_CLIENT6, MAP_STICKY] {
+        let items: Vec<Expression<'_>> = elems
+            .iter()
+            .filter(|(k, _)| k.map() == map)
+            .map(|(k, target)| {
+                let key = match k {
+                    ElemKey::V4(a) => Expression::String(Cow::Owned(a.to_string())),
+                    ElemKey::V6(a) => Expression::String(Cow::Owned(a.to_string())),
+                    ElemKey::Mark(m) => Expression::Number(*m),
+                };
+                Expression::List(vec![key, Expression::Verdict(Verdict::Goto(JumpTarget { target: Cow::Borrowed(target) }))])
+            })
+            .collect();
+        if items.is_empty() {
+            continue;
+        }
+        let el = NfListObject::Element(Element { family: NfFamily::INet, table: Cow::Borrowed(table), name: Cow::Borrowed(map), elem: Cow::Owned(items) });
+        batch.push(command(if add { NfCmd::Add(el) } else { NfCmd::Delete(el) }));
+    }
+}
+
+/// The table's chains, maps and rules, in creation order. Rules carry their hash comment.
+fn render_structure(s: &NftStructure) -> Vec<NfListObject<'static>> {
+    let t = || Cow::Owned(s.table.clone());
+    let mut objs = Vec::new();
+    objs.push(NfListObject::Table(Table { family: NfFamily::INet, name: t(), handle: None }));
+    let chain = |name: &str| Chain { family: NfFamily::INet, table: t(), name: Cow::Owned(name.to_string()), ..Chain::default() };
+    // Regular chains first: base chains and maps refer to them.
+    for u in &s.uplinks {
+        objs.push(NfListObject::Chain(chain(&up_chain(&u.name))));
+        objs.push(NfListObject::Chain(chain(&home_chain(&u.name))));
+    }
+    objs.push(NfListObject::Chain(Chain {
+        _type: Some(NfChainType::Filter),
+        hook: Some(NfHook::Prerouting),
+        prio: Some(-150),
+        policy: Some(NfChainPolicy::Accept),
+        ..chain(PREROUTING)
+    }));
+    objs.push(NfListObject::Chain(Chain {
+        _type: Some(NfChainType::NAT),
+        hook: Some(NfHook::Postrouting),
+        prio: Some(100),
+        policy: Some(NfChainPolicy::Accept),
+        ..chain(POSTROUTING)
+    }));
+
+    let rule = |chain: &str, expr: Vec<Statement<'static>>| {
+        let comment = format!("{COMMENT_PREFIX}{:016x}", fnv1a(serde_json::to_string(&expr).expect("rule serializes").as_bytes()));
+        NfListObject::Rule(Rule { family: NfFamily::INet, table: t(), chain: Cow::Owned(chain.to_string()), expr: Cow::Owned(expr), comment: Some(Cow::Owned(comment)), ..Rule::default() })
+    };
+    let meta = |key| Expression::Named(NamedExpression::Meta(Meta { key }));
+    let ct_mark = || Expression::Named(NamedExpression::CT(CT { key: Cow::Borrowed("mark"), ..CT::default() }));
+    let payload = |protocol: &'static str| Expression::Named(NamedExpression::Payload(Payload::PayloadField(PayloadField { protocol: Cow::Borrowed(protocol), field: Cow::Borrowed("saddr") })));
+    let set_bits = |current: Expression<'static>, value: u32| {
+        Expression::BinaryOperation(Box::new(BinaryOperation::OR(vec![Expression::BinaryOperation(Box::new(BinaryOperation::AND(current, Expression::Number(!s.mask)))), Expression::Number(value)])))
+    };
+    let goto = |target: String| Verdict::Goto(JumpTarget { target: Cow::Owned(target) });
+
+    for u in &s.uplinks {
+        // Only the owned mark bits change; foreign bits pass through.
+        objs.push(rule(
+            &up_chain(&u.name),
+            vec![
+                Statement::Mangle(Mangle { key: meta(MetaKey::Mark), value: set_bits(meta(MetaKey::Mark), u.fwmark) }),
+                Statement::Mangle(Mangle { key: ct_mark(), value: set_bits(ct_mark(), u.fwmark) }),
+            ],
+        ));
+        // The indirection failover rewrites: one rule, whatever the number of clients.
+        objs.push(rule(&home_chain(&u.name), vec![Statement::Goto(JumpTarget { target: Cow::Owned(up_chain(&u.name)) })]));
+    }
+
+    let lan = s.lan_interfaces.iter().map(|i| SetItem::Element(Expression::String(Cow::Owned(i.clone())))).collect();
+    objs.push(rule(
+        PREROUTING,
+        vec![Statement::Match(Match { left: meta(MetaKey::Iifname), right: Expression::Named(NamedExpression::Set(lan)), op: Operator::NEQ }), Statement::Return(None)],
+    ));
+    // A connection keeps the uplink it started on while that uplink is in the map.
+    objs.push(rule(
+        PREROUTING,
+        vec![Statement::VerdictMap(VerdictMap {
+            key: Expression::BinaryOperation(Box::new(BinaryOperation::AND(ct_mark(), Expression::Number(s.mask)))),
+            data: Expression::String(Cow::Owned(format!("@{MAP_STICKY}"))),
+        })],
+    ));
+    for (proto, map) in [("ip", MAP_CLIENT4), ("ip6", MAP_CLIENT6)] {
+        objs.push(rule(PREROUTING, vec![Statement::VerdictMap(VerdictMap { key: payload(proto), data: Expression::String(Cow::Owned(format!("@{map}"))) })]));
+    }
+    // No gap for new clients: until the assignment lands, a stable hash picks the uplink.
+    if !s.fallback.is_empty() {
+        for (proto, nfproto) in [("ip", "ipv4"), ("ip6", "ipv6")] {
+            let buckets = s
+                .fallback
+                .iter()
+                .enumerate()
+                .map(|(i, name)| SetItem::Mapping(Expression::Number(i as u32), Expression::Verdict(goto(up_chain(name)))))
+                .collect();
+            objs.push(rule(
+                PREROUTING,
+                vec![
+                    Statement::Match(Match { left: meta(MetaKey::Nfproto), right: Expression::String(Cow::Borrowed(nfproto)), op: Operator::EQ }),
+                    Statement::VerdictMap(VerdictMap {
+                        key: Expression::Named(NamedExpression::JHash(JHash { hash_mod: s.fallback.len() as u32, offset: None, expr: Box::new(payload(proto)), seed: Some(FALLBACK_SEED) })),
+                        data: Expression::Named(NamedExpression::Set(buckets)),
+                    }),
+                ],
+            ));
+        }
+    }
+    for u in s.uplinks.iter().filter(|u| u.masquerade) {
+        objs.push(rule(
+            POSTROUTING,
+            vec![
+                Statement::Match(Match { left: meta(MetaKey::Oifname), right: Expression::String(Cow::Owned(u.interface.clone())), op: Operator::EQ }),
+                Statement::Masquerade(None),
+            ],
+        ));
+    }
+    objs
+}
+
+/// Verdict maps, which the `nftables` crate's schema cannot express (its set types have no
+/// `verdict`), are written as raw JSON and spliced into the batch after the table.
+fn verdict_maps(table: &str) -> Vec<serde_json::Value> {
+    [(MAP_CLIENT4, "ipv4_addr"), (MAP_CLIENT6, "ipv6_addr"), (MAP_STICKY, "mark")]
+        .into_iter()
+        .map(|(name, key)| serde_json::json!({"map": {"family": "inet", "table": table, "name": name, "type": key, "map": "verdict"}}))
+        .collect()
+}
+
+fn signature_of(objs: &[NfListObject<'_>]) -> Signature {
+    let mut items: Vec<ListItem> = objs.iter().map(|o| serde_json::from_value(serde_json::to_value(o).expect("object serializes")).expect("own objects parse back")).collect();
+    items.extend(verdict_maps("").into_iter().map(|m| serde_json::from_value::<ListItem>(m).expect("own maps parse back")));
+    signature_of_items(items.iter())
+}
+
+fn signature_of_items<'a>(items: impl Iterator<Item = &'a ListItem>) -> Signature {
+    let mut sig = Signature::default();
+    for it in items {
+        if let Some(c) = &it.chain {
+            sig.chains.insert((c.name.clone(), c.kind.clone(), c.hook.clone(), c.prio, c.policy.clone()));
+        }
+        if let Some(m) = &it.map {
+            sig.maps.insert((m.name.clone(), m.key_type.to_string(), m.map.to_string()));
+        }
+        if let Some(r) = &it.rule {
+            sig.rules.push((r.chain.clone(), r.comment.clone()));
+        }
+    }
+    sig
+}
+
+// The parts of `nft -j list table` that uplinkd reads. Unknown fields are ignored.
+
+#[derive(Deserialize)]
+struct Listing {
+    nftables: Vec<ListItem>,
+}
+
+#[derive(Deserialize)]
+struct ListItem {
+    chain: Option<ListChain>,
+    rule: Option<ListRule>,
+    map: Option<ListMap>,
+}
+
+#[derive(Deserialize)]
+struct ListChain {
+    name: String,
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    hook: Option<String>,
+    prio: Option<i64>,
+    policy: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ListRule {
+    chain: String,
+    comment: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ListMap {
+    name: String,
+    #[serde(rename = "type")]
+    key_type: serde_json::Value,
+    map: serde_json::Value,
+    #[serde(default)]
+    elem: Vec<(ListKey, ListVerdict)>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum ListKey {
+    Number(u32),
+    Text(String),
+    Other(serde::de::IgnoredAny),
+}
+
+#[derive(Deserialize)]
+struct ListVerdict {
+    #[serde(alias = "jump")]
+    goto: Option<ListTarget>,
+}
+
+#[derive(Deserialize)]
+struct ListTarget {
+    target: String,
+}
+
+fn parse_listing(json: &str) -> Result<KernelNft, DataplaneError> {
+    let listing: Listing = serde_json::from_str(json).map_err(|e| DataplaneError::NftOutput(e.to_string()))?;
+    let mut signature = signature_of_items(listing.nftables.iter());
+    let mut elements = BTreeMap::new();
+    // Chain names repeat across elements: share one allocation per target.
+    let mut targets: BTreeMap<String, Arc<str>> = BTreeMap::new();
+    let mut unknown = 0usize;
+    for item in listing.nftables {
+        let Some(map) = item.map else { continue };
+        for (key, verdict) in map.elem {
+            let key = match (map.name.as_str(), key) {
+                (MAP_CLIENT4 | MAP_CLIENT6, ListKey::Text(t)) => t.parse::<IpAddr>().ok().map(|ip| match ip {
+                    IpAddr::V4(a) => ElemKey::V4(a),
+                    IpAddr::V6(a) => ElemKey::V6(a),
+                }),
+                (MAP_STICKY, ListKey::Number(n)) => Some(ElemKey::Mark(n)),
+                _ => None,
+            };
+            let (Some(key), Some(target)) = (key, verdict.goto) else {
+                // Not something uplinkd writes: the structure check replaces the table.
+                unknown += 1;
+                continue;
+            };
+            let target = targets.entry(target.target.clone()).or_insert_with(|| Arc::from(target.target.as_str())).clone();
+            elements.insert(key, target);
+        }
+    }
+    if unknown > 0 {
+        signature.rules.push(("<foreign elements>".into(), Some(unknown.to_string())));
+    }
+    Ok(KernelNft { signature, elements })
+}
+
+/// Adopted assignments: client address → uplink name, from the kernel's client maps.
+pub fn adopted_homes(k: &KernelNft) -> BTreeMap<IpAddr, String> {
+    k.elements
+        .iter()
+        .filter_map(|(key, target)| {
+            let ip = match key {
+                ElemKey::V4(a) => IpAddr::V4(*a),
+                ElemKey::V6(a) => IpAddr::V6(*a),
+                ElemKey::Mark(_) => return None,
+            };
+            Some((ip, target.strip_prefix("home_")?.to_string()))
+        })
+        .collect()
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ *b as u64).wrapping_mul(0x0100_0000_01b3))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::NftUplink;
+
+    fn structure() -> NftStructure {
+        NftStructure {
+            table: "uplinkd".into(),
+            mask: 0x3f00_0000,
+            lan_interfaces: vec!["lan0".into()],
+            uplinks: vec![NftUplink { name: "a".into(), interface: "wan0".into(), fwmark: 0x0100_0000, masquerade: true }],
+            fallback: vec!["a".into()],
+        }
+    }
+
+    #[test]
+    fn element_diff_turns_value_change_into_delete_and_add() {
+        let a: Arc<str> = Arc::from("home_a");
+        let b: Arc<str> = Arc::from("home_b");
+        let k1 = ElemKey::V4("10.0.0.1".parse().unwrap());
+        let k2 = ElemKey::V4("10.0.0.2".parse().unwrap());
+        let k3 = ElemKey::V4("10.0.0.3".parse().unwrap());
+        let want = BTreeMap::from([(k1, a.clone()), (k2, b.clone())]);
+        let have = BTreeMap::from([(k1, b.clone()), (k3, a.clone())]);
+        let (adds, dels) = diff_elements(&want, &have);
+        assert_eq!(adds, vec![(k1, "home_a"), (k2, "home_b")]);
+        assert_eq!(dels, vec![(k1, "home_b"), (k3, "home_a")]);
+        assert_eq!(diff_elements(&want, &want), (vec![], vec![]));
+    }
+
+    #[test]
+    fn signature_sees_rule_changes() {
+        let s = structure();
+        let base = signature_of(&render_structure(&s));
+        let mut s2 = s.clone();
+        s2.uplinks[0].masquerade = false;
+        assert_ne!(base, signature_of(&render_structure(&s2)));
+        assert_eq!(base, signature_of(&render_structure(&s)));
+    }
+
+    #[test]
+    fn listing_round_trip_matches_signature() {
+        // The shape `nft -j list table` prints for uplinkd's own objects.
+        let objs = render_structure(&structure());
+        let mut items: Vec<serde_json::Value> = objs.iter().map(|o| serde_json::to_value(o).unwrap()).collect();
+        let mut maps = verdict_maps("uplinkd");
+        maps[0]["map"]["elem"] = serde_json::json!([["10.0.0.1", {"goto": {"target": "home_a"}}]]);
+        maps[2]["map"]["elem"] = serde_json::json!([[16777216, {"goto": {"target": "up_a"}}]]);
+        items.extend(maps);
+        let listing = serde_json::json!({"nftables": items}).to_string();
+        let k = parse_listing(&listing).unwrap();
+        assert_eq!(k.signature, signature_of(&objs));
+        assert_eq!(&*k.elements[&ElemKey::V4("10.0.0.1".parse().unwrap())], "home_a");
+        assert_eq!(&*k.elements[&ElemKey::Mark(0x0100_0000)], "up_a");
+        assert_eq!(adopted_homes(&k)[&"10.0.0.1".parse::<IpAddr>().unwrap()], "a");
+    }
+}

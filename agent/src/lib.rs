@@ -1,0 +1,13 @@
+//! uplinkd: spreads a site's LAN clients over its ISP uplinks.
+//!
+//! Data flows one way, and the modules follow it:
+//! `discover` (netlink links and neighbours) → `model` (clients, uplinks, assignments) →
+//! `plan` (pure: desired dataplane) → `dataplane` (read back, diff, apply). `daemon` runs
+//! the loop; `config` validates input before anything else runs.
+
+pub mod config;
+pub mod daemon;
+pub mod dataplane;
+pub mod discover;
+pub mod model;
+pub mod plan;

@@ -1,0 +1,360 @@
+//! The model: uplinks as the kernel reports them and clients as the neighbour table shows
+//! them, each with a sticky home uplink. Pure data; no I/O.
+
+pub mod assign;
+pub mod mac;
+pub mod state_file;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::time::Duration;
+
+use ipnet::IpNet;
+
+use crate::config::Config;
+pub use mac::Mac;
+
+/// Milliseconds since the Unix epoch: persisted, so wall-clock.
+pub type Millis = u64;
+
+pub fn now_millis() -> Millis {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
+}
+
+/// An uplink interface as the kernel currently has it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LinkState {
+    /// `None` while the interface does not exist.
+    pub ifindex: Option<u32>,
+    pub admin_up: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Uplink {
+    pub name: String,
+    pub interface: String,
+    pub weight: u32,
+    pub link: LinkState,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Address {
+    /// The neighbour entry exists (not deleted, not FAILED).
+    pub present: bool,
+    /// While present: when it was last confirmed; once gone: when it went away.
+    pub last_seen: Millis,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Client {
+    pub mac: Mac,
+    /// The uplink this client was assigned to; sticky across restarts.
+    pub home: String,
+    pub first_seen: Millis,
+    pub addresses: BTreeMap<IpAddr, Address>,
+}
+
+/// What a model change means for the dataplane.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    None,
+    /// Client maps changed.
+    Clients,
+}
+
+#[derive(Debug, Clone)]
+pub struct Model {
+    pub uplinks: Vec<Uplink>,
+    pub clients: BTreeMap<Mac, Client>,
+    by_addr: HashMap<IpAddr, Mac>,
+    prefixes: Vec<IpNet>,
+}
+
+impl Model {
+    pub fn new(config: &Config) -> Model {
+        Model {
+            uplinks: config
+                .uplinks
+                .iter()
+                .map(|u| Uplink { name: u.name.clone(), interface: u.interface.clone(), weight: u.weight, link: LinkState::default() })
+                .collect(),
+            clients: BTreeMap::new(),
+            by_addr: HashMap::new(),
+            prefixes: config.lan.prefixes.clone(),
+        }
+    }
+
+    pub fn uplink(&self, name: &str) -> Option<&Uplink> {
+        self.uplinks.iter().find(|u| u.name == name)
+    }
+
+    /// Records the kernel state of an interface; returns whether an uplink changed.
+    pub fn set_link(&mut self, interface: &str, link: LinkState) -> bool {
+        let mut changed = false;
+        for u in self.uplinks.iter_mut().filter(|u| u.interface == interface) {
+            changed |= u.link != link;
+            u.link = link;
+        }
+        changed
+    }
+
+    /// Whether an address should be dispatched at all.
+    pub fn wants(&self, ip: IpAddr) -> bool {
+        let unicast = match ip {
+            IpAddr::V4(a) => !(a.is_unspecified() || a.is_broadcast() || a.is_multicast() || a.is_loopback() || a.is_link_local()),
+            // Link-local v6 never leaves the LAN, so it is never dispatched.
+            IpAddr::V6(a) => !(a.is_unspecified() || a.is_multicast() || a.is_loopback() || a.is_unicast_link_local()),
+        };
+        unicast && (self.prefixes.is_empty() || self.prefixes.iter().any(|p| p.contains(&ip)))
+    }
+
+    /// Client counts per uplink, in config order.
+    pub fn counts(&self) -> Vec<usize> {
+        let index: HashMap<&str, usize> = self.uplinks.iter().enumerate().map(|(i, u)| (u.name.as_str(), i)).collect();
+        let mut counts = vec![0; self.uplinks.len()];
+        for c in self.clients.values() {
+            if let Some(&i) = index.get(c.home.as_str()) {
+                counts[i] += 1;
+            }
+        }
+        counts
+    }
+
+    /// A neighbour entry with a link-layer address exists for `ip`. `adopt` is the uplink
+    /// the kernel already steers this address to, used for a client the model does not
+    /// know (a restart without a state file).
+    pub fn neighbour_present(&mut self, ip: IpAddr, mac: Mac, now: Millis, adopt: Option<&str>) -> Change {
+        if !self.wants(ip) {
+            return Change::None;
+        }
+        let mut change = Change::None;
+        if let Some(&owner) = self.by_addr.get(&ip)
+            && owner != mac
+        {
+            // The address moved to another host (DHCP reuse): it follows the new host.
+            self.remove_address(owner, ip);
+            change = Change::Clients;
+        }
+        if !self.clients.contains_key(&mac) {
+            let home = match adopt.filter(|name| self.uplink(name).is_some()) {
+                Some(name) => name.to_string(),
+                None => self.uplinks[assign::least_loaded(&self.uplinks, &self.counts())].name.clone(),
+            };
+            self.clients.insert(mac, Client { mac, home, first_seen: now, addresses: BTreeMap::new() });
+            change = Change::Clients;
+        }
+        let client = self.clients.get_mut(&mac).expect("inserted above");
+        match client.addresses.insert(ip, Address { present: true, last_seen: now }) {
+            Some(_) => {}
+            None => change = Change::Clients,
+        }
+        self.by_addr.insert(ip, mac);
+        change
+    }
+
+    /// The neighbour entry for `ip` was deleted or failed. The address stays mapped until
+    /// it has been gone for the idle timeout.
+    pub fn neighbour_gone(&mut self, ip: IpAddr, now: Millis) {
+        if let Some(mac) = self.by_addr.get(&ip)
+            && let Some(addr) = self.clients.get_mut(mac).and_then(|c| c.addresses.get_mut(&ip))
+            && addr.present
+        {
+            addr.present = false;
+            addr.last_seen = now;
+        }
+    }
+
+    /// Addresses not in `present` (a fresh neighbour dump) are marked gone as of `now`.
+    pub fn reconcile_present(&mut self, present: &HashMap<IpAddr, Mac>, now: Millis) {
+        let gone: Vec<IpAddr> = self.by_addr.keys().filter(|ip| !present.contains_key(ip)).copied().collect();
+        for ip in gone {
+            self.neighbour_gone(ip, now);
+        }
+    }
+
+    /// Drops addresses gone for at least `idle`, then clients left without addresses.
+    /// Returns the released clients.
+    pub fn expire(&mut self, now: Millis, idle: Duration) -> Vec<Client> {
+        let idle = idle.as_millis() as u64;
+        let mut expired = Vec::new();
+        for c in self.clients.values() {
+            for (ip, a) in &c.addresses {
+                if !a.present && now.saturating_sub(a.last_seen) >= idle {
+                    expired.push((c.mac, *ip));
+                }
+            }
+        }
+        let mut released = Vec::new();
+        for (mac, ip) in expired {
+            if let Some(c) = self.remove_address(mac, ip) {
+                released.push(c);
+            }
+        }
+        released
+    }
+
+    /// Removes one address; returns the client if that was its last one.
+    fn remove_address(&mut self, mac: Mac, ip: IpAddr) -> Option<Client> {
+        self.by_addr.remove(&ip);
+        let client = self.clients.get_mut(&mac)?;
+        client.addresses.remove(&ip);
+        if client.addresses.is_empty() { self.clients.remove(&mac) } else { None }
+    }
+
+    /// Restores clients from the state file. Homes on uplinks no longer configured are
+    /// re-assigned; every restored address starts as gone (as of its last sighting) until
+    /// the neighbour dump confirms it.
+    pub fn restore(&mut self, clients: Vec<Client>) -> usize {
+        let mut reassigned = 0;
+        let mut orphans = Vec::new();
+        for mut c in clients {
+            for a in c.addresses.values_mut() {
+                a.present = false;
+            }
+            c.addresses.retain(|ip, _| self.wants(*ip));
+            if c.addresses.is_empty() {
+                continue;
+            }
+            if self.uplink(&c.home).is_none() {
+                orphans.push(c);
+                continue;
+            }
+            self.insert(c);
+        }
+        for mut c in orphans {
+            c.home = self.uplinks[assign::least_loaded(&self.uplinks, &self.counts())].name.clone();
+            reassigned += 1;
+            self.insert(c);
+        }
+        reassigned
+    }
+
+    fn insert(&mut self, c: Client) {
+        for ip in c.addresses.keys() {
+            if let Some(old) = self.by_addr.insert(*ip, c.mac)
+                && old != c.mac
+                && let Some(prev) = self.clients.get_mut(&old)
+            {
+                prev.addresses.remove(ip);
+            }
+        }
+        self.clients.insert(c.mac, c);
+        self.clients.retain(|_, c| !c.addresses.is_empty());
+    }
+
+    /// Every mapped address with its client's home uplink.
+    pub fn addresses(&self) -> impl Iterator<Item = (IpAddr, &str)> {
+        self.clients.values().flat_map(|c| c.addresses.keys().map(move |ip| (*ip, c.home.as_str())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn model(weights: &[u32]) -> Model {
+        let mut text = String::from("[lan]\ninterfaces=[\"lan0\"]\nprefixes=[\"10.0.0.0/8\",\"2001:db8::/32\"]\n");
+        for (i, w) in weights.iter().enumerate() {
+            text += &format!("[[uplink]]\nname=\"u{i}\"\ninterface=\"wan{i}\"\ngateway=\"100.64.{i}.1\"\nweight={w}\n");
+        }
+        Model::new(&Config::parse(Path::new("t"), &text).unwrap())
+    }
+
+    fn mac(n: u8) -> Mac {
+        Mac([2, 0, 0, 0, 0, n])
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn weighted_balance_gives_4_2_2() {
+        let mut m = model(&[2, 1, 1]);
+        for n in 1..=8 {
+            m.neighbour_present(ip(&format!("10.0.0.{n}")), mac(n), 0, None);
+        }
+        assert_eq!(m.counts(), vec![4, 2, 2]);
+    }
+
+    #[test]
+    fn one_client_many_addresses_counts_once_and_shares_home() {
+        let mut m = model(&[1, 1]);
+        m.neighbour_present(ip("10.0.0.1"), mac(1), 0, None);
+        m.neighbour_present(ip("2001:db8::1"), mac(1), 0, None);
+        m.neighbour_present(ip("10.0.0.2"), mac(2), 0, None);
+        assert_eq!(m.counts(), vec![1, 1]);
+        let homes: Vec<_> = m.addresses().filter(|(_, h)| *h == "u0").collect();
+        assert_eq!(homes.len(), 2);
+    }
+
+    #[test]
+    fn ignores_link_local_and_out_of_prefix() {
+        let mut m = model(&[1]);
+        assert_eq!(m.neighbour_present(ip("fe80::1"), mac(1), 0, None), Change::None);
+        assert_eq!(m.neighbour_present(ip("192.168.1.1"), mac(1), 0, None), Change::None);
+        assert!(m.clients.is_empty());
+    }
+
+    #[test]
+    fn idle_release_then_least_loaded() {
+        let mut m = model(&[1, 1]);
+        m.neighbour_present(ip("10.0.0.1"), mac(1), 0, None);
+        m.neighbour_present(ip("10.0.0.2"), mac(2), 0, None);
+        m.neighbour_gone(ip("10.0.0.1"), 1_000);
+        assert!(m.expire(5_000, Duration::from_secs(10)).is_empty(), "not idle long enough");
+        let released = m.expire(11_000, Duration::from_secs(10));
+        assert_eq!(released.len(), 1);
+        assert_eq!(released[0].home, "u0");
+        assert_eq!(m.counts(), vec![0, 1]);
+        m.neighbour_present(ip("10.0.0.3"), mac(3), 12_000, None);
+        assert_eq!(m.clients[&mac(3)].home, "u0");
+    }
+
+    #[test]
+    fn returning_address_is_not_released() {
+        let mut m = model(&[1]);
+        m.neighbour_present(ip("10.0.0.1"), mac(1), 0, None);
+        m.neighbour_gone(ip("10.0.0.1"), 1_000);
+        m.neighbour_present(ip("10.0.0.1"), mac(1), 2_000, None);
+        assert!(m.expire(100_000, Duration::from_secs(10)).is_empty());
+    }
+
+    #[test]
+    fn address_moving_to_another_host_follows_it() {
+        let mut m = model(&[1, 1]);
+        m.neighbour_present(ip("10.0.0.1"), mac(1), 0, None);
+        m.neighbour_present(ip("10.0.0.1"), mac(2), 0, None);
+        assert!(!m.clients.contains_key(&mac(1)), "old host had no other address");
+        assert_eq!(m.clients[&mac(2)].addresses.len(), 1);
+    }
+
+    #[test]
+    fn adoption_keeps_the_kernel_home() {
+        let mut m = model(&[1, 1]);
+        m.neighbour_present(ip("10.0.0.1"), mac(1), 0, Some("u1"));
+        assert_eq!(m.clients[&mac(1)].home, "u1");
+        m.neighbour_present(ip("10.0.0.2"), mac(2), 0, Some("gone"));
+        assert_eq!(m.clients[&mac(2)].home, "u0", "unknown uplink falls back to least loaded");
+    }
+
+    #[test]
+    fn restore_keeps_homes_and_reassigns_orphans() {
+        let mut m = model(&[1, 1]);
+        let c = |n: u8, home: &str| Client {
+            mac: mac(n),
+            home: home.into(),
+            first_seen: 0,
+            addresses: [(ip(&format!("10.0.0.{n}")), Address { present: true, last_seen: 0 })].into(),
+        };
+        let reassigned = m.restore(vec![c(1, "u1"), c(2, "u1"), c(3, "removed")]);
+        assert_eq!(reassigned, 1);
+        assert_eq!(m.clients[&mac(1)].home, "u1");
+        assert_eq!(m.clients[&mac(3)].home, "u0");
+        assert!(!m.clients[&mac(1)].addresses.values().next().unwrap().present);
+    }
+}

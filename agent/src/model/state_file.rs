@@ -1,0 +1,172 @@
+//! Persistent assignments in `state_dir/state.json`: written atomically (temp file, fsync,
+//! rename, fsync of the directory) so a crash leaves either the old or the new file.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::Write;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::{Address, Client, Mac, Millis};
+
+const VERSION: u32 = 1;
+const FILE: &str = "state.json";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}:{line}:{column}: corrupt state file: {message}")]
+    Corrupt { path: PathBuf, line: usize, column: usize, message: String },
+    #[error("{path}: state file version {found} is not supported (this uplinkd reads version {VERSION})")]
+    Version { path: PathBuf, found: u32 },
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StateDoc {
+    version: u32,
+    clients: Vec<ClientDoc>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClientDoc {
+    mac: Mac,
+    home: String,
+    first_seen: Millis,
+    addresses: Vec<AddressDoc>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddressDoc {
+    ip: IpAddr,
+    last_seen: Millis,
+}
+
+pub struct StateFile {
+    dir: PathBuf,
+}
+
+impl StateFile {
+    pub fn new(dir: &Path) -> StateFile {
+        StateFile { dir: dir.to_owned() }
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.dir.join(FILE)
+    }
+
+    /// `Ok(None)` when there is no state file yet.
+    pub fn load(&self) -> Result<Option<Vec<Client>>, StateError> {
+        let path = self.path();
+        let text = match fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(StateError::Io { path, source }),
+        };
+        let doc: StateDoc = serde_json::from_str(&text).map_err(|e| StateError::Corrupt {
+            path: path.clone(),
+            line: e.line(),
+            column: e.column(),
+            message: e.to_string(),
+        })?;
+        if doc.version != VERSION {
+            return Err(StateError::Version { path, found: doc.version });
+        }
+        Ok(Some(
+            doc.clients
+                .into_iter()
+                .map(|c| Client {
+                    mac: c.mac,
+                    home: c.home,
+                    first_seen: c.first_seen,
+                    addresses: c.addresses.into_iter().map(|a| (a.ip, Address { present: false, last_seen: a.last_seen })).collect::<BTreeMap<_, _>>(),
+                })
+                .collect(),
+        ))
+    }
+
+    /// Moves an unreadable state file aside (never deletes it) and returns its new path.
+    pub fn set_aside(&self, now: Millis) -> Result<PathBuf, StateError> {
+        let from = self.path();
+        let to = self.dir.join(format!("{FILE}.corrupt-{now}"));
+        fs::rename(&from, &to).map_err(|source| StateError::Io { path: from, source })?;
+        Ok(to)
+    }
+
+    pub fn save<'a>(&self, clients: impl Iterator<Item = &'a Client>) -> Result<(), StateError> {
+        let doc = StateDoc {
+            version: VERSION,
+            clients: clients
+                .map(|c| ClientDoc {
+                    mac: c.mac,
+                    home: c.home.clone(),
+                    first_seen: c.first_seen,
+                    addresses: c.addresses.iter().map(|(ip, a)| AddressDoc { ip: *ip, last_seen: a.last_seen }).collect(),
+                })
+                .collect(),
+        };
+        let io = |path: &Path| {
+            let path = path.to_owned();
+            move |source| StateError::Io { path, source }
+        };
+        fs::create_dir_all(&self.dir).map_err(io(&self.dir))?;
+        let tmp = self.dir.join(format!("{FILE}.tmp"));
+        let mut f = File::create(&tmp).map_err(io(&tmp))?;
+        let bytes = serde_json::to_vec(&doc).expect("state serializes");
+        f.write_all(&bytes).map_err(io(&tmp))?;
+        f.sync_all().map_err(io(&tmp))?;
+        drop(f);
+        let path = self.path();
+        fs::rename(&tmp, &path).map_err(io(&path))?;
+        File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io(&self.dir))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmpdir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("uplinkd-state-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        d
+    }
+
+    #[test]
+    fn round_trip_and_missing() {
+        let dir = tmpdir("rt");
+        let sf = StateFile::new(&dir);
+        assert!(sf.load().unwrap().is_none());
+        let c = Client {
+            mac: Mac([2, 0, 0, 0, 0, 1]),
+            home: "isp1".into(),
+            first_seen: 5,
+            addresses: [("10.0.0.1".parse().unwrap(), Address { present: true, last_seen: 7 })].into(),
+        };
+        sf.save([&c].into_iter()).unwrap();
+        let back = sf.load().unwrap().unwrap();
+        assert_eq!(back[0].home, "isp1");
+        assert_eq!(back[0].addresses.values().next().unwrap().last_seen, 7);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn corrupt_names_line_and_is_kept() {
+        let dir = tmpdir("bad");
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join(FILE), "{\"version\":1,\n\"clients\":[{\"mac\":\"zz\"}]}").unwrap();
+        let sf = StateFile::new(&dir);
+        let e = sf.load().unwrap_err();
+        assert!(matches!(e, StateError::Corrupt { line: 2, .. }), "{e}");
+        assert!(e.to_string().contains("invalid MAC address"), "{e}");
+        let aside = sf.set_aside(42).unwrap();
+        assert!(aside.exists() && !sf.path().exists());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,257 @@
+//! Plan: the desired dataplane as a pure function of config and model. No I/O here; the
+//! dataplane layer turns this into kernel objects.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
+
+use crate::config::Config;
+use crate::model::Model;
+
+/// Largest number of hash buckets the new-client fallback uses.
+const MAX_FALLBACK_BUCKETS: u32 = 64;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Desired {
+    pub nft: NftDesired,
+    pub rules: BTreeSet<RuleSpec>,
+    pub routes: BTreeSet<RouteSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NftDesired {
+    pub structure: NftStructure,
+    /// Map element → the chain it jumps to. The key's kind names the map.
+    pub elements: BTreeMap<ElemKey, Arc<str>>,
+}
+
+/// Everything in the nft table except map elements. When the kernel's copy differs, the
+/// whole table is replaced in one transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NftStructure {
+    pub table: String,
+    pub mask: u32,
+    pub lan_interfaces: Vec<String>,
+    pub uplinks: Vec<NftUplink>,
+    /// Hash buckets for packets from clients without an assignment yet, by uplink name;
+    /// each uplink appears in proportion to its weight.
+    pub fallback: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NftUplink {
+    pub name: String,
+    pub interface: String,
+    pub fwmark: u32,
+    pub masquerade: bool,
+}
+
+/// A map element key; the variant decides the map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ElemKey {
+    /// `client4`: client address → `home_<uplink>`.
+    V4(Ipv4Addr),
+    /// `client6`: client address → `home_<uplink>`.
+    V6(Ipv6Addr),
+    /// `sticky`: conntrack mark → `up_<uplink>`, for connections that already have one.
+    Mark(u32),
+}
+
+pub const MAP_CLIENT4: &str = "client4";
+pub const MAP_CLIENT6: &str = "client6";
+pub const MAP_STICKY: &str = "sticky";
+
+impl ElemKey {
+    pub fn map(&self) -> &'static str {
+        match self {
+            ElemKey::V4(_) => MAP_CLIENT4,
+            ElemKey::V6(_) => MAP_CLIENT6,
+            ElemKey::Mark(_) => MAP_STICKY,
+        }
+    }
+}
+
+pub fn home_chain(uplink: &str) -> String {
+    format!("home_{uplink}")
+}
+
+pub fn up_chain(uplink: &str) -> String {
+    format!("up_{uplink}")
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum RuleAction {
+    /// `lookup main suppress_prefixlength 0`: the main table's specific routes (LAN, other
+    /// local subnets) win over the uplink tables; its default route does not.
+    MainSpecific,
+    /// `fwmark mark/mask lookup table`.
+    FwMark { mark: u32, mask: u32, table: u32 },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RuleSpec {
+    pub family: Family,
+    pub priority: u32,
+    pub action: RuleAction,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RouteSpec {
+    pub table: u32,
+    pub family: Family,
+    /// `None`: by device (point-to-point).
+    pub gateway: Option<IpAddr>,
+    pub oif: u32,
+}
+
+pub fn plan(config: &Config, model: &Model) -> Desired {
+    let dp = &config.dataplane;
+    let uplinks = config
+        .uplinks
+        .iter()
+        .map(|u| NftUplink { name: u.name.clone(), interface: u.interface.clone(), fwmark: dp.fwmark(u.mark), masquerade: u.masquerade })
+        .collect();
+    let structure = NftStructure {
+        table: dp.nft_table.clone(),
+        mask: dp.fwmark_mask,
+        lan_interfaces: config.lan.interfaces.clone(),
+        uplinks,
+        fallback: fallback_buckets(config.uplinks.iter().map(|u| (u.name.as_str(), u.weight))),
+    };
+
+    let mut elements = BTreeMap::new();
+    for u in &config.uplinks {
+        elements.insert(ElemKey::Mark(dp.fwmark(u.mark)), Arc::from(up_chain(&u.name)));
+    }
+    // One allocation per uplink, shared by all its clients' elements.
+    let homes: BTreeMap<&str, Arc<str>> = config.uplinks.iter().map(|u| (u.name.as_str(), Arc::from(home_chain(&u.name)))).collect();
+    for (ip, home) in model.addresses() {
+        let Some(target) = homes.get(home) else { continue };
+        let key = match ip {
+            IpAddr::V4(a) => ElemKey::V4(a),
+            IpAddr::V6(a) => ElemKey::V6(a),
+        };
+        elements.insert(key, target.clone());
+    }
+
+    let mut rules = BTreeSet::new();
+    let mut routes = BTreeSet::new();
+    for family in [Family::V4, Family::V6] {
+        rules.insert(RuleSpec { family, priority: dp.rule_priority, action: RuleAction::MainSpecific });
+    }
+    for (u, m) in config.uplinks.iter().zip(&model.uplinks) {
+        let fw = RuleAction::FwMark { mark: dp.fwmark(u.mark), mask: dp.fwmark_mask, table: u.table };
+        rules.insert(RuleSpec { family: Family::V4, priority: dp.rule_priority + 1, action: fw });
+        if u.ipv6 {
+            rules.insert(RuleSpec { family: Family::V6, priority: dp.rule_priority + 1, action: fw });
+        }
+        // The kernel refuses routes through a missing or admin-down device; they are added
+        // when the link event arrives.
+        let Some(oif) = m.link.ifindex.filter(|_| m.link.admin_up) else { continue };
+        routes.insert(RouteSpec { table: u.table, family: Family::V4, gateway: u.gateway.map(IpAddr::V4), oif });
+        if u.ipv6 {
+            routes.insert(RouteSpec { table: u.table, family: Family::V6, gateway: u.gateway6.map(IpAddr::V6), oif });
+        }
+    }
+
+    Desired { nft: NftDesired { structure, elements }, rules, routes }
+}
+
+/// Expands weights into hash buckets (reduced by their gcd and scaled down to at most
+/// `MAX_FALLBACK_BUCKETS`, every uplink keeping at least one).
+pub fn fallback_buckets<'a>(weights: impl Iterator<Item = (&'a str, u32)>) -> Vec<String> {
+    let weights: Vec<(&str, u32)> = weights.collect();
+    let g = weights.iter().fold(0, |g, (_, w)| gcd(g, *w)).max(1);
+    let total: u32 = weights.iter().map(|(_, w)| w / g).sum();
+    let mut buckets = Vec::new();
+    for (name, w) in &weights {
+        let mut n = w / g;
+        if total > MAX_FALLBACK_BUCKETS {
+            n = (n * MAX_FALLBACK_BUCKETS / total).max(1);
+        }
+        buckets.extend(std::iter::repeat_n(name.to_string(), n as usize));
+    }
+    buckets
+}
+
+fn gcd(a: u32, b: u32) -> u32 {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{LinkState, Mac};
+    use std::path::Path;
+
+    const CFG: &str = r#"
+[lan]
+interfaces = ["lan0"]
+[[uplink]]
+name = "a"
+interface = "wan0"
+gateway = "100.64.0.1"
+weight = 2
+[[uplink]]
+name = "b"
+interface = "ppp0"
+"#;
+
+    fn setup() -> (Config, Model) {
+        let c = Config::parse(Path::new("t"), CFG).unwrap();
+        let m = Model::new(&c);
+        (c, m)
+    }
+
+    #[test]
+    fn fallback_follows_weights() {
+        assert_eq!(fallback_buckets([("a", 2), ("b", 1), ("c", 1)].into_iter()), ["a", "a", "b", "c"]);
+        assert_eq!(fallback_buckets([("a", 10), ("b", 5)].into_iter()), ["a", "a", "b"]);
+        let big = fallback_buckets([("a", 1000), ("b", 1)].into_iter());
+        assert!(big.len() <= 65 && big.contains(&"b".to_string()));
+    }
+
+    #[test]
+    fn rules_exist_without_links_routes_only_with_up_links() {
+        let (c, mut m) = setup();
+        let d = plan(&c, &m);
+        // main-specific ×2 families, fwmark v4 ×2, fwmark v6 for the p2p link.
+        assert_eq!(d.rules.len(), 5);
+        assert!(d.routes.is_empty());
+        m.set_link("ppp0", LinkState { ifindex: Some(7), admin_up: true });
+        m.set_link("wan0", LinkState { ifindex: Some(3), admin_up: false });
+        let d = plan(&c, &m);
+        let routes: Vec<_> = d.routes.iter().copied().collect();
+        assert_eq!(
+            routes,
+            vec![
+                RouteSpec { table: 1002, family: Family::V4, gateway: None, oif: 7 },
+                RouteSpec { table: 1002, family: Family::V6, gateway: None, oif: 7 },
+            ]
+        );
+    }
+
+    #[test]
+    fn clients_map_to_home_chains_and_sticky_marks_to_up_chains() {
+        let (c, mut m) = setup();
+        m.neighbour_present("10.0.0.1".parse().unwrap(), Mac([2, 0, 0, 0, 0, 1]), 0, None);
+        m.neighbour_present("2001:db8::1".parse().unwrap(), Mac([2, 0, 0, 0, 0, 1]), 0, None);
+        let d = plan(&c, &m);
+        assert_eq!(&*d.nft.elements[&ElemKey::V4("10.0.0.1".parse().unwrap())], "home_a");
+        assert_eq!(&*d.nft.elements[&ElemKey::V6("2001:db8::1".parse().unwrap())], "home_a");
+        assert_eq!(&*d.nft.elements[&ElemKey::Mark(0x0200_0000)], "up_b");
+        assert_eq!(d.nft.structure.fallback, ["a", "a", "b"]);
+    }
+
+    #[test]
+    fn plan_is_deterministic() {
+        let (c, m) = setup();
+        assert_eq!(plan(&c, &m), plan(&c, &m));
+    }
+}
