@@ -220,7 +220,12 @@ impl Validator<'_> {
         self.text[..end].matches('\n').count() + 1
     }
 
-    fn err(&self, span: Option<Range<usize>>, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    fn err(
+        &self,
+        span: Option<Range<usize>>,
+        key: impl Into<String>,
+        message: impl Into<String>,
+    ) -> ConfigError {
         ConfigError {
             path: self.path.to_owned(),
             line: span.map(|s| self.line_of(&s)),
@@ -237,8 +242,15 @@ impl Validator<'_> {
         self.err(e.span(), key, message)
     }
 
-    fn duration(&self, key: &str, value: Option<Spanned<String>>, default: Duration) -> Result<Duration, ConfigError> {
-        let Some(value) = value else { return Ok(default) };
+    fn duration(
+        &self,
+        key: &str,
+        value: Option<Spanned<String>>,
+        default: Duration,
+    ) -> Result<Duration, ConfigError> {
+        let Some(value) = value else {
+            return Ok(default);
+        };
         let d = humantime::parse_duration(value.get_ref().trim()).map_err(|e| {
             self.err(
                 Some(value.span()),
@@ -259,12 +271,16 @@ impl Validator<'_> {
             && name.len() <= 15
             && name != "."
             && name != ".."
-            && !name.chars().any(|c| c == '/' || c == ':' || c.is_whitespace());
+            && !name
+                .chars()
+                .any(|c| c == '/' || c == ':' || c.is_whitespace());
         if !valid {
             return Err(self.err(
                 Some(value.span()),
                 key,
-                format!("invalid interface name {name:?}: 1-15 characters, no '/', ':' or whitespace"),
+                format!(
+                    "invalid interface name {name:?}: 1-15 characters, no '/', ':' or whitespace"
+                ),
             ));
         }
         Ok(name.clone())
@@ -279,12 +295,23 @@ impl Validator<'_> {
                 Some(n) => n.into_inner(),
                 None => hostname(),
             },
-            state_dir: raw.agent.state_dir.unwrap_or_else(|| PathBuf::from("/var/lib/uplinkd")),
-            resync_interval: self.duration("agent.resync_interval", raw.agent.resync_interval, Duration::from_secs(10))?,
+            state_dir: raw
+                .agent
+                .state_dir
+                .unwrap_or_else(|| PathBuf::from("/var/lib/uplinkd")),
+            resync_interval: self.duration(
+                "agent.resync_interval",
+                raw.agent.resync_interval,
+                Duration::from_secs(10),
+            )?,
         };
 
         let Some(lan) = raw.lan else {
-            return Err(self.err(None, "lan", "missing [lan] table; it needs at least `interfaces = [\"br-lan\"]`"));
+            return Err(self.err(
+                None,
+                "lan",
+                "missing [lan] table; it needs at least `interfaces = [\"br-lan\"]`",
+            ));
         };
         let lan_span = lan.span();
         let lan_raw = lan.into_inner();
@@ -299,7 +326,11 @@ impl Validator<'_> {
         for (i, name) in lan_raw.interfaces.get_ref().iter().enumerate() {
             let n = self.ifname(&format!("lan.interfaces[{i}]"), name)?;
             if lan_ifs.contains(&n) {
-                return Err(self.err(Some(name.span()), format!("lan.interfaces[{i}]"), format!("duplicate interface {n:?}")));
+                return Err(self.err(
+                    Some(name.span()),
+                    format!("lan.interfaces[{i}]"),
+                    format!("duplicate interface {n:?}"),
+                ));
             }
             lan_ifs.push(n);
         }
@@ -309,7 +340,10 @@ impl Validator<'_> {
                 self.err(
                     Some(p.span()),
                     format!("lan.prefixes[{i}]"),
-                    format!("invalid CIDR {:?}; use e.g. \"192.168.1.0/24\" or \"2001:db8::/64\"", p.get_ref()),
+                    format!(
+                        "invalid CIDR {:?}; use e.g. \"192.168.1.0/24\" or \"2001:db8::/64\"",
+                        p.get_ref()
+                    ),
                 )
             })?;
             prefixes.push(net.trunc());
@@ -317,7 +351,11 @@ impl Validator<'_> {
         let lan = LanConfig {
             interfaces: lan_ifs,
             prefixes,
-            client_idle_timeout: self.duration("lan.client_idle_timeout", lan_raw.client_idle_timeout, Duration::from_secs(600))?,
+            client_idle_timeout: self.duration(
+                "lan.client_idle_timeout",
+                lan_raw.client_idle_timeout,
+                Duration::from_secs(600),
+            )?,
         };
         let _ = lan_span;
 
@@ -327,7 +365,12 @@ impl Validator<'_> {
             return Err(self.err(None, "uplink", "at least one [[uplink]] is required"));
         }
         let mut uplinks: Vec<UplinkConfig> = Vec::new();
-        let (mut names, mut ifaces, mut marks, mut tables) = (HashSet::new(), HashSet::new(), HashSet::new(), HashSet::new());
+        let (mut names, mut ifaces, mut marks, mut tables) = (
+            HashSet::new(),
+            HashSet::new(),
+            HashSet::new(),
+            HashSet::new(),
+        );
         for (i, u) in raw.uplink.into_iter().enumerate() {
             let span = u.span();
             let u = u.into_inner();
@@ -335,16 +378,25 @@ impl Validator<'_> {
             let name = u.name.get_ref().trim().to_string();
             let valid_name = !name.is_empty()
                 && name.len() <= 32
-                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
             if !valid_name {
                 return Err(self.err(
                     Some(u.name.span()),
                     key("name"),
-                    format!("invalid uplink name {:?}: 1-32 characters of A-Z a-z 0-9 - _", u.name.get_ref()),
+                    format!(
+                        "invalid uplink name {:?}: 1-32 characters of A-Z a-z 0-9 - _",
+                        u.name.get_ref()
+                    ),
                 ));
             }
             if !names.insert(name.clone()) {
-                return Err(self.err(Some(u.name.span()), key("name"), format!("duplicate uplink name {name:?}; names must be unique")));
+                return Err(self.err(
+                    Some(u.name.span()),
+                    key("name"),
+                    format!("duplicate uplink name {name:?}; names must be unique"),
+                ));
             }
             let interface = self.ifname(&key("interface"), &u.interface)?;
             if !ifaces.insert(interface.clone()) {
@@ -367,14 +419,21 @@ impl Validator<'_> {
                     self.err(
                         Some(g.span()),
                         key("gateway"),
-                        format!("invalid IPv4 address {:?}; omit the key on point-to-point links", g.get_ref()),
+                        format!(
+                            "invalid IPv4 address {:?}; omit the key on point-to-point links",
+                            g.get_ref()
+                        ),
                     )
                 })?),
             };
             let gateway6 = match &u.gateway6 {
                 None => None,
                 Some(g) => Some(g.get_ref().trim().parse::<Ipv6Addr>().map_err(|_| {
-                    self.err(Some(g.span()), key("gateway6"), format!("invalid IPv6 address {:?}", g.get_ref()))
+                    self.err(
+                        Some(g.span()),
+                        key("gateway6"),
+                        format!("invalid IPv6 address {:?}", g.get_ref()),
+                    )
                 })?),
             };
             let weight = match &u.weight {
@@ -382,7 +441,11 @@ impl Validator<'_> {
                 Some(w) => {
                     let v = *w.get_ref();
                     if !(1..=1000).contains(&v) {
-                        return Err(self.err(Some(w.span()), key("weight"), format!("must be between 1 and 1000 (got {v})")));
+                        return Err(self.err(
+                            Some(w.span()),
+                            key("weight"),
+                            format!("must be between 1 and 1000 (got {v})"),
+                        ));
                     }
                     v as u32
                 }
@@ -453,7 +516,10 @@ impl Validator<'_> {
         }
         for u in &uplinks {
             if u.ipv6 && u.gateway6.is_none() && !u.point_to_point() {
-                let i = uplinks.iter().position(|x| x.name == u.name).unwrap_or_default();
+                let i = uplinks
+                    .iter()
+                    .position(|x| x.name == u.name)
+                    .unwrap_or_default();
                 return Err(self.err(
                     None,
                     format!("uplink[{i}].ipv6"),
@@ -462,7 +528,12 @@ impl Validator<'_> {
             }
         }
 
-        Ok(Config { agent, lan, dataplane, uplinks })
+        Ok(Config {
+            agent,
+            lan,
+            dataplane,
+            uplinks,
+        })
     }
 
     fn dataplane(&self, raw: RawDataplane) -> Result<DataplaneConfig, ConfigError> {
@@ -473,12 +544,15 @@ impl Validator<'_> {
                 let valid = !s.is_empty()
                     && s.len() <= 64
                     && s.starts_with(|c: char| c.is_ascii_alphabetic())
-                    && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+                    && s.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
                 if !valid {
                     return Err(self.err(
                         Some(t.span()),
                         "dataplane.nft_table",
-                        format!("invalid table name {s:?}: a letter, then letters, digits, '_' or '-'"),
+                        format!(
+                            "invalid table name {s:?}: a letter, then letters, digits, '_' or '-'"
+                        ),
                     ));
                 }
                 s.clone()
@@ -489,7 +563,9 @@ impl Validator<'_> {
             Some(m) => {
                 let v = *m.get_ref();
                 // Contiguous, non-empty: mark ids are shifted into it.
-                let contiguous = v != 0 && (v >> v.trailing_zeros()).count_ones() == 32 - (v >> v.trailing_zeros()).leading_zeros();
+                let contiguous = v != 0
+                    && (v >> v.trailing_zeros()).count_ones()
+                        == 32 - (v >> v.trailing_zeros()).leading_zeros();
                 if !contiguous || v.count_ones() > 16 {
                     return Err(self.err(
                         Some(m.span()),
@@ -520,7 +596,11 @@ impl Validator<'_> {
                 let v = *p.get_ref();
                 // 0-4 are the kernel's own (unspec, redirect, kernel, boot, static).
                 if !(5..=254).contains(&v) {
-                    return Err(self.err(Some(p.span()), "dataplane.route_protocol", format!("must be between 5 and 254 (got {v})")));
+                    return Err(self.err(
+                        Some(p.span()),
+                        "dataplane.route_protocol",
+                        format!("must be between 5 and 254 (got {v})"),
+                    ));
                 }
                 v as u8
             }
@@ -537,7 +617,8 @@ impl Validator<'_> {
             let v = *b.get_ref();
             dp.table_base = v;
             // 253-255 are default/main/local; 0 is unspec.
-            let reserved = dp.owned_tables().any(|t| (253..=255).contains(&t)) || v.checked_add(dp.max_mark_id()).is_none();
+            let reserved = dp.owned_tables().any(|t| (253..=255).contains(&t))
+                || v.checked_add(dp.max_mark_id()).is_none();
             if v == 0 || reserved {
                 return Err(self.err(
                     Some(b.span()),
@@ -613,7 +694,10 @@ interface = "ppp0"
         assert_eq!(c.uplinks[0].mark, 1);
         assert_eq!(c.uplinks[0].table, 1001);
         assert!(c.uplinks[1].point_to_point());
-        assert!(c.uplinks[1].ipv6, "point-to-point links route IPv6 by device");
+        assert!(
+            c.uplinks[1].ipv6,
+            "point-to-point links route IPv6 by device"
+        );
         assert!(c.uplinks[1].masquerade);
         assert_eq!(c.dataplane.fwmark(1), 0x0100_0000);
         assert_eq!(c.dataplane.max_mark_id(), 63);
@@ -625,7 +709,11 @@ interface = "ppp0"
         let e = parse(&bad).unwrap_err();
         assert_eq!(e.key, "uplink[0].weight");
         assert_eq!(e.line, Some(17));
-        assert!(e.to_string().starts_with("t.toml:17: uplink[0].weight: must be between 1 and 1000"), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("t.toml:17: uplink[0].weight: must be between 1 and 1000"),
+            "{e}"
+        );
     }
 
     #[test]

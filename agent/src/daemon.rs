@@ -49,7 +49,8 @@ pub struct Agent {
 /// Connects to the kernel, adopts its state, and runs until SIGTERM/SIGINT. The dataplane
 /// is left in place on exit so traffic keeps flowing.
 pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError> {
-    let (conn, handle, _) = rtnetlink::new_connection_with_strict_check().map_err(discover::DiscoverError::Socket)?;
+    let (conn, handle, _) =
+        rtnetlink::new_connection_with_strict_check().map_err(discover::DiscoverError::Socket)?;
     tokio::spawn(conn);
     let mut dataplane = Dataplane::new(&config, handle.clone());
     dataplane.check().await?;
@@ -61,7 +62,9 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
             let reassigned = model.restore(clients);
             info!(clients = n, reassigned, path = %state.path().display(), "restored assignments");
         }
-        Ok(None) => info!(path = %state.path().display(), "no state file; starting from the kernel's maps"),
+        Ok(None) => {
+            info!(path = %state.path().display(), "no state file; starting from the kernel's maps")
+        }
         Err(e @ (StateError::Corrupt { .. } | StateError::Version { .. })) => {
             let aside = state.set_aside(now_millis())?;
             error!(error = %e, kept_as = %aside.display(), "state file unreadable; kept it aside, adopting assignments from the kernel's maps");
@@ -73,7 +76,18 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
         None => BTreeMap::new(),
     };
     let mut events = discover::subscribe()?;
-    let mut agent = Agent { config, config_path, model, dataplane, state, handle, links: HashMap::new(), adopt, state_dirty: true, needs_retry: false };
+    let mut agent = Agent {
+        config,
+        config_path,
+        model,
+        dataplane,
+        state,
+        handle,
+        links: HashMap::new(),
+        adopt,
+        state_dirty: true,
+        needs_retry: false,
+    };
 
     let started = Instant::now();
     agent.resync_inputs().await?;
@@ -90,7 +104,10 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
     let mut sigterm = signal(SignalKind::terminate()).map_err(AgentError::Signal)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(AgentError::Signal)?;
     let mut sighup = signal(SignalKind::hangup()).map_err(AgentError::Signal)?;
-    let mut resync = tokio::time::interval_at(tokio::time::Instant::now() + agent.config.agent.resync_interval, agent.config.agent.resync_interval);
+    let mut resync = tokio::time::interval_at(
+        tokio::time::Instant::now() + agent.config.agent.resync_interval,
+        agent.config.agent.resync_interval,
+    );
     let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -144,7 +161,9 @@ impl Agent {
     fn on_event(&mut self, ev: Event) -> bool {
         match ev {
             Event::Neighbour { ifindex, ip, mac } => {
-                let Some(name) = self.links.get(&ifindex) else { return false };
+                let Some(name) = self.links.get(&ifindex) else {
+                    return false;
+                };
                 if !self.config.lan.interfaces.contains(name) {
                     return false;
                 }
@@ -165,14 +184,24 @@ impl Agent {
                     }
                 }
             }
-            Event::Link { ifindex, name, admin_up } => {
+            Event::Link {
+                ifindex,
+                name,
+                admin_up,
+            } => {
                 if let Some(old) = self.links.insert(ifindex, name.clone())
                     && old != name
                 {
                     // Renamed: the old name no longer refers to this ifindex.
                     self.model.set_link(&old, LinkState::default());
                 }
-                self.model.set_link(&name, LinkState { ifindex: Some(ifindex), admin_up })
+                self.model.set_link(
+                    &name,
+                    LinkState {
+                        ifindex: Some(ifindex),
+                        admin_up,
+                    },
+                )
             }
             Event::LinkGone { ifindex } => match self.links.remove(&ifindex) {
                 Some(name) => self.model.set_link(&name, LinkState::default()),
@@ -191,7 +220,12 @@ impl Agent {
                 _ => None,
             })
             .collect();
-        let stale: Vec<u32> = self.links.keys().filter(|i| !live.contains(i)).copied().collect();
+        let stale: Vec<u32> = self
+            .links
+            .keys()
+            .filter(|i| !live.contains(i))
+            .copied()
+            .collect();
         for ifindex in stale {
             self.on_event(Event::LinkGone { ifindex });
         }
@@ -200,8 +234,15 @@ impl Agent {
         }
         let mut present = HashMap::new();
         for e in discover::dump_neighbours(&self.handle).await? {
-            if let Event::Neighbour { ip, mac: Some(mac), ifindex } = &e
-                && self.links.get(ifindex).is_some_and(|n| self.config.lan.interfaces.contains(n))
+            if let Event::Neighbour {
+                ip,
+                mac: Some(mac),
+                ifindex,
+            } = &e
+                && self
+                    .links
+                    .get(ifindex)
+                    .is_some_and(|n| self.config.lan.interfaces.contains(n))
             {
                 present.insert(*ip, *mac);
             }
@@ -256,11 +297,17 @@ impl Agent {
                 return;
             }
         };
-        if new.dataplane != self.config.dataplane || new.agent.state_dir != self.config.agent.state_dir {
-            error!("reload rejected: [dataplane] and agent.state_dir define what uplinkd owns; change them with `uplinkd cleanup` and a restart");
+        if new.dataplane != self.config.dataplane
+            || new.agent.state_dir != self.config.agent.state_dir
+        {
+            error!(
+                "reload rejected: [dataplane] and agent.state_dir define what uplinkd owns; change them with `uplinkd cleanup` and a restart"
+            );
             return;
         }
-        let clients = std::mem::take(&mut self.model.clients).into_values().collect();
+        let clients = std::mem::take(&mut self.model.clients)
+            .into_values()
+            .collect();
         self.model = Model::new(&new);
         let reassigned = self.model.restore(clients);
         self.config = new;
@@ -277,11 +324,16 @@ impl Agent {
 
 /// `uplinkd cleanup`: removes exactly what uplinkd owns. The state file is kept.
 pub async fn cleanup(config: &Config) -> Result<Vec<String>, AgentError> {
-    let (conn, handle, _) = rtnetlink::new_connection_with_strict_check().map_err(discover::DiscoverError::Socket)?;
+    let (conn, handle, _) =
+        rtnetlink::new_connection_with_strict_check().map_err(discover::DiscoverError::Socket)?;
     tokio::spawn(conn);
     let mut dataplane = Dataplane::new(config, handle);
     dataplane.check().await?;
     let (table, stats, errors) = dataplane.remove_all().await;
-    info!(nft_table_removed = table, rules_and_routes_removed = stats.deleted, "cleanup done");
+    info!(
+        nft_table_removed = table,
+        rules_and_routes_removed = stats.deleted,
+        "cleanup done"
+    );
     Ok(errors.into_iter().map(|e| e.to_string()).collect())
 }

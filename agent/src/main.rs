@@ -1,3 +1,4 @@
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -31,7 +32,13 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt().with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"))).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
     let path = match &cli.command {
         Some(Command::CheckConfig { path: Some(p) }) => p.clone(),
         _ => cli.config.clone(),
@@ -43,7 +50,11 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start runtime: {e}");
@@ -52,7 +63,12 @@ fn main() -> ExitCode {
     };
     match cli.command.unwrap_or(Command::Run) {
         Command::CheckConfig { .. } => {
-            println!("{}: ok ({} uplinks, LAN {})", path.display(), config.uplinks.len(), config.lan.interfaces.join(", "));
+            println!(
+                "{}: ok ({} uplinks, LAN {})",
+                path.display(),
+                config.uplinks.len(),
+                config.lan.interfaces.join(", ")
+            );
             ExitCode::SUCCESS
         }
         Command::Run => match runtime.block_on(uplinkd::daemon::run(config, path)) {

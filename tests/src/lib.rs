@@ -1,0 +1,564 @@
+//! A namespace lab for uplink: a gateway, LAN clients, one ISP per uplink and an "internet"
+//! host that answers every UDP datagram with the source address it saw. Used by the lab
+//! command, the end-to-end tests and the benchmarks.
+//!
+//! Addresses are documentation, CGNAT and benchmark ranges only, inside the lab's own
+//! namespaces. Every namespace name carries a per-lab prefix; all of them are deleted when
+//! the `Lab` is dropped, also when a test fails.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+pub const ECHO_PORT: u16 = 9000;
+pub const SERVER4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+pub const SERVER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xffff, 0, 0, 0, 0, 0x10);
+pub const LAN_IF: &str = "br-lan";
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// One uplink of the lab.
+#[derive(Debug, Clone)]
+pub struct UplinkSpec {
+    pub name: String,
+    pub weight: u32,
+    /// Point-to-point: no gateway address, routed by device (like PPP).
+    pub p2p: bool,
+}
+
+impl UplinkSpec {
+    pub fn new(name: &str, weight: u32, p2p: bool) -> UplinkSpec {
+        UplinkSpec {
+            name: name.into(),
+            weight,
+            p2p,
+        }
+    }
+}
+
+pub struct Lab {
+    pub prefix: String,
+    pub dir: PathBuf,
+    pub uplinks: Vec<UplinkSpec>,
+    /// Client index → whether it has IPv6.
+    pub clients: BTreeMap<u32, bool>,
+    namespaces: Vec<String>,
+    agent: Option<Child>,
+}
+
+/// Runs a command, failing with its stderr.
+pub fn sh(args: &[&str]) -> Result<String> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .with_context(|| format!("cannot run {}", args[0]))?;
+    if !out.status.success() {
+        bail!(
+            "`{}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Feeds `ip -batch` to one namespace: one process for many commands.
+fn ip_batch(ns: &str, lines: &[String]) -> Result<()> {
+    let mut child = Command::new("ip")
+        .args(["-n", ns, "-batch", "-"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().expect("piped");
+        stdin.write_all(lines.join("\n").as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "ip -n {ns} -batch failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr).trim(),
+            lines.join("\n")
+        );
+    }
+    Ok(())
+}
+
+/// Runs `f` on a thread that has entered namespace `ns`. Sockets made there stay in it.
+pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+    let path = format!("/run/netns/{ns}");
+    let file = fs::File::open(&path).with_context(|| format!("open {path}"))?;
+    std::thread::spawn(move || -> Result<T> {
+        nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).context("setns")?;
+        Ok(f())
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("namespace thread panicked"))?
+}
+
+pub fn uplinkd_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("UPLINKD_BIN") {
+        return PathBuf::from(p);
+    }
+    // Test and bench binaries live in target/<profile>/deps or target/<profile>.
+    let exe = std::env::current_exe().expect("current exe");
+    let mut dir = exe.parent().expect("exe dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let bin = dir.join("uplinkd");
+    assert!(
+        bin.exists(),
+        "{} not found: run `cargo build --workspace` first (or set UPLINKD_BIN)",
+        bin.display()
+    );
+    bin
+}
+
+impl Lab {
+    /// Builds the topology: gateway with a LAN bridge, one ISP per uplink, the internet
+    /// host with its echo server, and `clients` client namespaces (the first `v6_clients`
+    /// also with IPv6).
+    pub fn build(
+        tag: &str,
+        uplinks: Vec<UplinkSpec>,
+        clients: u32,
+        v6_clients: u32,
+    ) -> Result<Lab> {
+        let prefix = format!(
+            "ul{}-{}-{}",
+            tag,
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        );
+        let dir = std::env::temp_dir().join(&prefix);
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir)?;
+        let mut lab = Lab {
+            prefix,
+            dir,
+            uplinks,
+            clients: BTreeMap::new(),
+            namespaces: Vec::new(),
+            agent: None,
+        };
+        lab.build_core()?;
+        for i in 1..=clients {
+            lab.add_client(i, i <= v6_clients)?;
+        }
+        Ok(lab)
+    }
+
+    pub fn ns(&self, role: &str) -> String {
+        format!("{}-{role}", self.prefix)
+    }
+
+    fn add_ns(&mut self, role: &str) -> Result<String> {
+        let ns = self.ns(role);
+        sh(&["ip", "netns", "add", &ns])?;
+        self.namespaces.push(ns.clone());
+        Ok(ns)
+    }
+
+    pub fn sysctl(&self, ns: &str, settings: &[&str]) -> Result<()> {
+        let mut args = vec!["ip", "netns", "exec", ns, "sysctl", "-qw"];
+        args.extend_from_slice(settings);
+        sh(&args).map(|_| ())
+    }
+
+    fn build_core(&mut self) -> Result<()> {
+        let gw = self.add_ns("gw")?;
+        let inet = self.add_ns("inet")?;
+        self.sysctl(
+            &gw,
+            &[
+                "net.ipv4.ip_forward=1",
+                "net.ipv6.conf.all.forwarding=1",
+                "net.ipv4.conf.all.rp_filter=0",
+                "net.ipv4.conf.default.rp_filter=0",
+            ],
+        )?;
+        self.sysctl(&inet, &["net.ipv6.conf.all.forwarding=0"])?;
+        ip_batch(
+            &gw,
+            &[
+                "link set lo up".into(),
+                format!("link add {LAN_IF} type bridge"),
+                format!("link set {LAN_IF} up"),
+                format!("addr add 198.19.0.1/24 dev {LAN_IF}"),
+                format!("addr add 2001:db8:1::1/64 dev {LAN_IF} nodad"),
+            ],
+        )?;
+        ip_batch(
+            &inet,
+            &[
+                "link set lo up".into(),
+                format!("addr add {SERVER4}/32 dev lo"),
+                format!("addr add {SERVER6}/128 dev lo"),
+            ],
+        )?;
+        for k in 1..=self.uplinks.len() {
+            let isp = self.add_ns(&format!("isp{k}"))?;
+            self.sysctl(
+                &isp,
+                &[
+                    "net.ipv4.ip_forward=1",
+                    "net.ipv6.conf.all.forwarding=1",
+                    "net.ipv4.conf.all.rp_filter=0",
+                    "net.ipv4.conf.default.rp_filter=0",
+                ],
+            )?;
+            let p2p = self.uplinks[k - 1].p2p;
+            ip_batch(
+                &isp,
+                &[
+                    "link set lo up".into(),
+                    format!("link add cpe type veth peer name wan{k} netns {gw}"),
+                    format!("link add net type veth peer name isp{k} netns {inet}"),
+                    "link set cpe up".into(),
+                    "link set net up".into(),
+                    if p2p {
+                        format!("addr add 100.64.{k}.1/32 peer 100.64.{k}.2 dev cpe")
+                    } else {
+                        format!("addr add 100.64.{k}.1/24 dev cpe")
+                    },
+                    format!("addr add 2001:db8:100:{k}::1/64 dev cpe nodad"),
+                    format!("addr add 198.18.{k}.1/24 dev net"),
+                    format!("addr add 2001:db8:200:{k}::1/64 dev net nodad"),
+                    format!("route add default via 198.18.{k}.2"),
+                    format!("route add default via 2001:db8:200:{k}::2"),
+                ],
+            )?;
+            if p2p {
+                // A point-to-point link sends everything to the peer; on a veth the ISP side
+                // stands in for that by answering ARP/ND for what it routes.
+                self.sysctl(
+                    &isp,
+                    &[
+                        "net.ipv4.conf.cpe.proxy_arp=1",
+                        "net.ipv6.conf.cpe.proxy_ndp=1",
+                    ],
+                )?;
+                ip_batch(&isp, &[format!("neigh add proxy {SERVER6} dev cpe")])?;
+            }
+            ip_batch(
+                &gw,
+                &[
+                    format!("link set wan{k} up"),
+                    if p2p {
+                        format!("addr add 100.64.{k}.2/32 peer 100.64.{k}.1 dev wan{k}")
+                    } else {
+                        format!("addr add 100.64.{k}.2/24 dev wan{k}")
+                    },
+                    format!("addr add 2001:db8:100:{k}::2/64 dev wan{k} nodad"),
+                ],
+            )?;
+            ip_batch(
+                &inet,
+                &[
+                    format!("link set isp{k} up"),
+                    format!("addr add 198.18.{k}.2/24 dev isp{k}"),
+                    format!("addr add 2001:db8:200:{k}::2/64 dev isp{k} nodad"),
+                    format!("route add 100.64.{k}.0/24 via 198.18.{k}.1"),
+                    format!("route add 2001:db8:100:{k}::/64 via 2001:db8:200:{k}::1"),
+                ],
+            )?;
+        }
+        self.start_echo(&inet)?;
+        Ok(())
+    }
+
+    /// Client namespace `c<i>`: 198.19.0.(10+i), and 2001:db8:1::(10+i) when `v6`.
+    pub fn add_client(&mut self, i: u32, v6: bool) -> Result<()> {
+        let ns = self.add_ns(&format!("c{i}"))?;
+        let gw = self.ns("gw");
+        let port = format!("lan{i}");
+        ip_batch(
+            &gw,
+            &[
+                format!("link add {port} type veth peer name eth0 netns {ns}"),
+                format!("link set {port} master {LAN_IF}"),
+                format!("link set {port} up"),
+            ],
+        )?;
+        let mut cmds = vec![
+            "link set lo up".into(),
+            format!("link set eth0 address 02:00:00:00:01:{i:02x}"),
+            "link set eth0 up".into(),
+            format!("addr add {}/24 dev eth0", client_v4(i)),
+            "route add default via 198.19.0.1".into(),
+        ];
+        if v6 {
+            cmds.push(format!("addr add {}/64 dev eth0 nodad", client_v6(i)));
+            cmds.push("route add default via 2001:db8:1::1".into());
+        }
+        ip_batch(&ns, &cmds)?;
+        self.clients.insert(i, v6);
+        Ok(())
+    }
+
+    /// Removes a client's namespace and its LAN port.
+    pub fn remove_client(&mut self, i: u32) -> Result<()> {
+        let ns = self.ns(&format!("c{i}"));
+        sh(&["ip", "netns", "del", &ns])?;
+        self.namespaces.retain(|n| n != &ns);
+        self.clients.remove(&i);
+        Ok(())
+    }
+
+    /// Echo servers bound to the server addresses, so replies leave from the address the
+    /// client talked to.
+    fn start_echo(&mut self, inet: &str) -> Result<()> {
+        for addr in [server(false), server(true)] {
+            let sock = in_netns(inet, move || UdpSocket::bind(addr))??;
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 2048];
+                while let Ok((n, from)) = sock.recv_from(&mut buf) {
+                    let mut reply = format!("{} ", from.ip()).into_bytes();
+                    reply.extend_from_slice(&buf[..n]);
+                    let _ = sock.send_to(&reply, from);
+                }
+            });
+        }
+        Ok(())
+    }
+
+    /// A UDP socket inside client `i`'s namespace, aimed at the internet host.
+    pub fn client_socket(&self, i: u32, v6: bool) -> Result<UdpSocket> {
+        let ns = self.ns(&format!("c{i}"));
+        let s = in_netns(&ns, move || {
+            UdpSocket::bind(if v6 { "[::]:0" } else { "0.0.0.0:0" })
+        })??;
+        s.connect(server(v6))?;
+        s.set_read_timeout(Some(Duration::from_millis(300)))?;
+        Ok(s)
+    }
+
+    /// Sends one datagram from a fresh socket (a new connection) and returns the source
+    /// address the internet host saw, retrying up to `tries` times.
+    pub fn probe(&self, i: u32, v6: bool, tries: u32) -> Result<IpAddr> {
+        let s = self.client_socket(i, v6)?;
+        let mut buf = [0u8; 2048];
+        for n in 0..tries {
+            s.send(format!("probe {n}").as_bytes())?;
+            if let Ok(len) = s.recv(&mut buf) {
+                let text = String::from_utf8_lossy(&buf[..len]);
+                let seen = text.split(' ').next().unwrap_or_default();
+                return seen.parse().with_context(|| format!("bad echo {text:?}"));
+            }
+        }
+        bail!(
+            "client c{i} ({}) got no answer after {tries} tries",
+            if v6 { "IPv6" } else { "IPv4" }
+        )
+    }
+
+    /// The uplink whose NAT address the internet host saw.
+    pub fn uplink_of_source(&self, seen: IpAddr) -> Option<String> {
+        (1..=self.uplinks.len())
+            .find(|k| seen == uplink_source(*k, false) || seen == uplink_source(*k, true))
+            .map(|k| self.uplinks[k - 1].name.clone())
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join("uplinkd.toml")
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+
+    /// Writes the agent config for this lab; `extra` is appended verbatim, `resync` sets
+    /// agent.resync_interval and `idle` lan.client_idle_timeout.
+    pub fn write_config(&self, resync: &str, idle: &str, extra: &str) -> Result<()> {
+        let mut c = format!(
+            "[agent]\nname = \"{}\"\nstate_dir = \"{}\"\nresync_interval = \"{resync}\"\n\n[lan]\ninterfaces = [\"{LAN_IF}\"]\nclient_idle_timeout = \"{idle}\"\n",
+            self.prefix,
+            self.state_dir().display()
+        );
+        for (k, u) in self.uplinks.iter().enumerate() {
+            let k = k + 1;
+            c += &format!(
+                "\n[[uplink]]\nname = \"{}\"\ninterface = \"wan{k}\"\nweight = {}\n",
+                u.name, u.weight
+            );
+            if !u.p2p {
+                c += &format!("gateway = \"100.64.{k}.1\"\ngateway6 = \"2001:db8:100:{k}::1\"\n");
+            }
+        }
+        c += extra;
+        fs::write(self.config_path(), c)?;
+        Ok(())
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("uplinkd.log")
+    }
+
+    /// Starts uplinkd in the gateway namespace and waits for its first apply.
+    pub fn start_agent(&mut self) -> Result<()> {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())?;
+        let before = fs::read_to_string(self.log_path())
+            .unwrap_or_default()
+            .matches("initial apply done")
+            .count();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.ns("gw")])
+            .arg(uplinkd_bin())
+            .arg("--config")
+            .arg(self.config_path())
+            .env(
+                "RUST_LOG",
+                std::env::var("UPLINKD_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        self.agent = Some(child);
+        self.wait_for(Duration::from_secs(20), "uplinkd's first apply", || {
+            Ok(fs::read_to_string(self.log_path())?
+                .matches("initial apply done")
+                .count()
+                > before)
+        })
+    }
+
+    /// Stops the agent with `signal` ("KILL", "TERM") and reaps it.
+    pub fn stop_agent(&mut self, signal: &str) -> Result<()> {
+        if let Some(mut child) = self.agent.take() {
+            // `ip netns exec` execs the agent, so the child pid is the agent's.
+            sh(&["kill", &format!("-{signal}"), &child.id().to_string()])?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.as_ref().map(|c| c.id())
+    }
+
+    /// Polls `cond` until it holds or `timeout` passes.
+    pub fn wait_for(
+        &self,
+        timeout: Duration,
+        what: &str,
+        mut cond: impl FnMut() -> Result<bool>,
+    ) -> Result<()> {
+        let start = Instant::now();
+        loop {
+            if cond().unwrap_or(false) {
+                return Ok(());
+            }
+            if start.elapsed() > timeout {
+                bail!(
+                    "timed out after {timeout:?} waiting for {what}\n--- uplinkd log ---\n{}",
+                    self.log_tail(40)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = fs::read_to_string(self.log_path()).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// Assignments as persisted by the agent: client address → home uplink.
+    pub fn assignments(&self) -> Result<BTreeMap<IpAddr, String>> {
+        read_assignments(&self.state_dir())
+    }
+
+    /// Runs a command inside the gateway namespace.
+    pub fn gw(&self, args: &[&str]) -> Result<String> {
+        let gw = self.ns("gw");
+        let mut full = vec!["ip", "netns", "exec", gw.as_str()];
+        full.extend_from_slice(args);
+        sh(&full)
+    }
+
+    /// Elements of one of uplinkd's client maps in the kernel: address → chain.
+    pub fn kernel_map(&self, map: &str) -> Result<BTreeMap<IpAddr, String>> {
+        let out = self.gw(&["nft", "-j", "list", "map", "inet", "uplinkd", map])?;
+        let v: serde_json::Value = serde_json::from_str(&out)?;
+        let mut m = BTreeMap::new();
+        for item in v["nftables"].as_array().into_iter().flatten() {
+            for e in item["map"]["elem"].as_array().into_iter().flatten() {
+                if let (Some(ip), Some(t)) = (e[0].as_str(), e[1]["goto"]["target"].as_str()) {
+                    m.insert(ip.parse()?, t.to_string());
+                }
+            }
+        }
+        Ok(m)
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = self.stop_agent("KILL");
+        if std::thread::panicking() {
+            eprintln!(
+                "--- uplinkd log ({}) ---\n{}",
+                self.log_path().display(),
+                self.log_tail(60)
+            );
+        }
+        // Clients first: deleting a namespace destroys its veth pairs.
+        for ns in self.namespaces.iter().rev() {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+        if std::env::var_os("UPLINK_KEEP_LOGS").is_none() {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+pub fn read_assignments(state_dir: &Path) -> Result<BTreeMap<IpAddr, String>> {
+    let text = fs::read_to_string(state_dir.join("state.json"))?;
+    let v: serde_json::Value = serde_json::from_str(&text)?;
+    let mut out = BTreeMap::new();
+    for c in v["clients"].as_array().into_iter().flatten() {
+        let home = c["home"].as_str().unwrap_or_default().to_string();
+        for a in c["addresses"].as_array().into_iter().flatten() {
+            out.insert(a["ip"].as_str().unwrap_or_default().parse()?, home.clone());
+        }
+    }
+    Ok(out)
+}
+
+pub fn client_v4(i: u32) -> Ipv4Addr {
+    Ipv4Addr::new(198, 19, 0, 10 + i as u8)
+}
+
+pub fn client_v6(i: u32) -> Ipv6Addr {
+    Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 0x10 + i as u16)
+}
+
+/// The address the internet host sees for traffic masqueraded through uplink `k` (1-based).
+pub fn uplink_source(k: usize, v6: bool) -> IpAddr {
+    if v6 {
+        IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0x100, k as u16, 0, 0, 0, 2))
+    } else {
+        IpAddr::V4(Ipv4Addr::new(100, 64, k as u8, 2))
+    }
+}
+
+pub fn server(v6: bool) -> SocketAddr {
+    if v6 {
+        SocketAddr::new(IpAddr::V6(SERVER6), ECHO_PORT)
+    } else {
+        SocketAddr::new(IpAddr::V4(SERVER4), ECHO_PORT)
+    }
+}

@@ -14,19 +14,30 @@ use nft::{KernelNft, NftDriver, NftStats};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
-    #[error("cannot run {path:?} (dataplane.nft): {source}; install the nftables package or set dataplane.nft to the nft binary")]
-    NftMissing { path: PathBuf, source: std::io::Error },
+    #[error(
+        "cannot run {path:?} (dataplane.nft): {source}; install the nftables package or set dataplane.nft to the nft binary"
+    )]
+    NftMissing {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("`{command}` failed: {stderr}")]
     Nft { command: String, stderr: String },
     #[error("unexpected `nft -j` output: {0}")]
     NftOutput(String),
     #[error("netlink: {context}: {source}")]
-    Netlink { context: String, source: rtnetlink::Error },
+    Netlink {
+        context: String,
+        source: rtnetlink::Error,
+    },
 }
 
 impl DataplaneError {
     pub fn netlink(context: &str, source: rtnetlink::Error) -> DataplaneError {
-        DataplaneError::Netlink { context: context.to_string(), source }
+        DataplaneError::Netlink {
+            context: context.to_string(),
+            source,
+        }
     }
 }
 
@@ -40,7 +51,9 @@ pub struct ApplyReport {
 
 impl ApplyReport {
     pub fn changed(&self) -> bool {
-        !self.nft.is_empty() || self.rules != NetlinkStats::default() || self.routes != NetlinkStats::default()
+        !self.nft.is_empty()
+            || self.rules != NetlinkStats::default()
+            || self.routes != NetlinkStats::default()
     }
 }
 
@@ -59,7 +72,12 @@ impl Dataplane {
         let dp = &config.dataplane;
         Dataplane {
             nft: NftDriver::new(&dp.nft, &dp.nft_table),
-            netlink: NetlinkDriver::new(handle, dp.route_protocol, dp.owned_priorities(), dp.owned_tables()),
+            netlink: NetlinkDriver::new(
+                handle,
+                dp.route_protocol,
+                dp.owned_priorities(),
+                dp.owned_tables(),
+            ),
             nft_cache: None,
             applied: None,
             table_known_absent: false,
@@ -96,12 +114,17 @@ impl Dataplane {
                 Err(e) => report.errors.push(e),
             }
         }
-        let same = self.applied.as_ref().is_some_and(|(r, t)| *r == desired.rules && *t == desired.routes);
+        let same = self
+            .applied
+            .as_ref()
+            .is_some_and(|(r, t)| *r == desired.rules && *t == desired.routes);
         if full || !same {
             let (rules, mut errors) = self.netlink.apply_rules(&desired.rules).await;
             let (routes, e2) = self.netlink.apply_routes(&desired.routes).await;
             errors.extend(e2);
-            self.applied = errors.is_empty().then(|| (desired.rules.clone(), desired.routes.clone()));
+            self.applied = errors
+                .is_empty()
+                .then(|| (desired.rules.clone(), desired.routes.clone()));
             report.rules = rules;
             report.routes = routes;
             report.errors.extend(errors);

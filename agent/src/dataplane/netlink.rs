@@ -8,7 +8,9 @@ use std::ops::RangeInclusive;
 
 use futures::TryStreamExt;
 use netlink_packet_route::AddressFamily;
-use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType};
+use netlink_packet_route::route::{
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
+};
 use netlink_packet_route::rule::{RuleAction as NlRuleAction, RuleAttribute, RuleMessage};
 use rtnetlink::{Handle, IpVersion, RouteMessageBuilder};
 
@@ -38,18 +40,33 @@ pub struct NetlinkStats {
 }
 
 impl NetlinkDriver {
-    pub fn new(handle: Handle, protocol: u8, priorities: RangeInclusive<u32>, tables: RangeInclusive<u32>) -> NetlinkDriver {
-        NetlinkDriver { handle, protocol, priorities, tables }
+    pub fn new(
+        handle: Handle,
+        protocol: u8,
+        priorities: RangeInclusive<u32>,
+        tables: RangeInclusive<u32>,
+    ) -> NetlinkDriver {
+        NetlinkDriver {
+            handle,
+            protocol,
+            priorities,
+            tables,
+        }
     }
 
     pub async fn read_rules(&self) -> Result<Vec<Owned<RuleSpec, RuleMessage>>, DataplaneError> {
         let mut out = Vec::new();
         for (family, version) in [(Family::V4, IpVersion::V4), (Family::V6, IpVersion::V6)] {
             let mut stream = self.handle.rule().get(version).execute();
-            while let Some(msg) = stream.try_next().await.map_err(|e| DataplaneError::netlink("dump ip rules", e))? {
+            while let Some(msg) = stream
+                .try_next()
+                .await
+                .map_err(|e| DataplaneError::netlink("dump ip rules", e))?
+            {
                 let mut priority = 0;
                 let mut proto = None;
-                let (mut mark, mut mask, mut table, mut suppress) = (None, None, msg.header.table as u32, None);
+                let (mut mark, mut mask, mut table, mut suppress) =
+                    (None, None, msg.header.table as u32, None);
                 for a in &msg.attributes {
                     match a {
                         RuleAttribute::Priority(p) => priority = *p,
@@ -64,13 +81,25 @@ impl NetlinkDriver {
                 if !self.priorities.contains(&priority) || proto != Some(self.protocol) {
                     continue;
                 }
-                let plain = msg.header.src_len == 0 && msg.header.dst_len == 0 && msg.header.action == NlRuleAction::ToTable;
+                let plain = msg.header.src_len == 0
+                    && msg.header.dst_len == 0
+                    && msg.header.action == NlRuleAction::ToTable;
                 let action = match (mark, suppress) {
-                    (None, Some(0)) if table == RouteHeader::RT_TABLE_MAIN as u32 => Some(RuleAction::MainSpecific),
-                    (Some(mark), None) => Some(RuleAction::FwMark { mark, mask: mask.unwrap_or(u32::MAX), table }),
+                    (None, Some(0)) if table == RouteHeader::RT_TABLE_MAIN as u32 => {
+                        Some(RuleAction::MainSpecific)
+                    }
+                    (Some(mark), None) => Some(RuleAction::FwMark {
+                        mark,
+                        mask: mask.unwrap_or(u32::MAX),
+                        table,
+                    }),
                     _ => None,
                 };
-                let spec = action.filter(|_| plain).map(|action| RuleSpec { family, priority, action });
+                let spec = action.filter(|_| plain).map(|action| RuleSpec {
+                    family,
+                    priority,
+                    action,
+                });
                 out.push(Owned { spec, message: msg });
             }
         }
@@ -79,14 +108,21 @@ impl NetlinkDriver {
 
     pub async fn read_routes(&self) -> Result<Vec<Owned<RouteSpec, RouteMessage>>, DataplaneError> {
         let mut out = Vec::new();
-        for (family, af) in [(Family::V4, AddressFamily::Inet), (Family::V6, AddressFamily::Inet6)] {
+        for (family, af) in [
+            (Family::V4, AddressFamily::Inet),
+            (Family::V6, AddressFamily::Inet6),
+        ] {
             // The kernel filters dumps by protocol (strict checking is on for this socket).
             let mut req = RouteMessage::default();
             req.header.address_family = af;
             req.header.protocol = RouteProtocol::from(self.protocol);
             req.header.table = RouteHeader::RT_TABLE_UNSPEC;
             let mut stream = self.handle.route().get(req).execute();
-            while let Some(msg) = stream.try_next().await.map_err(|e| DataplaneError::netlink("dump routes", e))? {
+            while let Some(msg) = stream
+                .try_next()
+                .await
+                .map_err(|e| DataplaneError::netlink("dump routes", e))?
+            {
                 if u8::from(msg.header.protocol) != self.protocol {
                     continue;
                 }
@@ -95,8 +131,12 @@ impl NetlinkDriver {
                 for a in &msg.attributes {
                     match a {
                         RouteAttribute::Table(t) => table = *t,
-                        RouteAttribute::Gateway(RouteAddress::Inet(g)) => gateway = Some(IpAddr::V4(*g)),
-                        RouteAttribute::Gateway(RouteAddress::Inet6(g)) => gateway = Some(IpAddr::V6(*g)),
+                        RouteAttribute::Gateway(RouteAddress::Inet(g)) => {
+                            gateway = Some(IpAddr::V4(*g))
+                        }
+                        RouteAttribute::Gateway(RouteAddress::Inet6(g)) => {
+                            gateway = Some(IpAddr::V6(*g))
+                        }
                         RouteAttribute::Oif(i) => oif = Some(*i),
                         _ => {}
                     }
@@ -104,7 +144,17 @@ impl NetlinkDriver {
                 if !self.tables.contains(&table) {
                     continue;
                 }
-                let spec = oif.filter(|_| msg.header.destination_prefix_length == 0 && msg.header.kind == RouteType::Unicast).map(|oif| RouteSpec { table, family, gateway, oif });
+                let spec = oif
+                    .filter(|_| {
+                        msg.header.destination_prefix_length == 0
+                            && msg.header.kind == RouteType::Unicast
+                    })
+                    .map(|oif| RouteSpec {
+                        table,
+                        family,
+                        gateway,
+                        oif,
+                    });
                 out.push(Owned { spec, message: msg });
             }
         }
@@ -113,7 +163,10 @@ impl NetlinkDriver {
 
     /// Adds missing rules and deletes ours that are not desired. Keeps going past failures
     /// and returns them all, so one bad object does not block the rest.
-    pub async fn apply_rules(&self, desired: &BTreeSet<RuleSpec>) -> (NetlinkStats, Vec<DataplaneError>) {
+    pub async fn apply_rules(
+        &self,
+        desired: &BTreeSet<RuleSpec>,
+    ) -> (NetlinkStats, Vec<DataplaneError>) {
         let mut stats = NetlinkStats::default();
         let mut errors = Vec::new();
         let have = match self.read_rules().await {
@@ -140,13 +193,19 @@ impl NetlinkDriver {
     }
 
     async fn add_rule(&self, spec: &RuleSpec) -> Result<(), rtnetlink::Error> {
-        let req = self.handle.rule().add().priority(spec.priority).action(NlRuleAction::ToTable);
+        let req = self
+            .handle
+            .rule()
+            .add()
+            .priority(spec.priority)
+            .action(NlRuleAction::ToTable);
         let mut req = match spec.action {
             RuleAction::MainSpecific => req.table_id(RouteHeader::RT_TABLE_MAIN as u32),
             RuleAction::FwMark { mark, table, .. } => req.table_id(table).fw_mark(mark),
         };
         let msg = req.message_mut();
-        msg.attributes.push(RuleAttribute::Protocol(RouteProtocol::from(self.protocol)));
+        msg.attributes
+            .push(RuleAttribute::Protocol(RouteProtocol::from(self.protocol)));
         match spec.action {
             RuleAction::MainSpecific => msg.attributes.push(RuleAttribute::SuppressPrefixLen(0)),
             RuleAction::FwMark { mask, .. } => msg.attributes.push(RuleAttribute::FwMask(mask)),
@@ -157,7 +216,10 @@ impl NetlinkDriver {
         }
     }
 
-    pub async fn apply_routes(&self, desired: &BTreeSet<RouteSpec>) -> (NetlinkStats, Vec<DataplaneError>) {
+    pub async fn apply_routes(
+        &self,
+        desired: &BTreeSet<RouteSpec>,
+    ) -> (NetlinkStats, Vec<DataplaneError>) {
         let mut stats = NetlinkStats::default();
         let mut errors = Vec::new();
         let have = match self.read_routes().await {
@@ -177,9 +239,22 @@ impl NetlinkDriver {
             }
         }
         for spec in desired.difference(&present) {
-            match self.handle.route().add(self.route_message(spec)).replace().execute().await {
+            match self
+                .handle
+                .route()
+                .add(self.route_message(spec))
+                .replace()
+                .execute()
+                .await
+            {
                 Ok(()) => stats.added += 1,
-                Err(e) => errors.push(DataplaneError::netlink(&format!("add default route to table {} via ifindex {}", spec.table, spec.oif), e)),
+                Err(e) => errors.push(DataplaneError::netlink(
+                    &format!(
+                        "add default route to table {} via ifindex {}",
+                        spec.table, spec.oif
+                    ),
+                    e,
+                )),
             }
         }
         (stats, errors)
@@ -189,7 +264,10 @@ impl NetlinkDriver {
         let proto = RouteProtocol::from(self.protocol);
         match (spec.family, spec.gateway) {
             (Family::V4, gw) => {
-                let b = RouteMessageBuilder::<Ipv4Addr>::new().table_id(spec.table).protocol(proto).output_interface(spec.oif);
+                let b = RouteMessageBuilder::<Ipv4Addr>::new()
+                    .table_id(spec.table)
+                    .protocol(proto)
+                    .output_interface(spec.oif);
                 match gw {
                     // onlink: the gateway need not be inside a subnet on the link yet (the
                     // address may come later), so the route does not wait for it.
@@ -198,7 +276,10 @@ impl NetlinkDriver {
                 }
             }
             (Family::V6, gw) => {
-                let b = RouteMessageBuilder::<Ipv6Addr>::new().table_id(spec.table).protocol(proto).output_interface(spec.oif);
+                let b = RouteMessageBuilder::<Ipv6Addr>::new()
+                    .table_id(spec.table)
+                    .protocol(proto)
+                    .output_interface(spec.oif);
                 match gw {
                     Some(IpAddr::V6(g)) => b.gateway(g).build(),
                     _ => b.build(),
@@ -212,7 +293,13 @@ impl NetlinkDriver {
         let (r, mut errors) = self.apply_rules(&BTreeSet::new()).await;
         let (t, e2) = self.apply_routes(&BTreeSet::new()).await;
         errors.extend(e2);
-        (NetlinkStats { added: 0, deleted: r.deleted + t.deleted }, errors)
+        (
+            NetlinkStats {
+                added: 0,
+                deleted: r.deleted + t.deleted,
+            },
+            errors,
+        )
     }
 }
 

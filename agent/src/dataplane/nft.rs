@@ -14,14 +14,19 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
 
-use nftables::expr::{BinaryOperation, Expression, JHash, Meta, MetaKey, NamedExpression, Payload, PayloadField, SetItem, Verdict, CT};
+use nftables::expr::{
+    BinaryOperation, CT, Expression, JHash, Meta, MetaKey, NamedExpression, Payload, PayloadField,
+    SetItem, Verdict,
+};
 use nftables::schema::{Chain, Element, NfCmd, NfListObject, NfObject, Rule, Table};
 use nftables::stmt::{JumpTarget, Mangle, Match, Operator, Statement, VerdictMap};
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
 use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
 
-use crate::plan::{ElemKey, MAP_CLIENT4, MAP_CLIENT6, MAP_STICKY, NftDesired, NftStructure, home_chain, up_chain};
+use crate::plan::{
+    ElemKey, MAP_CLIENT4, MAP_CLIENT6, MAP_STICKY, NftDesired, NftStructure, home_chain, up_chain,
+};
 
 use super::DataplaneError;
 
@@ -43,7 +48,13 @@ pub struct KernelNft {
 /// types, and each chain's rules in order (by comment).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Signature {
-    chains: BTreeSet<(String, Option<String>, Option<String>, Option<i64>, Option<String>)>,
+    chains: BTreeSet<(
+        String,
+        Option<String>,
+        Option<String>,
+        Option<i64>,
+        Option<String>,
+    )>,
     maps: BTreeSet<(String, String, String)>,
     rules: Vec<(String, Option<String>)>,
 }
@@ -69,7 +80,10 @@ pub struct NftDriver {
 
 impl NftDriver {
     pub fn new(nft: &Path, table: &str) -> NftDriver {
-        NftDriver { nft: nft.to_owned(), table: table.to_owned() }
+        NftDriver {
+            nft: nft.to_owned(),
+            table: table.to_owned(),
+        }
     }
 
     /// Fails with a clear error when the `nft` binary is missing or unusable.
@@ -79,9 +93,16 @@ impl NftDriver {
 
     /// Reads the table back; `None` when it does not exist.
     pub async fn read(&self) -> Result<Option<KernelNft>, DataplaneError> {
-        match self.run(&["-j", "list", "table", "inet", &self.table], None).await {
+        match self
+            .run(&["-j", "list", "table", "inet", &self.table], None)
+            .await
+        {
             Ok(out) => parse_listing(&out).map(Some),
-            Err(DataplaneError::Nft { stderr, .. }) if stderr.contains("No such file or directory") => Ok(None),
+            Err(DataplaneError::Nft { stderr, .. })
+                if stderr.contains("No such file or directory") =>
+            {
+                Ok(None)
+            }
             Err(e) => Err(e),
         }
     }
@@ -91,13 +112,18 @@ impl NftDriver {
         if self.read().await?.is_none() {
             return Ok(false);
         }
-        self.run(&["delete", "table", "inet", &self.table], None).await?;
+        self.run(&["delete", "table", "inet", &self.table], None)
+            .await?;
         Ok(true)
     }
 
     /// Brings the kernel to `desired`, given what the kernel has (`None`: no table), and
     /// updates `kernel` to match. On error `kernel` is cleared, forcing a read-back.
-    pub async fn apply(&self, desired: &NftDesired, kernel: &mut Option<KernelNft>) -> Result<NftStats, DataplaneError> {
+    pub async fn apply(
+        &self,
+        desired: &NftDesired,
+        kernel: &mut Option<KernelNft>,
+    ) -> Result<NftStats, DataplaneError> {
         let structure = render_structure(&desired.structure);
         let want_sig = signature_of(&structure);
         let mut batch: Vec<String> = Vec::new();
@@ -114,16 +140,27 @@ impl NftDriver {
             _ => {
                 stats.replaced_table = true;
                 stats.added = desired.elements.len();
-                let table = || NfListObject::Table(Table { family: NfFamily::INet, name: Cow::Borrowed(&self.table), handle: None });
+                let table = || {
+                    NfListObject::Table(Table {
+                        family: NfFamily::INet,
+                        name: Cow::Borrowed(&self.table),
+                        handle: None,
+                    })
+                };
                 // add-then-delete makes the delete valid whether or not the table exists.
                 batch.push(command(NfCmd::Add(table())));
                 batch.push(command(NfCmd::Delete(table())));
                 let mut objs = structure.into_iter();
                 batch.extend(objs.next().map(|t| command(NfCmd::Add(t))));
                 // Maps right after the table: the rules and elements that follow use them.
-                batch.extend(verdict_maps(&self.table).into_iter().map(|m| serde_json::json!({ "add": m }).to_string()));
+                batch.extend(
+                    verdict_maps(&self.table)
+                        .into_iter()
+                        .map(|m| serde_json::json!({ "add": m }).to_string()),
+                );
                 batch.extend(objs.map(|o| command(NfCmd::Add(o))));
-                let all: Vec<(ElemKey, &str)> = desired.elements.iter().map(|(k, v)| (*k, &**v)).collect();
+                let all: Vec<(ElemKey, &str)> =
+                    desired.elements.iter().map(|(k, v)| (*k, &**v)).collect();
                 push_elements(&mut batch, &self.table, &all, true);
             }
         }
@@ -132,14 +169,20 @@ impl NftDriver {
         }
         let payload = format!("{{\"nftables\":[{}]}}", batch.join(","));
         drop(batch);
-        if let Err(e) = self.run(&["-j", "-f", "-"], Some(payload.into_bytes())).await {
+        if let Err(e) = self
+            .run(&["-j", "-f", "-"], Some(payload.into_bytes()))
+            .await
+        {
             *kernel = None;
             return Err(e);
         }
         match kernel {
             Some(k) if !stats.replaced_table => {
                 let (adds, dels) = diff_elements(&desired.elements, &k.elements);
-                let (adds, dels): (Vec<_>, Vec<_>) = (adds.into_iter().map(|(key, _)| key).collect(), dels.into_iter().map(|(key, _)| key).collect());
+                let (adds, dels): (Vec<_>, Vec<_>) = (
+                    adds.into_iter().map(|(key, _)| key).collect(),
+                    dels.into_iter().map(|(key, _)| key).collect(),
+                );
                 for key in dels {
                     k.elements.remove(&key);
                 }
@@ -147,21 +190,47 @@ impl NftDriver {
                     k.elements.insert(key, desired.elements[&key].clone());
                 }
             }
-            _ => *kernel = Some(KernelNft { signature: want_sig, elements: desired.elements.clone() }),
+            _ => {
+                *kernel = Some(KernelNft {
+                    signature: want_sig,
+                    elements: desired.elements.clone(),
+                })
+            }
         }
         Ok(stats)
     }
 
     async fn run(&self, args: &[&str], stdin: Option<Vec<u8>>) -> Result<String, DataplaneError> {
         let mut cmd = tokio::process::Command::new(&self.nft);
-        cmd.args(args).stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() }).stdout(Stdio::piped()).stderr(Stdio::piped());
-        let mut child = cmd.spawn().map_err(|e| DataplaneError::NftMissing { path: self.nft.clone(), source: e })?;
+        cmd.args(args)
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().map_err(|e| DataplaneError::NftMissing {
+            path: self.nft.clone(),
+            source: e,
+        })?;
         if let Some(input) = stdin {
             let mut pipe = child.stdin.take().expect("stdin is piped");
-            pipe.write_all(&input).await.map_err(|e| DataplaneError::NftMissing { path: self.nft.clone(), source: e })?;
+            pipe.write_all(&input)
+                .await
+                .map_err(|e| DataplaneError::NftMissing {
+                    path: self.nft.clone(),
+                    source: e,
+                })?;
             drop(pipe);
         }
-        let out = child.wait_with_output().await.map_err(|e| DataplaneError::NftMissing { path: self.nft.clone(), source: e })?;
+        let out = child
+            .wait_with_output()
+            .await
+            .map_err(|e| DataplaneError::NftMissing {
+                path: self.nft.clone(),
+                source: e,
+            })?;
         if !out.status.success() {
             return Err(DataplaneError::Nft {
                 command: format!("{} {}", self.nft.display(), args.join(" ")),
@@ -173,7 +242,10 @@ impl NftDriver {
 }
 
 /// Adds and deletes that turn `have` into `want`, in key order.
-pub fn diff_elements<'a>(want: &'a BTreeMap<ElemKey, Arc<str>>, have: &'a BTreeMap<ElemKey, Arc<str>>) -> (Vec<(ElemKey, &'a str)>, Vec<(ElemKey, &'a str)>) {
+pub fn diff_elements<'a>(
+    want: &'a BTreeMap<ElemKey, Arc<str>>,
+    have: &'a BTreeMap<ElemKey, Arc<str>>,
+) -> (Vec<(ElemKey, &'a str)>, Vec<(ElemKey, &'a str)>) {
     let mut adds = Vec::new();
     let mut dels = Vec::new();
     for (k, v) in want {
@@ -209,14 +281,28 @@ fn push_elements(batch: &mut Vec<String>, table: &str, elems: &[(ElemKey, &str)]
                     ElemKey::V6(a) => Expression::String(Cow::Owned(a.to_string())),
                     ElemKey::Mark(m) => Expression::Number(*m),
                 };
-                Expression::List(vec![key, Expression::Verdict(Verdict::Goto(JumpTarget { target: Cow::Borrowed(target) }))])
+                Expression::List(vec![
+                    key,
+                    Expression::Verdict(Verdict::Goto(JumpTarget {
+                        target: Cow::Borrowed(target),
+                    })),
+                ])
             })
             .collect();
         if items.is_empty() {
             continue;
         }
-        let el = NfListObject::Element(Element { family: NfFamily::INet, table: Cow::Borrowed(table), name: Cow::Borrowed(map), elem: Cow::Owned(items) });
-        batch.push(command(if add { NfCmd::Add(el) } else { NfCmd::Delete(el) }));
+        let el = NfListObject::Element(Element {
+            family: NfFamily::INet,
+            table: Cow::Borrowed(table),
+            name: Cow::Borrowed(map),
+            elem: Cow::Owned(items),
+        });
+        batch.push(command(if add {
+            NfCmd::Add(el)
+        } else {
+            NfCmd::Delete(el)
+        }));
     }
 }
 
@@ -224,8 +310,17 @@ fn push_elements(batch: &mut Vec<String>, table: &str, elems: &[(ElemKey, &str)]
 fn render_structure(s: &NftStructure) -> Vec<NfListObject<'static>> {
     let t = || Cow::Owned(s.table.clone());
     let mut objs = Vec::new();
-    objs.push(NfListObject::Table(Table { family: NfFamily::INet, name: t(), handle: None }));
-    let chain = |name: &str| Chain { family: NfFamily::INet, table: t(), name: Cow::Owned(name.to_string()), ..Chain::default() };
+    objs.push(NfListObject::Table(Table {
+        family: NfFamily::INet,
+        name: t(),
+        handle: None,
+    }));
+    let chain = |name: &str| Chain {
+        family: NfFamily::INet,
+        table: t(),
+        name: Cow::Owned(name.to_string()),
+        ..Chain::default()
+    };
     // Regular chains first: base chains and maps refer to them.
     for u in &s.uplinks {
         objs.push(NfListObject::Chain(chain(&up_chain(&u.name))));
@@ -247,45 +342,112 @@ fn render_structure(s: &NftStructure) -> Vec<NfListObject<'static>> {
     }));
 
     let rule = |chain: &str, expr: Vec<Statement<'static>>| {
-        let comment = format!("{COMMENT_PREFIX}{:016x}", fnv1a(serde_json::to_string(&expr).expect("rule serializes").as_bytes()));
-        NfListObject::Rule(Rule { family: NfFamily::INet, table: t(), chain: Cow::Owned(chain.to_string()), expr: Cow::Owned(expr), comment: Some(Cow::Owned(comment)), ..Rule::default() })
+        let comment = format!(
+            "{COMMENT_PREFIX}{:016x}",
+            fnv1a(
+                serde_json::to_string(&expr)
+                    .expect("rule serializes")
+                    .as_bytes()
+            )
+        );
+        NfListObject::Rule(Rule {
+            family: NfFamily::INet,
+            table: t(),
+            chain: Cow::Owned(chain.to_string()),
+            expr: Cow::Owned(expr),
+            comment: Some(Cow::Owned(comment)),
+            ..Rule::default()
+        })
     };
     let meta = |key| Expression::Named(NamedExpression::Meta(Meta { key }));
-    let ct_mark = || Expression::Named(NamedExpression::CT(CT { key: Cow::Borrowed("mark"), ..CT::default() }));
-    let payload = |protocol: &'static str| Expression::Named(NamedExpression::Payload(Payload::PayloadField(PayloadField { protocol: Cow::Borrowed(protocol), field: Cow::Borrowed("saddr") })));
-    let set_bits = |current: Expression<'static>, value: u32| {
-        Expression::BinaryOperation(Box::new(BinaryOperation::OR(vec![Expression::BinaryOperation(Box::new(BinaryOperation::AND(current, Expression::Number(!s.mask)))), Expression::Number(value)])))
+    let ct_mark = || {
+        Expression::Named(NamedExpression::CT(CT {
+            key: Cow::Borrowed("mark"),
+            ..CT::default()
+        }))
     };
-    let goto = |target: String| Verdict::Goto(JumpTarget { target: Cow::Owned(target) });
+    let payload = |protocol: &'static str| {
+        Expression::Named(NamedExpression::Payload(Payload::PayloadField(
+            PayloadField {
+                protocol: Cow::Borrowed(protocol),
+                field: Cow::Borrowed("saddr"),
+            },
+        )))
+    };
+    let set_bits = |current: Expression<'static>, value: u32| {
+        Expression::BinaryOperation(Box::new(BinaryOperation::OR(vec![
+            Expression::BinaryOperation(Box::new(BinaryOperation::AND(
+                current,
+                Expression::Number(!s.mask),
+            ))),
+            Expression::Number(value),
+        ])))
+    };
+    let goto = |target: String| {
+        Verdict::Goto(JumpTarget {
+            target: Cow::Owned(target),
+        })
+    };
 
     for u in &s.uplinks {
         // Only the owned mark bits change; foreign bits pass through.
         objs.push(rule(
             &up_chain(&u.name),
             vec![
-                Statement::Mangle(Mangle { key: meta(MetaKey::Mark), value: set_bits(meta(MetaKey::Mark), u.fwmark) }),
-                Statement::Mangle(Mangle { key: ct_mark(), value: set_bits(ct_mark(), u.fwmark) }),
+                Statement::Mangle(Mangle {
+                    key: meta(MetaKey::Mark),
+                    value: set_bits(meta(MetaKey::Mark), u.fwmark),
+                }),
+                Statement::Mangle(Mangle {
+                    key: ct_mark(),
+                    value: set_bits(ct_mark(), u.fwmark),
+                }),
             ],
         ));
         // The indirection failover rewrites: one rule, whatever the number of clients.
-        objs.push(rule(&home_chain(&u.name), vec![Statement::Goto(JumpTarget { target: Cow::Owned(up_chain(&u.name)) })]));
+        objs.push(rule(
+            &home_chain(&u.name),
+            vec![Statement::Goto(JumpTarget {
+                target: Cow::Owned(up_chain(&u.name)),
+            })],
+        ));
     }
 
-    let lan = s.lan_interfaces.iter().map(|i| SetItem::Element(Expression::String(Cow::Owned(i.clone())))).collect();
+    let lan = s
+        .lan_interfaces
+        .iter()
+        .map(|i| SetItem::Element(Expression::String(Cow::Owned(i.clone()))))
+        .collect();
     objs.push(rule(
         PREROUTING,
-        vec![Statement::Match(Match { left: meta(MetaKey::Iifname), right: Expression::Named(NamedExpression::Set(lan)), op: Operator::NEQ }), Statement::Return(None)],
+        vec![
+            Statement::Match(Match {
+                left: meta(MetaKey::Iifname),
+                right: Expression::Named(NamedExpression::Set(lan)),
+                op: Operator::NEQ,
+            }),
+            Statement::Return(None),
+        ],
     ));
     // A connection keeps the uplink it started on while that uplink is in the map.
     objs.push(rule(
         PREROUTING,
         vec![Statement::VerdictMap(VerdictMap {
-            key: Expression::BinaryOperation(Box::new(BinaryOperation::AND(ct_mark(), Expression::Number(s.mask)))),
+            key: Expression::BinaryOperation(Box::new(BinaryOperation::AND(
+                ct_mark(),
+                Expression::Number(s.mask),
+            ))),
             data: Expression::String(Cow::Owned(format!("@{MAP_STICKY}"))),
         })],
     ));
     for (proto, map) in [("ip", MAP_CLIENT4), ("ip6", MAP_CLIENT6)] {
-        objs.push(rule(PREROUTING, vec![Statement::VerdictMap(VerdictMap { key: payload(proto), data: Expression::String(Cow::Owned(format!("@{map}"))) })]));
+        objs.push(rule(
+            PREROUTING,
+            vec![Statement::VerdictMap(VerdictMap {
+                key: payload(proto),
+                data: Expression::String(Cow::Owned(format!("@{map}"))),
+            })],
+        ));
     }
     // No gap for new clients: until the assignment lands, a stable hash picks the uplink.
     if !s.fallback.is_empty() {
@@ -294,14 +456,28 @@ fn render_structure(s: &NftStructure) -> Vec<NfListObject<'static>> {
                 .fallback
                 .iter()
                 .enumerate()
-                .map(|(i, name)| SetItem::Mapping(Expression::Number(i as u32), Expression::Verdict(goto(up_chain(name)))))
+                .map(|(i, name)| {
+                    SetItem::Mapping(
+                        Expression::Number(i as u32),
+                        Expression::Verdict(goto(up_chain(name))),
+                    )
+                })
                 .collect();
             objs.push(rule(
                 PREROUTING,
                 vec![
-                    Statement::Match(Match { left: meta(MetaKey::Nfproto), right: Expression::String(Cow::Borrowed(nfproto)), op: Operator::EQ }),
+                    Statement::Match(Match {
+                        left: meta(MetaKey::Nfproto),
+                        right: Expression::String(Cow::Borrowed(nfproto)),
+                        op: Operator::EQ,
+                    }),
                     Statement::VerdictMap(VerdictMap {
-                        key: Expression::Named(NamedExpression::JHash(JHash { hash_mod: s.fallback.len() as u32, offset: None, expr: Box::new(payload(proto)), seed: Some(FALLBACK_SEED) })),
+                        key: Expression::Named(NamedExpression::JHash(JHash {
+                            hash_mod: s.fallback.len() as u32,
+                            offset: None,
+                            expr: Box::new(payload(proto)),
+                            seed: Some(FALLBACK_SEED),
+                        })),
                         data: Expression::Named(NamedExpression::Set(buckets)),
                     }),
                 ],
@@ -312,7 +488,11 @@ fn render_structure(s: &NftStructure) -> Vec<NfListObject<'static>> {
         objs.push(rule(
             POSTROUTING,
             vec![
-                Statement::Match(Match { left: meta(MetaKey::Oifname), right: Expression::String(Cow::Owned(u.interface.clone())), op: Operator::EQ }),
+                Statement::Match(Match {
+                    left: meta(MetaKey::Oifname),
+                    right: Expression::String(Cow::Owned(u.interface.clone())),
+                    op: Operator::EQ,
+                }),
                 Statement::Masquerade(None),
             ],
         ));
@@ -330,8 +510,18 @@ fn verdict_maps(table: &str) -> Vec<serde_json::Value> {
 }
 
 fn signature_of(objs: &[NfListObject<'_>]) -> Signature {
-    let mut items: Vec<ListItem> = objs.iter().map(|o| serde_json::from_value(serde_json::to_value(o).expect("object serializes")).expect("own objects parse back")).collect();
-    items.extend(verdict_maps("").into_iter().map(|m| serde_json::from_value::<ListItem>(m).expect("own maps parse back")));
+    let mut items: Vec<ListItem> = objs
+        .iter()
+        .map(|o| {
+            serde_json::from_value(serde_json::to_value(o).expect("object serializes"))
+                .expect("own objects parse back")
+        })
+        .collect();
+    items.extend(
+        verdict_maps("")
+            .into_iter()
+            .map(|m| serde_json::from_value::<ListItem>(m).expect("own maps parse back")),
+    );
     signature_of_items(items.iter())
 }
 
@@ -339,10 +529,17 @@ fn signature_of_items<'a>(items: impl Iterator<Item = &'a ListItem>) -> Signatur
     let mut sig = Signature::default();
     for it in items {
         if let Some(c) = &it.chain {
-            sig.chains.insert((c.name.clone(), c.kind.clone(), c.hook.clone(), c.prio, c.policy.clone()));
+            sig.chains.insert((
+                c.name.clone(),
+                c.kind.clone(),
+                c.hook.clone(),
+                c.prio,
+                c.policy.clone(),
+            ));
         }
         if let Some(m) = &it.map {
-            sig.maps.insert((m.name.clone(), m.key_type.to_string(), m.map.to_string()));
+            sig.maps
+                .insert((m.name.clone(), m.key_type.to_string(), m.map.to_string()));
         }
         if let Some(r) = &it.rule {
             sig.rules.push((r.chain.clone(), r.comment.clone()));
@@ -411,7 +608,8 @@ struct ListTarget {
 }
 
 fn parse_listing(json: &str) -> Result<KernelNft, DataplaneError> {
-    let listing: Listing = serde_json::from_str(json).map_err(|e| DataplaneError::NftOutput(e.to_string()))?;
+    let listing: Listing =
+        serde_json::from_str(json).map_err(|e| DataplaneError::NftOutput(e.to_string()))?;
     let mut signature = signature_of_items(listing.nftables.iter());
     let mut elements = BTreeMap::new();
     // Chain names repeat across elements: share one allocation per target.
@@ -421,10 +619,12 @@ fn parse_listing(json: &str) -> Result<KernelNft, DataplaneError> {
         let Some(map) = item.map else { continue };
         for (key, verdict) in map.elem {
             let key = match (map.name.as_str(), key) {
-                (MAP_CLIENT4 | MAP_CLIENT6, ListKey::Text(t)) => t.parse::<IpAddr>().ok().map(|ip| match ip {
-                    IpAddr::V4(a) => ElemKey::V4(a),
-                    IpAddr::V6(a) => ElemKey::V6(a),
-                }),
+                (MAP_CLIENT4 | MAP_CLIENT6, ListKey::Text(t)) => {
+                    t.parse::<IpAddr>().ok().map(|ip| match ip {
+                        IpAddr::V4(a) => ElemKey::V4(a),
+                        IpAddr::V6(a) => ElemKey::V6(a),
+                    })
+                }
                 (MAP_STICKY, ListKey::Number(n)) => Some(ElemKey::Mark(n)),
                 _ => None,
             };
@@ -433,14 +633,22 @@ fn parse_listing(json: &str) -> Result<KernelNft, DataplaneError> {
                 unknown += 1;
                 continue;
             };
-            let target = targets.entry(target.target.clone()).or_insert_with(|| Arc::from(target.target.as_str())).clone();
+            let target = targets
+                .entry(target.target.clone())
+                .or_insert_with(|| Arc::from(target.target.as_str()))
+                .clone();
             elements.insert(key, target);
         }
     }
     if unknown > 0 {
-        signature.rules.push(("<foreign elements>".into(), Some(unknown.to_string())));
+        signature
+            .rules
+            .push(("<foreign elements>".into(), Some(unknown.to_string())));
     }
-    Ok(KernelNft { signature, elements })
+    Ok(KernelNft {
+        signature,
+        elements,
+    })
 }
 
 /// Adopted assignments: client address → uplink name, from the kernel's client maps.
@@ -459,7 +667,9 @@ pub fn adopted_homes(k: &KernelNft) -> BTreeMap<IpAddr, String> {
 }
 
 fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ *b as u64).wrapping_mul(0x0100_0000_01b3))
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ *b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 #[cfg(test)]
@@ -472,7 +682,12 @@ mod tests {
             table: "uplinkd".into(),
             mask: 0x3f00_0000,
             lan_interfaces: vec!["lan0".into()],
-            uplinks: vec![NftUplink { name: "a".into(), interface: "wan0".into(), fwmark: 0x0100_0000, masquerade: true }],
+            uplinks: vec![NftUplink {
+                name: "a".into(),
+                interface: "wan0".into(),
+                fwmark: 0x0100_0000,
+                masquerade: true,
+            }],
             fallback: vec!["a".into()],
         }
     }
@@ -506,7 +721,10 @@ mod tests {
     fn listing_round_trip_matches_signature() {
         // The shape `nft -j list table` prints for uplinkd's own objects.
         let objs = render_structure(&structure());
-        let mut items: Vec<serde_json::Value> = objs.iter().map(|o| serde_json::to_value(o).unwrap()).collect();
+        let mut items: Vec<serde_json::Value> = objs
+            .iter()
+            .map(|o| serde_json::to_value(o).unwrap())
+            .collect();
         let mut maps = verdict_maps("uplinkd");
         maps[0]["map"]["elem"] = serde_json::json!([["10.0.0.1", {"goto": {"target": "home_a"}}]]);
         maps[2]["map"]["elem"] = serde_json::json!([[16777216, {"goto": {"target": "up_a"}}]]);
@@ -514,8 +732,14 @@ mod tests {
         let listing = serde_json::json!({"nftables": items}).to_string();
         let k = parse_listing(&listing).unwrap();
         assert_eq!(k.signature, signature_of(&objs));
-        assert_eq!(&*k.elements[&ElemKey::V4("10.0.0.1".parse().unwrap())], "home_a");
+        assert_eq!(
+            &*k.elements[&ElemKey::V4("10.0.0.1".parse().unwrap())],
+            "home_a"
+        );
         assert_eq!(&*k.elements[&ElemKey::Mark(0x0100_0000)], "up_a");
-        assert_eq!(adopted_homes(&k)[&"10.0.0.1".parse::<IpAddr>().unwrap()], "a");
+        assert_eq!(
+            adopted_homes(&k)[&"10.0.0.1".parse::<IpAddr>().unwrap()],
+            "a"
+        );
     }
 }

@@ -4,11 +4,13 @@
 use std::net::IpAddr;
 
 use futures::{StreamExt, TryStreamExt};
+use netlink_packet_route::AddressFamily;
 use netlink_packet_route::RouteNetlinkMessage;
 use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
-use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState};
+use netlink_packet_route::neighbour::{
+    NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState,
+};
 use rtnetlink::packet_core::NetlinkPayload;
-use netlink_packet_route::AddressFamily;
 use rtnetlink::sys::AsyncSocket;
 use rtnetlink::{Handle, MulticastGroup};
 use tokio::sync::mpsc;
@@ -21,9 +23,19 @@ const EVENT_SOCKET_BUFFER: usize = 32 << 20;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     /// A neighbour entry; `mac: None` means it was deleted or failed.
-    Neighbour { ifindex: u32, ip: IpAddr, mac: Option<Mac> },
-    Link { ifindex: u32, name: String, admin_up: bool },
-    LinkGone { ifindex: u32 },
+    Neighbour {
+        ifindex: u32,
+        ip: IpAddr,
+        mac: Option<Mac>,
+    },
+    Link {
+        ifindex: u32,
+        name: String,
+        admin_up: bool,
+    },
+    LinkGone {
+        ifindex: u32,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -31,23 +43,37 @@ pub enum DiscoverError {
     #[error("netlink socket: {0}")]
     Socket(#[from] std::io::Error),
     #[error("netlink dump of {what}: {source}")]
-    Dump { what: &'static str, source: rtnetlink::Error },
+    Dump {
+        what: &'static str,
+        source: rtnetlink::Error,
+    },
 }
 
 /// Subscribes to link and neighbour events. Subscribe before dumping, so nothing that
 /// happens in between is missed.
 pub fn subscribe() -> Result<mpsc::UnboundedReceiver<Event>, DiscoverError> {
-    let (mut conn, _handle, mut messages) = rtnetlink::new_multicast_connection(&[MulticastGroup::Link, MulticastGroup::Neigh])?;
-    conn.socket_mut().socket_mut().set_rx_buf_sz(EVENT_SOCKET_BUFFER)?;
+    let (mut conn, _handle, mut messages) =
+        rtnetlink::new_multicast_connection(&[MulticastGroup::Link, MulticastGroup::Neigh])?;
+    conn.socket_mut()
+        .socket_mut()
+        .set_rx_buf_sz(EVENT_SOCKET_BUFFER)?;
     tokio::spawn(conn);
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         while let Some((msg, _)) = messages.next().await {
             let event = match msg.payload {
-                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewNeighbour(m)) => neighbour_event(&m, false),
-                NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelNeighbour(m)) => neighbour_event(&m, true),
-                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(m)) => link_event(&m, false),
-                NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(m)) => link_event(&m, true),
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewNeighbour(m)) => {
+                    neighbour_event(&m, false)
+                }
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelNeighbour(m)) => {
+                    neighbour_event(&m, true)
+                }
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(m)) => {
+                    link_event(&m, false)
+                }
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(m)) => {
+                    link_event(&m, true)
+                }
                 _ => None,
             };
             if let Some(e) = event
@@ -62,7 +88,17 @@ pub fn subscribe() -> Result<mpsc::UnboundedReceiver<Event>, DiscoverError> {
 }
 
 pub async fn dump_links(handle: &Handle) -> Result<Vec<Event>, DiscoverError> {
-    let links: Vec<LinkMessage> = handle.link().get().execute().try_collect().await.map_err(|source| DiscoverError::Dump { what: "links", source })?;
+    let links: Vec<LinkMessage> =
+        handle
+            .link()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|source| DiscoverError::Dump {
+                what: "links",
+                source,
+            })?;
     Ok(links.iter().filter_map(|m| link_event(m, false)).collect())
 }
 
@@ -70,7 +106,10 @@ pub async fn dump_neighbours(handle: &Handle) -> Result<Vec<Event>, DiscoverErro
     let mut out = Vec::new();
     for af in [AddressFamily::Inet, AddressFamily::Inet6] {
         let mut s = handle.neighbours().get().set_address_family(af).execute();
-        while let Some(m) = s.try_next().await.map_err(|source| DiscoverError::Dump { what: "neighbours", source })? {
+        while let Some(m) = s.try_next().await.map_err(|source| DiscoverError::Dump {
+            what: "neighbours",
+            source,
+        })? {
             out.extend(neighbour_event(&m, false));
         }
     }
@@ -83,30 +122,51 @@ fn neighbour_event(m: &NeighbourMessage, deleted: bool) -> Option<Event> {
     for a in &m.attributes {
         match a {
             NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => ip = Some(IpAddr::V4(*a)),
-            NeighbourAttribute::Destination(NeighbourAddress::Inet6(a)) => ip = Some(IpAddr::V6(*a)),
+            NeighbourAttribute::Destination(NeighbourAddress::Inet6(a)) => {
+                ip = Some(IpAddr::V6(*a))
+            }
             NeighbourAttribute::LinkLayerAddress(l) => mac = Mac::from_slice(l),
             _ => {}
         }
     }
     let ip = ip?;
     let present = match m.header.state {
-        NeighbourState::Reachable | NeighbourState::Stale | NeighbourState::Delay | NeighbourState::Probe | NeighbourState::Permanent | NeighbourState::Noarp => true,
+        NeighbourState::Reachable
+        | NeighbourState::Stale
+        | NeighbourState::Delay
+        | NeighbourState::Probe
+        | NeighbourState::Permanent
+        | NeighbourState::Noarp => true,
         NeighbourState::Failed => false,
         // Incomplete: resolution in progress, nothing known yet.
         _ if !deleted => return None,
         _ => false,
     };
-    let mac = if deleted || !present { None } else { Some(mac?) };
-    Some(Event::Neighbour { ifindex: m.header.ifindex, ip, mac })
+    let mac = if deleted || !present {
+        None
+    } else {
+        Some(mac?)
+    };
+    Some(Event::Neighbour {
+        ifindex: m.header.ifindex,
+        ip,
+        mac,
+    })
 }
 
 fn link_event(m: &LinkMessage, deleted: bool) -> Option<Event> {
     if deleted {
-        return Some(Event::LinkGone { ifindex: m.header.index });
+        return Some(Event::LinkGone {
+            ifindex: m.header.index,
+        });
     }
     let name = m.attributes.iter().find_map(|a| match a {
         LinkAttribute::IfName(n) => Some(n.clone()),
         _ => None,
     })?;
-    Some(Event::Link { ifindex: m.header.index, name, admin_up: m.header.flags.contains(LinkFlags::Up) })
+    Some(Event::Link {
+        ifindex: m.header.index,
+        name,
+        admin_up: m.header.flags.contains(LinkFlags::Up),
+    })
 }

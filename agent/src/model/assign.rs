@@ -5,7 +5,10 @@ use super::Uplink;
 /// Index of the uplink with the fewest clients per unit of weight. Ties go to the uplink
 /// listed first, so every run makes the same choice.
 pub fn least_loaded(uplinks: &[Uplink], counts: &[usize]) -> usize {
-    assert!(!uplinks.is_empty(), "config validation guarantees at least one uplink");
+    assert!(
+        !uplinks.is_empty(),
+        "config validation guarantees at least one uplink"
+    );
     let mut best = 0;
     for i in 1..uplinks.len() {
         // counts[i]/w[i] < counts[best]/w[best], in integers.
@@ -27,7 +30,12 @@ mod tests {
         weights
             .iter()
             .enumerate()
-            .map(|(i, &weight)| Uplink { name: format!("u{i}"), interface: format!("w{i}"), weight, link: LinkState::default() })
+            .map(|(i, &weight)| Uplink {
+                name: format!("u{i}"),
+                interface: format!("w{i}"),
+                weight,
+                link: LinkState::default(),
+            })
             .collect()
     }
 

@@ -8,14 +8,21 @@ pub struct Mac(pub [u8; 6]);
 
 impl Mac {
     pub fn from_slice(b: &[u8]) -> Option<Mac> {
-        <[u8; 6]>::try_from(b).ok().filter(|a| a != &[0; 6]).map(Mac)
+        <[u8; 6]>::try_from(b)
+            .ok()
+            .filter(|a| a != &[0; 6])
+            .map(Mac)
     }
 }
 
 impl fmt::Display for Mac {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let b = self.0;
-        write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2], b[3], b[4], b[5])
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            b[0], b[1], b[2], b[3], b[4], b[5]
+        )
     }
 }
 
@@ -32,10 +39,13 @@ impl FromStr for Mac {
         let parts: Vec<&str> = s.split(':').collect();
         let mut out = [0u8; 6];
         if parts.len() != 6 {
-            return Err(format!("invalid MAC address {s:?}: expected six hex pairs like 02:00:00:00:00:01"));
+            return Err(format!(
+                "invalid MAC address {s:?}: expected six hex pairs like 02:00:00:00:00:01"
+            ));
         }
         for (o, p) in out.iter_mut().zip(parts) {
-            *o = u8::from_str_radix(p, 16).map_err(|_| format!("invalid MAC address {s:?}: {p:?} is not a hex byte"))?;
+            *o = u8::from_str_radix(p, 16)
+                .map_err(|_| format!("invalid MAC address {s:?}: {p:?} is not a hex byte"))?;
         }
         Ok(Mac(out))
     }

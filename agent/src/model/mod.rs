@@ -79,7 +79,12 @@ impl Model {
             uplinks: config
                 .uplinks
                 .iter()
-                .map(|u| Uplink { name: u.name.clone(), interface: u.interface.clone(), weight: u.weight, link: LinkState::default() })
+                .map(|u| Uplink {
+                    name: u.name.clone(),
+                    interface: u.interface.clone(),
+                    weight: u.weight,
+                    link: LinkState::default(),
+                })
                 .collect(),
             clients: BTreeMap::new(),
             by_addr: HashMap::new(),
@@ -104,16 +109,32 @@ impl Model {
     /// Whether an address should be dispatched at all.
     pub fn wants(&self, ip: IpAddr) -> bool {
         let unicast = match ip {
-            IpAddr::V4(a) => !(a.is_unspecified() || a.is_broadcast() || a.is_multicast() || a.is_loopback() || a.is_link_local()),
+            IpAddr::V4(a) => {
+                !(a.is_unspecified()
+                    || a.is_broadcast()
+                    || a.is_multicast()
+                    || a.is_loopback()
+                    || a.is_link_local())
+            }
             // Link-local v6 never leaves the LAN, so it is never dispatched.
-            IpAddr::V6(a) => !(a.is_unspecified() || a.is_multicast() || a.is_loopback() || a.is_unicast_link_local()),
+            IpAddr::V6(a) => {
+                !(a.is_unspecified()
+                    || a.is_multicast()
+                    || a.is_loopback()
+                    || a.is_unicast_link_local())
+            }
         };
         unicast && (self.prefixes.is_empty() || self.prefixes.iter().any(|p| p.contains(&ip)))
     }
 
     /// Client counts per uplink, in config order.
     pub fn counts(&self) -> Vec<usize> {
-        let index: HashMap<&str, usize> = self.uplinks.iter().enumerate().map(|(i, u)| (u.name.as_str(), i)).collect();
+        let index: HashMap<&str, usize> = self
+            .uplinks
+            .iter()
+            .enumerate()
+            .map(|(i, u)| (u.name.as_str(), i))
+            .collect();
         let mut counts = vec![0; self.uplinks.len()];
         for c in self.clients.values() {
             if let Some(&i) = index.get(c.home.as_str()) {
@@ -126,7 +147,13 @@ impl Model {
     /// A neighbour entry with a link-layer address exists for `ip`. `adopt` is the uplink
     /// the kernel already steers this address to, used for a client the model does not
     /// know (a restart without a state file).
-    pub fn neighbour_present(&mut self, ip: IpAddr, mac: Mac, now: Millis, adopt: Option<&str>) -> Change {
+    pub fn neighbour_present(
+        &mut self,
+        ip: IpAddr,
+        mac: Mac,
+        now: Millis,
+        adopt: Option<&str>,
+    ) -> Change {
         if !self.wants(ip) {
             return Change::None;
         }
@@ -141,13 +168,29 @@ impl Model {
         if !self.clients.contains_key(&mac) {
             let home = match adopt.filter(|name| self.uplink(name).is_some()) {
                 Some(name) => name.to_string(),
-                None => self.uplinks[assign::least_loaded(&self.uplinks, &self.counts())].name.clone(),
+                None => self.uplinks[assign::least_loaded(&self.uplinks, &self.counts())]
+                    .name
+                    .clone(),
             };
-            self.clients.insert(mac, Client { mac, home, first_seen: now, addresses: BTreeMap::new() });
+            self.clients.insert(
+                mac,
+                Client {
+                    mac,
+                    home,
+                    first_seen: now,
+                    addresses: BTreeMap::new(),
+                },
+            );
             change = Change::Clients;
         }
         let client = self.clients.get_mut(&mac).expect("inserted above");
-        match client.addresses.insert(ip, Address { present: true, last_seen: now }) {
+        match client.addresses.insert(
+            ip,
+            Address {
+                present: true,
+                last_seen: now,
+            },
+        ) {
             Some(_) => {}
             None => change = Change::Clients,
         }
@@ -159,7 +202,10 @@ impl Model {
     /// it has been gone for the idle timeout.
     pub fn neighbour_gone(&mut self, ip: IpAddr, now: Millis) {
         if let Some(mac) = self.by_addr.get(&ip)
-            && let Some(addr) = self.clients.get_mut(mac).and_then(|c| c.addresses.get_mut(&ip))
+            && let Some(addr) = self
+                .clients
+                .get_mut(mac)
+                .and_then(|c| c.addresses.get_mut(&ip))
             && addr.present
         {
             addr.present = false;
@@ -169,7 +215,12 @@ impl Model {
 
     /// Addresses not in `present` (a fresh neighbour dump) are marked gone as of `now`.
     pub fn reconcile_present(&mut self, present: &HashMap<IpAddr, Mac>, now: Millis) {
-        let gone: Vec<IpAddr> = self.by_addr.keys().filter(|ip| !present.contains_key(ip)).copied().collect();
+        let gone: Vec<IpAddr> = self
+            .by_addr
+            .keys()
+            .filter(|ip| !present.contains_key(ip))
+            .copied()
+            .collect();
         for ip in gone {
             self.neighbour_gone(ip, now);
         }
@@ -201,7 +252,11 @@ impl Model {
         self.by_addr.remove(&ip);
         let client = self.clients.get_mut(&mac)?;
         client.addresses.remove(&ip);
-        if client.addresses.is_empty() { self.clients.remove(&mac) } else { None }
+        if client.addresses.is_empty() {
+            self.clients.remove(&mac)
+        } else {
+            None
+        }
     }
 
     /// Restores clients from the state file. Homes on uplinks no longer configured are
@@ -225,7 +280,9 @@ impl Model {
             self.insert(c);
         }
         for mut c in orphans {
-            c.home = self.uplinks[assign::least_loaded(&self.uplinks, &self.counts())].name.clone();
+            c.home = self.uplinks[assign::least_loaded(&self.uplinks, &self.counts())]
+                .name
+                .clone();
             reassigned += 1;
             self.insert(c);
         }
@@ -247,7 +304,9 @@ impl Model {
 
     /// Every mapped address with its client's home uplink.
     pub fn addresses(&self) -> impl Iterator<Item = (IpAddr, &str)> {
-        self.clients.values().flat_map(|c| c.addresses.keys().map(move |ip| (*ip, c.home.as_str())))
+        self.clients
+            .values()
+            .flat_map(|c| c.addresses.keys().map(move |ip| (*ip, c.home.as_str())))
     }
 }
 
@@ -257,9 +316,13 @@ mod tests {
     use std::path::Path;
 
     fn model(weights: &[u32]) -> Model {
-        let mut text = String::from("[lan]\ninterfaces=[\"lan0\"]\nprefixes=[\"10.0.0.0/8\",\"2001:db8::/32\"]\n");
+        let mut text = String::from(
+            "[lan]\ninterfaces=[\"lan0\"]\nprefixes=[\"10.0.0.0/8\",\"2001:db8::/32\"]\n",
+        );
         for (i, w) in weights.iter().enumerate() {
-            text += &format!("[[uplink]]\nname=\"u{i}\"\ninterface=\"wan{i}\"\ngateway=\"100.64.{i}.1\"\nweight={w}\n");
+            text += &format!(
+                "[[uplink]]\nname=\"u{i}\"\ninterface=\"wan{i}\"\ngateway=\"100.64.{i}.1\"\nweight={w}\n"
+            );
         }
         Model::new(&Config::parse(Path::new("t"), &text).unwrap())
     }
@@ -295,8 +358,14 @@ mod tests {
     #[test]
     fn ignores_link_local_and_out_of_prefix() {
         let mut m = model(&[1]);
-        assert_eq!(m.neighbour_present(ip("fe80::1"), mac(1), 0, None), Change::None);
-        assert_eq!(m.neighbour_present(ip("192.168.1.1"), mac(1), 0, None), Change::None);
+        assert_eq!(
+            m.neighbour_present(ip("fe80::1"), mac(1), 0, None),
+            Change::None
+        );
+        assert_eq!(
+            m.neighbour_present(ip("192.168.1.1"), mac(1), 0, None),
+            Change::None
+        );
         assert!(m.clients.is_empty());
     }
 
@@ -306,7 +375,10 @@ mod tests {
         m.neighbour_present(ip("10.0.0.1"), mac(1), 0, None);
         m.neighbour_present(ip("10.0.0.2"), mac(2), 0, None);
         m.neighbour_gone(ip("10.0.0.1"), 1_000);
-        assert!(m.expire(5_000, Duration::from_secs(10)).is_empty(), "not idle long enough");
+        assert!(
+            m.expire(5_000, Duration::from_secs(10)).is_empty(),
+            "not idle long enough"
+        );
         let released = m.expire(11_000, Duration::from_secs(10));
         assert_eq!(released.len(), 1);
         assert_eq!(released[0].home, "u0");
@@ -329,7 +401,10 @@ mod tests {
         let mut m = model(&[1, 1]);
         m.neighbour_present(ip("10.0.0.1"), mac(1), 0, None);
         m.neighbour_present(ip("10.0.0.1"), mac(2), 0, None);
-        assert!(!m.clients.contains_key(&mac(1)), "old host had no other address");
+        assert!(
+            !m.clients.contains_key(&mac(1)),
+            "old host had no other address"
+        );
         assert_eq!(m.clients[&mac(2)].addresses.len(), 1);
     }
 
@@ -339,7 +414,11 @@ mod tests {
         m.neighbour_present(ip("10.0.0.1"), mac(1), 0, Some("u1"));
         assert_eq!(m.clients[&mac(1)].home, "u1");
         m.neighbour_present(ip("10.0.0.2"), mac(2), 0, Some("gone"));
-        assert_eq!(m.clients[&mac(2)].home, "u0", "unknown uplink falls back to least loaded");
+        assert_eq!(
+            m.clients[&mac(2)].home,
+            "u0",
+            "unknown uplink falls back to least loaded"
+        );
     }
 
     #[test]
@@ -349,12 +428,26 @@ mod tests {
             mac: mac(n),
             home: home.into(),
             first_seen: 0,
-            addresses: [(ip(&format!("10.0.0.{n}")), Address { present: true, last_seen: 0 })].into(),
+            addresses: [(
+                ip(&format!("10.0.0.{n}")),
+                Address {
+                    present: true,
+                    last_seen: 0,
+                },
+            )]
+            .into(),
         };
         let reassigned = m.restore(vec![c(1, "u1"), c(2, "u1"), c(3, "removed")]);
         assert_eq!(reassigned, 1);
         assert_eq!(m.clients[&mac(1)].home, "u1");
         assert_eq!(m.clients[&mac(3)].home, "u0");
-        assert!(!m.clients[&mac(1)].addresses.values().next().unwrap().present);
+        assert!(
+            !m.clients[&mac(1)]
+                .addresses
+                .values()
+                .next()
+                .unwrap()
+                .present
+        );
     }
 }

@@ -17,10 +17,20 @@ const FILE: &str = "state.json";
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}:{line}:{column}: corrupt state file: {message}")]
-    Corrupt { path: PathBuf, line: usize, column: usize, message: String },
-    #[error("{path}: state file version {found} is not supported (this uplinkd reads version {VERSION})")]
+    Corrupt {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error(
+        "{path}: state file version {found} is not supported (this uplinkd reads version {VERSION})"
+    )]
     Version { path: PathBuf, found: u32 },
 }
 
@@ -53,7 +63,9 @@ pub struct StateFile {
 
 impl StateFile {
     pub fn new(dir: &Path) -> StateFile {
-        StateFile { dir: dir.to_owned() }
+        StateFile {
+            dir: dir.to_owned(),
+        }
     }
 
     pub fn path(&self) -> PathBuf {
@@ -75,7 +87,10 @@ impl StateFile {
             message: e.to_string(),
         })?;
         if doc.version != VERSION {
-            return Err(StateError::Version { path, found: doc.version });
+            return Err(StateError::Version {
+                path,
+                found: doc.version,
+            });
         }
         Ok(Some(
             doc.clients
@@ -84,7 +99,19 @@ impl StateFile {
                     mac: c.mac,
                     home: c.home,
                     first_seen: c.first_seen,
-                    addresses: c.addresses.into_iter().map(|a| (a.ip, Address { present: false, last_seen: a.last_seen })).collect::<BTreeMap<_, _>>(),
+                    addresses: c
+                        .addresses
+                        .into_iter()
+                        .map(|a| {
+                            (
+                                a.ip,
+                                Address {
+                                    present: false,
+                                    last_seen: a.last_seen,
+                                },
+                            )
+                        })
+                        .collect::<BTreeMap<_, _>>(),
                 })
                 .collect(),
         ))
@@ -106,7 +133,14 @@ impl StateFile {
                     mac: c.mac,
                     home: c.home.clone(),
                     first_seen: c.first_seen,
-                    addresses: c.addresses.iter().map(|(ip, a)| AddressDoc { ip: *ip, last_seen: a.last_seen }).collect(),
+                    addresses: c
+                        .addresses
+                        .iter()
+                        .map(|(ip, a)| AddressDoc {
+                            ip: *ip,
+                            last_seen: a.last_seen,
+                        })
+                        .collect(),
                 })
                 .collect(),
         };
@@ -123,7 +157,9 @@ impl StateFile {
         drop(f);
         let path = self.path();
         fs::rename(&tmp, &path).map_err(io(&path))?;
-        File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io(&self.dir))?;
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io(&self.dir))?;
         Ok(())
     }
 }
@@ -147,7 +183,14 @@ mod tests {
             mac: Mac([2, 0, 0, 0, 0, 1]),
             home: "isp1".into(),
             first_seen: 5,
-            addresses: [("10.0.0.1".parse().unwrap(), Address { present: true, last_seen: 7 })].into(),
+            addresses: [(
+                "10.0.0.1".parse().unwrap(),
+                Address {
+                    present: true,
+                    last_seen: 7,
+                },
+            )]
+            .into(),
         };
         sf.save([&c].into_iter()).unwrap();
         let back = sf.load().unwrap().unwrap();
@@ -160,7 +203,11 @@ mod tests {
     fn corrupt_names_line_and_is_kept() {
         let dir = tmpdir("bad");
         fs::create_dir_all(&dir).unwrap();
-        fs::write(dir.join(FILE), "{\"version\":1,\n\"clients\":[{\"mac\":\"zz\"}]}").unwrap();
+        fs::write(
+            dir.join(FILE),
+            "{\"version\":1,\n\"clients\":[{\"mac\":\"zz\"}]}",
+        )
+        .unwrap();
         let sf = StateFile::new(&dir);
         let e = sf.load().unwrap_err();
         assert!(matches!(e, StateError::Corrupt { line: 2, .. }), "{e}");

@@ -115,7 +115,12 @@ pub fn plan(config: &Config, model: &Model) -> Desired {
     let uplinks = config
         .uplinks
         .iter()
-        .map(|u| NftUplink { name: u.name.clone(), interface: u.interface.clone(), fwmark: dp.fwmark(u.mark), masquerade: u.masquerade })
+        .map(|u| NftUplink {
+            name: u.name.clone(),
+            interface: u.interface.clone(),
+            fwmark: dp.fwmark(u.mark),
+            masquerade: u.masquerade,
+        })
         .collect();
     let structure = NftStructure {
         table: dp.nft_table.clone(),
@@ -127,12 +132,21 @@ pub fn plan(config: &Config, model: &Model) -> Desired {
 
     let mut elements = BTreeMap::new();
     for u in &config.uplinks {
-        elements.insert(ElemKey::Mark(dp.fwmark(u.mark)), Arc::from(up_chain(&u.name)));
+        elements.insert(
+            ElemKey::Mark(dp.fwmark(u.mark)),
+            Arc::from(up_chain(&u.name)),
+        );
     }
     // One allocation per uplink, shared by all its clients' elements.
-    let homes: BTreeMap<&str, Arc<str>> = config.uplinks.iter().map(|u| (u.name.as_str(), Arc::from(home_chain(&u.name)))).collect();
+    let homes: BTreeMap<&str, Arc<str>> = config
+        .uplinks
+        .iter()
+        .map(|u| (u.name.as_str(), Arc::from(home_chain(&u.name))))
+        .collect();
     for (ip, home) in model.addresses() {
-        let Some(target) = homes.get(home) else { continue };
+        let Some(target) = homes.get(home) else {
+            continue;
+        };
         let key = match ip {
             IpAddr::V4(a) => ElemKey::V4(a),
             IpAddr::V6(a) => ElemKey::V6(a),
@@ -143,24 +157,59 @@ pub fn plan(config: &Config, model: &Model) -> Desired {
     let mut rules = BTreeSet::new();
     let mut routes = BTreeSet::new();
     for family in [Family::V4, Family::V6] {
-        rules.insert(RuleSpec { family, priority: dp.rule_priority, action: RuleAction::MainSpecific });
+        rules.insert(RuleSpec {
+            family,
+            priority: dp.rule_priority,
+            action: RuleAction::MainSpecific,
+        });
     }
     for (u, m) in config.uplinks.iter().zip(&model.uplinks) {
-        let fw = RuleAction::FwMark { mark: dp.fwmark(u.mark), mask: dp.fwmark_mask, table: u.table };
-        rules.insert(RuleSpec { family: Family::V4, priority: dp.rule_priority + 1, action: fw });
+        let fw = RuleAction::FwMark {
+            mark: dp.fwmark(u.mark),
+            mask: dp.fwmark_mask,
+            table: u.table,
+        };
+        rules.insert(RuleSpec {
+            family: Family::V4,
+            priority: dp.rule_priority + 1,
+            action: fw,
+        });
         if u.ipv6 {
-            rules.insert(RuleSpec { family: Family::V6, priority: dp.rule_priority + 1, action: fw });
+            rules.insert(RuleSpec {
+                family: Family::V6,
+                priority: dp.rule_priority + 1,
+                action: fw,
+            });
         }
         // The kernel refuses routes through a missing or admin-down device; they are added
         // when the link event arrives.
-        let Some(oif) = m.link.ifindex.filter(|_| m.link.admin_up) else { continue };
-        routes.insert(RouteSpec { table: u.table, family: Family::V4, gateway: u.gateway.map(IpAddr::V4), oif });
+        let Some(oif) = m.link.ifindex.filter(|_| m.link.admin_up) else {
+            continue;
+        };
+        routes.insert(RouteSpec {
+            table: u.table,
+            family: Family::V4,
+            gateway: u.gateway.map(IpAddr::V4),
+            oif,
+        });
         if u.ipv6 {
-            routes.insert(RouteSpec { table: u.table, family: Family::V6, gateway: u.gateway6.map(IpAddr::V6), oif });
+            routes.insert(RouteSpec {
+                table: u.table,
+                family: Family::V6,
+                gateway: u.gateway6.map(IpAddr::V6),
+                oif,
+            });
         }
     }
 
-    Desired { nft: NftDesired { structure, elements }, rules, routes }
+    Desired {
+        nft: NftDesired {
+            structure,
+            elements,
+        },
+        rules,
+        routes,
+    }
 }
 
 /// Expands weights into hash buckets (reduced by their gcd and scaled down to at most
@@ -211,8 +260,14 @@ interface = "ppp0"
 
     #[test]
     fn fallback_follows_weights() {
-        assert_eq!(fallback_buckets([("a", 2), ("b", 1), ("c", 1)].into_iter()), ["a", "a", "b", "c"]);
-        assert_eq!(fallback_buckets([("a", 10), ("b", 5)].into_iter()), ["a", "a", "b"]);
+        assert_eq!(
+            fallback_buckets([("a", 2), ("b", 1), ("c", 1)].into_iter()),
+            ["a", "a", "b", "c"]
+        );
+        assert_eq!(
+            fallback_buckets([("a", 10), ("b", 5)].into_iter()),
+            ["a", "a", "b"]
+        );
         let big = fallback_buckets([("a", 1000), ("b", 1)].into_iter());
         assert!(big.len() <= 65 && big.contains(&"b".to_string()));
     }
@@ -224,15 +279,37 @@ interface = "ppp0"
         // main-specific ×2 families, fwmark v4 ×2, fwmark v6 for the p2p link.
         assert_eq!(d.rules.len(), 5);
         assert!(d.routes.is_empty());
-        m.set_link("ppp0", LinkState { ifindex: Some(7), admin_up: true });
-        m.set_link("wan0", LinkState { ifindex: Some(3), admin_up: false });
+        m.set_link(
+            "ppp0",
+            LinkState {
+                ifindex: Some(7),
+                admin_up: true,
+            },
+        );
+        m.set_link(
+            "wan0",
+            LinkState {
+                ifindex: Some(3),
+                admin_up: false,
+            },
+        );
         let d = plan(&c, &m);
         let routes: Vec<_> = d.routes.iter().copied().collect();
         assert_eq!(
             routes,
             vec![
-                RouteSpec { table: 1002, family: Family::V4, gateway: None, oif: 7 },
-                RouteSpec { table: 1002, family: Family::V6, gateway: None, oif: 7 },
+                RouteSpec {
+                    table: 1002,
+                    family: Family::V4,
+                    gateway: None,
+                    oif: 7
+                },
+                RouteSpec {
+                    table: 1002,
+                    family: Family::V6,
+                    gateway: None,
+                    oif: 7
+                },
             ]
         );
     }
@@ -240,11 +317,27 @@ interface = "ppp0"
     #[test]
     fn clients_map_to_home_chains_and_sticky_marks_to_up_chains() {
         let (c, mut m) = setup();
-        m.neighbour_present("10.0.0.1".parse().unwrap(), Mac([2, 0, 0, 0, 0, 1]), 0, None);
-        m.neighbour_present("2001:db8::1".parse().unwrap(), Mac([2, 0, 0, 0, 0, 1]), 0, None);
+        m.neighbour_present(
+            "10.0.0.1".parse().unwrap(),
+            Mac([2, 0, 0, 0, 0, 1]),
+            0,
+            None,
+        );
+        m.neighbour_present(
+            "2001:db8::1".parse().unwrap(),
+            Mac([2, 0, 0, 0, 0, 1]),
+            0,
+            None,
+        );
         let d = plan(&c, &m);
-        assert_eq!(&*d.nft.elements[&ElemKey::V4("10.0.0.1".parse().unwrap())], "home_a");
-        assert_eq!(&*d.nft.elements[&ElemKey::V6("2001:db8::1".parse().unwrap())], "home_a");
+        assert_eq!(
+            &*d.nft.elements[&ElemKey::V4("10.0.0.1".parse().unwrap())],
+            "home_a"
+        );
+        assert_eq!(
+            &*d.nft.elements[&ElemKey::V6("2001:db8::1".parse().unwrap())],
+            "home_a"
+        );
         assert_eq!(&*d.nft.elements[&ElemKey::Mark(0x0200_0000)], "up_b");
         assert_eq!(d.nft.structure.fallback, ["a", "a", "b"]);
     }
