@@ -562,3 +562,81 @@ pub fn server(v6: bool) -> SocketAddr {
         SocketAddr::new(IpAddr::V4(SERVER4), ECHO_PORT)
     }
 }
+
+/// A steady UDP flow from one client to the internet host: one datagram every `every`,
+/// each echoed back. One socket, so one conntrack entry for the whole flow.
+pub struct UdpStream {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Result<StreamResult>>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamResult {
+    pub sent: u64,
+    pub received: u64,
+    /// The addresses the internet host saw, in order of first appearance.
+    pub seen: Vec<IpAddr>,
+}
+
+impl UdpStream {
+    pub fn start(lab: &Lab, client: u32, v6: bool, every: Duration) -> Result<UdpStream> {
+        let sock = lab.client_socket(client, v6)?;
+        sock.set_read_timeout(Some(Duration::from_millis(1)))?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || -> Result<StreamResult> {
+            let mut r = StreamResult { sent: 0, received: 0, seen: Vec::new() };
+            let mut buf = [0u8; 2048];
+            let mut drain = |r: &mut StreamResult, until: Instant| {
+                while Instant::now() < until {
+                    if let Ok(n) = sock.recv(&mut buf) {
+                        r.received += 1;
+                        let text = String::from_utf8_lossy(&buf[..n]);
+                        if let Some(ip) = text.split(' ').next().and_then(|s| s.parse().ok())
+                            && !r.seen.contains(&ip)
+                        {
+                            r.seen.push(ip);
+                        }
+                    }
+                }
+            };
+            while !flag.load(Ordering::SeqCst) {
+                sock.send(format!("seq {}", r.sent).as_bytes())?;
+                r.sent += 1;
+                drain(&mut r, Instant::now() + every);
+            }
+            // Let the last answers arrive.
+            drain(&mut r, Instant::now() + Duration::from_millis(500));
+            Ok(r)
+        });
+        Ok(UdpStream { stop, thread: Some(thread) })
+    }
+
+    pub fn finish(mut self) -> Result<StreamResult> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread.take().expect("running").join().map_err(|_| anyhow::anyhow!("stream thread panicked"))?
+    }
+}
+
+/// A bare namespace, deleted on drop.
+pub struct Netns(pub String);
+
+impl Netns {
+    pub fn new(tag: &str) -> Result<Netns> {
+        let name = format!("ul{tag}-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::SeqCst));
+        sh(&["ip", "netns", "add", &name])?;
+        Ok(Netns(name))
+    }
+
+    pub fn exec(&self, args: &[&str]) -> Result<String> {
+        let mut full = vec!["ip", "netns", "exec", self.0.as_str()];
+        full.extend_from_slice(args);
+        sh(&full)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
