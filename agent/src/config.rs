@@ -1,7 +1,7 @@
 //! Configuration: TOML in, validated typed config out. Every error names the file, the
 //! line, the key and what would be valid; nothing here touches the kernel.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::ops::Range;
@@ -365,12 +365,8 @@ impl Validator<'_> {
             return Err(self.err(None, "uplink", "at least one [[uplink]] is required"));
         }
         let mut uplinks: Vec<UplinkConfig> = Vec::new();
-        let (mut names, mut ifaces, mut marks, mut tables) = (
-            HashSet::new(),
-            HashSet::new(),
-            HashSet::new(),
-            HashSet::new(),
-        );
+        let (mut names, mut ifaces) = (HashSet::new(), HashSet::new());
+        let (mut marks, mut tables) = (HashMap::new(), HashMap::new());
         for (i, u) in raw.uplink.into_iter().enumerate() {
             let span = u.span();
             let u = u.into_inner();
@@ -472,11 +468,16 @@ impl Validator<'_> {
                     format!("more uplinks than dataplane.fwmark_mask {:#x} has mark ids (1..={max_mark})", dataplane.fwmark_mask),
                 ));
             }
-            if !marks.insert(mark) {
+            if let Some(other) = marks.insert(mark, i) {
+                let implicit = if u.mark.is_none() {
+                    " (the default: position in the list)"
+                } else {
+                    ""
+                };
                 return Err(self.err(
                     Some(u.mark.as_ref().map(|m| m.span()).unwrap_or(span.clone())),
                     key("mark"),
-                    format!("mark {mark} is already used by another uplink; marks must be unique"),
+                    format!("mark {mark}{implicit} is already used by uplink[{other}]; marks must be unique"),
                 ));
             }
             let owned = dataplane.owned_tables();
@@ -494,11 +495,16 @@ impl Validator<'_> {
                     v as u32
                 }
             };
-            if !tables.insert(table) {
+            if let Some(other) = tables.insert(table, i) {
+                let implicit = if u.table.is_none() {
+                    " (the default: table_base + mark)"
+                } else {
+                    ""
+                };
                 return Err(self.err(
                     Some(u.table.as_ref().map(|t| t.span()).unwrap_or(span.clone())),
                     key("table"),
-                    format!("routing table {table} is already used by another uplink; tables must be unique"),
+                    format!("routing table {table}{implicit} is already used by uplink[{other}]; tables must be unique"),
                 ));
             }
             uplinks.push(UplinkConfig {

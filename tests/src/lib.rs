@@ -585,7 +585,11 @@ impl UdpStream {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = stop.clone();
         let thread = std::thread::spawn(move || -> Result<StreamResult> {
-            let mut r = StreamResult { sent: 0, received: 0, seen: Vec::new() };
+            let mut r = StreamResult {
+                sent: 0,
+                received: 0,
+                seen: Vec::new(),
+            };
             let mut buf = [0u8; 2048];
             let mut drain = |r: &mut StreamResult, until: Instant| {
                 while Instant::now() < until {
@@ -609,12 +613,19 @@ impl UdpStream {
             drain(&mut r, Instant::now() + Duration::from_millis(500));
             Ok(r)
         });
-        Ok(UdpStream { stop, thread: Some(thread) })
+        Ok(UdpStream {
+            stop,
+            thread: Some(thread),
+        })
     }
 
     pub fn finish(mut self) -> Result<StreamResult> {
         self.stop.store(true, Ordering::SeqCst);
-        self.thread.take().expect("running").join().map_err(|_| anyhow::anyhow!("stream thread panicked"))?
+        self.thread
+            .take()
+            .expect("running")
+            .join()
+            .map_err(|_| anyhow::anyhow!("stream thread panicked"))?
     }
 }
 
@@ -623,7 +634,11 @@ pub struct Netns(pub String);
 
 impl Netns {
     pub fn new(tag: &str) -> Result<Netns> {
-        let name = format!("ul{tag}-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::SeqCst));
+        let name = format!(
+            "ul{tag}-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        );
         sh(&["ip", "netns", "add", &name])?;
         Ok(Netns(name))
     }

@@ -7,7 +7,11 @@ use std::time::Duration;
 use uplink_tests::{Lab, UdpStream, UplinkSpec, client_v4, client_v6};
 
 fn three_uplinks() -> Vec<UplinkSpec> {
-    vec![UplinkSpec::new("isp1", 2, false), UplinkSpec::new("isp2", 1, false), UplinkSpec::new("lte", 1, true)]
+    vec![
+        UplinkSpec::new("isp1", 2, false),
+        UplinkSpec::new("isp2", 1, false),
+        UplinkSpec::new("lte", 1, true),
+    ]
 }
 
 fn counts(assigned: &BTreeMap<IpAddr, String>) -> BTreeMap<String, usize> {
@@ -27,12 +31,21 @@ fn weighted_balance_8_clients() -> anyhow::Result<()> {
     for i in 1..=8 {
         lab.probe(i, false, 10)?;
     }
-    lab.wait_for(Duration::from_secs(10), "8 assignments", || Ok(lab.assignments()?.len() == 8))?;
+    lab.wait_for(Duration::from_secs(10), "8 assignments", || {
+        Ok(lab.assignments()?.len() == 8)
+    })?;
     let assigned = lab.assignments()?;
-    assert_eq!(counts(&assigned), BTreeMap::from([("isp1".into(), 4), ("isp2".into(), 2), ("lte".into(), 2)]));
+    assert_eq!(
+        counts(&assigned),
+        BTreeMap::from([("isp1".into(), 4), ("isp2".into(), 2), ("lte".into(), 2)])
+    );
     let kernel = lab.kernel_map("client4")?;
     for (ip, home) in &assigned {
-        assert_eq!(kernel.get(ip), Some(&format!("home_{home}")), "kernel map disagrees for {ip}");
+        assert_eq!(
+            kernel.get(ip),
+            Some(&format!("home_{home}")),
+            "kernel map disagrees for {ip}"
+        );
     }
     Ok(())
 }
@@ -49,13 +62,25 @@ fn brand_new_client_first_datagram_is_answered() -> anyhow::Result<()> {
         s.set_read_timeout(Some(Duration::from_secs(3)))?;
         s.send(b"first")?;
         let mut buf = [0u8; 256];
-        let n = s.recv(&mut buf).map_err(|e| anyhow::anyhow!("client c{i} first datagram unanswered: {e}"))?;
-        Ok(String::from_utf8_lossy(&buf[..n]).split(' ').next().unwrap_or_default().parse()?)
+        let n = s
+            .recv(&mut buf)
+            .map_err(|e| anyhow::anyhow!("client c{i} first datagram unanswered: {e}"))?;
+        Ok(String::from_utf8_lossy(&buf[..n])
+            .split(' ')
+            .next()
+            .unwrap_or_default()
+            .parse()?)
     };
     lab.add_client(1, true)?;
-    assert!(!lab.kernel_map("client4")?.contains_key(&IpAddr::from(client_v4(1))));
+    assert!(
+        !lab.kernel_map("client4")?
+            .contains_key(&IpAddr::from(client_v4(1)))
+    );
     let seen = first(&lab, 1, false)?;
-    assert!(lab.uplink_of_source(seen).is_some(), "answered through an uplink: {seen}");
+    assert!(
+        lab.uplink_of_source(seen).is_some(),
+        "answered through an uplink: {seen}"
+    );
     first(&lab, 1, true)?;
 
     lab.stop_agent("KILL")?;
@@ -80,12 +105,16 @@ fn restart_keeps_assignments_and_loses_no_packets() -> anyhow::Result<()> {
             lab.probe(i, true, 10)?;
         }
     }
-    lab.wait_for(Duration::from_secs(10), "9 assignments", || Ok(lab.assignments()?.len() == 9))?;
+    lab.wait_for(Duration::from_secs(10), "9 assignments", || {
+        Ok(lab.assignments()?.len() == 9)
+    })?;
     let before = lab.assignments()?;
     let kernel_before = (lab.kernel_map("client4")?, lab.kernel_map("client6")?);
     let handle_before = table_handle(&lab)?;
 
-    let streams = (1..=6).map(|i| UdpStream::start(&lab, i, false, Duration::from_millis(10))).collect::<anyhow::Result<Vec<_>>>()?;
+    let streams = (1..=6)
+        .map(|i| UdpStream::start(&lab, i, false, Duration::from_millis(10)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     std::thread::sleep(Duration::from_millis(500));
     lab.stop_agent("KILL")?;
     std::thread::sleep(Duration::from_millis(500));
@@ -94,14 +123,32 @@ fn restart_keeps_assignments_and_loses_no_packets() -> anyhow::Result<()> {
     for (i, s) in streams.into_iter().enumerate() {
         let r = s.finish()?;
         assert!(r.sent > 100, "stream {i} sent only {}", r.sent);
-        assert_eq!(r.received, r.sent, "client c{} lost {} of {} datagrams across the restart", i + 1, r.sent - r.received, r.sent);
+        assert_eq!(
+            r.received,
+            r.sent,
+            "client c{} lost {} of {} datagrams across the restart",
+            i + 1,
+            r.sent - r.received,
+            r.sent
+        );
         assert_eq!(r.seen.len(), 1, "one flow, one uplink: {:?}", r.seen);
     }
-    lab.wait_for(Duration::from_secs(5), "state saved after restart", || Ok(lab.assignments()? == before))?;
-    assert_eq!((lab.kernel_map("client4")?, lab.kernel_map("client6")?), kernel_before);
-    assert_eq!(table_handle(&lab)?, handle_before, "restart re-created the nft table instead of adopting it");
+    lab.wait_for(Duration::from_secs(5), "state saved after restart", || {
+        Ok(lab.assignments()? == before)
+    })?;
+    assert_eq!(
+        (lab.kernel_map("client4")?, lab.kernel_map("client6")?),
+        kernel_before
+    );
+    assert_eq!(
+        table_handle(&lab)?,
+        handle_before,
+        "restart re-created the nft table instead of adopting it"
+    );
     for (addr, home) in &before {
-        let i = (1..=6).find(|i| IpAddr::from(client_v4(*i)) == *addr || IpAddr::from(client_v6(*i)) == *addr).expect("lab client");
+        let i = (1..=6)
+            .find(|i| IpAddr::from(client_v4(*i)) == *addr || IpAddr::from(client_v6(*i)) == *addr)
+            .expect("lab client");
         let seen = lab.probe(i, addr.is_ipv6(), 10)?;
         assert_eq!(lab.uplink_of_source(seen).as_ref(), Some(home));
     }
@@ -123,29 +170,55 @@ fn table_handle(lab: &Lab) -> anyhow::Result<u64> {
 /// not before; a new client then goes to the least-loaded uplink.
 #[test]
 fn idle_client_is_released_then_least_loaded_wins() -> anyhow::Result<()> {
-    let uplinks = vec![UplinkSpec::new("isp1", 1, false), UplinkSpec::new("isp2", 1, false)];
+    let uplinks = vec![
+        UplinkSpec::new("isp1", 1, false),
+        UplinkSpec::new("isp2", 1, false),
+    ];
     let mut lab = Lab::build("idle", uplinks, 4, 0)?;
     lab.write_config("10s", "3s", "")?;
     lab.start_agent()?;
     for i in 1..=4 {
         lab.probe(i, false, 10)?;
     }
-    lab.wait_for(Duration::from_secs(10), "4 assignments", || Ok(lab.assignments()?.len() == 4))?;
+    lab.wait_for(Duration::from_secs(10), "4 assignments", || {
+        Ok(lab.assignments()?.len() == 4)
+    })?;
     let gone: IpAddr = client_v4(1).into();
     let freed = lab.assignments()?[&gone].clone();
 
     lab.remove_client(1)?;
     // The kernel may already have dropped the entry with the port; otherwise drop it now.
     let _ = lab.gw(&["ip", "neigh", "del", &gone.to_string(), "dev", "br-lan"]);
-    assert!(!lab.gw(&["ip", "neigh", "show", "dev", "br-lan"])?.contains(&format!("{gone} ")));
+    assert!(
+        !lab.gw(&["ip", "neigh", "show", "dev", "br-lan"])?
+            .contains(&format!("{gone} "))
+    );
     std::thread::sleep(Duration::from_millis(1000));
-    assert!(lab.kernel_map("client4")?.contains_key(&gone), "released before the idle timeout");
-    lab.wait_for(Duration::from_secs(10), "release of the idle client", || Ok(!lab.kernel_map("client4")?.contains_key(&gone) && !lab.assignments()?.contains_key(&gone)))?;
+    assert!(
+        lab.kernel_map("client4")?.contains_key(&gone),
+        "released before the idle timeout"
+    );
+    lab.wait_for(
+        Duration::from_secs(10),
+        "release of the idle client",
+        || {
+            Ok(!lab.kernel_map("client4")?.contains_key(&gone)
+                && !lab.assignments()?.contains_key(&gone))
+        },
+    )?;
 
     lab.add_client(5, false)?;
     lab.probe(5, false, 10)?;
     let newcomer: IpAddr = client_v4(5).into();
-    lab.wait_for(Duration::from_secs(10), "assignment of the new client", || Ok(lab.assignments()?.contains_key(&newcomer)))?;
-    assert_eq!(lab.assignments()?[&newcomer], freed, "the new client goes where the released one was");
+    lab.wait_for(
+        Duration::from_secs(10),
+        "assignment of the new client",
+        || Ok(lab.assignments()?.contains_key(&newcomer)),
+    )?;
+    assert_eq!(
+        lab.assignments()?[&newcomer],
+        freed,
+        "the new client goes where the released one was"
+    );
     Ok(())
 }

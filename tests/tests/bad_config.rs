@@ -1,0 +1,303 @@
+//! Test 9: bad configuration is refused with an error that names the key and the line, the
+//! process exits non-zero, and the kernel is untouched.
+
+use std::process::Command;
+
+use uplink_tests::{Netns, uplinkd_bin};
+
+const BASE: &str = r#"[agent]
+name = "gw-test"
+state_dir = "STATE"
+resync_interval = "10s"
+
+[lan]
+interfaces = ["br-lan"]
+prefixes = []
+client_idle_timeout = "10m"
+
+[[uplink]]
+name = "isp1"
+interface = "wan1"
+gateway = "100.64.1.1"
+gateway6 = "2001:db8:100:1::1"
+weight = 2
+
+[[uplink]]
+name = "isp2"
+interface = "wan2"
+gateway = "100.64.2.1"
+"#;
+
+struct Case {
+    name: &'static str,
+    /// (from, to) replacement applied to BASE, or the whole text when `from` is empty.
+    edit: (&'static str, &'static str),
+    /// Expected `path:line: key` prefix pieces.
+    line: Option<usize>,
+    key: &'static str,
+    /// A phrase the message must carry (what is valid).
+    hint: &'static str,
+}
+
+const CASES: &[Case] = &[
+    Case {
+        name: "unknown key",
+        edit: ("weight = 2", "wieght = 2"),
+        line: Some(16),
+        key: "wieght",
+        hint: "expected one of",
+    },
+    Case {
+        name: "zero weight",
+        edit: ("weight = 2", "weight = 0"),
+        line: Some(16),
+        key: "uplink[0].weight",
+        hint: "between 1 and 1000",
+    },
+    Case {
+        name: "duplicate name",
+        edit: ("name = \"isp2\"", "name = \"isp1\""),
+        line: Some(19),
+        key: "uplink[1].name",
+        hint: "must be unique",
+    },
+    Case {
+        name: "duplicate interface",
+        edit: ("interface = \"wan2\"", "interface = \"wan1\""),
+        line: Some(20),
+        key: "uplink[1].interface",
+        hint: "must be unique",
+    },
+    Case {
+        name: "bad gateway",
+        edit: ("100.64.1.1", "100.64.1.300"),
+        line: Some(14),
+        key: "uplink[0].gateway",
+        hint: "invalid IPv4 address",
+    },
+    Case {
+        name: "bad gateway6",
+        edit: ("2001:db8:100:1::1", "2001:db8::zz"),
+        line: Some(15),
+        key: "uplink[0].gateway6",
+        hint: "invalid IPv6 address",
+    },
+    Case {
+        name: "bad prefix",
+        edit: ("prefixes = []", "prefixes = [\"198.19.0.0/33\"]"),
+        line: Some(8),
+        key: "lan.prefixes[0]",
+        hint: "CIDR",
+    },
+    Case {
+        name: "bad duration",
+        edit: ("\"10s\"", "\"10 parsecs\""),
+        line: Some(4),
+        key: "agent.resync_interval",
+        hint: "\"250ms\", \"10s\", \"10m\"",
+    },
+    Case {
+        name: "no lan interfaces",
+        edit: ("interfaces = [\"br-lan\"]", "interfaces = []"),
+        line: Some(7),
+        key: "lan.interfaces",
+        hint: "at least one LAN interface",
+    },
+    Case {
+        name: "duplicate mark",
+        edit: ("weight = 2", "weight = 2\nmark = 2"),
+        line: Some(19),
+        key: "uplink[1].mark",
+        hint: "marks must be unique",
+    },
+    Case {
+        name: "duplicate table",
+        edit: ("weight = 2", "weight = 2\ntable = 1002"),
+        line: Some(19),
+        key: "uplink[1].table",
+        hint: "tables must be unique",
+    },
+    Case {
+        name: "table outside owned range",
+        edit: ("weight = 2", "weight = 2\ntable = 254"),
+        line: Some(17),
+        key: "uplink[0].table",
+        hint: "within uplinkd's tables",
+    },
+    Case {
+        name: "mark beyond mask",
+        edit: ("weight = 2", "weight = 2\nmark = 64"),
+        line: Some(17),
+        key: "uplink[0].mark",
+        hint: "between 1 and 63",
+    },
+    Case {
+        name: "non-contiguous mask",
+        edit: ("[lan]", "[dataplane]\nfwmark_mask = 0x0f0f\n\n[lan]"),
+        line: Some(7),
+        key: "dataplane.fwmark_mask",
+        hint: "contiguous",
+    },
+    Case {
+        name: "lan and uplink share an interface",
+        edit: ("interface = \"wan1\"", "interface = \"br-lan\""),
+        line: Some(13),
+        key: "uplink[0].interface",
+        hint: "also listed in lan.interfaces",
+    },
+    Case {
+        name: "unknown section",
+        edit: ("[agent]", "[agnet]"),
+        line: Some(1),
+        key: "agnet",
+        hint: "expected one of",
+    },
+    Case {
+        name: "wrong type",
+        edit: ("weight = 2", "weight = \"two\""),
+        line: Some(16),
+        key: "",
+        hint: "invalid type",
+    },
+    Case {
+        name: "syntax error",
+        edit: ("weight = 2", "weight = = 2"),
+        line: Some(16),
+        key: "",
+        hint: "",
+    },
+    Case {
+        name: "no uplinks",
+        edit: ("", "[lan]\ninterfaces = [\"br-lan\"]\n"),
+        line: None,
+        key: "uplink",
+        hint: "at least one [[uplink]]",
+    },
+    Case {
+        name: "no lan",
+        edit: ("", "[[uplink]]\nname = \"a\"\ninterface = \"wan1\"\n"),
+        line: None,
+        key: "lan",
+        hint: "missing [lan]",
+    },
+];
+
+fn kernel_snapshot(ns: &Netns) -> anyhow::Result<String> {
+    let mut s = ns.exec(&["nft", "list", "ruleset"])?;
+    s += &ns.exec(&["ip", "rule", "show"])?;
+    s += &ns.exec(&["ip", "-6", "rule", "show"])?;
+    s += &ns.exec(&["ip", "route", "show", "table", "all"])?;
+    Ok(s)
+}
+
+#[test]
+fn bad_configs_name_key_and_line_and_touch_nothing() -> anyhow::Result<()> {
+    let ns = Netns::new("cfg")?;
+    let dir = std::env::temp_dir().join(&ns.0);
+    std::fs::create_dir_all(&dir)?;
+    let before = kernel_snapshot(&ns)?;
+    let mut failures = Vec::new();
+    for case in CASES {
+        let state = dir.join("state");
+        let text = if case.edit.0.is_empty() {
+            case.edit.1.to_string()
+        } else {
+            BASE.replacen(case.edit.0, case.edit.1, 1)
+        };
+        assert_ne!(text, BASE, "case {} did not change the config", case.name);
+        let text = text.replace("STATE", state.to_str().unwrap());
+        let path = dir.join(format!("{}.toml", case.name.replace(' ', "-")));
+        std::fs::write(&path, &text)?;
+        let mut prefix = path.display().to_string();
+        if let Some(line) = case.line {
+            prefix += &format!(":{line}");
+        }
+        if !case.key.is_empty() {
+            prefix += &format!(": {}: ", case.key);
+        }
+        for args in [
+            vec!["check-config".to_string(), path.display().to_string()],
+            vec!["--config".into(), path.display().to_string(), "run".into()],
+        ] {
+            let out = Command::new("ip")
+                .args(["netns", "exec", &ns.0])
+                .arg(uplinkd_bin())
+                .args(&args)
+                .output()?;
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            let ok = out.status.code() == Some(2)
+                && stderr.starts_with(&format!("error: {prefix}"))
+                && stderr.contains(case.hint);
+            if !ok {
+                failures.push(format!(
+                    "{} ({}): exit {:?}, stderr {stderr:?}, wanted prefix {prefix:?} and {:?}",
+                    case.name,
+                    args[0],
+                    out.status.code(),
+                    case.hint
+                ));
+            }
+        }
+        assert!(!state.exists(), "{}: state dir created", case.name);
+    }
+    assert!(CASES.len() >= 12);
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    assert_eq!(
+        kernel_snapshot(&ns)?,
+        before,
+        "a refused config touched the kernel"
+    );
+
+    // The base config itself is valid, so every case above failed for its own edit.
+    let path = dir.join("good.toml");
+    std::fs::write(
+        &path,
+        BASE.replace("STATE", dir.join("state").to_str().unwrap()),
+    )?;
+    let out = Command::new(uplinkd_bin())
+        .arg("check-config")
+        .arg(&path)
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+/// A missing `nft` binary is a clear error at start, before anything is touched.
+#[test]
+fn missing_nft_is_a_clear_error() -> anyhow::Result<()> {
+    let ns = Netns::new("nonft")?;
+    let dir = std::env::temp_dir().join(&ns.0);
+    std::fs::create_dir_all(&dir)?;
+    let before = kernel_snapshot(&ns)?;
+    let path = dir.join("c.toml");
+    let text = BASE
+        .replace("STATE", dir.join("state").to_str().unwrap())
+        .replace("[lan]", "[dataplane]\nnft = \"/nonexistent/nft\"\n\n[lan]");
+    std::fs::write(&path, text)?;
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns.0])
+        .arg(uplinkd_bin())
+        .arg("--config")
+        .arg(&path)
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("cannot run \"/nonexistent/nft\" (dataplane.nft)")
+            && stderr.contains("install the nftables package"),
+        "{stderr}"
+    );
+    assert_eq!(kernel_snapshot(&ns)?, before);
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}

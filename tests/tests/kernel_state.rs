@@ -1,0 +1,310 @@
+//! Drift repair, ownership, and uplink interfaces that come and go.
+
+use std::time::{Duration, Instant};
+
+use uplink_tests::{Lab, UplinkSpec, client_v4};
+
+fn two_uplinks() -> Vec<UplinkSpec> {
+    vec![
+        UplinkSpec::new("isp1", 1, false),
+        UplinkSpec::new("isp2", 1, false),
+    ]
+}
+
+/// Which client (1 or 2) is on `uplink`.
+fn client_on(lab: &Lab, uplink: &str) -> anyhow::Result<u32> {
+    let assigned = lab.assignments()?;
+    (1..=2)
+        .find(|i| assigned.get(&client_v4(*i).into()).map(String::as_str) == Some(uplink))
+        .ok_or_else(|| anyhow::anyhow!("no client on {uplink}: {assigned:?}"))
+}
+
+/// Test 5: deleting the table, one rule and one route is each repaired within the resync
+/// interval, and traffic flows again.
+#[test]
+fn drift_is_repaired_within_resync_interval() -> anyhow::Result<()> {
+    let mut lab = Lab::build("drift", two_uplinks(), 2, 0)?;
+    lab.write_config("2s", "10m", "")?;
+    lab.start_agent()?;
+    for i in 1..=2 {
+        lab.probe(i, false, 10)?;
+    }
+    lab.wait_for(Duration::from_secs(10), "2 assignments", || {
+        Ok(lab.assignments()?.len() == 2)
+    })?;
+    let c2 = client_on(&lab, "isp2")?;
+    let bound = Duration::from_secs(2) + Duration::from_millis(1500);
+
+    let repaired =
+        |what: &str, check: &dyn Fn() -> anyhow::Result<bool>| -> anyhow::Result<Duration> {
+            let t = Instant::now();
+            lab.wait_for(bound, what, check)?;
+            Ok(t.elapsed())
+        };
+
+    lab.gw(&["nft", "delete", "table", "inet", "uplinkd"])?;
+    repaired("nft table re-created with its elements", &|| {
+        Ok(lab.kernel_map("client4")?.len() == 2)
+    })?;
+
+    lab.gw(&[
+        "ip",
+        "rule",
+        "del",
+        "pref",
+        "10001",
+        "fwmark",
+        "0x2000000/0x3f000000",
+        "lookup",
+        "1002",
+    ])?;
+    repaired("fwmark rule for isp2", &|| {
+        Ok(lab
+            .gw(&["ip", "rule", "show"])?
+            .contains("fwmark 0x2000000/0x3f000000 lookup 1002"))
+    })?;
+
+    lab.gw(&["ip", "route", "del", "default", "table", "1002"])?;
+    repaired("default route of table 1002", &|| {
+        Ok(lab
+            .gw(&["ip", "route", "show", "table", "1002"])?
+            .contains("default via 100.64.2.1"))
+    })?;
+
+    let seen = lab.probe(c2, false, 10)?;
+    assert_eq!(lab.uplink_of_source(seen).as_deref(), Some("isp2"));
+    Ok(())
+}
+
+/// The foreign state a test plants: an nft table, ip rules (one inside uplinkd's priority
+/// band) and routes in other tables.
+fn plant_foreign(lab: &Lab) -> anyhow::Result<()> {
+    lab.gw(&["nft", "add", "table", "inet", "foreign"])?;
+    lab.gw(&[
+        "nft",
+        "add",
+        "chain",
+        "inet",
+        "foreign",
+        "pre",
+        "{ type filter hook prerouting priority -300; policy accept; }",
+    ])?;
+    lab.gw(&[
+        "nft",
+        "add",
+        "set",
+        "inet",
+        "foreign",
+        "s",
+        "{ type ipv4_addr; elements = { 192.0.2.1 } }",
+    ])?;
+    lab.gw(&[
+        "nft", "add", "rule", "inet", "foreign", "pre", "ip", "saddr", "@s", "counter",
+    ])?;
+    lab.gw(&[
+        "ip", "rule", "add", "pref", "500", "fwmark", "0x1/0x1", "lookup", "100",
+    ])?;
+    lab.gw(&[
+        "ip",
+        "rule",
+        "add",
+        "pref",
+        "10050",
+        "from",
+        "192.0.2.0/24",
+        "lookup",
+        "101",
+    ])?;
+    lab.gw(&[
+        "ip",
+        "-6",
+        "rule",
+        "add",
+        "pref",
+        "10001",
+        "from",
+        "2001:db8:ff::/48",
+        "lookup",
+        "101",
+    ])?;
+    lab.gw(&[
+        "ip",
+        "route",
+        "add",
+        "192.0.2.0/24",
+        "via",
+        "100.64.1.1",
+        "table",
+        "100",
+    ])?;
+    lab.gw(&[
+        "ip",
+        "route",
+        "add",
+        "default",
+        "via",
+        "100.64.2.1",
+        "table",
+        "101",
+    ])?;
+    lab.gw(&[
+        "ip",
+        "-6",
+        "route",
+        "add",
+        "2001:db8:ff::/48",
+        "via",
+        "2001:db8:100:1::1",
+        "table",
+        "100",
+    ])?;
+    lab.gw(&[
+        "ip",
+        "route",
+        "add",
+        "192.0.2.128/25",
+        "via",
+        "100.64.1.1",
+        "proto",
+        "static",
+    ])?;
+    Ok(())
+}
+
+fn foreign_snapshot(lab: &Lab) -> anyhow::Result<String> {
+    let mut s = lab.gw(&["nft", "-j", "list", "table", "inet", "foreign"])?;
+    for args in [
+        &["ip", "rule", "show"][..],
+        &["ip", "-6", "rule", "show"],
+        &["ip", "route", "show", "table", "100"],
+        &["ip", "route", "show", "table", "101"],
+        &["ip", "-6", "route", "show", "table", "100"],
+        &["ip", "route", "show", "table", "main"],
+        &["ip", "-6", "route", "show", "table", "main"],
+    ] {
+        let out = lab.gw(args)?;
+        // uplinkd's own rules are not part of the foreign state.
+        s += &out
+            .lines()
+            .filter(|l| !l.contains("proto 171"))
+            .collect::<Vec<_>>()
+            .join("\n");
+    }
+    Ok(s)
+}
+
+/// Test 6: foreign tables, rules and routes are byte-identical after start, reconcile,
+/// restart and cleanup; cleanup removes exactly uplinkd's objects.
+#[test]
+fn foreign_state_survives_everything() -> anyhow::Result<()> {
+    let mut lab = Lab::build("own", two_uplinks(), 2, 0)?;
+    plant_foreign(&lab)?;
+    let before = foreign_snapshot(&lab)?;
+    lab.write_config("1s", "10m", "")?;
+    lab.start_agent()?;
+    lab.probe(1, false, 10)?;
+    assert_eq!(foreign_snapshot(&lab)?, before, "after start");
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(foreign_snapshot(&lab)?, before, "after resyncs");
+    lab.stop_agent("KILL")?;
+    lab.start_agent()?;
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(foreign_snapshot(&lab)?, before, "after restart");
+    lab.stop_agent("TERM")?;
+    assert!(
+        lab.gw(&["nft", "list", "tables"])?.contains("uplinkd"),
+        "SIGTERM leaves the dataplane in place"
+    );
+
+    lab.gw(&[
+        uplink_tests::uplinkd_bin().to_str().unwrap(),
+        "--config",
+        lab.config_path().to_str().unwrap(),
+        "cleanup",
+    ])?;
+    assert_eq!(foreign_snapshot(&lab)?, before, "after cleanup");
+    assert!(!lab.gw(&["nft", "list", "tables"])?.contains("uplinkd"));
+    assert!(!lab.gw(&["ip", "rule", "show"])?.contains("proto 171"));
+    assert!(!lab.gw(&["ip", "-6", "rule", "show"])?.contains("proto 171"));
+    for t in ["1001", "1002"] {
+        assert_eq!(lab.gw(&["ip", "route", "show", "table", t])?, "");
+        assert_eq!(lab.gw(&["ip", "-6", "route", "show", "table", t])?, "");
+    }
+    // The foreign rule inside uplinkd's priority band was never uplinkd's.
+    assert!(
+        lab.gw(&["ip", "rule", "show"])?
+            .contains("10050:\tfrom 192.0.2.0/24 lookup 101")
+    );
+    Ok(())
+}
+
+fn recreate_wan2(lab: &Lab) -> anyhow::Result<()> {
+    let (gw, isp2) = (lab.ns("gw"), lab.ns("isp2"));
+    uplink_tests::sh(&[
+        "ip", "-n", &isp2, "link", "add", "cpe", "type", "veth", "peer", "name", "wan2", "netns",
+        &gw,
+    ])?;
+    uplink_tests::sh(&[
+        "ip",
+        "-n",
+        &isp2,
+        "addr",
+        "add",
+        "100.64.2.1/24",
+        "dev",
+        "cpe",
+    ])?;
+    uplink_tests::sh(&["ip", "-n", &isp2, "link", "set", "cpe", "up"])?;
+    lab.gw(&["ip", "addr", "add", "100.64.2.2/24", "dev", "wan2"])?;
+    lab.gw(&["ip", "link", "set", "wan2", "up"])?;
+    Ok(())
+}
+
+/// Test 7: an uplink interface that appears after start becomes usable; deleted and
+/// recreated (new ifindex, as on a PPP redial) it gets its routes back.
+#[test]
+fn uplink_interface_appears_and_is_recreated() -> anyhow::Result<()> {
+    let mut lab = Lab::build("ifc", two_uplinks(), 2, 0)?;
+    lab.gw(&["ip", "link", "del", "wan2"])?;
+    lab.write_config("60s", "10m", "")?;
+    lab.start_agent()?;
+    for i in 1..=2 {
+        let _ = lab.probe(i, false, 3);
+    }
+    lab.wait_for(Duration::from_secs(10), "2 assignments", || {
+        Ok(lab.assignments()?.len() == 2)
+    })?;
+    assert!(
+        !lab.gw(&["ip", "route", "show", "table", "all"])?
+            .contains("table 1002"),
+        "no route while wan2 is missing"
+    );
+    let c2 = client_on(&lab, "isp2")?;
+
+    // The resync interval is 60 s: only the link event can bring the route in time.
+    recreate_wan2(&lab)?;
+    lab.wait_for(Duration::from_secs(5), "route via the new wan2", || {
+        Ok(lab
+            .gw(&["ip", "route", "show", "table", "1002"])?
+            .contains("dev wan2"))
+    })?;
+    let seen = lab.probe(c2, false, 10)?;
+    assert_eq!(lab.uplink_of_source(seen).as_deref(), Some("isp2"));
+
+    let old_index = lab.gw(&["cat", "/sys/class/net/wan2/ifindex"])?;
+    lab.gw(&["ip", "link", "del", "wan2"])?;
+    recreate_wan2(&lab)?;
+    assert_ne!(lab.gw(&["cat", "/sys/class/net/wan2/ifindex"])?, old_index);
+    lab.wait_for(
+        Duration::from_secs(5),
+        "route via the recreated wan2",
+        || {
+            Ok(lab
+                .gw(&["ip", "route", "show", "table", "1002"])?
+                .contains("dev wan2"))
+        },
+    )?;
+    let seen = lab.probe(c2, false, 10)?;
+    assert_eq!(lab.uplink_of_source(seen).as_deref(), Some("isp2"));
+    Ok(())
+}
