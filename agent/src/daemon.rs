@@ -88,14 +88,14 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
         state_dirty: true,
         needs_retry: false,
     };
-
     let started = Instant::now();
     agent.resync_inputs().await?;
     agent.adopt.clear();
-    let report = agent.apply(true).await;
+    // read_nft just filled the dataplane's cache: no second read-back of the table.
+    let report = agent.apply(false).await;
     agent.save_state();
     info!(
-        clients = agent.model.clients.len(),
+        clients = agent.model.clients().len(),
         elapsed_ms = started.elapsed().as_millis() as u64,
         in_sync = report.errors.is_empty(),
         "initial apply done"
@@ -233,7 +233,8 @@ impl Agent {
             self.on_event(e);
         }
         let mut present = HashMap::new();
-        for e in discover::dump_neighbours(&self.handle).await? {
+        let handle = self.handle.clone();
+        discover::dump_neighbours(&handle, |e| {
             if let Event::Neighbour {
                 ip,
                 mac: Some(mac),
@@ -247,7 +248,8 @@ impl Agent {
                 present.insert(*ip, *mac);
             }
             self.on_event(e);
-        }
+        })
+        .await?;
         self.model.reconcile_present(&present, now_millis());
         Ok(())
     }
@@ -281,7 +283,7 @@ impl Agent {
         if !self.state_dirty {
             return;
         }
-        match self.state.save(self.model.clients.values()) {
+        match self.state.save(self.model.clients().values()) {
             Ok(()) => self.state_dirty = false,
             Err(e) => error!(error = %e, "cannot save assignments; will retry"),
         }
@@ -305,9 +307,7 @@ impl Agent {
             );
             return;
         }
-        let clients = std::mem::take(&mut self.model.clients)
-            .into_values()
-            .collect();
+        let clients = self.model.clients().clone().into_values().collect();
         self.model = Model::new(&new);
         let reassigned = self.model.restore(clients);
         self.config = new;

@@ -33,6 +33,15 @@ fn drift_is_repaired_within_resync_interval() -> anyhow::Result<()> {
         Ok(lab.assignments()?.len() == 2)
     })?;
     let c2 = client_on(&lab, "isp2")?;
+    // Resyncs of an unchanged kernel change nothing (no churn of rules, routes or elements).
+    let applied_before = lab.log_tail(1000).matches(" applied ").count();
+    std::thread::sleep(Duration::from_millis(4500));
+    assert_eq!(
+        lab.log_tail(1000).matches(" applied ").count(),
+        applied_before,
+        "a resync of an unchanged kernel changed something:\n{}",
+        lab.log_tail(10)
+    );
     let bound = Duration::from_secs(2) + Duration::from_millis(1500);
 
     let repaired =

@@ -74,7 +74,10 @@ impl NetlinkDriver {
                         RuleAttribute::FwMark(m) => mark = Some(*m),
                         RuleAttribute::FwMask(m) => mask = Some(*m),
                         RuleAttribute::Table(t) => table = *t,
-                        RuleAttribute::SuppressPrefixLen(s) => suppress = Some(*s),
+                        // The kernel reports "unset" as u32::MAX.
+                        RuleAttribute::SuppressPrefixLen(s) if *s != u32::MAX => {
+                            suppress = Some(*s)
+                        }
                         _ => {}
                     }
                 }
@@ -100,6 +103,9 @@ impl NetlinkDriver {
                     priority,
                     action,
                 });
+                if spec.is_none() {
+                    tracing::debug!(rule = ?msg, "owned rule of a shape uplinkd does not write; removing it");
+                }
                 out.push(Owned { spec, message: msg });
             }
         }

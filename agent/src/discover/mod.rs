@@ -102,18 +102,24 @@ pub async fn dump_links(handle: &Handle) -> Result<Vec<Event>, DiscoverError> {
     Ok(links.iter().filter_map(|m| link_event(m, false)).collect())
 }
 
-pub async fn dump_neighbours(handle: &Handle) -> Result<Vec<Event>, DiscoverError> {
-    let mut out = Vec::new();
+/// Dumps the neighbour tables, handing each entry to `f` as it arrives (100k entries are
+/// not collected first).
+pub async fn dump_neighbours(
+    handle: &Handle,
+    mut f: impl FnMut(Event),
+) -> Result<(), DiscoverError> {
     for af in [AddressFamily::Inet, AddressFamily::Inet6] {
         let mut s = handle.neighbours().get().set_address_family(af).execute();
         while let Some(m) = s.try_next().await.map_err(|source| DiscoverError::Dump {
             what: "neighbours",
             source,
         })? {
-            out.extend(neighbour_event(&m, false));
+            if let Some(e) = neighbour_event(&m, false) {
+                f(e);
+            }
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 fn neighbour_event(m: &NeighbourMessage, deleted: bool) -> Option<Event> {

@@ -54,7 +54,78 @@ pub struct Client {
     /// The uplink this client was assigned to; sticky across restarts.
     pub home: String,
     pub first_seen: Millis,
-    pub addresses: BTreeMap<IpAddr, Address>,
+    pub addresses: AddrMap,
+}
+
+/// A client's addresses: a sorted small vector. Most clients have one to three addresses,
+/// and at 100k clients a map node per client would cost tens of megabytes.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AddrMap(Vec<(IpAddr, Address)>);
+
+impl AddrMap {
+    pub fn insert(&mut self, ip: IpAddr, a: Address) -> Option<Address> {
+        match self.0.binary_search_by(|(k, _)| k.cmp(&ip)) {
+            Ok(i) => Some(std::mem::replace(&mut self.0[i].1, a)),
+            Err(i) => {
+                self.0.insert(i, (ip, a));
+                None
+            }
+        }
+    }
+
+    pub fn get_mut(&mut self, ip: &IpAddr) -> Option<&mut Address> {
+        let i = self.0.binary_search_by(|(k, _)| k.cmp(ip)).ok()?;
+        Some(&mut self.0[i].1)
+    }
+
+    pub fn remove(&mut self, ip: &IpAddr) -> Option<Address> {
+        let i = self.0.binary_search_by(|(k, _)| k.cmp(ip)).ok()?;
+        Some(self.0.remove(i).1)
+    }
+
+    pub fn retain(&mut self, mut keep: impl FnMut(&IpAddr, &mut Address) -> bool) {
+        self.0.retain_mut(|(k, a)| keep(k, a));
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&IpAddr, &Address)> {
+        self.0.iter().map(|(k, a)| (k, a))
+    }
+
+    pub fn keys(&self) -> impl Iterator<Item = &IpAddr> {
+        self.0.iter().map(|(k, _)| k)
+    }
+
+    pub fn values(&self) -> impl Iterator<Item = &Address> {
+        self.0.iter().map(|(_, a)| a)
+    }
+
+    pub fn values_mut(&mut self) -> impl Iterator<Item = &mut Address> {
+        self.0.iter_mut().map(|(_, a)| a)
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl FromIterator<(IpAddr, Address)> for AddrMap {
+    fn from_iter<I: IntoIterator<Item = (IpAddr, Address)>>(it: I) -> AddrMap {
+        let mut m = AddrMap::default();
+        for (ip, a) in it {
+            m.insert(ip, a);
+        }
+        m
+    }
+}
+
+impl<const N: usize> From<[(IpAddr, Address); N]> for AddrMap {
+    fn from(a: [(IpAddr, Address); N]) -> AddrMap {
+        a.into_iter().collect()
+    }
 }
 
 /// What a model change means for the dataplane.
@@ -68,8 +139,10 @@ pub enum Change {
 #[derive(Debug, Clone)]
 pub struct Model {
     pub uplinks: Vec<Uplink>,
-    pub clients: BTreeMap<Mac, Client>,
+    clients: BTreeMap<Mac, Client>,
     by_addr: HashMap<IpAddr, Mac>,
+    /// Clients per uplink, in config order.
+    counts: Vec<usize>,
     prefixes: Vec<IpNet>,
 }
 
@@ -88,6 +161,7 @@ impl Model {
                 .collect(),
             clients: BTreeMap::new(),
             by_addr: HashMap::new(),
+            counts: vec![0; config.uplinks.len()],
             prefixes: config.lan.prefixes.clone(),
         }
     }
@@ -127,21 +201,40 @@ impl Model {
         unicast && (self.prefixes.is_empty() || self.prefixes.iter().any(|p| p.contains(&ip)))
     }
 
+    pub fn clients(&self) -> &BTreeMap<Mac, Client> {
+        &self.clients
+    }
+
     /// Client counts per uplink, in config order.
-    pub fn counts(&self) -> Vec<usize> {
-        let index: HashMap<&str, usize> = self
-            .uplinks
-            .iter()
-            .enumerate()
-            .map(|(i, u)| (u.name.as_str(), i))
-            .collect();
-        let mut counts = vec![0; self.uplinks.len()];
-        for c in self.clients.values() {
-            if let Some(&i) = index.get(c.home.as_str()) {
-                counts[i] += 1;
-            }
+    pub fn counts(&self) -> &[usize] {
+        &self.counts
+    }
+
+    fn uplink_index(&self, name: &str) -> Option<usize> {
+        self.uplinks.iter().position(|u| u.name == name)
+    }
+
+    fn least_loaded(&self) -> String {
+        self.uplinks[assign::least_loaded(&self.uplinks, &self.counts)]
+            .name
+            .clone()
+    }
+
+    /// Adds a client, keeping the per-uplink counts (placement reads them for every new
+    /// client, so they are kept rather than recounted).
+    fn add_client(&mut self, c: Client) {
+        if let Some(i) = self.uplink_index(&c.home) {
+            self.counts[i] += 1;
         }
-        counts
+        self.clients.insert(c.mac, c);
+    }
+
+    fn drop_client(&mut self, mac: Mac) -> Option<Client> {
+        let c = self.clients.remove(&mac)?;
+        if let Some(i) = self.uplink_index(&c.home) {
+            self.counts[i] -= 1;
+        }
+        Some(c)
     }
 
     /// A neighbour entry with a link-layer address exists for `ip`. `adopt` is the uplink
@@ -168,19 +261,14 @@ impl Model {
         if !self.clients.contains_key(&mac) {
             let home = match adopt.filter(|name| self.uplink(name).is_some()) {
                 Some(name) => name.to_string(),
-                None => self.uplinks[assign::least_loaded(&self.uplinks, &self.counts())]
-                    .name
-                    .clone(),
+                None => self.least_loaded(),
             };
-            self.clients.insert(
+            self.add_client(Client {
                 mac,
-                Client {
-                    mac,
-                    home,
-                    first_seen: now,
-                    addresses: BTreeMap::new(),
-                },
-            );
+                home,
+                first_seen: now,
+                addresses: AddrMap::default(),
+            });
             change = Change::Clients;
         }
         let client = self.clients.get_mut(&mac).expect("inserted above");
@@ -232,7 +320,7 @@ impl Model {
         let idle = idle.as_millis() as u64;
         let mut expired = Vec::new();
         for c in self.clients.values() {
-            for (ip, a) in &c.addresses {
+            for (ip, a) in c.addresses.iter() {
                 if !a.present && now.saturating_sub(a.last_seen) >= idle {
                     expired.push((c.mac, *ip));
                 }
@@ -253,7 +341,7 @@ impl Model {
         let client = self.clients.get_mut(&mac)?;
         client.addresses.remove(&ip);
         if client.addresses.is_empty() {
-            self.clients.remove(&mac)
+            self.drop_client(mac)
         } else {
             None
         }
@@ -280,9 +368,7 @@ impl Model {
             self.insert(c);
         }
         for mut c in orphans {
-            c.home = self.uplinks[assign::least_loaded(&self.uplinks, &self.counts())]
-                .name
-                .clone();
+            c.home = self.least_loaded();
             reassigned += 1;
             self.insert(c);
         }
@@ -296,10 +382,12 @@ impl Model {
                 && let Some(prev) = self.clients.get_mut(&old)
             {
                 prev.addresses.remove(ip);
+                if prev.addresses.is_empty() {
+                    self.drop_client(old);
+                }
             }
         }
-        self.clients.insert(c.mac, c);
-        self.clients.retain(|_, c| !c.addresses.is_empty());
+        self.add_client(c);
     }
 
     /// Every mapped address with its client's home uplink.
@@ -341,7 +429,7 @@ mod tests {
         for n in 1..=8 {
             m.neighbour_present(ip(&format!("10.0.0.{n}")), mac(n), 0, None);
         }
-        assert_eq!(m.counts(), vec![4, 2, 2]);
+        assert_eq!(m.counts(), [4, 2, 2]);
     }
 
     #[test]
@@ -350,7 +438,7 @@ mod tests {
         m.neighbour_present(ip("10.0.0.1"), mac(1), 0, None);
         m.neighbour_present(ip("2001:db8::1"), mac(1), 0, None);
         m.neighbour_present(ip("10.0.0.2"), mac(2), 0, None);
-        assert_eq!(m.counts(), vec![1, 1]);
+        assert_eq!(m.counts(), [1, 1]);
         let homes: Vec<_> = m.addresses().filter(|(_, h)| *h == "u0").collect();
         assert_eq!(homes.len(), 2);
     }
@@ -382,7 +470,7 @@ mod tests {
         let released = m.expire(11_000, Duration::from_secs(10));
         assert_eq!(released.len(), 1);
         assert_eq!(released[0].home, "u0");
-        assert_eq!(m.counts(), vec![0, 1]);
+        assert_eq!(m.counts(), [0, 1]);
         m.neighbour_present(ip("10.0.0.3"), mac(3), 12_000, None);
         assert_eq!(m.clients[&mac(3)].home, "u0");
     }

@@ -1,15 +1,13 @@
 //! Persistent assignments in `state_dir/state.json`: written atomically (temp file, fsync,
 //! rename, fsync of the directory) so a crash leaves either the old or the new file.
 
-use std::collections::BTreeMap;
 use std::fs::{self, File};
-use std::io::Write;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::{Address, Client, Mac, Millis};
+use super::{AddrMap, Address, Client, Mac, Millis};
 
 const VERSION: u32 = 1;
 const FILE: &str = "state.json";
@@ -34,14 +32,46 @@ pub enum StateError {
     Version { path: PathBuf, found: u32 },
 }
 
-#[derive(Serialize, Deserialize)]
+// The file is read and written a client at a time: at 100k clients a whole intermediate
+// document would double the agent's memory at start and at every save.
+
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct StateDoc {
     version: u32,
-    clients: Vec<ClientDoc>,
+    clients: Vec<ClientIn>,
 }
 
-#[derive(Serialize, Deserialize)]
+/// One client converted as it is parsed.
+#[derive(Deserialize)]
+#[serde(from = "ClientDoc")]
+struct ClientIn(Client);
+
+impl From<ClientDoc> for ClientIn {
+    fn from(c: ClientDoc) -> ClientIn {
+        let addresses = c
+            .addresses
+            .into_iter()
+            .map(|a| {
+                (
+                    a.ip,
+                    Address {
+                        present: false,
+                        last_seen: a.last_seen,
+                    },
+                )
+            })
+            .collect::<AddrMap>();
+        ClientIn(Client {
+            mac: c.mac,
+            home: c.home,
+            first_seen: c.first_seen,
+            addresses,
+        })
+    }
+}
+
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ClientDoc {
     mac: Mac,
@@ -55,6 +85,52 @@ struct ClientDoc {
 struct AddressDoc {
     ip: IpAddr,
     last_seen: Millis,
+}
+
+/// Serializes the model's clients without copying them.
+struct StateOut<'a, I: Iterator<Item = &'a Client> + Clone> {
+    clients: I,
+}
+
+impl<'a, I: Iterator<Item = &'a Client> + Clone> Serialize for StateOut<'a, I> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut st = s.serialize_struct("StateDoc", 2)?;
+        st.serialize_field("version", &VERSION)?;
+        st.serialize_field("clients", &ClientsOut(self.clients.clone()))?;
+        st.end()
+    }
+}
+
+struct ClientsOut<I>(I);
+
+impl<'a, I: Iterator<Item = &'a Client> + Clone> Serialize for ClientsOut<I> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.clone().map(ClientOut))
+    }
+}
+
+struct ClientOut<'a>(&'a Client);
+
+impl Serialize for ClientOut<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let c = self.0;
+        let mut st = s.serialize_struct("Client", 4)?;
+        st.serialize_field("mac", &c.mac)?;
+        st.serialize_field("home", &c.home)?;
+        st.serialize_field("first_seen", &c.first_seen)?;
+        let addrs: Vec<AddressDoc> = c
+            .addresses
+            .iter()
+            .map(|(ip, a)| AddressDoc {
+                ip: *ip,
+                last_seen: a.last_seen,
+            })
+            .collect();
+        st.serialize_field("addresses", &addrs)?;
+        st.end()
+    }
 }
 
 pub struct StateFile {
@@ -75,12 +151,12 @@ impl StateFile {
     /// `Ok(None)` when there is no state file yet.
     pub fn load(&self) -> Result<Option<Vec<Client>>, StateError> {
         let path = self.path();
-        let text = match fs::read_to_string(&path) {
+        let bytes = match fs::read(&path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(source) => return Err(StateError::Io { path, source }),
         };
-        let doc: StateDoc = serde_json::from_str(&text).map_err(|e| StateError::Corrupt {
+        let doc: StateDoc = serde_json::from_slice(&bytes).map_err(|e| StateError::Corrupt {
             path: path.clone(),
             line: e.line(),
             column: e.column(),
@@ -92,29 +168,7 @@ impl StateFile {
                 found: doc.version,
             });
         }
-        Ok(Some(
-            doc.clients
-                .into_iter()
-                .map(|c| Client {
-                    mac: c.mac,
-                    home: c.home,
-                    first_seen: c.first_seen,
-                    addresses: c
-                        .addresses
-                        .into_iter()
-                        .map(|a| {
-                            (
-                                a.ip,
-                                Address {
-                                    present: false,
-                                    last_seen: a.last_seen,
-                                },
-                            )
-                        })
-                        .collect::<BTreeMap<_, _>>(),
-                })
-                .collect(),
-        ))
+        Ok(Some(doc.clients.into_iter().map(|c| c.0).collect()))
     }
 
     /// Moves an unreadable state file aside (never deletes it) and returns its new path.
@@ -125,34 +179,27 @@ impl StateFile {
         Ok(to)
     }
 
-    pub fn save<'a>(&self, clients: impl Iterator<Item = &'a Client>) -> Result<(), StateError> {
-        let doc = StateDoc {
-            version: VERSION,
-            clients: clients
-                .map(|c| ClientDoc {
-                    mac: c.mac,
-                    home: c.home.clone(),
-                    first_seen: c.first_seen,
-                    addresses: c
-                        .addresses
-                        .iter()
-                        .map(|(ip, a)| AddressDoc {
-                            ip: *ip,
-                            last_seen: a.last_seen,
-                        })
-                        .collect(),
-                })
-                .collect(),
-        };
+    pub fn save<'a>(
+        &self,
+        clients: impl Iterator<Item = &'a Client> + Clone,
+    ) -> Result<(), StateError> {
+        let doc = StateOut { clients };
         let io = |path: &Path| {
             let path = path.to_owned();
             move |source| StateError::Io { path, source }
         };
         fs::create_dir_all(&self.dir).map_err(io(&self.dir))?;
         let tmp = self.dir.join(format!("{FILE}.tmp"));
-        let mut f = File::create(&tmp).map_err(io(&tmp))?;
-        let bytes = serde_json::to_vec(&doc).expect("state serializes");
-        f.write_all(&bytes).map_err(io(&tmp))?;
+        let f = File::create(&tmp).map_err(io(&tmp))?;
+        let mut w = std::io::BufWriter::with_capacity(1 << 16, f);
+        serde_json::to_writer(&mut w, &doc).map_err(|e| StateError::Io {
+            path: tmp.clone(),
+            source: e.into(),
+        })?;
+        let f = w.into_inner().map_err(|e| StateError::Io {
+            path: tmp.clone(),
+            source: e.into_error(),
+        })?;
         f.sync_all().map_err(io(&tmp))?;
         drop(f);
         let path = self.path();

@@ -1,0 +1,371 @@
+//! Benchmarks for uplinkd on the real kernel dataplane, in a namespace of their own.
+//!
+//!   uplink-bench dispatch [--clients 1000] [--interval-ms 5] [--runs 3]
+//!     Neighbour entry added → client map element committed in the kernel, per client, as
+//!     seen by `nft monitor` (external to the agent). Reports p50/p90/p99/max per run.
+//!   uplink-bench startup [--clients 10000] [--runs 3]
+//!     Agent start with N clients already in the neighbour table: cold (empty kernel) and
+//!     warm restart (adopting the table and state file). Wall time from spawn to the first
+//!     apply, and the agent's peak RSS.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use uplink_tests::{Netns, sh, uplinkd_bin};
+
+fn arg(args: &[String], name: &str, default: u64) -> Result<u64> {
+    match args.iter().position(|a| a == name) {
+        Some(i) => args
+            .get(i + 1)
+            .with_context(|| format!("{name} needs a value"))?
+            .parse()
+            .with_context(|| format!("{name} must be a number")),
+        None => Ok(default),
+    }
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let machine = machine();
+    match args.first().map(String::as_str) {
+        Some("dispatch") => dispatch(
+            arg(&args, "--clients", 1000)? as u32,
+            arg(&args, "--interval-ms", 5)?,
+            arg(&args, "--runs", 3)?,
+            &machine,
+        ),
+        Some("startup") => startup(
+            arg(&args, "--clients", 10_000)? as u32,
+            arg(&args, "--runs", 3)?,
+            &machine,
+        ),
+        _ => bail!(
+            "usage: uplink-bench dispatch [--clients N] [--interval-ms M] [--runs R] | startup [--clients N] [--runs R]"
+        ),
+    }
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let kernel = sh(&["uname", "-r"]).unwrap_or_default();
+    format!("{cpu}, {cores} cores, kernel {}", kernel.trim())
+}
+
+fn client_ip(i: u32) -> Ipv4Addr {
+    // 198.18.0.0/15 holds 131070 hosts; skip .0 of the first /24.
+    let n = 0xC612_0000u32 + 2 + i;
+    Ipv4Addr::from(n)
+}
+
+fn client_mac(i: u32) -> String {
+    let b = (i + 1).to_be_bytes();
+    format!("02:42:{:02x}:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2], b[3])
+}
+
+/// Output lines of a child process, each with the time it was read.
+type Lines = mpsc::Receiver<(Instant, String)>;
+
+/// A gateway namespace with a LAN bridge and one uplink to a peer namespace.
+struct Gw {
+    ns: Netns,
+    _peer: Netns,
+    dir: std::path::PathBuf,
+}
+
+impl Gw {
+    fn new(tag: &str) -> Result<Gw> {
+        let ns = Netns::new(tag)?;
+        let peer = Netns::new(&format!("{tag}p"))?;
+        ns.exec(&["ip", "link", "set", "lo", "up"])?;
+        ns.exec(&["ip", "link", "add", "br-lan", "type", "bridge"])?;
+        ns.exec(&["ip", "link", "set", "br-lan", "up"])?;
+        ns.exec(&["ip", "addr", "add", "198.18.0.1/15", "dev", "br-lan"])?;
+        ns.exec(&[
+            "ip", "link", "add", "wan1", "type", "veth", "peer", "name", "cpe", "netns", &peer.0,
+        ])?;
+        ns.exec(&["ip", "addr", "add", "100.64.1.2/24", "dev", "wan1"])?;
+        ns.exec(&["ip", "link", "set", "wan1", "up"])?;
+        let dir = std::env::temp_dir().join(&ns.0);
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(
+            dir.join("uplinkd.toml"),
+            format!(
+                "[agent]\nstate_dir = \"{}\"\nresync_interval = \"60s\"\n[lan]\ninterfaces = [\"br-lan\"]\n[[uplink]]\nname = \"isp1\"\ninterface = \"wan1\"\ngateway = \"100.64.1.1\"\n[[uplink]]\nname = \"isp2\"\ninterface = \"wan2\"\ngateway = \"100.64.2.1\"\n",
+                dir.join("state").display()
+            ),
+        )?;
+        Ok(Gw {
+            ns,
+            _peer: peer,
+            dir,
+        })
+    }
+
+    fn add_neighbours(&self, range: std::ops::Range<u32>) -> Result<()> {
+        let mut child = Command::new("ip")
+            .args(["-n", &self.ns.0, "-batch", "-"])
+            .stdin(Stdio::piped())
+            .spawn()?;
+        {
+            let mut stdin = std::io::BufWriter::new(child.stdin.take().expect("piped"));
+            for i in range {
+                writeln!(
+                    stdin,
+                    "neigh replace {} lladdr {} dev br-lan nud permanent",
+                    client_ip(i),
+                    client_mac(i)
+                )?;
+            }
+        }
+        if !child.wait()?.success() {
+            bail!("ip -batch neigh failed");
+        }
+        Ok(())
+    }
+
+    fn start_agent(&self) -> Result<(Child, Instant, Lines)> {
+        let t = Instant::now();
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.ns.0])
+            .arg(uplinkd_bin())
+            .arg("--config")
+            .arg(self.dir.join("uplinkd.toml"))
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()?;
+        let stderr = child.stderr.take().expect("piped");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send((Instant::now(), line)).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok((child, t, rx))
+    }
+}
+
+impl Drop for Gw {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn wait_line(
+    rx: &mpsc::Receiver<(Instant, String)>,
+    needle: &str,
+    timeout: Duration,
+) -> Result<(Instant, String)> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let (t, line) = rx
+            .recv_timeout(left)
+            .with_context(|| format!("no {needle:?} from uplinkd within {timeout:?}"))?;
+        if std::env::var_os("UPLINK_BENCH_VERBOSE").is_some() {
+            eprintln!("uplinkd: {line}");
+        }
+        if line.contains(needle) {
+            return Ok((t, line));
+        }
+    }
+}
+
+fn stop(mut child: Child) -> Result<()> {
+    sh(&["kill", "-TERM", &child.id().to_string()])?;
+    child.wait()?;
+    Ok(())
+}
+
+fn peak_rss_mb(pid: u32) -> Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .context("VmHWM")?
+        .parse()?;
+    Ok(kb / 1024.0)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let idx = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    percentile(v, 50.0)
+}
+
+fn dispatch(clients: u32, interval_ms: u64, runs: u64, machine: &str) -> Result<()> {
+    println!(
+        "dispatch latency: neighbour added -> client4 element committed (nft monitor), {clients} clients, one every {interval_ms} ms"
+    );
+    println!("machine: {machine}; agent {}", uplinkd_bin().display());
+    let mut p50s = Vec::new();
+    let mut p99s = Vec::new();
+    for run in 1..=runs {
+        let gw = Gw::new("bd")?;
+        let (child, _, rx) = gw.start_agent()?;
+        wait_line(&rx, "initial apply done", Duration::from_secs(30))?;
+        let mut monitor = Command::new("ip")
+            .args(["netns", "exec", &gw.ns.0, "nft", "monitor", "elements"])
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let out = monitor.stdout.take().expect("piped");
+        let (tx, mrx) = mpsc::channel::<(Instant, String)>();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send((Instant::now(), line)).is_err() {
+                    break;
+                }
+            }
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        let mut batch = Command::new("ip")
+            .args(["-n", &gw.ns.0, "-batch", "-"])
+            .stdin(Stdio::piped())
+            .spawn()?;
+        let mut stdin = batch.stdin.take().expect("piped");
+        let mut sent: HashMap<Ipv4Addr, Instant> = HashMap::new();
+        for i in 0..clients {
+            let ip = client_ip(i);
+            sent.insert(ip, Instant::now());
+            writeln!(
+                stdin,
+                "neigh add {ip} lladdr {} dev br-lan nud reachable",
+                client_mac(i)
+            )?;
+            stdin.flush()?;
+            std::thread::sleep(Duration::from_millis(interval_ms));
+        }
+        drop(stdin);
+        batch.wait()?;
+        let mut lat = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while lat.len() < clients as usize && Instant::now() < deadline {
+            let Ok((t, line)) = mrx.recv_timeout(Duration::from_millis(500)) else {
+                continue;
+            };
+            if !line.contains("client4") {
+                continue;
+            }
+            // "add element inet uplinkd client4 { a : goto home_x, b : goto home_y }"
+            let body = line.split('{').nth(1).unwrap_or_default();
+            for part in body.split(',') {
+                if let Some(ip) = part
+                    .split_whitespace()
+                    .next()
+                    .and_then(|s| s.parse::<Ipv4Addr>().ok())
+                    && let Some(t0) = sent.remove(&ip)
+                {
+                    lat.push(t.duration_since(t0).as_secs_f64() * 1000.0);
+                }
+            }
+        }
+        let _ = monitor.kill();
+        let _ = monitor.wait();
+        stop(child)?;
+        if lat.len() < clients as usize {
+            bail!("run {run}: only {} of {clients} elements seen", lat.len());
+        }
+        lat.sort_by(|a, b| a.total_cmp(b));
+        let (p50, p90, p99, max) = (
+            percentile(&lat, 50.0),
+            percentile(&lat, 90.0),
+            percentile(&lat, 99.0),
+            lat[lat.len() - 1],
+        );
+        println!("run {run}: p50 {p50:.2} ms  p90 {p90:.2} ms  p99 {p99:.2} ms  max {max:.2} ms");
+        p50s.push(p50);
+        p99s.push(p99);
+    }
+    let (lo50, hi50) = (
+        p50s.iter().cloned().fold(f64::MAX, f64::min),
+        p50s.iter().cloned().fold(0.0, f64::max),
+    );
+    let (lo99, hi99) = (
+        p99s.iter().cloned().fold(f64::MAX, f64::min),
+        p99s.iter().cloned().fold(0.0, f64::max),
+    );
+    println!(
+        "median over {runs} runs: p50 {:.2} ms (range {lo50:.2}-{hi50:.2}), p99 {:.2} ms (range {lo99:.2}-{hi99:.2})",
+        median(&mut p50s),
+        median(&mut p99s)
+    );
+    Ok(())
+}
+
+fn startup(clients: u32, runs: u64, machine: &str) -> Result<()> {
+    println!("start-up apply: {clients} clients already in the neighbour table");
+    println!("machine: {machine}; agent {}", uplinkd_bin().display());
+    let mut results: HashMap<&str, (Vec<f64>, Vec<f64>)> = HashMap::new();
+    for run in 1..=runs {
+        let gw = Gw::new("bs")?;
+        gw.add_neighbours(0..clients)?;
+        for phase in ["cold", "warm"] {
+            let (child, t0, rx) = gw.start_agent()?;
+            let (t, line) = wait_line(&rx, "initial apply done", Duration::from_secs(120))?;
+            let wall = t.duration_since(t0).as_secs_f64();
+            let rss = peak_rss_mb(child.id())?;
+            if !line.contains(&format!("clients={clients}")) {
+                bail!("unexpected client count: {line}");
+            }
+            let count = sh(&[
+                "ip", "netns", "exec", &gw.ns.0, "nft", "list", "map", "inet", "uplinkd", "client4",
+            ])?
+            .matches(": goto")
+            .count();
+            if count != clients as usize {
+                bail!("{count} elements in the kernel, expected {clients}");
+            }
+            println!("run {run} {phase}: {wall:.3} s to first apply, peak RSS {rss:.1} MB");
+            let e = results.entry(phase).or_default();
+            e.0.push(wall);
+            e.1.push(rss);
+            stop(child)?;
+        }
+        if !Path::new(&gw.dir.join("state/state.json")).exists() {
+            bail!("no state file written");
+        }
+    }
+    for phase in ["cold", "warm"] {
+        let (w, r) = results.get_mut(phase).expect("ran");
+        let (wlo, whi) = (
+            w.iter().cloned().fold(f64::MAX, f64::min),
+            w.iter().cloned().fold(0.0, f64::max),
+        );
+        let (rlo, rhi) = (
+            r.iter().cloned().fold(f64::MAX, f64::min),
+            r.iter().cloned().fold(0.0, f64::max),
+        );
+        println!(
+            "{phase}: median {:.3} s (range {wlo:.3}-{whi:.3}), peak RSS median {:.1} MB (range {rlo:.1}-{rhi:.1})",
+            median(w),
+            median(r)
+        );
+    }
+    Ok(())
+}
