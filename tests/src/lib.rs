@@ -104,6 +104,18 @@ pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'sta
     .map_err(|_| anyhow::anyhow!("namespace thread panicked"))?
 }
 
+/// Sends a signal ("KILL", "TERM", "HUP") to a child. `ip netns exec` execs the agent, so
+/// the child's pid is the agent's.
+pub fn signal_child(child: &Child, signal: &str) -> Result<()> {
+    use nix::sys::signal::{Signal, kill};
+    let sig: Signal = format!("SIG{signal}")
+        .parse()
+        .with_context(|| format!("unknown signal {signal}"))?;
+    kill(nix::unistd::Pid::from_raw(child.id() as i32), sig)
+        .with_context(|| format!("kill -{signal} {}", child.id()))?;
+    Ok(())
+}
+
 pub fn uplinkd_bin() -> PathBuf {
     if let Ok(p) = std::env::var("UPLINKD_BIN") {
         return PathBuf::from(p);
@@ -437,15 +449,21 @@ impl Lab {
     /// Stops the agent with `signal` ("KILL", "TERM") and reaps it.
     pub fn stop_agent(&mut self, signal: &str) -> Result<()> {
         if let Some(mut child) = self.agent.take() {
-            // `ip netns exec` execs the agent, so the child pid is the agent's.
-            sh(&["kill", &format!("-{signal}"), &child.id().to_string()])?;
+            signal_child(&child, signal)?;
             child.wait()?;
         }
         Ok(())
     }
 
-    pub fn agent_pid(&self) -> Option<u32> {
-        self.agent.as_ref().map(|c| c.id())
+    pub fn signal_agent(&self, signal: &str) -> Result<()> {
+        signal_child(self.agent.as_ref().context("agent not running")?, signal)
+    }
+
+    /// Whether the agent process is still running.
+    pub fn agent_running(&mut self) -> bool {
+        self.agent
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     /// Polls `cond` until it holds or `timeout` passes.

@@ -222,3 +222,168 @@ fn idle_client_is_released_then_least_loaded_wins() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// Sticky connections: a flow keeps the uplink it started on (its conntrack mark) after the
+/// client is assigned elsewhere, while new connections follow the assignment.
+#[test]
+fn connections_stay_on_the_uplink_they_started_on() -> anyhow::Result<()> {
+    let uplinks = vec![
+        UplinkSpec::new("isp1", 1, false),
+        UplinkSpec::new("isp2", 1, false),
+    ];
+    let mut lab = Lab::build("sticky", uplinks, 6, 0)?;
+    lab.write_config("10s", "10m", "")?;
+    lab.start_agent()?;
+    // With the agent down nothing can be assigned: flows start on the fallback hash.
+    lab.stop_agent("KILL")?;
+    let streams = (1..=6)
+        .map(|i| UdpStream::start(&lab, i, false, Duration::from_millis(20)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    std::thread::sleep(Duration::from_millis(500));
+    lab.start_agent()?;
+    lab.wait_for(Duration::from_secs(10), "6 assignments", || {
+        Ok(lab.assignments()?.len() == 6)
+    })?;
+    std::thread::sleep(Duration::from_millis(1000));
+    let assigned = lab.assignments()?;
+    let mut moved = 0;
+    for (i, s) in (1..=6).zip(streams) {
+        let r = s.finish()?;
+        assert_eq!(r.received, r.sent, "client c{i} lost datagrams");
+        assert_eq!(
+            r.seen.len(),
+            1,
+            "client c{i}'s flow changed uplink: {:?}",
+            r.seen
+        );
+        let started_on = lab.uplink_of_source(r.seen[0]).expect("lab uplink");
+        let home = &assigned[&IpAddr::from(client_v4(i))];
+        let fresh = lab
+            .uplink_of_source(lab.probe(i, false, 10)?)
+            .expect("lab uplink");
+        assert_eq!(
+            &fresh, home,
+            "a new connection of c{i} follows the assignment"
+        );
+        if &started_on != home {
+            moved += 1;
+        }
+    }
+    assert!(
+        moved > 0,
+        "no client was assigned away from its fallback uplink, so stickiness was not exercised: {assigned:?}"
+    );
+    Ok(())
+}
+
+/// A corrupt state file is kept aside, reported, and the assignments come back from the
+/// kernel's maps: nothing is lost and nobody is reshuffled.
+#[test]
+fn corrupt_state_file_loses_nothing() -> anyhow::Result<()> {
+    let mut lab = Lab::build("corrupt", three_uplinks(), 4, 0)?;
+    lab.write_config("10s", "10m", "")?;
+    lab.start_agent()?;
+    for i in 1..=4 {
+        lab.probe(i, false, 10)?;
+    }
+    lab.wait_for(Duration::from_secs(10), "4 assignments", || {
+        Ok(lab.assignments()?.len() == 4)
+    })?;
+    let before = lab.assignments()?;
+    lab.stop_agent("TERM")?;
+    let path = lab.state_dir().join("state.json");
+    std::fs::write(
+        &path,
+        "{\"version\": 1,\n\"clients\": [ {\"mac\": \"not-a-mac\"",
+    )?;
+    lab.start_agent()?;
+    assert!(
+        lab.log_tail(50).contains("state file unreadable"),
+        "{}",
+        lab.log_tail(20)
+    );
+    let kept: Vec<_> = std::fs::read_dir(lab.state_dir())?
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("state.json.corrupt-")
+        })
+        .collect();
+    assert_eq!(kept.len(), 1, "the corrupt file is kept for the operator");
+    assert!(std::fs::read_to_string(kept[0].path())?.contains("not-a-mac"));
+    lab.wait_for(
+        Duration::from_secs(5),
+        "assignments adopted from the kernel",
+        || Ok(lab.assignments()? == before),
+    )?;
+    Ok(())
+}
+
+/// SIGHUP: a valid new config (an added uplink) applies without disturbing running flows;
+/// an invalid one is rejected and the running config stays.
+#[test]
+fn sighup_reload_adds_an_uplink_and_rejects_a_bad_config() -> anyhow::Result<()> {
+    let mut lab = Lab::build("reload", three_uplinks(), 5, 0)?;
+    // Start with two of the three uplinks configured.
+    let full = {
+        lab.write_config("10s", "10m", "")?;
+        std::fs::read_to_string(lab.config_path())?
+    };
+    let two = full[..full
+        .find("[[uplink]]\nname = \"lte\"")
+        .expect("lte section")]
+        .to_string();
+    std::fs::write(lab.config_path(), &two)?;
+    lab.start_agent()?;
+    for i in 1..=4 {
+        lab.probe(i, false, 10)?;
+    }
+    lab.wait_for(Duration::from_secs(10), "4 assignments", || {
+        Ok(lab.assignments()?.len() == 4)
+    })?;
+    let before = lab.assignments()?;
+    let stream = UdpStream::start(&lab, 1, false, Duration::from_millis(10))?;
+
+    std::fs::write(lab.config_path(), &full)?;
+    lab.signal_agent("HUP")?;
+    lab.wait_for(Duration::from_secs(5), "reload", || {
+        Ok(lab.log_tail(20).contains("config reloaded"))
+    })?;
+    lab.probe(5, false, 10)?;
+    let c5: IpAddr = client_v4(5).into();
+    lab.wait_for(Duration::from_secs(5), "c5 assigned", || {
+        Ok(lab.assignments()?.contains_key(&c5))
+    })?;
+    let after = lab.assignments()?;
+    assert_eq!(
+        after[&c5], "lte",
+        "the new, empty uplink is the least loaded"
+    );
+    for (ip, home) in &before {
+        assert_eq!(&after[ip], home, "reload reshuffled {ip}");
+    }
+    assert_eq!(
+        lab.uplink_of_source(lab.probe(5, false, 10)?).as_deref(),
+        Some("lte")
+    );
+
+    std::fs::write(lab.config_path(), full.replace("weight = 1", "weight = 0"))?;
+    lab.signal_agent("HUP")?;
+    lab.wait_for(Duration::from_secs(5), "rejection", || {
+        Ok(lab.log_tail(20).contains("reload rejected"))
+    })?;
+    assert!(lab.agent_running());
+    assert_eq!(
+        lab.uplink_of_source(lab.probe(5, false, 10)?).as_deref(),
+        Some("lte"),
+        "the running config stays"
+    );
+    let r = stream.finish()?;
+    assert_eq!(
+        r.received, r.sent,
+        "the running flow lost datagrams across reloads"
+    );
+    assert_eq!(r.seen.len(), 1);
+    Ok(())
+}

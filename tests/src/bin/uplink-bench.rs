@@ -190,7 +190,7 @@ fn wait_line(
 }
 
 fn stop(mut child: Child) -> Result<()> {
-    sh(&["kill", "-TERM", &child.id().to_string()])?;
+    uplink_tests::signal_child(&child, "TERM")?;
     child.wait()?;
     Ok(())
 }
