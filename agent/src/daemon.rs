@@ -114,26 +114,36 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
 
     loop {
         tokio::select! {
-            Some(ev) = events.recv() => {
+            ev = events.recv() => {
+                let Some(ev) = ev else {
+                    // The event socket died: subscribe again and re-dump what was missed.
+                    tokio::time::sleep(HOUSEKEEPING).await;
+                    match discover::subscribe() {
+                        Ok(rx) => events = rx,
+                        Err(e) => error!(error = %e, "cannot resubscribe to netlink events; retrying"),
+                    }
+                    agent.resync_and_apply().await;
+                    continue;
+                };
                 let received = Instant::now();
+                let mut overrun = ev == Event::Overrun;
                 let mut dirty = agent.on_event(ev);
                 // Coalesce whatever else is queued into the same apply.
                 let mut n = 1usize;
                 while let Ok(ev) = events.try_recv() {
+                    overrun |= ev == Event::Overrun;
                     dirty |= agent.on_event(ev);
                     n += 1;
                 }
-                if dirty {
+                if overrun {
+                    warn!("netlink events were dropped by the kernel; re-reading links and neighbours");
+                    agent.resync_and_apply().await;
+                } else if dirty {
                     agent.apply(false).await;
                     debug!(events = n, latency_us = received.elapsed().as_micros() as u64, "dispatched");
                 }
             }
-            _ = resync.tick() => {
-                if let Err(e) = agent.resync_inputs().await {
-                    warn!(error = %e, "resync dump failed");
-                }
-                agent.apply(true).await;
-            }
+            _ = resync.tick() => agent.resync_and_apply().await,
             _ = housekeeping.tick() => {
                 let released = agent.model.expire(now_millis(), agent.config.lan.client_idle_timeout);
                 for c in &released {
@@ -207,7 +217,16 @@ impl Agent {
                 Some(name) => self.model.set_link(&name, LinkState::default()),
                 None => false,
             },
+            Event::Overrun => false,
         }
+    }
+
+    /// Full resync: re-read the inputs and the kernel, repair any drift.
+    async fn resync_and_apply(&mut self) {
+        if let Err(e) = self.resync_inputs().await {
+            warn!(error = %e, "resync dump failed");
+        }
+        self.apply(true).await;
     }
 
     /// Re-reads links and neighbours from the kernel, so a lost event is repaired.

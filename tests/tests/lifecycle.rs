@@ -387,3 +387,44 @@ fn sighup_reload_adds_an_uplink_and_rejects_a_bad_config() -> anyhow::Result<()>
     assert_eq!(r.seen.len(), 1);
     Ok(())
 }
+
+/// Bulk arrival: thousands of neighbours at once while the agent runs are all assigned,
+/// balanced, and in the kernel, without waiting for a resync.
+#[test]
+fn bulk_arrival_is_dispatched_from_events() -> anyhow::Result<()> {
+    const N: u32 = 5000;
+    let uplinks = vec![
+        UplinkSpec::new("isp1", 1, false),
+        UplinkSpec::new("isp2", 1, false),
+    ];
+    let mut lab = Lab::build("bulk", uplinks, 0, 0)?;
+    lab.write_config("600s", "10m", "")?;
+    lab.start_agent()?;
+    // Permanent entries: the kernel caps dynamic ones at gc_thresh3 (1024 by default).
+    let mut batch = String::new();
+    for i in 0..N {
+        let ip = std::net::Ipv4Addr::from(0xC612_8000u32 + 1 + i); // 198.18.128.0/17
+        batch += &format!(
+            "neigh add {ip} lladdr 02:77:00:00:{:02x}:{:02x} dev br-lan nud permanent\n",
+            (i >> 8) & 0xff,
+            i & 0xff
+        );
+    }
+    let path = lab.dir.join("bulk.batch");
+    std::fs::write(&path, batch)?;
+    uplink_tests::sh(&["ip", "-n", &lab.ns("gw"), "-batch", path.to_str().unwrap()])?;
+    lab.wait_for(
+        Duration::from_secs(20),
+        "all bulk clients in the kernel map",
+        || Ok(lab.kernel_map("client4")?.len() == N as usize),
+    )?;
+    lab.wait_for(Duration::from_secs(5), "all bulk clients persisted", || {
+        Ok(lab.assignments()?.len() == N as usize)
+    })?;
+    let c = counts(&lab.assignments()?);
+    assert_eq!(
+        c.values().copied().collect::<Vec<_>>(),
+        vec![N as usize / 2, N as usize / 2]
+    );
+    Ok(())
+}

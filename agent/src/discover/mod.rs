@@ -36,6 +36,8 @@ pub enum Event {
     LinkGone {
         ifindex: u32,
     },
+    /// The kernel dropped events (socket buffer overrun): re-dump everything.
+    Overrun,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -54,9 +56,7 @@ pub enum DiscoverError {
 pub fn subscribe() -> Result<mpsc::UnboundedReceiver<Event>, DiscoverError> {
     let (mut conn, _handle, mut messages) =
         rtnetlink::new_multicast_connection(&[MulticastGroup::Link, MulticastGroup::Neigh])?;
-    conn.socket_mut()
-        .socket_mut()
-        .set_rx_buf_sz(EVENT_SOCKET_BUFFER)?;
+    force_rx_buffer(conn.socket_mut().socket_mut(), EVENT_SOCKET_BUFFER)?;
     tokio::spawn(conn);
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
@@ -74,6 +74,7 @@ pub fn subscribe() -> Result<mpsc::UnboundedReceiver<Event>, DiscoverError> {
                 NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(m)) => {
                     link_event(&m, true)
                 }
+                NetlinkPayload::Overrun(_) => Some(Event::Overrun),
                 _ => None,
             };
             if let Some(e) = event
@@ -82,9 +83,31 @@ pub fn subscribe() -> Result<mpsc::UnboundedReceiver<Event>, DiscoverError> {
                 break;
             }
         }
-        tracing::error!("netlink event socket closed; periodic resync continues");
+        tracing::error!("netlink event socket closed");
     });
     Ok(rx)
+}
+
+/// SO_RCVBUF is capped by net.core.rmem_max (often 208 KiB); with CAP_NET_ADMIN,
+/// SO_RCVBUFFORCE is not. Falls back to the capped size without the capability.
+fn force_rx_buffer(socket: &rtnetlink::sys::Socket, size: usize) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let value = size as libc::c_int;
+    // SAFETY: a valid socket fd and a pointer to a c_int of the given length.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        socket.set_rx_buf_sz(size)
+    }
 }
 
 pub async fn dump_links(handle: &Handle) -> Result<Vec<Event>, DiscoverError> {
