@@ -373,6 +373,25 @@ impl Lab {
         )
     }
 
+    /// Every client talks once (IPv4, and IPv6 where it has it), so the gateway learns its
+    /// neighbour entries; then waits until uplinkd has persisted an assignment for each
+    /// address, and returns the assignments.
+    pub fn greet_clients(&self) -> Result<BTreeMap<IpAddr, String>> {
+        let mut want = 0;
+        for (&i, &v6) in &self.clients {
+            for is6 in [false, true].into_iter().filter(|&x| v6 || !x) {
+                self.probe(i, is6, 10)?;
+                want += 1;
+            }
+        }
+        self.wait_for(
+            Duration::from_secs(10),
+            &format!("{want} persisted assignments"),
+            || Ok(self.assignments()?.len() == want),
+        )?;
+        self.assignments()
+    }
+
     /// The uplink whose NAT address the internet host saw.
     pub fn uplink_of_source(&self, seen: IpAddr) -> Option<String> {
         (1..=self.uplinks.len())

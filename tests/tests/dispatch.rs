@@ -1,7 +1,5 @@
 //! Clients' traffic leaves through the uplink uplinkd assigned, as the internet host sees it.
 
-use std::time::Duration;
-
 use uplink_tests::{Lab, UplinkSpec, client_v4, client_v6};
 
 fn three_uplinks() -> Vec<UplinkSpec> {
@@ -18,15 +16,7 @@ fn each_client_leaves_via_its_assigned_uplink() -> anyhow::Result<()> {
     let mut lab = Lab::build("disp", three_uplinks(), 6, 6)?;
     lab.write_config("10s", "10m", "")?;
     lab.start_agent()?;
-    // Each client talks once (v4 and v6) so the gateway learns its neighbour entries.
-    for i in 1..=6 {
-        lab.probe(i, false, 10)?;
-        lab.probe(i, true, 10)?;
-    }
-    lab.wait_for(Duration::from_secs(10), "12 persisted assignments", || {
-        Ok(lab.assignments()?.len() == 12)
-    })?;
-    let assigned = lab.assignments()?;
+    let assigned = lab.greet_clients()?;
     let mut used = std::collections::BTreeSet::new();
     for i in 1..=6 {
         for v6 in [false, true] {

@@ -26,12 +26,7 @@ fn drift_is_repaired_within_resync_interval() -> anyhow::Result<()> {
     let mut lab = Lab::build("drift", two_uplinks(), 2, 0)?;
     lab.write_config("2s", "10m", "")?;
     lab.start_agent()?;
-    for i in 1..=2 {
-        lab.probe(i, false, 10)?;
-    }
-    lab.wait_for(Duration::from_secs(10), "2 assignments", || {
-        Ok(lab.assignments()?.len() == 2)
-    })?;
+    lab.greet_clients()?;
     let c2 = client_on(&lab, "isp2")?;
     // Resyncs of an unchanged kernel change nothing (no churn of rules, routes or elements).
     let applied_before = lab.log_tail(1000).matches(" applied ").count();

@@ -28,13 +28,7 @@ fn weighted_balance_8_clients() -> anyhow::Result<()> {
     let mut lab = Lab::build("bal", three_uplinks(), 8, 0)?;
     lab.write_config("10s", "10m", "")?;
     lab.start_agent()?;
-    for i in 1..=8 {
-        lab.probe(i, false, 10)?;
-    }
-    lab.wait_for(Duration::from_secs(10), "8 assignments", || {
-        Ok(lab.assignments()?.len() == 8)
-    })?;
-    let assigned = lab.assignments()?;
+    let assigned = lab.greet_clients()?;
     assert_eq!(
         counts(&assigned),
         BTreeMap::from([("isp1".into(), 4), ("isp2".into(), 2), ("lte".into(), 2)])
@@ -99,16 +93,7 @@ fn restart_keeps_assignments_and_loses_no_packets() -> anyhow::Result<()> {
     let mut lab = Lab::build("rst", three_uplinks(), 6, 3)?;
     lab.write_config("10s", "10m", "")?;
     lab.start_agent()?;
-    for i in 1..=6 {
-        lab.probe(i, false, 10)?;
-        if i <= 3 {
-            lab.probe(i, true, 10)?;
-        }
-    }
-    lab.wait_for(Duration::from_secs(10), "9 assignments", || {
-        Ok(lab.assignments()?.len() == 9)
-    })?;
-    let before = lab.assignments()?;
+    let before = lab.greet_clients()?;
     let kernel_before = (lab.kernel_map("client4")?, lab.kernel_map("client6")?);
     let handle_before = table_handle(&lab)?;
 
@@ -177,12 +162,7 @@ fn idle_client_is_released_then_least_loaded_wins() -> anyhow::Result<()> {
     let mut lab = Lab::build("idle", uplinks, 4, 0)?;
     lab.write_config("10s", "3s", "")?;
     lab.start_agent()?;
-    for i in 1..=4 {
-        lab.probe(i, false, 10)?;
-    }
-    lab.wait_for(Duration::from_secs(10), "4 assignments", || {
-        Ok(lab.assignments()?.len() == 4)
-    })?;
+    lab.greet_clients()?;
     let gone: IpAddr = client_v4(1).into();
     let freed = lab.assignments()?[&gone].clone();
 
@@ -283,13 +263,7 @@ fn corrupt_state_file_loses_nothing() -> anyhow::Result<()> {
     let mut lab = Lab::build("corrupt", three_uplinks(), 4, 0)?;
     lab.write_config("10s", "10m", "")?;
     lab.start_agent()?;
-    for i in 1..=4 {
-        lab.probe(i, false, 10)?;
-    }
-    lab.wait_for(Duration::from_secs(10), "4 assignments", || {
-        Ok(lab.assignments()?.len() == 4)
-    })?;
-    let before = lab.assignments()?;
+    let before = lab.greet_clients()?;
     lab.stop_agent("TERM")?;
     let path = lab.state_dir().join("state.json");
     std::fs::write(
@@ -324,7 +298,7 @@ fn corrupt_state_file_loses_nothing() -> anyhow::Result<()> {
 /// an invalid one is rejected and the running config stays.
 #[test]
 fn sighup_reload_adds_an_uplink_and_rejects_a_bad_config() -> anyhow::Result<()> {
-    let mut lab = Lab::build("reload", three_uplinks(), 5, 0)?;
+    let mut lab = Lab::build("reload", three_uplinks(), 4, 0)?;
     // Start with two of the three uplinks configured.
     let full = {
         lab.write_config("10s", "10m", "")?;
@@ -336,13 +310,7 @@ fn sighup_reload_adds_an_uplink_and_rejects_a_bad_config() -> anyhow::Result<()>
         .to_string();
     std::fs::write(lab.config_path(), &two)?;
     lab.start_agent()?;
-    for i in 1..=4 {
-        lab.probe(i, false, 10)?;
-    }
-    lab.wait_for(Duration::from_secs(10), "4 assignments", || {
-        Ok(lab.assignments()?.len() == 4)
-    })?;
-    let before = lab.assignments()?;
+    let before = lab.greet_clients()?;
     let stream = UdpStream::start(&lab, 1, false, Duration::from_millis(10))?;
 
     std::fs::write(lab.config_path(), &full)?;
@@ -350,6 +318,7 @@ fn sighup_reload_adds_an_uplink_and_rejects_a_bad_config() -> anyhow::Result<()>
     lab.wait_for(Duration::from_secs(5), "reload", || {
         Ok(lab.log_tail(20).contains("config reloaded"))
     })?;
+    lab.add_client(5, false)?;
     lab.probe(5, false, 10)?;
     let c5: IpAddr = client_v4(5).into();
     lab.wait_for(Duration::from_secs(5), "c5 assigned", || {

@@ -167,35 +167,24 @@ impl NetlinkDriver {
         Ok(out)
     }
 
-    /// Adds missing rules and deletes ours that are not desired. Keeps going past failures
-    /// and returns them all, so one bad object does not block the rest.
+    /// Adds missing rules and deletes ours that are not desired.
     pub async fn apply_rules(
         &self,
         desired: &BTreeSet<RuleSpec>,
     ) -> (NetlinkStats, Vec<DataplaneError>) {
-        let mut stats = NetlinkStats::default();
-        let mut errors = Vec::new();
-        let have = match self.read_rules().await {
-            Ok(h) => h,
-            Err(e) => return (stats, vec![e]),
-        };
-        let present: BTreeSet<RuleSpec> = have.iter().filter_map(|o| o.spec).collect();
-        for o in have {
-            if o.spec.is_some_and(|s| desired.contains(&s)) {
-                continue;
+        match self.read_rules().await {
+            Ok(have) => {
+                reconcile(
+                    "ip rule",
+                    have,
+                    desired,
+                    async |m| self.handle.rule().del(m).execute().await,
+                    async |s| self.add_rule(s).await,
+                )
+                .await
             }
-            match self.handle.rule().del(o.message).execute().await {
-                Ok(()) => stats.deleted += 1,
-                Err(e) => errors.push(DataplaneError::netlink("delete ip rule", e)),
-            }
+            Err(e) => (NetlinkStats::default(), vec![e]),
         }
-        for spec in desired.difference(&present) {
-            match self.add_rule(spec).await {
-                Ok(()) => stats.added += 1,
-                Err(e) => errors.push(DataplaneError::netlink(&format!("add ip rule {spec:?}"), e)),
-            }
-        }
-        (stats, errors)
     }
 
     async fn add_rule(&self, spec: &RuleSpec) -> Result<(), rtnetlink::Error> {
@@ -226,44 +215,23 @@ impl NetlinkDriver {
         &self,
         desired: &BTreeSet<RouteSpec>,
     ) -> (NetlinkStats, Vec<DataplaneError>) {
-        let mut stats = NetlinkStats::default();
-        let mut errors = Vec::new();
-        let have = match self.read_routes().await {
-            Ok(h) => h,
-            Err(e) => return (stats, vec![e]),
+        let del = async |m| match self.handle.route().del(m).execute().await {
+            // The device went away and took the route with it.
+            Err(e) if is_errno(&e, libc::ESRCH) => Ok(()),
+            r => r,
         };
-        let present: BTreeSet<RouteSpec> = have.iter().filter_map(|o| o.spec).collect();
-        for o in have {
-            if o.spec.is_some_and(|s| desired.contains(&s)) {
-                continue;
-            }
-            match self.handle.route().del(o.message).execute().await {
-                Ok(()) => stats.deleted += 1,
-                // The device went away and took the route with it.
-                Err(e) if is_errno(&e, libc::ESRCH) => {}
-                Err(e) => errors.push(DataplaneError::netlink("delete route", e)),
-            }
-        }
-        for spec in desired.difference(&present) {
-            match self
-                .handle
+        let add = async |s: &RouteSpec| {
+            self.handle
                 .route()
-                .add(self.route_message(spec))
+                .add(self.route_message(s))
                 .replace()
                 .execute()
                 .await
-            {
-                Ok(()) => stats.added += 1,
-                Err(e) => errors.push(DataplaneError::netlink(
-                    &format!(
-                        "add default route to table {} via ifindex {}",
-                        spec.table, spec.oif
-                    ),
-                    e,
-                )),
-            }
+        };
+        match self.read_routes().await {
+            Ok(have) => reconcile("route", have, desired, del, add).await,
+            Err(e) => (NetlinkStats::default(), vec![e]),
         }
-        (stats, errors)
     }
 
     fn route_message(&self, spec: &RouteSpec) -> RouteMessage {
@@ -307,6 +275,40 @@ impl NetlinkDriver {
             errors,
         )
     }
+}
+
+/// Deletes the owned objects that are not desired and adds the desired ones that are
+/// missing. Keeps going past failures and returns them all, so one bad object does not
+/// block the rest.
+async fn reconcile<S: Ord + Copy + std::fmt::Debug, M>(
+    what: &str,
+    have: Vec<Owned<S, M>>,
+    desired: &BTreeSet<S>,
+    del: impl AsyncFn(M) -> Result<(), rtnetlink::Error>,
+    add: impl AsyncFn(&S) -> Result<(), rtnetlink::Error>,
+) -> (NetlinkStats, Vec<DataplaneError>) {
+    let mut stats = NetlinkStats::default();
+    let mut errors = Vec::new();
+    let present: BTreeSet<S> = have.iter().filter_map(|o| o.spec).collect();
+    for o in have {
+        if o.spec.is_some_and(|s| desired.contains(&s)) {
+            continue;
+        }
+        match del(o.message).await {
+            Ok(()) => stats.deleted += 1,
+            Err(e) => errors.push(DataplaneError::netlink(
+                &format!("delete {what} {:?}", o.spec),
+                e,
+            )),
+        }
+    }
+    for spec in desired.difference(&present) {
+        match add(spec).await {
+            Ok(()) => stats.added += 1,
+            Err(e) => errors.push(DataplaneError::netlink(&format!("add {what} {spec:?}"), e)),
+        }
+    }
+    (stats, errors)
 }
 
 fn is_errno(e: &rtnetlink::Error, errno: i32) -> bool {
