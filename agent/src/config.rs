@@ -22,7 +22,92 @@ pub struct Config {
     pub agent: AgentConfig,
     pub lan: LanConfig,
     pub dataplane: DataplaneConfig,
+    pub health: HealthConfig,
+    pub failover: FailoverConfig,
     pub uplinks: Vec<UplinkConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthConfig {
+    /// One probe round per uplink this often.
+    pub interval: Duration,
+    /// A probe without a reply this long is lost (sooner when the uplink is silent).
+    pub timeout: Duration,
+    /// Consecutive failed rounds that take an uplink down.
+    pub down_after: u32,
+    /// Consecutive good rounds that bring it back up.
+    pub up_after: u32,
+    /// Degraded above this loss ratio over the window (0..=1).
+    pub max_loss: Option<f64>,
+    /// Degraded above this median RTT over the window.
+    pub max_rtt: Option<Duration>,
+    /// Probes kept for RTT, loss and jitter.
+    pub stats_window: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Failback {
+    Auto,
+    Manual,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct FailoverConfig {
+    pub failback: Failback,
+    /// Continuous health needed before clients return home (auto).
+    pub failback_delay: Duration,
+    /// More state changes than this within `window` hold an uplink down for `hold`.
+    pub max_flaps: u32,
+    pub window: Duration,
+    pub hold: Duration,
+}
+
+/// One active probe target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Probe {
+    Icmp(std::net::IpAddr),
+    Tcp(std::net::SocketAddr),
+}
+
+impl Probe {
+    pub fn addr(&self) -> std::net::IpAddr {
+        match self {
+            Probe::Icmp(a) => *a,
+            Probe::Tcp(s) => s.ip(),
+        }
+    }
+}
+
+impl fmt::Display for Probe {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Probe::Icmp(a) => write!(f, "icmp:{a}"),
+            Probe::Tcp(s) => write!(f, "tcp:{s}"),
+        }
+    }
+}
+
+impl std::str::FromStr for Probe {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Probe, String> {
+        let bad = || {
+            format!(
+                "invalid probe {s:?}; use \"icmp:ADDRESS\" or \"tcp:ADDRESS:PORT\" (IPv6: \"tcp:[2001:db8::1]:80\")"
+            )
+        };
+        let (kind, rest) = s.split_once(':').ok_or_else(bad)?;
+        match kind {
+            "icmp" => rest
+                .trim_matches(|c| c == '[' || c == ']')
+                .parse()
+                .map(Probe::Icmp)
+                .map_err(|_| bad()),
+            "tcp" => rest.parse().map(Probe::Tcp).map_err(|_| bad()),
+            _ => Err(bad()),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -54,6 +139,8 @@ pub struct DataplaneConfig {
     pub route_protocol: u8,
     /// Path of the `nft` binary.
     pub nft: PathBuf,
+    /// Path of the `conntrack` binary (conntrack-tools).
+    pub conntrack: PathBuf,
 }
 
 impl DataplaneConfig {
@@ -99,6 +186,11 @@ pub struct UplinkConfig {
     pub mark: u32,
     pub table: u32,
     pub balance: Balance,
+    pub probes: Vec<Probe>,
+    /// Probes of a round that must answer for the round to count as good.
+    pub probe_quorum: u32,
+    /// Lower tiers carry clients; a higher tier only while every lower one is down.
+    pub tier: u32,
 }
 
 impl UplinkConfig {
@@ -143,7 +235,33 @@ struct RawConfig {
     #[serde(default)]
     dataplane: RawDataplane,
     #[serde(default)]
+    health: RawHealth,
+    #[serde(default)]
+    failover: RawFailover,
+    #[serde(default)]
     uplink: Vec<Spanned<RawUplink>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    interval: Option<Spanned<String>>,
+    timeout: Option<Spanned<String>>,
+    down_after: Option<Spanned<i64>>,
+    up_after: Option<Spanned<i64>>,
+    max_loss: Option<Spanned<f64>>,
+    max_rtt: Option<Spanned<String>>,
+    stats_window: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawFailover {
+    failback: Option<Failback>,
+    failback_delay: Option<Spanned<String>>,
+    max_flaps: Option<Spanned<i64>>,
+    window: Option<Spanned<String>>,
+    hold: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -172,6 +290,7 @@ struct RawDataplane {
     table_base: Option<Spanned<u32>>,
     route_protocol: Option<Spanned<u32>>,
     nft: Option<PathBuf>,
+    conntrack: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -187,6 +306,10 @@ struct RawUplink {
     mark: Option<Spanned<i64>>,
     table: Option<Spanned<i64>>,
     balance: Option<Balance>,
+    #[serde(default)]
+    probes: Vec<Spanned<String>>,
+    probe_quorum: Option<Spanned<i64>>,
+    tier: Option<Spanned<i64>>,
 }
 
 impl Config {
@@ -507,6 +630,27 @@ impl Validator<'_> {
                     format!("routing table {table}{implicit} is already used by uplink[{other}]; tables must be unique"),
                 ));
             }
+            let mut probes = Vec::new();
+            for (j, p) in u.probes.iter().enumerate() {
+                let probe: Probe = p.get_ref().trim().parse().map_err(|e: String| {
+                    self.err(Some(p.span()), key(&format!("probes[{j}]")), e)
+                })?;
+                if probes.contains(&probe) {
+                    return Err(self.err(
+                        Some(p.span()),
+                        key(&format!("probes[{j}]")),
+                        format!("duplicate probe {probe}"),
+                    ));
+                }
+                probes.push(probe);
+            }
+            let probe_quorum = self.int(
+                &key("probe_quorum"),
+                u.probe_quorum.as_ref(),
+                1,
+                1..=probes.len().max(1) as i64,
+            )? as u32;
+            let tier = self.int(&key("tier"), u.tier.as_ref(), 1, 1..=9)? as u32;
             uplinks.push(UplinkConfig {
                 name,
                 interface,
@@ -518,6 +662,9 @@ impl Validator<'_> {
                 mark,
                 table,
                 balance: u.balance.unwrap_or(Balance::Client),
+                probes,
+                probe_quorum,
+                tier,
             });
         }
         for u in &uplinks {
@@ -534,11 +681,90 @@ impl Validator<'_> {
             }
         }
 
+        let health = self.health(raw.health)?;
+        let failover = self.failover(raw.failover)?;
         Ok(Config {
             agent,
             lan,
             dataplane,
+            health,
+            failover,
             uplinks,
+        })
+    }
+
+    /// An integer key with a default and a valid range.
+    fn int(
+        &self,
+        key: &str,
+        value: Option<&Spanned<i64>>,
+        default: i64,
+        range: std::ops::RangeInclusive<i64>,
+    ) -> Result<i64, ConfigError> {
+        let Some(v) = value else { return Ok(default) };
+        if !range.contains(v.get_ref()) {
+            return Err(self.err(
+                Some(v.span()),
+                key,
+                format!(
+                    "must be between {} and {} (got {})",
+                    range.start(),
+                    range.end(),
+                    v.get_ref()
+                ),
+            ));
+        }
+        Ok(*v.get_ref())
+    }
+
+    fn health(&self, raw: RawHealth) -> Result<HealthConfig, ConfigError> {
+        let timeout_span = raw.timeout.as_ref().map(|t| t.span());
+        let h = HealthConfig {
+            interval: self.duration("health.interval", raw.interval, Duration::from_millis(200))?,
+            timeout: self.duration("health.timeout", raw.timeout, Duration::from_millis(600))?,
+            down_after: self.int("health.down_after", raw.down_after.as_ref(), 3, 1..=100)? as u32,
+            up_after: self.int("health.up_after", raw.up_after.as_ref(), 5, 1..=100)? as u32,
+            max_loss: match raw.max_loss {
+                None => None,
+                Some(l) if (0.0..=1.0).contains(l.get_ref()) => Some(*l.get_ref()),
+                Some(l) => {
+                    return Err(self.err(
+                        Some(l.span()),
+                        "health.max_loss",
+                        format!("must be a ratio between 0.0 and 1.0 (got {})", l.get_ref()),
+                    ));
+                }
+            },
+            max_rtt: match raw.max_rtt {
+                None => None,
+                some => Some(self.duration("health.max_rtt", some, Duration::ZERO)?),
+            },
+            stats_window: self.int(
+                "health.stats_window",
+                raw.stats_window.as_ref(),
+                50,
+                2..=10_000,
+            )? as u32,
+        };
+        if h.interval < Duration::from_millis(10) {
+            return Err(self.err(None, "health.interval", "must be at least 10ms"));
+        }
+        if h.timeout > Duration::from_secs(60) {
+            return Err(self.err(timeout_span, "health.timeout", "must be at most 60s"));
+        }
+        Ok(h)
+    }
+
+    fn failover(&self, raw: RawFailover) -> Result<FailoverConfig, ConfigError> {
+        Ok(FailoverConfig {
+            failback: raw.failback.unwrap_or(Failback::Auto),
+            failback_delay: match raw.failback_delay {
+                Some(d) if d.get_ref().trim() == "0s" => Duration::ZERO,
+                d => self.duration("failover.failback_delay", d, Duration::from_secs(30))?,
+            },
+            max_flaps: self.int("failover.max_flaps", raw.max_flaps.as_ref(), 5, 1..=1000)? as u32,
+            window: self.duration("failover.window", raw.window, Duration::from_secs(300))?,
+            hold: self.duration("failover.hold", raw.hold, Duration::from_secs(300))?,
         })
     }
 
@@ -618,6 +844,7 @@ impl Validator<'_> {
             table_base: 1000,
             route_protocol,
             nft: raw.nft.unwrap_or_else(|| PathBuf::from("nft")),
+            conntrack: raw.conntrack.unwrap_or_else(|| PathBuf::from("conntrack")),
         };
         if let Some(b) = raw.table_base {
             let v = *b.get_ref();

@@ -6,11 +6,15 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 use tracing::{debug, error, info, warn};
 
 use crate::config::Config;
 use crate::dataplane::{ApplyReport, Dataplane, nft};
 use crate::discover::{self, Event};
+use crate::health::probe::{self, ProbeSpec};
+use crate::model::failover::{EventKind, EventLog, LogEntry};
 use crate::model::state_file::{StateError, StateFile};
 use crate::model::{Change, LinkState, Model, now_millis};
 use crate::plan::plan;
@@ -44,6 +48,10 @@ pub struct Agent {
     adopt: BTreeMap<IpAddr, String>,
     state_dirty: bool,
     needs_retry: bool,
+    /// State changes, failovers and failbacks; the API streams them.
+    pub events: EventLog,
+    probers: HashMap<usize, (ProbeSpec, JoinHandle<()>)>,
+    probe_tx: mpsc::Sender<probe::Report>,
 }
 
 /// Connects to the kernel, adopts its state, and runs until SIGTERM/SIGINT. The dataplane
@@ -76,6 +84,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
         None => BTreeMap::new(),
     };
     let mut events = discover::subscribe()?;
+    let (probe_tx, mut probe_rx) = mpsc::channel(1024);
     let mut agent = Agent {
         config,
         config_path,
@@ -87,10 +96,14 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
         adopt,
         state_dirty: true,
         needs_retry: false,
+        events: EventLog::default(),
+        probers: HashMap::new(),
+        probe_tx,
     };
     let started = Instant::now();
     agent.resync_inputs().await?;
     agent.adopt.clear();
+    agent.links_changed();
     // read_nft just filled the dataplane's cache: no second read-back of the table.
     let report = agent.apply(false).await;
     agent.save_state();
@@ -127,13 +140,18 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
                 };
                 let received = Instant::now();
                 let mut overrun = ev == Event::Overrun;
+                let mut links = matches!(ev, Event::Link { .. } | Event::LinkGone { .. } | Event::Addr { .. });
                 let mut dirty = agent.on_event(ev);
                 // Coalesce whatever else is queued into the same apply.
                 let mut n = 1usize;
                 while let Ok(ev) = events.try_recv() {
                     overrun |= ev == Event::Overrun;
+                    links |= matches!(ev, Event::Link { .. } | Event::LinkGone { .. } | Event::Addr { .. });
                     dirty |= agent.on_event(ev);
                     n += 1;
+                }
+                if links {
+                    dirty |= agent.links_changed();
                 }
                 if overrun {
                     warn!("netlink events were dropped by the kernel; re-reading links and neighbours");
@@ -143,13 +161,21 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
                     debug!(events = n, latency_us = received.elapsed().as_micros() as u64, "dispatched");
                 }
             }
+            Some(report) = probe_rx.recv() => {
+                let log = agent.model.on_round(report.uplink, &report.round, Instant::now(), &agent.config.health, &agent.config.failover);
+                if agent.record(log) {
+                    agent.apply(false).await;
+                }
+            }
             _ = resync.tick() => agent.resync_and_apply().await,
             _ = housekeeping.tick() => {
+                let log = agent.model.tick(Instant::now(), &agent.config.health, &agent.config.failover);
+                let health_changed = agent.record(log);
                 let released = agent.model.expire(now_millis(), agent.config.lan.client_idle_timeout);
                 for c in &released {
                     info!(mac = %c.mac, home = %c.home, "client idle; released");
                 }
-                if !released.is_empty() || agent.needs_retry {
+                if !released.is_empty() || agent.needs_retry || health_changed {
                     agent.state_dirty |= !released.is_empty();
                     let full = agent.needs_retry;
                     agent.apply(full).await;
@@ -162,6 +188,9 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
         }
     }
     agent.save_state();
+    for (_, (_, task)) in agent.probers.drain() {
+        task.abort();
+    }
     info!("stopping; dataplane left in place");
     Ok(())
 }
@@ -198,6 +227,7 @@ impl Agent {
                 ifindex,
                 name,
                 admin_up,
+                carrier,
             } => {
                 if let Some(old) = self.links.insert(ifindex, name.clone())
                     && old != name
@@ -210,11 +240,26 @@ impl Agent {
                     LinkState {
                         ifindex: Some(ifindex),
                         admin_up,
+                        carrier,
                     },
                 )
             }
             Event::LinkGone { ifindex } => match self.links.remove(&ifindex) {
-                Some(name) => self.model.set_link(&name, LinkState::default()),
+                Some(name) => {
+                    self.model.clear_addrs(&name);
+                    self.model.set_link(&name, LinkState::default())
+                }
+                None => false,
+            },
+            Event::Addr {
+                ifindex,
+                addr,
+                present,
+            } => match self.links.get(&ifindex) {
+                Some(name) => {
+                    let name = name.clone();
+                    self.model.set_addr(&name, addr, present)
+                }
                 None => false,
             },
             Event::Overrun => false,
@@ -251,6 +296,13 @@ impl Agent {
         for e in links {
             self.on_event(e);
         }
+        let addrs = discover::dump_addrs(&self.handle).await?;
+        for u in self.model.uplinks.clone() {
+            self.model.clear_addrs(&u.interface);
+        }
+        for e in addrs {
+            self.on_event(e);
+        }
         let mut present = HashMap::new();
         let handle = self.handle.clone();
         discover::dump_neighbours(&handle, |e| {
@@ -273,10 +325,90 @@ impl Agent {
         Ok(())
     }
 
+    /// Links or addresses changed: re-evaluate link health and the probers.
+    fn links_changed(&mut self) -> bool {
+        let log =
+            self.model
+                .refresh_links(Instant::now(), &self.config.health, &self.config.failover);
+        self.reconcile_probers();
+        // Routes and rules follow links even without a state change.
+        self.record(log);
+        true
+    }
+
+    /// Logs and records health events; returns whether there were any.
+    fn record(&mut self, log: Vec<LogEntry>) -> bool {
+        let any = !log.is_empty();
+        for e in log {
+            match e.kind {
+                EventKind::Failover | EventKind::AllDown => {
+                    warn!(uplink = %e.uplink, clients_moved = e.clients_moved, "{e}")
+                }
+                EventKind::State { to, .. } if !to.usable() => warn!(uplink = %e.uplink, "{e}"),
+                _ => info!(uplink = %e.uplink, clients_moved = e.clients_moved, "{e}"),
+            }
+            self.events.push(e);
+        }
+        any
+    }
+
+    /// One prober per uplink with probes, restarted when its interface or addresses change.
+    fn reconcile_probers(&mut self) {
+        for (i, (u, m)) in self
+            .config
+            .uplinks
+            .iter()
+            .zip(&self.model.uplinks)
+            .enumerate()
+        {
+            let want = (!u.probes.is_empty() && m.link.ifindex.is_some()).then(|| ProbeSpec {
+                uplink: i,
+                interface: u.interface.clone(),
+                fwmark: self.config.dataplane.fwmark(u.mark),
+                src4: m.addrs.iter().find_map(|a| match a {
+                    IpAddr::V4(a) => Some(*a),
+                    _ => None,
+                }),
+                src6: m.addrs.iter().find_map(|a| match a {
+                    IpAddr::V6(a) => Some(*a),
+                    _ => None,
+                }),
+                targets: u.probes.clone(),
+                quorum: u.probe_quorum as usize,
+                interval: self.config.health.interval,
+                timeout: self.config.health.timeout,
+            });
+            if self.probers.get(&i).map(|(s, _)| s) == want.as_ref() {
+                continue;
+            }
+            if let Some((_, task)) = self.probers.remove(&i) {
+                task.abort();
+            }
+            if let Some(spec) = want {
+                let task = probe::spawn(spec.clone(), self.probe_tx.clone());
+                self.probers.insert(i, (spec, task));
+            }
+        }
+    }
+
     async fn apply(&mut self, full: bool) -> ApplyReport {
         let started = Instant::now();
         let desired = plan(&self.config, &self.model);
         let report = self.dataplane.apply(&desired, full).await;
+        if report.errors.is_empty() {
+            // Only once the new paths are in the kernel: the flows re-establish on them.
+            for i in self.model.take_flushes() {
+                let mark = self.config.dataplane.fwmark(self.config.uplinks[i].mark);
+                match self.dataplane.flush_conntrack(mark).await {
+                    Ok(n) => {
+                        info!(uplink = %self.config.uplinks[i].name, flows = n, "deleted the dead uplink's conntrack entries")
+                    }
+                    Err(e) => {
+                        error!(uplink = %self.config.uplinks[i].name, error = %e, "cannot delete the dead uplink's conntrack entries")
+                    }
+                }
+            }
+        }
         self.needs_retry = !report.errors.is_empty();
         for e in &report.errors {
             error!(error = %e, "dataplane apply failed; retrying");
@@ -327,13 +459,19 @@ impl Agent {
             return;
         }
         let clients = self.model.clients().clone().into_values().collect();
-        self.model = Model::new(&new);
+        let old = std::mem::replace(&mut self.model, Model::new(&new));
+        // Uplinks that stay keep their health, so a reload does not reset a failover.
+        self.model.keep_runtime(&old);
         let reassigned = self.model.restore(clients);
         self.config = new;
         self.links.clear();
+        for (_, (_, task)) in self.probers.drain() {
+            task.abort();
+        }
         if let Err(e) = self.resync_inputs().await {
             warn!(error = %e, "dump after reload failed");
         }
+        self.links_changed();
         self.state_dirty = true;
         self.apply(true).await;
         self.save_state();

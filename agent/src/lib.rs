@@ -9,5 +9,6 @@ pub mod config;
 pub mod daemon;
 pub mod dataplane;
 pub mod discover;
+pub mod health;
 pub mod model;
 pub mod plan;

@@ -270,20 +270,18 @@ fn recreate_wan2(lab: &Lab) -> anyhow::Result<()> {
 fn uplink_interface_appears_and_is_recreated() -> anyhow::Result<()> {
     let mut lab = Lab::build("ifc", two_uplinks(), 2, 0)?;
     lab.gw(&["ip", "link", "del", "wan2"])?;
-    lab.write_config("60s", "10m", "")?;
+    lab.write_config("60s", "10m", "[failover]\nfailback_delay = \"0s\"\n")?;
     lab.start_agent()?;
-    for i in 1..=2 {
-        let _ = lab.probe(i, false, 3);
-    }
-    lab.wait_for(Duration::from_secs(10), "2 assignments", || {
-        Ok(lab.assignments()?.len() == 2)
-    })?;
+    let assigned = lab.greet_clients()?;
+    assert!(
+        assigned.values().all(|u| u == "isp1"),
+        "new clients avoid the missing uplink: {assigned:?}"
+    );
     assert!(
         !lab.gw(&["ip", "route", "show", "table", "all"])?
             .contains("table 1002"),
         "no route while wan2 is missing"
     );
-    let c2 = client_on(&lab, "isp2")?;
 
     // The resync interval is 60 s: only the link event can bring the route in time.
     recreate_wan2(&lab)?;
@@ -292,7 +290,15 @@ fn uplink_interface_appears_and_is_recreated() -> anyhow::Result<()> {
             .gw(&["ip", "route", "show", "table", "1002"])?
             .contains("dev wan2"))
     })?;
-    let seen = lab.probe(c2, false, 10)?;
+    // Usable: the next client goes to it (the least loaded) and leaves through it.
+    lab.add_client(3, false)?;
+    lab.probe(3, false, 10)?;
+    let c3: std::net::IpAddr = client_v4(3).into();
+    lab.wait_for(Duration::from_secs(5), "c3 assigned", || {
+        Ok(lab.assignments()?.contains_key(&c3))
+    })?;
+    assert_eq!(lab.assignments()?[&c3], "isp2");
+    let seen = lab.probe(3, false, 10)?;
     assert_eq!(lab.uplink_of_source(seen).as_deref(), Some("isp2"));
 
     let old_index = lab.gw(&["cat", "/sys/class/net/wan2/ifindex"])?;
@@ -308,7 +314,7 @@ fn uplink_interface_appears_and_is_recreated() -> anyhow::Result<()> {
                 .contains("dev wan2"))
         },
     )?;
-    let seen = lab.probe(c2, false, 10)?;
+    let seen = lab.probe(3, false, 10)?;
     assert_eq!(lab.uplink_of_source(seen).as_deref(), Some("isp2"));
     Ok(())
 }

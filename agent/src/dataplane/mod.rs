@@ -1,6 +1,7 @@
 //! Dataplane: reads back what uplinkd owns in the kernel, diffs it against the plan and
 //! applies the difference (one nft transaction; rules and routes over netlink).
 
+pub mod conntrack;
 pub mod netlink;
 pub mod nft;
 
@@ -25,6 +26,15 @@ pub enum DataplaneError {
     Nft { command: String, stderr: String },
     #[error("unexpected `nft -j` output: {0}")]
     NftOutput(String),
+    #[error(
+        "cannot run {path:?} (dataplane.conntrack): {source}; install the conntrack package or set dataplane.conntrack"
+    )]
+    ConntrackMissing {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("`{command}` failed: {stderr}")]
+    Conntrack { command: String, stderr: String },
     #[error("netlink: {context}: {source}")]
     Netlink {
         context: String,
@@ -59,6 +69,8 @@ impl ApplyReport {
 
 pub struct Dataplane {
     nft: NftDriver,
+    conntrack: conntrack::Conntrack,
+    mask: u32,
     netlink: NetlinkDriver,
     /// The kernel's nft state as last read or written; `None` forces a read-back.
     nft_cache: Option<KernelNft>,
@@ -72,6 +84,8 @@ impl Dataplane {
         let dp = &config.dataplane;
         Dataplane {
             nft: NftDriver::new(&dp.nft, &dp.nft_table),
+            conntrack: conntrack::Conntrack::new(&dp.conntrack),
+            mask: dp.fwmark_mask,
             netlink: NetlinkDriver::new(
                 handle,
                 dp.route_protocol,
@@ -84,8 +98,15 @@ impl Dataplane {
         }
     }
 
+    /// Fails with a clear error when `nft` or `conntrack` cannot be run.
     pub async fn check(&self) -> Result<(), DataplaneError> {
-        self.nft.check().await
+        self.nft.check().await?;
+        self.conntrack.check().await
+    }
+
+    /// Deletes the conntrack entries carrying uplink mark `mark` (and only those).
+    pub async fn flush_conntrack(&self, mark: u32) -> Result<usize, DataplaneError> {
+        self.conntrack.delete_mark(mark, self.mask).await
     }
 
     /// Reads the kernel's nft state (for adoption at start) and keeps it as the cache.

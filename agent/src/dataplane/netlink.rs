@@ -65,8 +65,8 @@ impl NetlinkDriver {
             {
                 let mut priority = 0;
                 let mut proto = None;
-                let (mut mark, mut mask, mut table, mut suppress) =
-                    (None, None, msg.header.table as u32, None);
+                let (mut mark, mut mask, mut table, mut suppress, mut source) =
+                    (None, None, msg.header.table as u32, None, None);
                 for a in &msg.attributes {
                     match a {
                         RuleAttribute::Priority(p) => priority = *p,
@@ -74,6 +74,7 @@ impl NetlinkDriver {
                         RuleAttribute::FwMark(m) => mark = Some(*m),
                         RuleAttribute::FwMask(m) => mask = Some(*m),
                         RuleAttribute::Table(t) => table = *t,
+                        RuleAttribute::Source(a) => source = Some(*a),
                         // The kernel reports "unset" as u32::MAX.
                         RuleAttribute::SuppressPrefixLen(s) if *s != u32::MAX => {
                             suppress = Some(*s)
@@ -84,20 +85,23 @@ impl NetlinkDriver {
                 if !self.priorities.contains(&priority) || proto != Some(self.protocol) {
                     continue;
                 }
-                let plain = msg.header.src_len == 0
-                    && msg.header.dst_len == 0
-                    && msg.header.action == NlRuleAction::ToTable;
-                let action = match (mark, suppress) {
-                    (None, Some(0)) if table == RouteHeader::RT_TABLE_MAIN as u32 => {
+                let host_len = if family == Family::V4 { 32 } else { 128 };
+                let plain = msg.header.dst_len == 0 && msg.header.action == NlRuleAction::ToTable;
+                let action = match (mark, suppress, source) {
+                    (None, Some(0), None) if table == RouteHeader::RT_TABLE_MAIN as u32 => {
                         Some(RuleAction::MainSpecific)
                     }
-                    (Some(mark), None) => Some(RuleAction::FwMark {
+                    (Some(mark), None, None) => Some(RuleAction::FwMark {
                         mark,
                         mask: mask.unwrap_or(u32::MAX),
                         table,
                     }),
+                    (None, None, Some(addr)) if msg.header.src_len == host_len => {
+                        Some(RuleAction::FromAddr { addr, table })
+                    }
                     _ => None,
                 };
+                let plain = plain && (source.is_some() || msg.header.src_len == 0);
                 let spec = action.filter(|_| plain).map(|action| RuleSpec {
                     family,
                     priority,
@@ -197,6 +201,7 @@ impl NetlinkDriver {
         let mut req = match spec.action {
             RuleAction::MainSpecific => req.table_id(RouteHeader::RT_TABLE_MAIN as u32),
             RuleAction::FwMark { mark, table, .. } => req.table_id(table).fw_mark(mark),
+            RuleAction::FromAddr { table, .. } => req.table_id(table),
         };
         let msg = req.message_mut();
         msg.attributes
@@ -204,6 +209,10 @@ impl NetlinkDriver {
         match spec.action {
             RuleAction::MainSpecific => msg.attributes.push(RuleAttribute::SuppressPrefixLen(0)),
             RuleAction::FwMark { mask, .. } => msg.attributes.push(RuleAttribute::FwMask(mask)),
+            RuleAction::FromAddr { addr, .. } => {
+                msg.header.src_len = if addr.is_ipv4() { 32 } else { 128 };
+                msg.attributes.push(RuleAttribute::Source(addr));
+            }
         }
         match spec.family {
             Family::V4 => req.v4().execute().await,

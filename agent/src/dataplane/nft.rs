@@ -53,17 +53,48 @@ pub struct Signature {
     rules: Vec<(String, Option<String>)>,
 }
 
+impl Signature {
+    /// Same chains (with hooks) and maps: only rules may differ.
+    fn same_objects(&self, other: &Signature) -> bool {
+        self.chains == other.chains
+            && self.maps == other.maps
+            && self
+                .rules
+                .iter()
+                .chain(&other.rules)
+                .all(|(c, _)| self.chains.iter().any(|x| &x.name == c))
+    }
+
+    /// Chains whose rule lists differ.
+    fn changed_chains(&self, other: &Signature) -> BTreeSet<String> {
+        let by_chain = |s: &Signature| {
+            let mut m: BTreeMap<String, Vec<Option<String>>> = BTreeMap::new();
+            for (c, comment) in &s.rules {
+                m.entry(c.clone()).or_default().push(comment.clone());
+            }
+            m
+        };
+        let (a, b) = (by_chain(self), by_chain(other));
+        self.chains
+            .iter()
+            .map(|c| c.name.clone())
+            .filter(|n| a.get(n) != b.get(n))
+            .collect()
+    }
+}
+
 /// Result of one apply, for logs and benchmarks.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct NftStats {
     pub replaced_table: bool,
+    pub rewritten_chains: usize,
     pub added: usize,
     pub deleted: usize,
 }
 
 impl NftStats {
     pub fn is_empty(&self) -> bool {
-        !self.replaced_table && self.added == 0 && self.deleted == 0
+        !self.replaced_table && self.rewritten_chains == 0 && self.added == 0 && self.deleted == 0
     }
 }
 
@@ -123,7 +154,28 @@ impl NftDriver {
         let mut batch: Vec<String> = Vec::new();
         let mut stats = NftStats::default();
         match kernel.as_ref() {
-            Some(k) if k.signature == want_sig => {
+            Some(k) if k.signature.same_objects(&want_sig) => {
+                // Chains whose rules differ (a failover rewrites a home chain) are flushed
+                // and refilled in the same transaction as the element changes.
+                let changed = k.signature.changed_chains(&want_sig);
+                stats.rewritten_chains = changed.len();
+                for name in &changed {
+                    let c = Chain {
+                        family: NfFamily::INet,
+                        table: Cow::Borrowed(&self.table),
+                        name: Cow::Borrowed(name),
+                        ..Chain::default()
+                    };
+                    batch.push(command(NfCmd::Flush(nftables::schema::FlushObject::Chain(
+                        c,
+                    ))));
+                }
+                for obj in structure
+                    .into_iter()
+                    .filter(|o| matches!(o, NfListObject::Rule(r) if changed.contains(&*r.chain)))
+                {
+                    batch.push(command(NfCmd::Add(obj)));
+                }
                 let (adds, dels) = diff_elements(&desired.elements, &k.elements);
                 stats.added = adds.len();
                 stats.deleted = dels.len();
@@ -172,6 +224,7 @@ impl NftDriver {
         }
         match kernel {
             Some(k) if !stats.replaced_table => {
+                k.signature = want_sig;
                 let (adds, dels) = diff_elements(&desired.elements, &k.elements);
                 let (adds, dels): (Vec<_>, Vec<_>) = (
                     adds.into_iter().map(|(key, _)| key).collect(),
@@ -373,11 +426,6 @@ fn render_structure(s: &NftStructure) -> Vec<NfListObject<'static>> {
             Expression::Number(value),
         ])))
     };
-    let goto = |target: String| {
-        Verdict::Goto(JumpTarget {
-            target: Cow::Owned(target),
-        })
-    };
 
     for u in &s.uplinks {
         // Only the owned mark bits change; foreign bits pass through.
@@ -395,11 +443,45 @@ fn render_structure(s: &NftStructure) -> Vec<NfListObject<'static>> {
             ],
         ));
         // The indirection failover rewrites: one rule, whatever the number of clients.
+        match &u.home {
+            None => objs.push(rule(
+                &home_chain(&u.name),
+                vec![Statement::Goto(JumpTarget {
+                    target: Cow::Owned(up_chain(&u.name)),
+                })],
+            )),
+            Some(buckets) => {
+                for r in hash_rules(buckets) {
+                    objs.push(rule(&home_chain(&u.name), r));
+                }
+            }
+        }
+    }
+
+    // A connection that arrives on an uplink (a port forward) is answered through it: its
+    // conntrack entry gets the uplink's mark, which the sticky map restores on replies.
+    for u in &s.uplinks {
         objs.push(rule(
-            &home_chain(&u.name),
-            vec![Statement::Goto(JumpTarget {
-                target: Cow::Owned(up_chain(&u.name)),
-            })],
+            PREROUTING,
+            vec![
+                Statement::Match(Match {
+                    left: meta(MetaKey::Iifname),
+                    right: Expression::String(Cow::Owned(u.interface.clone())),
+                    op: Operator::EQ,
+                }),
+                Statement::Match(Match {
+                    left: Expression::Named(NamedExpression::CT(CT {
+                        key: Cow::Borrowed("state"),
+                        ..CT::default()
+                    })),
+                    right: Expression::String(Cow::Borrowed("new")),
+                    op: Operator::IN,
+                }),
+                Statement::Mangle(Mangle {
+                    key: ct_mark(),
+                    value: set_bits(ct_mark(), u.fwmark),
+                }),
+            ],
         ));
     }
 
@@ -440,39 +522,8 @@ fn render_structure(s: &NftStructure) -> Vec<NfListObject<'static>> {
         ));
     }
     // No gap for new clients: until the assignment lands, a stable hash picks the uplink.
-    if !s.fallback.is_empty() {
-        for (proto, nfproto) in [("ip", "ipv4"), ("ip6", "ipv6")] {
-            let buckets = s
-                .fallback
-                .iter()
-                .enumerate()
-                .map(|(i, name)| {
-                    SetItem::Mapping(
-                        Expression::Number(i as u32),
-                        Expression::Verdict(goto(up_chain(name))),
-                    )
-                })
-                .collect();
-            objs.push(rule(
-                PREROUTING,
-                vec![
-                    Statement::Match(Match {
-                        left: meta(MetaKey::Nfproto),
-                        right: Expression::String(Cow::Borrowed(nfproto)),
-                        op: Operator::EQ,
-                    }),
-                    Statement::VerdictMap(VerdictMap {
-                        key: Expression::Named(NamedExpression::JHash(JHash {
-                            hash_mod: s.fallback.len() as u32,
-                            offset: None,
-                            expr: Box::new(payload(proto)),
-                            seed: Some(FALLBACK_SEED),
-                        })),
-                        data: Expression::Named(NamedExpression::Set(buckets)),
-                    }),
-                ],
-            ));
-        }
+    for r in hash_rules(&s.fallback) {
+        objs.push(rule(PREROUTING, r));
     }
     for u in s.uplinks.iter().filter(|u| u.masquerade) {
         objs.push(rule(
@@ -488,6 +539,54 @@ fn render_structure(s: &NftStructure) -> Vec<NfListObject<'static>> {
         ));
     }
     objs
+}
+
+/// `jhash saddr mod N vmap { i: goto up_<bucket i> }` for IPv4 and IPv6: a stable spread
+/// of clients over uplinks, each listed in proportion to its weight.
+fn hash_rules(buckets: &[String]) -> Vec<Vec<Statement<'static>>> {
+    if buckets.is_empty() {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    for (proto, nfproto) in [("ip", "ipv4"), ("ip6", "ipv6")] {
+        let items = buckets
+            .iter()
+            .enumerate()
+            .map(|(i, name)| {
+                SetItem::Mapping(
+                    Expression::Number(i as u32),
+                    Expression::Verdict(Verdict::Goto(JumpTarget {
+                        target: Cow::Owned(up_chain(name)),
+                    })),
+                )
+            })
+            .collect();
+        let saddr = Expression::Named(NamedExpression::Payload(Payload::PayloadField(
+            PayloadField {
+                protocol: Cow::Borrowed(proto),
+                field: Cow::Borrowed("saddr"),
+            },
+        )));
+        out.push(vec![
+            Statement::Match(Match {
+                left: Expression::Named(NamedExpression::Meta(Meta {
+                    key: MetaKey::Nfproto,
+                })),
+                right: Expression::String(Cow::Borrowed(nfproto)),
+                op: Operator::EQ,
+            }),
+            Statement::VerdictMap(VerdictMap {
+                key: Expression::Named(NamedExpression::JHash(JHash {
+                    hash_mod: buckets.len() as u32,
+                    offset: None,
+                    expr: Box::new(saddr),
+                    seed: Some(FALLBACK_SEED),
+                })),
+                data: Expression::Named(NamedExpression::Set(items)),
+            }),
+        ]);
+    }
+    out
 }
 
 /// Verdict maps, which the `nftables` crate's schema cannot express (its set types have no
@@ -673,6 +772,7 @@ mod tests {
                 interface: "wan0".into(),
                 fwmark: 0x0100_0000,
                 masquerade: true,
+                home: None,
             }],
             fallback: vec!["a".into()],
         }
@@ -700,6 +800,15 @@ mod tests {
         let mut s2 = s.clone();
         s2.uplinks[0].masquerade = false;
         assert_ne!(base, signature_of(&render_structure(&s2)));
+        // A failover changes only the home chain: no table replace needed.
+        let mut s3 = s.clone();
+        s3.uplinks[0].home = Some(vec!["a".into()]);
+        let sig3 = signature_of(&render_structure(&s3));
+        assert!(base.same_objects(&sig3));
+        assert_eq!(
+            base.changed_chains(&sig3),
+            BTreeSet::from(["home_a".to_string()])
+        );
         assert_eq!(base, signature_of(&render_structure(&s)));
     }
 

@@ -6,6 +6,7 @@ use std::net::IpAddr;
 use futures::{StreamExt, TryStreamExt};
 use netlink_packet_route::AddressFamily;
 use netlink_packet_route::RouteNetlinkMessage;
+use netlink_packet_route::address::{AddressAttribute, AddressMessage};
 use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
 use netlink_packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState,
@@ -32,6 +33,13 @@ pub enum Event {
         ifindex: u32,
         name: String,
         admin_up: bool,
+        carrier: bool,
+    },
+    /// An address on an interface (IPv6 link-local excluded).
+    Addr {
+        ifindex: u32,
+        addr: IpAddr,
+        present: bool,
     },
     LinkGone {
         ifindex: u32,
@@ -54,8 +62,12 @@ pub enum DiscoverError {
 /// Subscribes to link and neighbour events. Subscribe before dumping, so nothing that
 /// happens in between is missed.
 pub fn subscribe() -> Result<mpsc::UnboundedReceiver<Event>, DiscoverError> {
-    let (mut conn, _handle, mut messages) =
-        rtnetlink::new_multicast_connection(&[MulticastGroup::Link, MulticastGroup::Neigh])?;
+    let (mut conn, _handle, mut messages) = rtnetlink::new_multicast_connection(&[
+        MulticastGroup::Link,
+        MulticastGroup::Neigh,
+        MulticastGroup::Ipv4Ifaddr,
+        MulticastGroup::Ipv6Ifaddr,
+    ])?;
     force_rx_buffer(conn.socket_mut().socket_mut(), EVENT_SOCKET_BUFFER)?;
     tokio::spawn(conn);
     let (tx, rx) = mpsc::unbounded_channel();
@@ -73,6 +85,12 @@ pub fn subscribe() -> Result<mpsc::UnboundedReceiver<Event>, DiscoverError> {
                 }
                 NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(m)) => {
                     link_event(&m, true)
+                }
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewAddress(m)) => {
+                    addr_event(&m, true)
+                }
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelAddress(m)) => {
+                    addr_event(&m, false)
                 }
                 NetlinkPayload::Overrun(_) => Some(Event::Overrun),
                 _ => None,
@@ -123,6 +141,44 @@ pub async fn dump_links(handle: &Handle) -> Result<Vec<Event>, DiscoverError> {
                 source,
             })?;
     Ok(links.iter().filter_map(|m| link_event(m, false)).collect())
+}
+
+pub async fn dump_addrs(handle: &Handle) -> Result<Vec<Event>, DiscoverError> {
+    let msgs: Vec<AddressMessage> = handle
+        .address()
+        .get()
+        .execute()
+        .try_collect()
+        .await
+        .map_err(|source| DiscoverError::Dump {
+            what: "addresses",
+            source,
+        })?;
+    Ok(msgs.iter().filter_map(|m| addr_event(m, true)).collect())
+}
+
+fn addr_event(m: &AddressMessage, present: bool) -> Option<Event> {
+    // On point-to-point links IFA_ADDRESS is the peer; IFA_LOCAL is ours.
+    let local = m.attributes.iter().find_map(|a| match a {
+        AddressAttribute::Local(ip) => Some(*ip),
+        _ => None,
+    });
+    let addr = local.or_else(|| {
+        m.attributes.iter().find_map(|a| match a {
+            AddressAttribute::Address(ip) => Some(*ip),
+            _ => None,
+        })
+    })?;
+    if let IpAddr::V6(a) = addr
+        && a.is_unicast_link_local()
+    {
+        return None;
+    }
+    Some(Event::Addr {
+        ifindex: m.header.index,
+        addr,
+        present,
+    })
 }
 
 /// Dumps the neighbour tables, handing each entry to `f` as it arrives (100k entries are
@@ -197,5 +253,6 @@ fn link_event(m: &LinkMessage, deleted: bool) -> Option<Event> {
         ifindex: m.header.index,
         name,
         admin_up: m.header.flags.contains(LinkFlags::Up),
+        carrier: m.header.flags.contains(LinkFlags::LowerUp),
     })
 }

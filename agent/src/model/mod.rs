@@ -2,16 +2,18 @@
 //! them, each with a sticky home uplink. Pure data; no I/O.
 
 pub mod assign;
+pub mod failover;
 pub mod mac;
 pub mod state_file;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 
 use crate::config::Config;
+use crate::health::{Health, UplinkState};
 pub use mac::Mac;
 
 /// Milliseconds since the Unix epoch: persisted, so wall-clock.
@@ -30,14 +32,58 @@ pub struct LinkState {
     /// `None` while the interface does not exist.
     pub ifindex: Option<u32>,
     pub admin_up: bool,
+    /// LOWER_UP: the link layer below is up.
+    pub carrier: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Uplink {
     pub name: String,
     pub interface: String,
     pub weight: u32,
+    pub tier: u32,
     pub link: LinkState,
+    /// The interface's addresses (IPv4, and IPv6 other than link-local).
+    pub addrs: Vec<IpAddr>,
+    pub health: Health,
+    /// Whether the uplink carries its own clients. False from failover until failback.
+    pub serving: bool,
+    /// Continuously usable since, for the failback delay.
+    pub usable_since: Option<Instant>,
+    /// Its conntrack entries must go once its clients have somewhere else to be.
+    pub needs_flush: bool,
+}
+
+impl Uplink {
+    pub fn new(
+        name: &str,
+        interface: &str,
+        weight: u32,
+        tier: u32,
+        probing: bool,
+        stats_window: usize,
+    ) -> Uplink {
+        Uplink {
+            name: name.to_string(),
+            interface: interface.to_string(),
+            weight,
+            tier,
+            link: LinkState::default(),
+            addrs: Vec::new(),
+            health: Health::new(probing, stats_window, Instant::now()),
+            serving: true,
+            usable_since: None,
+            needs_flush: false,
+        }
+    }
+
+    pub fn state(&self) -> UplinkState {
+        self.health.state()
+    }
+
+    pub fn usable(&self) -> bool {
+        self.health.state().usable()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -144,6 +190,8 @@ pub struct Model {
     /// Clients per uplink, in config order.
     counts: Vec<usize>,
     prefixes: Vec<IpNet>,
+    /// Every uplink is down (logged once when it happens and once when it ends).
+    all_down: bool,
 }
 
 impl Model {
@@ -152,17 +200,22 @@ impl Model {
             uplinks: config
                 .uplinks
                 .iter()
-                .map(|u| Uplink {
-                    name: u.name.clone(),
-                    interface: u.interface.clone(),
-                    weight: u.weight,
-                    link: LinkState::default(),
+                .map(|u| {
+                    Uplink::new(
+                        &u.name,
+                        &u.interface,
+                        u.weight,
+                        u.tier,
+                        !u.probes.is_empty(),
+                        config.health.stats_window as usize,
+                    )
                 })
                 .collect(),
             clients: BTreeMap::new(),
             by_addr: HashMap::new(),
             counts: vec![0; config.uplinks.len()],
             prefixes: config.lan.prefixes.clone(),
+            all_down: false,
         }
     }
 
@@ -214,10 +267,21 @@ impl Model {
         self.uplinks.iter().position(|u| u.name == name)
     }
 
+    /// Where a new client goes: the lowest configured tier (a higher tier carries clients
+    /// only by failover), preferring healthy uplinks over degraded ones over dead ones.
     fn least_loaded(&self) -> String {
-        self.uplinks[assign::least_loaded(&self.uplinks, &self.counts)]
-            .name
-            .clone()
+        let tier = self.uplinks.iter().map(|u| u.tier).min().unwrap_or(1);
+        let in_tier = |i: usize| self.uplinks[i].tier == tier;
+        let preferences: [&dyn Fn(usize) -> bool; 3] = [
+            &|i| in_tier(i) && self.uplinks[i].state() == UplinkState::Up,
+            &|i| in_tier(i) && self.uplinks[i].usable(),
+            &in_tier,
+        ];
+        let i = preferences
+            .iter()
+            .find_map(|ok| assign::least_loaded(&self.uplinks, &self.counts, ok))
+            .expect("config validation guarantees an uplink");
+        self.uplinks[i].name.clone()
     }
 
     /// Adds a client, keeping the per-uplink counts (placement reads them for every new

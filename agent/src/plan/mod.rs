@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use crate::config::Config;
 use crate::model::Model;
+use crate::model::failover::HomeTarget;
 
 /// Largest number of hash buckets the new-client fallback uses.
 const MAX_FALLBACK_BUCKETS: u32 = 64;
@@ -44,6 +45,9 @@ pub struct NftUplink {
     pub interface: String,
     pub fwmark: u32,
     pub masquerade: bool,
+    /// Where `home_<name>` sends the uplink's clients: to `up_<name>`, or (failed over)
+    /// hashed over these uplinks' `up_` chains, each listed in proportion to its weight.
+    pub home: Option<Vec<String>>,
 }
 
 /// A map element key; the variant decides the map.
@@ -92,6 +96,8 @@ pub enum RuleAction {
     MainSpecific,
     /// `fwmark mark/mask lookup table`.
     FwMark { mark: u32, mask: u32, table: u32 },
+    /// `from addr lookup table`: traffic from an uplink's own address leaves through it.
+    FromAddr { addr: IpAddr, table: u32 },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -112,26 +118,52 @@ pub struct RouteSpec {
 
 pub fn plan(config: &Config, model: &Model) -> Desired {
     let dp = &config.dataplane;
+    let buckets = |idx: &[usize]| {
+        fallback_buckets(
+            idx.iter()
+                .map(|&i| (config.uplinks[i].name.as_str(), config.uplinks[i].weight)),
+        )
+    };
     let uplinks = config
         .uplinks
         .iter()
-        .map(|u| NftUplink {
+        .enumerate()
+        .map(|(i, u)| NftUplink {
             name: u.name.clone(),
             interface: u.interface.clone(),
             fwmark: dp.fwmark(u.mark),
             masquerade: u.masquerade,
+            home: match model.home_target(i) {
+                HomeTarget::Direct => None,
+                HomeTarget::Spread(to) => Some(buckets(&to)),
+            },
         })
         .collect();
+    // Clients without an assignment yet: over the survivors; with none, over the tier new
+    // clients are placed in (nothing better exists).
+    let mut fallback_to = model.survivors(None);
+    if fallback_to.is_empty() {
+        let tier = config.uplinks.iter().map(|u| u.tier).min().unwrap_or(1);
+        fallback_to = (0..config.uplinks.len())
+            .filter(|&i| config.uplinks[i].tier == tier)
+            .collect();
+    }
     let structure = NftStructure {
         table: dp.nft_table.clone(),
         mask: dp.fwmark_mask,
         lan_interfaces: config.lan.interfaces.clone(),
         uplinks,
-        fallback: fallback_buckets(config.uplinks.iter().map(|u| (u.name.as_str(), u.weight))),
+        fallback: buckets(&fallback_to),
     };
 
     let mut elements = BTreeMap::new();
-    for u in &config.uplinks {
+    // A connection keeps its uplink only while that uplink is usable.
+    for (u, _) in config
+        .uplinks
+        .iter()
+        .zip(&model.uplinks)
+        .filter(|(_, m)| m.usable())
+    {
         elements.insert(
             ElemKey::Mark(dp.fwmark(u.mark)),
             Arc::from(up_chain(&u.name)),
@@ -179,6 +211,21 @@ pub fn plan(config: &Config, model: &Model) -> Desired {
                 family: Family::V6,
                 priority: dp.rule_priority + 1,
                 action: fw,
+            });
+        }
+        for addr in &m.addrs {
+            let family = if addr.is_ipv4() {
+                Family::V4
+            } else {
+                Family::V6
+            };
+            rules.insert(RuleSpec {
+                family,
+                priority: dp.rule_priority + 2,
+                action: RuleAction::FromAddr {
+                    addr: *addr,
+                    table: u.table,
+                },
             });
         }
         // The kernel refuses routes through a missing or admin-down device; they are added
@@ -284,6 +331,7 @@ interface = "ppp0"
             LinkState {
                 ifindex: Some(7),
                 admin_up: true,
+                carrier: true,
             },
         );
         m.set_link(
@@ -291,6 +339,7 @@ interface = "ppp0"
             LinkState {
                 ifindex: Some(3),
                 admin_up: false,
+                carrier: true,
             },
         );
         let d = plan(&c, &m);
@@ -317,6 +366,7 @@ interface = "ppp0"
     #[test]
     fn clients_map_to_home_chains_and_sticky_marks_to_up_chains() {
         let (c, mut m) = setup();
+        links_up(&c, &mut m);
         m.neighbour_present(
             "10.0.0.1".parse().unwrap(),
             Mac([2, 0, 0, 0, 0, 1]),
@@ -340,6 +390,53 @@ interface = "ppp0"
         );
         assert_eq!(&*d.nft.elements[&ElemKey::Mark(0x0200_0000)], "up_b");
         assert_eq!(d.nft.structure.fallback, ["a", "a", "b"]);
+    }
+
+    fn links_up(c: &Config, m: &mut Model) {
+        for (i, iface) in ["wan0", "ppp0"].iter().enumerate() {
+            m.set_link(
+                iface,
+                LinkState {
+                    ifindex: Some(i as u32 + 2),
+                    admin_up: true,
+                    carrier: true,
+                },
+            );
+            m.set_addr(iface, format!("100.64.{i}.2").parse().unwrap(), true);
+        }
+        m.refresh_links(std::time::Instant::now(), &c.health, &c.failover);
+    }
+
+    #[test]
+    fn failover_rewrites_the_home_chain_and_drops_the_sticky_mark() {
+        let (c, mut m) = setup();
+        links_up(&c, &mut m);
+        let d = plan(&c, &m);
+        assert_eq!(d.nft.structure.uplinks[0].home, None);
+        assert_eq!(
+            d.rules
+                .iter()
+                .filter(|r| matches!(r.action, RuleAction::FromAddr { .. }))
+                .count(),
+            2
+        );
+        m.set_link(
+            "wan0",
+            LinkState {
+                ifindex: Some(2),
+                admin_up: true,
+                carrier: false,
+            },
+        );
+        m.refresh_links(std::time::Instant::now(), &c.health, &c.failover);
+        let d = plan(&c, &m);
+        assert_eq!(d.nft.structure.uplinks[0].home, Some(vec!["b".to_string()]));
+        assert_eq!(d.nft.structure.uplinks[1].home, None);
+        assert!(
+            !d.nft.elements.contains_key(&ElemKey::Mark(0x0100_0000)),
+            "dead uplink's flows are not sticky"
+        );
+        assert_eq!(d.nft.structure.fallback, ["b"]);
     }
 
     #[test]

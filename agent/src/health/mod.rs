@@ -1,0 +1,417 @@
+//! Health: the per-uplink decision from link events and probe rounds to a state (up,
+//! degraded, down, held), with flap dampening. Pure: time comes in as an argument.
+
+pub mod probe;
+pub mod stats;
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use crate::config::{FailoverConfig, HealthConfig};
+use stats::Stats;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum UplinkState {
+    Up,
+    /// Carries its clients, but new clients avoid it (loss or RTT above the limits).
+    Degraded,
+    Down,
+    /// Down because it flapped too often; stays down until the hold expires.
+    Held,
+}
+
+impl UplinkState {
+    /// Whether the uplink may carry traffic.
+    pub fn usable(self) -> bool {
+        matches!(self, UplinkState::Up | UplinkState::Degraded)
+    }
+}
+
+impl fmt::Display for UplinkState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            UplinkState::Up => "up",
+            UplinkState::Degraded => "degraded",
+            UplinkState::Down => "down",
+            UplinkState::Held => "held",
+        })
+    }
+}
+
+/// Why the link layer says an uplink cannot carry traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkProblem {
+    Missing,
+    AdminDown,
+    NoCarrier,
+    NoAddress,
+}
+
+impl fmt::Display for LinkProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            LinkProblem::Missing => "interface missing",
+            LinkProblem::AdminDown => "interface admin down",
+            LinkProblem::NoCarrier => "carrier lost",
+            LinkProblem::NoAddress => "no address on interface",
+        })
+    }
+}
+
+/// A state change with its cause, for the event log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Transition {
+    pub from: UplinkState,
+    pub to: UplinkState,
+    pub cause: String,
+}
+
+/// Result of one probe round: per target, the RTT or `None` when lost.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Round {
+    pub rtts: Vec<Option<Duration>>,
+    pub quorum: usize,
+}
+
+impl Round {
+    pub fn ok(&self) -> bool {
+        self.rtts.iter().filter(|r| r.is_some()).count() >= self.quorum
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Health {
+    state: UplinkState,
+    link: Result<(), LinkProblem>,
+    probing: bool,
+    /// The probes' verdict: false after `down_after` failed rounds, true again after
+    /// `up_after` good ones.
+    probes_ok: bool,
+    fails: u32,
+    goods: u32,
+    pub stats: Stats,
+    flaps: VecDeque<Instant>,
+    held_until: Option<Instant>,
+    pub since: Instant,
+}
+
+impl Health {
+    /// Starts optimistic: an uplink whose link is fine is up until probes say otherwise,
+    /// so a restart does not move anyone.
+    pub fn new(probing: bool, stats_window: usize, now: Instant) -> Health {
+        Health {
+            state: UplinkState::Down,
+            link: Err(LinkProblem::Missing),
+            probing,
+            probes_ok: true,
+            fails: 0,
+            goods: 0,
+            stats: Stats::new(stats_window),
+            flaps: VecDeque::new(),
+            held_until: None,
+            since: now,
+        }
+    }
+
+    pub fn state(&self) -> UplinkState {
+        self.state
+    }
+
+    /// The link layer changed (exists, admin up, carrier, address).
+    pub fn on_link(
+        &mut self,
+        link: Result<(), LinkProblem>,
+        now: Instant,
+        h: &HealthConfig,
+        f: &FailoverConfig,
+    ) -> Option<Transition> {
+        if link == self.link {
+            return None;
+        }
+        let was_ok = self.link.is_ok();
+        self.link = link;
+        if was_ok && link.is_err() && self.probing {
+            // After the link returns, probes must confirm it before it carries traffic:
+            // a link that is up is not yet a path that works.
+            self.probes_ok = false;
+            self.goods = 0;
+        }
+        let cause = match link {
+            Err(p) => p.to_string(),
+            Ok(()) if self.probing && !self.probes_ok => {
+                "link back; waiting for probes".to_string()
+            }
+            Ok(()) => "link up".to_string(),
+        };
+        self.evaluate(now, cause, h, f)
+    }
+
+    /// A probe round finished.
+    pub fn on_round(
+        &mut self,
+        round: &Round,
+        now: Instant,
+        h: &HealthConfig,
+        f: &FailoverConfig,
+    ) -> Option<Transition> {
+        for rtt in &round.rtts {
+            self.stats.push(*rtt);
+        }
+        let cause = if round.ok() {
+            self.goods += 1;
+            self.fails = 0;
+            if !self.probes_ok && self.goods >= h.up_after {
+                self.probes_ok = true;
+            }
+            format!("{} good probe rounds", self.goods)
+        } else {
+            self.fails += 1;
+            self.goods = 0;
+            if self.probes_ok && self.fails >= h.down_after {
+                self.probes_ok = false;
+            }
+            format!("{} failed probe rounds", self.fails)
+        };
+        self.evaluate(now, cause, h, f)
+    }
+
+    /// Time passed: a hold may have expired.
+    pub fn on_tick(
+        &mut self,
+        now: Instant,
+        h: &HealthConfig,
+        f: &FailoverConfig,
+    ) -> Option<Transition> {
+        match self.held_until {
+            Some(t) if now >= t => {
+                self.held_until = None;
+                self.flaps.clear();
+                self.evaluate(now, "hold expired".to_string(), h, f)
+            }
+            _ => None,
+        }
+    }
+
+    fn evaluate(
+        &mut self,
+        now: Instant,
+        cause: String,
+        h: &HealthConfig,
+        f: &FailoverConfig,
+    ) -> Option<Transition> {
+        let mut target = if self.held_until.is_some() {
+            UplinkState::Held
+        } else if self.link.is_err() || !self.probes_ok {
+            UplinkState::Down
+        } else {
+            UplinkState::Up
+        };
+        let mut cause = cause;
+        if target == UplinkState::Up
+            && let Some(reason) = self.degraded(h)
+        {
+            target = UplinkState::Degraded;
+            cause = reason;
+        }
+        if target == self.state {
+            return None;
+        }
+        if self.state.usable() != target.usable() && target != UplinkState::Held {
+            while self
+                .flaps
+                .front()
+                .is_some_and(|t| now.duration_since(*t) > f.window)
+            {
+                self.flaps.pop_front();
+            }
+            self.flaps.push_back(now);
+            if self.flaps.len() > f.max_flaps as usize {
+                self.held_until = Some(now + f.hold);
+                target = UplinkState::Held;
+                cause = format!(
+                    "{} state changes within {}; held down for {}",
+                    self.flaps.len(),
+                    humantime::format_duration(f.window),
+                    humantime::format_duration(f.hold)
+                );
+            }
+        }
+        let t = Transition {
+            from: self.state,
+            to: target,
+            cause,
+        };
+        self.state = target;
+        self.since = now;
+        Some(t)
+    }
+
+    fn degraded(&self, h: &HealthConfig) -> Option<String> {
+        // A handful of samples is not a measurement.
+        if !self.probing || self.stats.samples() < 10 {
+            return None;
+        }
+        if let Some(max) = h.max_loss
+            && self.stats.loss() > max
+        {
+            return Some(format!(
+                "loss {:.0}% above {:.0}%",
+                self.stats.loss() * 100.0,
+                max * 100.0
+            ));
+        }
+        if let (Some(max), Some(rtt)) = (h.max_rtt, self.stats.median_rtt())
+            && rtt > max
+        {
+            return Some(format!("median RTT {rtt:?} above {max:?}"));
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Failback;
+
+    fn cfg() -> (HealthConfig, FailoverConfig) {
+        (
+            HealthConfig {
+                interval: Duration::from_millis(200),
+                timeout: Duration::from_millis(600),
+                down_after: 3,
+                up_after: 5,
+                max_loss: Some(0.2),
+                max_rtt: None,
+                stats_window: 50,
+            },
+            FailoverConfig {
+                failback: Failback::Auto,
+                failback_delay: Duration::from_secs(30),
+                max_flaps: 5,
+                window: Duration::from_secs(300),
+                hold: Duration::from_secs(300),
+            },
+        )
+    }
+
+    fn round(ok: bool) -> Round {
+        Round {
+            rtts: vec![ok.then_some(Duration::from_millis(5))],
+            quorum: 1,
+        }
+    }
+
+    #[test]
+    fn link_events_decide_at_once() {
+        let (h, f) = cfg();
+        let t0 = Instant::now();
+        let mut x = Health::new(false, 50, t0);
+        assert_eq!(x.on_link(Ok(()), t0, &h, &f).unwrap().to, UplinkState::Up);
+        let t = x.on_link(Err(LinkProblem::NoCarrier), t0, &h, &f).unwrap();
+        assert_eq!(
+            (t.to, t.cause.as_str()),
+            (UplinkState::Down, "carrier lost")
+        );
+    }
+
+    #[test]
+    fn probes_take_down_after_and_up_after_rounds() {
+        let (h, f) = cfg();
+        let t0 = Instant::now();
+        let mut x = Health::new(true, 50, t0);
+        x.on_link(Ok(()), t0, &h, &f);
+        assert_eq!(x.state(), UplinkState::Up);
+        assert!(x.on_round(&round(false), t0, &h, &f).is_none());
+        assert!(x.on_round(&round(false), t0, &h, &f).is_none());
+        assert_eq!(
+            x.on_round(&round(false), t0, &h, &f).unwrap().to,
+            UplinkState::Down
+        );
+        for _ in 0..4 {
+            assert!(x.on_round(&round(true), t0, &h, &f).is_none());
+        }
+        assert_eq!(
+            x.on_round(&round(true), t0, &h, &f).unwrap().to,
+            UplinkState::Up
+        );
+    }
+
+    #[test]
+    fn returning_link_waits_for_probes() {
+        let (h, f) = cfg();
+        let t0 = Instant::now();
+        let mut x = Health::new(true, 50, t0);
+        x.on_link(Ok(()), t0, &h, &f);
+        x.on_link(Err(LinkProblem::NoCarrier), t0, &h, &f);
+        assert!(
+            x.on_link(Ok(()), t0, &h, &f).is_none(),
+            "still down until probes confirm"
+        );
+        for _ in 0..5 {
+            x.on_round(&round(true), t0, &h, &f);
+        }
+        assert_eq!(x.state(), UplinkState::Up);
+    }
+
+    #[test]
+    fn quorum_counts_answers() {
+        let r = Round {
+            rtts: vec![Some(Duration::from_millis(1)), None, None],
+            quorum: 2,
+        };
+        assert!(!r.ok());
+        let r = Round {
+            rtts: vec![
+                Some(Duration::from_millis(1)),
+                None,
+                Some(Duration::from_millis(1)),
+            ],
+            quorum: 2,
+        };
+        assert!(r.ok());
+    }
+
+    #[test]
+    fn loss_degrades() {
+        let (h, f) = cfg();
+        let t0 = Instant::now();
+        let mut x = Health::new(true, 50, t0);
+        x.on_link(Ok(()), t0, &h, &f);
+        // 2 of 5 lost: 40% > 20%, but never 3 in a row, so not down.
+        let mut last = None;
+        for i in 0..20 {
+            if let Some(t) = x.on_round(&round(i % 5 >= 2), t0, &h, &f) {
+                last = Some(t);
+            }
+        }
+        assert_eq!(last.unwrap().to, UplinkState::Degraded);
+    }
+
+    #[test]
+    fn flapping_is_held_then_released() {
+        let (h, f) = cfg();
+        let t0 = Instant::now();
+        let mut x = Health::new(false, 50, t0);
+        x.on_link(Ok(()), t0, &h, &f);
+        let mut t = t0;
+        let mut held = false;
+        for _ in 0..4 {
+            t += Duration::from_secs(1);
+            held |= x
+                .on_link(Err(LinkProblem::NoCarrier), t, &h, &f)
+                .is_some_and(|t| t.to == UplinkState::Held);
+            held |= x
+                .on_link(Ok(()), t, &h, &f)
+                .is_some_and(|t| t.to == UplinkState::Held);
+        }
+        assert!(held, "more than 5 changes in the window hold the uplink");
+        assert_eq!(x.state(), UplinkState::Held);
+        assert!(x.on_tick(t + Duration::from_secs(290), &h, &f).is_none());
+        assert_eq!(
+            x.on_tick(t + Duration::from_secs(301), &h, &f).unwrap().to,
+            UplinkState::Up
+        );
+    }
+}

@@ -1,0 +1,298 @@
+//! Active probes, sent out through one specific uplink whatever the main table says: every
+//! socket is bound to the uplink's device and source address and carries its fwmark (so
+//! uplinkd's rule sends it to the uplink's table).
+//!
+//! A round sends every target at once and counts as good when `quorum` answer. A probe is
+//! lost after `timeout`, or after one `interval` when nothing at all has come back through
+//! the uplink since the round began: a silent uplink is declared so quickly, while a slow
+//! (saturated) one, whose older answers are still arriving, gets the full timeout.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::io::unix::AsyncFd;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use super::Round;
+use crate::config::Probe;
+
+/// What a prober needs to know about its uplink.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeSpec {
+    pub uplink: usize,
+    pub interface: String,
+    pub fwmark: u32,
+    pub src4: Option<Ipv4Addr>,
+    pub src6: Option<Ipv6Addr>,
+    pub targets: Vec<Probe>,
+    pub quorum: usize,
+    pub interval: Duration,
+    pub timeout: Duration,
+}
+
+#[derive(Debug)]
+pub struct Report {
+    pub uplink: usize,
+    pub round: Round,
+}
+
+/// Replies waiting to be matched: ICMP sequence → who waits for it.
+type Pending = Arc<Mutex<HashMap<u16, oneshot::Sender<Instant>>>>;
+
+/// Shared by a prober's rounds: when the last answer of any kind came back.
+#[derive(Clone)]
+struct LastReply(Arc<Mutex<Option<Instant>>>);
+
+impl LastReply {
+    fn mark(&self, t: Instant) {
+        *self.0.lock().expect("lock") = Some(t);
+    }
+
+    fn since(&self, t: Instant) -> bool {
+        self.0.lock().expect("lock").is_some_and(|r| r >= t)
+    }
+}
+
+struct IcmpSocket {
+    fd: AsyncFd<Socket>,
+    v6: bool,
+    pending: Pending,
+}
+
+/// Starts probing; the task runs until aborted.
+pub fn spawn(spec: ProbeSpec, tx: mpsc::Sender<Report>) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        if let Err(e) = run(spec.clone(), tx).await {
+            tracing::error!(interface = %spec.interface, error = %e, "prober stopped");
+        }
+    })
+}
+
+async fn run(spec: ProbeSpec, tx: mpsc::Sender<Report>) -> std::io::Result<()> {
+    let last = LastReply(Arc::new(Mutex::new(None)));
+    let ident = (std::process::id() as u16) ^ ((spec.uplink as u16) << 8);
+    let mut icmp4 = None;
+    let mut icmp6 = None;
+    for t in &spec.targets {
+        if let Probe::Icmp(a) = t {
+            let slot = if a.is_ipv4() { &mut icmp4 } else { &mut icmp6 };
+            if slot.is_none() {
+                let sock = Arc::new(icmp_socket(&spec, a.is_ipv6())?);
+                tokio::spawn(receive(sock.clone(), ident, last.clone()));
+                *slot = Some(sock);
+            }
+        }
+    }
+    let mut ticker = tokio::time::interval(spec.interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut seq: u16 = 0;
+    loop {
+        ticker.tick().await;
+        let started = Instant::now();
+        let mut probes = Vec::new();
+        for t in &spec.targets {
+            seq = seq.wrapping_add(1);
+            let fut: std::pin::Pin<Box<dyn std::future::Future<Output = Option<Duration>> + Send>> =
+                match t {
+                    Probe::Icmp(a) => {
+                        let sock = if a.is_ipv4() {
+                            icmp4.clone()
+                        } else {
+                            icmp6.clone()
+                        }
+                        .expect("socket made above");
+                        Box::pin(icmp_probe(sock, *a, ident, seq))
+                    }
+                    Probe::Tcp(addr) => Box::pin(tcp_probe(spec.clone(), *addr, last.clone())),
+                };
+            let timeout = spec.timeout;
+            probes.push(async move { tokio::time::timeout(timeout, fut).await.ok().flatten() });
+        }
+        let (quorum, interval, uplink, n) =
+            (spec.quorum, spec.interval, spec.uplink, spec.targets.len());
+        let (last, tx) = (last.clone(), tx.clone());
+        // Rounds overlap when the timeout is longer than the interval.
+        tokio::spawn(async move {
+            let rtts = tokio::select! {
+                r = futures::future::join_all(probes) => r,
+                () = silent(last, started, interval) => vec![None; n],
+            };
+            let _ = tx
+                .send(Report {
+                    uplink,
+                    round: Round { rtts, quorum },
+                })
+                .await;
+        });
+    }
+}
+
+/// Resolves one interval after `started` if nothing at all has come back through the
+/// uplink since then; otherwise never (the probes' own timeouts decide).
+async fn silent(last: LastReply, started: Instant, interval: Duration) {
+    tokio::time::sleep_until((started + interval).into()).await;
+    if last.since(started) {
+        std::future::pending::<()>().await;
+    }
+}
+
+fn base_socket(
+    spec: &ProbeSpec,
+    domain: Domain,
+    ty: Type,
+    proto: Protocol,
+    v6: bool,
+) -> std::io::Result<Socket> {
+    let s = Socket::new(domain, ty, Some(proto))?;
+    s.set_nonblocking(true)?;
+    s.bind_device(Some(spec.interface.as_bytes()))?;
+    s.set_mark(spec.fwmark)?;
+    let src: Option<IpAddr> = if v6 {
+        spec.src6.map(IpAddr::V6)
+    } else {
+        spec.src4.map(IpAddr::V4)
+    };
+    if let Some(src) = src {
+        s.bind(&SocketAddr::new(src, 0).into())?;
+    }
+    Ok(s)
+}
+
+fn icmp_socket(spec: &ProbeSpec, v6: bool) -> std::io::Result<IcmpSocket> {
+    let (domain, proto) = if v6 {
+        (Domain::IPV6, Protocol::ICMPV6)
+    } else {
+        (Domain::IPV4, Protocol::ICMPV4)
+    };
+    let s = base_socket(spec, domain, Type::RAW, proto, v6)?;
+    // SAFETY: the AsyncFd owns the socket, so its fd stays open and the same for its life.
+    let fd = unsafe { AsyncFd::register(s) }.map_err(|e| e.into_parts().1)?;
+    Ok(IcmpSocket {
+        fd,
+        v6,
+        pending: Arc::new(Mutex::new(HashMap::new())),
+    })
+}
+
+async fn receive(sock: Arc<IcmpSocket>, ident: u16, last: LastReply) {
+    let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 2048];
+    loop {
+        let Ok(mut guard) = sock.fd.readable().await else {
+            return;
+        };
+        let n = match guard.try_io(|s| s.get_ref().recv(&mut buf)) {
+            Ok(Ok(n)) => n,
+            Ok(Err(_)) => continue,
+            Err(_would_block) => continue,
+        };
+        let now = Instant::now();
+        // SAFETY: recv initialised the first n bytes.
+        let data: &[u8] = unsafe { std::slice::from_raw_parts(buf.as_ptr().cast(), n) };
+        // IPv4 raw sockets deliver the IP header; IPv6 ones do not.
+        let icmp = if sock.v6 {
+            data
+        } else {
+            data.get(((data.first().copied().unwrap_or(0x45) & 0x0f) as usize) * 4..)
+                .unwrap_or(&[])
+        };
+        let echo_reply = if sock.v6 { 129 } else { 0 };
+        if icmp.len() < 8
+            || icmp[0] != echo_reply
+            || u16::from_be_bytes([icmp[4], icmp[5]]) != ident
+        {
+            continue;
+        }
+        last.mark(now);
+        let seq = u16::from_be_bytes([icmp[6], icmp[7]]);
+        if let Some(waiter) = sock.pending.lock().expect("lock").remove(&seq) {
+            let _ = waiter.send(now);
+        }
+    }
+}
+
+async fn icmp_probe(sock: Arc<IcmpSocket>, dst: IpAddr, ident: u16, seq: u16) -> Option<Duration> {
+    let (tx, rx) = oneshot::channel();
+    sock.pending.lock().expect("lock").insert(seq, tx);
+    let mut pkt = vec![if sock.v6 { 128 } else { 8 }, 0, 0, 0];
+    pkt.extend_from_slice(&ident.to_be_bytes());
+    pkt.extend_from_slice(&seq.to_be_bytes());
+    pkt.extend_from_slice(b"uplinkd-probe");
+    if !sock.v6 {
+        // The kernel fills in the ICMPv6 checksum itself, not the ICMPv4 one.
+        let sum = checksum(&pkt);
+        pkt[2..4].copy_from_slice(&sum.to_be_bytes());
+    }
+    let sent = Instant::now();
+    let dest: SocketAddr = SocketAddr::new(dst, 0);
+    if sock.fd.get_ref().send_to(&pkt, &dest.into()).is_err() {
+        sock.pending.lock().expect("lock").remove(&seq);
+        return None;
+    }
+    // The caller's timeout bounds this wait; a late reply finds no waiter.
+    let _cleanup = RemoveOnDrop(&sock.pending, seq);
+    rx.await.ok().map(|t| t.duration_since(sent))
+}
+
+struct RemoveOnDrop<'a>(&'a Pending, u16);
+
+impl Drop for RemoveOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.lock().expect("lock").remove(&self.1);
+    }
+}
+
+async fn tcp_probe(spec: ProbeSpec, dst: SocketAddr, last: LastReply) -> Option<Duration> {
+    let sock = base_socket(
+        &spec,
+        if dst.is_ipv4() {
+            Domain::IPV4
+        } else {
+            Domain::IPV6
+        },
+        Type::STREAM,
+        Protocol::TCP,
+        dst.is_ipv6(),
+    )
+    .ok()?;
+    let socket = tokio::net::TcpSocket::from_std_stream(sock.into());
+    let sent = Instant::now();
+    match socket.connect(dst).await {
+        // A refusal came back through the uplink: the path works.
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+        Err(_) => return None,
+    }
+    let now = Instant::now();
+    last.mark(now);
+    Some(now.duration_since(sent))
+}
+
+fn checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = data
+        .chunks(2)
+        .map(|c| u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32)
+        .sum();
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn icmp_checksum_matches_rfc1071_example() {
+        // Header of an echo request with a zero checksum field; summing a packet that
+        // carries its own checksum gives zero.
+        let mut pkt = vec![8, 0, 0, 0, 0x12, 0x34, 0x00, 0x01, b'a', b'b', b'c'];
+        let s = checksum(&pkt);
+        pkt[2..4].copy_from_slice(&s.to_be_bytes());
+        assert_eq!(checksum(&pkt), 0);
+    }
+}

@@ -1,0 +1,510 @@
+//! Health and failover in the model: link facts and probe rounds become uplink states,
+//! state changes become failovers and failbacks, and every one of them is logged.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::net::IpAddr;
+use std::time::Instant;
+
+use super::{Model, Uplink, now_millis};
+use crate::config::{Failback, FailoverConfig, HealthConfig};
+use crate::health::{LinkProblem, Round, Transition, UplinkState};
+
+/// Entries kept in memory; the API streams them.
+pub const EVENT_LOG_CAPACITY: usize = 1000;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum EventKind {
+    State {
+        from: UplinkState,
+        to: UplinkState,
+    },
+    /// The uplink's clients moved to the surviving uplinks.
+    Failover,
+    /// The uplink's clients came back to it.
+    Failback,
+    AllDown,
+    Recovered,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogEntry {
+    /// Unix milliseconds.
+    pub at: u64,
+    pub uplink: String,
+    pub kind: EventKind,
+    pub cause: String,
+    pub clients_moved: usize,
+}
+
+impl fmt::Display for LogEntry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.kind {
+            EventKind::State { from, to } => {
+                write!(f, "uplink {} {from} -> {to}: {}", self.uplink, self.cause)
+            }
+            EventKind::Failover => write!(
+                f,
+                "failover of {}: {} clients moved ({})",
+                self.uplink, self.clients_moved, self.cause
+            ),
+            EventKind::Failback => write!(
+                f,
+                "failback to {}: {} clients returned ({})",
+                self.uplink, self.clients_moved, self.cause
+            ),
+            EventKind::AllDown => write!(
+                f,
+                "ALL UPLINKS DOWN: assignments and dataplane kept; waiting for the first to recover"
+            ),
+            EventKind::Recovered => write!(
+                f,
+                "uplink {} is the first back after all were down",
+                self.uplink
+            ),
+        }
+    }
+}
+
+/// A bounded in-memory log of state changes, failovers and failbacks.
+#[derive(Debug, Clone, Default)]
+pub struct EventLog {
+    entries: VecDeque<LogEntry>,
+}
+
+impl EventLog {
+    pub fn push(&mut self, e: LogEntry) {
+        if self.entries.len() == EVENT_LOG_CAPACITY {
+            self.entries.pop_front();
+        }
+        self.entries.push_back(e);
+    }
+
+    pub fn recent(&self) -> impl Iterator<Item = &LogEntry> {
+        self.entries.iter()
+    }
+}
+
+/// Where the clients homed on an uplink go now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HomeTarget {
+    /// To the uplink itself.
+    Direct,
+    /// Spread over other uplinks (indices), by weight.
+    Spread(Vec<usize>),
+}
+
+impl Uplink {
+    /// What the link layer says.
+    pub fn link_problem(&self) -> Result<(), LinkProblem> {
+        if self.link.ifindex.is_none() {
+            Err(LinkProblem::Missing)
+        } else if !self.link.admin_up {
+            Err(LinkProblem::AdminDown)
+        } else if !self.link.carrier {
+            Err(LinkProblem::NoCarrier)
+        } else if self.addrs.is_empty() {
+            Err(LinkProblem::NoAddress)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl Model {
+    /// An address appeared on or left an interface; returns whether an uplink changed.
+    pub fn set_addr(&mut self, interface: &str, addr: IpAddr, present: bool) -> bool {
+        let mut changed = false;
+        for u in self.uplinks.iter_mut().filter(|u| u.interface == interface) {
+            let has = u.addrs.contains(&addr);
+            if present && !has {
+                u.addrs.push(addr);
+                u.addrs.sort();
+                changed = true;
+            } else if !present && has {
+                u.addrs.retain(|a| *a != addr);
+                changed = true;
+            }
+        }
+        changed
+    }
+
+    /// Carries link facts and health of uplinks (by name) over from a previous model.
+    pub fn keep_runtime(&mut self, old: &Model) {
+        for u in &mut self.uplinks {
+            if let Some(o) = old
+                .uplinks
+                .iter()
+                .find(|o| o.name == u.name && o.interface == u.interface)
+            {
+                u.link = o.link;
+                u.addrs = o.addrs.clone();
+                u.health = o.health.clone();
+                u.serving = o.serving;
+                u.usable_since = o.usable_since;
+                u.needs_flush = o.needs_flush;
+            }
+        }
+        self.all_down = old.all_down;
+    }
+
+    pub fn clear_addrs(&mut self, interface: &str) {
+        for u in self.uplinks.iter_mut().filter(|u| u.interface == interface) {
+            u.addrs.clear();
+        }
+    }
+
+    /// Feeds the link layer's facts to every uplink's health; returns what happened.
+    pub fn refresh_links(
+        &mut self,
+        now: Instant,
+        h: &HealthConfig,
+        f: &FailoverConfig,
+    ) -> Vec<LogEntry> {
+        let mut transitions = Vec::new();
+        for (i, u) in self.uplinks.iter_mut().enumerate() {
+            let link = u.link_problem();
+            if let Some(t) = u.health.on_link(link, now, h, f) {
+                transitions.push((i, t));
+            }
+        }
+        self.settle(transitions, now, f)
+    }
+
+    pub fn on_round(
+        &mut self,
+        uplink: usize,
+        round: &Round,
+        now: Instant,
+        h: &HealthConfig,
+        f: &FailoverConfig,
+    ) -> Vec<LogEntry> {
+        let Some(u) = self.uplinks.get_mut(uplink) else {
+            return Vec::new();
+        };
+        let transitions = u
+            .health
+            .on_round(round, now, h, f)
+            .map(|t| (uplink, t))
+            .into_iter()
+            .collect();
+        self.settle(transitions, now, f)
+    }
+
+    /// Time passed: holds expire, automatic failbacks come due.
+    pub fn tick(&mut self, now: Instant, h: &HealthConfig, f: &FailoverConfig) -> Vec<LogEntry> {
+        let mut transitions = Vec::new();
+        for (i, u) in self.uplinks.iter_mut().enumerate() {
+            if let Some(t) = u.health.on_tick(now, h, f) {
+                transitions.push((i, t));
+            }
+        }
+        self.settle(transitions, now, f)
+    }
+
+    /// Manual failback: the uplink's clients return now, if it is usable.
+    pub fn failback(&mut self, uplink: usize, now: Instant) -> Option<LogEntry> {
+        let count = self.counts[uplink];
+        let u = self.uplinks.get_mut(uplink)?;
+        if u.serving || !u.usable() {
+            return None;
+        }
+        u.serving = true;
+        let _ = now;
+        Some(LogEntry {
+            at: now_millis(),
+            uplink: u.name.clone(),
+            kind: EventKind::Failback,
+            cause: "operator".into(),
+            clients_moved: count,
+        })
+    }
+
+    /// Turns state transitions into failovers and failbacks.
+    fn settle(
+        &mut self,
+        transitions: Vec<(usize, Transition)>,
+        now: Instant,
+        f: &FailoverConfig,
+    ) -> Vec<LogEntry> {
+        let at = now_millis();
+        let mut log = Vec::new();
+        for (i, t) in transitions {
+            let u = &mut self.uplinks[i];
+            if t.from.usable() && !t.to.usable() {
+                // Whatever it carried (its own clients or others' by failover) must move.
+                u.needs_flush = true;
+            }
+            if t.to.usable() {
+                u.needs_flush = false;
+            }
+            log.push(LogEntry {
+                at,
+                uplink: u.name.clone(),
+                kind: EventKind::State {
+                    from: t.from,
+                    to: t.to,
+                },
+                cause: t.cause,
+                clients_moved: 0,
+            });
+        }
+        for i in 0..self.uplinks.len() {
+            let count = self.counts[i];
+            let u = &mut self.uplinks[i];
+            if u.usable() {
+                u.usable_since.get_or_insert(now);
+            } else {
+                u.usable_since = None;
+            }
+            if !u.usable() && u.serving {
+                u.serving = false;
+                log.push(LogEntry {
+                    at,
+                    uplink: u.name.clone(),
+                    kind: EventKind::Failover,
+                    cause: format!("uplink {}", u.state()),
+                    clients_moved: count,
+                });
+            }
+            let due = u
+                .usable_since
+                .is_some_and(|t| now.duration_since(t) >= f.failback_delay);
+            if u.usable() && !u.serving && f.failback == Failback::Auto && due {
+                u.serving = true;
+                log.push(LogEntry {
+                    at,
+                    uplink: u.name.clone(),
+                    kind: EventKind::Failback,
+                    cause: format!(
+                        "healthy for {}",
+                        humantime::format_duration(f.failback_delay)
+                    ),
+                    clients_moved: count,
+                });
+            }
+        }
+        let any = self.uplinks.iter().any(Uplink::usable);
+        if !any && !self.all_down {
+            self.all_down = true;
+            log.push(LogEntry {
+                at,
+                uplink: String::new(),
+                kind: EventKind::AllDown,
+                cause: String::new(),
+                clients_moved: 0,
+            });
+        } else if any && self.all_down {
+            self.all_down = false;
+            let first = self
+                .uplinks
+                .iter()
+                .find(|u| u.usable())
+                .map(|u| u.name.clone())
+                .unwrap_or_default();
+            log.push(LogEntry {
+                at,
+                uplink: first,
+                kind: EventKind::Recovered,
+                cause: String::new(),
+                clients_moved: 0,
+            });
+        }
+        log
+    }
+
+    /// Usable uplinks other than `except`, in the lowest tier that has any.
+    pub fn survivors(&self, except: Option<usize>) -> Vec<usize> {
+        let usable = |i: &usize| Some(*i) != except && self.uplinks[*i].usable();
+        let Some(tier) = (0..self.uplinks.len())
+            .filter(usable)
+            .map(|i| self.uplinks[i].tier)
+            .min()
+        else {
+            return Vec::new();
+        };
+        (0..self.uplinks.len())
+            .filter(usable)
+            .filter(|&i| self.uplinks[i].tier == tier)
+            .collect()
+    }
+
+    /// Where uplink `i`'s clients go: home while it serves them, otherwise spread over the
+    /// survivors; with no survivor, home (nothing better exists).
+    pub fn home_target(&self, i: usize) -> HomeTarget {
+        let u = &self.uplinks[i];
+        if u.serving && u.usable() {
+            return HomeTarget::Direct;
+        }
+        let s = self.survivors(Some(i));
+        if s.is_empty() {
+            HomeTarget::Direct
+        } else {
+            HomeTarget::Spread(s)
+        }
+    }
+
+    /// Uplinks whose conntrack entries must be deleted now: dead, and their traffic has
+    /// somewhere else to go. Clears the mark.
+    pub fn take_flushes(&mut self) -> Vec<usize> {
+        let due: Vec<usize> = (0..self.uplinks.len())
+            .filter(|&i| {
+                self.uplinks[i].needs_flush
+                    && !self.uplinks[i].usable()
+                    && !self.survivors(Some(i)).is_empty()
+            })
+            .collect();
+        for &i in &due {
+            self.uplinks[i].needs_flush = false;
+        }
+        due
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::model::{LinkState, Mac};
+    use std::path::Path;
+    use std::time::Duration;
+
+    fn setup(extra: &str) -> (Config, Model) {
+        let text = format!(
+            "[lan]\ninterfaces=[\"lan0\"]\n[failover]\nfailback_delay=\"10s\"\n{extra}\n[[uplink]]\nname=\"a\"\ninterface=\"wa\"\ngateway=\"100.64.0.1\"\n[[uplink]]\nname=\"b\"\ninterface=\"wb\"\ngateway=\"100.64.1.1\"\n[[uplink]]\nname=\"lte\"\ninterface=\"ppp0\"\ntier=2\n"
+        );
+        let c = Config::parse(Path::new("t"), &text).unwrap();
+        let mut m = Model::new(&c);
+        for (n, iface) in ["wa", "wb", "ppp0"].iter().enumerate() {
+            m.set_link(
+                iface,
+                LinkState {
+                    ifindex: Some(n as u32 + 2),
+                    admin_up: true,
+                    carrier: true,
+                },
+            );
+            m.set_addr(iface, format!("100.64.{n}.2").parse().unwrap(), true);
+        }
+        (c, m)
+    }
+
+    fn carrier(m: &mut Model, iface: &str, up: bool) {
+        let l = m
+            .uplinks
+            .iter()
+            .find(|u| u.interface == iface)
+            .unwrap()
+            .link;
+        m.set_link(iface, LinkState { carrier: up, ..l });
+    }
+
+    #[test]
+    fn failover_spreads_over_the_same_tier_then_fails_back_after_delay() {
+        let (c, mut m) = setup("");
+        let t0 = Instant::now();
+        m.refresh_links(t0, &c.health, &c.failover);
+        for n in 1..=4 {
+            m.neighbour_present(
+                format!("10.0.0.{n}").parse().unwrap(),
+                Mac([2, 0, 0, 0, 0, n]),
+                0,
+                None,
+            );
+        }
+        assert_eq!(m.counts(), [2, 2, 0], "tier 2 gets no home clients");
+        carrier(&mut m, "wa", false);
+        let log = m.refresh_links(t0, &c.health, &c.failover);
+        assert!(
+            log.iter()
+                .any(|e| e.kind == EventKind::Failover && e.clients_moved == 2),
+            "{log:?}"
+        );
+        assert_eq!(
+            m.home_target(0),
+            HomeTarget::Spread(vec![1]),
+            "tier 1 survivor only"
+        );
+        assert_eq!(m.take_flushes(), vec![0]);
+        assert!(m.take_flushes().is_empty());
+
+        carrier(&mut m, "wa", true);
+        m.refresh_links(t0 + Duration::from_secs(1), &c.health, &c.failover);
+        assert_eq!(
+            m.home_target(0),
+            HomeTarget::Spread(vec![1]),
+            "failback waits for the delay"
+        );
+        assert!(
+            m.tick(t0 + Duration::from_secs(5), &c.health, &c.failover)
+                .is_empty()
+        );
+        let log = m.tick(t0 + Duration::from_secs(11), &c.health, &c.failover);
+        assert!(
+            log.iter()
+                .any(|e| e.kind == EventKind::Failback && e.clients_moved == 2),
+            "{log:?}"
+        );
+        assert_eq!(m.home_target(0), HomeTarget::Direct);
+    }
+
+    #[test]
+    fn tier_two_carries_only_when_tier_one_is_gone() {
+        let (c, mut m) = setup("");
+        let t0 = Instant::now();
+        m.refresh_links(t0, &c.health, &c.failover);
+        carrier(&mut m, "wa", false);
+        carrier(&mut m, "wb", false);
+        m.refresh_links(t0, &c.health, &c.failover);
+        assert_eq!(m.home_target(0), HomeTarget::Spread(vec![2]));
+        assert_eq!(m.home_target(1), HomeTarget::Spread(vec![2]));
+        assert_eq!(m.survivors(None), vec![2]);
+        carrier(&mut m, "wb", true);
+        m.refresh_links(t0, &c.health, &c.failover);
+        assert_eq!(
+            m.home_target(0),
+            HomeTarget::Spread(vec![1]),
+            "tier 2 hands back"
+        );
+    }
+
+    #[test]
+    fn manual_failback_waits_for_the_operator() {
+        let (c, mut m) = setup("failback=\"manual\"");
+        let t0 = Instant::now();
+        m.refresh_links(t0, &c.health, &c.failover);
+        carrier(&mut m, "wa", false);
+        m.refresh_links(t0, &c.health, &c.failover);
+        carrier(&mut m, "wa", true);
+        m.refresh_links(t0, &c.health, &c.failover);
+        assert!(
+            m.tick(t0 + Duration::from_secs(3600), &c.health, &c.failover)
+                .is_empty()
+        );
+        assert_eq!(m.home_target(0), HomeTarget::Spread(vec![1]));
+        assert!(m.failback(0, t0).is_some());
+        assert_eq!(m.home_target(0), HomeTarget::Direct);
+    }
+
+    #[test]
+    fn all_down_keeps_homes_and_logs_loudly() {
+        let (c, mut m) = setup("");
+        let t0 = Instant::now();
+        m.refresh_links(t0, &c.health, &c.failover);
+        for iface in ["wa", "wb", "ppp0"] {
+            carrier(&mut m, iface, false);
+        }
+        let log = m.refresh_links(t0, &c.health, &c.failover);
+        assert!(log.iter().any(|e| e.kind == EventKind::AllDown));
+        assert_eq!(m.home_target(0), HomeTarget::Direct);
+        assert!(m.take_flushes().is_empty(), "nowhere to move flows to");
+        carrier(&mut m, "wb", true);
+        let log = m.refresh_links(t0, &c.health, &c.failover);
+        assert!(
+            log.iter()
+                .any(|e| e.kind == EventKind::Recovered && e.uplink == "b")
+        );
+        assert_eq!(m.home_target(0), HomeTarget::Spread(vec![1]));
+        assert_eq!(m.take_flushes(), vec![0, 2]);
+    }
+}
