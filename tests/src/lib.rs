@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 pub const ECHO_PORT: u16 = 9000;
+pub const TCP_ECHO_PORT: u16 = 9001;
 pub const SERVER4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
 pub const SERVER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xffff, 0, 0, 0, 0, 0x10);
 pub const LAN_IF: &str = "br-lan";
@@ -31,6 +32,8 @@ pub struct UplinkSpec {
     pub weight: u32,
     /// Point-to-point: no gateway address, routed by device (like PPP).
     pub p2p: bool,
+    /// Extra keys for this uplink's `[[uplink]]` table (probes, tier, ...).
+    pub extra: String,
 }
 
 impl UplinkSpec {
@@ -39,7 +42,15 @@ impl UplinkSpec {
             name: name.into(),
             weight,
             p2p,
+            extra: String::new(),
         }
+    }
+
+    /// Adds keys to the uplink's config table, e.g. `tier = 2`.
+    pub fn with(mut self, keys: &str) -> UplinkSpec {
+        self.extra += keys;
+        self.extra.push('\n');
+        self
     }
 }
 
@@ -288,6 +299,52 @@ impl Lab {
         Ok(())
     }
 
+    /// The uplink's number (1-based) by name.
+    pub fn k(&self, uplink: &str) -> usize {
+        self.uplinks
+            .iter()
+            .position(|u| u.name == uplink)
+            .expect("lab uplink")
+            + 1
+    }
+
+    /// Carrier cut: the ISP takes its side of the link down, so the gateway's interface
+    /// loses LOWER_UP. `up` restores it.
+    pub fn carrier(&self, uplink: &str, up: bool) -> Result<()> {
+        let isp = self.ns(&format!("isp{}", self.k(uplink)));
+        sh(&[
+            "ip",
+            "-n",
+            &isp,
+            "link",
+            "set",
+            "cpe",
+            if up { "up" } else { "down" },
+        ])
+        .map(|_| ())
+    }
+
+    /// Upstream loss inside the ISP: it drops `percent` of the packets it forwards while
+    /// the link stays up (100 = a silent failure, 0 = none).
+    pub fn upstream_loss(&self, uplink: &str, percent: u32) -> Result<()> {
+        let isp = self.ns(&format!("isp{}", self.k(uplink)));
+        let _ = sh(&[
+            "ip", "netns", "exec", &isp, "nft", "delete", "table", "inet", "isp_loss",
+        ]);
+        if percent == 0 {
+            return Ok(());
+        }
+        let rule = if percent >= 100 {
+            "drop".to_string()
+        } else {
+            format!("numgen random mod 100 < {percent} drop")
+        };
+        let script = format!(
+            "add table inet isp_loss {{ chain loss {{ type filter hook forward priority 0; policy accept; {rule}; }}; }}"
+        );
+        sh(&["ip", "netns", "exec", &isp, "nft", &script]).map(|_| ())
+    }
+
     /// Client namespace `c<i>`: 198.19.0.(10+i), and 2001:db8:1::(10+i) when `v6`.
     pub fn add_client(&mut self, i: u32, v6: bool) -> Result<()> {
         let ns = self.add_ns(&format!("c{i}"))?;
@@ -327,8 +384,30 @@ impl Lab {
     }
 
     /// Echo servers bound to the server addresses, so replies leave from the address the
-    /// client talked to.
+    /// client talked to: UDP on `ECHO_PORT`, TCP (line by line) on `TCP_ECHO_PORT`.
     fn start_echo(&mut self, inet: &str) -> Result<()> {
+        for addr in [server(false), server(true)] {
+            let addr = SocketAddr::new(addr.ip(), TCP_ECHO_PORT);
+            let listener = in_netns(inet, move || std::net::TcpListener::bind(addr))??;
+            std::thread::spawn(move || {
+                for conn in listener.incoming() {
+                    let Ok(conn) = conn else { break };
+                    std::thread::spawn(move || {
+                        use std::io::{BufRead, Write};
+                        let peer = conn
+                            .peer_addr()
+                            .map(|a| a.ip().to_string())
+                            .unwrap_or_default();
+                        let mut w = conn.try_clone().expect("clone");
+                        for line in std::io::BufReader::new(conn).lines().map_while(Result::ok) {
+                            if writeln!(w, "{peer} {line}").is_err() {
+                                break;
+                            }
+                        }
+                    });
+                }
+            });
+        }
         for addr in [server(false), server(true)] {
             let sock = in_netns(inet, move || UdpSocket::bind(addr))??;
             std::thread::spawn(move || {
@@ -424,6 +503,7 @@ impl Lab {
             if !u.p2p {
                 c += &format!("gateway = \"100.64.{k}.1\"\ngateway6 = \"2001:db8:100:{k}::1\"\n");
             }
+            c += &u.extra;
         }
         c += extra;
         fs::write(self.config_path(), c)?;
@@ -663,6 +743,42 @@ impl UdpStream {
             .expect("running")
             .join()
             .map_err(|_| anyhow::anyhow!("stream thread panicked"))?
+    }
+}
+
+/// An established TCP connection from a client to the internet host's line echo.
+pub struct TcpFlow {
+    reader: std::io::BufReader<std::net::TcpStream>,
+    writer: std::net::TcpStream,
+}
+
+impl TcpFlow {
+    pub fn connect(lab: &Lab, client: u32) -> Result<TcpFlow> {
+        let ns = lab.ns(&format!("c{client}"));
+        let stream = in_netns(&ns, || {
+            std::net::TcpStream::connect_timeout(
+                &SocketAddr::new(IpAddr::V4(SERVER4), TCP_ECHO_PORT),
+                Duration::from_secs(3),
+            )
+        })??;
+        stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+        Ok(TcpFlow {
+            reader: std::io::BufReader::new(stream.try_clone()?),
+            writer: stream,
+        })
+    }
+
+    /// One round trip on the same connection; returns the address the internet host saw.
+    pub fn exchange(&mut self) -> Result<IpAddr> {
+        use std::io::{BufRead, Write};
+        writeln!(self.writer, "ping")?;
+        let mut line = String::new();
+        self.reader.read_line(&mut line)?;
+        line.split(' ')
+            .next()
+            .unwrap_or_default()
+            .parse()
+            .with_context(|| format!("bad TCP echo {line:?}"))
     }
 }
 

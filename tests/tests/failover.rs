@@ -1,0 +1,360 @@
+//! Health and failover on the real dataplane: carrier cuts, silent upstream failures,
+//! conntrack, failback, tiers, dampening, all-down.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use uplink_tests::{Lab, TcpFlow, UdpStream, UplinkSpec, client_v4};
+
+/// Which uplink client `i`'s new connections leave by now.
+fn via(lab: &Lab, i: u32) -> anyhow::Result<String> {
+    let seen = lab.probe(i, false, 10)?;
+    lab.uplink_of_source(seen)
+        .ok_or_else(|| anyhow::anyhow!("unknown source {seen}"))
+}
+
+fn clients_on(assigned: &BTreeMap<IpAddr, String>, uplink: &str) -> Vec<u32> {
+    (1..=64)
+        .filter(|i| {
+            assigned
+                .get(&IpAddr::from(client_v4(*i)))
+                .map(String::as_str)
+                == Some(uplink)
+        })
+        .collect()
+}
+
+/// Conntrack entries (IPv4) in the gateway whose mark carries uplink `k`'s id.
+fn ct_entries(lab: &Lab, k: usize) -> anyhow::Result<BTreeSet<String>> {
+    let out = lab.gw(&[
+        "conntrack",
+        "-L",
+        "-f",
+        "ipv4",
+        "-m",
+        &format!("{:#x}/0x3f000000", (k as u32) << 24),
+    ])?;
+    Ok(out
+        .lines()
+        .filter(|l| l.contains("src="))
+        .map(|l| {
+            l.split_whitespace()
+                .filter(|w| {
+                    w.starts_with("src=") || w.starts_with("sport=") || w.starts_with("dst=")
+                })
+                .take(4)
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect())
+}
+
+fn wait_via(lab: &Lab, i: u32, uplink: &str, within: Duration) -> anyhow::Result<Duration> {
+    let t = Instant::now();
+    lab.wait_for(within, &format!("c{i} leaving via {uplink}"), || {
+        Ok(via(lab, i)? == uplink)
+    })?;
+    Ok(t.elapsed())
+}
+
+/// Tests 1 and 5: a carrier cut moves the dead uplink's clients over the survivors by
+/// weight, deletes exactly the dead uplink's conntrack entries, and leaves healthy clients,
+/// their flows and an established TCP connection alone.
+#[test]
+fn carrier_cut_moves_only_the_dead_uplinks_clients() -> anyhow::Result<()> {
+    let uplinks = vec![
+        UplinkSpec::new("isp1", 2, false),
+        UplinkSpec::new("isp2", 1, false),
+        UplinkSpec::new("isp3", 1, false),
+    ];
+    let mut lab = Lab::build("cut", uplinks, 12, 0)?;
+    lab.write_config("10s", "10m", "[failover]\nfailback_delay = \"60s\"\n")?;
+    lab.start_agent()?;
+    let assigned = lab.greet_clients()?;
+    let (dead, healthy): (Vec<u32>, Vec<u32>) =
+        (1..=12).partition(|i| assigned[&IpAddr::from(client_v4(*i))] == "isp1");
+    assert_eq!(dead.len(), 6);
+
+    let mut tcp = TcpFlow::connect(&lab, healthy[0])?;
+    let tcp_uplink = lab.uplink_of_source(tcp.exchange()?).expect("lab uplink");
+    let streams: Vec<(u32, UdpStream)> = healthy
+        .iter()
+        .map(|&i| {
+            Ok((
+                i,
+                UdpStream::start(&lab, i, false, Duration::from_millis(20))?,
+            ))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    std::thread::sleep(Duration::from_millis(300));
+    let before = [
+        ct_entries(&lab, 1)?,
+        ct_entries(&lab, 2)?,
+        ct_entries(&lab, 3)?,
+    ];
+    assert!(
+        !before[0].is_empty(),
+        "the dead uplink's clients have flows"
+    );
+
+    lab.carrier("isp1", false)?;
+    lab.wait_for(
+        Duration::from_secs(5),
+        "isp1's conntrack entries gone",
+        || Ok(ct_entries(&lab, 1)?.is_empty()),
+    )?;
+    assert_eq!(
+        ct_entries(&lab, 2)?,
+        before[1],
+        "flows on a healthy uplink untouched"
+    );
+    assert_eq!(
+        ct_entries(&lab, 3)?,
+        before[2],
+        "flows on a healthy uplink untouched"
+    );
+
+    let mut used = BTreeSet::new();
+    for &i in &dead {
+        let u = via(&lab, i)?;
+        assert_ne!(u, "isp1", "c{i} still leaves by the dead uplink");
+        used.insert(u);
+    }
+    assert_eq!(
+        used.len(),
+        2,
+        "isp1's clients are spread over both survivors"
+    );
+    for &i in &healthy {
+        assert_eq!(
+            via(&lab, i)?,
+            assigned[&IpAddr::from(client_v4(i))],
+            "c{i} on a healthy uplink kept it"
+        );
+    }
+    assert_eq!(
+        lab.uplink_of_source(tcp.exchange()?).expect("lab uplink"),
+        tcp_uplink,
+        "the established TCP connection survives"
+    );
+    for (i, s) in streams {
+        let r = s.finish()?;
+        assert_eq!(
+            r.received, r.sent,
+            "c{i}'s flow on a healthy uplink lost datagrams"
+        );
+        assert_eq!(r.seen.len(), 1);
+    }
+    assert!(
+        lab.log_tail(100)
+            .contains("failover of isp1: 6 clients moved"),
+        "{}",
+        lab.log_tail(30)
+    );
+    Ok(())
+}
+
+/// Test 2: a silent upstream failure (the ISP drops forwarded packets, carrier up) is
+/// found by the probes and the clients move; when the ISP recovers they come back.
+#[test]
+fn silent_upstream_failure_is_detected_by_probes() -> anyhow::Result<()> {
+    let probe = "probes = [\"icmp:203.0.113.10\"]";
+    let uplinks = vec![
+        UplinkSpec::new("isp1", 1, false).with(probe),
+        UplinkSpec::new("isp2", 1, false).with(probe),
+    ];
+    let mut lab = Lab::build("silent", uplinks, 2, 0)?;
+    lab.write_config("10s", "10m", "[failover]\nfailback_delay = \"0s\"\n")?;
+    lab.start_agent()?;
+    let assigned = lab.greet_clients()?;
+    let c = clients_on(&assigned, "isp1")[0];
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(via(&lab, c)?, "isp1");
+
+    lab.upstream_loss("isp1", 100)?;
+    wait_via(&lab, c, "isp2", Duration::from_secs(5))?;
+    assert!(
+        lab.log_tail(50)
+            .contains("uplink isp1 up -> down: 3 failed probe rounds"),
+        "{}",
+        lab.log_tail(20)
+    );
+    lab.upstream_loss("isp1", 0)?;
+    wait_via(&lab, c, "isp1", Duration::from_secs(5))?;
+    Ok(())
+}
+
+/// Test 4: automatic failback waits for the delay; a TCP connection opened on the backup
+/// keeps working on the backup after the failback.
+#[test]
+fn auto_failback_after_delay_keeps_backup_flows() -> anyhow::Result<()> {
+    let uplinks = vec![
+        UplinkSpec::new("isp1", 1, false),
+        UplinkSpec::new("isp2", 1, false),
+    ];
+    let mut lab = Lab::build("fb", uplinks, 2, 0)?;
+    lab.write_config("10s", "10m", "[failover]\nfailback_delay = \"3s\"\n")?;
+    lab.start_agent()?;
+    let assigned = lab.greet_clients()?;
+    let c = clients_on(&assigned, "isp1")[0];
+
+    lab.carrier("isp1", false)?;
+    wait_via(&lab, c, "isp2", Duration::from_secs(5))?;
+    let mut tcp = TcpFlow::connect(&lab, c)?;
+    assert_eq!(
+        lab.uplink_of_source(tcp.exchange()?).as_deref(),
+        Some("isp2")
+    );
+
+    lab.carrier("isp1", true)?;
+    let restored = Instant::now();
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(via(&lab, c)?, "isp2", "no failback before the delay");
+    wait_via(&lab, c, "isp1", Duration::from_secs(8))?;
+    assert!(
+        restored.elapsed() >= Duration::from_millis(2500),
+        "failback came after {:?}, before the 3 s delay",
+        restored.elapsed()
+    );
+    assert_eq!(
+        lab.uplink_of_source(tcp.exchange()?).as_deref(),
+        Some("isp2"),
+        "the flow opened on the backup stays there"
+    );
+    assert!(
+        lab.log_tail(50)
+            .contains("failback to isp1: 1 clients returned"),
+        "{}",
+        lab.log_tail(20)
+    );
+    Ok(())
+}
+
+/// Test 4: with manual failback the clients stay on the backup after recovery.
+#[test]
+fn manual_failback_keeps_clients_on_the_backup() -> anyhow::Result<()> {
+    let uplinks = vec![
+        UplinkSpec::new("isp1", 1, false),
+        UplinkSpec::new("isp2", 1, false),
+    ];
+    let mut lab = Lab::build("mfb", uplinks, 2, 0)?;
+    lab.write_config(
+        "10s",
+        "10m",
+        "[failover]\nfailback = \"manual\"\nfailback_delay = \"0s\"\n",
+    )?;
+    lab.start_agent()?;
+    let assigned = lab.greet_clients()?;
+    let c = clients_on(&assigned, "isp1")[0];
+    lab.carrier("isp1", false)?;
+    wait_via(&lab, c, "isp2", Duration::from_secs(5))?;
+    lab.carrier("isp1", true)?;
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(via(&lab, c)?, "isp2");
+    assert_eq!(
+        lab.assignments()?[&IpAddr::from(client_v4(c))],
+        "isp1",
+        "the home uplink is kept"
+    );
+    Ok(())
+}
+
+/// Test 6: the tier-2 uplink carries nothing while a tier-1 uplink is up, everyone when
+/// both are down, and hands back when one returns.
+#[test]
+fn tier_two_carries_only_when_tier_one_is_down() -> anyhow::Result<()> {
+    let uplinks = vec![
+        UplinkSpec::new("isp1", 1, false),
+        UplinkSpec::new("isp2", 1, false),
+        UplinkSpec::new("lte", 1, true).with("tier = 2"),
+    ];
+    let mut lab = Lab::build("tier", uplinks, 4, 0)?;
+    lab.write_config("10s", "10m", "[failover]\nfailback_delay = \"0s\"\n")?;
+    lab.start_agent()?;
+    let assigned = lab.greet_clients()?;
+    assert!(
+        assigned.values().all(|u| u != "lte"),
+        "no home on tier 2: {assigned:?}"
+    );
+
+    lab.carrier("isp1", false)?;
+    for i in clients_on(&assigned, "isp1") {
+        wait_via(&lab, i, "isp2", Duration::from_secs(5))?;
+    }
+    lab.carrier("isp2", false)?;
+    for i in 1..=4 {
+        wait_via(&lab, i, "lte", Duration::from_secs(5))?;
+    }
+    lab.carrier("isp1", true)?;
+    for i in 1..=4 {
+        wait_via(&lab, i, "isp1", Duration::from_secs(5))?;
+    }
+    Ok(())
+}
+
+/// Test 7: an uplink that flaps more than `max_flaps` times in the window is held down for
+/// `hold`, then comes back.
+#[test]
+fn flapping_uplink_is_held_down() -> anyhow::Result<()> {
+    let uplinks = vec![
+        UplinkSpec::new("isp1", 1, false),
+        UplinkSpec::new("isp2", 1, false),
+    ];
+    let mut lab = Lab::build("flap", uplinks, 2, 0)?;
+    lab.write_config(
+        "10s",
+        "10m",
+        "[failover]\nfailback_delay = \"0s\"\nmax_flaps = 5\nwindow = \"1m\"\nhold = \"4s\"\n",
+    )?;
+    lab.start_agent()?;
+    let assigned = lab.greet_clients()?;
+    let c = clients_on(&assigned, "isp1")[0];
+    for _ in 0..3 {
+        lab.carrier("isp1", false)?;
+        std::thread::sleep(Duration::from_millis(150));
+        lab.carrier("isp1", true)?;
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    let held = Instant::now();
+    lab.wait_for(Duration::from_secs(3), "hold", || {
+        Ok(lab.log_tail(50).contains("held down for 4s"))
+    })?;
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(via(&lab, c)?, "isp2", "held down although the link is up");
+    wait_via(&lab, c, "isp1", Duration::from_secs(8))?;
+    assert!(
+        held.elapsed() >= Duration::from_secs(3),
+        "the hold ended after {:?}",
+        held.elapsed()
+    );
+    Ok(())
+}
+
+/// Test 8: all uplinks down, then one back: no crash, assignments kept, traffic resumes
+/// through the first healthy uplink.
+#[test]
+fn all_down_then_one_back() -> anyhow::Result<()> {
+    let uplinks = vec![
+        UplinkSpec::new("isp1", 1, false),
+        UplinkSpec::new("isp2", 1, false),
+    ];
+    let mut lab = Lab::build("alldown", uplinks, 4, 0)?;
+    lab.write_config("10s", "10m", "[failover]\nfailback_delay = \"60s\"\n")?;
+    lab.start_agent()?;
+    let assigned = lab.greet_clients()?;
+    lab.carrier("isp1", false)?;
+    lab.carrier("isp2", false)?;
+    lab.wait_for(Duration::from_secs(5), "all-down alarm", || {
+        Ok(lab.log_tail(50).contains("ALL UPLINKS DOWN"))
+    })?;
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(lab.agent_running());
+    assert_eq!(lab.assignments()?, assigned, "assignments kept");
+    lab.carrier("isp2", true)?;
+    for i in 1..=4 {
+        wait_via(&lab, i, "isp2", Duration::from_secs(5))?;
+    }
+    assert_eq!(lab.assignments()?, assigned);
+    Ok(())
+}
