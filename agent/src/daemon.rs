@@ -162,6 +162,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
                 }
             }
             Some(report) = probe_rx.recv() => {
+                debug!(uplink = report.uplink, ok = report.round.ok(), rtts = ?report.round.rtts, "probe round");
                 let log = agent.model.on_round(report.uplink, &report.round, Instant::now(), &agent.config.health, &agent.config.failover);
                 if agent.record(log) {
                     agent.apply(false).await;

@@ -19,6 +19,8 @@ use anyhow::{Context, Result, bail};
 
 pub const ECHO_PORT: u16 = 9000;
 pub const TCP_ECHO_PORT: u16 = 9001;
+/// The internet host sends zeros to whoever connects here, as fast as TCP allows.
+pub const BULK_PORT: u16 = 9002;
 pub const SERVER4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
 pub const SERVER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xffff, 0, 0, 0, 0, 0x10);
 pub const LAN_IF: &str = "br-lan";
@@ -260,6 +262,12 @@ impl Lab {
                     format!("route add default via 2001:db8:200:{k}::2"),
                 ],
             )?;
+            // Like real ISPs (BCP 38), forward only the customer's own source addresses: a
+            // reply sent out of the wrong uplink is dropped, not quietly delivered.
+            let guard = format!(
+                "add table inet isp_guard {{ chain guard {{ type filter hook forward priority -10; policy accept; iifname \"cpe\" ip saddr != 100.64.{k}.0/24 drop; iifname \"cpe\" ip6 saddr != 2001:db8:100:{k}::/64 drop; }}; }}"
+            );
+            sh(&["ip", "netns", "exec", &isp, "nft", &guard])?;
             if p2p {
                 // A point-to-point link sends everything to the peer; on a veth the ISP side
                 // stands in for that by answering ARP/ND for what it routes.
@@ -345,6 +353,17 @@ impl Lab {
         sh(&["ip", "netns", "exec", &isp, "nft", &script]).map(|_| ())
     }
 
+    /// Limits what the ISP sends down to the gateway to `rate` (tc tbf, e.g. "2mbit") with
+    /// a deep queue, as a saturated DSL line has.
+    pub fn shape(&self, uplink: &str, rate: &str) -> Result<()> {
+        let isp = self.ns(&format!("isp{}", self.k(uplink)));
+        sh(&[
+            "ip", "netns", "exec", &isp, "tc", "qdisc", "replace", "dev", "cpe", "root", "tbf",
+            "rate", rate, "burst", "32kbit", "latency", "300ms",
+        ])
+        .map(|_| ())
+    }
+
     /// Client namespace `c<i>`: 198.19.0.(10+i), and 2001:db8:1::(10+i) when `v6`.
     pub fn add_client(&mut self, i: u32, v6: bool) -> Result<()> {
         let ns = self.add_ns(&format!("c{i}"))?;
@@ -386,6 +405,19 @@ impl Lab {
     /// Echo servers bound to the server addresses, so replies leave from the address the
     /// client talked to: UDP on `ECHO_PORT`, TCP (line by line) on `TCP_ECHO_PORT`.
     fn start_echo(&mut self, inet: &str) -> Result<()> {
+        let bulk = in_netns(inet, || {
+            std::net::TcpListener::bind(SocketAddr::new(IpAddr::V4(SERVER4), BULK_PORT))
+        })??;
+        std::thread::spawn(move || {
+            for conn in bulk.incoming() {
+                let Ok(mut conn) = conn else { break };
+                std::thread::spawn(move || {
+                    use std::io::Write;
+                    let zeros = [0u8; 65536];
+                    while conn.write_all(&zeros).is_ok() {}
+                });
+            }
+        });
         for addr in [server(false), server(true)] {
             let addr = SocketAddr::new(addr.ip(), TCP_ECHO_PORT);
             let listener = in_netns(inet, move || std::net::TcpListener::bind(addr))??;
@@ -585,6 +617,20 @@ impl Lab {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// The agent's log so far, to compare later with `log_since`.
+    pub fn log_len(&self) -> usize {
+        fs::read_to_string(self.log_path())
+            .map(|t| t.len())
+            .unwrap_or(0)
+    }
+
+    /// What the agent logged after `log_len` returned `mark`.
+    pub fn log_since(&self, mark: usize) -> String {
+        fs::read_to_string(self.log_path())
+            .map(|t| t.get(mark..).unwrap_or_default().to_string())
+            .unwrap_or_default()
     }
 
     pub fn log_tail(&self, lines: usize) -> String {

@@ -358,3 +358,193 @@ fn all_down_then_one_back() -> anyhow::Result<()> {
     assert_eq!(lab.assignments()?, assigned);
     Ok(())
 }
+
+/// Test 9: probes leave through their own uplink, even when another uplink is the main
+/// table's default route.
+#[test]
+fn probes_leave_through_their_own_uplink() -> anyhow::Result<()> {
+    let probe = "probes = [\"icmp:203.0.113.10\", \"tcp:203.0.113.10:9001\"]";
+    let uplinks = vec![
+        UplinkSpec::new("isp1", 1, false).with(probe),
+        UplinkSpec::new("isp2", 1, false).with(probe),
+    ];
+    let mut lab = Lab::build("own", uplinks, 0, 0)?;
+    lab.gw(&["ip", "route", "add", "default", "via", "100.64.2.1"])?;
+    lab.write_config("10s", "10m", "")?;
+    lab.start_agent()?;
+    std::thread::sleep(Duration::from_millis(600));
+    // isp2 (the main default) goes silent: only isp2 may go down.
+    lab.upstream_loss("isp2", 100)?;
+    lab.wait_for(Duration::from_secs(5), "isp2 down", || {
+        Ok(lab.log_tail(50).contains("uplink isp2 up -> down"))
+    })?;
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        !lab.log_tail(100).contains("uplink isp1 up -> down"),
+        "isp1's probes went out through isp2:\n{}",
+        lab.log_tail(20)
+    );
+    // And the other way round: isp1 silent while the main default works.
+    lab.upstream_loss("isp2", 0)?;
+    lab.upstream_loss("isp1", 100)?;
+    lab.wait_for(Duration::from_secs(5), "isp1 down", || {
+        Ok(lab.log_tail(50).contains("uplink isp1 up -> down"))
+    })?;
+    Ok(())
+}
+
+/// Test 10: a connection from the internet to a port forwarded through uplink 2 is
+/// answered through uplink 2, although the LAN host's own uplink is uplink 1. The ISPs
+/// drop foreign source addresses, so a reply out of the wrong uplink would never arrive.
+#[test]
+fn inbound_connections_are_answered_through_their_uplink() -> anyhow::Result<()> {
+    let uplinks = vec![
+        UplinkSpec::new("isp1", 1, false),
+        UplinkSpec::new("isp2", 1, false),
+    ];
+    let mut lab = Lab::build("inbound", uplinks, 1, 0)?;
+    lab.write_config("10s", "10m", "")?;
+    lab.start_agent()?;
+    let assigned = lab.greet_clients()?;
+    assert_eq!(assigned[&IpAddr::from(client_v4(1))], "isp1");
+    // A port forward on the gateway (the operator's own table) and a server on c1.
+    lab.gw(&["nft", "add table ip portfwd { chain pre { type nat hook prerouting priority dstnat; iifname \"wan2\" tcp dport 8080 dnat to 198.19.0.11:9090; }; }"])?;
+    let server = uplink_tests::in_netns(&lab.ns("c1"), || {
+        std::net::TcpListener::bind("198.19.0.11:9090")
+    })??;
+    std::thread::spawn(move || {
+        use std::io::{BufRead, Write};
+        if let Ok((conn, _)) = server.accept() {
+            let mut w = conn.try_clone().expect("clone");
+            for line in std::io::BufReader::new(conn).lines().map_while(Result::ok) {
+                let _ = writeln!(w, "lan {line}");
+            }
+        }
+    });
+    let conn = uplink_tests::in_netns(&lab.ns("inet"), || {
+        std::net::TcpStream::connect_timeout(
+            &"100.64.2.2:8080".parse().unwrap(),
+            Duration::from_secs(3),
+        )
+    })?;
+    let conn = conn
+        .map_err(|e| anyhow::anyhow!("connection through the port forward on isp2 failed: {e}"))?;
+    conn.set_read_timeout(Some(Duration::from_secs(3)))?;
+    use std::io::{BufRead, Write};
+    let mut w = conn.try_clone()?;
+    writeln!(w, "hello")?;
+    let mut line = String::new();
+    std::io::BufReader::new(conn).read_line(&mut line)?;
+    assert_eq!(line.trim(), "lan hello");
+
+    // A service on the gateway itself, reached on uplink 2's address while the main table's
+    // default points at uplink 1: the answer follows the address it was sent to.
+    lab.gw(&["ip", "route", "add", "default", "via", "100.64.1.1"])?;
+    let local = uplink_tests::in_netns(&lab.ns("gw"), || {
+        std::net::TcpListener::bind("100.64.2.2:7070")
+    })??;
+    std::thread::spawn(move || {
+        use std::io::Write;
+        if let Ok((mut conn, _)) = local.accept() {
+            let _ = writeln!(conn, "gateway");
+        }
+    });
+    let conn = uplink_tests::in_netns(&lab.ns("inet"), || {
+        std::net::TcpStream::connect_timeout(
+            &"100.64.2.2:7070".parse().unwrap(),
+            Duration::from_secs(3),
+        )
+    })?;
+    let conn =
+        conn.map_err(|e| anyhow::anyhow!("connection to the gateway's isp2 address failed: {e}"))?;
+    conn.set_read_timeout(Some(Duration::from_secs(3)))?;
+    let mut line = String::new();
+    std::io::BufReader::new(conn).read_line(&mut line)?;
+    assert_eq!(line.trim(), "gateway");
+    Ok(())
+}
+
+/// Test 3: 10% random loss keeps the uplink up; 60% makes it degraded.
+#[test]
+fn partial_loss_up_then_degraded() -> anyhow::Result<()> {
+    let probe =
+        "probes = [\"icmp:203.0.113.10\", \"tcp:203.0.113.10:9001\", \"icmp:2001:db8:ffff::10\"]";
+    let uplinks = vec![
+        UplinkSpec::new("isp1", 1, false).with(probe),
+        UplinkSpec::new("isp2", 1, false),
+    ];
+    let mut lab = Lab::build("loss", uplinks, 0, 0)?;
+    lab.write_config(
+        "10s",
+        "10m",
+        "[health]\nmax_loss = 0.3\nstats_window = 60\n",
+    )?;
+    lab.start_agent()?;
+    // Let the first rounds (neighbour discovery on the fresh links) pass.
+    std::thread::sleep(Duration::from_secs(3));
+    let mark = lab.log_len();
+    lab.upstream_loss("isp1", 10)?;
+    std::thread::sleep(Duration::from_secs(5));
+    let log = lab.log_since(mark);
+    assert!(
+        !log.contains("uplink isp1 up ->"),
+        "10% loss changed the state:\n{log}"
+    );
+    lab.upstream_loss("isp1", 60)?;
+    lab.wait_for(Duration::from_secs(10), "isp1 degraded or down", || {
+        let log = lab.log_tail(200);
+        Ok(log.contains("uplink isp1 up -> degraded") || log.contains("uplink isp1 up -> down"))
+    })?;
+    Ok(())
+}
+
+/// Test 11: a saturated uplink (a bulk download through a tbf-limited ISP link, probes
+/// queued behind it) is not declared down.
+#[test]
+fn saturated_uplink_is_not_declared_down() -> anyhow::Result<()> {
+    let probe = "probes = [\"icmp:203.0.113.10\"]";
+    let uplinks = vec![
+        UplinkSpec::new("isp1", 1, false).with(probe),
+        UplinkSpec::new("isp2", 1, false).with(probe),
+    ];
+    let mut lab = Lab::build("sat", uplinks, 1, 0)?;
+    lab.write_config("10s", "10m", "")?;
+    lab.start_agent()?;
+    let assigned = lab.greet_clients()?;
+    assert_eq!(assigned[&IpAddr::from(client_v4(1))], "isp1");
+    lab.shape("isp1", "2mbit")?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    let conn = uplink_tests::in_netns(&lab.ns("c1"), || {
+        std::net::TcpStream::connect((uplink_tests::SERVER4, uplink_tests::BULK_PORT))
+    })??;
+    let reader = std::thread::spawn(move || -> u64 {
+        use std::io::Read;
+        let mut conn = conn;
+        let mut buf = [0u8; 65536];
+        let mut total = 0u64;
+        while !flag.load(std::sync::atomic::Ordering::SeqCst) {
+            match conn.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => total += n as u64,
+            }
+        }
+        total
+    });
+    std::thread::sleep(Duration::from_secs(6));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let bytes = reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("reader panicked"))?;
+    // 2 Mbit/s for 6 s is about 1.5 MB: the link really was full.
+    assert!(
+        bytes > 1_000_000,
+        "only {bytes} bytes: the uplink was not saturated"
+    );
+    let log = lab.log_tail(200);
+    assert!(
+        !log.contains("uplink isp1 up -> down"),
+        "a saturated uplink was declared down:\n{log}"
+    );
+    Ok(())
+}

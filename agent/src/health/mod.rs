@@ -248,8 +248,9 @@ impl Health {
     }
 
     fn degraded(&self, h: &HealthConfig) -> Option<String> {
-        // A handful of samples is not a measurement.
-        if !self.probing || self.stats.samples() < 10 {
+        // A handful of samples is not a measurement, and the first rounds after a start
+        // include neighbour discovery on a fresh link.
+        if !self.probing || self.stats.samples() < (self.stats.window() / 2).max(10) {
             return None;
         }
         if let Some(max) = h.max_loss
@@ -381,7 +382,7 @@ mod tests {
         x.on_link(Ok(()), t0, &h, &f);
         // 2 of 5 lost: 40% > 20%, but never 3 in a row, so not down.
         let mut last = None;
-        for i in 0..20 {
+        for i in 0..40 {
             if let Some(t) = x.on_round(&round(i % 5 >= 2), t0, &h, &f) {
                 last = Some(t);
             }

@@ -25,6 +25,10 @@ impl Stats {
         self.samples.push_back(rtt);
     }
 
+    pub fn window(&self) -> usize {
+        self.window
+    }
+
     pub fn samples(&self) -> usize {
         self.samples.len()
     }
