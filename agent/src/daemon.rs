@@ -52,6 +52,9 @@ pub struct Agent {
     pub events: EventLog,
     probers: HashMap<usize, (ProbeSpec, JoinHandle<()>)>,
     probe_tx: mpsc::Sender<probe::Report>,
+    /// Probes start once the first apply has put the uplinks' rules and routes in place;
+    /// before that they would fail and take healthy uplinks down.
+    probing: bool,
 }
 
 /// Connects to the kernel, adopts its state, and runs until SIGTERM/SIGINT. The dataplane
@@ -99,6 +102,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
         events: EventLog::default(),
         probers: HashMap::new(),
         probe_tx,
+        probing: false,
     };
     let started = Instant::now();
     agent.resync_inputs().await?;
@@ -106,6 +110,8 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
     agent.links_changed();
     // read_nft just filled the dataplane's cache: no second read-back of the table.
     let report = agent.apply(false).await;
+    agent.probing = true;
+    agent.reconcile_probers();
     agent.save_state();
     info!(
         clients = agent.model.clients().len(),
@@ -418,6 +424,7 @@ impl Agent {
             info!(
                 full,
                 replaced_table = report.nft.replaced_table,
+                rewritten_chains = report.nft.rewritten_chains,
                 elements_added = report.nft.added,
                 elements_deleted = report.nft.deleted,
                 rules_added = report.rules.added,

@@ -548,3 +548,42 @@ fn saturated_uplink_is_not_declared_down() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// Test 1, the other link events: admin down on the gateway's side and the uplink's
+/// address going away each fail the uplink over at once; restoring brings it back.
+#[test]
+fn admin_down_and_address_loss_fail_over() -> anyhow::Result<()> {
+    let uplinks = vec![
+        UplinkSpec::new("isp1", 1, false),
+        UplinkSpec::new("isp2", 1, false),
+    ];
+    let mut lab = Lab::build("linkev", uplinks, 2, 0)?;
+    lab.write_config("60s", "10m", "[failover]\nfailback_delay = \"0s\"\n")?;
+    lab.start_agent()?;
+    let assigned = lab.greet_clients()?;
+    let c = clients_on(&assigned, "isp1")[0];
+
+    lab.gw(&["ip", "link", "set", "wan1", "down"])?;
+    wait_via(&lab, c, "isp2", Duration::from_secs(5))?;
+    assert!(
+        lab.log_tail(50).contains("interface admin down"),
+        "{}",
+        lab.log_tail(20)
+    );
+    lab.gw(&["ip", "link", "set", "wan1", "up"])?;
+    wait_via(&lab, c, "isp1", Duration::from_secs(5))?;
+
+    lab.gw(&["ip", "addr", "del", "100.64.1.2/24", "dev", "wan1"])?;
+    lab.gw(&[
+        "ip", "-6", "addr", "flush", "dev", "wan1", "scope", "global",
+    ])?;
+    wait_via(&lab, c, "isp2", Duration::from_secs(5))?;
+    assert!(
+        lab.log_tail(50).contains("no address on interface"),
+        "{}",
+        lab.log_tail(20)
+    );
+    lab.gw(&["ip", "addr", "add", "100.64.1.2/24", "dev", "wan1"])?;
+    wait_via(&lab, c, "isp1", Duration::from_secs(5))?;
+    Ok(())
+}

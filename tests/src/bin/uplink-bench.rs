@@ -45,8 +45,18 @@ fn main() -> Result<()> {
             arg(&args, "--runs", 3)?,
             &machine,
         ),
+        Some("failover") => failover(
+            arg(&args, "--clients", 100_000)? as u32,
+            arg(&args, "--trials", 5)?,
+            &machine,
+        ),
+        Some("gap") => gap(
+            args.get(1).map(String::as_str).unwrap_or("carrier"),
+            arg(&args, "--trials", 20)?,
+            &machine,
+        ),
         _ => bail!(
-            "usage: uplink-bench dispatch [--clients N] [--interval-ms M] [--runs R] | startup [--clients N] [--runs R]"
+            "usage: uplink-bench dispatch [--clients N] [--interval-ms M] [--runs R] | startup [--clients N] [--runs R] | failover [--clients N] [--trials T] | gap carrier|silent [--trials T]"
         ),
     }
 }
@@ -84,7 +94,7 @@ type Lines = mpsc::Receiver<(Instant, String)>;
 /// A gateway namespace with a LAN bridge and one uplink to a peer namespace.
 struct Gw {
     ns: Netns,
-    _peer: Netns,
+    peer: Netns,
     dir: std::path::PathBuf,
 }
 
@@ -101,20 +111,23 @@ impl Gw {
         ])?;
         ns.exec(&["ip", "addr", "add", "100.64.1.2/24", "dev", "wan1"])?;
         ns.exec(&["ip", "link", "set", "wan1", "up"])?;
+        ns.exec(&[
+            "ip", "link", "add", "wan2", "type", "veth", "peer", "name", "cpe2", "netns", &peer.0,
+        ])?;
+        ns.exec(&["ip", "addr", "add", "100.64.2.2/24", "dev", "wan2"])?;
+        ns.exec(&["ip", "link", "set", "wan2", "up"])?;
+        peer.exec(&["ip", "link", "set", "cpe", "up"])?;
+        peer.exec(&["ip", "link", "set", "cpe2", "up"])?;
         let dir = std::env::temp_dir().join(&ns.0);
         std::fs::create_dir_all(&dir)?;
         std::fs::write(
             dir.join("uplinkd.toml"),
             format!(
-                "[agent]\nstate_dir = \"{}\"\nresync_interval = \"60s\"\n[lan]\ninterfaces = [\"br-lan\"]\n[[uplink]]\nname = \"isp1\"\ninterface = \"wan1\"\ngateway = \"100.64.1.1\"\n[[uplink]]\nname = \"isp2\"\ninterface = \"wan2\"\ngateway = \"100.64.2.1\"\n",
+                "[agent]\nstate_dir = \"{}\"\nresync_interval = \"60s\"\n[failover]\nfailback_delay = \"0s\"\nmax_flaps = 1000\n[lan]\ninterfaces = [\"br-lan\"]\n[[uplink]]\nname = \"isp1\"\ninterface = \"wan1\"\ngateway = \"100.64.1.1\"\n[[uplink]]\nname = \"isp2\"\ninterface = \"wan2\"\ngateway = \"100.64.2.1\"\n",
                 dir.join("state").display()
             ),
         )?;
-        Ok(Gw {
-            ns,
-            _peer: peer,
-            dir,
-        })
+        Ok(Gw { ns, peer, dir })
     }
 
     fn add_neighbours(&self, range: std::ops::Range<u32>) -> Result<()> {
@@ -367,5 +380,209 @@ fn startup(clients: u32, runs: u64, machine: &str) -> Result<()> {
             median(r)
         );
     }
+    Ok(())
+}
+
+/// Seconds since midnight from a log line's RFC 3339 timestamp ("...T01:08:37.032188Z").
+fn log_time(line: &str) -> Option<f64> {
+    let t = line
+        .split_whitespace()
+        .next()?
+        .split('T')
+        .nth(1)?
+        .trim_end_matches('Z');
+    let mut parts = t.split(':');
+    let (h, m, s): (f64, f64, f64) = (
+        parts.next()?.parse().ok()?,
+        parts.next()?.parse().ok()?,
+        parts.next()?.parse().ok()?,
+    );
+    Some(h * 3600.0 + m * 60.0 + s)
+}
+
+fn summary(name: &str, v: &mut [f64]) {
+    v.sort_by(|a, b| a.total_cmp(b));
+    println!(
+        "{name}: median {:.1} ms, p95 {:.1} ms, min {:.1} ms, max {:.1} ms over {} trials",
+        percentile(v, 50.0),
+        percentile(v, 95.0),
+        v[0],
+        v[v.len() - 1],
+        v.len()
+    );
+}
+
+/// Time from detection (the agent logs the state change) to the failover in the kernel
+/// (the apply that rewrote the home chain) and to the dead uplink's flows deleted, with
+/// `clients` neighbours of which half are on the uplink that dies.
+fn failover(clients: u32, trials: u64, machine: &str) -> Result<()> {
+    println!(
+        "failover of {} clients off one uplink (carrier cut), {trials} trials",
+        clients / 2
+    );
+    println!("machine: {machine}; agent {}", uplinkd_bin().display());
+    let gw = Gw::new("bf")?;
+    gw.add_neighbours(0..clients)?;
+    let (child, _, rx) = gw.start_agent()?;
+    wait_line(&rx, "initial apply done", Duration::from_secs(120))?;
+    let (mut program, mut flush, mut apply_self) = (Vec::new(), Vec::new(), Vec::new());
+    for trial in 1..=trials {
+        gw.peer.exec(&["ip", "link", "set", "cpe", "down"])?;
+        let (_, down) = wait_line(&rx, "uplink isp1 up -> down", Duration::from_secs(10))?;
+        // The flows are deleted inside the apply, so its line may come first.
+        let (mut applied, mut flushed) = (None, None);
+        while applied.is_none() || flushed.is_none() {
+            let (_, line) = wait_line(&rx, "", Duration::from_secs(10))?;
+            if line.contains("rewritten_chains=") && !line.contains("rewritten_chains=0") {
+                applied = Some(line);
+            } else if line.contains("deleted the dead uplink's conntrack entries") {
+                flushed = Some(line);
+            }
+        }
+        let (applied, flushed) = (applied.expect("seen"), flushed.expect("seen"));
+        if !down.contains("carrier lost") {
+            bail!("unexpected cause: {down}");
+        }
+        let t0 = log_time(&down).context("timestamp")?;
+        let p = (log_time(&applied).context("timestamp")? - t0) * 1000.0;
+        let f = (log_time(&flushed).context("timestamp")? - t0) * 1000.0;
+        let own: f64 = applied
+            .split("elapsed_us=")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(f64::NAN)
+            / 1000.0;
+        println!(
+            "trial {trial}: {p:.1} ms from detection to the new paths in the kernel (plan + apply {own:.1} ms, conntrack deletion included: done at {f:.1} ms)"
+        );
+        program.push(p);
+        flush.push(f);
+        apply_self.push(own);
+        gw.peer.exec(&["ip", "link", "set", "cpe", "up"])?;
+        wait_line(&rx, "failback to isp1", Duration::from_secs(10))?;
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    stop(child)?;
+    summary(
+        "detection -> failover in the kernel (home chain rewritten, dead uplink's flows deleted)",
+        &mut program,
+    );
+    summary("plan + apply inside the agent", &mut apply_self);
+    let _ = flush;
+    Ok(())
+}
+
+/// The traffic gap a client sees when its uplink fails: it sends a UDP datagram every
+/// 5 ms on one flow; the gap is the longest time without an answer around the failure.
+fn gap(kind: &str, trials: u64, machine: &str) -> Result<()> {
+    use uplink_tests::{Lab, UplinkSpec};
+    if kind != "carrier" && kind != "silent" {
+        bail!("gap: kind must be carrier or silent");
+    }
+    println!(
+        "traffic gap on a {kind} failure, default health settings, UDP every 5 ms, {trials} trials"
+    );
+    println!("machine: {machine}; agent {}", uplinkd_bin().display());
+    let probe = "probes = [\"icmp:203.0.113.10\"]";
+    let mut lab = Lab::build(
+        "gap",
+        vec![
+            UplinkSpec::new("isp1", 1, false).with(probe),
+            UplinkSpec::new("isp2", 1, false).with(probe),
+        ],
+        1,
+        0,
+    )?;
+    // Repeated cuts are flaps: raise the limit so that no trial is held down.
+    lab.write_config(
+        "10s",
+        "10m",
+        "[failover]\nfailback_delay = \"0s\"\nmax_flaps = 1000\n",
+    )?;
+    lab.start_agent()?;
+    let assigned = lab.greet_clients()?;
+    if assigned.values().next().map(String::as_str) != Some("isp1") {
+        bail!("the client is not on isp1: {assigned:?}");
+    }
+    let mut gaps = Vec::new();
+    for trial in 1..=trials {
+        std::thread::sleep(Duration::from_millis(1500));
+        let sock = lab.client_socket(1, false)?;
+        sock.set_read_timeout(Some(Duration::from_millis(50)))?;
+        let recv = sock.try_clone()?;
+        let stop_flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop_flag.clone();
+        let receiver = std::thread::spawn(move || {
+            let mut times = Vec::new();
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 512];
+            while !flag.load(std::sync::atomic::Ordering::SeqCst) {
+                if let Ok(n) = recv.recv(&mut buf) {
+                    times.push(Instant::now());
+                    let s = String::from_utf8_lossy(&buf[..n])
+                        .split(' ')
+                        .next()
+                        .unwrap_or_default()
+                        .to_string();
+                    if !seen.contains(&s) {
+                        seen.push(s);
+                    }
+                }
+            }
+            (times, seen)
+        });
+        let sender_flag = stop_flag.clone();
+        let sender = std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !sender_flag.load(std::sync::atomic::Ordering::SeqCst) {
+                let _ = sock.send(format!("gap {n}").as_bytes());
+                n += 1;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        let failed_at = Instant::now();
+        if kind == "carrier" {
+            lab.carrier("isp1", false)?
+        } else {
+            lab.upstream_loss("isp1", 100)?
+        }
+        std::thread::sleep(Duration::from_millis(if kind == "carrier" {
+            700
+        } else {
+            2500
+        }));
+        stop_flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        sender
+            .join()
+            .map_err(|_| anyhow::anyhow!("sender panicked"))?;
+        let (times, seen) = receiver
+            .join()
+            .map_err(|_| anyhow::anyhow!("receiver panicked"))?;
+        let recovered =
+            times.iter().any(|t| *t > failed_at) && seen.iter().any(|s| s == "100.64.2.2");
+        if !recovered {
+            bail!("trial {trial}: traffic did not resume through isp2 (seen {seen:?})");
+        }
+        let gap = times
+            .windows(2)
+            .filter(|w| w[1] > failed_at)
+            .map(|w| w[1].duration_since(w[0]))
+            .max()
+            .unwrap_or_default();
+        println!("trial {trial}: gap {:.1} ms", gap.as_secs_f64() * 1000.0);
+        gaps.push(gap.as_secs_f64() * 1000.0);
+        if kind == "carrier" {
+            lab.carrier("isp1", true)?
+        } else {
+            lab.upstream_loss("isp1", 0)?
+        }
+        let mark = lab.log_len();
+        lab.wait_for(Duration::from_secs(10), "failback", || {
+            Ok(lab.log_since(mark).contains("failback to isp1"))
+        })?;
+    }
+    summary(&format!("{kind} gap"), &mut gaps);
     Ok(())
 }

@@ -1,29 +1,40 @@
 //! The lab: a gateway with three uplinks (weights 2/1/1, the third point-to-point), six
 //! clients (three with IPv6), one ISP per uplink and an internet host, with uplinkd running
-//! on the gateway. Prints which uplink each client's traffic left by, as the internet host
-//! saw it, until Ctrl-C; then removes everything it made.
+//! on the gateway and probing every uplink. Prints which uplink each client's traffic left
+//! by, as the internet host saw it, and what uplinkd reported, until Ctrl-C; then removes
+//! everything it made.
+//!
+//! Type commands while it runs: `cut UPLINK` (carrier loss), `silent UPLINK` (the ISP drops
+//! what it forwards, link up), `restore UPLINK`, `table`, `quit`. `--demo` runs a carrier
+//! cut and a silent failure with their recoveries by itself; `--once` prints one table.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use uplink_tests::{Lab, UplinkSpec, client_v4, client_v6};
+
+const UPLINKS: [&str; 3] = ["isp1", "isp2", "lte"];
 
 fn main() -> Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let s = stop.clone();
     ctrlc::set_handler(move || s.store(true, Ordering::SeqCst))?;
-    let once = std::env::args().any(|a| a == "--once");
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let once = args.iter().any(|a| a == "--once");
+    let demo = args.iter().any(|a| a == "--demo");
 
+    let probe = "probes = [\"icmp:203.0.113.10\"]";
     let uplinks = vec![
-        UplinkSpec::new("isp1", 2, false),
-        UplinkSpec::new("isp2", 1, false),
-        UplinkSpec::new("lte", 1, true),
+        UplinkSpec::new("isp1", 2, false).with(probe),
+        UplinkSpec::new("isp2", 1, false).with(probe),
+        UplinkSpec::new("lte", 1, true).with(probe),
     ];
     eprintln!("building namespaces...");
     let mut lab = Lab::build("lab", uplinks, 6, 3)?;
-    lab.write_config("10s", "10m", "")?;
+    lab.write_config("10s", "10m", "[failover]\nfailback_delay = \"5s\"\n")?;
     eprintln!(
         "starting uplinkd in {} (config {}, log {})",
         lab.ns("gw"),
@@ -45,23 +56,96 @@ fn main() -> Result<()> {
             }
         }
     }
-    loop {
-        std::thread::sleep(Duration::from_millis(1500));
-        print_table(&lab)?;
-        if once || stop.load(Ordering::SeqCst) {
-            break;
-        }
-        for _ in 0..40 {
-            if stop.load(Ordering::SeqCst) {
+    std::thread::sleep(Duration::from_millis(1500));
+    print_table(&lab)?;
+    if once {
+        return Ok(());
+    }
+    if demo {
+        run_demo(&lab, &stop)?;
+    } else {
+        interactive(&lab, &stop)?;
+    }
+    eprintln!("tearing down {}-*", lab.prefix);
+    Ok(())
+}
+
+fn interactive(lab: &Lab, stop: &AtomicBool) -> Result<()> {
+    eprintln!(
+        "commands: cut UPLINK | silent UPLINK | restore UPLINK | table | quit   (uplinks: {})",
+        UPLINKS.join(", ")
+    );
+    let (tx, rx) = mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
                 break;
             }
-            std::thread::sleep(Duration::from_millis(100));
         }
+    });
+    let mut next_table = Instant::now() + Duration::from_secs(5);
+    while !stop.load(Ordering::SeqCst) {
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(line) => {
+                let words: Vec<&str> = line.split_whitespace().collect();
+                match words.as_slice() {
+                    ["quit" | "exit"] => break,
+                    ["table"] | [] => {}
+                    [cmd @ ("cut" | "silent" | "restore"), uplink] if UPLINKS.contains(uplink) => {
+                        act(lab, cmd, uplink)?;
+                        std::thread::sleep(Duration::from_millis(1500));
+                    }
+                    _ => {
+                        eprintln!(
+                            "unknown command {line:?}; commands: cut UPLINK | silent UPLINK | restore UPLINK | table | quit (uplinks: {})",
+                            UPLINKS.join(", ")
+                        );
+                        continue;
+                    }
+                }
+                print_table(lab)?;
+                next_table = Instant::now() + Duration::from_secs(5);
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) if Instant::now() >= next_table => {
+                print_table(lab)?;
+                next_table = Instant::now() + Duration::from_secs(5);
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                std::thread::sleep(Duration::from_millis(100))
+            }
+        }
+    }
+    Ok(())
+}
+
+fn act(lab: &Lab, cmd: &str, uplink: &str) -> Result<()> {
+    println!("\n>>> {cmd} {uplink}");
+    match cmd {
+        "cut" => lab.carrier(uplink, false),
+        "silent" => lab.upstream_loss(uplink, 100),
+        _ => {
+            lab.carrier(uplink, true)?;
+            lab.upstream_loss(uplink, 0)
+        }
+    }
+}
+
+fn run_demo(lab: &Lab, stop: &AtomicBool) -> Result<()> {
+    let steps: [(&str, &str, u64); 4] = [
+        ("cut", "isp1", 2),
+        ("restore", "isp1", 8),
+        ("silent", "isp2", 3),
+        ("restore", "isp2", 8),
+    ];
+    for (cmd, uplink, wait) in steps {
         if stop.load(Ordering::SeqCst) {
             break;
         }
+        act(lab, cmd, uplink)?;
+        std::thread::sleep(Duration::from_secs(wait));
+        print_table(lab)?;
     }
-    eprintln!("tearing down {}-*", lab.prefix);
     Ok(())
 }
 
@@ -69,7 +153,7 @@ fn print_table(lab: &Lab) -> Result<()> {
     let assigned = lab.assignments().unwrap_or_default();
     println!(
         "\n{:<8} {:<22} {:<10} {:<22} {:<10}",
-        "client", "address", "assigned", "internet saw", "left via"
+        "client", "address", "home", "internet saw", "left via"
     );
     for (&i, &v6) in &lab.clients {
         let mut addrs = vec![(std::net::IpAddr::from(client_v4(i)), false)];
@@ -85,7 +169,7 @@ fn print_table(lab: &Lab) -> Result<()> {
                 ),
                 Err(_) => ("no answer".into(), "-".into()),
             };
-            let flag = if via == home { "" } else { "  <- differs" };
+            let flag = if via == home { "" } else { "  <- not home" };
             println!(
                 "{:<8} {:<22} {:<10} {:<22} {:<10}{flag}",
                 format!("c{i}"),
@@ -94,6 +178,26 @@ fn print_table(lab: &Lab) -> Result<()> {
                 seen,
                 via
             );
+        }
+    }
+    // What uplinkd said about its uplinks lately.
+    let log = lab.log_tail(400);
+    let events: Vec<&str> = log
+        .lines()
+        .filter(|l| {
+            l.contains(" -> ")
+                || l.contains("failover of")
+                || l.contains("failback to")
+                || l.contains("ALL UPLINKS")
+        })
+        .collect();
+    if !events.is_empty() {
+        println!("uplinkd events (latest last):");
+        for e in &events[events.len().saturating_sub(6)..] {
+            let short = e.split("uplinkd::daemon: ").nth(1).unwrap_or(e);
+            let short = short.split(" uplink=").next().unwrap_or(short);
+            let time = e.split('T').nth(1).and_then(|t| t.get(..12)).unwrap_or("");
+            println!("  {time}  {short}");
         }
     }
     Ok(())
