@@ -232,6 +232,8 @@ impl Lab {
         )?;
         for k in 1..=self.uplinks.len() {
             let isp = self.add_ns(&format!("isp{k}"))?;
+            // keep_addr_on_down: an ISP whose side of the link goes down (a carrier cut in the
+            // lab) keeps its IPv6 addresses, as a real ISP router keeps its config.
             self.sysctl(
                 &isp,
                 &[
@@ -239,6 +241,7 @@ impl Lab {
                     "net.ipv6.conf.all.forwarding=1",
                     "net.ipv4.conf.all.rp_filter=0",
                     "net.ipv4.conf.default.rp_filter=0",
+                    "net.ipv6.conf.all.keep_addr_on_down=1",
                 ],
             )?;
             let p2p = self.uplinks[k - 1].p2p;

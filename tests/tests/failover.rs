@@ -193,7 +193,7 @@ fn auto_failback_after_delay_keeps_backup_flows() -> anyhow::Result<()> {
         UplinkSpec::new("isp1", 1, false),
         UplinkSpec::new("isp2", 1, false),
     ];
-    let mut lab = Lab::build("fb", uplinks, 2, 0)?;
+    let mut lab = Lab::build("fb", uplinks, 2, 2)?;
     lab.write_config("10s", "10m", "[failover]\nfailback_delay = \"3s\"\n")?;
     lab.start_agent()?;
     let assigned = lab.greet_clients()?;
@@ -201,6 +201,11 @@ fn auto_failback_after_delay_keeps_backup_flows() -> anyhow::Result<()> {
 
     lab.carrier("isp1", false)?;
     wait_via(&lab, c, "isp2", Duration::from_secs(5))?;
+    assert_eq!(
+        lab.uplink_of_source(lab.probe(c, true, 10)?).as_deref(),
+        Some("isp2"),
+        "IPv6 fails over too"
+    );
     let mut tcp = TcpFlow::connect(&lab, c)?;
     assert_eq!(
         lab.uplink_of_source(tcp.exchange()?).as_deref(),
