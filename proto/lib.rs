@@ -1,9 +1,49 @@
-//! uplink-api: the protobuf types shared by uplinkd and uplinkctl, generated at build time
-//! from `proto/uplink/v1/*.proto`.
+//! uplink-api: the protobuf types and the `Agent` gRPC service shared by uplinkd and
+//! uplinkctl, generated at build time from `proto/uplink/v1/*.proto`.
 
 pub mod v1 {
-    include!(concat!(env!("OUT_DIR"), "/uplink.v1.rs"));
+    tonic::include_proto!("uplink.v1");
+
+    /// Encoded descriptors, for gRPC server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("uplink_descriptor");
 }
+
+/// Enum fields by name in JSON/YAML ("up", not 1).
+mod ser {
+    use super::v1::{AssignmentReason, BalanceMode, UplinkState};
+    use serde::Serializer;
+
+    fn name(s: &str, prefix: &str) -> String {
+        s.strip_prefix(prefix).unwrap_or(s).to_ascii_lowercase()
+    }
+
+    pub fn uplink_state<S: Serializer>(v: &i32, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(
+            &UplinkState::try_from(*v)
+                .map(|e| name(e.as_str_name(), "UPLINK_STATE_"))
+                .unwrap_or_else(|_| v.to_string()),
+        )
+    }
+
+    pub fn balance<S: Serializer>(v: &i32, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(
+            &BalanceMode::try_from(*v)
+                .map(|e| name(e.as_str_name(), "BALANCE_MODE_"))
+                .unwrap_or_else(|_| v.to_string()),
+        )
+    }
+
+    pub fn reason<S: Serializer>(v: &i32, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(
+            &AssignmentReason::try_from(*v)
+                .map(|e| name(e.as_str_name(), "ASSIGNMENT_REASON_"))
+                .unwrap_or_else(|_| v.to_string()),
+        )
+    }
+}
+
+/// The SAN URI that carries a certificate's role.
+pub const ROLE_URI_PREFIX: &str = "urn:uplink:role:";
 
 #[cfg(test)]
 mod tests {

@@ -24,7 +24,20 @@ pub struct Config {
     pub dataplane: DataplaneConfig,
     pub health: HealthConfig,
     pub failover: FailoverConfig,
+    /// The gRPC API; absent without an `[api]` table.
+    pub api: Option<ApiConfig>,
     pub uplinks: Vec<UplinkConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiConfig {
+    /// mTLS gRPC; there is no plaintext gRPC port.
+    pub listen: std::net::SocketAddr,
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Plaintext `/healthz` and `/readyz` for probes that cannot present certificates.
+    pub health_listen: std::net::SocketAddr,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -238,8 +251,19 @@ struct RawConfig {
     health: RawHealth,
     #[serde(default)]
     failover: RawFailover,
+    api: Option<Spanned<RawApi>>,
     #[serde(default)]
     uplink: Vec<Spanned<RawUplink>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawApi {
+    listen: Option<Spanned<String>>,
+    ca: Spanned<PathBuf>,
+    cert: Spanned<PathBuf>,
+    key: Spanned<PathBuf>,
+    health_listen: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -683,12 +707,17 @@ impl Validator<'_> {
 
         let health = self.health(raw.health)?;
         let failover = self.failover(raw.failover)?;
+        let api = match raw.api {
+            None => None,
+            Some(a) => Some(self.api(a.into_inner())?),
+        };
         Ok(Config {
             agent,
             lan,
             dataplane,
             health,
             failover,
+            api,
             uplinks,
         })
     }
@@ -715,6 +744,38 @@ impl Validator<'_> {
             ));
         }
         Ok(*v.get_ref())
+    }
+
+    fn api(&self, raw: RawApi) -> Result<ApiConfig, ConfigError> {
+        let addr = |key: &str,
+                    v: Option<Spanned<String>>,
+                    default: &str|
+         -> Result<std::net::SocketAddr, ConfigError> {
+            match v {
+                None => Ok(default.parse().expect("default address parses")),
+                Some(v) => v.get_ref().trim().parse().map_err(|_| self.err(Some(v.span()), key, format!("invalid address {:?}; use IP:PORT, e.g. \"0.0.0.0:7443\" or \"[::]:7443\"", v.get_ref()))),
+            }
+        };
+        for (key, p) in [
+            ("api.ca", &raw.ca),
+            ("api.cert", &raw.cert),
+            ("api.key", &raw.key),
+        ] {
+            if !p.get_ref().is_file() {
+                return Err(self.err(
+                    Some(p.span()),
+                    key,
+                    format!("{} is not a readable file (PEM)", p.get_ref().display()),
+                ));
+            }
+        }
+        Ok(ApiConfig {
+            listen: addr("api.listen", raw.listen, "0.0.0.0:7443")?,
+            ca: raw.ca.into_inner(),
+            cert: raw.cert.into_inner(),
+            key: raw.key.into_inner(),
+            health_listen: addr("api.health_listen", raw.health_listen, "127.0.0.1:7444")?,
+        })
     }
 
     fn health(&self, raw: RawHealth) -> Result<HealthConfig, ConfigError> {

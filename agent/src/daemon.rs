@@ -10,6 +10,13 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::{debug, error, info, warn};
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tokio::sync::broadcast;
+use uplink_api::v1;
+
+use crate::api::{self, ApiError, Command, view};
 use crate::config::Config;
 use crate::dataplane::{ApplyReport, Dataplane, nft};
 use crate::discover::{self, Event};
@@ -32,6 +39,8 @@ pub enum AgentError {
     State(#[from] StateError),
     #[error("signal handler: {0}")]
     Signal(std::io::Error),
+    #[error(transparent)]
+    Api(#[from] api::ServeError),
 }
 
 pub struct Agent {
@@ -55,6 +64,11 @@ pub struct Agent {
     /// Probes start once the first apply has put the uplinks' rules and routes in place;
     /// before that they would fail and take healthy uplinks down.
     probing: bool,
+    started: Instant,
+    generation: u64,
+    /// The last apply left the kernel as planned; `/readyz` reads it.
+    in_sync: Arc<AtomicBool>,
+    event_tx: broadcast::Sender<v1::Event>,
 }
 
 /// Connects to the kernel, adopts its state, and runs until SIGTERM/SIGINT. The dataplane
@@ -68,9 +82,14 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
     let state = StateFile::new(&config.agent.state_dir);
     let mut model = Model::new(&config);
     match state.load() {
-        Ok(Some(clients)) => {
-            let n = clients.len();
-            let reassigned = model.restore(clients);
+        Ok(Some(restored)) => {
+            let n = restored.clients.len();
+            let reassigned = model.restore(restored.clients);
+            model.overrides = restored
+                .overrides
+                .into_iter()
+                .filter(|(_, o)| model.uplink(&o.uplink).is_some())
+                .collect();
             info!(clients = n, reassigned, path = %state.path().display(), "restored assignments");
         }
         Ok(None) => {
@@ -103,7 +122,12 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
         probers: HashMap::new(),
         probe_tx,
         probing: false,
+        started: Instant::now(),
+        generation: 1,
+        in_sync: Arc::new(AtomicBool::new(false)),
+        event_tx: broadcast::channel(1024).0,
     };
+    let (cmd_tx, mut cmd_rx) = mpsc::channel(256);
     let started = Instant::now();
     agent.resync_inputs().await?;
     agent.adopt.clear();
@@ -113,6 +137,9 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
     agent.probing = true;
     agent.reconcile_probers();
     agent.save_state();
+    if let Some(api) = agent.config.api.clone() {
+        api::serve(api, cmd_tx, agent.in_sync.clone()).await?;
+    }
     info!(
         clients = agent.model.clients().len(),
         elapsed_ms = started.elapsed().as_millis() as u64,
@@ -176,7 +203,11 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
             }
             _ = resync.tick() => agent.resync_and_apply().await,
             _ = housekeeping.tick() => {
-                let log = agent.model.tick(Instant::now(), &agent.config.health, &agent.config.failover);
+                let mut log = agent.model.tick(Instant::now(), &agent.config.health, &agent.config.failover);
+                for ip in agent.model.expire_overrides(now_millis()) {
+                    agent.state_dirty = true;
+                    log.push(LogEntry { at: now_millis(), uplink: String::new(), kind: EventKind::Override, cause: format!("override of {ip} expired"), clients_moved: 1 });
+                }
                 let health_changed = agent.record(log);
                 let released = agent.model.expire(now_millis(), agent.config.lan.client_idle_timeout);
                 for c in &released {
@@ -189,7 +220,10 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
                 }
                 agent.save_state();
             }
-            _ = sighup.recv() => agent.reload().await,
+            _ = sighup.recv() => {
+                let _ = agent.reload().await;
+            }
+            Some(cmd) = cmd_rx.recv() => agent.handle(cmd).await,
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }
@@ -354,6 +388,7 @@ impl Agent {
                 EventKind::State { to, .. } if !to.usable() => warn!(uplink = %e.uplink, "{e}"),
                 _ => info!(uplink = %e.uplink, clients_moved = e.clients_moved, "{e}"),
             }
+            let _ = self.event_tx.send(view::event(&e));
             self.events.push(e);
         }
         any
@@ -402,6 +437,8 @@ impl Agent {
         let started = Instant::now();
         let desired = plan(&self.config, &self.model);
         let report = self.dataplane.apply(&desired, full).await;
+        self.in_sync
+            .store(report.errors.is_empty(), Ordering::SeqCst);
         if report.errors.is_empty() {
             // Only once the new paths are in the kernel: the flows re-establish on them.
             for i in self.model.take_flushes() {
@@ -442,7 +479,10 @@ impl Agent {
         if !self.state_dirty {
             return;
         }
-        match self.state.save(self.model.clients().values()) {
+        match self
+            .state
+            .save(self.model.clients().values(), &self.model.overrides)
+        {
             Ok(()) => self.state_dirty = false,
             Err(e) => error!(error = %e, "cannot save assignments; will retry"),
         }
@@ -450,21 +490,21 @@ impl Agent {
 
     /// SIGHUP: a valid new config replaces the old one; an invalid one is rejected and the
     /// old one keeps running. Ownership (the dataplane section) cannot change live.
-    async fn reload(&mut self) {
+    async fn reload(&mut self) -> Result<u64, String> {
         let new = match Config::load(&self.config_path) {
             Ok(c) => c,
             Err(e) => {
                 error!(error = %e, "reload rejected; keeping the running config");
-                return;
+                return Err(format!("reload rejected, the running config stays: {e}"));
             }
         };
         if new.dataplane != self.config.dataplane
             || new.agent.state_dir != self.config.agent.state_dir
+            || new.api != self.config.api
         {
-            error!(
-                "reload rejected: [dataplane] and agent.state_dir define what uplinkd owns; change them with `uplinkd cleanup` and a restart"
-            );
-            return;
+            let msg = "reload rejected: [dataplane], [api] and agent.state_dir cannot change while running (restart for [api]; `uplinkd cleanup` and a restart for the others)";
+            error!("{msg}");
+            return Err(msg.into());
         }
         let clients = self.model.clients().clone().into_values().collect();
         let old = std::mem::replace(&mut self.model, Model::new(&new));
@@ -483,7 +523,276 @@ impl Agent {
         self.state_dirty = true;
         self.apply(true).await;
         self.save_state();
-        info!(reassigned, "config reloaded");
+        self.generation += 1;
+        info!(reassigned, generation = self.generation, "config reloaded");
+        self.record(vec![LogEntry {
+            at: now_millis(),
+            uplink: String::new(),
+            kind: EventKind::Reload,
+            cause: format!("config reloaded (generation {})", self.generation),
+            clients_moved: reassigned,
+        }]);
+        Ok(self.generation)
+    }
+}
+
+impl Agent {
+    /// Serves one API command. Writes apply to the kernel before they answer.
+    async fn handle(&mut self, cmd: Command) {
+        match cmd {
+            Command::Status(reply) => {
+                let s = v1::AgentStatus {
+                    name: self.config.agent.name.clone(),
+                    version: env!("CARGO_PKG_VERSION").into(),
+                    uptime_seconds: self.started.elapsed().as_secs(),
+                    clients_per_uplink: self
+                        .config
+                        .uplinks
+                        .iter()
+                        .zip(self.model.counts())
+                        .map(|(u, n)| (u.name.clone(), *n as u64))
+                        .collect(),
+                    clients: self.model.clients().len() as u64,
+                    config_generation: self.generation,
+                    in_sync: self.in_sync.load(Ordering::SeqCst),
+                    overrides: self.model.overrides.len() as u64,
+                };
+                let _ = reply.send(Ok(s));
+            }
+            Command::Uplinks(reply) => {
+                let _ = reply.send(Ok((0..self.config.uplinks.len())
+                    .map(|i| view::uplink(&self.config, &self.model, i))
+                    .collect()));
+            }
+            Command::Clients {
+                uplink,
+                after,
+                limit,
+                reply,
+            } => {
+                if let Some(u) = &uplink
+                    && self.model.uplink(u).is_none()
+                {
+                    let _ = reply.send(Err(self.unknown_uplink(u)));
+                    return;
+                }
+                let mut out = Vec::new();
+                let mut next = None;
+                for c in self.model.clients().values() {
+                    let mac = c.mac.to_string();
+                    if after.as_ref().is_some_and(|a| &mac <= a) {
+                        continue;
+                    }
+                    let v = view::client(&self.config, &self.model, c);
+                    if uplink
+                        .as_ref()
+                        .is_some_and(|u| &v.home_uplink != u && &v.current_uplink != u)
+                    {
+                        continue;
+                    }
+                    if out.len() == limit {
+                        next = out.last().map(|l: &v1::Client| l.mac.clone());
+                        break;
+                    }
+                    out.push(v);
+                }
+                let _ = reply.send(Ok((out, next)));
+            }
+            Command::Client { key, reply } => {
+                let found = match key.parse::<IpAddr>() {
+                    Ok(ip) => self.model.client_by_addr(&ip),
+                    Err(_) => key
+                        .parse::<crate::model::Mac>()
+                        .ok()
+                        .and_then(|m| self.model.clients().get(&m)),
+                };
+                let r = match found {
+                    Some(c) => Ok(view::client(&self.config, &self.model, c)),
+                    None if key.parse::<IpAddr>().is_err()
+                        && key.parse::<crate::model::Mac>().is_err() =>
+                    {
+                        Err(ApiError::InvalidArgument(format!(
+                            "client: {key:?} is neither an IP address nor a MAC address"
+                        )))
+                    }
+                    None => Err(ApiError::NotFound(format!(
+                        "no client {key} on this gateway"
+                    ))),
+                };
+                let _ = reply.send(r);
+            }
+            Command::Overrides(reply) => {
+                let _ = reply.send(Ok(self
+                    .model
+                    .overrides
+                    .iter()
+                    .map(|(ip, o)| v1::Override {
+                        client: ip.to_string(),
+                        uplink: o.uplink.clone(),
+                        expires_at_ms: o.until.unwrap_or(0),
+                    })
+                    .collect()));
+            }
+            Command::SetOverride {
+                ip,
+                uplink,
+                ttl,
+                reply,
+            } => {
+                let r = self.set_override(ip, uplink, ttl).await;
+                let _ = reply.send(r);
+            }
+            Command::ClearOverride { ip, reply } => {
+                let r = if self.model.overrides.remove(&ip).is_none() {
+                    Err(ApiError::NotFound(format!("no override for {ip}")))
+                } else {
+                    self.state_dirty = true;
+                    self.record(vec![LogEntry {
+                        at: now_millis(),
+                        uplink: String::new(),
+                        kind: EventKind::Override,
+                        cause: format!("override of {ip} cleared"),
+                        clients_moved: 1,
+                    }]);
+                    self.apply_for_api().await
+                };
+                let _ = reply.send(r);
+            }
+            Command::Drain {
+                uplink,
+                drain,
+                reply,
+            } => {
+                let r = self.drain(&uplink, drain).await;
+                let _ = reply.send(r);
+            }
+            Command::Failback { uplink, reply } => {
+                let r = match self.model.uplinks.iter().position(|u| u.name == uplink) {
+                    None => Err(self.unknown_uplink(&uplink)),
+                    Some(i) => match self.model.failback(i, Instant::now()) {
+                        None => Err(ApiError::FailedPrecondition(format!(
+                            "uplink {uplink} is not failed over or not usable yet; nothing to fail back"
+                        ))),
+                        Some(e) => {
+                            self.record(vec![e]);
+                            self.apply_for_api()
+                                .await
+                                .map(|()| view::uplink(&self.config, &self.model, i))
+                        }
+                    },
+                };
+                let _ = reply.send(r);
+            }
+            Command::Reload(reply) => {
+                let r = self.reload().await.map_err(ApiError::FailedPrecondition);
+                let _ = reply.send(r);
+            }
+            Command::Watch(reply) => {
+                let history = self.events.recent().map(view::event).collect();
+                let _ = reply.send(Ok((history, self.event_tx.subscribe())));
+            }
+        }
+    }
+
+    fn unknown_uplink(&self, name: &str) -> ApiError {
+        let known: Vec<&str> = self
+            .config
+            .uplinks
+            .iter()
+            .map(|u| u.name.as_str())
+            .collect();
+        ApiError::NotFound(format!(
+            "unknown uplink {name:?}; this gateway has {}",
+            known.join(", ")
+        ))
+    }
+
+    async fn apply_for_api(&mut self) -> Result<(), ApiError> {
+        let report = self.apply(false).await;
+        self.save_state();
+        match report.errors.first() {
+            None => Ok(()),
+            Some(e) => Err(ApiError::Internal(format!(
+                "the change is recorded but the kernel refused it (retrying): {e}"
+            ))),
+        }
+    }
+
+    async fn set_override(
+        &mut self,
+        ip: IpAddr,
+        uplink: String,
+        ttl: Option<Duration>,
+    ) -> Result<v1::Override, ApiError> {
+        if self.model.uplink(&uplink).is_none() {
+            return Err(self.unknown_uplink(&uplink));
+        }
+        if self.model.client_by_addr(&ip).is_none() {
+            return Err(ApiError::NotFound(format!(
+                "no client with address {ip} on this gateway (it appears once it talks)"
+            )));
+        }
+        let until = ttl.map(|t| now_millis() + t.as_millis() as u64);
+        self.model.overrides.insert(
+            ip,
+            crate::model::Override {
+                uplink: uplink.clone(),
+                until,
+            },
+        );
+        self.state_dirty = true;
+        let cause = match ttl {
+            Some(t) => format!(
+                "{ip} pinned to {uplink} for {}",
+                humantime::format_duration(t)
+            ),
+            None => format!("{ip} pinned to {uplink}"),
+        };
+        self.record(vec![LogEntry {
+            at: now_millis(),
+            uplink: uplink.clone(),
+            kind: EventKind::Override,
+            cause,
+            clients_moved: 1,
+        }]);
+        self.apply_for_api().await?;
+        Ok(v1::Override {
+            client: ip.to_string(),
+            uplink,
+            expires_at_ms: until.unwrap_or(0),
+        })
+    }
+
+    async fn drain(&mut self, uplink: &str, drain: bool) -> Result<v1::Uplink, ApiError> {
+        let Some(i) = self.model.uplinks.iter().position(|u| u.name == uplink) else {
+            return Err(self.unknown_uplink(uplink));
+        };
+        if drain && !self.model.uplinks[i].drained && self.model.survivors(Some(i)).is_empty() {
+            return Err(ApiError::FailedPrecondition(format!(
+                "{uplink} is the last healthy uplink; draining it would leave its clients nowhere to go"
+            )));
+        }
+        if self.model.uplinks[i].drained != drain {
+            self.model.uplinks[i].drained = drain;
+            let moved = self.model.counts()[i];
+            let (kind, cause) = if drain {
+                (
+                    EventKind::Drain,
+                    format!("{uplink} drained: its clients move, established flows finish on it"),
+                )
+            } else {
+                (EventKind::Undrain, format!("{uplink} undrained"))
+            };
+            self.record(vec![LogEntry {
+                at: now_millis(),
+                uplink: uplink.into(),
+                kind,
+                cause,
+                clients_moved: moved,
+            }]);
+            self.apply_for_api().await?;
+        }
+        Ok(view::uplink(&self.config, &self.model, i))
     }
 }
 

@@ -5,6 +5,7 @@
 //! `plan` (pure: desired dataplane) → `dataplane` (read back, diff, apply). `daemon` runs
 //! the loop; `config` validates input before anything else runs.
 
+pub mod api;
 pub mod config;
 pub mod daemon;
 pub mod dataplane;

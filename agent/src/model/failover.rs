@@ -25,6 +25,11 @@ pub enum EventKind {
     Failback,
     AllDown,
     Recovered,
+    /// Operator actions through the API.
+    Override,
+    Drain,
+    Undrain,
+    Reload,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -62,6 +67,9 @@ impl fmt::Display for LogEntry {
                 "uplink {} is the first back after all were down",
                 self.uplink
             ),
+            EventKind::Override | EventKind::Drain | EventKind::Undrain | EventKind::Reload => {
+                write!(f, "{}", self.cause)
+            }
         }
     }
 }
@@ -143,9 +151,16 @@ impl Model {
                 u.serving = o.serving;
                 u.usable_since = o.usable_since;
                 u.needs_flush = o.needs_flush;
+                u.drained = o.drained;
             }
         }
         self.all_down = old.all_down;
+        self.overrides = old
+            .overrides
+            .iter()
+            .filter(|(_, o)| self.uplinks.iter().any(|u| u.name == o.uplink))
+            .map(|(ip, o)| (*ip, o.clone()))
+            .collect();
     }
 
     pub fn clear_addrs(&mut self, interface: &str) {
@@ -313,9 +328,11 @@ impl Model {
         log
     }
 
-    /// Usable uplinks other than `except`, in the lowest tier that has any.
+    /// Usable, undrained uplinks other than `except`, in the lowest tier that has any.
     pub fn survivors(&self, except: Option<usize>) -> Vec<usize> {
-        let usable = |i: &usize| Some(*i) != except && self.uplinks[*i].usable();
+        let usable = |i: &usize| {
+            Some(*i) != except && self.uplinks[*i].usable() && !self.uplinks[*i].drained
+        };
         let Some(tier) = (0..self.uplinks.len())
             .filter(usable)
             .map(|i| self.uplinks[i].tier)
@@ -333,7 +350,7 @@ impl Model {
     /// survivors; with no survivor, home (nothing better exists).
     pub fn home_target(&self, i: usize) -> HomeTarget {
         let u = &self.uplinks[i];
-        if u.serving && u.usable() {
+        if u.serving && u.usable() && !u.drained {
             return HomeTarget::Direct;
         }
         let s = self.survivors(Some(i));

@@ -52,6 +52,9 @@ pub struct Uplink {
     pub usable_since: Option<Instant>,
     /// Its conntrack entries must go once its clients have somewhere else to be.
     pub needs_flush: bool,
+    /// Drained by an operator: its clients' new flows go elsewhere, no new client lands on
+    /// it, established flows finish on it.
+    pub drained: bool,
 }
 
 impl Uplink {
@@ -74,6 +77,7 @@ impl Uplink {
             serving: true,
             usable_since: None,
             needs_flush: false,
+            drained: false,
         }
     }
 
@@ -192,6 +196,16 @@ pub struct Model {
     prefixes: Vec<IpNet>,
     /// Every uplink is down (logged once when it happens and once when it ends).
     all_down: bool,
+    /// Operator pins: client address → uplink, until an optional deadline.
+    pub overrides: BTreeMap<IpAddr, Override>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Override {
+    pub uplink: String,
+    /// Unix milliseconds; `None` = until cleared.
+    pub until: Option<Millis>,
 }
 
 impl Model {
@@ -216,6 +230,7 @@ impl Model {
             counts: vec![0; config.uplinks.len()],
             prefixes: config.lan.prefixes.clone(),
             all_down: false,
+            overrides: BTreeMap::new(),
         }
     }
 
@@ -271,7 +286,7 @@ impl Model {
     /// only by failover), preferring healthy uplinks over degraded ones over dead ones.
     fn least_loaded(&self) -> String {
         let tier = self.uplinks.iter().map(|u| u.tier).min().unwrap_or(1);
-        let in_tier = |i: usize| self.uplinks[i].tier == tier;
+        let in_tier = |i: usize| self.uplinks[i].tier == tier && !self.uplinks[i].drained;
         let preferences: [&dyn Fn(usize) -> bool; 3] = [
             &|i| in_tier(i) && self.uplinks[i].state() == UplinkState::Up,
             &|i| in_tier(i) && self.uplinks[i].usable(),
@@ -452,6 +467,39 @@ impl Model {
             }
         }
         self.add_client(c);
+    }
+
+    /// Every mapped address with the uplink whose home chain it enters: its override, or
+    /// its client's home.
+    pub fn steering(&self) -> impl Iterator<Item = (IpAddr, &str)> {
+        self.addresses().map(|(ip, home)| {
+            (
+                ip,
+                self.overrides
+                    .get(&ip)
+                    .map(|o| o.uplink.as_str())
+                    .unwrap_or(home),
+            )
+        })
+    }
+
+    /// Drops overrides past their deadline; returns the addresses.
+    pub fn expire_overrides(&mut self, now: Millis) -> Vec<IpAddr> {
+        let expired: Vec<IpAddr> = self
+            .overrides
+            .iter()
+            .filter(|(_, o)| o.until.is_some_and(|t| t <= now))
+            .map(|(ip, _)| *ip)
+            .collect();
+        for ip in &expired {
+            self.overrides.remove(ip);
+        }
+        expired
+    }
+
+    /// The client that has `ip`.
+    pub fn client_by_addr(&self, ip: &IpAddr) -> Option<&Client> {
+        self.by_addr.get(ip).and_then(|m| self.clients.get(m))
     }
 
     /// Every mapped address with its client's home uplink.

@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::{AddrMap, Address, Client, Mac, Millis};
+use std::collections::BTreeMap;
+
+use super::{AddrMap, Address, Client, Mac, Millis, Override};
 
 const VERSION: u32 = 1;
 const FILE: &str = "state.json";
@@ -40,6 +42,15 @@ pub enum StateError {
 struct StateDoc {
     version: u32,
     clients: Vec<ClientIn>,
+    #[serde(default)]
+    overrides: BTreeMap<IpAddr, Override>,
+}
+
+/// What a state file holds.
+#[derive(Debug)]
+pub struct Restored {
+    pub clients: Vec<Client>,
+    pub overrides: BTreeMap<IpAddr, Override>,
 }
 
 /// One client converted as it is parsed.
@@ -90,14 +101,16 @@ struct AddressDoc {
 /// Serializes the model's clients without copying them.
 struct StateOut<'a, I: Iterator<Item = &'a Client> + Clone> {
     clients: I,
+    overrides: &'a BTreeMap<IpAddr, Override>,
 }
 
 impl<'a, I: Iterator<Item = &'a Client> + Clone> Serialize for StateOut<'a, I> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeStruct;
-        let mut st = s.serialize_struct("StateDoc", 2)?;
+        let mut st = s.serialize_struct("StateDoc", 3)?;
         st.serialize_field("version", &VERSION)?;
         st.serialize_field("clients", &ClientsOut(self.clients.clone()))?;
+        st.serialize_field("overrides", self.overrides)?;
         st.end()
     }
 }
@@ -149,7 +162,7 @@ impl StateFile {
     }
 
     /// `Ok(None)` when there is no state file yet.
-    pub fn load(&self) -> Result<Option<Vec<Client>>, StateError> {
+    pub fn load(&self) -> Result<Option<Restored>, StateError> {
         let path = self.path();
         let bytes = match fs::read(&path) {
             Ok(t) => t,
@@ -168,7 +181,10 @@ impl StateFile {
                 found: doc.version,
             });
         }
-        Ok(Some(doc.clients.into_iter().map(|c| c.0).collect()))
+        Ok(Some(Restored {
+            clients: doc.clients.into_iter().map(|c| c.0).collect(),
+            overrides: doc.overrides,
+        }))
     }
 
     /// Moves an unreadable state file aside (never deletes it) and returns its new path.
@@ -182,8 +198,9 @@ impl StateFile {
     pub fn save<'a>(
         &self,
         clients: impl Iterator<Item = &'a Client> + Clone,
+        overrides: &'a BTreeMap<IpAddr, Override>,
     ) -> Result<(), StateError> {
-        let doc = StateOut { clients };
+        let doc = StateOut { clients, overrides };
         let io = |path: &Path| {
             let path = path.to_owned();
             move |source| StateError::Io { path, source }
@@ -239,8 +256,17 @@ mod tests {
             )]
             .into(),
         };
-        sf.save([&c].into_iter()).unwrap();
+        let pins = BTreeMap::from([(
+            "10.0.0.1".parse().unwrap(),
+            Override {
+                uplink: "isp2".into(),
+                until: Some(9),
+            },
+        )]);
+        sf.save([&c].into_iter(), &pins).unwrap();
         let back = sf.load().unwrap().unwrap();
+        assert_eq!(back.overrides, pins);
+        let back = back.clients;
         assert_eq!(back[0].home, "isp1");
         assert_eq!(back[0].addresses.values().next().unwrap().last_seen, 7);
         fs::remove_dir_all(&dir).unwrap();

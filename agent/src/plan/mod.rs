@@ -175,7 +175,7 @@ pub fn plan(config: &Config, model: &Model) -> Desired {
         .iter()
         .map(|u| (u.name.as_str(), Arc::from(home_chain(&u.name))))
         .collect();
-    for (ip, home) in model.addresses() {
+    for (ip, home) in model.steering() {
         let Some(target) = homes.get(home) else {
             continue;
         };
@@ -278,6 +278,83 @@ pub fn fallback_buckets<'a>(weights: impl Iterator<Item = (&'a str, u32)>) -> Ve
 
 fn gcd(a: u32, b: u32) -> u32 {
     if b == 0 { a } else { gcd(b, a % b) }
+}
+
+/// The bucket nft's `jhash <saddr> mod n seed 0` picks for `ip`: Linux's `jhash()` over the
+/// address bytes (network order), scaled into `0..n` as `nft_jhash_eval` does. Used to tell
+/// which uplink a hashed (unassigned or failed-over) client is on.
+pub fn jhash_bucket(ip: IpAddr, n: usize) -> usize {
+    let bytes: Vec<u8> = match ip {
+        IpAddr::V4(a) => a.octets().to_vec(),
+        IpAddr::V6(a) => a.octets().to_vec(),
+    };
+    let h = jhash(&bytes, 0);
+    ((h as u64 * n as u64) >> 32) as usize
+}
+
+/// Bob Jenkins' lookup3 as Linux's `include/linux/jhash.h` has it (little-endian words).
+fn jhash(key: &[u8], initval: u32) -> u32 {
+    let mix = |a: &mut u32, b: &mut u32, c: &mut u32| {
+        *a = a.wrapping_sub(*c);
+        *a ^= c.rotate_left(4);
+        *c = c.wrapping_add(*b);
+        *b = b.wrapping_sub(*a);
+        *b ^= a.rotate_left(6);
+        *a = a.wrapping_add(*c);
+        *c = c.wrapping_sub(*b);
+        *c ^= b.rotate_left(8);
+        *b = b.wrapping_add(*a);
+        *a = a.wrapping_sub(*c);
+        *a ^= c.rotate_left(16);
+        *c = c.wrapping_add(*b);
+        *b = b.wrapping_sub(*a);
+        *b ^= a.rotate_left(19);
+        *a = a.wrapping_add(*c);
+        *c = c.wrapping_sub(*b);
+        *c ^= b.rotate_left(4);
+        *b = b.wrapping_add(*a);
+    };
+    let final_ = |a: &mut u32, b: &mut u32, c: &mut u32| {
+        *c ^= *b;
+        *c = c.wrapping_sub(b.rotate_left(14));
+        *a ^= *c;
+        *a = a.wrapping_sub(c.rotate_left(11));
+        *b ^= *a;
+        *b = b.wrapping_sub(a.rotate_left(25));
+        *c ^= *b;
+        *c = c.wrapping_sub(b.rotate_left(16));
+        *a ^= *c;
+        *a = a.wrapping_sub(c.rotate_left(4));
+        *b ^= *a;
+        *b = b.wrapping_sub(a.rotate_left(14));
+        *c ^= *b;
+        *c = c.wrapping_sub(b.rotate_left(24));
+    };
+    let word = |k: &[u8]| u32::from_le_bytes([k[0], k[1], k[2], k[3]]);
+    let mut len = key.len();
+    let init = 0xdead_beefu32
+        .wrapping_add(len as u32)
+        .wrapping_add(initval);
+    let (mut a, mut b, mut c) = (init, init, init);
+    let mut k = key;
+    while len > 12 {
+        a = a.wrapping_add(word(&k[0..]));
+        b = b.wrapping_add(word(&k[4..]));
+        c = c.wrapping_add(word(&k[8..]));
+        mix(&mut a, &mut b, &mut c);
+        len -= 12;
+        k = &k[12..];
+    }
+    if len == 0 {
+        return c;
+    }
+    let mut tail = [0u8; 12];
+    tail[..len].copy_from_slice(&k[..len]);
+    a = a.wrapping_add(word(&tail[0..]));
+    b = b.wrapping_add(word(&tail[4..]));
+    c = c.wrapping_add(word(&tail[8..]));
+    final_(&mut a, &mut b, &mut c);
+    c
 }
 
 #[cfg(test)]

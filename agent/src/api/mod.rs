@@ -1,0 +1,460 @@
+//! The gRPC API (mTLS only) and the plaintext health listener. Handlers validate input
+//! into domain values at the edge, hand them to the agent loop as commands (the loop owns
+//! the model and the dataplane, so a write returns once the change is in the kernel), and
+//! map errors to gRPC status codes in one place.
+
+pub mod auth;
+pub mod tls;
+pub mod view;
+
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use futures::Stream;
+use tokio::net::TcpListener;
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio_stream::StreamExt;
+use tonic::{Request, Response, Status};
+use uplink_api::v1::{self, agent_server};
+
+use crate::config::ApiConfig;
+use auth::Role;
+
+/// Why a command was refused; mapped to a gRPC code in one place (`to_status`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+fn to_status(e: ApiError) -> Status {
+    match e {
+        ApiError::InvalidArgument(m) => Status::invalid_argument(m),
+        ApiError::NotFound(m) => Status::not_found(m),
+        ApiError::FailedPrecondition(m) => Status::failed_precondition(m),
+        ApiError::Internal(m) => Status::internal(m),
+    }
+}
+
+type Reply<T> = oneshot::Sender<Result<T, ApiError>>;
+
+/// What the API asks of the agent loop.
+pub enum Command {
+    Status(Reply<v1::AgentStatus>),
+    Uplinks(Reply<Vec<v1::Uplink>>),
+    Clients {
+        uplink: Option<String>,
+        after: Option<String>,
+        limit: usize,
+        reply: Reply<(Vec<v1::Client>, Option<String>)>,
+    },
+    Client {
+        key: String,
+        reply: Reply<v1::Client>,
+    },
+    Overrides(Reply<Vec<v1::Override>>),
+    SetOverride {
+        ip: IpAddr,
+        uplink: String,
+        ttl: Option<Duration>,
+        reply: Reply<v1::Override>,
+    },
+    ClearOverride {
+        ip: IpAddr,
+        reply: Reply<()>,
+    },
+    Drain {
+        uplink: String,
+        drain: bool,
+        reply: Reply<v1::Uplink>,
+    },
+    Failback {
+        uplink: String,
+        reply: Reply<v1::Uplink>,
+    },
+    Reload(Reply<u64>),
+    Watch(Reply<(Vec<v1::Event>, broadcast::Receiver<v1::Event>)>),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error("cannot listen on {addr} ({key}): {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        key: &'static str,
+        source: std::io::Error,
+    },
+}
+
+/// Binds both listeners (so a bad address fails the start) and serves in the background.
+pub async fn serve(
+    api: ApiConfig,
+    tx: mpsc::Sender<Command>,
+    ready: Arc<AtomicBool>,
+) -> Result<(), ServeError> {
+    let tls = tls::server_config(&api)?;
+    let grpc = TcpListener::bind(api.listen)
+        .await
+        .map_err(|source| ServeError::Listen {
+            addr: api.listen,
+            key: "api.listen",
+            source,
+        })?;
+    let health = TcpListener::bind(api.health_listen)
+        .await
+        .map_err(|source| ServeError::Listen {
+            addr: api.health_listen,
+            key: "api.health_listen",
+            source,
+        })?;
+    tokio::spawn(serve_health(health, ready));
+
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let incoming = async_stream_of_tls(grpc, acceptor);
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<agent_server::AgentServer<AgentService>>()
+        .await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(v1::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .expect("descriptor set is valid");
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(v1::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .expect("descriptor set is valid");
+    let service = AgentService { tx };
+    tokio::spawn(async move {
+        let r = tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(agent_server::AgentServer::new(service))
+            .serve_with_incoming(incoming)
+            .await;
+        if let Err(e) = r {
+            tracing::error!(error = %e, "gRPC server stopped");
+        }
+    });
+    tracing::info!(listen = %api.listen, health = %api.health_listen, "API serving (mTLS)");
+    Ok(())
+}
+
+/// Accepted TCP connections after a successful TLS handshake; failed handshakes (no
+/// certificate, wrong CA, expired) are logged and dropped without stalling the others.
+fn async_stream_of_tls(
+    listener: TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+) -> impl Stream<Item = Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>, std::io::Error>>
+{
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, peer) = match listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let acceptor = acceptor.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => {
+                        let _ = tx.send(Ok(tls)).await;
+                    }
+                    Ok(Err(e)) => tracing::info!(%peer, error = %e, "TLS handshake refused"),
+                    Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+async fn serve_health(listener: TcpListener, ready: Arc<AtomicBool>) {
+    use axum::http::StatusCode;
+    use axum::routing::get;
+    let app = axum::Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let ready = ready.clone();
+                async move {
+                    if ready.load(Ordering::SeqCst) {
+                        (StatusCode::OK, "ready\n")
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "not in sync yet\n")
+                    }
+                }
+            }),
+        );
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::error!(error = %e, "health listener stopped");
+    }
+}
+
+pub struct AgentService {
+    tx: mpsc::Sender<Command>,
+}
+
+/// The caller's role, from its verified client certificate.
+fn caller<T>(req: &Request<T>) -> Result<(Role, String), Status> {
+    let certs = req
+        .peer_certs()
+        .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
+    let leaf = certs
+        .first()
+        .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
+    let (role, name) = auth::role_of(leaf).map_err(Status::permission_denied)?;
+    if role == Role::Agent {
+        return Err(Status::permission_denied(format!(
+            "{name}: an agent certificate cannot act as a client"
+        )));
+    }
+    Ok((role, name))
+}
+
+fn read<T>(req: &Request<T>) -> Result<(), Status> {
+    caller(req).map(|_| ())
+}
+
+fn write<T>(req: &Request<T>, what: &str) -> Result<String, Status> {
+    let (role, name) = caller(req)?;
+    if role != Role::Operator {
+        return Err(Status::permission_denied(format!(
+            "{name} is a viewer; {what} needs the operator role"
+        )));
+    }
+    Ok(name)
+}
+
+fn parse_ip(field: &str, s: &str) -> Result<IpAddr, Status> {
+    s.trim().parse().map_err(|_| {
+        Status::invalid_argument(format!("{field}: {s:?} is not an IPv4 or IPv6 address"))
+    })
+}
+
+fn non_empty(field: &str, s: &str) -> Result<String, Status> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Err(Status::invalid_argument(format!(
+            "{field} must not be empty"
+        )));
+    }
+    Ok(s.to_string())
+}
+
+impl AgentService {
+    async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, Status> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(make(tx))
+            .await
+            .map_err(|_| Status::unavailable("agent is shutting down"))?;
+        rx.await
+            .map_err(|_| Status::unavailable("agent is shutting down"))?
+            .map_err(to_status)
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<v1::Event, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl agent_server::Agent for AgentService {
+    async fn get_status(
+        &self,
+        req: Request<v1::GetStatusRequest>,
+    ) -> Result<Response<v1::AgentStatus>, Status> {
+        read(&req)?;
+        self.ask(Command::Status).await.map(Response::new)
+    }
+
+    async fn list_uplinks(
+        &self,
+        req: Request<v1::ListUplinksRequest>,
+    ) -> Result<Response<v1::ListUplinksResponse>, Status> {
+        read(&req)?;
+        let uplinks = self.ask(Command::Uplinks).await?;
+        Ok(Response::new(v1::ListUplinksResponse { uplinks }))
+    }
+
+    async fn list_clients(
+        &self,
+        req: Request<v1::ListClientsRequest>,
+    ) -> Result<Response<v1::ListClientsResponse>, Status> {
+        read(&req)?;
+        let r = req.into_inner();
+        let uplink = (!r.uplink.trim().is_empty()).then(|| r.uplink.trim().to_string());
+        let after = (!r.page_token.is_empty()).then_some(r.page_token);
+        let limit = if r.page_size == 0 {
+            500
+        } else {
+            r.page_size.min(10_000) as usize
+        };
+        let (clients, next) = self
+            .ask(|reply| Command::Clients {
+                uplink,
+                after,
+                limit,
+                reply,
+            })
+            .await?;
+        Ok(Response::new(v1::ListClientsResponse {
+            clients,
+            next_page_token: next.unwrap_or_default(),
+        }))
+    }
+
+    async fn get_client(
+        &self,
+        req: Request<v1::GetClientRequest>,
+    ) -> Result<Response<v1::Client>, Status> {
+        read(&req)?;
+        let key = non_empty("client", &req.get_ref().client)?;
+        self.ask(|reply| Command::Client { key, reply })
+            .await
+            .map(Response::new)
+    }
+
+    async fn list_overrides(
+        &self,
+        req: Request<v1::ListOverridesRequest>,
+    ) -> Result<Response<v1::ListOverridesResponse>, Status> {
+        read(&req)?;
+        let overrides = self.ask(Command::Overrides).await?;
+        Ok(Response::new(v1::ListOverridesResponse { overrides }))
+    }
+
+    type WatchEventsStream = EventStream;
+
+    async fn watch_events(
+        &self,
+        req: Request<v1::WatchEventsRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        read(&req)?;
+        let (history, rx) = self.ask(Command::Watch).await?;
+        let live = tokio_stream::wrappers::BroadcastStream::new(rx)
+            .filter_map(|e| e.ok())
+            .map(Ok);
+        let stream = tokio_stream::iter(history.into_iter().map(Ok)).chain(live);
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn set_override(
+        &self,
+        req: Request<v1::SetOverrideRequest>,
+    ) -> Result<Response<v1::Override>, Status> {
+        let who = write(&req, "SetOverride")?;
+        let r = req.into_inner();
+        let ip = parse_ip("client", &non_empty("client", &r.client)?)?;
+        let uplink = non_empty("uplink", &r.uplink)?;
+        let ttl = match r.duration.trim() {
+            "" => None,
+            d => {
+                let t = humantime::parse_duration(d).map_err(|e| {
+                    Status::invalid_argument(format!(
+                        "duration: {d:?} is not a duration ({e}); use e.g. \"30s\", \"2h\""
+                    ))
+                })?;
+                if t.is_zero() {
+                    return Err(Status::invalid_argument(
+                        "duration must be greater than zero",
+                    ));
+                }
+                Some(t)
+            }
+        };
+        tracing::info!(caller = %who, %ip, %uplink, "SetOverride");
+        self.ask(|reply| Command::SetOverride {
+            ip,
+            uplink,
+            ttl,
+            reply,
+        })
+        .await
+        .map(Response::new)
+    }
+
+    async fn clear_override(
+        &self,
+        req: Request<v1::ClearOverrideRequest>,
+    ) -> Result<Response<v1::ClearOverrideResponse>, Status> {
+        let who = write(&req, "ClearOverride")?;
+        let ip = parse_ip("client", &non_empty("client", &req.get_ref().client)?)?;
+        tracing::info!(caller = %who, %ip, "ClearOverride");
+        self.ask(|reply| Command::ClearOverride { ip, reply })
+            .await?;
+        Ok(Response::new(v1::ClearOverrideResponse {}))
+    }
+
+    async fn drain_uplink(
+        &self,
+        req: Request<v1::UplinkRequest>,
+    ) -> Result<Response<v1::Uplink>, Status> {
+        let who = write(&req, "DrainUplink")?;
+        let uplink = non_empty("uplink", &req.get_ref().uplink)?;
+        tracing::info!(caller = %who, %uplink, "DrainUplink");
+        self.ask(|reply| Command::Drain {
+            uplink,
+            drain: true,
+            reply,
+        })
+        .await
+        .map(Response::new)
+    }
+
+    async fn undrain_uplink(
+        &self,
+        req: Request<v1::UplinkRequest>,
+    ) -> Result<Response<v1::Uplink>, Status> {
+        let who = write(&req, "UndrainUplink")?;
+        let uplink = non_empty("uplink", &req.get_ref().uplink)?;
+        tracing::info!(caller = %who, %uplink, "UndrainUplink");
+        self.ask(|reply| Command::Drain {
+            uplink,
+            drain: false,
+            reply,
+        })
+        .await
+        .map(Response::new)
+    }
+
+    async fn failback(
+        &self,
+        req: Request<v1::UplinkRequest>,
+    ) -> Result<Response<v1::Uplink>, Status> {
+        let who = write(&req, "Failback")?;
+        let uplink = non_empty("uplink", &req.get_ref().uplink)?;
+        tracing::info!(caller = %who, %uplink, "Failback");
+        self.ask(|reply| Command::Failback { uplink, reply })
+            .await
+            .map(Response::new)
+    }
+
+    async fn reload_config(
+        &self,
+        req: Request<v1::ReloadConfigRequest>,
+    ) -> Result<Response<v1::ReloadConfigResponse>, Status> {
+        let who = write(&req, "ReloadConfig")?;
+        tracing::info!(caller = %who, "ReloadConfig");
+        let config_generation = self.ask(Command::Reload).await?;
+        Ok(Response::new(v1::ReloadConfigResponse {
+            config_generation,
+        }))
+    }
+}

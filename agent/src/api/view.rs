@@ -1,0 +1,167 @@
+//! The model as the API shows it.
+
+use std::net::IpAddr;
+
+use uplink_api::v1;
+
+use crate::config::Config;
+use crate::health::UplinkState;
+use crate::model::failover::{EventKind, HomeTarget, LogEntry};
+use crate::model::{Client, Model};
+use crate::plan::{fallback_buckets, jhash_bucket};
+
+pub fn state(model: &Model, i: usize) -> v1::UplinkState {
+    let u = &model.uplinks[i];
+    match u.state() {
+        UplinkState::Held => v1::UplinkState::Held,
+        UplinkState::Down => v1::UplinkState::Down,
+        _ if u.drained => v1::UplinkState::Draining,
+        UplinkState::Degraded => v1::UplinkState::Degraded,
+        UplinkState::Up => v1::UplinkState::Up,
+    }
+}
+
+pub fn uplink(config: &Config, model: &Model, i: usize) -> v1::Uplink {
+    let (c, m) = (&config.uplinks[i], &model.uplinks[i]);
+    let probing = !c.probes.is_empty();
+    let stats = &m.health.stats;
+    v1::Uplink {
+        name: c.name.clone(),
+        interface: c.interface.clone(),
+        weight: c.weight,
+        tier: c.tier,
+        state: state(model, i) as i32,
+        balance: v1::BalanceMode::Client as i32,
+        fwmark: config.dataplane.fwmark(c.mark),
+        table: c.table,
+        clients: model.counts()[i] as u64,
+        rtt_ms: probing
+            .then(|| stats.median_rtt())
+            .flatten()
+            .map(|d| d.as_secs_f64() * 1000.0),
+        loss_ratio: (probing && stats.samples() > 0).then(|| stats.loss()),
+        jitter_ms: probing
+            .then(|| stats.jitter())
+            .flatten()
+            .map(|d| d.as_secs_f64() * 1000.0),
+        serving: m.serving && m.usable() && !m.drained,
+    }
+}
+
+/// The uplink a client's new connections use now, and why.
+pub fn current(config: &Config, model: &Model, c: &Client) -> (String, v1::AssignmentReason) {
+    let pinned = c.addresses.keys().find_map(|ip| model.overrides.get(ip));
+    let steer = pinned.map(|o| o.uplink.as_str()).unwrap_or(c.home.as_str());
+    let Some(i) = model.uplinks.iter().position(|u| u.name == steer) else {
+        return (c.home.clone(), v1::AssignmentReason::Auto);
+    };
+    let reason = if pinned.is_some() {
+        v1::AssignmentReason::Override
+    } else {
+        v1::AssignmentReason::Auto
+    };
+    match model.home_target(i) {
+        HomeTarget::Direct => (steer.to_string(), reason),
+        HomeTarget::Spread(to) => {
+            let buckets = fallback_buckets(
+                to.iter()
+                    .map(|&j| (config.uplinks[j].name.as_str(), config.uplinks[j].weight)),
+            );
+            // nft hashes each address; the first IPv4 address stands for the client.
+            let ip = c
+                .addresses
+                .keys()
+                .find(|ip| ip.is_ipv4())
+                .or_else(|| c.addresses.keys().next())
+                .copied()
+                .unwrap_or(IpAddr::from([0, 0, 0, 0]));
+            let name = buckets
+                .get(jhash_bucket(ip, buckets.len()))
+                .cloned()
+                .unwrap_or_else(|| steer.to_string());
+            (name, v1::AssignmentReason::Failover)
+        }
+    }
+}
+
+pub fn client(config: &Config, model: &Model, c: &Client) -> v1::Client {
+    let (current_uplink, reason) = current(config, model, c);
+    v1::Client {
+        mac: c.mac.to_string(),
+        addresses: c.addresses.keys().map(|ip| ip.to_string()).collect(),
+        home_uplink: c.home.clone(),
+        current_uplink,
+        reason: reason as i32,
+        first_seen_ms: c.first_seen,
+        last_seen_ms: c
+            .addresses
+            .values()
+            .map(|a| a.last_seen)
+            .max()
+            .unwrap_or(c.first_seen),
+    }
+}
+
+pub fn event(e: &LogEntry) -> v1::Event {
+    let (kind, from, to) = match &e.kind {
+        EventKind::State { from, to } => ("state", map_state(*from), map_state(*to)),
+        EventKind::Failover => (
+            "failover",
+            v1::UplinkState::Unspecified,
+            v1::UplinkState::Unspecified,
+        ),
+        EventKind::Failback => (
+            "failback",
+            v1::UplinkState::Unspecified,
+            v1::UplinkState::Unspecified,
+        ),
+        EventKind::AllDown => (
+            "all_down",
+            v1::UplinkState::Unspecified,
+            v1::UplinkState::Unspecified,
+        ),
+        EventKind::Recovered => (
+            "recovered",
+            v1::UplinkState::Unspecified,
+            v1::UplinkState::Unspecified,
+        ),
+        EventKind::Override => (
+            "override",
+            v1::UplinkState::Unspecified,
+            v1::UplinkState::Unspecified,
+        ),
+        EventKind::Drain => (
+            "drain",
+            v1::UplinkState::Unspecified,
+            v1::UplinkState::Unspecified,
+        ),
+        EventKind::Undrain => (
+            "undrain",
+            v1::UplinkState::Unspecified,
+            v1::UplinkState::Unspecified,
+        ),
+        EventKind::Reload => (
+            "reload",
+            v1::UplinkState::Unspecified,
+            v1::UplinkState::Unspecified,
+        ),
+    };
+    v1::Event {
+        at_ms: e.at,
+        uplink: e.uplink.clone(),
+        kind: kind.into(),
+        from_state: from as i32,
+        to_state: to as i32,
+        cause: e.to_string(),
+        clients_moved: e.clients_moved as u64,
+    }
+}
+
+fn map_state(s: UplinkState) -> v1::UplinkState {
+    match s {
+        UplinkState::Up => v1::UplinkState::Up,
+        UplinkState::Degraded => v1::UplinkState::Degraded,
+        UplinkState::Down => v1::UplinkState::Down,
+        UplinkState::Held => v1::UplinkState::Held,
+    }
+}

@@ -1,0 +1,351 @@
+//! Targets (one gateway or an inventory), credentials, and the concurrent fan-out: every
+//! gateway under its own deadline, so one slow or dead gateway delays nobody else.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use futures::StreamExt;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use uplink_api::v1::{self, agent_client::AgentClient};
+
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub name: String,
+    pub address: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Inventory {
+    #[serde(default)]
+    gateway: Vec<InventoryGateway>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InventoryGateway {
+    name: String,
+    address: String,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+}
+
+pub fn targets(
+    gateway: Option<&str>,
+    inventory: Option<&Path>,
+    selector: Option<&str>,
+) -> Result<Vec<Target>> {
+    if let Some(g) = gateway {
+        check_address(g)?;
+        return Ok(vec![Target {
+            name: g.to_string(),
+            address: g.to_string(),
+        }]);
+    }
+    let Some(path) = inventory else {
+        bail!("no target: give --gateway HOST:PORT or --inventory FILE (or UPLINKCTL_INVENTORY)")
+    };
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read inventory {}", path.display()))?;
+    let inv: Inventory = toml::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message()))?;
+    let wanted: Vec<(String, String)> = match selector {
+        None => Vec::new(),
+        Some(s) => s
+            .split(',')
+            .map(|kv| {
+                kv.split_once('=')
+                    .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+                    .ok_or_else(|| anyhow::anyhow!("selector {kv:?} is not key=value"))
+            })
+            .collect::<Result<_>>()?,
+    };
+    let mut out = Vec::new();
+    for g in inv.gateway {
+        check_address(&g.address)
+            .with_context(|| format!("{}: gateway {}", path.display(), g.name))?;
+        if wanted.iter().all(|(k, v)| g.labels.get(k) == Some(v)) {
+            out.push(Target {
+                name: g.name,
+                address: g.address,
+            });
+        }
+    }
+    if out.is_empty() {
+        bail!(
+            "no gateway in {} matches {}",
+            path.display(),
+            selector.unwrap_or("(no selector)")
+        );
+    }
+    Ok(out)
+}
+
+fn check_address(a: &str) -> Result<()> {
+    let (host, port) = a
+        .rsplit_once(':')
+        .ok_or_else(|| anyhow::anyhow!("{a:?} is not HOST:PORT"))?;
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        bail!("{a:?} is not HOST:PORT");
+    }
+    Ok(())
+}
+
+pub struct Credentials {
+    tls: ClientTlsConfig,
+}
+
+impl Credentials {
+    pub fn load(ca: Option<&Path>, cert: Option<&Path>, key: Option<&Path>) -> Result<Credentials> {
+        let read = |flag: &str, env: &str, p: Option<&Path>| -> Result<(PathBuf, Vec<u8>)> {
+            let p = p.ok_or_else(|| {
+                anyhow::anyhow!("missing credential: give {flag} FILE or set {env}")
+            })?;
+            let data =
+                std::fs::read(p).with_context(|| format!("cannot read {flag} {}", p.display()))?;
+            Ok((p.to_owned(), data))
+        };
+        let (_, ca) = read("--ca", "UPLINKCTL_CA", ca)?;
+        let (_, cert) = read("--cert", "UPLINKCTL_CERT", cert)?;
+        let (_, key) = read("--key", "UPLINKCTL_KEY", key)?;
+        Ok(Credentials {
+            tls: ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(ca))
+                .identity(Identity::from_pem(cert, key)),
+        })
+    }
+
+    async fn connect(
+        &self,
+        t: &Target,
+        timeout: Duration,
+    ) -> Result<AgentClient<Channel>, Failure> {
+        let host = t
+            .address
+            .rsplit_once(':')
+            .map(|(h, _)| h.trim_matches(|c| c == '[' || c == ']'))
+            .unwrap_or(&t.address);
+        let endpoint = Endpoint::from_shared(format!("https://{}", t.address))
+            .map_err(|e| Failure::Unreachable(e.to_string()))?
+            .tls_config(self.tls.clone().domain_name(host))
+            .map_err(|e| Failure::Unreachable(e.to_string()))?
+            .connect_timeout(timeout)
+            .timeout(timeout);
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|e| Failure::Unreachable(chain(&e)))?;
+        Ok(AgentClient::new(channel))
+    }
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s += &format!(": {c}");
+        cur = c.source();
+    }
+    s
+}
+
+#[derive(Debug, Clone)]
+pub enum Request {
+    Status,
+    Uplinks,
+    Clients(String),
+    Pin(v1::SetOverrideRequest),
+    Unpin(String),
+    Drain(String),
+    Undrain(String),
+    Failback(String),
+    Reload,
+    Events,
+}
+
+#[derive(Debug, Clone)]
+pub enum Failure {
+    /// The gateway answered with an error.
+    Error(String),
+    /// No answer: connection refused, TLS refused, or the deadline passed.
+    Unreachable(String),
+}
+
+pub struct GatewayResult {
+    pub target: Target,
+    pub result: Result<Value, Failure>,
+}
+
+fn status_failure(s: tonic::Status) -> Failure {
+    match s.code() {
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => {
+            Failure::Unreachable(s.message().to_string())
+        }
+        code => Failure::Error(format!("{code:?}: {}", s.message())),
+    }
+}
+
+async fn call(client: &mut AgentClient<Channel>, req: &Request) -> Result<Value, tonic::Status> {
+    Ok(match req {
+        Request::Status => json!(
+            client
+                .get_status(v1::GetStatusRequest {})
+                .await?
+                .into_inner()
+        ),
+        Request::Uplinks => json!(
+            client
+                .list_uplinks(v1::ListUplinksRequest {})
+                .await?
+                .into_inner()
+                .uplinks
+        ),
+        Request::Clients(uplink) => {
+            let mut all = Vec::new();
+            let mut token = String::new();
+            loop {
+                let r = client
+                    .list_clients(v1::ListClientsRequest {
+                        uplink: uplink.clone(),
+                        page_size: 1000,
+                        page_token: token,
+                    })
+                    .await?
+                    .into_inner();
+                all.extend(r.clients);
+                if r.next_page_token.is_empty() {
+                    break;
+                }
+                token = r.next_page_token;
+            }
+            json!(all)
+        }
+        Request::Pin(r) => json!(client.set_override(r.clone()).await?.into_inner()),
+        Request::Unpin(ip) => {
+            client
+                .clear_override(v1::ClearOverrideRequest { client: ip.clone() })
+                .await?;
+            json!({"unpinned": ip})
+        }
+        Request::Drain(u) => json!(
+            client
+                .drain_uplink(v1::UplinkRequest { uplink: u.clone() })
+                .await?
+                .into_inner()
+        ),
+        Request::Undrain(u) => json!(
+            client
+                .undrain_uplink(v1::UplinkRequest { uplink: u.clone() })
+                .await?
+                .into_inner()
+        ),
+        Request::Failback(u) => json!(
+            client
+                .failback(v1::UplinkRequest { uplink: u.clone() })
+                .await?
+                .into_inner()
+        ),
+        Request::Reload => json!(
+            client
+                .reload_config(v1::ReloadConfigRequest {})
+                .await?
+                .into_inner()
+        ),
+        Request::Events => {
+            // History only: the stream's first part, until it goes quiet.
+            let mut stream = client
+                .watch_events(v1::WatchEventsRequest {})
+                .await?
+                .into_inner();
+            let mut events = Vec::new();
+            while let Ok(Some(e)) =
+                tokio::time::timeout(Duration::from_millis(300), stream.message())
+                    .await
+                    .unwrap_or(Ok(None))
+                    .map(Some)
+            {
+                match e {
+                    Some(e) => events.push(e),
+                    None => break,
+                }
+            }
+            json!(events)
+        }
+    })
+}
+
+pub async fn fan_out(
+    targets: &[Target],
+    creds: &Credentials,
+    req: &Request,
+    parallel: usize,
+    timeout: Duration,
+) -> Vec<GatewayResult> {
+    let mut results: Vec<GatewayResult> = futures::stream::iter(targets.iter().cloned())
+        .map(|t| async move {
+            let work = async {
+                let mut client = creds.connect(&t, timeout).await?;
+                call(&mut client, req).await.map_err(status_failure)
+            };
+            let result = match tokio::time::timeout(timeout, work).await {
+                Ok(r) => r,
+                Err(_) => Err(Failure::Unreachable(format!(
+                    "no answer within {}",
+                    humantime::format_duration(timeout)
+                ))),
+            };
+            GatewayResult { target: t, result }
+        })
+        .buffer_unordered(parallel.max(1))
+        .collect()
+        .await;
+    results.sort_by(|a, b| a.target.name.cmp(&b.target.name));
+    results
+}
+
+pub fn exit_code(results: &[GatewayResult]) -> u8 {
+    let mut code = 0;
+    for r in results {
+        match &r.result {
+            Ok(_) => {}
+            Err(Failure::Error(_)) => code |= 2,
+            Err(Failure::Unreachable(_)) => code |= 4,
+        }
+    }
+    code
+}
+
+/// `events --follow` against one gateway: history, then live events until interrupted.
+pub async fn follow_events(
+    t: &Target,
+    creds: &Credentials,
+    timeout: Duration,
+    out: crate::Output,
+) -> Result<u8> {
+    let mut client = match creds.connect(t, timeout).await {
+        Ok(c) => c,
+        Err(Failure::Unreachable(e) | Failure::Error(e)) => {
+            eprintln!("{}: unreachable: {e}", t.name);
+            return Ok(4);
+        }
+    };
+    let mut stream = match client.watch_events(v1::WatchEventsRequest {}).await {
+        Ok(s) => s.into_inner(),
+        Err(s) => {
+            eprintln!("{}: {:?}: {}", t.name, s.code(), s.message());
+            return Ok(2);
+        }
+    };
+    while let Some(e) = stream
+        .message()
+        .await
+        .map_err(|s| anyhow::anyhow!("{}: stream ended: {}", t.name, s.message()))?
+    {
+        crate::output::event_line(&e, out);
+    }
+    Ok(0)
+}

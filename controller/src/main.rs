@@ -1,0 +1,258 @@
+//! uplinkctl: the operator's CLI for one uplink gateway or a whole fleet.
+//!
+//! Data goes to stdout, diagnostics to stderr. With several gateways the exit code is a
+//! set of bit flags, as Ansible's: 2 = some gateway returned an error, 4 = some gateway
+//! was unreachable (0 = all succeeded).
+
+mod certs;
+mod fleet;
+mod output;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
+use uplink_api::v1;
+
+#[derive(Parser)]
+#[command(
+    name = "uplinkctl",
+    version,
+    about = "Manage uplink gateways: one, or a whole fleet"
+)]
+struct Cli {
+    /// One gateway, HOST:PORT.
+    #[arg(long, global = true, conflicts_with = "inventory")]
+    gateway: Option<String>,
+    /// A fleet: a TOML file of [[gateway]] name, address, labels.
+    #[arg(long, global = true, env = "UPLINKCTL_INVENTORY")]
+    inventory: Option<PathBuf>,
+    /// Inventory selector: key=value[,key=value...]; all must match.
+    #[arg(short = 'l', long = "selector", global = true)]
+    selector: Option<String>,
+    /// CA certificate (PEM) the gateways' certificates are checked against.
+    #[arg(long, global = true, env = "UPLINKCTL_CA")]
+    ca: Option<PathBuf>,
+    /// Client certificate (PEM) carrying your role.
+    #[arg(long, global = true, env = "UPLINKCTL_CERT")]
+    cert: Option<PathBuf>,
+    /// Client key (PEM).
+    #[arg(long, global = true, env = "UPLINKCTL_KEY")]
+    key: Option<PathBuf>,
+    #[arg(short, long, global = true, value_enum, default_value_t = Output::Table)]
+    output: Output,
+    /// Gateways contacted at once.
+    #[arg(long, global = true, default_value_t = 32)]
+    parallel: usize,
+    /// Deadline per gateway, e.g. "5s".
+    #[arg(long, global = true, default_value = "5s", value_parser = parse_duration)]
+    timeout: Duration,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Table,
+    Wide,
+    Json,
+    Yaml,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Agent status.
+    Status,
+    /// Uplinks with state, clients, RTT and loss.
+    Uplinks,
+    /// Clients, optionally those on one uplink.
+    Clients {
+        #[arg(long)]
+        uplink: Option<String>,
+    },
+    /// Pin a client (by IP) to an uplink.
+    Pin {
+        client: String,
+        uplink: String,
+        /// Expire the pin after this long, e.g. "2h".
+        #[arg(long = "for", value_parser = parse_duration)]
+        duration: Option<Duration>,
+    },
+    /// Remove a client's pin.
+    Unpin {
+        client: String,
+    },
+    /// Move an uplink's clients away; established flows finish on it.
+    Drain {
+        uplink: String,
+    },
+    Undrain {
+        uplink: String,
+    },
+    /// Bring an uplink's clients home (failback = "manual").
+    Failback {
+        uplink: String,
+    },
+    /// Reload the agent's configuration.
+    Reload,
+    /// The event log; --follow keeps streaming.
+    Events {
+        #[arg(long)]
+        follow: bool,
+    },
+    /// Certificates for agents and operators.
+    Certs {
+        #[command(subcommand)]
+        cmd: CertsCmd,
+    },
+    /// Shell completion script.
+    Completion {
+        shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertsCmd {
+    /// Create a new CA in DIR.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 3650)]
+        days: i64,
+    },
+    /// Issue a certificate signed by DIR's CA.
+    Issue {
+        #[arg(long)]
+        dir: PathBuf,
+        /// An agent (server) certificate; give its addresses or names with --san.
+        #[arg(long, group = "who")]
+        agent: Option<String>,
+        #[arg(long, requires = "agent")]
+        san: Vec<String>,
+        #[arg(long, group = "who")]
+        operator: Option<String>,
+        #[arg(long, group = "who")]
+        viewer: Option<String>,
+        #[arg(long, default_value_t = 365)]
+        days: i64,
+    },
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration ({e}); use e.g. \"30s\", \"2h\""))?;
+    if d.is_zero() {
+        return Err("must be greater than zero".into());
+    }
+    Ok(d)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    match run(cli) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("uplinkctl: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<u8> {
+    match &cli.command {
+        Cmd::Completion { shell } => {
+            clap_complete::generate(
+                *shell,
+                &mut Cli::command(),
+                "uplinkctl",
+                &mut std::io::stdout(),
+            );
+            return Ok(0);
+        }
+        Cmd::Certs { cmd } => {
+            match cmd {
+                CertsCmd::Init { dir, days } => certs::init(dir, *days)?,
+                CertsCmd::Issue {
+                    dir,
+                    agent,
+                    san,
+                    operator,
+                    viewer,
+                    days,
+                } => {
+                    let subject = match (agent, operator, viewer) {
+                        (Some(a), _, _) => certs::Subject::Agent {
+                            name: a.clone(),
+                            sans: san.clone(),
+                        },
+                        (_, Some(o), _) => certs::Subject::Operator(o.clone()),
+                        (_, _, Some(v)) => certs::Subject::Viewer(v.clone()),
+                        _ => anyhow::bail!(
+                            "certs issue needs one of --agent NAME, --operator NAME, --viewer NAME"
+                        ),
+                    };
+                    certs::issue(dir, subject, *days)?;
+                }
+            }
+            return Ok(0);
+        }
+        _ => {}
+    }
+    let targets = fleet::targets(
+        cli.gateway.as_deref(),
+        cli.inventory.as_deref(),
+        cli.selector.as_deref(),
+    )?;
+    let creds =
+        fleet::Credentials::load(cli.ca.as_deref(), cli.cert.as_deref(), cli.key.as_deref())?;
+    let request = request_of(&cli.command)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    runtime.block_on(async {
+        if let (Cmd::Events { follow: true }, [target]) = (&cli.command, targets.as_slice()) {
+            return fleet::follow_events(target, &creds, cli.timeout, cli.output).await;
+        }
+        let results = fleet::fan_out(&targets, &creds, &request, cli.parallel, cli.timeout).await;
+        output::print(&results, cli.output, cli.gateway.is_some());
+        Ok(fleet::exit_code(&results))
+    })
+}
+
+/// The RPC a command makes; validated before any gateway is contacted.
+fn request_of(cmd: &Cmd) -> Result<fleet::Request> {
+    use fleet::Request as R;
+    let ip = |s: &str| -> Result<String> {
+        s.trim()
+            .parse::<std::net::IpAddr>()
+            .map(|ip| ip.to_string())
+            .map_err(|_| anyhow::anyhow!("{s:?} is not an IPv4 or IPv6 address"))
+    };
+    Ok(match cmd {
+        Cmd::Status => R::Status,
+        Cmd::Uplinks => R::Uplinks,
+        Cmd::Clients { uplink } => R::Clients(uplink.clone().unwrap_or_default()),
+        Cmd::Pin {
+            client,
+            uplink,
+            duration,
+        } => R::Pin(v1::SetOverrideRequest {
+            client: ip(client)?,
+            uplink: uplink.clone(),
+            duration: duration
+                .map(|d| humantime::format_duration(d).to_string())
+                .unwrap_or_default(),
+        }),
+        Cmd::Unpin { client } => R::Unpin(ip(client)?),
+        Cmd::Drain { uplink } => R::Drain(uplink.clone()),
+        Cmd::Undrain { uplink } => R::Undrain(uplink.clone()),
+        Cmd::Failback { uplink } => R::Failback(uplink.clone()),
+        Cmd::Reload => R::Reload,
+        Cmd::Events { .. } => R::Events,
+        Cmd::Certs { .. } | Cmd::Completion { .. } => unreachable!("handled before"),
+    })
+}
