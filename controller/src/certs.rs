@@ -115,8 +115,13 @@ pub fn issue(dir: &Path, subject: Subject, days: i64) -> Result<()> {
         KeyUsagePurpose::DigitalSignature,
         KeyUsagePurpose::KeyEncipherment,
     ];
+    // Agent certificates may also authenticate as clients, so that using one against an
+    // agent is refused by the role check with a clear message rather than by the handshake.
     params.extended_key_usages = if role == "agent" {
-        vec![ExtendedKeyUsagePurpose::ServerAuth]
+        vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ]
     } else {
         vec![ExtendedKeyUsagePurpose::ClientAuth]
     };

@@ -129,6 +129,11 @@ pub fn signal_child(child: &Child, signal: &str) -> Result<()> {
     Ok(())
 }
 
+/// uplinkctl next to uplinkd.
+pub fn uplinkctl_bin() -> PathBuf {
+    uplinkd_bin().with_file_name("uplinkctl")
+}
+
 pub fn uplinkd_bin() -> PathBuf {
     if let Ok(p) = std::env::var("UPLINKD_BIN") {
         return PathBuf::from(p);
@@ -543,6 +548,57 @@ impl Lab {
         c += extra;
         fs::write(self.config_path(), c)?;
         Ok(())
+    }
+
+    /// Makes a CA and certificates (agent for 127.0.0.1, operator `op`, viewer `view`) in
+    /// `dir/certs` with uplinkctl, and returns the `[api]` config table for the agent.
+    pub fn api_config(&self) -> Result<String> {
+        let certs = self.dir.join("certs");
+        let d = certs.to_str().expect("utf-8 path");
+        let ctl = uplinkctl_bin();
+        let ctl = ctl.to_str().expect("utf-8 path");
+        sh(&[ctl, "certs", "init", "--dir", d])?;
+        sh(&[
+            ctl,
+            "certs",
+            "issue",
+            "--dir",
+            d,
+            "--agent",
+            "gw",
+            "--san",
+            "127.0.0.1",
+            "--san",
+            "localhost",
+        ])?;
+        sh(&[ctl, "certs", "issue", "--dir", d, "--operator", "op"])?;
+        sh(&[ctl, "certs", "issue", "--dir", d, "--viewer", "view"])?;
+        Ok(format!(
+            "\n[api]\nlisten = \"127.0.0.1:7443\"\nca = \"{d}/ca.crt\"\ncert = \"{d}/gw.crt\"\nkey = \"{d}/gw.key\"\nhealth_listen = \"127.0.0.1:7444\"\n"
+        ))
+    }
+
+    /// Runs uplinkctl in the gateway namespace against the agent, as `who` (a cert name in
+    /// `dir/certs`): returns (exit code, stdout, stderr).
+    pub fn ctl(&self, who: &str, args: &[&str]) -> Result<(i32, String, String)> {
+        let certs = self.dir.join("certs");
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.ns("gw")])
+            .arg(uplinkctl_bin())
+            .args(["--gateway", "127.0.0.1:7443"])
+            .arg("--ca")
+            .arg(certs.join("ca.crt"))
+            .arg("--cert")
+            .arg(certs.join(format!("{who}.crt")))
+            .arg("--key")
+            .arg(certs.join(format!("{who}.key")))
+            .args(args)
+            .output()?;
+        Ok((
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
     }
 
     pub fn log_path(&self) -> PathBuf {
