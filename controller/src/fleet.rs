@@ -181,11 +181,21 @@ pub struct GatewayResult {
 }
 
 fn status_failure(s: tonic::Status) -> Failure {
+    use std::error::Error;
+    // Transport failures carry their cause as the status' source.
+    let detail = match s.source() {
+        Some(src) => format!("{}: {}", s.message(), chain(src)),
+        None => s.message().to_string(),
+    };
     match s.code() {
-        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => {
-            Failure::Unreachable(s.message().to_string())
-        }
-        code => Failure::Error(format!("{code:?}: {}", s.message())),
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => Failure::Unreachable(detail),
+        // A refused TLS client certificate surfaces on the first request (TLS 1.3 checks it
+        // after the client's side of the handshake is done): like Ansible, a refused login
+        // is "unreachable", not an error from the gateway.
+        _ if s.source().is_some() || s.message() == "transport error" => Failure::Unreachable(
+            format!("{detail} (connection lost or our certificate was rejected)"),
+        ),
+        code => Failure::Error(format!("{code:?}: {detail}")),
     }
 }
 

@@ -58,3 +58,407 @@ fn roles_decide_who_may_write() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+fn api_lab(tag: &str, clients: u32, extra: &str) -> anyhow::Result<Lab> {
+    let mut lab = Lab::build(tag, two_uplinks(), clients, 0)?;
+    let api = lab.api_config()?;
+    lab.write_config("10s", "10m", &format!("{extra}{api}"))?;
+    lab.start_agent()?;
+    Ok(lab)
+}
+
+/// Test 1: no certificate, a certificate from another CA, and an expired one are refused
+/// at the handshake.
+#[test]
+fn handshakes_without_a_valid_client_certificate_are_refused() -> anyhow::Result<()> {
+    let lab = api_lab("hs", 0, "")?;
+    let certs = lab.dir.join("certs");
+    let d = certs.to_str().unwrap();
+    let ctl = uplink_tests::uplinkctl_bin();
+    let ctl = ctl.to_str().unwrap();
+    // Another CA with its own operator; and an operator whose certificate has expired.
+    let other = lab.dir.join("other");
+    uplink_tests::sh(&[ctl, "certs", "init", "--dir", other.to_str().unwrap()])?;
+    uplink_tests::sh(&[
+        ctl,
+        "certs",
+        "issue",
+        "--dir",
+        other.to_str().unwrap(),
+        "--operator",
+        "intruder",
+    ])?;
+    std::fs::copy(other.join("intruder.crt"), certs.join("intruder.crt"))?;
+    std::fs::copy(other.join("intruder.key"), certs.join("intruder.key"))?;
+    uplink_tests::sh(&[
+        ctl,
+        "certs",
+        "issue",
+        "--dir",
+        d,
+        "--operator",
+        "old",
+        "--days",
+        "0",
+    ])?;
+    std::thread::sleep(Duration::from_secs(1));
+
+    for who in ["intruder", "old"] {
+        let (code, _, err) = lab.ctl(who, &["status"])?;
+        assert_eq!(code, 4, "{who}: {err}");
+    }
+    let log = lab.log_tail(50);
+    // Both CAs are called "uplink CA": the foreign one fails on its signature.
+    assert!(
+        log.contains("TLS handshake refused")
+            && (log.contains("UnknownIssuer") || log.contains("BadSignature")),
+        "{log}"
+    );
+    assert!(log.contains("certificate expired"), "{log}");
+    // No certificate at all (curl offers none).
+    let out = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &lab.ns("gw"),
+            "curl",
+            "-s",
+            "--http2",
+            "--cacert",
+            &format!("{d}/ca.crt"),
+            "https://127.0.0.1:7443/uplink.v1.Agent/GetStatus",
+        ])
+        .output()?;
+    assert!(
+        !out.status.success(),
+        "a client without a certificate got through"
+    );
+    assert!(
+        lab.log_tail(5).contains("TLS handshake refused"),
+        "{}",
+        lab.log_tail(5)
+    );
+    // The plaintext health listener needs no certificate.
+    let health = lab.gw(&["curl", "-s", "http://127.0.0.1:7444/readyz"])?;
+    assert_eq!(health.trim(), "ready");
+    Ok(())
+}
+
+/// Test 3: bad input gets the right status code and a clear message.
+#[test]
+fn bad_input_gets_clear_errors() -> anyhow::Result<()> {
+    let lab = api_lab("badin", 1, "")?;
+    lab.greet_clients()?;
+    let c1 = client_v4(1).to_string();
+    let cases: &[(&[&str], i32, &str)] = &[
+        (
+            &["pin", &c1, "nosuch"],
+            2,
+            "NotFound: unknown uplink \"nosuch\"; this gateway has isp1, isp2",
+        ),
+        (
+            &["pin", "198.19.0.99", "isp1"],
+            2,
+            "NotFound: no client with address 198.19.0.99",
+        ),
+        (
+            &["pin", "198.19.0.300", "isp1"],
+            1,
+            "is not an IPv4 or IPv6 address",
+        ),
+        (&["drain", "nosuch"], 2, "NotFound: unknown uplink"),
+        (&["unpin", &c1], 2, "NotFound: no override for"),
+        (&["failback", "isp1"], 2, "FailedPrecondition"),
+    ];
+    for (args, code, msg) in cases {
+        let (got, _, err) = lab.ctl("op", args)?;
+        assert_eq!(got, *code, "{args:?}: {err}");
+        assert!(err.contains(msg), "{args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "one clear line: {err}");
+    }
+    // A bad duration is refused before any gateway is contacted.
+    let (code, _, err) = lab.ctl("op", &["pin", &c1, "isp1", "--for", "banana"])?;
+    assert_eq!(code, 2);
+    assert!(err.contains("\"banana\" is not a duration"), "{err}");
+    // A missing credential file: one line, non-zero.
+    let out = std::process::Command::new(uplink_tests::uplinkctl_bin())
+        .args([
+            "--gateway",
+            "127.0.0.1:7443",
+            "--ca",
+            "/nonexistent/ca.crt",
+            "--cert",
+            "x",
+            "--key",
+            "y",
+            "status",
+        ])
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        err.contains("cannot read --ca /nonexistent/ca.crt"),
+        "{err}"
+    );
+    // Draining the last healthy uplink is refused.
+    assert_eq!(lab.ctl("op", &["drain", "isp1"])?.0, 0);
+    let (code, _, err) = lab.ctl("op", &["drain", "isp2"])?;
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("FailedPrecondition") && err.contains("last healthy uplink"),
+        "{err}"
+    );
+    Ok(())
+}
+
+/// Test 4: a pin moves new flows, leaves an established TCP connection alone, survives a
+/// restart, and a pin `--for 2s` expires by itself.
+#[test]
+fn pins_move_new_flows_survive_restart_and_expire() -> anyhow::Result<()> {
+    let mut lab = api_lab("pin", 2, "")?;
+    let assigned = lab.greet_clients()?;
+    let c1 = IpAddr::from(client_v4(1));
+    let home = assigned[&c1].clone();
+    let other = if home == "isp1" { "isp2" } else { "isp1" };
+    let mut tcp = uplink_tests::TcpFlow::connect(&lab, 1)?;
+    assert_eq!(
+        lab.uplink_of_source(tcp.exchange()?).as_deref(),
+        Some(home.as_str())
+    );
+
+    let (code, _, err) = lab.ctl("op", &["pin", &c1.to_string(), other])?;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(via(&lab, 1)?, other);
+    assert_eq!(
+        lab.uplink_of_source(tcp.exchange()?).as_deref(),
+        Some(home.as_str()),
+        "the established connection stays"
+    );
+    let (_, out, _) = lab.ctl("op", &["clients", "-o", "json"])?;
+    let clients: serde_json::Value = serde_json::from_str(&out)?;
+    let me = clients
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["addresses"][0] == c1.to_string())
+        .expect("c1 listed");
+    assert_eq!(
+        (
+            me["current_uplink"].as_str(),
+            me["reason"].as_str(),
+            me["home_uplink"].as_str()
+        ),
+        (Some(other), Some("override"), Some(home.as_str()))
+    );
+
+    lab.stop_agent("KILL")?;
+    lab.start_agent()?;
+    assert_eq!(via(&lab, 1)?, other, "the pin survives a restart");
+    let (_, out, _) = lab.ctl("view", &["clients", "-o", "json"])?;
+    assert!(out.contains("\"override\""), "{out}");
+
+    let c2 = IpAddr::from(client_v4(2));
+    let home2 = assigned[&c2].clone();
+    let other2 = if home2 == "isp1" { "isp2" } else { "isp1" };
+    assert_eq!(
+        lab.ctl("op", &["pin", &c2.to_string(), other2, "--for", "2s"])?
+            .0,
+        0
+    );
+    assert_eq!(via(&lab, 2)?, other2);
+    lab.wait_for(Duration::from_secs(6), "the timed pin to expire", || {
+        Ok(via(&lab, 2)? == home2)
+    })?;
+    assert!(
+        lab.log_tail(30)
+            .contains(&format!("override of {c2} expired"))
+    );
+    Ok(())
+}
+
+/// Test 5: drain moves every client off an uplink, new clients avoid it, undrain lets them
+/// land there again.
+#[test]
+fn drain_and_undrain() -> anyhow::Result<()> {
+    let mut lab = api_lab("drain", 2, "")?;
+    let assigned = lab.greet_clients()?;
+    assert_eq!(lab.ctl("op", &["drain", "isp1"])?.0, 0);
+    for i in 1..=2 {
+        assert_eq!(via(&lab, i)?, "isp2", "c{i} left the drained uplink");
+    }
+    let (_, out, _) = lab.ctl("view", &["uplinks"])?;
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("isp1") && l.contains("draining")),
+        "{out}"
+    );
+    lab.add_client(3, false)?;
+    lab.probe(3, false, 10)?;
+    let c3 = IpAddr::from(client_v4(3));
+    lab.wait_for(Duration::from_secs(5), "c3 assigned", || {
+        Ok(lab.assignments()?.contains_key(&c3))
+    })?;
+    assert_eq!(
+        lab.assignments()?[&c3],
+        "isp2",
+        "a new client avoids the drained uplink"
+    );
+    assert_eq!(lab.ctl("op", &["undrain", "isp1"])?.0, 0);
+    for (ip, home) in &assigned {
+        let i = if *ip == IpAddr::from(client_v4(1)) {
+            1
+        } else {
+            2
+        };
+        assert_eq!(&via(&lab, i)?, home, "back home after undrain");
+    }
+    lab.add_client(4, false)?;
+    lab.probe(4, false, 10)?;
+    let c4 = IpAddr::from(client_v4(4));
+    lab.wait_for(Duration::from_secs(5), "c4 assigned", || {
+        Ok(lab.assignments()?.contains_key(&c4))
+    })?;
+    assert_eq!(
+        lab.assignments()?[&c4],
+        "isp1",
+        "undrained: the least-loaded uplink takes the next client"
+    );
+    Ok(())
+}
+
+/// Test 7: WatchEvents (uplinkctl events --follow) delivers a failover after a carrier cut.
+#[test]
+fn events_stream_a_failover() -> anyhow::Result<()> {
+    let lab = api_lab("events", 2, "")?;
+    lab.greet_clients()?;
+    let certs = lab.dir.join("certs");
+    let mut follow = std::process::Command::new("ip")
+        .args(["netns", "exec", &lab.ns("gw")])
+        .arg(uplink_tests::uplinkctl_bin())
+        .args([
+            "--gateway",
+            "127.0.0.1:7443",
+            "-o",
+            "json",
+            "events",
+            "--follow",
+        ])
+        .arg("--ca")
+        .arg(certs.join("ca.crt"))
+        .arg("--cert")
+        .arg(certs.join("view.crt"))
+        .arg("--key")
+        .arg(certs.join("view.key"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let stdout = follow.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    lab.carrier("isp1", false)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut got = None;
+    while std::time::Instant::now() < deadline {
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
+            let e: serde_json::Value = serde_json::from_str(&line)?;
+            if e["kind"] == "failover" && e["uplink"] == "isp1" {
+                got = Some(e);
+                break;
+            }
+        }
+    }
+    let _ = follow.kill();
+    let e = got.ok_or_else(|| anyhow::anyhow!("no failover event streamed"))?;
+    assert_eq!(e["clients_moved"], 1);
+    Ok(())
+}
+
+/// Test 8: new certificate files are served to new connections without a restart.
+#[test]
+fn rotated_agent_certificate_is_served_without_restart() -> anyhow::Result<()> {
+    let mut lab = api_lab("rot", 0, "")?;
+    let certs = lab.dir.join("certs");
+    let ctl = uplink_tests::uplinkctl_bin();
+    let ctl = ctl.to_str().unwrap();
+    // A second CA signs the replacement agent certificate; clients keep theirs.
+    let ca2 = lab.dir.join("ca2");
+    uplink_tests::sh(&[ctl, "certs", "init", "--dir", ca2.to_str().unwrap()])?;
+    uplink_tests::sh(&[
+        ctl,
+        "certs",
+        "issue",
+        "--dir",
+        ca2.to_str().unwrap(),
+        "--agent",
+        "gw",
+        "--san",
+        "127.0.0.1",
+    ])?;
+    let status_with_ca = |ca: &std::path::Path| -> anyhow::Result<i32> {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &lab.ns("gw")])
+            .arg(uplink_tests::uplinkctl_bin())
+            .args(["--gateway", "127.0.0.1:7443", "status"])
+            .arg("--ca")
+            .arg(ca)
+            .arg("--cert")
+            .arg(certs.join("view.crt"))
+            .arg("--key")
+            .arg(certs.join("view.key"))
+            .output()?;
+        Ok(out.status.code().unwrap_or(-1))
+    };
+    assert_eq!(status_with_ca(&certs.join("ca.crt"))?, 0);
+    assert_eq!(
+        status_with_ca(&ca2.join("ca.crt"))?,
+        4,
+        "before rotation the agent presents the old certificate"
+    );
+    // Replace key first, then cert, as a rotation does; the agent keeps the old pair until
+    // the new one loads.
+    std::fs::copy(ca2.join("gw.key"), certs.join("gw.key"))?;
+    std::fs::copy(ca2.join("gw.crt"), certs.join("gw.crt"))?;
+    lab.wait_for(Duration::from_secs(5), "the new certificate", || {
+        Ok(status_with_ca(&ca2.join("ca.crt"))? == 0)
+    })?;
+    assert!(lab.agent_running());
+    assert!(lab.log_tail(20).contains("reloaded the API certificate"));
+    Ok(())
+}
+
+/// Test 10: golden output, table and JSON.
+#[test]
+fn golden_uplinks_output() -> anyhow::Result<()> {
+    let lab = api_lab("golden", 0, "")?;
+    let (code, table, err) = lab.ctl("view", &["uplinks"])?;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        table,
+        "UPLINK  STATE  TIER  WEIGHT  CLIENTS  RTT_MS  LOSS  JITTER_MS\n\
+         isp1    up     1     1       0        -       -     -\n\
+         isp2    up     1     1       0        -       -     -\n"
+    );
+    let (_, wide, _) = lab.ctl("view", &["uplinks", "-o", "wide"])?;
+    assert!(
+        wide.lines()
+            .nth(1)
+            .unwrap()
+            .ends_with("wan1       0x1000000  1001   true"),
+        "{wide}"
+    );
+    let (_, json, _) = lab.ctl("view", &["uplinks", "-o", "json"])?;
+    let v: serde_json::Value = serde_json::from_str(&json)?;
+    assert_eq!(
+        v[0],
+        serde_json::json!({"name": "isp1", "interface": "wan1", "weight": 1, "tier": 1, "state": "up", "balance": "client", "fwmark": 16777216, "table": 1001, "clients": 0, "rtt_ms": null, "loss_ratio": null, "jitter_ms": null, "serving": true})
+    );
+    Ok(())
+}
