@@ -913,3 +913,153 @@ impl Drop for Netns {
         let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
     }
 }
+
+/// Many agents, each in its own gateway namespace, reachable from one management
+/// namespace over a bridge (198.18.250.0/24); for uplinkctl's fleet commands.
+pub struct Fleet {
+    pub mgmt: Netns,
+    pub gateways: Vec<Netns>,
+    pub agents: Vec<Child>,
+    pub dir: PathBuf,
+}
+
+impl Fleet {
+    pub fn build(tag: &str, n: usize) -> Result<Fleet> {
+        assert!(n <= 200);
+        let mgmt = Netns::new(&format!("{tag}m"))?;
+        let dir = std::env::temp_dir().join(&mgmt.0);
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir)?;
+        ip_batch(
+            &mgmt.0,
+            &[
+                "link set lo up".into(),
+                "link add br0 type bridge".into(),
+                "link set br0 up".into(),
+                "addr add 198.18.250.1/24 dev br0".into(),
+            ],
+        )?;
+        let certs = dir.join("certs");
+        let ctl = uplinkctl_bin();
+        let (ctl, d) = (ctl.to_str().expect("utf-8"), certs.to_str().expect("utf-8"));
+        sh(&[ctl, "certs", "init", "--dir", d])?;
+        let mut issue = vec![ctl, "certs", "issue", "--dir", d, "--agent", "gw"];
+        let ips: Vec<String> = (0..n).map(|i| format!("198.18.250.{}", 10 + i)).collect();
+        for ip in &ips {
+            issue.extend(["--san", ip.as_str()]);
+        }
+        sh(&issue)?;
+        sh(&[ctl, "certs", "issue", "--dir", d, "--operator", "op"])?;
+        let mut fleet = Fleet {
+            mgmt,
+            gateways: Vec::new(),
+            agents: Vec::new(),
+            dir,
+        };
+        let mut inventory = String::new();
+        for (i, ip) in ips.iter().enumerate() {
+            let gw = Netns::new(&format!("{tag}g{i}"))?;
+            ip_batch(
+                &fleet.mgmt.0,
+                &[
+                    format!("link add m{i} type veth peer name mgmt netns {}", gw.0),
+                    format!("link set m{i} master br0"),
+                    format!("link set m{i} up"),
+                ],
+            )?;
+            ip_batch(
+                &gw.0,
+                &[
+                    "link set lo up".into(),
+                    "link set mgmt up".into(),
+                    format!("addr add {ip}/24 dev mgmt"),
+                    "link add br-lan type bridge".into(),
+                ],
+            )?;
+            let state = fleet.dir.join(format!("state{i}"));
+            let config = fleet.dir.join(format!("gw{i}.toml"));
+            fs::write(
+                &config,
+                format!(
+                    "[agent]\nname = \"gw-{i:03}\"\nstate_dir = \"{}\"\n[lan]\ninterfaces = [\"br-lan\"]\n[[uplink]]\nname = \"isp1\"\ninterface = \"wan1\"\ngateway = \"100.64.1.1\"\n[api]\nlisten = \"{ip}:7443\"\nca = \"{d}/ca.crt\"\ncert = \"{d}/gw.crt\"\nkey = \"{d}/gw.key\"\n",
+                    state.display()
+                ),
+            )?;
+            let log = fs::File::create(fleet.dir.join(format!("gw{i}.log")))?;
+            let child = Command::new("ip")
+                .args(["netns", "exec", &gw.0])
+                .arg(uplinkd_bin())
+                .arg("--config")
+                .arg(&config)
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .spawn()?;
+            fleet.agents.push(child);
+            fleet.gateways.push(gw);
+            inventory += &format!(
+                "[[gateway]]\nname = \"gw-{i:03}\"\naddress = \"{ip}:7443\"\nlabels = {{ site = \"{}\" }}\n\n",
+                if i % 2 == 0 { "even" } else { "odd" }
+            );
+        }
+        fs::write(fleet.dir.join("inventory.toml"), inventory)?;
+        // Every agent logs when its API serves.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for i in 0..n {
+            while !fs::read_to_string(fleet.dir.join(format!("gw{i}.log")))?.contains("API serving")
+            {
+                if Instant::now() > deadline {
+                    bail!(
+                        "agent {i} did not start: {}",
+                        fs::read_to_string(fleet.dir.join(format!("gw{i}.log")))?
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        Ok(fleet)
+    }
+
+    /// Adds an unreachable gateway (an address nobody has) to the inventory.
+    pub fn add_unreachable(&self) -> Result<()> {
+        let mut inv = fs::read_to_string(self.dir.join("inventory.toml"))?;
+        inv += "[[gateway]]\nname = \"gw-dead\"\naddress = \"198.18.250.254:7443\"\nlabels = { site = \"dead\" }\n";
+        fs::write(self.dir.join("inventory.toml"), inv)?;
+        Ok(())
+    }
+
+    /// Runs uplinkctl in the management namespace with the fleet's inventory.
+    pub fn ctl(&self, args: &[&str]) -> Result<(i32, String, String)> {
+        let certs = self.dir.join("certs");
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.mgmt.0])
+            .arg(uplinkctl_bin())
+            .arg("--inventory")
+            .arg(self.dir.join("inventory.toml"))
+            .arg("--ca")
+            .arg(certs.join("ca.crt"))
+            .arg("--cert")
+            .arg(certs.join("op.crt"))
+            .arg("--key")
+            .arg(certs.join("op.key"))
+            .args(args)
+            .output()?;
+        Ok((
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        for a in &mut self.agents {
+            let _ = a.kill();
+            let _ = a.wait();
+        }
+        self.gateways.clear();
+        if std::env::var_os("UPLINK_KEEP_LOGS").is_none() {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}

@@ -462,3 +462,45 @@ fn golden_uplinks_output() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// Test 9: a fleet of 5 agents plus one unreachable address: 5 results and 1 error, exit
+/// code 4, within the timeout plus a small margin; a selector picks the right subset.
+#[test]
+fn fleet_status_with_one_unreachable_gateway() -> anyhow::Result<()> {
+    let fleet = uplink_tests::Fleet::build("fleet", 5)?;
+    fleet.add_unreachable()?;
+    let t = std::time::Instant::now();
+    let (code, out, err) = fleet.ctl(&["--timeout", "2s", "status", "-o", "json"])?;
+    let took = t.elapsed();
+    assert_eq!(code, 4, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    let items = v.as_array().expect("a list per gateway");
+    assert_eq!(items.len(), 6);
+    assert_eq!(items.iter().filter(|i| i["ok"] == true).count(), 5);
+    let dead = items
+        .iter()
+        .find(|i| i["ok"] == false)
+        .expect("one failure");
+    assert_eq!(
+        (dead["gateway"].as_str(), dead["unreachable"].as_bool()),
+        (Some("gw-dead"), Some(true))
+    );
+    assert!(err.contains("gw-dead: unreachable"), "{err}");
+    assert!(
+        took < Duration::from_millis(3500),
+        "the dead gateway held the others up: {took:?}"
+    );
+    assert_eq!(items[0]["result"]["name"], "gw-000");
+
+    let (code, out, _) = fleet.ctl(&["-l", "site=odd", "status", "-o", "json"])?;
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    let names: Vec<&str> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["gateway"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["gw-001", "gw-003"]);
+    Ok(())
+}
