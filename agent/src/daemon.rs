@@ -560,9 +560,22 @@ impl Agent {
                 let _ = reply.send(Ok(s));
             }
             Command::Uplinks(reply) => {
-                let _ = reply.send(Ok((0..self.config.uplinks.len())
-                    .map(|i| view::uplink(&self.config, &self.model, i))
-                    .collect()));
+                let r = match self.dataplane.counters().await {
+                    Ok(traffic) => Ok((0..self.config.uplinks.len())
+                        .map(|i| {
+                            view::uplink(
+                                &self.config,
+                                &self.model,
+                                i,
+                                traffic.get(&self.config.uplinks[i].interface),
+                            )
+                        })
+                        .collect()),
+                    Err(e) => Err(ApiError::Internal(format!(
+                        "cannot read the traffic counters: {e}"
+                    ))),
+                };
+                let _ = reply.send(r);
             }
             Command::Clients {
                 uplink,
@@ -675,9 +688,10 @@ impl Agent {
                         ))),
                         Some(e) => {
                             self.record(vec![e]);
-                            self.apply_for_api()
-                                .await
-                                .map(|()| view::uplink(&self.config, &self.model, i))
+                            match self.apply_for_api().await {
+                                Ok(()) => self.uplink_view(i).await,
+                                Err(e) => Err(e),
+                            }
                         }
                     },
                 };
@@ -792,7 +806,22 @@ impl Agent {
             }]);
             self.apply_for_api().await?;
         }
-        Ok(view::uplink(&self.config, &self.model, i))
+        self.uplink_view(i).await
+    }
+
+    /// An uplink as the API shows it; fails rather than show counters it could not read.
+    async fn uplink_view(&self, i: usize) -> Result<v1::Uplink, ApiError> {
+        let traffic = self.dataplane.counters().await.map_err(|e| {
+            ApiError::Internal(format!(
+                "the change is applied, but the traffic counters cannot be read: {e}"
+            ))
+        })?;
+        Ok(view::uplink(
+            &self.config,
+            &self.model,
+            i,
+            traffic.get(&self.config.uplinks[i].interface),
+        ))
     }
 }
 

@@ -458,7 +458,7 @@ fn golden_uplinks_output() -> anyhow::Result<()> {
     let v: serde_json::Value = serde_json::from_str(&json)?;
     assert_eq!(
         v[0],
-        serde_json::json!({"name": "isp1", "interface": "wan1", "weight": 1, "tier": 1, "state": "up", "balance": "client", "fwmark": 16777216, "table": 1001, "clients": 0, "rtt_ms": null, "loss_ratio": null, "jitter_ms": null, "serving": true})
+        serde_json::json!({"name": "isp1", "interface": "wan1", "weight": 1, "tier": 1, "state": "up", "balance": "client", "fwmark": 16777216, "table": 1001, "clients": 0, "rtt_ms": null, "loss_ratio": null, "jitter_ms": null, "serving": true, "tx_bytes": 0, "tx_packets": 0, "rx_bytes": 0, "rx_packets": 0})
     );
     Ok(())
 }
@@ -502,5 +502,56 @@ fn fleet_status_with_one_unreachable_gateway() -> anyhow::Result<()> {
         .map(|i| i["gateway"].as_str().unwrap())
         .collect();
     assert_eq!(names, ["gw-001", "gw-003"]);
+    Ok(())
+}
+
+/// Test 6: ReloadConfig adds a third uplink without loss on the other two; a broken
+/// config is rejected with its error and the old one stays.
+#[test]
+fn reload_over_the_api() -> anyhow::Result<()> {
+    let uplinks = vec![
+        UplinkSpec::new("isp1", 1, false),
+        UplinkSpec::new("isp2", 1, false),
+        UplinkSpec::new("lte", 1, true),
+    ];
+    let mut lab = Lab::build("apireload", uplinks, 2, 0)?;
+    let api = lab.api_config()?;
+    lab.write_config("10s", "10m", &api)?;
+    let full = std::fs::read_to_string(lab.config_path())?;
+    let lte = full
+        .find("[[uplink]]\nname = \"lte\"")
+        .expect("lte section");
+    let api_at = full.find("\n[api]").expect("api section");
+    std::fs::write(
+        lab.config_path(),
+        format!("{}{}", &full[..lte], &full[api_at..]),
+    )?;
+    lab.start_agent()?;
+    lab.greet_clients()?;
+    let streams = (1..=2)
+        .map(|i| uplink_tests::UdpStream::start(&lab, i, false, Duration::from_millis(10)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+
+    std::fs::write(lab.config_path(), full.replace("weight = 1", "weight = 0"))?;
+    let (code, _, err) = lab.ctl("op", &["reload"])?;
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("FailedPrecondition") && err.contains("must be between 1 and 1000"),
+        "{err}"
+    );
+    std::fs::write(lab.config_path(), &full)?;
+    let (code, out, err) = lab.ctl("op", &["reload", "-o", "json"])?;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("\"config_generation\": 2"), "{out}");
+    let (_, out, _) = lab.ctl("view", &["uplinks"])?;
+    assert!(out.lines().any(|l| l.starts_with("lte")), "{out}");
+    std::thread::sleep(Duration::from_millis(300));
+    for s in streams {
+        let r = s.finish()?;
+        assert_eq!(
+            r.received, r.sent,
+            "a flow on an existing uplink lost datagrams"
+        );
+    }
     Ok(())
 }

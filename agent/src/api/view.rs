@@ -5,6 +5,7 @@ use std::net::IpAddr;
 use uplink_api::v1;
 
 use crate::config::Config;
+use crate::dataplane::nft::Traffic;
 use crate::health::UplinkState;
 use crate::model::failover::{EventKind, HomeTarget, LogEntry};
 use crate::model::{Client, Model};
@@ -21,7 +22,7 @@ pub fn state(model: &Model, i: usize) -> v1::UplinkState {
     }
 }
 
-pub fn uplink(config: &Config, model: &Model, i: usize) -> v1::Uplink {
+pub fn uplink(config: &Config, model: &Model, i: usize, traffic: Option<&Traffic>) -> v1::Uplink {
     let (c, m) = (&config.uplinks[i], &model.uplinks[i]);
     let probing = !c.probes.is_empty();
     let stats = &m.health.stats;
@@ -45,6 +46,10 @@ pub fn uplink(config: &Config, model: &Model, i: usize) -> v1::Uplink {
             .flatten()
             .map(|d| d.as_secs_f64() * 1000.0),
         serving: m.serving && m.usable() && !m.drained,
+        tx_packets: traffic.map(|t| t.tx.0).unwrap_or(0),
+        tx_bytes: traffic.map(|t| t.tx.1).unwrap_or(0),
+        rx_packets: traffic.map(|t| t.rx.0).unwrap_or(0),
+        rx_bytes: traffic.map(|t| t.rx.1).unwrap_or(0),
     }
 }
 

@@ -104,6 +104,13 @@ impl Dataplane {
         self.conntrack.check().await
     }
 
+    /// Forwarded traffic per uplink interface, from the nft counters.
+    pub async fn counters(
+        &self,
+    ) -> Result<std::collections::BTreeMap<String, nft::Traffic>, DataplaneError> {
+        self.nft.counters().await
+    }
+
     /// Deletes the conntrack entries carrying uplink mark `mark` (and only those).
     pub async fn flush_conntrack(&self, mark: u32) -> Result<usize, DataplaneError> {
         self.conntrack.delete_mark(mark, self.mask).await

@@ -32,6 +32,8 @@ use super::DataplaneError;
 
 const PREROUTING: &str = "prerouting";
 const POSTROUTING: &str = "postrouting";
+/// Counts forwarded traffic per uplink interface, both directions.
+const ACCOUNTING: &str = "accounting";
 /// Rule comments start with this, followed by a hash of the rule's expression.
 const COMMENT_PREFIX: &str = "uplinkd:";
 /// Fixed so that a later API can compute which bucket an unassigned client hashes to.
@@ -83,6 +85,13 @@ impl Signature {
     }
 }
 
+/// Forwarded packets and bytes through one uplink interface.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Traffic {
+    pub tx: (u64, u64),
+    pub rx: (u64, u64),
+}
+
 /// Result of one apply, for logs and benchmarks.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct NftStats {
@@ -130,6 +139,46 @@ impl NftDriver {
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// Forwarded traffic per interface from the accounting chain: (tx, rx) as
+    /// (packets, bytes).
+    pub async fn counters(&self) -> Result<BTreeMap<String, Traffic>, DataplaneError> {
+        let out = self
+            .run(
+                &["-j", "list", "chain", "inet", &self.table, ACCOUNTING],
+                None,
+            )
+            .await?;
+        let v: serde_json::Value =
+            serde_json::from_str(&out).map_err(|e| DataplaneError::NftOutput(e.to_string()))?;
+        let mut m: BTreeMap<String, Traffic> = BTreeMap::new();
+        for item in v["nftables"].as_array().into_iter().flatten() {
+            let Some(expr) = item["rule"]["expr"].as_array() else {
+                continue;
+            };
+            let mut iface = None;
+            let mut counter = None;
+            for e in expr {
+                if let (Some(key), Some(name)) = (
+                    e["match"]["left"]["meta"]["key"].as_str(),
+                    e["match"]["right"].as_str(),
+                ) {
+                    iface = Some((key == "oifname", name.to_string()));
+                }
+                if let (Some(p), Some(b)) = (
+                    e["counter"]["packets"].as_u64(),
+                    e["counter"]["bytes"].as_u64(),
+                ) {
+                    counter = Some((p, b));
+                }
+            }
+            if let (Some((out, name)), Some(c)) = (iface, counter) {
+                let t = m.entry(name).or_default();
+                if out { t.tx = c } else { t.rx = c }
+            }
+        }
+        Ok(m)
     }
 
     /// Deletes the table if it exists; nothing else.
@@ -377,6 +426,13 @@ fn render_structure(s: &NftStructure) -> Vec<NfListObject<'static>> {
         ..chain(PREROUTING)
     }));
     objs.push(NfListObject::Chain(Chain {
+        _type: Some(NfChainType::Filter),
+        hook: Some(NfHook::Forward),
+        prio: Some(0),
+        policy: Some(NfChainPolicy::Accept),
+        ..chain(ACCOUNTING)
+    }));
+    objs.push(NfListObject::Chain(Chain {
         _type: Some(NfChainType::NAT),
         hook: Some(NfHook::Postrouting),
         prio: Some(100),
@@ -524,6 +580,21 @@ fn render_structure(s: &NftStructure) -> Vec<NfListObject<'static>> {
     // No gap for new clients: until the assignment lands, a stable hash picks the uplink.
     for r in hash_rules(&s.fallback) {
         objs.push(rule(PREROUTING, r));
+    }
+    for u in &s.uplinks {
+        for key in [MetaKey::Oifname, MetaKey::Iifname] {
+            objs.push(rule(
+                ACCOUNTING,
+                vec![
+                    Statement::Match(Match {
+                        left: meta(key),
+                        right: Expression::String(Cow::Owned(u.interface.clone())),
+                        op: Operator::EQ,
+                    }),
+                    Statement::Counter(nftables::stmt::Counter::Anonymous(None)),
+                ],
+            ));
+        }
     }
     for u in s.uplinks.iter().filter(|u| u.masquerade) {
         objs.push(rule(
