@@ -25,7 +25,8 @@ use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
 
 use crate::plan::{
-    ElemKey, MAP_CLIENT4, MAP_CLIENT6, MAP_STICKY, NftDesired, NftStructure, home_chain, up_chain,
+    ElemKey, MAP_CLIENT4, MAP_CLIENT6, MAP_PIN4, MAP_PIN6, MAP_STICKY, NftDesired, NftStructure,
+    home_chain, up_chain,
 };
 
 use super::DataplaneError;
@@ -374,15 +375,15 @@ fn command(cmd: NfCmd<'_>) -> String {
 /// numbers, chain names are validated `[A-Za-z0-9_-]`, so nothing needs escaping.
 fn push_elements(batch: &mut Vec<String>, table: &str, elems: &[(ElemKey, &str)], add: bool) {
     use std::fmt::Write;
-    for map in [MAP_CLIENT4, MAP_CLIENT6, MAP_STICKY] {
+    for map in [MAP_CLIENT4, MAP_CLIENT6, MAP_STICKY, MAP_PIN4, MAP_PIN6] {
         let mut items = String::new();
         for (k, target) in elems.iter().filter(|(k, _)| k.map() == map) {
             if !items.is_empty() {
                 items.push(',');
             }
             let _ = match k {
-                ElemKey::V4(a) => write!(items, "[\"{a}\","),
-                ElemKey::V6(a) => write!(items, "[\"{a}\","),
+                ElemKey::V4(a) | ElemKey::Pin4(a) => write!(items, "[\"{a}\","),
+                ElemKey::V6(a) | ElemKey::Pin6(a) => write!(items, "[\"{a}\","),
                 ElemKey::Mark(m) => write!(items, "[{m},"),
             };
             let _ = write!(items, "{{\"goto\":{{\"target\":\"{target}\"}}}}]");
@@ -568,7 +569,12 @@ fn render_structure(s: &NftStructure) -> Vec<NfListObject<'static>> {
             data: Expression::String(Cow::Owned(format!("@{MAP_STICKY}"))),
         })],
     ));
-    for (proto, map) in [("ip", MAP_CLIENT4), ("ip6", MAP_CLIENT6)] {
+    for (proto, map) in [
+        ("ip", MAP_PIN4),
+        ("ip6", MAP_PIN6),
+        ("ip", MAP_CLIENT4),
+        ("ip6", MAP_CLIENT6),
+    ] {
         objs.push(rule(
             PREROUTING,
             vec![Statement::VerdictMap(VerdictMap {
@@ -663,7 +669,7 @@ fn hash_rules(buckets: &[String]) -> Vec<Vec<Statement<'static>>> {
 /// Verdict maps, which the `nftables` crate's schema cannot express (its set types have no
 /// `verdict`), are written as raw JSON and spliced into the batch after the table.
 fn verdict_maps(table: &str) -> Vec<serde_json::Value> {
-    [(MAP_CLIENT4, "ipv4_addr"), (MAP_CLIENT6, "ipv6_addr"), (MAP_STICKY, "mark")]
+    [(MAP_CLIENT4, "ipv4_addr"), (MAP_CLIENT6, "ipv6_addr"), (MAP_STICKY, "mark"), (MAP_PIN4, "ipv4_addr"), (MAP_PIN6, "ipv6_addr")]
         .into_iter()
         .map(|(name, key)| serde_json::json!({"map": {"family": "inet", "table": table, "name": name, "type": key, "map": "verdict"}}))
         .collect()
@@ -782,6 +788,12 @@ fn parse_listing(json: &str) -> Result<KernelNft, DataplaneError> {
                     })
                 }
                 (MAP_STICKY, ListKey::Number(n)) => Some(ElemKey::Mark(n)),
+                (MAP_PIN4 | MAP_PIN6, ListKey::Text(t)) => {
+                    t.parse::<IpAddr>().ok().map(|ip| match ip {
+                        IpAddr::V4(a) => ElemKey::Pin4(a),
+                        IpAddr::V6(a) => ElemKey::Pin6(a),
+                    })
+                }
                 _ => None,
             };
             let (Some(key), Some(target)) = (key, verdict.goto) else {
@@ -815,7 +827,7 @@ pub fn adopted_homes(k: &KernelNft) -> BTreeMap<IpAddr, String> {
             let ip = match key {
                 ElemKey::V4(a) => IpAddr::V4(*a),
                 ElemKey::V6(a) => IpAddr::V6(*a),
-                ElemKey::Mark(_) => return None,
+                ElemKey::Mark(_) | ElemKey::Pin4(_) | ElemKey::Pin6(_) => return None,
             };
             Some((ip, target.strip_prefix("home_")?.to_string()))
         })

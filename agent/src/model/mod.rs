@@ -469,20 +469,6 @@ impl Model {
         self.add_client(c);
     }
 
-    /// Every mapped address with the uplink whose home chain it enters: its override, or
-    /// its client's home.
-    pub fn steering(&self) -> impl Iterator<Item = (IpAddr, &str)> {
-        self.addresses().map(|(ip, home)| {
-            (
-                ip,
-                self.overrides
-                    .get(&ip)
-                    .map(|o| o.uplink.as_str())
-                    .unwrap_or(home),
-            )
-        })
-    }
-
     /// Drops overrides past their deadline; returns the addresses.
     pub fn expire_overrides(&mut self, now: Millis) -> Vec<IpAddr> {
         let expired: Vec<IpAddr> = self

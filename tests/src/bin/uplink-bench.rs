@@ -50,13 +50,19 @@ fn main() -> Result<()> {
             arg(&args, "--trials", 5)?,
             &machine,
         ),
+        Some("fleet") => fleet_status(
+            arg(&args, "--max", 200)? as usize,
+            arg(&args, "--runs", 3)?,
+            &machine,
+        ),
+        Some("pin") => pin_rtt(arg(&args, "--pins", 200)? as u32, &machine),
         Some("gap") => gap(
             args.get(1).map(String::as_str).unwrap_or("carrier"),
             arg(&args, "--trials", 20)?,
             &machine,
         ),
         _ => bail!(
-            "usage: uplink-bench dispatch [--clients N] [--interval-ms M] [--runs R] | startup [--clients N] [--runs R] | failover [--clients N] [--trials T] | gap carrier|silent [--trials T]"
+            "usage: uplink-bench dispatch [--clients N] [--interval-ms M] [--runs R] | startup [--clients N] [--runs R] | failover [--clients N] [--trials T] | gap carrier|silent [--trials T] | fleet [--max N] [--runs R] | pin [--pins N]"
         ),
     }
 }
@@ -584,5 +590,138 @@ fn gap(kind: &str, trials: u64, machine: &str) -> Result<()> {
         })?;
     }
     summary(&format!("{kind} gap"), &mut gaps);
+    Ok(())
+}
+
+/// `uplinkctl --inventory … status` across fleets of 10 … `max` real agents, each in its
+/// own gateway namespace: wall time of the whole command (process start, one mTLS
+/// connection and one RPC per gateway, output).
+fn fleet_status(max: usize, runs: u64, machine: &str) -> Result<()> {
+    println!("fleet status over real agents (uplinkctl --parallel 32), {runs} runs per size");
+    println!("machine: {machine}; agent {}", uplinkd_bin().display());
+    let fleet = uplink_tests::Fleet::build("bfl", max)?;
+    let inventory = std::fs::read_to_string(fleet.dir.join("inventory.toml"))?;
+    let entries: Vec<&str> = inventory
+        .split("[[gateway]]")
+        .filter(|e| !e.trim().is_empty())
+        .collect();
+    for n in [10, 50, 100, 200].into_iter().filter(|n| *n <= max) {
+        let sub: String = entries[..n]
+            .iter()
+            .map(|e| format!("[[gateway]]{e}"))
+            .collect();
+        std::fs::write(fleet.dir.join("inventory.toml"), sub)?;
+        let mut times = Vec::new();
+        for _ in 0..runs {
+            let t = Instant::now();
+            let (code, out, err) = fleet.ctl(&["status", "-o", "json"])?;
+            let took = t.elapsed().as_secs_f64() * 1000.0;
+            if code != 0 {
+                bail!("status over {n} agents failed: {err}");
+            }
+            let v: serde_json::Value = serde_json::from_str(&out)?;
+            if v.as_array().map(|a| a.len()) != Some(n) {
+                bail!("expected {n} results");
+            }
+            times.push(took);
+        }
+        times.sort_by(|a, b| a.total_cmp(b));
+        println!(
+            "{n:>4} agents: median {:.0} ms (min {:.0}, max {:.0})",
+            percentile(&times, 50.0),
+            times[0],
+            times[times.len() - 1]
+        );
+    }
+    Ok(())
+}
+
+/// SetOverride round trips over one mTLS connection, each returning once the element is
+/// in the kernel: p50 and p99.
+fn pin_rtt(pins: u32, machine: &str) -> Result<()> {
+    use uplink_api::v1::{SetOverrideRequest, agent_client::AgentClient};
+    println!("pin (SetOverride) round trip until the change is in the kernel, {pins} pins");
+    println!("machine: {machine}; agent {}", uplinkd_bin().display());
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let fleet = uplink_tests::Fleet::build("bpin", 1)?;
+    let gw = &fleet.gateways[0];
+    // 100 clients on the gateway's LAN so pins have something to move.
+    let mut batch = Command::new("ip")
+        .args(["-n", &gw.0, "-batch", "-"])
+        .stdin(Stdio::piped())
+        .spawn()?;
+    {
+        let mut stdin = batch.stdin.take().expect("piped");
+        writeln!(stdin, "link set br-lan up")?;
+        for i in 0..100u32 {
+            writeln!(
+                stdin,
+                "neigh add {} lladdr {} dev br-lan nud permanent",
+                client_ip(i),
+                client_mac(i)
+            )?;
+        }
+    }
+    batch.wait()?;
+    std::thread::sleep(Duration::from_millis(500));
+    let certs = fleet.dir.join("certs");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let mut rtts = rt.block_on(async {
+        let tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(std::fs::read(
+                certs.join("ca.crt"),
+            )?))
+            .identity(tonic::transport::Identity::from_pem(
+                std::fs::read(certs.join("op.crt"))?,
+                std::fs::read(certs.join("op.key"))?,
+            ))
+            .domain_name("198.18.250.10");
+        // The management namespace holds the route to the agent: connect from a thread in it.
+        let mgmt = fleet.mgmt.0.clone();
+        let std_stream =
+            uplink_tests::in_netns(&mgmt, || std::net::TcpStream::connect("198.18.250.10:7443"))??;
+        drop(std_stream);
+        let channel = {
+            let file = std::fs::File::open(format!("/run/netns/{mgmt}"))?;
+            // Enter the namespace on this (current-thread runtime) thread for the connect.
+            use std::os::fd::AsFd;
+            nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)?;
+            tonic::transport::Endpoint::from_static("https://198.18.250.10:7443")
+                .tls_config(tls)?
+                .connect()
+                .await?
+        };
+        let mut client = AgentClient::new(channel);
+        let mut rtts = Vec::new();
+        for n in 0..pins {
+            let ip = client_ip(n % 100).to_string();
+            let uplink = if n % 2 == 0 { "isp1" } else { "isp2" }.to_string();
+            let t = Instant::now();
+            client
+                .set_override(SetOverrideRequest {
+                    client: ip.clone(),
+                    uplink,
+                    duration: String::new(),
+                })
+                .await?;
+            rtts.push(t.elapsed().as_secs_f64() * 1000.0);
+            // Unpinned again for the next round (not measured).
+            client
+                .clear_override(uplink_api::v1::ClearOverrideRequest { client: ip })
+                .await?;
+        }
+        anyhow::Ok(rtts)
+    })?;
+    rtts.sort_by(|a, b| a.total_cmp(b));
+    println!(
+        "pin round trip: p50 {:.1} ms, p95 {:.1} ms, p99 {:.1} ms, max {:.1} ms over {} pins",
+        percentile(&rtts, 50.0),
+        percentile(&rtts, 95.0),
+        percentile(&rtts, 99.0),
+        rtts[rtts.len() - 1],
+        rtts.len()
+    );
     Ok(())
 }
