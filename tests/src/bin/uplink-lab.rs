@@ -5,8 +5,10 @@
 //! everything it made.
 //!
 //! Type commands while it runs: `cut UPLINK` (carrier loss), `silent UPLINK` (the ISP drops
-//! what it forwards, link up), `restore UPLINK`, `table`, `quit`. `--demo` runs a carrier
-//! cut and a silent failure with their recoveries by itself; `--once` prints one table.
+//! what it forwards, link up), `restore UPLINK`, `ctl ARGS` (uplinkctl as an operator, e.g.
+//! `ctl pin 198.19.0.11 lte`, `ctl drain isp1`, `ctl events`), `table`, `quit`. `--demo`
+//! runs a carrier cut and a silent failure with their recoveries by itself; `--once` prints
+//! one table.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -34,7 +36,12 @@ fn main() -> Result<()> {
     ];
     eprintln!("building namespaces...");
     let mut lab = Lab::build("lab", uplinks, 6, 3)?;
-    lab.write_config("10s", "10m", "[failover]\nfailback_delay = \"5s\"\n")?;
+    let api = lab.api_config()?;
+    lab.write_config(
+        "10s",
+        "10m",
+        &format!("[failover]\nfailback_delay = \"5s\"\n{api}"),
+    )?;
     eprintln!(
         "starting uplinkd in {} (config {}, log {})",
         lab.ns("gw"),
@@ -90,6 +97,15 @@ fn interactive(lab: &Lab, stop: &AtomicBool) -> Result<()> {
                 let words: Vec<&str> = line.split_whitespace().collect();
                 match words.as_slice() {
                     ["quit" | "exit"] => break,
+                    ["ctl", args @ ..] => {
+                        let (code, out, err) = lab.ctl("op", args)?;
+                        print!("{out}");
+                        eprint!("{err}");
+                        if code != 0 {
+                            eprintln!("(uplinkctl exit code {code})");
+                        }
+                        std::thread::sleep(Duration::from_millis(300));
+                    }
                     ["table"] | [] => {}
                     [cmd @ ("cut" | "silent" | "restore"), uplink] if UPLINKS.contains(uplink) => {
                         act(lab, cmd, uplink)?;
