@@ -555,3 +555,37 @@ fn reload_over_the_api() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Standard gRPC tooling works: grpc.health.v1 and server reflection (Python grpcio).
+#[test]
+fn health_and_reflection_with_standard_tooling() -> anyhow::Result<()> {
+    let lab = api_lab("tooling", 0, "")?;
+    let certs = lab.dir.join("certs");
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("grpc_tooling.py");
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &lab.ns("gw"), "python3"])
+        .arg(script)
+        .arg("127.0.0.1:7443")
+        .arg(certs.join("ca.crt"))
+        .arg(certs.join("view.crt"))
+        .arg(certs.join("view.key"))
+        .output()?;
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(
+        out.status.success(),
+        "{stdout}{stderr} (pip install grpcio grpcio-health-checking grpcio-reflection; .ci/install-deps does)"
+    );
+    assert!(stdout.contains("health SERVING"), "{stdout}");
+    assert!(
+        stdout.contains("grpc.health.v1.Health") && stdout.contains("uplink.v1.Agent"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("SetOverride") && stdout.contains("WatchEvents"),
+        "{stdout}"
+    );
+    Ok(())
+}
