@@ -129,6 +129,31 @@ pub fn signal_child(child: &Child, signal: &str) -> Result<()> {
     Ok(())
 }
 
+/// `ip netns exec NS uplinkctl --ca CA --cert certs/WHO.crt --key certs/WHO.key`, ready
+/// for more arguments.
+pub fn uplinkctl_in(ns: &str, certs: &Path, ca: &Path, who: &str) -> Command {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns])
+        .arg(uplinkctl_bin())
+        .arg("--ca")
+        .arg(ca)
+        .arg("--cert")
+        .arg(certs.join(format!("{who}.crt")))
+        .arg("--key")
+        .arg(certs.join(format!("{who}.key")));
+    cmd
+}
+
+/// Runs a command to the end: (exit code, stdout, stderr).
+pub fn outcome(cmd: &mut Command) -> Result<(i32, String, String)> {
+    let out = cmd.output()?;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
 /// uplinkctl next to uplinkd.
 pub fn uplinkctl_bin() -> PathBuf {
     uplinkd_bin().with_file_name("uplinkctl")
@@ -582,23 +607,11 @@ impl Lab {
     /// `dir/certs`): returns (exit code, stdout, stderr).
     pub fn ctl(&self, who: &str, args: &[&str]) -> Result<(i32, String, String)> {
         let certs = self.dir.join("certs");
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.ns("gw")])
-            .arg(uplinkctl_bin())
-            .args(["--gateway", "127.0.0.1:7443"])
-            .arg("--ca")
-            .arg(certs.join("ca.crt"))
-            .arg("--cert")
-            .arg(certs.join(format!("{who}.crt")))
-            .arg("--key")
-            .arg(certs.join(format!("{who}.key")))
-            .args(args)
-            .output()?;
-        Ok((
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        ))
+        outcome(
+            uplinkctl_in(&self.ns("gw"), &certs, &certs.join("ca.crt"), who)
+                .args(["--gateway", "127.0.0.1:7443"])
+                .args(args),
+        )
     }
 
     pub fn log_path(&self) -> PathBuf {
@@ -1030,24 +1043,12 @@ impl Fleet {
     /// Runs uplinkctl in the management namespace with the fleet's inventory.
     pub fn ctl(&self, args: &[&str]) -> Result<(i32, String, String)> {
         let certs = self.dir.join("certs");
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.mgmt.0])
-            .arg(uplinkctl_bin())
-            .arg("--inventory")
-            .arg(self.dir.join("inventory.toml"))
-            .arg("--ca")
-            .arg(certs.join("ca.crt"))
-            .arg("--cert")
-            .arg(certs.join("op.crt"))
-            .arg("--key")
-            .arg(certs.join("op.key"))
-            .args(args)
-            .output()?;
-        Ok((
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        ))
+        outcome(
+            uplinkctl_in(&self.mgmt.0, &certs, &certs.join("ca.crt"), "op")
+                .arg("--inventory")
+                .arg(self.dir.join("inventory.toml"))
+                .args(args),
+        )
     }
 }
 

@@ -332,25 +332,18 @@ fn events_stream_a_failover() -> anyhow::Result<()> {
     let lab = api_lab("events", 2, "")?;
     lab.greet_clients()?;
     let certs = lab.dir.join("certs");
-    let mut follow = std::process::Command::new("ip")
-        .args(["netns", "exec", &lab.ns("gw")])
-        .arg(uplink_tests::uplinkctl_bin())
-        .args([
-            "--gateway",
-            "127.0.0.1:7443",
-            "-o",
-            "json",
-            "events",
-            "--follow",
-        ])
-        .arg("--ca")
-        .arg(certs.join("ca.crt"))
-        .arg("--cert")
-        .arg(certs.join("view.crt"))
-        .arg("--key")
-        .arg(certs.join("view.key"))
-        .stdout(std::process::Stdio::piped())
-        .spawn()?;
+    let mut follow =
+        uplink_tests::uplinkctl_in(&lab.ns("gw"), &certs, &certs.join("ca.crt"), "view")
+            .args([
+                "--gateway",
+                "127.0.0.1:7443",
+                "-o",
+                "json",
+                "events",
+                "--follow",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .spawn()?;
     let stdout = follow.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -403,18 +396,14 @@ fn rotated_agent_certificate_is_served_without_restart() -> anyhow::Result<()> {
         "127.0.0.1",
     ])?;
     let status_with_ca = |ca: &std::path::Path| -> anyhow::Result<i32> {
-        let out = std::process::Command::new("ip")
-            .args(["netns", "exec", &lab.ns("gw")])
-            .arg(uplink_tests::uplinkctl_bin())
-            .args(["--gateway", "127.0.0.1:7443", "status"])
-            .arg("--ca")
-            .arg(ca)
-            .arg("--cert")
-            .arg(certs.join("view.crt"))
-            .arg("--key")
-            .arg(certs.join("view.key"))
-            .output()?;
-        Ok(out.status.code().unwrap_or(-1))
+        Ok(uplink_tests::outcome(
+            uplink_tests::uplinkctl_in(&lab.ns("gw"), &certs, ca, "view").args([
+                "--gateway",
+                "127.0.0.1:7443",
+                "status",
+            ]),
+        )?
+        .0)
     };
     assert_eq!(status_with_ca(&certs.join("ca.crt"))?, 0);
     assert_eq!(
