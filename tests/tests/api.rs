@@ -578,3 +578,57 @@ fn health_and_reflection_with_standard_tooling() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// ListClients' current uplink for failed-over clients (hashed over the survivors in nft)
+/// matches the uplink the internet host actually sees.
+#[test]
+fn current_uplink_matches_the_kernels_hash() -> anyhow::Result<()> {
+    let uplinks = vec![
+        UplinkSpec::new("isp1", 2, false),
+        UplinkSpec::new("isp2", 1, false),
+        UplinkSpec::new("lte", 1, true),
+    ];
+    let mut lab = Lab::build("curr", uplinks, 12, 0)?;
+    let api = lab.api_config()?;
+    lab.write_config(
+        "10s",
+        "10m",
+        &format!("[failover]\nfailback_delay = \"60s\"\n{api}"),
+    )?;
+    lab.start_agent()?;
+    let assigned = lab.greet_clients()?;
+    lab.carrier("isp1", false)?;
+    lab.wait_for(Duration::from_secs(5), "failover", || {
+        Ok(lab.log_tail(30).contains("failover of isp1"))
+    })?;
+    let (_, out, _) = lab.ctl("view", &["clients", "-o", "json"])?;
+    let clients: serde_json::Value = serde_json::from_str(&out)?;
+    let mut checked = std::collections::BTreeSet::new();
+    for i in 1..=12 {
+        let ip = IpAddr::from(client_v4(i));
+        if assigned[&ip] != "isp1" {
+            continue;
+        }
+        let c = clients
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["addresses"][0] == ip.to_string())
+            .expect("listed");
+        assert_eq!(c["reason"], "failover");
+        let seen = via(&lab, i)?;
+        assert_eq!(
+            c["current_uplink"].as_str(),
+            Some(seen.as_str()),
+            "c{i}: the API says {} but traffic leaves by {seen}",
+            c["current_uplink"]
+        );
+        checked.insert(seen);
+    }
+    assert_eq!(
+        checked.len(),
+        2,
+        "both survivors carry some of isp1's clients, so the hash was exercised"
+    );
+    Ok(())
+}
