@@ -26,6 +26,8 @@ pub struct Config {
     pub failover: FailoverConfig,
     /// The gRPC API; absent without an `[api]` table.
     pub api: Option<ApiConfig>,
+    /// Prometheus `/metrics`; `None` when `[metrics] enabled = false`.
+    pub metrics: Option<std::net::SocketAddr>,
     pub uplinks: Vec<UplinkConfig>,
 }
 
@@ -253,7 +255,16 @@ struct RawConfig {
     failover: RawFailover,
     api: Option<Spanned<RawApi>>,
     #[serde(default)]
+    metrics: RawMetrics,
+    #[serde(default)]
     uplink: Vec<Spanned<RawUplink>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    enabled: Option<bool>,
+    listen: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -711,6 +722,22 @@ impl Validator<'_> {
             None => None,
             Some(a) => Some(self.api(a.into_inner())?),
         };
+        let metrics = match raw.metrics.enabled {
+            Some(false) => None,
+            _ => Some(match raw.metrics.listen {
+                None => "0.0.0.0:9477".parse().expect("default address parses"),
+                Some(v) => v.get_ref().trim().parse().map_err(|_| {
+                    self.err(
+                        Some(v.span()),
+                        "metrics.listen",
+                        format!(
+                            "invalid address {:?}; use IP:PORT, e.g. \"0.0.0.0:9477\"",
+                            v.get_ref()
+                        ),
+                    )
+                })?,
+            }),
+        };
         Ok(Config {
             agent,
             lan,
@@ -718,6 +745,7 @@ impl Validator<'_> {
             health,
             failover,
             api,
+            metrics,
             uplinks,
         })
     }

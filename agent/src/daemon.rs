@@ -13,7 +13,7 @@ use tracing::{debug, error, info, warn};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, oneshot};
 use uplink_api::v1;
 
 use crate::api::{self, ApiError, Command, view};
@@ -21,6 +21,7 @@ use crate::config::Config;
 use crate::dataplane::{ApplyReport, Dataplane, nft};
 use crate::discover::{self, Event};
 use crate::health::probe::{self, ProbeSpec};
+use crate::metrics::{self, Metrics};
 use crate::model::failover::{EventKind, EventLog, LogEntry};
 use crate::model::state_file::{StateError, StateFile};
 use crate::model::{Change, LinkState, Model, now_millis};
@@ -41,6 +42,11 @@ pub enum AgentError {
     Signal(std::io::Error),
     #[error(transparent)]
     Api(#[from] api::ServeError),
+    #[error("cannot serve metrics on {listen} (metrics.listen): {source}")]
+    Metrics {
+        listen: std::net::SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 pub struct Agent {
@@ -69,6 +75,7 @@ pub struct Agent {
     /// The last apply left the kernel as planned; `/readyz` reads it.
     in_sync: Arc<AtomicBool>,
     event_tx: broadcast::Sender<v1::Event>,
+    metrics: Arc<Metrics>,
 }
 
 /// Connects to the kernel, adopts its state, and runs until SIGTERM/SIGINT. The dataplane
@@ -126,7 +133,9 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
         generation: 1,
         in_sync: Arc::new(AtomicBool::new(false)),
         event_tx: broadcast::channel(1024).0,
+        metrics: Metrics::new(),
     };
+    let (scrape_tx, mut scrape_rx) = mpsc::channel::<oneshot::Sender<()>>(16);
     let (cmd_tx, mut cmd_rx) = mpsc::channel(256);
     let started = Instant::now();
     agent.resync_inputs().await?;
@@ -138,7 +147,12 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
     agent.reconcile_probers();
     agent.save_state();
     if let Some(api) = agent.config.api.clone() {
-        api::serve(api, cmd_tx, agent.in_sync.clone()).await?;
+        api::serve(api, cmd_tx, agent.in_sync.clone(), agent.metrics.clone()).await?;
+    }
+    if let Some(listen) = agent.config.metrics {
+        metrics::serve(listen, agent.metrics.clone(), scrape_tx)
+            .await
+            .map_err(|source| AgentError::Metrics { listen, source })?;
     }
     info!(
         clients = agent.model.clients().len(),
@@ -191,11 +205,17 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
                     agent.resync_and_apply().await;
                 } else if dirty {
                     agent.apply(false).await;
+                    agent.metrics.dispatch_latency.observe(received.elapsed().as_secs_f64());
                     debug!(events = n, latency_us = received.elapsed().as_micros() as u64, "dispatched");
                 }
             }
             Some(report) = probe_rx.recv() => {
                 debug!(uplink = report.uplink, ok = report.round.ok(), rtts = ?report.round.rtts, "probe round");
+                if let Some(u) = agent.config.uplinks.get(report.uplink) {
+                    for rtt in report.round.rtts.iter().flatten() {
+                        agent.metrics.probe_rtt.with_label_values(&[u.name.as_str()]).observe(rtt.as_secs_f64());
+                    }
+                }
                 let log = agent.model.on_round(report.uplink, &report.round, Instant::now(), &agent.config.health, &agent.config.failover);
                 if agent.record(log) {
                     agent.apply(false).await;
@@ -224,6 +244,13 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
                 let _ = agent.reload().await;
             }
             Some(cmd) = cmd_rx.recv() => agent.handle(cmd).await,
+            Some(done) = scrape_rx.recv() => {
+                match agent.dataplane.counters().await {
+                    Ok(traffic) => agent.metrics.refresh(&agent.config, &agent.model, agent.in_sync.load(Ordering::SeqCst), &traffic),
+                    Err(e) => warn!(error = %e, "cannot read the traffic counters for /metrics"),
+                }
+                let _ = done.send(());
+            }
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }
@@ -389,6 +416,24 @@ impl Agent {
                 _ => info!(uplink = %e.uplink, clients_moved = e.clients_moved, "{e}"),
             }
             let _ = self.event_tx.send(view::event(&e));
+            match &e.kind {
+                EventKind::Failover => self
+                    .metrics
+                    .failovers
+                    .with_label_values(&[e.uplink.as_str()])
+                    .inc(),
+                EventKind::Failback => self
+                    .metrics
+                    .failbacks
+                    .with_label_values(&[e.uplink.as_str()])
+                    .inc(),
+                EventKind::State { from, to } if from.usable() != to.usable() => self
+                    .metrics
+                    .flaps
+                    .with_label_values(&[e.uplink.as_str()])
+                    .inc(),
+                _ => {}
+            }
             self.events.push(e);
         }
         any
@@ -437,6 +482,12 @@ impl Agent {
         let started = Instant::now();
         let desired = plan(&self.config, &self.model);
         let report = self.dataplane.apply(&desired, full).await;
+        self.metrics
+            .apply_duration
+            .observe(started.elapsed().as_secs_f64());
+        if !report.errors.is_empty() {
+            self.metrics.apply_errors.inc();
+        }
         self.in_sync
             .store(report.errors.is_empty(), Ordering::SeqCst);
         if report.errors.is_empty() {

@@ -11,5 +11,6 @@ pub mod daemon;
 pub mod dataplane;
 pub mod discover;
 pub mod health;
+pub mod metrics;
 pub mod model;
 pub mod plan;

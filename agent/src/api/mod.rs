@@ -102,6 +102,7 @@ pub async fn serve(
     api: ApiConfig,
     tx: mpsc::Sender<Command>,
     ready: Arc<AtomicBool>,
+    metrics: Arc<crate::metrics::Metrics>,
 ) -> Result<(), ServeError> {
     let tls = tls::server_config(&api)?;
     let grpc = TcpListener::bind(api.listen)
@@ -136,7 +137,7 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .expect("descriptor set is valid");
-    let service = AgentService { tx };
+    let service = AgentService { tx, metrics };
     tokio::spawn(async move {
         let r = tonic::transport::Server::builder()
             .add_service(health_service)
@@ -212,6 +213,7 @@ async fn serve_health(listener: TcpListener, ready: Arc<AtomicBool>) {
 
 pub struct AgentService {
     tx: mpsc::Sender<Command>,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// The caller's role, from its verified client certificate.
@@ -262,6 +264,29 @@ fn non_empty(field: &str, s: &str) -> Result<String, Status> {
 }
 
 impl AgentService {
+    /// Counts and times one call by method and resulting code.
+    async fn timed<T>(
+        &self,
+        method: &str,
+        call: impl std::future::Future<Output = Result<T, Status>>,
+    ) -> Result<T, Status> {
+        let t = std::time::Instant::now();
+        let r = call.await;
+        let code = match &r {
+            Ok(_) => tonic::Code::Ok,
+            Err(s) => s.code(),
+        };
+        self.metrics
+            .grpc_requests
+            .with_label_values(&[method, &format!("{code:?}")])
+            .inc();
+        self.metrics
+            .grpc_duration
+            .with_label_values(&[method])
+            .observe(t.elapsed().as_secs_f64());
+        r
+    }
+
     async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, Status> {
         let (tx, rx) = oneshot::channel();
         self.tx
@@ -282,64 +307,79 @@ impl agent_server::Agent for AgentService {
         &self,
         req: Request<v1::GetStatusRequest>,
     ) -> Result<Response<v1::AgentStatus>, Status> {
-        read(&req)?;
-        self.ask(Command::Status).await.map(Response::new)
+        self.timed("GetStatus", async move {
+            read(&req)?;
+            self.ask(Command::Status).await.map(Response::new)
+        })
+        .await
     }
 
     async fn list_uplinks(
         &self,
         req: Request<v1::ListUplinksRequest>,
     ) -> Result<Response<v1::ListUplinksResponse>, Status> {
-        read(&req)?;
-        let uplinks = self.ask(Command::Uplinks).await?;
-        Ok(Response::new(v1::ListUplinksResponse { uplinks }))
+        self.timed("ListUplinks", async move {
+            read(&req)?;
+            let uplinks = self.ask(Command::Uplinks).await?;
+            Ok(Response::new(v1::ListUplinksResponse { uplinks }))
+        })
+        .await
     }
 
     async fn list_clients(
         &self,
         req: Request<v1::ListClientsRequest>,
     ) -> Result<Response<v1::ListClientsResponse>, Status> {
-        read(&req)?;
-        let r = req.into_inner();
-        let uplink = (!r.uplink.trim().is_empty()).then(|| r.uplink.trim().to_string());
-        let after = (!r.page_token.is_empty()).then_some(r.page_token);
-        let limit = if r.page_size == 0 {
-            500
-        } else {
-            r.page_size.min(10_000) as usize
-        };
-        let (clients, next) = self
-            .ask(|reply| Command::Clients {
-                uplink,
-                after,
-                limit,
-                reply,
-            })
-            .await?;
-        Ok(Response::new(v1::ListClientsResponse {
-            clients,
-            next_page_token: next.unwrap_or_default(),
-        }))
+        self.timed("ListClients", async move {
+            read(&req)?;
+            let r = req.into_inner();
+            let uplink = (!r.uplink.trim().is_empty()).then(|| r.uplink.trim().to_string());
+            let after = (!r.page_token.is_empty()).then_some(r.page_token);
+            let limit = if r.page_size == 0 {
+                500
+            } else {
+                r.page_size.min(10_000) as usize
+            };
+            let (clients, next) = self
+                .ask(|reply| Command::Clients {
+                    uplink,
+                    after,
+                    limit,
+                    reply,
+                })
+                .await?;
+            Ok(Response::new(v1::ListClientsResponse {
+                clients,
+                next_page_token: next.unwrap_or_default(),
+            }))
+        })
+        .await
     }
 
     async fn get_client(
         &self,
         req: Request<v1::GetClientRequest>,
     ) -> Result<Response<v1::Client>, Status> {
-        read(&req)?;
-        let key = non_empty("client", &req.get_ref().client)?;
-        self.ask(|reply| Command::Client { key, reply })
-            .await
-            .map(Response::new)
+        self.timed("GetClient", async move {
+            read(&req)?;
+            let key = non_empty("client", &req.get_ref().client)?;
+            self.ask(|reply| Command::Client { key, reply })
+                .await
+                .map(Response::new)
+        })
+        .await
     }
 
     async fn list_overrides(
         &self,
         req: Request<v1::ListOverridesRequest>,
     ) -> Result<Response<v1::ListOverridesResponse>, Status> {
-        read(&req)?;
-        let overrides = self.ask(Command::Overrides).await?;
-        Ok(Response::new(v1::ListOverridesResponse { overrides }))
+        self.timed("ListOverrides", async move {
+            read(&req)?;
+            let overrides = self.ask(Command::Overrides).await?;
+            Ok(Response::new(v1::ListOverridesResponse { overrides }))
+        })
+        .await
     }
 
     type WatchEventsStream = EventStream;
@@ -348,115 +388,137 @@ impl agent_server::Agent for AgentService {
         &self,
         req: Request<v1::WatchEventsRequest>,
     ) -> Result<Response<EventStream>, Status> {
-        read(&req)?;
-        let (history, rx) = self.ask(Command::Watch).await?;
-        let live = tokio_stream::wrappers::BroadcastStream::new(rx)
-            .filter_map(|e| e.ok())
-            .map(Ok);
-        let stream = tokio_stream::iter(history.into_iter().map(Ok)).chain(live);
-        Ok(Response::new(Box::pin(stream)))
+        self.timed("WatchEvents", async move {
+            read(&req)?;
+            let (history, rx) = self.ask(Command::Watch).await?;
+            let live = tokio_stream::wrappers::BroadcastStream::new(rx)
+                .filter_map(|e| e.ok())
+                .map(Ok);
+            let stream: EventStream =
+                Box::pin(tokio_stream::iter(history.into_iter().map(Ok)).chain(live));
+            Ok(Response::new(stream))
+        })
+        .await
     }
 
     async fn set_override(
         &self,
         req: Request<v1::SetOverrideRequest>,
     ) -> Result<Response<v1::Override>, Status> {
-        let who = write(&req, "SetOverride")?;
-        let r = req.into_inner();
-        let ip = parse_ip("client", &non_empty("client", &r.client)?)?;
-        let uplink = non_empty("uplink", &r.uplink)?;
-        let ttl = match r.duration.trim() {
-            "" => None,
-            d => {
-                let t = humantime::parse_duration(d).map_err(|e| {
-                    Status::invalid_argument(format!(
-                        "duration: {d:?} is not a duration ({e}); use e.g. \"30s\", \"2h\""
-                    ))
-                })?;
-                if t.is_zero() {
-                    return Err(Status::invalid_argument(
-                        "duration must be greater than zero",
-                    ));
+        self.timed("SetOverride", async move {
+            let who = write(&req, "SetOverride")?;
+            let r = req.into_inner();
+            let ip = parse_ip("client", &non_empty("client", &r.client)?)?;
+            let uplink = non_empty("uplink", &r.uplink)?;
+            let ttl = match r.duration.trim() {
+                "" => None,
+                d => {
+                    let t = humantime::parse_duration(d).map_err(|e| {
+                        Status::invalid_argument(format!(
+                            "duration: {d:?} is not a duration ({e}); use e.g. \"30s\", \"2h\""
+                        ))
+                    })?;
+                    if t.is_zero() {
+                        return Err(Status::invalid_argument(
+                            "duration must be greater than zero",
+                        ));
+                    }
+                    Some(t)
                 }
-                Some(t)
-            }
-        };
-        tracing::info!(caller = %who, %ip, %uplink, "SetOverride");
-        self.ask(|reply| Command::SetOverride {
-            ip,
-            uplink,
-            ttl,
-            reply,
+            };
+            tracing::info!(caller = %who, %ip, %uplink, "SetOverride");
+            self.ask(|reply| Command::SetOverride {
+                ip,
+                uplink,
+                ttl,
+                reply,
+            })
+            .await
+            .map(Response::new)
         })
         .await
-        .map(Response::new)
     }
 
     async fn clear_override(
         &self,
         req: Request<v1::ClearOverrideRequest>,
     ) -> Result<Response<v1::ClearOverrideResponse>, Status> {
-        let who = write(&req, "ClearOverride")?;
-        let ip = parse_ip("client", &non_empty("client", &req.get_ref().client)?)?;
-        tracing::info!(caller = %who, %ip, "ClearOverride");
-        self.ask(|reply| Command::ClearOverride { ip, reply })
-            .await?;
-        Ok(Response::new(v1::ClearOverrideResponse {}))
+        self.timed("ClearOverride", async move {
+            let who = write(&req, "ClearOverride")?;
+            let ip = parse_ip("client", &non_empty("client", &req.get_ref().client)?)?;
+            tracing::info!(caller = %who, %ip, "ClearOverride");
+            self.ask(|reply| Command::ClearOverride { ip, reply })
+                .await?;
+            Ok(Response::new(v1::ClearOverrideResponse {}))
+        })
+        .await
     }
 
     async fn drain_uplink(
         &self,
         req: Request<v1::UplinkRequest>,
     ) -> Result<Response<v1::Uplink>, Status> {
-        let who = write(&req, "DrainUplink")?;
-        let uplink = non_empty("uplink", &req.get_ref().uplink)?;
-        tracing::info!(caller = %who, %uplink, "DrainUplink");
-        self.ask(|reply| Command::Drain {
-            uplink,
-            drain: true,
-            reply,
+        self.timed("DrainUplink", async move {
+            let who = write(&req, "DrainUplink")?;
+            let uplink = non_empty("uplink", &req.get_ref().uplink)?;
+            tracing::info!(caller = %who, %uplink, "DrainUplink");
+            self.ask(|reply| Command::Drain {
+                uplink,
+                drain: true,
+                reply,
+            })
+            .await
+            .map(Response::new)
         })
         .await
-        .map(Response::new)
     }
 
     async fn undrain_uplink(
         &self,
         req: Request<v1::UplinkRequest>,
     ) -> Result<Response<v1::Uplink>, Status> {
-        let who = write(&req, "UndrainUplink")?;
-        let uplink = non_empty("uplink", &req.get_ref().uplink)?;
-        tracing::info!(caller = %who, %uplink, "UndrainUplink");
-        self.ask(|reply| Command::Drain {
-            uplink,
-            drain: false,
-            reply,
+        self.timed("UndrainUplink", async move {
+            let who = write(&req, "UndrainUplink")?;
+            let uplink = non_empty("uplink", &req.get_ref().uplink)?;
+            tracing::info!(caller = %who, %uplink, "UndrainUplink");
+            self.ask(|reply| Command::Drain {
+                uplink,
+                drain: false,
+                reply,
+            })
+            .await
+            .map(Response::new)
         })
         .await
-        .map(Response::new)
     }
 
     async fn failback(
         &self,
         req: Request<v1::UplinkRequest>,
     ) -> Result<Response<v1::Uplink>, Status> {
-        let who = write(&req, "Failback")?;
-        let uplink = non_empty("uplink", &req.get_ref().uplink)?;
-        tracing::info!(caller = %who, %uplink, "Failback");
-        self.ask(|reply| Command::Failback { uplink, reply })
-            .await
-            .map(Response::new)
+        self.timed("Failback", async move {
+            let who = write(&req, "Failback")?;
+            let uplink = non_empty("uplink", &req.get_ref().uplink)?;
+            tracing::info!(caller = %who, %uplink, "Failback");
+            self.ask(|reply| Command::Failback { uplink, reply })
+                .await
+                .map(Response::new)
+        })
+        .await
     }
 
     async fn reload_config(
         &self,
         req: Request<v1::ReloadConfigRequest>,
     ) -> Result<Response<v1::ReloadConfigResponse>, Status> {
-        let who = write(&req, "ReloadConfig")?;
-        tracing::info!(caller = %who, "ReloadConfig");
-        let config_generation = self.ask(Command::Reload).await?;
-        Ok(Response::new(v1::ReloadConfigResponse {
-            config_generation,
-        }))
+        self.timed("ReloadConfig", async move {
+            let who = write(&req, "ReloadConfig")?;
+            tracing::info!(caller = %who, "ReloadConfig");
+            let config_generation = self.ask(Command::Reload).await?;
+            Ok(Response::new(v1::ReloadConfigResponse {
+                config_generation,
+            }))
+        })
+        .await
     }
 }

@@ -94,6 +94,8 @@ pub struct Health {
     flaps: VecDeque<Instant>,
     held_until: Option<Instant>,
     pub since: Instant,
+    /// The first evaluation sets the state without a transition: a start is not a flap.
+    settled: bool,
 }
 
 impl Health {
@@ -111,6 +113,7 @@ impl Health {
             flaps: VecDeque::new(),
             held_until: None,
             since: now,
+            settled: false,
         }
     }
 
@@ -126,7 +129,7 @@ impl Health {
         h: &HealthConfig,
         f: &FailoverConfig,
     ) -> Option<Transition> {
-        if link == self.link {
+        if link == self.link && self.settled {
             return None;
         }
         let was_ok = self.link.is_ok();
@@ -213,6 +216,12 @@ impl Health {
         {
             target = UplinkState::Degraded;
             cause = reason;
+        }
+        if !self.settled {
+            self.settled = true;
+            self.state = target;
+            self.since = now;
+            return None;
         }
         if target == self.state {
             return None;
@@ -309,7 +318,11 @@ mod tests {
         let (h, f) = cfg();
         let t0 = Instant::now();
         let mut x = Health::new(false, 50, t0);
-        assert_eq!(x.on_link(Ok(()), t0, &h, &f).unwrap().to, UplinkState::Up);
+        assert!(
+            x.on_link(Ok(()), t0, &h, &f).is_none(),
+            "the first evaluation is no transition"
+        );
+        assert_eq!(x.state(), UplinkState::Up);
         let t = x.on_link(Err(LinkProblem::NoCarrier), t0, &h, &f).unwrap();
         assert_eq!(
             (t.to, t.cause.as_str()),

@@ -1,0 +1,87 @@
+//! /metrics tells the truth: scraped in the namespace lab around real traffic and a real
+//! failover.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use uplink_tests::{Lab, UdpStream, UplinkSpec};
+
+/// Sample values by their full series name (`name{labels}`).
+fn scrape(lab: &Lab) -> anyhow::Result<BTreeMap<String, f64>> {
+    let text = lab.gw(&["curl", "-s", "http://127.0.0.1:9477/metrics"])?;
+    Ok(text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| {
+            l.rsplit_once(' ')
+                .and_then(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
+        })
+        .collect())
+}
+
+#[test]
+fn metrics_after_traffic_and_a_failover() -> anyhow::Result<()> {
+    let probe = "probes = [\"icmp:203.0.113.10\"]";
+    let uplinks = vec![
+        UplinkSpec::new("isp1", 2, false).with(probe),
+        UplinkSpec::new("isp2", 1, false).with(probe),
+    ];
+    let mut lab = Lab::build("metrics", uplinks, 3, 0)?;
+    lab.write_config(
+        "10s",
+        "10m",
+        "[metrics]\nlisten = \"127.0.0.1:9477\"\n[failover]\nfailback_delay = \"60s\"\n",
+    )?;
+    lab.start_agent()?;
+    let assigned = lab.greet_clients()?;
+    let on_isp1: Vec<u32> = (1..=3)
+        .filter(|i| assigned[&std::net::IpAddr::from(uplink_tests::client_v4(*i))] == "isp1")
+        .collect();
+    assert_eq!(on_isp1.len(), 2);
+
+    let m = scrape(&lab)?;
+    assert_eq!(m["uplinkd_uplink_clients{uplink=\"isp1\"}"], 2.0);
+    assert_eq!(m["uplinkd_uplink_clients{uplink=\"isp2\"}"], 1.0);
+    assert_eq!(m["uplinkd_uplink_weight{uplink=\"isp1\"}"], 2.0);
+    assert_eq!(m["uplinkd_uplink_up{uplink=\"isp1\"}"], 1.0);
+    assert_eq!(m["uplinkd_clients"], 3.0);
+    assert_eq!(m["uplinkd_in_sync"], 1.0);
+    assert_eq!(m["uplinkd_build_info{version=\"0.1.0\"}"], 1.0);
+    let tx0 = m["uplinkd_uplink_transmit_bytes_total{uplink=\"isp1\"}"];
+    let rx0 = m["uplinkd_uplink_receive_bytes_total{uplink=\"isp1\"}"];
+
+    // 100 datagrams through isp1: the byte counters move by at least their size.
+    let stream = UdpStream::start(&lab, on_isp1[0], false, Duration::from_millis(5))?;
+    std::thread::sleep(Duration::from_millis(600));
+    let r = stream.finish()?;
+    let m = scrape(&lab)?;
+    let (tx, rx) = (
+        m["uplinkd_uplink_transmit_bytes_total{uplink=\"isp1\"}"] - tx0,
+        m["uplinkd_uplink_receive_bytes_total{uplink=\"isp1\"}"] - rx0,
+    );
+    assert!(
+        tx >= (r.sent * 28) as f64 && rx >= (r.received * 28) as f64,
+        "tx {tx} rx {rx} for {} datagrams",
+        r.sent
+    );
+    assert!(m["uplinkd_uplink_probe_rtt_seconds_count{uplink=\"isp1\"}"] > 0.0);
+    assert!(m["uplinkd_dispatch_latency_seconds_count"] > 0.0);
+
+    lab.carrier("isp1", false)?;
+    lab.wait_for(Duration::from_secs(5), "failover", || {
+        Ok(lab.log_tail(30).contains("failover of isp1"))
+    })?;
+    let m = scrape(&lab)?;
+    assert_eq!(m["uplinkd_uplink_up{uplink=\"isp1\"}"], 0.0);
+    assert_eq!(
+        m["uplinkd_uplink_state{state=\"down\",uplink=\"isp1\"}"],
+        1.0
+    );
+    assert_eq!(m["uplinkd_uplink_state{state=\"up\",uplink=\"isp1\"}"], 0.0);
+    assert_eq!(m["uplinkd_failovers_total{uplink=\"isp1\"}"], 1.0);
+    assert_eq!(m["uplinkd_failovers_total{uplink=\"isp2\"}"], 0.0);
+    assert_eq!(m["uplinkd_uplink_flaps_total{uplink=\"isp1\"}"], 1.0);
+    assert!(m["uplinkd_apply_duration_seconds_count"] > 0.0);
+    assert_eq!(m["uplinkd_apply_errors_total"], 0.0);
+    Ok(())
+}
