@@ -149,6 +149,13 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
     if let Some(api) = agent.config.api.clone() {
         api::serve(api, cmd_tx, agent.in_sync.clone(), agent.metrics.clone()).await?;
     }
+    if report.errors.is_empty() {
+        crate::notify::ready();
+    }
+    let mut watchdog = tokio::time::interval(
+        crate::notify::watchdog_interval().unwrap_or(Duration::from_secs(3600)),
+    );
+    let mut notified_ready = report.errors.is_empty();
     if let Some(listen) = agent.config.metrics {
         metrics::serve(listen, agent.metrics.clone(), scrape_tx)
             .await
@@ -233,6 +240,10 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
                 for c in &released {
                     info!(mac = %c.mac, home = %c.home, "client idle; released");
                 }
+                if !notified_ready && agent.in_sync.load(Ordering::SeqCst) {
+                    crate::notify::ready();
+                    notified_ready = true;
+                }
                 if !released.is_empty() || agent.needs_retry || health_changed {
                     agent.state_dirty |= !released.is_empty();
                     let full = agent.needs_retry;
@@ -240,6 +251,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
                 }
                 agent.save_state();
             }
+            _ = watchdog.tick() => crate::notify::watchdog(),
             _ = sighup.recv() => {
                 let _ = agent.reload().await;
             }

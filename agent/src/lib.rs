@@ -13,4 +13,5 @@ pub mod discover;
 pub mod health;
 pub mod metrics;
 pub mod model;
+pub mod notify;
 pub mod plan;

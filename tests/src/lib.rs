@@ -64,6 +64,8 @@ pub struct Lab {
     pub clients: BTreeMap<u32, bool>,
     namespaces: Vec<String>,
     agent: Option<Child>,
+    /// Extra environment for the agent process.
+    pub agent_env: Vec<(String, String)>,
 }
 
 /// Runs a command, failing with its stderr.
@@ -204,6 +206,7 @@ impl Lab {
             clients: BTreeMap::new(),
             namespaces: Vec::new(),
             agent: None,
+            agent_env: Vec::new(),
         };
         lab.build_core()?;
         for i in 1..=clients {
@@ -637,6 +640,7 @@ impl Lab {
                 "RUST_LOG",
                 std::env::var("UPLINKD_LOG").unwrap_or_else(|_| "info".into()),
             )
+            .envs(self.agent_env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()?;

@@ -83,5 +83,22 @@ fn metrics_after_traffic_and_a_failover() -> anyhow::Result<()> {
     assert_eq!(m["uplinkd_uplink_flaps_total{uplink=\"isp1\"}"], 1.0);
     assert!(m["uplinkd_apply_duration_seconds_count"] > 0.0);
     assert_eq!(m["uplinkd_apply_errors_total"], 0.0);
+
+    // The exposition passes promtool's lint (Debian package prometheus).
+    let text = lab.gw(&["curl", "-s", "http://127.0.0.1:9477/metrics"])?;
+    let mut promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    std::io::Write::write_all(&mut promtool.stdin.take().unwrap(), text.as_bytes())?;
+    let out = promtool.wait_with_output()?;
+    assert!(
+        out.status.success(),
+        "promtool check metrics:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok(())
 }

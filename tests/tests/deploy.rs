@@ -1,0 +1,119 @@
+//! The deployment kit, checked offline: alert rules and their unit tests (promtool), the
+//! systemd unit (systemd-analyze) and the agent's systemd notifications.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use uplink_tests::{Lab, UplinkSpec, sh};
+
+fn deploy() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
+}
+
+#[test]
+fn alert_rules_check_and_pass_their_unit_tests() -> anyhow::Result<()> {
+    let dir = deploy().join("prometheus");
+    let out = sh(&[
+        "promtool",
+        "check",
+        "rules",
+        dir.join("alerts.yaml").to_str().unwrap(),
+    ])?;
+    assert!(out.contains("SUCCESS: 6 rules found"), "{out}");
+    for alert in [
+        "UplinkDown",
+        "AllUplinksDown",
+        "UplinkDegraded",
+        "UplinkFlapping",
+        "AgentNotInSync",
+        "AgentDown",
+    ] {
+        assert!(
+            std::fs::read_to_string(dir.join("alerts_test.yaml"))?
+                .contains(&format!("alertname: {alert}")),
+            "{alert} has no unit test"
+        );
+    }
+    sh(&[
+        "promtool",
+        "test",
+        "rules",
+        dir.join("alerts_test.yaml").to_str().unwrap(),
+    ])?;
+    sh(&[
+        "promtool",
+        "check",
+        "config",
+        dir.join("scrape.yaml").to_str().unwrap(),
+    ])?;
+    Ok(())
+}
+
+#[test]
+fn systemd_unit_verifies() -> anyhow::Result<()> {
+    let unit = std::fs::read_to_string(deploy().join("systemd/uplinkd.service"))?;
+    for key in [
+        "Type=notify",
+        "WatchdogSec=",
+        "Restart=on-failure",
+        "StateDirectory=uplinkd",
+        "CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_RAW",
+        "AmbientCapabilities=CAP_NET_ADMIN CAP_NET_RAW",
+        "ProtectSystem=strict",
+        "ProtectHome=yes",
+        "NoNewPrivileges=yes",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+    ] {
+        assert!(unit.contains(key), "the unit lacks {key}");
+    }
+    // verify needs the executable to exist: point it at the binary under test.
+    let dir = std::env::temp_dir().join(format!("uplinkd-unit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("uplinkd.service");
+    std::fs::write(
+        &path,
+        unit.replace(
+            "/usr/bin/uplinkd",
+            uplink_tests::uplinkd_bin().to_str().unwrap(),
+        ),
+    )?;
+    let out = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    std::fs::remove_dir_all(&dir)?;
+    assert!(
+        out.status.success() && !err.contains("uplinkd.service:"),
+        "systemd-analyze verify: {err}"
+    );
+    Ok(())
+}
+
+/// READY=1 once the first apply is in sync, then WATCHDOG=1 at half the watchdog period.
+#[test]
+fn agent_notifies_systemd() -> anyhow::Result<()> {
+    let mut lab = Lab::build("notify", vec![UplinkSpec::new("isp1", 1, false)], 0, 0)?;
+    let socket = lab.dir.join("notify.sock");
+    let listener = std::os::unix::net::UnixDatagram::bind(&socket)?;
+    listener.set_read_timeout(Some(Duration::from_secs(5)))?;
+    lab.agent_env = vec![
+        ("NOTIFY_SOCKET".into(), socket.to_str().unwrap().into()),
+        ("WATCHDOG_USEC".into(), "400000".into()),
+    ];
+    lab.write_config("10s", "10m", "")?;
+    lab.start_agent()?;
+    let mut buf = [0u8; 256];
+    let mut got = Vec::new();
+    while got
+        .iter()
+        .filter(|m: &&String| m.contains("WATCHDOG=1"))
+        .count()
+        < 2
+    {
+        let n = listener.recv(&mut buf)?;
+        got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    assert!(got[0].starts_with("READY=1"), "{got:?}");
+    Ok(())
+}
