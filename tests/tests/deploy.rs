@@ -117,3 +117,112 @@ fn agent_notifies_systemd() -> anyhow::Result<()> {
     assert!(got[0].starts_with("READY=1"), "{got:?}");
     Ok(())
 }
+
+#[test]
+fn kubernetes_manifests_validate_for_two_versions() -> anyhow::Result<()> {
+    let dir = deploy().join("kubernetes");
+    let kustomization: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(dir.join("kustomization.yaml"))?)?;
+    let resources: Vec<String> = kustomization["resources"]
+        .as_sequence()
+        .expect("resources")
+        .iter()
+        .map(|r| dir.join(r.as_str().unwrap()).to_str().unwrap().to_string())
+        .collect();
+    assert_eq!(resources.len(), 3);
+    for version in ["1.35.0", "1.37.0"] {
+        let mut args = vec!["kubernetes-validate", "-k", version, "--strict"];
+        args.extend(resources.iter().map(String::as_str));
+        let out = sh(&args)?;
+        assert_eq!(out.matches("passed").count(), 3, "{out}");
+    }
+    let ds = std::fs::read_to_string(dir.join("daemonset.yaml"))?;
+    for key in [
+        "hostNetwork: true",
+        "drop: [\"ALL\"]",
+        "add: [\"NET_ADMIN\", \"NET_RAW\"]",
+        "readOnlyRootFilesystem: true",
+        "allowPrivilegeEscalation: false",
+        "priorityClassName: system-node-critical",
+        "maxUnavailable: 1",
+        "path: /healthz",
+        "path: /readyz",
+        "type: DirectoryOrCreate",
+    ] {
+        assert!(ds.contains(key), "the DaemonSet lacks {key}");
+    }
+    // The CRD objects (cert-manager, Prometheus Operator) are at least well-formed.
+    for f in [
+        dir.join("certificate.yaml"),
+        deploy().join("prometheus/podmonitor.yaml"),
+    ] {
+        let v: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(&f)?)?;
+        assert!(v["kind"].as_str().is_some(), "{}", f.display());
+    }
+    Ok(())
+}
+
+/// Every metric the dashboard queries is one the agent really exports (from a scrape).
+#[test]
+fn dashboard_queries_real_metrics() -> anyhow::Result<()> {
+    let dash: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
+        deploy().join("grafana/uplink.json"),
+    )?)?;
+    assert!(
+        dash["templating"]["list"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["name"] == "gateway")
+    );
+    let mut lab = Lab::build(
+        "dash",
+        vec![UplinkSpec::new("isp1", 1, false).with("probes = [\"icmp:203.0.113.10\"]")],
+        0,
+        0,
+    )?;
+    lab.write_config("10s", "10m", "[metrics]\nlisten = \"127.0.0.1:9477\"\n")?;
+    lab.start_agent()?;
+    // Histograms with labels appear with their first observation: let probes run.
+    std::thread::sleep(Duration::from_millis(1000));
+    let scrape = lab.gw(&["curl", "-s", "http://127.0.0.1:9477/metrics"])?;
+    let exported: std::collections::BTreeSet<&str> = scrape
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .collect();
+    let mut exprs: Vec<String> = dash["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| {
+            p["targets"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t["expr"].as_str().unwrap().to_string())
+        })
+        .collect();
+    exprs.push(
+        dash["templating"]["list"][1]["definition"]
+            .as_str()
+            .unwrap()
+            .to_string(),
+    );
+    let mut checked = 0;
+    for e in &exprs {
+        for (i, _) in e.match_indices("uplinkd_") {
+            let name: String = e[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            assert!(
+                exported.contains(name.as_str()),
+                "the dashboard queries {name}, which the agent does not export"
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 12, "{checked}");
+    Ok(())
+}
