@@ -226,3 +226,46 @@ fn dashboard_queries_real_metrics() -> anyhow::Result<()> {
     assert!(checked >= 12, "{checked}");
     Ok(())
 }
+
+/// `--log-format json`: one JSON object per line, for collectors.
+#[test]
+fn json_logs() -> anyhow::Result<()> {
+    let ns = uplink_tests::Netns::new("jsonlog")?;
+    let dir = std::env::temp_dir().join(&ns.0);
+    std::fs::create_dir_all(&dir)?;
+    let cfg = dir.join("c.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[agent]\nstate_dir = \"{}\"\n[lan]\ninterfaces = [\"br-lan\"]\n[metrics]\nenabled = false\n[[uplink]]\nname = \"a\"\ninterface = \"wan1\"\ngateway = \"100.64.1.1\"\n",
+            dir.join("state").display()
+        ),
+    )?;
+    let mut child = std::process::Command::new("ip")
+        .args(["netns", "exec", &ns.0])
+        .arg(uplink_tests::uplinkd_bin())
+        .args(["--log-format", "json", "--config"])
+        .arg(&cfg)
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
+    let mut seen = Vec::new();
+    while let Some(Ok(line)) = lines.next() {
+        let v: serde_json::Value =
+            serde_json::from_str(&line).map_err(|e| anyhow::anyhow!("not JSON: {line:?}: {e}"))?;
+        let done = v["message"] == "initial apply done";
+        seen.push(v);
+        if done {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    std::fs::remove_dir_all(&dir)?;
+    let last = seen.last().expect("log lines");
+    assert_eq!(last["message"], "initial apply done");
+    assert_eq!(last["level"], "INFO");
+    assert!(last["elapsed_ms"].is_u64(), "{last}");
+    Ok(())
+}
