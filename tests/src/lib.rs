@@ -515,8 +515,9 @@ impl Lab {
             }
         }
         bail!(
-            "client c{i} ({}) got no answer after {tries} tries",
-            if v6 { "IPv6" } else { "IPv4" }
+            "client c{i} ({}) got no answer after {tries} tries\n--- uplinkd log ---\n{}",
+            if v6 { "IPv6" } else { "IPv4" },
+            self.log_tail(40)
         )
     }
 

@@ -13,7 +13,8 @@ fn two_uplinks() -> Vec<UplinkSpec> {
 }
 
 fn via(lab: &Lab, i: u32) -> anyhow::Result<String> {
-    let seen = lab.probe(i, false, 10)?;
+    // Generous: a loaded CI machine runs a dozen labs at once.
+    let seen = lab.probe(i, false, 20)?;
     lab.uplink_of_source(seen)
         .ok_or_else(|| anyhow::anyhow!("unknown source {seen}"))
 }
