@@ -108,48 +108,20 @@ pub fn client(config: &Config, model: &Model, c: &Client) -> v1::Client {
 }
 
 pub fn event(e: &LogEntry) -> v1::Event {
-    let (kind, from, to) = match &e.kind {
-        EventKind::State { from, to } => ("state", map_state(*from), map_state(*to)),
-        EventKind::Failover => (
-            "failover",
-            v1::UplinkState::Unspecified,
-            v1::UplinkState::Unspecified,
-        ),
-        EventKind::Failback => (
-            "failback",
-            v1::UplinkState::Unspecified,
-            v1::UplinkState::Unspecified,
-        ),
-        EventKind::AllDown => (
-            "all_down",
-            v1::UplinkState::Unspecified,
-            v1::UplinkState::Unspecified,
-        ),
-        EventKind::Recovered => (
-            "recovered",
-            v1::UplinkState::Unspecified,
-            v1::UplinkState::Unspecified,
-        ),
-        EventKind::Override => (
-            "override",
-            v1::UplinkState::Unspecified,
-            v1::UplinkState::Unspecified,
-        ),
-        EventKind::Drain => (
-            "drain",
-            v1::UplinkState::Unspecified,
-            v1::UplinkState::Unspecified,
-        ),
-        EventKind::Undrain => (
-            "undrain",
-            v1::UplinkState::Unspecified,
-            v1::UplinkState::Unspecified,
-        ),
-        EventKind::Reload => (
-            "reload",
-            v1::UplinkState::Unspecified,
-            v1::UplinkState::Unspecified,
-        ),
+    let (from, to) = match &e.kind {
+        EventKind::State { from, to } => (map_state(*from), map_state(*to)),
+        _ => (v1::UplinkState::Unspecified, v1::UplinkState::Unspecified),
+    };
+    let kind = match &e.kind {
+        EventKind::State { .. } => "state",
+        EventKind::Failover => "failover",
+        EventKind::Failback => "failback",
+        EventKind::AllDown => "all_down",
+        EventKind::Recovered => "recovered",
+        EventKind::Override => "override",
+        EventKind::Drain => "drain",
+        EventKind::Undrain => "undrain",
+        EventKind::Reload => "reload",
     };
     v1::Event {
         at_ms: e.at,
