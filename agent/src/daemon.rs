@@ -429,11 +429,14 @@ impl Agent {
             }
             let _ = self.event_tx.send(view::event(&e));
             match &e.kind {
-                EventKind::Failover => self
-                    .metrics
-                    .failovers
-                    .with_label_values(&[e.uplink.as_str()])
-                    .inc(),
+                EventKind::Failover => {
+                    // One span per failover, for tracing backends.
+                    tracing::info_span!("failover", uplink = %e.uplink, clients_moved = e.clients_moved, cause = %e.cause).in_scope(|| {});
+                    self.metrics
+                        .failovers
+                        .with_label_values(&[e.uplink.as_str()])
+                        .inc();
+                }
                 EventKind::Failback => self
                     .metrics
                     .failbacks
@@ -490,7 +493,16 @@ impl Agent {
         }
     }
 
+    /// Plan and apply, in an `apply` span.
     async fn apply(&mut self, full: bool) -> ApplyReport {
+        use tracing::Instrument;
+        let span = tracing::info_span!("apply", full, errors = tracing::field::Empty);
+        let report = self.apply_traced(full).instrument(span.clone()).await;
+        span.record("errors", report.errors.len());
+        report
+    }
+
+    async fn apply_traced(&mut self, full: bool) -> ApplyReport {
         let started = Instant::now();
         let desired = plan(&self.config, &self.model);
         let report = self.dataplane.apply(&desired, full).await;

@@ -15,3 +15,4 @@ pub mod metrics;
 pub mod model;
 pub mod notify;
 pub mod plan;
+pub mod telemetry;

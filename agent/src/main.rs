@@ -3,7 +3,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use tracing_subscriber::EnvFilter;
 use uplinkd::config::{Config, DEFAULT_CONFIG_PATH};
 
 /// uplinkd: dispatches LAN clients over several ISP uplinks.
@@ -41,14 +40,6 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match cli.log_format {
-        LogFormat::Json => logs.json().flatten_event(true).init(),
-        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
-    }
     let path = match &cli.command {
         Some(Command::CheckConfig { path: Some(p) }) => p.clone(),
         _ => cli.config.clone(),
@@ -71,7 +62,29 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match cli.command.unwrap_or(Command::Run) {
+    let _rt = runtime.enter();
+    let telemetry = match uplinkd::telemetry::init(
+        cli.log_format == LogFormat::Json,
+        std::io::stderr().is_terminal(),
+    ) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = run(cli.command.unwrap_or(Command::Run), config, path, &runtime);
+    telemetry.shutdown();
+    code
+}
+
+fn run(
+    command: Command,
+    config: Config,
+    path: PathBuf,
+    runtime: &tokio::runtime::Runtime,
+) -> ExitCode {
+    match command {
         Command::CheckConfig { .. } => {
             println!(
                 "{}: ok ({} uplinks, LAN {})",

@@ -225,6 +225,7 @@ fn caller<T>(req: &Request<T>) -> Result<(Role, String), Status> {
         .first()
         .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
     let (role, name) = auth::role_of(leaf).map_err(Status::permission_denied)?;
+    tracing::Span::current().record("caller", name.as_str());
     if role == Role::Agent {
         return Err(Status::permission_denied(format!(
             "{name}: an agent certificate cannot act as a client"
@@ -270,12 +271,21 @@ impl AgentService {
         method: &str,
         call: impl std::future::Future<Output = Result<T, Status>>,
     ) -> Result<T, Status> {
+        use tracing::Instrument;
         let t = std::time::Instant::now();
-        let r = call.await;
+        // caller is recorded by the role check inside the call.
+        let span = tracing::info_span!(
+            "grpc",
+            method,
+            caller = tracing::field::Empty,
+            code = tracing::field::Empty
+        );
+        let r = call.instrument(span.clone()).await;
         let code = match &r {
             Ok(_) => tonic::Code::Ok,
             Err(s) => s.code(),
         };
+        span.record("code", format!("{code:?}"));
         self.metrics
             .grpc_requests
             .with_label_values(&[method, &format!("{code:?}")])
