@@ -27,8 +27,15 @@ pub struct Config {
     /// The gRPC API; absent without an `[api]` table.
     pub api: Option<ApiConfig>,
     /// Prometheus `/metrics`; `None` when `[metrics] enabled = false`.
-    pub metrics: Option<std::net::SocketAddr>,
+    pub metrics: Option<MetricsConfig>,
     pub uplinks: Vec<UplinkConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricsConfig {
+    pub listen: std::net::SocketAddr,
+    /// HTTPS with this certificate and key (PEM) instead of plain HTTP.
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -265,6 +272,8 @@ struct RawConfig {
 struct RawMetrics {
     enabled: Option<bool>,
     listen: Option<Spanned<String>>,
+    cert: Option<Spanned<PathBuf>>,
+    key: Option<Spanned<PathBuf>>,
 }
 
 #[derive(Deserialize)]
@@ -724,19 +733,54 @@ impl Validator<'_> {
         };
         let metrics = match raw.metrics.enabled {
             Some(false) => None,
-            _ => Some(match raw.metrics.listen {
-                None => "0.0.0.0:9477".parse().expect("default address parses"),
-                Some(v) => v.get_ref().trim().parse().map_err(|_| {
-                    self.err(
-                        Some(v.span()),
-                        "metrics.listen",
-                        format!(
-                            "invalid address {:?}; use IP:PORT, e.g. \"0.0.0.0:9477\"",
-                            v.get_ref()
-                        ),
-                    )
-                })?,
-            }),
+            _ => {
+                let listen = match raw.metrics.listen {
+                    None => "0.0.0.0:9477".parse().expect("default address parses"),
+                    Some(v) => v.get_ref().trim().parse().map_err(|_| {
+                        self.err(
+                            Some(v.span()),
+                            "metrics.listen",
+                            format!(
+                                "invalid address {:?}; use IP:PORT, e.g. \"0.0.0.0:9477\"",
+                                v.get_ref()
+                            ),
+                        )
+                    })?,
+                };
+                let tls = match (raw.metrics.cert, raw.metrics.key) {
+                    (None, None) => None,
+                    (Some(c), Some(k)) => {
+                        for (key, p) in [("metrics.cert", &c), ("metrics.key", &k)] {
+                            if !p.get_ref().is_file() {
+                                return Err(self.err(
+                                    Some(p.span()),
+                                    key,
+                                    format!(
+                                        "{} is not a readable file (PEM)",
+                                        p.get_ref().display()
+                                    ),
+                                ));
+                            }
+                        }
+                        Some((c.into_inner(), k.into_inner()))
+                    }
+                    (Some(c), None) => {
+                        return Err(self.err(
+                            Some(c.span()),
+                            "metrics.key",
+                            "metrics.cert needs metrics.key too",
+                        ));
+                    }
+                    (None, Some(k)) => {
+                        return Err(self.err(
+                            Some(k.span()),
+                            "metrics.cert",
+                            "metrics.key needs metrics.cert too",
+                        ));
+                    }
+                };
+                Some(MetricsConfig { listen, tls })
+            }
         };
         Ok(Config {
             agent,

@@ -42,11 +42,8 @@ pub enum AgentError {
     Signal(std::io::Error),
     #[error(transparent)]
     Api(#[from] api::ServeError),
-    #[error("cannot serve metrics on {listen} (metrics.listen): {source}")]
-    Metrics {
-        listen: std::net::SocketAddr,
-        source: std::io::Error,
-    },
+    #[error("metrics: {0}")]
+    Metrics(String),
 }
 
 pub struct Agent {
@@ -156,10 +153,10 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
         crate::notify::watchdog_interval().unwrap_or(Duration::from_secs(3600)),
     );
     let mut notified_ready = report.errors.is_empty();
-    if let Some(listen) = agent.config.metrics {
-        metrics::serve(listen, agent.metrics.clone(), scrape_tx)
+    if let Some(m) = &agent.config.metrics {
+        metrics::serve(m, agent.metrics.clone(), scrape_tx)
             .await
-            .map_err(|source| AgentError::Metrics { listen, source })?;
+            .map_err(AgentError::Metrics)?;
     }
     info!(
         clients = agent.model.clients().len(),

@@ -3,7 +3,6 @@
 //! the nft counters at scrape time, by the agent loop, so every value shown is current.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use prometheus::{
@@ -13,7 +12,7 @@ use prometheus::{
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::config::Config;
+use crate::config::{Config, MetricsConfig};
 use crate::dataplane::nft::Traffic;
 use crate::health::UplinkState;
 use crate::model::Model;
@@ -284,13 +283,17 @@ impl Metrics {
     }
 }
 
-/// Serves `/metrics`: each scrape asks the agent loop to refresh, then encodes.
+/// Serves `/metrics` (HTTPS when a certificate is configured): each scrape asks the agent
+/// loop to refresh, then encodes.
 pub async fn serve(
-    listen: SocketAddr,
+    cfg: &MetricsConfig,
     metrics: Arc<Metrics>,
     refresh: mpsc::Sender<oneshot::Sender<()>>,
-) -> std::io::Result<()> {
-    let listener = TcpListener::bind(listen).await?;
+) -> Result<(), String> {
+    let listen = cfg.listen;
+    let listener = TcpListener::bind(listen)
+        .await
+        .map_err(|e| format!("cannot listen on {listen} (metrics.listen): {e}"))?;
     let app = axum::Router::new().route(
         "/metrics",
         axum::routing::get(move || {
@@ -310,11 +313,44 @@ pub async fn serve(
             }
         }),
     );
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(error = %e, "metrics listener stopped");
+    match &cfg.tls {
+        None => {
+            tokio::spawn(async move {
+                if let Err(e) = axum::serve(listener, app).await {
+                    tracing::error!(error = %e, "metrics listener stopped");
+                }
+            });
         }
-    });
-    tracing::info!(%listen, "metrics serving");
+        Some((cert, key)) => {
+            let tls = crate::api::tls::plain_server_config(cert, key)
+                .map_err(|e| format!("metrics TLS: {e}"))?;
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+            tokio::spawn(async move {
+                loop {
+                    let Ok((tcp, _)) = listener.accept().await else {
+                        continue;
+                    };
+                    let (acceptor, app) = (acceptor.clone(), app.clone());
+                    tokio::spawn(async move {
+                        let Ok(Ok(tls)) = tokio::time::timeout(
+                            std::time::Duration::from_secs(10),
+                            acceptor.accept(tcp),
+                        )
+                        .await
+                        else {
+                            return;
+                        };
+                        let service = hyper_util::service::TowerToHyperService::new(app);
+                        let _ = hyper_util::server::conn::auto::Builder::new(
+                            hyper_util::rt::TokioExecutor::new(),
+                        )
+                        .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                        .await;
+                    });
+                }
+            });
+        }
+    }
+    tracing::info!(%listen, tls = cfg.tls.is_some(), "metrics serving");
     Ok(())
 }

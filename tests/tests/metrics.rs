@@ -102,3 +102,34 @@ fn metrics_after_traffic_and_a_failover() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// `[metrics] cert/key`: /metrics over HTTPS only.
+#[test]
+fn metrics_over_tls() -> anyhow::Result<()> {
+    let mut lab = Lab::build("mtls", vec![UplinkSpec::new("isp1", 1, false)], 0, 0)?;
+    let _ = lab.api_config()?; // makes the CA and a certificate for 127.0.0.1
+    let certs = lab.dir.join("certs");
+    let d = certs.display();
+    lab.write_config(
+        "10s",
+        "10m",
+        &format!(
+            "[metrics]\nlisten = \"127.0.0.1:9477\"\ncert = \"{d}/gw.crt\"\nkey = \"{d}/gw.key\"\n"
+        ),
+    )?;
+    lab.start_agent()?;
+    let body = lab.gw(&[
+        "curl",
+        "-sf",
+        "--cacert",
+        &format!("{d}/ca.crt"),
+        "https://127.0.0.1:9477/metrics",
+    ])?;
+    assert!(body.contains("uplinkd_build_info"), "{body}");
+    assert!(
+        lab.gw(&["curl", "-sf", "http://127.0.0.1:9477/metrics"])
+            .is_err(),
+        "plain HTTP must not be served"
+    );
+    Ok(())
+}

@@ -96,6 +96,23 @@ impl ResolvesServerCert for Reloading {
     }
 }
 
+/// A server config without client authentication (for `/metrics` over HTTPS); the
+/// certificate is reloaded on change like the API's.
+pub fn plain_server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let first = Reloading::load(cert, key)?;
+    let resolver = Reloading {
+        cert: cert.to_owned(),
+        key: key.to_owned(),
+        current: Mutex::new((Reloading::mtime(cert), Reloading::mtime(key), first)),
+    };
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(resolver));
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
 /// rustls server config: TLS 1.2/1.3, h2, client certificates required.
 pub fn server_config(api: &ApiConfig) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let mut roots = RootCertStore::empty();
