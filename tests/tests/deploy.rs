@@ -269,3 +269,28 @@ fn json_logs() -> anyhow::Result<()> {
     assert!(last["elapsed_ms"].is_u64(), "{last}");
     Ok(())
 }
+
+/// `kubectl kustomize` renders the kustomization, and the rendered objects validate.
+#[test]
+fn kustomization_renders() -> anyhow::Result<()> {
+    let rendered = sh(&[
+        "kubectl",
+        "kustomize",
+        deploy().join("kubernetes").to_str().unwrap(),
+    ])?;
+    for kind in ["kind: Namespace", "kind: ConfigMap", "kind: DaemonSet"] {
+        assert!(rendered.contains(kind), "{kind} missing from the rendering");
+    }
+    let path = std::env::temp_dir().join(format!("uplink-rendered-{}.yaml", std::process::id()));
+    std::fs::write(&path, &rendered)?;
+    let out = sh(&[
+        "kubernetes-validate",
+        "-k",
+        "1.37.0",
+        "--strict",
+        path.to_str().unwrap(),
+    ]);
+    std::fs::remove_file(&path)?;
+    assert_eq!(out?.matches("passed").count(), 3);
+    Ok(())
+}
