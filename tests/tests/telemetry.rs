@@ -98,9 +98,11 @@ fn failover_span_reaches_an_otlp_receiver() -> anyhow::Result<()> {
         ("OTEL_SERVICE_NAME".into(), "uplinkd-lab".into()),
         ("OTEL_RESOURCE_ATTRIBUTES".into(), "site=lab".into()),
     ];
-    lab.write_config("10s", "10m", "")?;
+    let api = lab.api_config()?;
+    lab.write_config("10s", "10m", &api)?;
     lab.start_agent()?;
     let assigned = lab.greet_clients()?;
+    assert_eq!(lab.ctl("view", &["status"])?.0, 0);
     let moved = assigned
         .values()
         .filter(|u| *u == "isp1")
