@@ -54,6 +54,13 @@ fn main() -> Result<()> {
         lab.prefix,
         lab.ns("gw")
     );
+    let certs = lab.dir.join("certs");
+    eprintln!(
+        "uplinkctl (from another shell, as root):\n  export UPLINKCTL_CA={c}/ca.crt UPLINKCTL_CERT={c}/op.crt UPLINKCTL_KEY={c}/op.key\n  ip netns exec {gw} {ctl} --gateway 127.0.0.1:7443 uplinks",
+        c = certs.display(),
+        gw = lab.ns("gw"),
+        ctl = uplink_tests::uplinkctl_bin().display()
+    );
 
     // First contact: the gateway learns each client from its ARP/ND traffic.
     for (&i, &v6) in &lab.clients {
