@@ -57,18 +57,42 @@ pub struct Signature {
 }
 
 impl Signature {
-    /// Same chains (with hooks) and maps: only rules may differ.
-    fn same_objects(&self, other: &Signature) -> bool {
-        self.chains == other.chains
-            && self.maps == other.maps
+    /// The kernel's table (`self`) can become `want` without being replaced: same maps,
+    /// and every chain both have is defined alike (hooks cannot change in place). Chains
+    /// may be added (a new uplink) or removed, and rules rewritten.
+    fn compatible(&self, want: &Signature) -> bool {
+        self.maps == want.maps
+            && self.chains.iter().all(|c| {
+                want.chains
+                    .iter()
+                    .find(|w| w.name == c.name)
+                    .is_none_or(|w| w == c)
+            })
             && self
                 .rules
                 .iter()
-                .chain(&other.rules)
                 .all(|(c, _)| self.chains.iter().any(|x| &x.name == c))
     }
 
-    /// Chains whose rule lists differ.
+    /// Chains `want` has and `self` lacks, and the other way round.
+    fn chain_changes(&self, want: &Signature) -> (Vec<ListChain>, Vec<String>) {
+        let have: BTreeSet<&str> = self.chains.iter().map(|c| c.name.as_str()).collect();
+        let wanted: BTreeSet<&str> = want.chains.iter().map(|c| c.name.as_str()).collect();
+        (
+            want.chains
+                .iter()
+                .filter(|c| !have.contains(c.name.as_str()))
+                .cloned()
+                .collect(),
+            self.chains
+                .iter()
+                .filter(|c| !wanted.contains(c.name.as_str()))
+                .map(|c| c.name.clone())
+                .collect(),
+        )
+    }
+
+    /// Chains of `other` whose rule lists differ from `self`'s.
     fn changed_chains(&self, other: &Signature) -> BTreeSet<String> {
         let by_chain = |s: &Signature| {
             let mut m: BTreeMap<String, Vec<Option<String>>> = BTreeMap::new();
@@ -78,7 +102,8 @@ impl Signature {
             m
         };
         let (a, b) = (by_chain(self), by_chain(other));
-        self.chains
+        other
+            .chains
             .iter()
             .map(|c| c.name.clone())
             .filter(|n| a.get(n) != b.get(n))
@@ -204,9 +229,21 @@ impl NftDriver {
         let mut batch: Vec<String> = Vec::new();
         let mut stats = NftStats::default();
         match kernel.as_ref() {
-            Some(k) if k.signature.same_objects(&want_sig) => {
-                // Chains whose rules differ (a failover rewrites a home chain) are flushed
-                // and refilled in the same transaction as the element changes.
+            Some(k) if k.signature.compatible(&want_sig) => {
+                // In place, one transaction: new chains, then chains whose rules differ
+                // (a failover rewrites a home chain) flushed and refilled, element
+                // changes, and last the chains of removed uplinks, emptied first. The
+                // table, its NAT chain and established flows are never touched.
+                let (new_chains, old_chains) = k.signature.chain_changes(&want_sig);
+                for c in &new_chains {
+                    let chain = Chain {
+                        family: NfFamily::INet,
+                        table: Cow::Borrowed(&self.table),
+                        name: Cow::Borrowed(&c.name),
+                        ..Chain::default()
+                    };
+                    batch.push(command(NfCmd::Add(NfListObject::Chain(chain))));
+                }
                 let changed = k.signature.changed_chains(&want_sig);
                 stats.rewritten_chains = changed.len();
                 for name in &changed {
@@ -232,6 +269,18 @@ impl NftDriver {
                 // Deletes first: a changed value is a delete and an add of the same key.
                 push_elements(&mut batch, &self.table, &dels, false);
                 push_elements(&mut batch, &self.table, &adds, true);
+                for name in &old_chains {
+                    let chain = || Chain {
+                        family: NfFamily::INet,
+                        table: Cow::Borrowed(&self.table),
+                        name: Cow::Borrowed(name),
+                        ..Chain::default()
+                    };
+                    batch.push(command(NfCmd::Flush(nftables::schema::FlushObject::Chain(
+                        chain(),
+                    ))));
+                    batch.push(command(NfCmd::Delete(NfListObject::Chain(chain()))));
+                }
             }
             _ => {
                 stats.replaced_table = true;
@@ -887,11 +936,29 @@ mod tests {
         let mut s3 = s.clone();
         s3.uplinks[0].home = Some(vec!["a".into()]);
         let sig3 = signature_of(&render_structure(&s3));
-        assert!(base.same_objects(&sig3));
+        assert!(base.compatible(&sig3));
         assert_eq!(
             base.changed_chains(&sig3),
             BTreeSet::from(["home_a".to_string()])
         );
+        // A new uplink adds chains in place too.
+        let mut s4 = s.clone();
+        s4.uplinks.push(NftUplink {
+            name: "b".into(),
+            interface: "wan1".into(),
+            fwmark: 0x0200_0000,
+            masquerade: true,
+            home: None,
+        });
+        let sig4 = signature_of(&render_structure(&s4));
+        assert!(base.compatible(&sig4));
+        let (new, old) = base.chain_changes(&sig4);
+        assert_eq!(
+            new.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(),
+            ["home_b", "up_b"]
+        );
+        assert!(old.is_empty());
+        assert!(sig4.compatible(&base), "and removes them in place");
         assert_eq!(base, signature_of(&render_structure(&s)));
     }
 
