@@ -758,6 +758,11 @@ impl Drop for Lab {
                 self.log_tail(60)
             );
         }
+        // UPLINK_KEEP_NETNS=1 leaves the namespaces for a post-mortem (ip netns del later).
+        if std::env::var_os("UPLINK_KEEP_NETNS").is_some() {
+            eprintln!("kept namespaces {}-*", self.prefix);
+            return;
+        }
         // Clients first: deleting a namespace destroys its veth pairs.
         for ns in self.namespaces.iter().rev() {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
