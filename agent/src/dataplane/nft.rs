@@ -228,6 +228,8 @@ impl NftDriver {
         let want_sig = signature_of(&structure);
         let mut batch: Vec<String> = Vec::new();
         let mut stats = NftStats::default();
+        // Element keys this batch deletes and adds, to update the cache on success.
+        let mut changed_keys: Option<(Vec<ElemKey>, Vec<ElemKey>)> = None;
         match kernel.as_ref() {
             Some(k) if k.signature.compatible(&want_sig) => {
                 // In place, one transaction: new chains, then chains whose rules differ
@@ -269,6 +271,10 @@ impl NftDriver {
                 // Deletes first: a changed value is a delete and an add of the same key.
                 push_elements(&mut batch, &self.table, &dels, false);
                 push_elements(&mut batch, &self.table, &adds, true);
+                changed_keys = Some((
+                    dels.iter().map(|(key, _)| *key).collect(),
+                    adds.iter().map(|(key, _)| *key).collect(),
+                ));
                 for name in &old_chains {
                     let chain = || Chain {
                         family: NfFamily::INet,
@@ -321,14 +327,9 @@ impl NftDriver {
             *kernel = None;
             return Err(e);
         }
-        match kernel {
-            Some(k) if !stats.replaced_table => {
+        match (kernel, changed_keys) {
+            (Some(k), Some((dels, adds))) => {
                 k.signature = want_sig;
-                let (adds, dels) = diff_elements(&desired.elements, &k.elements);
-                let (adds, dels): (Vec<_>, Vec<_>) = (
-                    adds.into_iter().map(|(key, _)| key).collect(),
-                    dels.into_iter().map(|(key, _)| key).collect(),
-                );
                 for key in dels {
                     k.elements.remove(&key);
                 }
@@ -336,7 +337,7 @@ impl NftDriver {
                     k.elements.insert(key, desired.elements[&key].clone());
                 }
             }
-            _ => {
+            (kernel, _) => {
                 *kernel = Some(KernelNft {
                     signature: want_sig,
                     elements: desired.elements.clone(),
