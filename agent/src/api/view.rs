@@ -9,7 +9,7 @@ use crate::dataplane::nft::Traffic;
 use crate::health::UplinkState;
 use crate::model::failover::{EventKind, HomeTarget, LogEntry};
 use crate::model::{Client, Model};
-use crate::plan::{fallback_buckets, jhash_bucket};
+use crate::plan::{jhash_bucket, spread};
 
 pub fn state(model: &Model, i: usize) -> v1::UplinkState {
     let u = &model.uplinks[i];
@@ -68,10 +68,7 @@ pub fn current(config: &Config, model: &Model, c: &Client) -> (String, v1::Assig
     match model.home_target(i) {
         HomeTarget::Direct => (steer.to_string(), reason),
         HomeTarget::Spread(to) => {
-            let buckets = fallback_buckets(
-                to.iter()
-                    .map(|&j| (config.uplinks[j].name.as_str(), config.uplinks[j].weight)),
-            );
+            let buckets = spread(config, &to);
             // nft hashes each address; the first IPv4 address stands for the client.
             let ip = c
                 .addresses

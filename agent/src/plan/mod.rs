@@ -128,12 +128,7 @@ pub struct RouteSpec {
 
 pub fn plan(config: &Config, model: &Model) -> Desired {
     let dp = &config.dataplane;
-    let buckets = |idx: &[usize]| {
-        fallback_buckets(
-            idx.iter()
-                .map(|&i| (config.uplinks[i].name.as_str(), config.uplinks[i].weight)),
-        )
-    };
+    let buckets = |idx: &[usize]| spread(config, idx);
     let uplinks = config
         .uplinks
         .iter()
@@ -281,6 +276,14 @@ pub fn plan(config: &Config, model: &Model) -> Desired {
 
 /// Expands weights into hash buckets (reduced by their gcd and scaled down to at most
 /// `MAX_FALLBACK_BUCKETS`, every uplink keeping at least one).
+/// Hash buckets over the configured uplinks `idx`, by weight.
+pub fn spread(config: &Config, idx: &[usize]) -> Vec<String> {
+    fallback_buckets(
+        idx.iter()
+            .map(|&i| (config.uplinks[i].name.as_str(), config.uplinks[i].weight)),
+    )
+}
+
 pub fn fallback_buckets<'a>(weights: impl Iterator<Item = (&'a str, u32)>) -> Vec<String> {
     let weights: Vec<(&str, u32)> = weights.collect();
     let g = weights.iter().fold(0, |g, (_, w)| gcd(g, *w)).max(1);
