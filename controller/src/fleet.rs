@@ -272,16 +272,11 @@ async fn call(client: &mut AgentClient<Channel>, req: &Request) -> Result<Value,
                 .await?
                 .into_inner();
             let mut events = Vec::new();
-            while let Ok(Some(e)) =
-                tokio::time::timeout(Duration::from_millis(300), stream.message())
-                    .await
-                    .unwrap_or(Ok(None))
-                    .map(Some)
+            // Quiet for 300 ms, the end of the stream, or an error: the history is read.
+            while let Ok(Ok(Some(e))) =
+                tokio::time::timeout(Duration::from_millis(300), stream.message()).await
             {
-                match e {
-                    Some(e) => events.push(e),
-                    None => break,
-                }
+                events.push(e);
             }
             json!(events)
         }
