@@ -146,6 +146,18 @@ pub fn uplinkctl_in(ns: &str, certs: &Path, ca: &Path, who: &str) -> Command {
     cmd
 }
 
+/// Runs `op` again while it fails with EINTR. A socket read with a timeout is not restarted
+/// by the kernel when the process takes a signal or is stopped and continued (a loaded CI
+/// host does that); it returns EINTR, which is no answer from the network.
+pub fn retry_eintr<T>(mut op: impl FnMut() -> std::io::Result<T>) -> std::io::Result<T> {
+    loop {
+        match op() {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            r => return r,
+        }
+    }
+}
+
 /// Runs a command to the end: (exit code, stdout, stderr).
 pub fn outcome(cmd: &mut Command) -> Result<(i32, String, String)> {
     let out = cmd.output()?;
@@ -249,7 +261,10 @@ impl Lab {
             &gw,
             &[
                 "link set lo up".into(),
-                format!("link add {LAN_IF} type bridge"),
+                // A fixed address: a bridge without one takes its lowest port's MAC, so adding
+                // a client would change the gateway's MAC under the others, which keep the old
+                // one in their ARP cache and go unanswered until it expires (seconds).
+                format!("link add {LAN_IF} address 02:00:00:00:00:01 type bridge"),
                 format!("link set {LAN_IF} up"),
                 format!("addr add 198.19.0.1/24 dev {LAN_IF}"),
                 format!("addr add 2001:db8:1::1/64 dev {LAN_IF} nodad"),
@@ -301,7 +316,7 @@ impl Lab {
             // Like real ISPs (BCP 38), forward only the customer's own source addresses: a
             // reply sent out of the wrong uplink is dropped, not quietly delivered.
             let guard = format!(
-                "add table inet isp_guard {{ chain guard {{ type filter hook forward priority -10; policy accept; iifname \"cpe\" ip saddr != 100.64.{k}.0/24 drop; iifname \"cpe\" ip6 saddr != 2001:db8:100:{k}::/64 drop; }}; }}"
+                "add table inet isp_guard {{ chain guard {{ type filter hook forward priority -10; policy accept; iifname \"cpe\" ip saddr != 100.64.{k}.0/24 counter drop; iifname \"cpe\" ip6 saddr != 2001:db8:100:{k}::/64 counter drop; }}; }}"
             );
             sh(&["ip", "netns", "exec", &isp, "nft", &guard])?;
             if p2p {
@@ -408,10 +423,16 @@ impl Lab {
         let ns = self.add_ns(&format!("c{i}"))?;
         let gw = self.ns("gw");
         let port = format!("lan{i}");
+        assert!(i < 200, "client numbers stay below 200");
         ip_batch(
             &gw,
             &[
-                format!("link add {port} type veth peer name eth0 netns {ns}"),
+                // Each new port's MAC is lower than the ones before: a bridge that followed
+                // its lowest port would change address with every client (see LAN_IF).
+                format!(
+                    "link add {port} address 02:00:00:00:02:{:02x} type veth peer name eth0 netns {ns}",
+                    255 - i
+                ),
                 format!("link set {port} master {LAN_IF}"),
                 format!("link set {port} up"),
             ],
@@ -483,7 +504,7 @@ impl Lab {
             let sock = in_netns(inet, move || UdpSocket::bind(addr))??;
             std::thread::spawn(move || {
                 let mut buf = [0u8; 2048];
-                while let Ok((n, from)) = sock.recv_from(&mut buf) {
+                while let Ok((n, from)) = retry_eintr(|| sock.recv_from(&mut buf)) {
                     let mut reply = format!("{} ", from.ip()).into_bytes();
                     reply.extend_from_slice(&buf[..n]);
                     let _ = sock.send_to(&reply, from);
@@ -511,16 +532,17 @@ impl Lab {
         let mut buf = [0u8; 2048];
         for n in 0..tries {
             s.send(format!("probe {n}").as_bytes())?;
-            if let Ok(len) = s.recv(&mut buf) {
+            if let Ok(len) = retry_eintr(|| s.recv(&mut buf)) {
                 let text = String::from_utf8_lossy(&buf[..len]);
                 let seen = text.split(' ').next().unwrap_or_default();
                 return seen.parse().with_context(|| format!("bad echo {text:?}"));
             }
         }
         bail!(
-            "client c{i} ({}) got no answer after {tries} tries\n--- uplinkd log ---\n{}",
+            "client c{i} ({}) got no answer after {tries} tries\n--- uplinkd log ---\n{}\n{}",
             if v6 { "IPv6" } else { "IPv4" },
-            self.log_tail(40)
+            self.log_tail(40),
+            self.post_mortem()
         )
     }
 
@@ -719,6 +741,53 @@ impl Lab {
         all[all.len().saturating_sub(lines)..].join("\n")
     }
 
+    /// The kernel state a lost flow is explained by: the gateway's connections, ruleset,
+    /// rules and routes, and how many spoofed packets each ISP dropped.
+    pub fn post_mortem(&self) -> String {
+        let mut out = String::new();
+        let mut show = |title: &str, r: Result<String>| {
+            out.push_str(&format!("--- {title} ---\n"));
+            out.push_str(&r.unwrap_or_else(|e| format!("({e:#})\n")));
+        };
+        let gw = self.ns("gw");
+        let in_gw = |args: &[&str]| {
+            let mut full = vec!["ip", "netns", "exec", gw.as_str()];
+            full.extend_from_slice(args);
+            // conntrack prints its entries on stdout and a summary on stderr.
+            let o = Command::new(full[0]).args(&full[1..]).output()?;
+            Ok(format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ))
+        };
+        show("gw conntrack -L", in_gw(&["conntrack", "-L"]));
+        show("gw nft list ruleset", in_gw(&["nft", "list", "ruleset"]));
+        show("gw ip rule", in_gw(&["ip", "rule"]));
+        show("gw ip -6 rule", in_gw(&["ip", "-6", "rule"]));
+        show("gw routes", in_gw(&["ip", "route", "show", "table", "all"]));
+        show("gw neighbours", in_gw(&["ip", "neigh"]));
+        show("gw links", in_gw(&["ip", "-br", "link"]));
+        for k in 1..=self.uplinks.len() {
+            let isp = self.ns(&format!("isp{k}"));
+            show(
+                &format!("isp{k} spoof guard"),
+                sh(&[
+                    "ip",
+                    "netns",
+                    "exec",
+                    &isp,
+                    "nft",
+                    "list",
+                    "table",
+                    "inet",
+                    "isp_guard",
+                ]),
+            );
+        }
+        out
+    }
+
     /// Assignments as persisted by the agent: client address → home uplink.
     pub fn assignments(&self) -> Result<BTreeMap<IpAddr, String>> {
         read_assignments(&self.state_dir())
@@ -758,8 +827,9 @@ impl Drop for Lab {
                 self.log_tail(60)
             );
         }
-        // UPLINK_KEEP_NETNS=1 leaves the namespaces for a post-mortem (ip netns del later).
-        if std::env::var_os("UPLINK_KEEP_NETNS").is_some() {
+        // UPLINK_KEEP_NETNS=1 leaves a failed test's namespaces for a post-mortem (ip netns
+        // del later).
+        if std::thread::panicking() && std::env::var_os("UPLINK_KEEP_NETNS").is_some() {
             eprintln!("kept namespaces {}-*", self.prefix);
             return;
         }
@@ -841,7 +911,7 @@ impl UdpStream {
             let mut buf = [0u8; 2048];
             let mut drain = |r: &mut StreamResult, until: Instant| {
                 while Instant::now() < until {
-                    if let Ok(n) = sock.recv(&mut buf) {
+                    if let Ok(n) = retry_eintr(|| sock.recv(&mut buf)) {
                         r.received += 1;
                         let text = String::from_utf8_lossy(&buf[..n]);
                         if let Some(ip) = text.split(' ').next().and_then(|s| s.parse().ok())
@@ -960,7 +1030,8 @@ impl Fleet {
             &mgmt.0,
             &[
                 "link set lo up".into(),
-                "link add br0 type bridge".into(),
+                // Fixed, as the lab's LAN bridge: adding gateways must not change its MAC.
+                "link add br0 address 02:00:00:00:fa:01 type bridge".into(),
                 "link set br0 up".into(),
                 "addr add 198.18.250.1/24 dev br0".into(),
             ],

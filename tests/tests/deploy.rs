@@ -111,7 +111,7 @@ fn agent_notifies_systemd() -> anyhow::Result<()> {
         .count()
         < 2
     {
-        let n = listener.recv(&mut buf)?;
+        let n = uplink_tests::retry_eintr(|| listener.recv(&mut buf))?;
         got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
     }
     assert!(got[0].starts_with("READY=1"), "{got:?}");

@@ -1,18 +1,21 @@
 //! mTLS for the gRPC port: client certificates are required and verified against the
-//! configured CA; the server's certificate and key are re-read when their files change,
-//! so a rotation (cert-manager) reaches new connections without a restart.
+//! configured CA. The server's certificate and key, and the CA bundle, are re-read when
+//! their files change, so a rotation or a CA rollover (cert-manager) reaches new
+//! connections without a restart.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
-use rustls::RootCertStore;
+use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
+use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
 
 use crate::config::ApiConfig;
 
@@ -113,15 +116,94 @@ pub fn plain_server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::Server
     Ok(Arc::new(cfg))
 }
 
+/// The client verifier, rebuilt from the CA file when it changes on disk. A file that
+/// does not load (half written, not PEM) keeps the previous CA until it does.
+#[derive(Debug)]
+struct ReloadingCa {
+    ca: PathBuf,
+    current: Mutex<(Option<SystemTime>, Arc<dyn ClientCertVerifier>)>,
+}
+
+impl ReloadingCa {
+    fn load(ca: &Path) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
+        let mut roots = RootCertStore::empty();
+        for c in load_certs(ca)? {
+            roots.add(c).map_err(|e| file_error(ca, e))?;
+        }
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+            .build()
+            .map_err(|e| TlsError::Verifier(e.to_string()))
+    }
+
+    fn get(&self) -> Arc<dyn ClientCertVerifier> {
+        let mut cur = match self.current.lock() {
+            Ok(c) => c,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let mtime = Reloading::mtime(&self.ca);
+        if mtime != cur.0 {
+            match Self::load(&self.ca) {
+                Ok(v) => {
+                    tracing::info!(ca = %self.ca.display(), "reloaded the API client CA");
+                    *cur = (mtime, v);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "API client CA changed but does not load; keeping the old one");
+                    // Not again on every handshake: the next change of the file retries.
+                    cur.0 = mtime;
+                }
+            }
+        }
+        cur.1.clone()
+    }
+}
+
+impl ClientCertVerifier for ReloadingCa {
+    /// No CA names are sent: they live behind the lock and may change between handshakes.
+    /// Clients present their one certificate regardless.
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.get()
+            .verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.get().verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.get().verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.get().supported_verify_schemes()
+    }
+}
+
 /// rustls server config: TLS 1.2/1.3, h2, client certificates required.
 pub fn server_config(api: &ApiConfig) -> Result<Arc<rustls::ServerConfig>, TlsError> {
-    let mut roots = RootCertStore::empty();
-    for c in load_certs(&api.ca)? {
-        roots.add(c).map_err(|e| file_error(&api.ca, e))?;
-    }
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
-        .build()
-        .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let verifier = ReloadingCa {
+        ca: api.ca.clone(),
+        current: Mutex::new((Reloading::mtime(&api.ca), ReloadingCa::load(&api.ca)?)),
+    };
     let first = Reloading::load(&api.cert, &api.key)?;
     let resolver = Reloading {
         cert: api.cert.clone(),
@@ -134,7 +216,7 @@ pub fn server_config(api: &ApiConfig) -> Result<Arc<rustls::ServerConfig>, TlsEr
     };
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
-        .with_client_cert_verifier(verifier)
+        .with_client_cert_verifier(Arc::new(verifier))
         .with_cert_resolver(Arc::new(resolver));
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(cfg))

@@ -274,8 +274,6 @@ pub fn plan(config: &Config, model: &Model) -> Desired {
     }
 }
 
-/// Expands weights into hash buckets (reduced by their gcd and scaled down to at most
-/// `MAX_FALLBACK_BUCKETS`, every uplink keeping at least one).
 /// Hash buckets over the configured uplinks `idx`, by weight.
 pub fn spread(config: &Config, idx: &[usize]) -> Vec<String> {
     fallback_buckets(
@@ -284,6 +282,8 @@ pub fn spread(config: &Config, idx: &[usize]) -> Vec<String> {
     )
 }
 
+/// Expands weights into hash buckets (reduced by their gcd and scaled down to at most
+/// `MAX_FALLBACK_BUCKETS`, every uplink keeping at least one).
 pub fn fallback_buckets<'a>(weights: impl Iterator<Item = (&'a str, u32)>) -> Vec<String> {
     let weights: Vec<(&str, u32)> = weights.collect();
     let g = weights.iter().fold(0, |g, (_, w)| gcd(g, *w)).max(1);
