@@ -277,16 +277,29 @@ fn pins_move_new_flows_survive_restart_and_expire() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Test 5: drain moves every client off an uplink, new clients avoid it, undrain lets them
-/// land there again.
+/// Test 5: drain moves every client's new flows off an uplink while established ones finish
+/// on it, new clients avoid it, undrain brings its clients home and lets new ones land.
 #[test]
 fn drain_and_undrain() -> anyhow::Result<()> {
     let mut lab = api_lab("drain", 2, "")?;
     let homes = lab.greet_clients()?;
+    let on_isp1 = (1..=2)
+        .find(|&i| homes[&IpAddr::from(client_v4(i))] == "isp1")
+        .expect("one client per uplink");
+    let mut tcp = uplink_tests::TcpFlow::connect(&lab, on_isp1)?;
+    assert_eq!(
+        lab.uplink_of_source(tcp.exchange()?).as_deref(),
+        Some("isp1")
+    );
     assert_eq!(lab.ctl("op", &["drain", "isp1"])?.0, 0);
     for i in 1..=2 {
         assert_eq!(via(&lab, i)?, "isp2", "c{i} left the drained uplink");
     }
+    assert_eq!(
+        lab.uplink_of_source(tcp.exchange()?).as_deref(),
+        Some("isp1"),
+        "an established connection finishes on the drained uplink"
+    );
     let (_, out, _) = lab.ctl("view", &["uplinks"])?;
     assert!(
         out.lines()
