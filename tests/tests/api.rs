@@ -406,19 +406,22 @@ fn rotated_agent_certificate_is_served_without_restart() -> anyhow::Result<()> {
         "--san",
         "127.0.0.1",
     ])?;
-    let status_with_ca = |ca: &std::path::Path| -> anyhow::Result<i32> {
-        Ok(uplink_tests::outcome(
-            uplink_tests::uplinkctl_in(&lab.ns("gw"), &certs, ca, "view").args([
+    // `uplinkctl status` as client `who` (certificate in `dir`), trusting server CA `ca`.
+    let gw = lab.ns("gw");
+    let status = |dir: &std::path::Path, who: &str, ca: &std::path::Path| -> anyhow::Result<i32> {
+        Ok(
+            uplink_tests::outcome(uplink_tests::uplinkctl_in(&gw, dir, ca, who).args([
                 "--gateway",
                 "127.0.0.1:7443",
                 "status",
-            ]),
-        )?
-        .0)
+            ]))?
+            .0,
+        )
     };
-    assert_eq!(status_with_ca(&certs.join("ca.crt"))?, 0);
+    let (old_ca, new_ca) = (certs.join("ca.crt"), ca2.join("ca.crt"));
+    assert_eq!(status(&certs, "view", &old_ca)?, 0);
     assert_eq!(
-        status_with_ca(&ca2.join("ca.crt"))?,
+        status(&certs, "view", &new_ca)?,
         4,
         "before rotation the agent presents the old certificate"
     );
@@ -427,52 +430,37 @@ fn rotated_agent_certificate_is_served_without_restart() -> anyhow::Result<()> {
     std::fs::copy(ca2.join("gw.key"), certs.join("gw.key"))?;
     std::fs::copy(ca2.join("gw.crt"), certs.join("gw.crt"))?;
     lab.wait_for(Duration::from_secs(5), "the new certificate", || {
-        Ok(status_with_ca(&ca2.join("ca.crt"))? == 0)
+        Ok(status(&certs, "view", &new_ca)? == 0)
     })?;
     assert!(lab.agent_running());
     assert!(lab.log_tail(20).contains("reloaded the API certificate"));
 
     // CA rollover: clients of the second CA are refused until the CA file holds both CAs,
     // then both old and new clients are accepted; a CA file that does not load keeps them.
-    uplink_tests::sh(&[
-        ctl,
-        "certs",
-        "issue",
-        "--dir",
-        ca2.to_str().unwrap(),
-        "--viewer",
-        "view2",
-    ])?;
-    let new_client =
-        || -> anyhow::Result<i32> {
-            Ok(uplink_tests::outcome(
-                uplink_tests::uplinkctl_in(&lab.ns("gw"), &ca2, &ca2.join("ca.crt"), "view2")
-                    .args(["--gateway", "127.0.0.1:7443", "status"]),
-            )?
-            .0)
-        };
-    assert_ne!(new_client()?, 0, "the second CA is not trusted yet");
-    let bundle = format!(
-        "{}{}",
-        std::fs::read_to_string(certs.join("ca.crt"))?,
-        std::fs::read_to_string(ca2.join("ca.crt"))?
+    let d2 = ca2.to_str().unwrap();
+    uplink_tests::sh(&[ctl, "certs", "issue", "--dir", d2, "--viewer", "view2"])?;
+    assert_ne!(
+        status(&ca2, "view2", &new_ca)?,
+        0,
+        "the second CA is not trusted yet"
     );
-    std::fs::write(certs.join("ca.crt"), &bundle)?;
+    let bundle = std::fs::read_to_string(&old_ca)? + &std::fs::read_to_string(&new_ca)?;
+    std::fs::write(&old_ca, bundle)?;
     lab.wait_for(Duration::from_secs(5), "the new CA", || {
-        Ok(new_client()? == 0)
+        Ok(status(&ca2, "view2", &new_ca)? == 0)
     })?;
-    // Old clients still verify against the old CA in the bundle.
-    let old_client = uplink_tests::outcome(
-        uplink_tests::uplinkctl_in(&lab.ns("gw"), &certs, &ca2.join("ca.crt"), "view").args([
-            "--gateway",
-            "127.0.0.1:7443",
-            "status",
-        ]),
-    )?;
-    assert_eq!(old_client.0, 0, "{}", old_client.2);
+    assert_eq!(
+        status(&certs, "view", &new_ca)?,
+        0,
+        "old clients still verify against the old CA in the bundle"
+    );
     assert!(lab.log_tail(20).contains("reloaded the API client CA"));
-    std::fs::write(certs.join("ca.crt"), "not a certificate\n")?;
-    assert_eq!(new_client()?, 0, "a broken CA file keeps the loaded CAs");
+    std::fs::write(&old_ca, "not a certificate\n")?;
+    assert_eq!(
+        status(&ca2, "view2", &new_ca)?,
+        0,
+        "a broken CA file keeps the loaded CAs"
+    );
     assert!(
         lab.log_tail(20)
             .contains("does not load; keeping the old one")
