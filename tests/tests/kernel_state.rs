@@ -318,3 +318,49 @@ fn uplink_interface_appears_and_is_recreated() -> anyhow::Result<()> {
     assert_eq!(lab.uplink_of_source(seen).as_deref(), Some("isp2"));
     Ok(())
 }
+
+/// A LAN bridge whose MAC follows its ports (no address set) is named in a warning at
+/// start; the lab's own bridge, which has a fixed MAC, is not. Setting one and reloading
+/// quiets it.
+#[test]
+fn lan_bridge_without_fixed_mac_is_reported() -> anyhow::Result<()> {
+    let mut lab = Lab::build("brmac", two_uplinks(), 0, 0)?;
+    lab.gw(&["ip", "link", "add", "br-guest", "type", "bridge"])?;
+    lab.write_config("10s", "10m", "")?;
+    let config = std::fs::read_to_string(lab.config_path())?;
+    let two_lans = config.replace(
+        "interfaces = [\"br-lan\"]",
+        "interfaces = [\"br-lan\", \"br-guest\"]",
+    );
+    assert_ne!(config, two_lans, "the lab's [lan] line changed");
+    std::fs::write(lab.config_path(), two_lans)?;
+    lab.start_agent()?;
+    let warnings = |lab: &Lab| -> Vec<String> {
+        lab.log_tail(1000)
+            .lines()
+            .filter(|l| l.contains("LAN bridge without a fixed MAC address"))
+            .map(str::to_string)
+            .collect()
+    };
+    let first = warnings(&lab);
+    assert_eq!(first.len(), 1, "{first:?}");
+    assert!(first[0].contains("br-guest"), "{}", first[0]);
+    lab.gw(&[
+        "ip",
+        "link",
+        "set",
+        "br-guest",
+        "address",
+        "02:00:00:00:00:02",
+    ])?;
+    lab.signal_agent("HUP")?;
+    lab.wait_for(Duration::from_secs(5), "reload", || {
+        Ok(lab.log_tail(20).contains("config reloaded"))
+    })?;
+    assert_eq!(
+        warnings(&lab).len(),
+        1,
+        "no new warning once the MAC is fixed"
+    );
+    Ok(())
+}

@@ -138,6 +138,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
     let (cmd_tx, mut cmd_rx) = mpsc::channel(256);
     let started = Instant::now();
     agent.resync_inputs().await?;
+    agent.warn_floating_bridge_macs();
     agent.adopt.clear();
     agent.links_changed();
     // read_nft just filled the dataplane's cache: no second read-back of the table.
@@ -564,6 +565,17 @@ impl Agent {
 
     /// SIGHUP: a valid new config replaces the old one; an invalid one is rejected and the
     /// old one keeps running. Ownership (the dataplane section) cannot change live.
+    /// At start and on reload: a LAN bridge whose MAC follows its ports breaks clients for
+    /// seconds whenever a port is added, which looks like uplinkd losing traffic.
+    fn warn_floating_bridge_macs(&self) {
+        for i in discover::bridges_with_floating_mac(&self.config.lan.interfaces) {
+            warn!(
+                interface = i,
+                "LAN bridge without a fixed MAC address: adding a port can change the gateway's MAC under its clients, who go unanswered until their ARP entries expire; set one (ip link set {i} address ..., or MACAddress= in systemd-networkd)"
+            );
+        }
+    }
+
     async fn reload(&mut self) -> Result<u64, String> {
         let new = match Config::load(&self.config_path) {
             Ok(c) => c,
@@ -593,6 +605,7 @@ impl Agent {
         if let Err(e) = self.resync_inputs().await {
             warn!(error = %e, "dump after reload failed");
         }
+        self.warn_floating_bridge_macs();
         self.links_changed();
         self.state_dirty = true;
         self.apply(true).await;

@@ -2,6 +2,7 @@
 //! live events in between. No polling stands in for events.
 
 use std::net::IpAddr;
+use std::path::Path;
 
 use futures::{StreamExt, TryStreamExt};
 use netlink_packet_route::AddressFamily;
@@ -46,6 +47,24 @@ pub enum Event {
     },
     /// The kernel dropped events (socket buffer overrun): re-dump everything.
     Overrun,
+}
+
+/// The LAN interfaces that are bridges without a fixed MAC address. Linux gives such a
+/// bridge its lowest port's MAC, so plugging in a port can change the gateway's MAC under
+/// clients that cached the old one, and they go unanswered until their ARP entry expires.
+/// From sysfs (netlink does not carry it): `addr_assign_type` 3 = set by the administrator.
+pub fn bridges_with_floating_mac(interfaces: &[String]) -> Vec<&str> {
+    let net = Path::new("/sys/class/net");
+    interfaces
+        .iter()
+        .filter(|i| {
+            let dir = net.join(i);
+            dir.join("bridge").is_dir()
+                && std::fs::read_to_string(dir.join("addr_assign_type"))
+                    .is_ok_and(|t| t.trim() != "3")
+        })
+        .map(String::as_str)
+        .collect()
 }
 
 #[derive(Debug, thiserror::Error)]
