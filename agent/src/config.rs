@@ -65,6 +65,9 @@ pub struct HealthConfig {
     pub max_rtt: Option<Duration>,
     /// Probes kept for RTT, loss and jitter.
     pub stats_window: u32,
+    /// A failed round does not count toward `down_after` while the uplink forwards traffic
+    /// from the internet (its inbound forwarded-packet counter grew during the round).
+    pub passive: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -296,6 +299,7 @@ struct RawHealth {
     max_loss: Option<Spanned<f64>>,
     max_rtt: Option<Spanned<String>>,
     stats_window: Option<Spanned<i64>>,
+    passive: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]
@@ -878,6 +882,7 @@ impl Validator<'_> {
                 50,
                 2..=10_000,
             )? as u32,
+            passive: raw.passive.unwrap_or(true),
         };
         if h.interval < Duration::from_millis(10) {
             return Err(self.err(None, "health.interval", "must be at least 10ms"));

@@ -198,6 +198,13 @@ const CASES: &[Case] = &[
         hint: "ratio between 0.0 and 1.0",
     },
     Case {
+        name: "passive not a boolean",
+        edit: ("[lan]", "[health]\npassive = \"yes\"\n\n[lan]"),
+        line: Some(7),
+        key: "",
+        hint: "expected a boolean",
+    },
+    Case {
         name: "bad probe interval",
         edit: ("[lan]", "[health]\ninterval = \"fast\"\n\n[lan]"),
         line: Some(7),

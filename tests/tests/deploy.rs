@@ -1,5 +1,6 @@
-//! The deployment kit, checked offline: alert rules and their unit tests (promtool), the
-//! systemd unit (systemd-analyze) and the agent's systemd notifications.
+//! The deployment kit, checked offline: the example configs (uplinkd check-config), alert
+//! rules and their unit tests (promtool), the systemd unit (systemd-analyze) and the
+//! agent's systemd notifications.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -8,6 +9,57 @@ use uplink_tests::{Lab, UplinkSpec, sh};
 
 fn deploy() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
+}
+
+/// The shipped configs (the annotated example and the Kubernetes ConfigMap's) are valid.
+#[test]
+fn example_configs_pass_check_config() -> anyhow::Result<()> {
+    let example = deploy().join("uplinkd.toml");
+    let configmap: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(
+        deploy().join("kubernetes/configmap.yaml"),
+    )?)?;
+    let embedded = configmap["data"]["uplinkd.toml"]
+        .as_str()
+        .ok_or_else(|| anyhow::anyhow!("configmap has no data.uplinkd.toml"))?;
+    let dir = std::env::temp_dir().join(format!("ulexamples-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    // The ConfigMap points at the mounted TLS Secret; stand in real files at those names.
+    let ctl = uplink_tests::uplinkctl_bin();
+    let (ctl, d) = (ctl.to_str().unwrap(), dir.to_str().unwrap());
+    sh(&[ctl, "certs", "init", "--dir", d])?;
+    sh(&[
+        ctl,
+        "certs",
+        "issue",
+        "--dir",
+        d,
+        "--agent",
+        "gw",
+        "--san",
+        "127.0.0.1",
+    ])?;
+    std::fs::copy(dir.join("gw.crt"), dir.join("tls.crt"))?;
+    std::fs::copy(dir.join("gw.key"), dir.join("tls.key"))?;
+    let from_configmap = dir.join("configmap.toml");
+    std::fs::write(
+        &from_configmap,
+        embedded.replace("/etc/uplink/tls/", &format!("{d}/")),
+    )?;
+    for path in [&example, &from_configmap] {
+        let out = std::process::Command::new(uplink_tests::uplinkd_bin())
+            .arg("--config")
+            .arg(path)
+            .arg("check-config")
+            .output()?;
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
 }
 
 #[test]

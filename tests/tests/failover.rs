@@ -601,3 +601,94 @@ fn admin_down_and_address_loss_fail_over() -> anyhow::Result<()> {
     wait_via(&lab, c, "isp1", Duration::from_secs(5))?;
     Ok(())
 }
+
+/// Passive health: probe replies lost while the uplink visibly forwards traffic from the
+/// internet (a saturated link dropping them) do not take it down; once that traffic stops,
+/// the same probe loss does. A silent failure with traffic still flowing out is caught.
+#[test]
+fn lost_probes_do_not_take_down_an_uplink_that_carries_traffic() -> anyhow::Result<()> {
+    let probe = "probes = [\"icmp:203.0.113.10\"]";
+    let uplinks = vec![
+        UplinkSpec::new("isp1", 1, false).with(probe),
+        UplinkSpec::new("isp2", 1, false).with(probe),
+    ];
+    let mut lab = Lab::build("passive", uplinks, 2, 0)?;
+    lab.write_config("10s", "10m", "[failover]\nfailback_delay = \"0s\"\n")?;
+    lab.start_agent()?;
+    let assigned = lab.greet_clients()?;
+    let c = clients_on(&assigned, "isp1")[0];
+    std::thread::sleep(Duration::from_millis(500));
+    let isp1 = lab.ns("isp1");
+    // The ISP drops the probes' echo replies, and only those.
+    uplink_tests::sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &isp1,
+        "nft",
+        "add table inet probe_loss { chain f { type filter hook forward priority 0; oifname \"cpe\" icmp type echo-reply counter drop; }; }",
+    ])?;
+    let mark = lab.log_len();
+    let stream = UdpStream::start(&lab, c, false, Duration::from_millis(10))?;
+    std::thread::sleep(Duration::from_secs(3));
+    let log = lab.log_since(mark);
+    assert!(
+        !log.contains("uplink isp1 up -> down"),
+        "an uplink carrying traffic was declared down:\n{log}"
+    );
+    let dropped = uplink_tests::sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &isp1,
+        "nft",
+        "list",
+        "table",
+        "inet",
+        "probe_loss",
+    ])?;
+    assert!(
+        !dropped.contains("counter packets 0 "),
+        "the probe replies were not dropped:\n{dropped}"
+    );
+    let r = stream.finish()?;
+    assert_eq!(r.received, r.sent, "the flow kept going");
+    assert_eq!(r.seen.len(), 1);
+    // No traffic now: the same loss is a dead uplink.
+    lab.wait_for(Duration::from_secs(5), "isp1 down once idle", || {
+        Ok(lab.log_since(mark).contains("uplink isp1 up -> down"))
+    })?;
+    wait_via(&lab, c, "isp2", Duration::from_secs(5))?;
+
+    // Back up, then a silent failure (the ISP drops everything it forwards) while the
+    // client keeps sending: nothing comes back, so the uplink goes down as before.
+    uplink_tests::sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &isp1,
+        "nft",
+        "delete",
+        "table",
+        "inet",
+        "probe_loss",
+    ])?;
+    wait_via(&lab, c, "isp1", Duration::from_secs(10))?;
+    let mark = lab.log_len();
+    let stream = UdpStream::start(&lab, c, false, Duration::from_millis(10))?;
+    lab.upstream_loss("isp1", 100)?;
+    lab.wait_for(
+        Duration::from_secs(5),
+        "isp1 down while the client sends",
+        || {
+            Ok(lab
+                .log_since(mark)
+                .contains("uplink isp1 up -> down: 3 failed probe rounds"))
+        },
+    )?;
+    // Time for the flow to re-establish on isp2.
+    std::thread::sleep(Duration::from_secs(1));
+    let r = stream.finish()?;
+    assert_eq!(r.seen.len(), 2, "the flow moved to isp2: {r:?}");
+    Ok(())
+}

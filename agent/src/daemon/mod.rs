@@ -75,6 +75,9 @@ pub struct Agent {
     in_sync: Arc<AtomicBool>,
     event_tx: broadcast::Sender<v1::Event>,
     metrics: Arc<Metrics>,
+    /// Per uplink (index): its inbound forwarded-packet counter at the last failed probe
+    /// round, and when it was read (passive health).
+    forwarded: HashMap<usize, (u64, Instant)>,
 }
 
 /// Connects to the kernel, adopts its state, and runs until SIGTERM/SIGINT. The dataplane
@@ -133,6 +136,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
         in_sync: Arc::new(AtomicBool::new(false)),
         event_tx: broadcast::channel(1024).0,
         metrics: Metrics::new(),
+        forwarded: HashMap::new(),
     };
     let (scrape_tx, mut scrape_rx) = mpsc::channel::<oneshot::Sender<()>>(16);
     let (cmd_tx, mut cmd_rx) = mpsc::channel(256);
@@ -216,7 +220,10 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
                     debug!(events = n, latency_us = received.elapsed().as_micros() as u64, "dispatched");
                 }
             }
-            Some(report) = probe_rx.recv() => {
+            Some(mut report) = probe_rx.recv() => {
+                if !report.round.ok() {
+                    report.round.forwarding = agent.forwarded_recently(report.uplink).await;
+                }
                 debug!(uplink = report.uplink, ok = report.round.ok(), rtts = ?report.round.rtts, "probe round");
                 if let Some(u) = agent.config.uplinks.get(report.uplink) {
                     for rtt in report.round.rtts.iter().flatten() {
@@ -565,6 +572,35 @@ impl Agent {
 
     /// SIGHUP: a valid new config replaces the old one; an invalid one is rejected and the
     /// old one keeps running. Ownership (the dataplane section) cannot change live.
+    /// Passive health for a failed probe round: whether uplink `i` forwarded traffic from
+    /// the internet since the previous failed round, if that was recent. Reads the nft
+    /// counters only for an uplink that is still usable, so a dead one costs nothing.
+    async fn forwarded_recently(&mut self, i: usize) -> bool {
+        let (Some(u), Some(m)) = (self.config.uplinks.get(i), self.model.uplinks.get(i)) else {
+            return false;
+        };
+        if !self.config.health.passive || !m.usable() {
+            return false;
+        }
+        let packets = match self.dataplane.counters().await {
+            Ok(t) => t.get(&u.interface).map_or(0, |t| t.rx.0),
+            Err(e) => {
+                warn!(error = %e, "cannot read the traffic counters for passive health");
+                return false;
+            }
+        };
+        let now = Instant::now();
+        let recent = self
+            .config
+            .health
+            .timeout
+            .max(2 * self.config.health.interval);
+        // A counter that went backwards (the table was replaced) proves nothing.
+        self.forwarded
+            .insert(i, (packets, now))
+            .is_some_and(|(before, at)| packets > before && now.duration_since(at) <= recent)
+    }
+
     /// At start and on reload: a LAN bridge whose MAC follows its ports breaks clients for
     /// seconds whenever a port is added, which looks like uplinkd losing traffic.
     fn warn_floating_bridge_macs(&self) {
@@ -599,6 +635,8 @@ impl Agent {
         let reassigned = self.model.restore(clients);
         self.config = new;
         self.links.clear();
+        // Indexed by uplink position, which a reload may change.
+        self.forwarded.clear();
         for (_, (_, task)) in self.probers.drain() {
             task.abort();
         }

@@ -72,6 +72,9 @@ pub struct Transition {
 pub struct Round {
     pub rtts: Vec<Option<Duration>>,
     pub quorum: usize,
+    /// Passive evidence: the uplink forwarded traffic from the internet to clients during
+    /// the round. Probers never know it; the agent fills it in for failed rounds.
+    pub forwarding: bool,
 }
 
 impl Round {
@@ -168,6 +171,15 @@ impl Health {
                 self.probes_ok = true;
             }
             format!("{} good probe rounds", self.goods)
+        } else if round.forwarding {
+            // The answers were lost while the uplink visibly carries traffic from the
+            // internet: a saturated link dropping probe replies, not a dead one. The loss
+            // still counts for `max_loss`; the round does not count toward `down_after`.
+            self.goods = 0;
+            format!(
+                "probe round lost while traffic flows ({} failed)",
+                self.fails
+            )
         } else {
             self.fails += 1;
             self.goods = 0;
@@ -295,6 +307,7 @@ mod tests {
                 max_loss: Some(0.2),
                 max_rtt: None,
                 stats_window: 50,
+                passive: true,
             },
             FailoverConfig {
                 failback: Failback::Auto,
@@ -310,6 +323,7 @@ mod tests {
         Round {
             rtts: vec![ok.then_some(Duration::from_millis(5))],
             quorum: 1,
+            forwarding: false,
         }
     }
 
@@ -370,10 +384,39 @@ mod tests {
     }
 
     #[test]
+    fn lost_rounds_while_traffic_flows_do_not_take_an_uplink_down() {
+        let (h, f) = cfg();
+        let t0 = Instant::now();
+        let mut x = Health::new(true, 50, t0);
+        x.on_link(Ok(()), t0, &h, &f);
+        for _ in 0..5 {
+            x.on_round(&round(true), t0, &h, &f);
+        }
+        assert_eq!(x.state(), UplinkState::Up);
+        let busy = Round {
+            forwarding: true,
+            ..round(false)
+        };
+        // One lost round before traffic was seen, then many while it flows.
+        x.on_round(&round(false), t0, &h, &f);
+        // Enough samples for a loss measurement (half the window).
+        for _ in 0..20 {
+            x.on_round(&busy, t0, &h, &f);
+        }
+        assert_ne!(x.state(), UplinkState::Down, "a busy uplink stays up");
+        // The loss still counts: above max_loss the uplink is degraded, not down.
+        assert_eq!(x.state(), UplinkState::Degraded);
+        // Silence: the failed rounds add up to down_after, including the one before.
+        let t = (0..2).find_map(|_| x.on_round(&round(false), t0, &h, &f));
+        assert_eq!(t.map(|t| t.to), Some(UplinkState::Down));
+    }
+
+    #[test]
     fn quorum_counts_answers() {
         let r = Round {
             rtts: vec![Some(Duration::from_millis(1)), None, None],
             quorum: 2,
+            forwarding: false,
         };
         assert!(!r.ok());
         let r = Round {
@@ -383,6 +426,7 @@ mod tests {
                 Some(Duration::from_millis(1)),
             ],
             quorum: 2,
+            forwarding: false,
         };
         assert!(r.ok());
     }

@@ -124,7 +124,11 @@ async fn run(spec: ProbeSpec, tx: mpsc::Sender<Report>) -> std::io::Result<()> {
             let _ = tx
                 .send(Report {
                     uplink,
-                    round: Round { rtts, quorum },
+                    round: Round {
+                        rtts,
+                        quorum,
+                        forwarding: false,
+                    },
                 })
                 .await;
         });
