@@ -146,6 +146,31 @@ pub fn uplinkctl_in(ns: &str, certs: &Path, ca: &Path, who: &str) -> Command {
     cmd
 }
 
+/// A CA and certificates in `dir`, made with uplinkctl: `gw` (agent, for 127.0.0.1 and
+/// localhost), `op` (operator), `view` (viewer).
+pub fn make_certs(dir: &Path) -> Result<()> {
+    let d = dir.to_str().expect("utf-8 path");
+    let ctl = uplinkctl_bin();
+    let ctl = ctl.to_str().expect("utf-8 path");
+    sh(&[ctl, "certs", "init", "--dir", d])?;
+    sh(&[
+        ctl,
+        "certs",
+        "issue",
+        "--dir",
+        d,
+        "--agent",
+        "gw",
+        "--san",
+        "127.0.0.1",
+        "--san",
+        "localhost",
+    ])?;
+    sh(&[ctl, "certs", "issue", "--dir", d, "--operator", "op"])?;
+    sh(&[ctl, "certs", "issue", "--dir", d, "--viewer", "view"])?;
+    Ok(())
+}
+
 /// Runs `op` again while it fails with EINTR. A socket read with a timeout is not restarted
 /// by the kernel when the process takes a signal or is stopped and continued (a loaded CI
 /// host does that); it returns EINTR, which is no answer from the network.
@@ -608,25 +633,8 @@ impl Lab {
     /// `dir/certs` with uplinkctl, and returns the `[api]` config table for the agent.
     pub fn api_config(&self) -> Result<String> {
         let certs = self.dir.join("certs");
+        make_certs(&certs)?;
         let d = certs.to_str().expect("utf-8 path");
-        let ctl = uplinkctl_bin();
-        let ctl = ctl.to_str().expect("utf-8 path");
-        sh(&[ctl, "certs", "init", "--dir", d])?;
-        sh(&[
-            ctl,
-            "certs",
-            "issue",
-            "--dir",
-            d,
-            "--agent",
-            "gw",
-            "--san",
-            "127.0.0.1",
-            "--san",
-            "localhost",
-        ])?;
-        sh(&[ctl, "certs", "issue", "--dir", d, "--operator", "op"])?;
-        sh(&[ctl, "certs", "issue", "--dir", d, "--viewer", "view"])?;
         Ok(format!(
             "\n[api]\nlisten = \"127.0.0.1:7443\"\nca = \"{d}/ca.crt\"\ncert = \"{d}/gw.crt\"\nkey = \"{d}/gw.key\"\nhealth_listen = \"127.0.0.1:7444\"\n"
         ))

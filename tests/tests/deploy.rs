@@ -24,20 +24,8 @@ fn example_configs_pass_check_config() -> anyhow::Result<()> {
     let dir = std::env::temp_dir().join(format!("ulexamples-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     // The ConfigMap points at the mounted TLS Secret; stand in real files at those names.
-    let ctl = uplink_tests::uplinkctl_bin();
-    let (ctl, d) = (ctl.to_str().unwrap(), dir.to_str().unwrap());
-    sh(&[ctl, "certs", "init", "--dir", d])?;
-    sh(&[
-        ctl,
-        "certs",
-        "issue",
-        "--dir",
-        d,
-        "--agent",
-        "gw",
-        "--san",
-        "127.0.0.1",
-    ])?;
+    uplink_tests::make_certs(&dir)?;
+    let d = dir.to_str().unwrap();
     std::fs::copy(dir.join("gw.crt"), dir.join("tls.crt"))?;
     std::fs::copy(dir.join("gw.key"), dir.join("tls.key"))?;
     let from_configmap = dir.join("configmap.toml");

@@ -156,21 +156,29 @@ fn carrier_cut_moves_only_the_dead_uplinks_clients() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Test 2: a silent upstream failure (the ISP drops forwarded packets, carrier up) is
-/// found by the probes and the clients move; when the ISP recovers they come back.
-#[test]
-fn silent_upstream_failure_is_detected_by_probes() -> anyhow::Result<()> {
+/// Two uplinks probed by ICMP to the internet host, two clients greeted, immediate
+/// failback; returns the lab and a client on isp1.
+fn probed_lab(tag: &str) -> anyhow::Result<(Lab, u32)> {
     let probe = "probes = [\"icmp:203.0.113.10\"]";
     let uplinks = vec![
         UplinkSpec::new("isp1", 1, false).with(probe),
         UplinkSpec::new("isp2", 1, false).with(probe),
     ];
-    let mut lab = Lab::build("silent", uplinks, 2, 0)?;
+    let mut lab = Lab::build(tag, uplinks, 2, 0)?;
     lab.write_config("10s", "10m", "[failover]\nfailback_delay = \"0s\"\n")?;
     lab.start_agent()?;
     let assigned = lab.greet_clients()?;
     let c = clients_on(&assigned, "isp1")[0];
+    // Let the first probe rounds settle.
     std::thread::sleep(Duration::from_millis(500));
+    Ok((lab, c))
+}
+
+/// Test 2: a silent upstream failure (the ISP drops forwarded packets, carrier up) is
+/// found by the probes and the clients move; when the ISP recovers they come back.
+#[test]
+fn silent_upstream_failure_is_detected_by_probes() -> anyhow::Result<()> {
+    let (lab, c) = probed_lab("silent")?;
     assert_eq!(via(&lab, c)?, "isp1");
 
     lab.upstream_loss("isp1", 100)?;
@@ -607,27 +615,13 @@ fn admin_down_and_address_loss_fail_over() -> anyhow::Result<()> {
 /// the same probe loss does. A silent failure with traffic still flowing out is caught.
 #[test]
 fn lost_probes_do_not_take_down_an_uplink_that_carries_traffic() -> anyhow::Result<()> {
-    let probe = "probes = [\"icmp:203.0.113.10\"]";
-    let uplinks = vec![
-        UplinkSpec::new("isp1", 1, false).with(probe),
-        UplinkSpec::new("isp2", 1, false).with(probe),
-    ];
-    let mut lab = Lab::build("passive", uplinks, 2, 0)?;
-    lab.write_config("10s", "10m", "[failover]\nfailback_delay = \"0s\"\n")?;
-    lab.start_agent()?;
-    let assigned = lab.greet_clients()?;
-    let c = clients_on(&assigned, "isp1")[0];
-    std::thread::sleep(Duration::from_millis(500));
+    let (lab, c) = probed_lab("passive")?;
     let isp1 = lab.ns("isp1");
+    let nft = |cmd: &str| uplink_tests::sh(&["ip", "netns", "exec", &isp1, "nft", cmd]);
     // The ISP drops the probes' echo replies, and only those.
-    uplink_tests::sh(&[
-        "ip",
-        "netns",
-        "exec",
-        &isp1,
-        "nft",
+    nft(
         "add table inet probe_loss { chain f { type filter hook forward priority 0; oifname \"cpe\" icmp type echo-reply counter drop; }; }",
-    ])?;
+    )?;
     let mark = lab.log_len();
     let stream = UdpStream::start(&lab, c, false, Duration::from_millis(10))?;
     std::thread::sleep(Duration::from_secs(3));
@@ -636,17 +630,7 @@ fn lost_probes_do_not_take_down_an_uplink_that_carries_traffic() -> anyhow::Resu
         !log.contains("uplink isp1 up -> down"),
         "an uplink carrying traffic was declared down:\n{log}"
     );
-    let dropped = uplink_tests::sh(&[
-        "ip",
-        "netns",
-        "exec",
-        &isp1,
-        "nft",
-        "list",
-        "table",
-        "inet",
-        "probe_loss",
-    ])?;
+    let dropped = nft("list table inet probe_loss")?;
     assert!(
         !dropped.contains("counter packets 0 "),
         "the probe replies were not dropped:\n{dropped}"
@@ -662,17 +646,7 @@ fn lost_probes_do_not_take_down_an_uplink_that_carries_traffic() -> anyhow::Resu
 
     // Back up, then a silent failure (the ISP drops everything it forwards) while the
     // client keeps sending: nothing comes back, so the uplink goes down as before.
-    uplink_tests::sh(&[
-        "ip",
-        "netns",
-        "exec",
-        &isp1,
-        "nft",
-        "delete",
-        "table",
-        "inet",
-        "probe_loss",
-    ])?;
+    nft("delete table inet probe_loss")?;
     wait_via(&lab, c, "isp1", Duration::from_secs(10))?;
     let mark = lab.log_len();
     let stream = UdpStream::start(&lab, c, false, Duration::from_millis(10))?;
