@@ -171,6 +171,26 @@ pub fn make_certs(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Agents started by a test must not outlive it: a test process killed outright (a CI
+/// timeout) never runs the Lab's Drop. The kernel kills the child when the thread that
+/// spawned it ends, which for a lab is the test's own thread, after the Drop.
+pub trait DiesWithSpawner {
+    fn dies_with_spawner(&mut self) -> &mut Self;
+}
+
+impl DiesWithSpawner for Command {
+    fn dies_with_spawner(&mut self) -> &mut Self {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            self.pre_exec(|| {
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                    .map_err(std::io::Error::from)
+            })
+        }
+    }
+}
+
 /// Runs `op` again while it fails with EINTR. A socket read with a timeout is not restarted
 /// by the kernel when the process takes a signal or is stopped and continued (a loaded CI
 /// host does that); it returns EINTR, which is no answer from the network.
@@ -677,6 +697,7 @@ impl Lab {
             .envs(self.agent_env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(log.try_clone()?)
             .stderr(log)
+            .dies_with_spawner()
             .spawn()?;
         self.agent = Some(child);
         self.wait_for(Duration::from_secs(20), "uplinkd's first apply", || {
@@ -1098,6 +1119,7 @@ impl Fleet {
                 .arg(&config)
                 .stdout(log.try_clone()?)
                 .stderr(log)
+                .dies_with_spawner()
                 .spawn()?;
             fleet.agents.push(child);
             fleet.gateways.push(gw);
