@@ -570,8 +570,6 @@ impl Agent {
         }
     }
 
-    /// SIGHUP: a valid new config replaces the old one; an invalid one is rejected and the
-    /// old one keeps running. Ownership (the dataplane section) cannot change live.
     /// Passive health for a failed probe round: whether uplink `i` forwarded traffic from
     /// the internet since the previous failed round, if that was recent. Reads the nft
     /// counters only for an uplink that is still usable, so a dead one costs nothing.
@@ -612,6 +610,8 @@ impl Agent {
         }
     }
 
+    /// SIGHUP: a valid new config replaces the old one; an invalid one is rejected and the
+    /// old one keeps running. Ownership (the dataplane section) cannot change live.
     async fn reload(&mut self) -> Result<u64, String> {
         let new = match Config::load(&self.config_path) {
             Ok(c) => c,
