@@ -32,6 +32,7 @@ pub struct Metrics {
     pub failovers: IntCounterVec,
     pub failbacks: IntCounterVec,
     pub flaps: IntCounterVec,
+    pub lost_while_forwarding: IntCounterVec,
     clients: IntGauge,
     overrides: IntGauge,
     pub dispatch_latency: Histogram,
@@ -145,6 +146,11 @@ impl Metrics {
             flaps: cvec(
                 "uplink_flaps_total",
                 "Changes between usable and unusable",
+                &["uplink"],
+            ),
+            lost_while_forwarding: cvec(
+                "uplink_probe_rounds_lost_while_forwarding_total",
+                "Failed probe rounds not counted toward down_after because the uplink forwarded traffic from the internet (passive health)",
                 &["uplink"],
             ),
             clients: reg(
@@ -265,7 +271,12 @@ impl Metrics {
             self.rx_bytes
                 .with_label_values(&[name])
                 .inc_by(delta(now.rx.1, before.rx.1));
-            for counter in [&self.failovers, &self.failbacks, &self.flaps] {
+            for counter in [
+                &self.failovers,
+                &self.failbacks,
+                &self.flaps,
+                &self.lost_while_forwarding,
+            ] {
                 counter.with_label_values(&[name]);
             }
         }

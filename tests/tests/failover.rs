@@ -638,6 +638,17 @@ fn lost_probes_do_not_take_down_an_uplink_that_carries_traffic() -> anyhow::Resu
     let r = stream.finish()?;
     assert_eq!(r.received, r.sent, "the flow kept going");
     assert_eq!(r.seen.len(), 1);
+    let metrics = lab.gw(&["curl", "-s", "http://127.0.0.1:9477/metrics"])?;
+    let excused = metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(
+                "uplinkd_uplink_probe_rounds_lost_while_forwarding_total{uplink=\"isp1\"} ",
+            )
+        })
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(excused >= 1.0, "the excused rounds are counted: {excused}");
     // No traffic now: the same loss is a dead uplink.
     lab.wait_for(Duration::from_secs(5), "isp1 down once idle", || {
         Ok(lab.log_since(mark).contains("uplink isp1 up -> down"))

@@ -226,6 +226,9 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
                 }
                 debug!(uplink = report.uplink, ok = report.round.ok(), rtts = ?report.round.rtts, "probe round");
                 if let Some(u) = agent.config.uplinks.get(report.uplink) {
+                    if report.round.forwarding {
+                        agent.metrics.lost_while_forwarding.with_label_values(&[u.name.as_str()]).inc();
+                    }
                     for rtt in report.round.rtts.iter().flatten() {
                         agent.metrics.probe_rtt.with_label_values(&[u.name.as_str()]).observe(rtt.as_secs_f64());
                     }
