@@ -56,109 +56,118 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// The server certificate, reloaded when the cert or key file changes on disk.
-#[derive(Debug)]
-struct Reloading {
-    cert: PathBuf,
-    key: PathBuf,
-    current: Mutex<(Option<SystemTime>, Option<SystemTime>, Arc<CertifiedKey>)>,
+/// A value loaded from files and loaded again, at the next handshake, when any of their
+/// modification times changes. A change that does not load (a half-written cert/key pair,
+/// a broken PEM file) keeps the previous value, and the handshake after tries again.
+struct Watched<T> {
+    what: &'static str,
+    files: Vec<PathBuf>,
+    load: Box<dyn Fn() -> Result<T, TlsError> + Send + Sync>,
+    current: Mutex<(Vec<Option<SystemTime>>, T)>,
 }
 
-impl Reloading {
-    fn load(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, TlsError> {
-        let chain = load_certs(cert)?;
-        let key_der = load_key(key)?;
-        let ck = CertifiedKey::from_der(chain, key_der, &provider())
-            .map_err(|e| file_error(key, format!("does not match {}: {e}", cert.display())))?;
-        Ok(Arc::new(ck))
+impl<T: Clone> Watched<T> {
+    /// Loads now: a value that does not load at start is an error, not a fallback.
+    fn new(
+        what: &'static str,
+        files: Vec<PathBuf>,
+        load: impl Fn() -> Result<T, TlsError> + Send + Sync + 'static,
+    ) -> Result<Watched<T>, TlsError> {
+        let first = load()?;
+        let stamps = Self::stamps(&files);
+        Ok(Watched {
+            what,
+            files,
+            load: Box::new(load),
+            current: Mutex::new((stamps, first)),
+        })
     }
 
-    fn mtime(p: &Path) -> Option<SystemTime> {
-        fs::metadata(p).and_then(|m| m.modified()).ok()
-    }
-}
-
-impl ResolvesServerCert for Reloading {
-    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let mut cur = self.current.lock().ok()?;
-        let (c, k) = (Self::mtime(&self.cert), Self::mtime(&self.key));
-        if (c, k) != (cur.0, cur.1) {
-            // A half-written pair (cert updated, key not yet) fails to load: keep the old
-            // one and try again on the next handshake.
-            match Self::load(&self.cert, &self.key) {
-                Ok(ck) => {
-                    tracing::info!(cert = %self.cert.display(), "reloaded the API certificate");
-                    *cur = (c, k, ck);
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "API certificate changed but does not load yet; keeping the old one")
-                }
-            }
-        }
-        Some(cur.2.clone())
-    }
-}
-
-/// A server config without client authentication (for `/metrics` over HTTPS); the
-/// certificate is reloaded on change like the API's.
-pub fn plain_server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, TlsError> {
-    let first = Reloading::load(cert, key)?;
-    let resolver = Reloading {
-        cert: cert.to_owned(),
-        key: key.to_owned(),
-        current: Mutex::new((Reloading::mtime(cert), Reloading::mtime(key), first)),
-    };
-    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_cert_resolver(Arc::new(resolver));
-    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(Arc::new(cfg))
-}
-
-/// The client verifier, rebuilt from the CA file when it changes on disk. A file that
-/// does not load (half written, not PEM) keeps the previous CA until it does.
-#[derive(Debug)]
-struct ReloadingCa {
-    ca: PathBuf,
-    current: Mutex<(Option<SystemTime>, Arc<dyn ClientCertVerifier>)>,
-}
-
-impl ReloadingCa {
-    fn load(ca: &Path) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
-        let mut roots = RootCertStore::empty();
-        for c in load_certs(ca)? {
-            roots.add(c).map_err(|e| file_error(ca, e))?;
-        }
-        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
-            .build()
-            .map_err(|e| TlsError::Verifier(e.to_string()))
+    fn stamps(files: &[PathBuf]) -> Vec<Option<SystemTime>> {
+        files
+            .iter()
+            .map(|p| fs::metadata(p).and_then(|m| m.modified()).ok())
+            .collect()
     }
 
-    fn get(&self) -> Arc<dyn ClientCertVerifier> {
+    fn get(&self) -> T {
         let mut cur = match self.current.lock() {
             Ok(c) => c,
             Err(poisoned) => poisoned.into_inner(),
         };
-        let mtime = Reloading::mtime(&self.ca);
-        if mtime != cur.0 {
-            match Self::load(&self.ca) {
+        let stamps = Self::stamps(&self.files);
+        if stamps != cur.0 {
+            match (self.load)() {
                 Ok(v) => {
-                    tracing::info!(ca = %self.ca.display(), "reloaded the API client CA");
-                    *cur = (mtime, v);
+                    tracing::info!(file = %self.files[0].display(), "reloaded the {}", self.what);
+                    *cur = (stamps, v);
                 }
-                Err(e) => {
-                    tracing::warn!(error = %e, "API client CA changed but does not load; keeping the old one");
-                    // Not again on every handshake: the next change of the file retries.
-                    cur.0 = mtime;
-                }
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    "{} changed but does not load; keeping the old one",
+                    self.what
+                ),
             }
         }
         cur.1.clone()
     }
 }
 
-impl ClientCertVerifier for ReloadingCa {
+impl<T> std::fmt::Debug for Watched<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Watched")
+            .field("what", &self.what)
+            .field("files", &self.files)
+            .finish()
+    }
+}
+
+/// The server's certificate and key, reloaded when either file changes.
+fn certified_key(
+    what: &'static str,
+    cert: &Path,
+    key: &Path,
+) -> Result<Watched<Arc<CertifiedKey>>, TlsError> {
+    let (c, k) = (cert.to_owned(), key.to_owned());
+    Watched::new(what, vec![c.clone(), k.clone()], move || {
+        let ck = CertifiedKey::from_der(load_certs(&c)?, load_key(&k)?, &provider())
+            .map_err(|e| file_error(&k, format!("does not match {}: {e}", c.display())))?;
+        Ok(Arc::new(ck))
+    })
+}
+
+impl ResolvesServerCert for Watched<Arc<CertifiedKey>> {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.get())
+    }
+}
+
+/// A server config without client authentication (for `/metrics` over HTTPS); the
+/// certificate is reloaded on change like the API's.
+pub fn plain_server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(certified_key("metrics certificate", cert, key)?));
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// The client verifier over the CA file's certificates, rebuilt when the file changes.
+fn client_verifier(ca: &Path) -> Result<Watched<Arc<dyn ClientCertVerifier>>, TlsError> {
+    let ca = ca.to_owned();
+    Watched::new("API client CA", vec![ca.clone()], move || {
+        let mut roots = RootCertStore::empty();
+        for c in load_certs(&ca)? {
+            roots.add(c).map_err(|e| file_error(&ca, e))?;
+        }
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+            .build()
+            .map_err(|e| TlsError::Verifier(e.to_string()))
+    })
+}
+
+impl ClientCertVerifier for Watched<Arc<dyn ClientCertVerifier>> {
     /// No CA names are sent: they live behind the lock and may change between handshakes.
     /// Clients present their one certificate regardless.
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
@@ -200,24 +209,14 @@ impl ClientCertVerifier for ReloadingCa {
 
 /// rustls server config: TLS 1.2/1.3, h2, client certificates required.
 pub fn server_config(api: &ApiConfig) -> Result<Arc<rustls::ServerConfig>, TlsError> {
-    let verifier = ReloadingCa {
-        ca: api.ca.clone(),
-        current: Mutex::new((Reloading::mtime(&api.ca), ReloadingCa::load(&api.ca)?)),
-    };
-    let first = Reloading::load(&api.cert, &api.key)?;
-    let resolver = Reloading {
-        cert: api.cert.clone(),
-        key: api.key.clone(),
-        current: Mutex::new((
-            Reloading::mtime(&api.cert),
-            Reloading::mtime(&api.key),
-            first,
-        )),
-    };
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
-        .with_client_cert_verifier(Arc::new(verifier))
-        .with_cert_resolver(Arc::new(resolver));
+        .with_client_cert_verifier(Arc::new(client_verifier(&api.ca)?))
+        .with_cert_resolver(Arc::new(certified_key(
+            "API certificate",
+            &api.cert,
+            &api.key,
+        )?));
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(cfg))
 }
