@@ -191,6 +191,14 @@ impl DiesWithSpawner for Command {
     }
 }
 
+/// The most common lab: uplinks isp1 and isp2, weight 1 each, neither point-to-point.
+pub fn two_uplinks() -> Vec<UplinkSpec> {
+    vec![
+        UplinkSpec::new("isp1", 1, false),
+        UplinkSpec::new("isp2", 1, false),
+    ]
+}
+
 /// Runs `op` again while it fails with EINTR. A socket read with a timeout is not restarted
 /// by the kernel when the process takes a signal or is stopped and continued (a loaded CI
 /// host does that); it returns EINTR, which is no answer from the network.
@@ -778,25 +786,16 @@ impl Lab {
             out.push_str(&format!("--- {title} ---\n"));
             out.push_str(&r.unwrap_or_else(|e| format!("({e:#})\n")));
         };
-        let gw = self.ns("gw");
-        let in_gw = |args: &[&str]| {
-            let mut full = vec!["ip", "netns", "exec", gw.as_str()];
-            full.extend_from_slice(args);
-            // conntrack prints its entries on stdout and a summary on stderr.
-            let o = Command::new(full[0]).args(&full[1..]).output()?;
-            Ok(format!(
-                "{}{}",
-                String::from_utf8_lossy(&o.stdout),
-                String::from_utf8_lossy(&o.stderr)
-            ))
-        };
-        show("gw conntrack -L", in_gw(&["conntrack", "-L"]));
-        show("gw nft list ruleset", in_gw(&["nft", "list", "ruleset"]));
-        show("gw ip rule", in_gw(&["ip", "rule"]));
-        show("gw ip -6 rule", in_gw(&["ip", "-6", "rule"]));
-        show("gw routes", in_gw(&["ip", "route", "show", "table", "all"]));
-        show("gw neighbours", in_gw(&["ip", "neigh"]));
-        show("gw links", in_gw(&["ip", "-br", "link"]));
+        show("gw conntrack -L", self.gw(&["conntrack", "-L"]));
+        show("gw nft list ruleset", self.gw(&["nft", "list", "ruleset"]));
+        show("gw ip rule", self.gw(&["ip", "rule"]));
+        show("gw ip -6 rule", self.gw(&["ip", "-6", "rule"]));
+        show(
+            "gw routes",
+            self.gw(&["ip", "route", "show", "table", "all"]),
+        );
+        show("gw neighbours", self.gw(&["ip", "neigh"]));
+        show("gw links", self.gw(&["ip", "-br", "link"]));
         for k in 1..=self.uplinks.len() {
             let isp = self.ns(&format!("isp{k}"));
             show(

@@ -3,14 +3,7 @@
 use std::net::IpAddr;
 use std::time::Duration;
 
-use uplink_tests::{Lab, UplinkSpec, client_v4};
-
-fn two_uplinks() -> Vec<UplinkSpec> {
-    vec![
-        UplinkSpec::new("isp1", 1, false),
-        UplinkSpec::new("isp2", 1, false),
-    ]
-}
+use uplink_tests::{Lab, UplinkSpec, client_v4, two_uplinks};
 
 fn via(lab: &Lab, i: u32) -> anyhow::Result<String> {
     // Generous: a loaded CI machine runs a dozen labs at once.

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use uplink_tests::{Lab, TcpFlow, UdpStream, UplinkSpec, client_v4};
+use uplink_tests::{Lab, TcpFlow, UdpStream, UplinkSpec, client_v4, two_uplinks};
 
 /// Which uplink client `i`'s new connections leave by now.
 fn via(lab: &Lab, i: u32) -> anyhow::Result<String> {
@@ -198,10 +198,7 @@ fn silent_upstream_failure_is_detected_by_probes() -> anyhow::Result<()> {
 /// keeps working on the backup after the failback.
 #[test]
 fn auto_failback_after_delay_keeps_backup_flows() -> anyhow::Result<()> {
-    let uplinks = vec![
-        UplinkSpec::new("isp1", 1, false),
-        UplinkSpec::new("isp2", 1, false),
-    ];
+    let uplinks = two_uplinks();
     let mut lab = Lab::build("fb", uplinks, 2, 2)?;
     lab.write_config("10s", "10m", "[failover]\nfailback_delay = \"3s\"\n")?;
     lab.start_agent()?;
@@ -248,10 +245,7 @@ fn auto_failback_after_delay_keeps_backup_flows() -> anyhow::Result<()> {
 /// Test 4: with manual failback the clients stay on the backup after recovery.
 #[test]
 fn manual_failback_keeps_clients_on_the_backup() -> anyhow::Result<()> {
-    let uplinks = vec![
-        UplinkSpec::new("isp1", 1, false),
-        UplinkSpec::new("isp2", 1, false),
-    ];
+    let uplinks = two_uplinks();
     let mut lab = Lab::build("mfb", uplinks, 2, 0)?;
     lab.write_config(
         "10s",
@@ -311,10 +305,7 @@ fn tier_two_carries_only_when_tier_one_is_down() -> anyhow::Result<()> {
 /// `hold`, then comes back.
 #[test]
 fn flapping_uplink_is_held_down() -> anyhow::Result<()> {
-    let uplinks = vec![
-        UplinkSpec::new("isp1", 1, false),
-        UplinkSpec::new("isp2", 1, false),
-    ];
+    let uplinks = two_uplinks();
     let mut lab = Lab::build("flap", uplinks, 2, 0)?;
     lab.write_config(
         "10s",
@@ -349,10 +340,7 @@ fn flapping_uplink_is_held_down() -> anyhow::Result<()> {
 /// through the first healthy uplink.
 #[test]
 fn all_down_then_one_back() -> anyhow::Result<()> {
-    let uplinks = vec![
-        UplinkSpec::new("isp1", 1, false),
-        UplinkSpec::new("isp2", 1, false),
-    ];
+    let uplinks = two_uplinks();
     let mut lab = Lab::build("alldown", uplinks, 4, 0)?;
     lab.write_config("10s", "10m", "[failover]\nfailback_delay = \"60s\"\n")?;
     lab.start_agent()?;
@@ -412,10 +400,7 @@ fn probes_leave_through_their_own_uplink() -> anyhow::Result<()> {
 /// drop foreign source addresses, so a reply out of the wrong uplink would never arrive.
 #[test]
 fn inbound_connections_are_answered_through_their_uplink() -> anyhow::Result<()> {
-    let uplinks = vec![
-        UplinkSpec::new("isp1", 1, false),
-        UplinkSpec::new("isp2", 1, false),
-    ];
+    let uplinks = two_uplinks();
     let mut lab = Lab::build("inbound", uplinks, 1, 0)?;
     lab.write_config("10s", "10m", "")?;
     lab.start_agent()?;
@@ -575,10 +560,7 @@ fn saturated_uplink_is_not_declared_down() -> anyhow::Result<()> {
 /// address going away each fail the uplink over at once; restoring brings it back.
 #[test]
 fn admin_down_and_address_loss_fail_over() -> anyhow::Result<()> {
-    let uplinks = vec![
-        UplinkSpec::new("isp1", 1, false),
-        UplinkSpec::new("isp2", 1, false),
-    ];
+    let uplinks = two_uplinks();
     let mut lab = Lab::build("linkev", uplinks, 2, 0)?;
     lab.write_config("60s", "10m", "[failover]\nfailback_delay = \"0s\"\n")?;
     lab.start_agent()?;

@@ -2,14 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use uplink_tests::{Lab, UplinkSpec, client_v4};
-
-fn two_uplinks() -> Vec<UplinkSpec> {
-    vec![
-        UplinkSpec::new("isp1", 1, false),
-        UplinkSpec::new("isp2", 1, false),
-    ]
-}
+use uplink_tests::{Lab, client_v4, two_uplinks};
 
 /// Which client (1 or 2) is on `uplink`.
 fn client_on(lab: &Lab, uplink: &str) -> anyhow::Result<u32> {

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::time::Duration;
 
-use uplink_tests::{Lab, UdpStream, UplinkSpec, client_v4, client_v6};
+use uplink_tests::{Lab, UdpStream, UplinkSpec, client_v4, client_v6, two_uplinks};
 
 fn three_uplinks() -> Vec<UplinkSpec> {
     vec![
@@ -154,10 +154,7 @@ fn table_handle(lab: &Lab) -> anyhow::Result<u64> {
 /// not before; a new client then goes to the least-loaded uplink.
 #[test]
 fn idle_client_is_released_then_least_loaded_wins() -> anyhow::Result<()> {
-    let uplinks = vec![
-        UplinkSpec::new("isp1", 1, false),
-        UplinkSpec::new("isp2", 1, false),
-    ];
+    let uplinks = two_uplinks();
     let mut lab = Lab::build("idle", uplinks, 4, 0)?;
     lab.write_config("10s", "3s", "")?;
     lab.start_agent()?;
@@ -206,10 +203,7 @@ fn idle_client_is_released_then_least_loaded_wins() -> anyhow::Result<()> {
 /// client is assigned elsewhere, while new connections follow the assignment.
 #[test]
 fn connections_stay_on_the_uplink_they_started_on() -> anyhow::Result<()> {
-    let uplinks = vec![
-        UplinkSpec::new("isp1", 1, false),
-        UplinkSpec::new("isp2", 1, false),
-    ];
+    let uplinks = two_uplinks();
     let mut lab = Lab::build("sticky", uplinks, 6, 0)?;
     lab.write_config("10s", "10m", "")?;
     lab.start_agent()?;
@@ -364,10 +358,7 @@ fn sighup_reload_adds_an_uplink_and_rejects_a_bad_config() -> anyhow::Result<()>
 #[test]
 fn bulk_arrival_is_dispatched_from_events() -> anyhow::Result<()> {
     const N: u32 = 5000;
-    let uplinks = vec![
-        UplinkSpec::new("isp1", 1, false),
-        UplinkSpec::new("isp2", 1, false),
-    ];
+    let uplinks = two_uplinks();
     let mut lab = Lab::build("bulk", uplinks, 0, 0)?;
     lab.write_config("600s", "10m", "")?;
     lab.start_agent()?;

@@ -11,7 +11,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
-use uplink_tests::{Lab, UplinkSpec};
+use uplink_tests::{Lab, two_uplinks};
 
 /// A received span: name, its attributes and its resource's, as text.
 type Received = (String, Vec<(String, String)>, Vec<(String, String)>);
@@ -64,10 +64,7 @@ impl TraceService for Collector {
 
 #[test]
 fn failover_span_reaches_an_otlp_receiver() -> anyhow::Result<()> {
-    let uplinks = vec![
-        UplinkSpec::new("isp1", 1, false),
-        UplinkSpec::new("isp2", 1, false),
-    ];
+    let uplinks = two_uplinks();
     let mut lab = Lab::build("otel", uplinks, 2, 0)?;
     let (tx, rx) = mpsc::channel();
     let gw = lab.ns("gw");
