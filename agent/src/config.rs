@@ -34,6 +34,8 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MetricsConfig {
     pub listen: std::net::SocketAddr,
+    /// Connections open at once; more are closed at once (and counted).
+    pub max_connections: usize,
     /// HTTPS with this certificate and key (PEM) instead of plain HTTP.
     pub tls: Option<(PathBuf, PathBuf)>,
 }
@@ -68,6 +70,9 @@ pub struct HealthConfig {
     /// A failed round does not count toward `down_after` while the uplink forwards traffic
     /// from the internet (its inbound forwarded-packet counter grew during the round).
     pub passive: bool,
+    /// At most this many failed rounds in a row are excused by passive evidence; the next
+    /// one counts toward `down_after` whatever the traffic.
+    pub passive_max_rounds: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -166,6 +171,8 @@ pub struct DataplaneConfig {
     pub nft: PathBuf,
     /// Path of the `conntrack` binary (conntrack-tools).
     pub conntrack: PathBuf,
+    /// An `nft` or `conntrack` run that takes longer is killed and retried with backoff.
+    pub command_timeout: Duration,
 }
 
 impl DataplaneConfig {
@@ -275,6 +282,7 @@ struct RawConfig {
 struct RawMetrics {
     enabled: Option<bool>,
     listen: Option<Spanned<String>>,
+    max_connections: Option<Spanned<i64>>,
     cert: Option<Spanned<PathBuf>>,
     key: Option<Spanned<PathBuf>>,
 }
@@ -300,6 +308,7 @@ struct RawHealth {
     max_rtt: Option<Spanned<String>>,
     stats_window: Option<Spanned<i64>>,
     passive: Option<bool>,
+    passive_max_rounds: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -339,6 +348,7 @@ struct RawDataplane {
     route_protocol: Option<Spanned<u32>>,
     nft: Option<PathBuf>,
     conntrack: Option<PathBuf>,
+    command_timeout: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -442,15 +452,17 @@ impl Validator<'_> {
             && name.len() <= 15
             && name != "."
             && name != ".."
-            && !name
+            // The kernel allows more, but uplinkd writes these names into nft rules, where
+            // a trailing '*' is a wildcard and '@' names a set.
+            && name
                 .chars()
-                .any(|c| c == '/' || c == ':' || c.is_whitespace());
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
         if !valid {
             return Err(self.err(
                 Some(value.span()),
                 key,
                 format!(
-                    "invalid interface name {name:?}: 1-15 characters, no '/', ':' or whitespace"
+                    "invalid interface name {name:?}: 1-15 characters of A-Z a-z 0-9 - _ ."
                 ),
             ));
         }
@@ -739,7 +751,9 @@ impl Validator<'_> {
             Some(false) => None,
             _ => {
                 let listen = match raw.metrics.listen {
-                    None => "0.0.0.0:9477".parse().expect("default address parses"),
+                    // Loopback by default: the gateway's WAN side must not read its
+                    // metrics unless the operator opens them deliberately.
+                    None => "127.0.0.1:9477".parse().expect("default address parses"),
                     Some(v) => v.get_ref().trim().parse().map_err(|_| {
                         self.err(
                             Some(v.span()),
@@ -783,7 +797,17 @@ impl Validator<'_> {
                         ));
                     }
                 };
-                Some(MetricsConfig { listen, tls })
+                let max_connections = self.int(
+                    "metrics.max_connections",
+                    raw.metrics.max_connections.as_ref(),
+                    64,
+                    1..=10_000,
+                )? as usize;
+                Some(MetricsConfig {
+                    listen,
+                    max_connections,
+                    tls,
+                })
             }
         };
         Ok(Config {
@@ -883,6 +907,12 @@ impl Validator<'_> {
                 2..=10_000,
             )? as u32,
             passive: raw.passive.unwrap_or(true),
+            passive_max_rounds: self.int(
+                "health.passive_max_rounds",
+                raw.passive_max_rounds.as_ref(),
+                50,
+                1..=10_000,
+            )? as u32,
         };
         if h.interval < Duration::from_millis(10) {
             return Err(self.err(None, "health.interval", "must be at least 10ms"));
@@ -981,8 +1011,13 @@ impl Validator<'_> {
             rule_priority,
             table_base: 1000,
             route_protocol,
-            nft: raw.nft.unwrap_or_else(|| PathBuf::from("nft")),
-            conntrack: raw.conntrack.unwrap_or_else(|| PathBuf::from("conntrack")),
+            nft: raw.nft.unwrap_or_else(|| system_binary("nft")),
+            conntrack: raw.conntrack.unwrap_or_else(|| system_binary("conntrack")),
+            command_timeout: self.duration(
+                "dataplane.command_timeout",
+                raw.command_timeout,
+                Duration::from_secs(10),
+            )?,
         };
         if let Some(b) = raw.table_base {
             let v = *b.get_ref();
@@ -1004,6 +1039,17 @@ impl Validator<'_> {
         }
         Ok(dp)
     }
+}
+
+/// A root daemon does not search PATH for the tools it runs: the default is the absolute
+/// path where the distribution installs them (the first that exists).
+fn system_binary(name: &str) -> PathBuf {
+    let candidates = ["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(|d| Path::new(d).join(name));
+    candidates
+        .iter()
+        .find(|p| p.is_file())
+        .unwrap_or(&candidates[0])
+        .clone()
 }
 
 fn hostname() -> String {
@@ -1093,6 +1139,15 @@ interface = "ppp0"
         let e = parse(&bad).unwrap_err();
         assert_eq!(e.key, "wieght");
         assert_eq!(e.line, Some(17));
+    }
+
+    #[test]
+    fn interface_names_with_nft_wildcard_or_set_characters_are_refused() {
+        for bad in ["wan*", "wan@x", "{wan}"] {
+            let e = parse(&GOOD.replace("\"wan1\"", &format!("{bad:?}"))).unwrap_err();
+            assert_eq!(e.key, "uplink[0].interface", "{bad}: {e}");
+        }
+        assert!(parse(&GOOD.replace("\"wan1\"", "\"wan1.100\"")).is_ok());
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod daemon;
 pub mod dataplane;
 pub mod discover;
 pub mod health;
+pub mod lock;
 pub mod metrics;
 pub mod model;
 pub mod notify;

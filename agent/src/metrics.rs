@@ -1,6 +1,7 @@
 //! Prometheus metrics (text format 0.0.4), prefix `uplinkd_`, base units. No per-client
-//! labels: per-client figures belong to the API. Gauges are refreshed from the model and
-//! the nft counters at scrape time, by the agent loop, so every value shown is current.
+//! labels: per-client figures belong to the API. The agent loop publishes the model's
+//! gauges when the model changes (at most a second late); a scrape reads the nft traffic
+//! counters itself and never waits on the loop.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -10,18 +11,23 @@ use prometheus::{
     IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, oneshot};
 
 use crate::config::{Config, MetricsConfig};
-use crate::dataplane::nft::Traffic;
+use crate::dataplane::nft::{NftDriver, Traffic};
 use crate::health::UplinkState;
 use crate::model::Model;
+use crate::model::failover::FailbackPending;
+
+const STATES: [&str; 5] = ["up", "down", "degraded", "draining", "held"];
 
 pub struct Metrics {
     pub registry: Registry,
     uplink_up: IntGaugeVec,
     uplink_state: IntGaugeVec,
     uplink_clients: IntGaugeVec,
+    uplink_clients_homed: IntGaugeVec,
+    uplink_serving: IntGaugeVec,
+    uplink_failback_in: GaugeVec,
     uplink_weight: IntGaugeVec,
     pub probe_rtt: HistogramVec,
     probe_loss: GaugeVec,
@@ -41,9 +47,13 @@ pub struct Metrics {
     in_sync: IntGauge,
     pub grpc_requests: IntCounterVec,
     pub grpc_duration: HistogramVec,
+    refused: IntCounterVec,
     /// Last nft counter readings per interface, to turn them into monotonic counters
     /// across table replacements (which reset nft counters).
     last: std::sync::Mutex<HashMap<String, Traffic>>,
+    /// The uplinks last published, as (name, interface): a scrape maps counters to names
+    /// with it, and series of uplinks that left the config are removed.
+    uplinks: std::sync::Mutex<Vec<(String, String)>>,
     _build_info: Gauge,
 }
 
@@ -89,7 +99,32 @@ impl Metrics {
                 "The uplink's state, one-hot over up/down/degraded/draining/held",
                 &["uplink", "state"],
             ),
-            uplink_clients: ivec("uplink_clients", "Clients homed on the uplink", &["uplink"]),
+            uplink_clients: ivec(
+                "uplink_clients",
+                "Clients whose new connections use the uplink now (failovers, drains and pins applied)",
+                &["uplink"],
+            ),
+            uplink_clients_homed: ivec(
+                "uplink_clients_homed",
+                "Clients homed on the uplink (where they return after a failover)",
+                &["uplink"],
+            ),
+            uplink_serving: ivec(
+                "uplink_serving",
+                "1 while the uplink carries its own clients; 0 while they are failed over or drained elsewhere",
+                &["uplink"],
+            ),
+            uplink_failback_in: reg(
+                &r,
+                GaugeVec::new(
+                    Opts::new(
+                        "uplink_failback_in_seconds",
+                        "Seconds until the automatic failback of a usable uplink whose clients are still elsewhere; 0 when none is pending",
+                    ),
+                    &["uplink"],
+                )
+                .expect("valid metric"),
+            ),
             uplink_weight: ivec("uplink_weight", "Configured weight", &["uplink"]),
             probe_rtt: reg(
                 &r,
@@ -212,21 +247,36 @@ impl Metrics {
                 )
                 .expect("valid metric"),
             ),
+            refused: cvec(
+                "listener_connections_refused_total",
+                "Connections closed at once because the listener had its maximum open",
+                &["listener"],
+            ),
             last: std::sync::Mutex::new(HashMap::new()),
+            uplinks: std::sync::Mutex::new(Vec::new()),
             _build_info: build_info,
             registry: r,
         })
     }
 
-    /// Brings the gauges and traffic counters up to date.
-    pub fn refresh(
-        &self,
-        config: &Config,
-        model: &Model,
-        in_sync: bool,
-        traffic: &std::collections::BTreeMap<String, Traffic>,
-    ) {
-        let mut last = self.last.lock().expect("lock");
+    /// Publishes the model's gauges; `carried` is clients per uplink by current use.
+    pub fn publish(&self, config: &Config, model: &Model, carried: &[usize], in_sync: bool) {
+        let now = std::time::Instant::now();
+        let mut known = self.uplinks.lock().expect("lock");
+        let current: Vec<(String, String)> = config
+            .uplinks
+            .iter()
+            .map(|u| (u.name.clone(), u.interface.clone()))
+            .collect();
+        // Series of uplinks removed or renamed by a reload go, so alerts see the truth.
+        for (gone, _) in known
+            .iter()
+            .filter(|(n, _)| !current.iter().any(|(c, _)| c == n))
+        {
+            self.forget(gone);
+        }
+        *known = current;
+        drop(known);
         for (i, (c, m)) in config.uplinks.iter().zip(&model.uplinks).enumerate() {
             let name = c.name.as_str();
             self.uplink_up
@@ -239,14 +289,27 @@ impl Metrics {
                 UplinkState::Degraded => "degraded",
                 UplinkState::Up => "up",
             };
-            for s in ["up", "down", "degraded", "draining", "held"] {
+            for s in STATES {
                 self.uplink_state
                     .with_label_values(&[name, s])
                     .set((s == state) as i64);
             }
             self.uplink_clients
                 .with_label_values(&[name])
+                .set(carried.get(i).copied().unwrap_or(0) as i64);
+            self.uplink_clients_homed
+                .with_label_values(&[name])
                 .set(model.counts()[i] as i64);
+            self.uplink_serving
+                .with_label_values(&[name])
+                .set(model.home_target(i).is_direct() as i64);
+            let failback = match model.failback_pending(i, now, &config.failover) {
+                FailbackPending::In(d) => d.as_secs_f64(),
+                _ => 0.0,
+            };
+            self.uplink_failback_in
+                .with_label_values(&[name])
+                .set(failback);
             self.uplink_weight
                 .with_label_values(&[name])
                 .set(c.weight as i64);
@@ -255,8 +318,64 @@ impl Metrics {
                     .with_label_values(&[name])
                     .set(m.health.stats.loss());
             }
-            let now = traffic.get(&c.interface).copied().unwrap_or_default();
-            let before = last.insert(c.interface.clone(), now).unwrap_or_default();
+            for counter in [
+                &self.failovers,
+                &self.failbacks,
+                &self.flaps,
+                &self.lost_while_forwarding,
+                &self.tx_packets,
+                &self.tx_bytes,
+                &self.rx_packets,
+                &self.rx_bytes,
+            ] {
+                counter.with_label_values(&[name]);
+            }
+        }
+        self.clients.set(model.clients().len() as i64);
+        self.overrides.set(model.overrides.len() as i64);
+        self.in_sync.set(in_sync as i64);
+    }
+
+    /// Removes every series of an uplink that is no longer configured.
+    fn forget(&self, name: &str) {
+        for v in [
+            &self.uplink_up,
+            &self.uplink_clients,
+            &self.uplink_clients_homed,
+            &self.uplink_serving,
+            &self.uplink_weight,
+        ] {
+            let _ = v.remove_label_values(&[name]);
+        }
+        for s in STATES {
+            let _ = self.uplink_state.remove_label_values(&[name, s]);
+        }
+        for v in [&self.probe_loss, &self.uplink_failback_in] {
+            let _ = v.remove_label_values(&[name]);
+        }
+        let _ = self.probe_rtt.remove_label_values(&[name]);
+        for c in [
+            &self.failovers,
+            &self.failbacks,
+            &self.flaps,
+            &self.lost_while_forwarding,
+            &self.tx_packets,
+            &self.tx_bytes,
+            &self.rx_packets,
+            &self.rx_bytes,
+        ] {
+            let _ = c.remove_label_values(&[name]);
+        }
+    }
+
+    /// Adds the traffic since the last reading to the per-uplink counters.
+    pub fn count_traffic(&self, traffic: &std::collections::BTreeMap<String, Traffic>) {
+        let uplinks = self.uplinks.lock().expect("lock").clone();
+        let mut last = self.last.lock().expect("lock");
+        for (name, interface) in &uplinks {
+            let name = name.as_str();
+            let now = traffic.get(interface).copied().unwrap_or_default();
+            let before = last.insert(interface.clone(), now).unwrap_or_default();
             // nft counters restart at 0 when the table is replaced: count from there.
             let delta = |n: u64, b: u64| if n >= b { n - b } else { n };
             self.tx_packets
@@ -271,18 +390,12 @@ impl Metrics {
             self.rx_bytes
                 .with_label_values(&[name])
                 .inc_by(delta(now.rx.1, before.rx.1));
-            for counter in [
-                &self.failovers,
-                &self.failbacks,
-                &self.flaps,
-                &self.lost_while_forwarding,
-            ] {
-                counter.with_label_values(&[name]);
-            }
         }
-        self.clients.set(model.clients().len() as i64);
-        self.overrides.set(model.overrides.len() as i64);
-        self.in_sync.set(in_sync as i64);
+    }
+
+    /// A listener closed a connection because it had its maximum open.
+    pub fn refused(&self, listener: &str) {
+        self.refused.with_label_values(&[listener]).inc();
     }
 
     pub fn encode(&self) -> String {
@@ -294,25 +407,55 @@ impl Metrics {
     }
 }
 
-/// Serves `/metrics` (HTTPS when a certificate is configured): each scrape asks the agent
-/// loop to refresh, then encodes.
+/// A warning logged at most once per `RATE_LIMIT`, with the count of what it stood for.
+#[derive(Default)]
+pub struct RateLimitedWarning {
+    state: std::sync::Mutex<(Option<std::time::Instant>, u64)>,
+}
+
+const RATE_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl RateLimitedWarning {
+    /// Counts one occurrence; calls `log` with the count since the last log when due.
+    pub fn warn(&self, log: impl FnOnce(u64)) {
+        let mut s = self.state.lock().expect("lock");
+        s.1 += 1;
+        let now = std::time::Instant::now();
+        if s.0.is_none_or(|t| now.duration_since(t) >= RATE_LIMIT) {
+            log(s.1);
+            *s = (Some(now), 0);
+        }
+    }
+}
+
+/// How long a metrics connection may take to send its request headers.
+const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long one metrics connection may stay open, keep-alive included.
+const CONNECTION_LIFETIME: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Serves `/metrics` (HTTPS when a certificate is configured). A scrape reads the traffic
+/// counters itself and encodes what the loop last published. At most
+/// `metrics.max_connections` are open at once; more are closed at once and counted.
 pub async fn serve(
     cfg: &MetricsConfig,
     metrics: Arc<Metrics>,
-    refresh: mpsc::Sender<oneshot::Sender<()>>,
+    counters: NftDriver,
 ) -> Result<(), String> {
     let listen = cfg.listen;
     let listener = TcpListener::bind(listen)
         .await
         .map_err(|e| format!("cannot listen on {listen} (metrics.listen): {e}"))?;
+    let scrape = metrics.clone();
     let app = axum::Router::new().route(
         "/metrics",
         axum::routing::get(move || {
-            let (metrics, refresh) = (metrics.clone(), refresh.clone());
+            let (metrics, counters) = (scrape.clone(), counters.clone());
             async move {
-                let (tx, rx) = oneshot::channel();
-                if refresh.send(tx).await.is_ok() {
-                    let _ = rx.await;
+                match counters.counters().await {
+                    Ok(traffic) => metrics.count_traffic(&traffic),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot read the traffic counters for /metrics")
+                    }
                 }
                 (
                     [(
@@ -324,44 +467,66 @@ pub async fn serve(
             }
         }),
     );
-    match &cfg.tls {
-        None => {
-            tokio::spawn(async move {
-                if let Err(e) = axum::serve(listener, app).await {
-                    tracing::error!(error = %e, "metrics listener stopped");
+    let tls = match &cfg.tls {
+        None => None,
+        Some((cert, key)) => Some(tokio_rustls::TlsAcceptor::from(
+            crate::api::tls::plain_server_config(cert, key)
+                .map_err(|e| format!("metrics TLS: {e}"))?,
+        )),
+    };
+    let slots = Arc::new(tokio::sync::Semaphore::new(cfg.max_connections));
+    let max = cfg.max_connections;
+    tokio::spawn(async move {
+        let refusals = RateLimitedWarning::default();
+        loop {
+            let (tcp, peer) = match listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of descriptors, typically: wait instead of spinning.
+                    tracing::warn!(error = %e, "metrics accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
                 }
+            };
+            let Ok(permit) = slots.clone().try_acquire_owned() else {
+                metrics.refused("metrics");
+                refusals.warn(|n| tracing::warn!(%peer, refused = n, limit = max, "metrics connection refused: too many open connections (metrics.max_connections)"));
+                continue;
+            };
+            let (tls, app) = (tls.clone(), app.clone());
+            tokio::spawn(async move {
+                let _permit = permit;
+                let service = hyper_util::service::TowerToHyperService::new(app);
+                let mut builder = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                );
+                builder
+                    .http1()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(HEADER_TIMEOUT);
+                let served = async {
+                    match tls {
+                        None => {
+                            let _ = builder
+                                .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+                                .await;
+                        }
+                        Some(acceptor) => {
+                            let Ok(Ok(tls)) =
+                                tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(tcp)).await
+                            else {
+                                return;
+                            };
+                            let _ = builder
+                                .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                                .await;
+                        }
+                    }
+                };
+                let _ = tokio::time::timeout(CONNECTION_LIFETIME, served).await;
             });
         }
-        Some((cert, key)) => {
-            let tls = crate::api::tls::plain_server_config(cert, key)
-                .map_err(|e| format!("metrics TLS: {e}"))?;
-            let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-            tokio::spawn(async move {
-                loop {
-                    let Ok((tcp, _)) = listener.accept().await else {
-                        continue;
-                    };
-                    let (acceptor, app) = (acceptor.clone(), app.clone());
-                    tokio::spawn(async move {
-                        let Ok(Ok(tls)) = tokio::time::timeout(
-                            std::time::Duration::from_secs(10),
-                            acceptor.accept(tcp),
-                        )
-                        .await
-                        else {
-                            return;
-                        };
-                        let service = hyper_util::service::TowerToHyperService::new(app);
-                        let _ = hyper_util::server::conn::auto::Builder::new(
-                            hyper_util::rt::TokioExecutor::new(),
-                        )
-                        .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
-                        .await;
-                    });
-                }
-            });
-        }
-    }
+    });
     tracing::info!(%listen, tls = cfg.tls.is_some(), "metrics serving");
     Ok(())
 }

@@ -137,6 +137,9 @@ enum CertsCmd {
         viewer: Option<String>,
         #[arg(long, default_value_t = 365)]
         days: i64,
+        /// Replace an existing certificate and key of that name.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -182,6 +185,7 @@ fn run(cli: Cli) -> Result<u8> {
                     operator,
                     viewer,
                     days,
+                    force,
                 } => {
                     let subject = match (agent, operator, viewer) {
                         (Some(a), _, _) => certs::Subject::Agent {
@@ -194,7 +198,7 @@ fn run(cli: Cli) -> Result<u8> {
                             "certs issue needs one of --agent NAME, --operator NAME, --viewer NAME"
                         ),
                     };
-                    certs::issue(dir, subject, *days)?;
+                    certs::issue(dir, subject, *days, *force)?;
                 }
             }
             return Ok(0);

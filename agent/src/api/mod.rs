@@ -98,11 +98,57 @@ pub enum ServeError {
 }
 
 /// Binds both listeners (so a bad address fails the start) and serves in the background.
+/// The agent loop's pulse: `/healthz` fails when the loop has not turned for
+/// `LIVENESS`, e.g. while it is stuck behind a hung `nft`.
+pub struct Heartbeat {
+    started: std::time::Instant,
+    /// Milliseconds since `started` of the last beat.
+    last: std::sync::atomic::AtomicU64,
+}
+
+/// The loop turns at least once a second (housekeeping); this much silence means stuck.
+pub const LIVENESS: Duration = Duration::from_secs(5);
+
+impl Heartbeat {
+    pub fn new() -> Heartbeat {
+        Heartbeat {
+            started: std::time::Instant::now(),
+            last: 0.into(),
+        }
+    }
+
+    pub fn beat(&self) {
+        self.last
+            .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// How long since the loop last turned.
+    pub fn silence(&self) -> Duration {
+        let last = Duration::from_millis(self.last.load(Ordering::Relaxed));
+        self.started.elapsed().saturating_sub(last)
+    }
+}
+
+impl Default for Heartbeat {
+    fn default() -> Heartbeat {
+        Heartbeat::new()
+    }
+}
+
+/// At most this many WatchEvents streams at once; each holds a copy of the history.
+pub const MAX_WATCHERS: usize = 64;
+/// At most this many API connections (TLS handshakes included) at once.
+pub const MAX_API_CONNECTIONS: usize = 256;
+/// A pin lasts at most this long; longer is "until cleared" (no duration).
+const MAX_PIN_TTL: Duration = Duration::from_secs(366 * 24 * 3600);
+
 pub async fn serve(
     api: ApiConfig,
     tx: mpsc::Sender<Command>,
     ready: Arc<AtomicBool>,
+    heartbeat: Arc<Heartbeat>,
     metrics: Arc<crate::metrics::Metrics>,
+    counters: crate::dataplane::nft::NftDriver,
 ) -> Result<(), ServeError> {
     let tls = tls::server_config(&api)?;
     let grpc = TcpListener::bind(api.listen)
@@ -119,10 +165,10 @@ pub async fn serve(
             key: "api.health_listen",
             source,
         })?;
-    tokio::spawn(serve_health(health, ready));
+    tokio::spawn(serve_health(health, ready, heartbeat));
 
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let incoming = async_stream_of_tls(grpc, acceptor);
+    let incoming = async_stream_of_tls(grpc, acceptor, metrics.clone());
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<agent_server::AgentServer<AgentService>>()
@@ -137,7 +183,12 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .expect("descriptor set is valid");
-    let service = AgentService { tx, metrics };
+    let service = AgentService {
+        tx,
+        metrics,
+        counters,
+        watchers: Arc::new(tokio::sync::Semaphore::new(MAX_WATCHERS)),
+    };
     tokio::spawn(async move {
         let r = tonic::transport::Server::builder()
             .add_service(health_service)
@@ -159,9 +210,13 @@ pub async fn serve(
 fn async_stream_of_tls(
     listener: TcpListener,
     acceptor: tokio_rustls::TlsAcceptor,
-) -> impl Stream<Item = Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>, std::io::Error>>
-{
+    metrics: Arc<crate::metrics::Metrics>,
+) -> impl Stream<
+    Item = Result<Limited<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>, std::io::Error>,
+> {
     let (tx, rx) = mpsc::channel(64);
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_API_CONNECTIONS));
+    let refusals = crate::metrics::RateLimitedWarning::default();
     tokio::spawn(async move {
         loop {
             let (tcp, peer) = match listener.accept().await {
@@ -172,12 +227,24 @@ fn async_stream_of_tls(
                     continue;
                 }
             };
+            // Over the cap the connection is closed at once: the agent's descriptors stay
+            // bounded whatever a peer opens.
+            let Ok(permit) = slots.clone().try_acquire_owned() else {
+                metrics.refused("api");
+                refusals.warn(|n| tracing::warn!(%peer, refused = n, limit = MAX_API_CONNECTIONS, "API connection refused: too many open connections"));
+                continue;
+            };
             let acceptor = acceptor.clone();
             let tx = tx.clone();
             tokio::spawn(async move {
                 match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => {
-                        let _ = tx.send(Ok(tls)).await;
+                        let _ = tx
+                            .send(Ok(Limited {
+                                inner: tls,
+                                _permit: permit,
+                            }))
+                            .await;
                     }
                     Ok(Err(e)) => tracing::info!(%peer, error = %e, "TLS handshake refused"),
                     Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
@@ -188,11 +255,78 @@ fn async_stream_of_tls(
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
-async fn serve_health(listener: TcpListener, ready: Arc<AtomicBool>) {
+/// A connection that holds one of the listener's slots until it closes.
+pub struct Limited<T> {
+    inner: T,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl<T: tonic::transport::server::Connected> tonic::transport::server::Connected for Limited<T> {
+    type ConnectInfo = T::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.inner.connect_info()
+    }
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Limited<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Limited<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+async fn serve_health(listener: TcpListener, ready: Arc<AtomicBool>, heartbeat: Arc<Heartbeat>) {
     use axum::http::StatusCode;
     use axum::routing::get;
     let app = axum::Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/healthz",
+            get(move || {
+                let heartbeat = heartbeat.clone();
+                async move {
+                    let silence = heartbeat.silence();
+                    if silence < LIVENESS {
+                        (StatusCode::OK, "ok\n".to_string())
+                    } else {
+                        (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            format!(
+                                "the agent loop has not turned for {:.1}s (a hung nft or conntrack?)\n",
+                                silence.as_secs_f64()
+                            ),
+                        )
+                    }
+                }
+            }),
+        )
         .route(
             "/readyz",
             get(move || {
@@ -214,6 +348,9 @@ async fn serve_health(listener: TcpListener, ready: Arc<AtomicBool>) {
 pub struct AgentService {
     tx: mpsc::Sender<Command>,
     metrics: Arc<crate::metrics::Metrics>,
+    /// Traffic counters are read here, beside the agent loop.
+    counters: crate::dataplane::nft::NftDriver,
+    watchers: Arc<tokio::sync::Semaphore>,
 }
 
 /// The caller's role, from its verified client certificate.
@@ -297,6 +434,30 @@ impl AgentService {
         r
     }
 
+    /// Fills in the traffic counters of uplink views.
+    async fn with_traffic(&self, mut uplinks: Vec<v1::Uplink>) -> Result<Vec<v1::Uplink>, Status> {
+        let traffic = self
+            .counters
+            .counters()
+            .await
+            .map_err(|e| Status::internal(format!("cannot read the traffic counters: {e}")))?;
+        for u in &mut uplinks {
+            if let Some(t) = traffic.get(&u.interface) {
+                (u.tx_packets, u.tx_bytes) = t.tx;
+                (u.rx_packets, u.rx_bytes) = t.rx;
+            }
+        }
+        Ok(uplinks)
+    }
+
+    async fn one_with_traffic(&self, u: v1::Uplink) -> Result<Response<v1::Uplink>, Status> {
+        let mut v = self
+            .with_traffic(vec![u])
+            .await
+            .map_err(|s| Status::internal(format!("the change is applied, but {}", s.message())))?;
+        Ok(Response::new(v.remove(0)))
+    }
+
     async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, Status> {
         let (tx, rx) = oneshot::channel();
         self.tx
@@ -330,7 +491,7 @@ impl agent_server::Agent for AgentService {
     ) -> Result<Response<v1::ListUplinksResponse>, Status> {
         self.timed("ListUplinks", async move {
             read(&req)?;
-            let uplinks = self.ask(Command::Uplinks).await?;
+            let uplinks = self.with_traffic(self.ask(Command::Uplinks).await?).await?;
             Ok(Response::new(v1::ListUplinksResponse { uplinks }))
         })
         .await
@@ -400,10 +561,22 @@ impl agent_server::Agent for AgentService {
     ) -> Result<Response<EventStream>, Status> {
         self.timed("WatchEvents", async move {
             read(&req)?;
+            let permit = self.watchers.clone().try_acquire_owned().map_err(|_| {
+                Status::resource_exhausted(format!(
+                    "{MAX_WATCHERS} event streams are open on this agent already; close one and retry"
+                ))
+            })?;
             let (history, rx) = self.ask(Command::Watch).await?;
-            let live = tokio_stream::wrappers::BroadcastStream::new(rx)
-                .filter_map(|e| e.ok())
-                .map(Ok);
+            // A watcher too slow for the event rate is told what it lost, and the stream
+            // ends, rather than skipping events silently. The stream holds its slot.
+            let live = tokio_stream::wrappers::BroadcastStream::new(rx).map(move |e| {
+                let _slot = &permit;
+                e.map_err(|tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)| {
+                    Status::data_loss(format!(
+                        "this watcher fell behind and missed {n} events; reconnect to get the history again"
+                    ))
+                })
+            });
             let stream: EventStream =
                 Box::pin(tokio_stream::iter(history.into_iter().map(Ok)).chain(live));
             Ok(Response::new(stream))
@@ -432,6 +605,11 @@ impl agent_server::Agent for AgentService {
                         return Err(Status::invalid_argument(
                             "duration must be greater than zero",
                         ));
+                    }
+                    if t > MAX_PIN_TTL {
+                        return Err(Status::invalid_argument(format!(
+                            "duration: {d:?} is longer than 366 days; pin without a duration to keep it until cleared"
+                        )));
                     }
                     Some(t)
                 }
@@ -472,13 +650,14 @@ impl agent_server::Agent for AgentService {
             let who = write(&req, "DrainUplink")?;
             let uplink = non_empty("uplink", &req.get_ref().uplink)?;
             tracing::info!(caller = %who, %uplink, "DrainUplink");
-            self.ask(|reply| Command::Drain {
-                uplink,
-                drain: true,
-                reply,
-            })
-            .await
-            .map(Response::new)
+            let u = self
+                .ask(|reply| Command::Drain {
+                    uplink,
+                    drain: true,
+                    reply,
+                })
+                .await?;
+            self.one_with_traffic(u).await
         })
         .await
     }
@@ -491,13 +670,14 @@ impl agent_server::Agent for AgentService {
             let who = write(&req, "UndrainUplink")?;
             let uplink = non_empty("uplink", &req.get_ref().uplink)?;
             tracing::info!(caller = %who, %uplink, "UndrainUplink");
-            self.ask(|reply| Command::Drain {
-                uplink,
-                drain: false,
-                reply,
-            })
-            .await
-            .map(Response::new)
+            let u = self
+                .ask(|reply| Command::Drain {
+                    uplink,
+                    drain: false,
+                    reply,
+                })
+                .await?;
+            self.one_with_traffic(u).await
         })
         .await
     }
@@ -510,9 +690,10 @@ impl agent_server::Agent for AgentService {
             let who = write(&req, "Failback")?;
             let uplink = non_empty("uplink", &req.get_ref().uplink)?;
             tracing::info!(caller = %who, %uplink, "Failback");
-            self.ask(|reply| Command::Failback { uplink, reply })
-                .await
-                .map(Response::new)
+            let u = self
+                .ask(|reply| Command::Failback { uplink, reply })
+                .await?;
+            self.one_with_traffic(u).await
         })
         .await
     }

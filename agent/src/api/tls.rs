@@ -218,5 +218,33 @@ pub fn server_config(api: &ApiConfig) -> Result<Arc<rustls::ServerConfig>, TlsEr
             &api.key,
         )?));
     cfg.alpn_protocols = vec![b"h2".to_vec()];
+    // No resumption: a resumed session skips the client certificate check, so a client
+    // whose CA was rolled out of api.ca could come back on an old ticket or session id.
+    // Every connection does a full handshake against the CAs loaded now.
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    cfg.send_tls13_tickets = 0;
+    cfg.ticketer = Arc::new(NoTickets);
     Ok(Arc::new(cfg))
+}
+
+/// A ticketer that never issues tickets (TLS 1.2 session tickets off).
+#[derive(Debug)]
+struct NoTickets;
+
+impl rustls::server::ProducesTickets for NoTickets {
+    fn enabled(&self) -> bool {
+        false
+    }
+
+    fn lifetime(&self) -> u32 {
+        0
+    }
+
+    fn encrypt(&self, _plain: &[u8]) -> Option<Vec<u8>> {
+        None
+    }
+
+    fn decrypt(&self, _cipher: &[u8]) -> Option<Vec<u8>> {
+        None
+    }
 }

@@ -7,7 +7,7 @@ use uplink_api::v1;
 use crate::config::Config;
 use crate::dataplane::nft::Traffic;
 use crate::health::UplinkState;
-use crate::model::failover::{EventKind, HomeTarget, LogEntry};
+use crate::model::failover::{EventKind, FailbackPending, HomeTarget, LogEntry};
 use crate::model::{Client, Model};
 use crate::plan::{jhash_bucket, spread};
 
@@ -22,8 +22,15 @@ pub fn state(model: &Model, i: usize) -> v1::UplinkState {
     }
 }
 
-pub fn uplink(config: &Config, model: &Model, i: usize, traffic: Option<&Traffic>) -> v1::Uplink {
+pub fn uplink(
+    config: &Config,
+    model: &Model,
+    carried: &[usize],
+    i: usize,
+    traffic: Option<&Traffic>,
+) -> v1::Uplink {
     let (c, m) = (&config.uplinks[i], &model.uplinks[i]);
+    let pending = model.failback_pending(i, std::time::Instant::now(), &config.failover);
     let probing = !c.probes.is_empty();
     let stats = &m.health.stats;
     v1::Uplink {
@@ -50,6 +57,12 @@ pub fn uplink(config: &Config, model: &Model, i: usize, traffic: Option<&Traffic
         tx_bytes: traffic.map(|t| t.tx.1).unwrap_or(0),
         rx_packets: traffic.map(|t| t.rx.0).unwrap_or(0),
         rx_bytes: traffic.map(|t| t.rx.1).unwrap_or(0),
+        failback_in_ms: match pending {
+            FailbackPending::In(d) => Some(d.as_millis() as u64),
+            _ => None,
+        },
+        failback_manual: pending == FailbackPending::Manual,
+        clients_carried: carried.get(i).copied().unwrap_or(0) as u64,
     }
 }
 
@@ -65,6 +78,9 @@ pub fn current(config: &Config, model: &Model, c: &Client) -> (String, v1::Assig
     } else {
         v1::AssignmentReason::Auto
     };
+    if pinned.is_some() && model.pin_direct(i) {
+        return (steer.to_string(), reason);
+    }
     match model.home_target(i) {
         HomeTarget::Direct => (steer.to_string(), reason),
         HomeTarget::Spread(to) => {
@@ -84,6 +100,32 @@ pub fn current(config: &Config, model: &Model, c: &Client) -> (String, v1::Assig
             (name, v1::AssignmentReason::Failover)
         }
     }
+}
+
+/// Clients per uplink by the uplink their new connections use now (failovers, drains and
+/// pins applied), in config order. Only clients whose home does not serve them directly,
+/// or who are pinned, are hashed; the rest count where they are homed.
+pub fn carried(config: &Config, model: &Model) -> Vec<usize> {
+    let mut out = vec![0; model.uplinks.len()];
+    let direct: Vec<bool> = (0..model.uplinks.len())
+        .map(|i| model.home_target(i) == HomeTarget::Direct)
+        .collect();
+    let index = |name: &str| model.uplinks.iter().position(|u| u.name == name);
+    for c in model.clients().values() {
+        let pinned = !model.overrides.is_empty()
+            && c.addresses
+                .keys()
+                .any(|ip| model.overrides.contains_key(ip));
+        let home = index(&c.home);
+        let now = match home {
+            Some(i) if direct[i] && !pinned => Some(i),
+            _ => index(&current(config, model, c).0),
+        };
+        if let Some(i) = now {
+            out[i] += 1;
+        }
+    }
+    out
 }
 
 pub fn client(config: &Config, model: &Model, c: &Client) -> v1::Client {

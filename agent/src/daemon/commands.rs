@@ -36,22 +36,10 @@ impl Agent {
                 let _ = reply.send(Ok(s));
             }
             Command::Uplinks(reply) => {
-                let r = match self.dataplane.counters().await {
-                    Ok(traffic) => Ok((0..self.config.uplinks.len())
-                        .map(|i| {
-                            view::uplink(
-                                &self.config,
-                                &self.model,
-                                i,
-                                traffic.get(&self.config.uplinks[i].interface),
-                            )
-                        })
-                        .collect()),
-                    Err(e) => Err(ApiError::Internal(format!(
-                        "cannot read the traffic counters: {e}"
-                    ))),
-                };
-                let _ = reply.send(r);
+                let carried = view::carried(&self.config, &self.model);
+                let _ = reply.send(Ok((0..self.config.uplinks.len())
+                    .map(|i| view::uplink(&self.config, &self.model, &carried, i, None))
+                    .collect()));
             }
             Command::Clients {
                 uplink,
@@ -65,13 +53,27 @@ impl Agent {
                     let _ = reply.send(Err(self.unknown_uplink(u)));
                     return;
                 }
+                // The page token is the last MAC of the previous page: the next page starts
+                // right after it, so a page costs its own size, not the whole client list.
+                let start = match after.as_deref().map(str::parse::<crate::model::Mac>) {
+                    None => std::ops::Bound::Unbounded,
+                    Some(Ok(mac)) => std::ops::Bound::Excluded(mac),
+                    Some(Err(_)) => {
+                        let _ = reply.send(Err(ApiError::InvalidArgument(format!(
+                            "page_token: {:?} is not a token this agent handed out (a MAC address)",
+                            after.unwrap_or_default()
+                        ))));
+                        return;
+                    }
+                };
                 let mut out = Vec::new();
                 let mut next = None;
-                for c in self.model.clients().values() {
-                    let mac = c.mac.to_string();
-                    if after.as_ref().is_some_and(|a| &mac <= a) {
-                        continue;
-                    }
+                for c in self
+                    .model
+                    .clients()
+                    .range((start, std::ops::Bound::Unbounded))
+                    .map(|(_, c)| c)
+                {
                     let v = view::client(&self.config, &self.model, c);
                     if uplink
                         .as_ref()
@@ -164,10 +166,7 @@ impl Agent {
                         ))),
                         Some(e) => {
                             self.record(vec![e]);
-                            match self.apply_for_api().await {
-                                Ok(()) => self.uplink_view(i).await,
-                                Err(e) => Err(e),
-                            }
+                            self.apply_for_api().await.map(|()| self.uplink_view(i))
                         }
                     },
                 };
@@ -200,6 +199,7 @@ impl Agent {
     async fn apply_for_api(&mut self) -> Result<(), ApiError> {
         let report = self.apply(false).await;
         self.save_state();
+        self.publish_metrics();
         match report.errors.first() {
             None => Ok(()),
             Some(e) => Err(ApiError::Internal(format!(
@@ -257,46 +257,21 @@ impl Agent {
         let Some(i) = self.model.uplinks.iter().position(|u| u.name == uplink) else {
             return Err(self.unknown_uplink(uplink));
         };
-        if drain && !self.model.uplinks[i].drained && self.model.survivors(Some(i)).is_empty() {
-            return Err(ApiError::FailedPrecondition(format!(
-                "{uplink} is the last healthy uplink; draining it would leave its clients nowhere to go"
-            )));
+        match self.model.set_drained(i, drain) {
+            Err(why) => return Err(ApiError::FailedPrecondition(why)),
+            Ok(None) => {}
+            Ok(Some(entry)) => {
+                self.state_dirty = true;
+                self.record(vec![entry]);
+                self.apply_for_api().await?;
+            }
         }
-        if self.model.uplinks[i].drained != drain {
-            self.model.uplinks[i].drained = drain;
-            let moved = self.model.counts()[i];
-            let (kind, cause) = if drain {
-                (
-                    EventKind::Drain,
-                    format!("{uplink} drained: its clients move, established flows finish on it"),
-                )
-            } else {
-                (EventKind::Undrain, format!("{uplink} undrained"))
-            };
-            self.record(vec![LogEntry {
-                at: now_millis(),
-                uplink: uplink.into(),
-                kind,
-                cause,
-                clients_moved: moved,
-            }]);
-            self.apply_for_api().await?;
-        }
-        self.uplink_view(i).await
+        Ok(self.uplink_view(i))
     }
 
-    /// An uplink as the API shows it; fails rather than show counters it could not read.
-    async fn uplink_view(&self, i: usize) -> Result<v1::Uplink, ApiError> {
-        let traffic = self.dataplane.counters().await.map_err(|e| {
-            ApiError::Internal(format!(
-                "the change is applied, but the traffic counters cannot be read: {e}"
-            ))
-        })?;
-        Ok(view::uplink(
-            &self.config,
-            &self.model,
-            i,
-            traffic.get(&self.config.uplinks[i].interface),
-        ))
+    /// An uplink as the API shows it, without traffic counters (the API reads those).
+    fn uplink_view(&self, i: usize) -> v1::Uplink {
+        let carried = view::carried(&self.config, &self.model);
+        view::uplink(&self.config, &self.model, &carried, i, None)
     }
 }

@@ -15,7 +15,7 @@ use tracing::{debug, error, info, warn};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use tokio::sync::{broadcast, oneshot};
+use tokio::sync::broadcast;
 use uplink_api::v1;
 
 use crate::api::{self, view};
@@ -46,6 +46,19 @@ pub enum AgentError {
     Api(#[from] api::ServeError),
     #[error("metrics: {0}")]
     Metrics(String),
+    #[error(transparent)]
+    Lock(#[from] crate::lock::LockError),
+}
+
+/// First wait before an apply that failed is retried; it doubles up to `RETRY_MAX`.
+const RETRY_MIN: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(60);
+
+/// A failed probe round with the uplink's inbound counter read beside the loop.
+struct PassiveReading {
+    generation: u64,
+    report: probe::Report,
+    packets: Option<u64>,
 }
 
 pub struct Agent {
@@ -78,11 +91,23 @@ pub struct Agent {
     /// Per uplink (index): its inbound forwarded-packet counter at the last failed probe
     /// round, and when it was read (passive health).
     forwarded: HashMap<usize, (u64, Instant)>,
+    /// Reads nft counters beside the loop (passive health).
+    counters: nft::NftDriver,
+    passive_tx: mpsc::Sender<PassiveReading>,
+    /// `/healthz` reads it: the loop beats on every turn.
+    heartbeat: Arc<api::Heartbeat>,
+    /// When a failed apply is retried next, and the wait after that.
+    retry_at: Option<Instant>,
+    retry_backoff: Duration,
+    /// The model changed since the metrics' gauges were last published.
+    metrics_dirty: bool,
 }
 
 /// Connects to the kernel, adopts its state, and runs until SIGTERM/SIGINT. The dataplane
 /// is left in place on exit so traffic keeps flowing.
 pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError> {
+    // Before anything is read or written: a second instance stops here.
+    let _locks = crate::lock::acquire(&config.agent.state_dir, &config.dataplane.nft_table)?;
     let (conn, handle, _) =
         rtnetlink::new_connection_with_strict_check().map_err(discover::DiscoverError::Socket)?;
     tokio::spawn(conn);
@@ -99,6 +124,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
                 .into_iter()
                 .filter(|(_, o)| model.uplink(&o.uplink).is_some())
                 .collect();
+            model.restore_runtime(&restored.uplinks);
             info!(clients = n, reassigned, path = %state.path().display(), "restored assignments");
         }
         Ok(None) => {
@@ -116,6 +142,8 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
     };
     let mut events = discover::subscribe()?;
     let (probe_tx, mut probe_rx) = mpsc::channel(1024);
+    let (passive_tx, mut passive_rx) = mpsc::channel(1024);
+    let counters = dataplane.counter_reader();
     let mut agent = Agent {
         config,
         config_path,
@@ -137,10 +165,33 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
         event_tx: broadcast::channel(1024).0,
         metrics: Metrics::new(),
         forwarded: HashMap::new(),
+        counters,
+        passive_tx,
+        heartbeat: Arc::new(api::Heartbeat::new()),
+        retry_at: None,
+        retry_backoff: RETRY_MIN,
+        metrics_dirty: true,
     };
-    let (scrape_tx, mut scrape_rx) = mpsc::channel::<oneshot::Sender<()>>(16);
     let (cmd_tx, mut cmd_rx) = mpsc::channel(256);
     let started = Instant::now();
+    // Listeners are bound and TLS is loaded before the first kernel write: a port clash or
+    // a bad certificate stops the agent before it has changed anything.
+    if let Some(api) = agent.config.api.clone() {
+        api::serve(
+            api,
+            cmd_tx,
+            agent.in_sync.clone(),
+            agent.heartbeat.clone(),
+            agent.metrics.clone(),
+            agent.counters.clone(),
+        )
+        .await?;
+    }
+    if let Some(m) = &agent.config.metrics {
+        metrics::serve(m, agent.metrics.clone(), agent.counters.clone())
+            .await
+            .map_err(AgentError::Metrics)?;
+    }
     agent.resync_inputs().await?;
     agent.warn_floating_bridge_macs();
     agent.adopt.clear();
@@ -150,9 +201,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
     agent.probing = true;
     agent.reconcile_probers();
     agent.save_state();
-    if let Some(api) = agent.config.api.clone() {
-        api::serve(api, cmd_tx, agent.in_sync.clone(), agent.metrics.clone()).await?;
-    }
+    agent.publish_metrics();
     if report.errors.is_empty() {
         crate::notify::ready();
     }
@@ -160,11 +209,6 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
         crate::notify::watchdog_interval().unwrap_or(Duration::from_secs(3600)),
     );
     let mut notified_ready = report.errors.is_empty();
-    if let Some(m) = &agent.config.metrics {
-        metrics::serve(m, agent.metrics.clone(), scrape_tx)
-            .await
-            .map_err(AgentError::Metrics)?;
-    }
     info!(
         clients = agent.model.clients().len(),
         elapsed_ms = started.elapsed().as_millis() as u64,
@@ -219,25 +263,13 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
                     agent.metrics.dispatch_latency.observe(received.elapsed().as_secs_f64());
                     debug!(events = n, latency_us = received.elapsed().as_micros() as u64, "dispatched");
                 }
-            }
-            Some(mut report) = probe_rx.recv() => {
-                if !report.round.ok() {
-                    report.round.forwarding = agent.forwarded_recently(report.uplink).await;
-                }
-                debug!(uplink = report.uplink, ok = report.round.ok(), rtts = ?report.round.rtts, "probe round");
-                if let Some(u) = agent.config.uplinks.get(report.uplink) {
-                    if report.round.forwarding {
-                        agent.metrics.lost_while_forwarding.with_label_values(&[u.name.as_str()]).inc();
-                    }
-                    for rtt in report.round.rtts.iter().flatten() {
-                        agent.metrics.probe_rtt.with_label_values(&[u.name.as_str()]).observe(rtt.as_secs_f64());
-                    }
-                }
-                let log = agent.model.on_round(report.uplink, &report.round, Instant::now(), &agent.config.health, &agent.config.failover);
-                if agent.record(log) {
-                    agent.apply(false).await;
+                if links {
+                    // Uplink states may have changed: the gauges follow now, not in a second.
+                    agent.publish_metrics();
                 }
             }
+            Some(report) = probe_rx.recv() => agent.on_probe_report(report).await,
+            Some(reading) = passive_rx.recv() => agent.on_passive_reading(reading).await,
             _ = resync.tick() => agent.resync_and_apply().await,
             _ = housekeeping.tick() => {
                 let mut log = agent.model.tick(Instant::now(), &agent.config.health, &agent.config.failover);
@@ -254,28 +286,23 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
                     crate::notify::ready();
                     notified_ready = true;
                 }
-                if !released.is_empty() || agent.needs_retry || health_changed {
+                let retry = agent.needs_retry && agent.retry_at.is_none_or(|t| Instant::now() >= t);
+                if !released.is_empty() || retry || health_changed {
                     agent.state_dirty |= !released.is_empty();
-                    let full = agent.needs_retry;
-                    agent.apply(full).await;
+                    agent.apply(retry).await;
                 }
                 agent.save_state();
+                agent.publish_metrics();
             }
             _ = watchdog.tick() => crate::notify::watchdog(),
             _ = sighup.recv() => {
                 let _ = agent.reload().await;
             }
             Some(cmd) = cmd_rx.recv() => agent.handle(cmd).await,
-            Some(done) = scrape_rx.recv() => {
-                match agent.dataplane.counters().await {
-                    Ok(traffic) => agent.metrics.refresh(&agent.config, &agent.model, agent.in_sync.load(Ordering::SeqCst), &traffic),
-                    Err(e) => warn!(error = %e, "cannot read the traffic counters for /metrics"),
-                }
-                let _ = done.send(());
-            }
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }
+        agent.heartbeat.beat();
     }
     agent.save_state();
     for (_, (_, task)) in agent.probers.drain() {
@@ -429,6 +456,8 @@ impl Agent {
     /// Logs and records health events; returns whether there were any.
     fn record(&mut self, log: Vec<LogEntry>) -> bool {
         let any = !log.is_empty();
+        // Uplink states, failovers and drains are persisted with the assignments.
+        self.state_dirty |= any;
         for e in log {
             match e.kind {
                 EventKind::Failover | EventKind::AllDown => {
@@ -466,6 +495,9 @@ impl Agent {
 
     /// One prober per uplink with probes, restarted when its interface or addresses change.
     fn reconcile_probers(&mut self) {
+        if !self.probing {
+            return;
+        }
         for (i, (u, m)) in self
             .config
             .uplinks
@@ -524,6 +556,7 @@ impl Agent {
         }
         self.in_sync
             .store(report.errors.is_empty(), Ordering::SeqCst);
+        let mut flush_failed = false;
         if report.errors.is_empty() {
             // Only once the new paths are in the kernel: the flows re-establish on them.
             for i in self.model.take_flushes() {
@@ -533,12 +566,22 @@ impl Agent {
                         info!(uplink = %self.config.uplinks[i].name, flows = n, "deleted the dead uplink's conntrack entries")
                     }
                     Err(e) => {
-                        error!(uplink = %self.config.uplinks[i].name, error = %e, "cannot delete the dead uplink's conntrack entries")
+                        error!(uplink = %self.config.uplinks[i].name, error = %e, "cannot delete the dead uplink's conntrack entries; will retry");
+                        self.model.uplinks[i].needs_flush = true;
+                        flush_failed = true;
                     }
                 }
             }
         }
-        self.needs_retry = !report.errors.is_empty();
+        self.metrics_dirty = true;
+        self.needs_retry = !report.errors.is_empty() || flush_failed;
+        if self.needs_retry {
+            self.retry_at = Some(Instant::now() + self.retry_backoff);
+            self.retry_backoff = (self.retry_backoff * 2).min(RETRY_MAX);
+        } else {
+            self.retry_at = None;
+            self.retry_backoff = RETRY_MIN;
+        }
         for e in &report.errors {
             error!(error = %e, "dataplane apply failed; retrying");
         }
@@ -564,42 +607,119 @@ impl Agent {
         if !self.state_dirty {
             return;
         }
-        match self
-            .state
-            .save(self.model.clients().values(), &self.model.overrides)
-        {
+        match self.state.save(
+            self.model.clients().values(),
+            &self.model.overrides,
+            &self.model.runtime(),
+        ) {
             Ok(()) => self.state_dirty = false,
             Err(e) => error!(error = %e, "cannot save assignments; will retry"),
         }
     }
 
-    /// Passive health for a failed probe round: whether uplink `i` forwarded traffic from
-    /// the internet since the previous failed round, if that was recent. Reads the nft
-    /// counters only for an uplink that is still usable, so a dead one costs nothing.
-    async fn forwarded_recently(&mut self, i: usize) -> bool {
-        let (Some(u), Some(m)) = (self.config.uplinks.get(i), self.model.uplinks.get(i)) else {
-            return false;
-        };
-        if !self.config.health.passive || !m.usable() {
-            return false;
+    /// A probe round finished. A failed round of a usable uplink first has its inbound
+    /// counter read beside the loop (passive health); the reading comes back as a
+    /// `PassiveReading`.
+    async fn on_probe_report(&mut self, report: probe::Report) {
+        let usable = self
+            .model
+            .uplinks
+            .get(report.uplink)
+            .is_some_and(|m| m.usable());
+        if report.round.ok() || !self.config.health.passive || !usable {
+            return self.on_round(report).await;
         }
-        let packets = match self.dataplane.counters().await {
-            Ok(t) => t.get(&u.interface).map_or(0, |t| t.rx.0),
-            Err(e) => {
-                warn!(error = %e, "cannot read the traffic counters for passive health");
-                return false;
+        let (reader, tx, generation) = (
+            self.counters.clone(),
+            self.passive_tx.clone(),
+            self.generation,
+        );
+        let interface = self.config.uplinks[report.uplink].interface.clone();
+        tokio::spawn(async move {
+            let packets = match reader.counters().await {
+                Ok(t) => Some(t.get(&interface).map_or(0, |t| t.rx.0)),
+                Err(e) => {
+                    warn!(error = %e, "cannot read the traffic counters for passive health");
+                    None
+                }
+            };
+            let _ = tx
+                .send(PassiveReading {
+                    generation,
+                    report,
+                    packets,
+                })
+                .await;
+        });
+    }
+
+    /// Passive health for a failed probe round: whether the uplink forwarded traffic from
+    /// the internet since the previous failed round, if that was recent.
+    async fn on_passive_reading(&mut self, r: PassiveReading) {
+        // Uplink indices may have changed with a reload since the reading started.
+        if r.generation != self.generation {
+            return;
+        }
+        let mut report = r.report;
+        if let Some(packets) = r.packets {
+            let now = Instant::now();
+            let recent = self
+                .config
+                .health
+                .timeout
+                .max(2 * self.config.health.interval);
+            // A counter that went backwards (the table was replaced) proves nothing.
+            report.round.forwarding = self
+                .forwarded
+                .insert(report.uplink, (packets, now))
+                .is_some_and(|(before, at)| packets > before && now.duration_since(at) <= recent);
+        }
+        self.on_round(report).await;
+    }
+
+    async fn on_round(&mut self, report: probe::Report) {
+        debug!(uplink = report.uplink, ok = report.round.ok(), rtts = ?report.round.rtts, "probe round");
+        if let Some(u) = self.config.uplinks.get(report.uplink) {
+            if report.round.forwarding {
+                self.metrics
+                    .lost_while_forwarding
+                    .with_label_values(&[u.name.as_str()])
+                    .inc();
             }
-        };
-        let now = Instant::now();
-        let recent = self
-            .config
-            .health
-            .timeout
-            .max(2 * self.config.health.interval);
-        // A counter that went backwards (the table was replaced) proves nothing.
-        self.forwarded
-            .insert(i, (packets, now))
-            .is_some_and(|(before, at)| packets > before && now.duration_since(at) <= recent)
+            for rtt in report.round.rtts.iter().flatten() {
+                self.metrics
+                    .probe_rtt
+                    .with_label_values(&[u.name.as_str()])
+                    .observe(rtt.as_secs_f64());
+            }
+        }
+        let log = self.model.on_round(
+            report.uplink,
+            &report.round,
+            Instant::now(),
+            &self.config.health,
+            &self.config.failover,
+        );
+        if self.record(log) {
+            self.apply(false).await;
+            self.publish_metrics();
+        }
+    }
+
+    /// Publishes the model's gauges (states, client counts) if anything changed since
+    /// the last time; scrapes read them without asking the loop.
+    fn publish_metrics(&mut self) {
+        if !self.metrics_dirty {
+            return;
+        }
+        self.metrics_dirty = false;
+        let carried = view::carried(&self.config, &self.model);
+        self.metrics.publish(
+            &self.config,
+            &self.model,
+            &carried,
+            self.in_sync.load(Ordering::SeqCst),
+        );
     }
 
     /// At start and on reload: a LAN bridge whose MAC follows its ports breaks clients for
@@ -651,6 +771,7 @@ impl Agent {
         self.state_dirty = true;
         self.apply(true).await;
         self.save_state();
+        self.publish_metrics();
         self.generation += 1;
         info!(reassigned, generation = self.generation, "config reloaded");
         self.record(vec![LogEntry {

@@ -4,17 +4,20 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::time::Duration;
 
 use super::DataplaneError;
 
 pub struct Conntrack {
     bin: PathBuf,
+    timeout: Duration,
 }
 
 impl Conntrack {
-    pub fn new(bin: &Path) -> Conntrack {
+    pub fn new(bin: &Path, timeout: Duration) -> Conntrack {
         Conntrack {
             bin: bin.to_owned(),
+            timeout,
         }
     }
 
@@ -35,11 +38,18 @@ impl Conntrack {
 
     /// Runs the tool; returns the count it reports ("N flow entries have been deleted").
     async fn run(&self, args: &[&str]) -> Result<usize, DataplaneError> {
-        let out = tokio::process::Command::new(&self.bin)
+        let command = || format!("{} {}", self.bin.display(), args.join(" "));
+        let run = tokio::process::Command::new(&self.bin)
             .args(args)
             .stdin(Stdio::null())
-            .output()
+            .kill_on_drop(true)
+            .output();
+        let out = tokio::time::timeout(self.timeout, run)
             .await
+            .map_err(|_| DataplaneError::Timeout {
+                command: command(),
+                after: self.timeout,
+            })?
             .map_err(|source| DataplaneError::ConntrackMissing {
                 path: self.bin.clone(),
                 source,
@@ -55,7 +65,7 @@ impl Conntrack {
             Some(n) => Ok(n),
             None if out.status.success() => Ok(0),
             None => Err(DataplaneError::Conntrack {
-                command: format!("{} {}", self.bin.display(), args.join(" ")),
+                command: command(),
                 stderr: stderr.trim().to_string(),
             }),
         }

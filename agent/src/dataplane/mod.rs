@@ -35,6 +35,13 @@ pub enum DataplaneError {
     },
     #[error("`{command}` failed: {stderr}")]
     Conntrack { command: String, stderr: String },
+    #[error(
+        "`{command}` did not finish within {after:?} (dataplane.command_timeout); killed it, will retry"
+    )]
+    Timeout {
+        command: String,
+        after: std::time::Duration,
+    },
     #[error("netlink: {context}: {source}")]
     Netlink {
         context: String,
@@ -83,8 +90,8 @@ impl Dataplane {
     pub fn new(config: &Config, handle: rtnetlink::Handle) -> Dataplane {
         let dp = &config.dataplane;
         Dataplane {
-            nft: NftDriver::new(&dp.nft, &dp.nft_table),
-            conntrack: conntrack::Conntrack::new(&dp.conntrack),
+            nft: NftDriver::new(&dp.nft, &dp.nft_table, dp.command_timeout),
+            conntrack: conntrack::Conntrack::new(&dp.conntrack, dp.command_timeout),
             mask: dp.fwmark_mask,
             netlink: NetlinkDriver::new(
                 handle,
@@ -104,11 +111,10 @@ impl Dataplane {
         self.conntrack.check().await
     }
 
-    /// Forwarded traffic per uplink interface, from the nft counters.
-    pub async fn counters(
-        &self,
-    ) -> Result<std::collections::BTreeMap<String, nft::Traffic>, DataplaneError> {
-        self.nft.counters().await
+    /// A reader of the nft counters for tasks beside the loop (scrapes, API reads,
+    /// passive health), so that a slow `nft` never holds the loop.
+    pub fn counter_reader(&self) -> NftDriver {
+        self.nft.clone()
     }
 
     /// Deletes the conntrack entries carrying uplink mark `mark` (and only those).

@@ -133,16 +133,19 @@ impl NftStats {
     }
 }
 
+#[derive(Clone)]
 pub struct NftDriver {
     nft: PathBuf,
     table: String,
+    timeout: std::time::Duration,
 }
 
 impl NftDriver {
-    pub fn new(nft: &Path, table: &str) -> NftDriver {
+    pub fn new(nft: &Path, table: &str, timeout: std::time::Duration) -> NftDriver {
         NftDriver {
             nft: nft.to_owned(),
             table: table.to_owned(),
+            timeout,
         }
     }
 
@@ -348,6 +351,35 @@ impl NftDriver {
     }
 
     async fn run(&self, args: &[&str], stdin: Option<Vec<u8>>) -> Result<String, DataplaneError> {
+        let command = || format!("{} {}", self.nft.display(), args.join(" "));
+        match tokio::time::timeout(self.timeout, self.run_untimed(args, stdin)).await {
+            Ok(r) => r.map_err(|e| match e {
+                Err(stderr) => DataplaneError::Nft {
+                    command: command(),
+                    stderr,
+                },
+                Ok(e) => e,
+            }),
+            // The child is killed when its future is dropped (kill_on_drop).
+            Err(_) => Err(DataplaneError::Timeout {
+                command: command(),
+                after: self.timeout,
+            }),
+        }
+    }
+
+    /// Runs nft; `Err(Err(stderr))` when it ran and failed.
+    async fn run_untimed(
+        &self,
+        args: &[&str],
+        stdin: Option<Vec<u8>>,
+    ) -> Result<String, Result<DataplaneError, String>> {
+        let missing = |source| {
+            Ok(DataplaneError::NftMissing {
+                path: self.nft.clone(),
+                source,
+            })
+        };
         let mut cmd = tokio::process::Command::new(&self.nft);
         cmd.args(args)
             .stdin(if stdin.is_some() {
@@ -356,33 +388,17 @@ impl NftDriver {
                 Stdio::null()
             })
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().map_err(|e| DataplaneError::NftMissing {
-            path: self.nft.clone(),
-            source: e,
-        })?;
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().map_err(missing)?;
         if let Some(input) = stdin {
             let mut pipe = child.stdin.take().expect("stdin is piped");
-            pipe.write_all(&input)
-                .await
-                .map_err(|e| DataplaneError::NftMissing {
-                    path: self.nft.clone(),
-                    source: e,
-                })?;
+            pipe.write_all(&input).await.map_err(missing)?;
             drop(pipe);
         }
-        let out = child
-            .wait_with_output()
-            .await
-            .map_err(|e| DataplaneError::NftMissing {
-                path: self.nft.clone(),
-                source: e,
-            })?;
+        let out = child.wait_with_output().await.map_err(missing)?;
         if !out.status.success() {
-            return Err(DataplaneError::Nft {
-                command: format!("{} {}", self.nft.display(), args.join(" ")),
-                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-            });
+            return Err(Err(String::from_utf8_lossy(&out.stderr).trim().to_string()));
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }

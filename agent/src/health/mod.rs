@@ -99,6 +99,9 @@ pub struct Health {
     pub since: Instant,
     /// The first evaluation sets the state without a transition: a start is not a flap.
     settled: bool,
+    /// Failed rounds in a row that passive evidence excused; capped by
+    /// `health.passive_max_rounds` so that evidence cannot keep a dead path up forever.
+    excused: u32,
 }
 
 impl Health {
@@ -117,6 +120,18 @@ impl Health {
             held_until: None,
             since: now,
             settled: false,
+            excused: 0,
+        }
+    }
+
+    /// The uplink was down when the agent last saved its state: after a restart it stays
+    /// down until `up_after` good probe rounds bring it back, instead of starting
+    /// optimistic and pulling its clients back onto a path that was dead. Without probes
+    /// the link layer is the only judge, so nothing changes.
+    pub fn start_down(&mut self) {
+        if self.probing {
+            self.probes_ok = false;
+            self.goods = 0;
         }
     }
 
@@ -164,18 +179,21 @@ impl Health {
         for rtt in &round.rtts {
             self.stats.push(*rtt);
         }
+        let excuse = round.forwarding && self.excused < h.passive_max_rounds;
         let cause = if round.ok() {
             self.goods += 1;
             self.fails = 0;
+            self.excused = 0;
             if !self.probes_ok && self.goods >= h.up_after {
                 self.probes_ok = true;
             }
             format!("{} good probe rounds", self.goods)
-        } else if round.forwarding {
-            // The answers were lost while the uplink visibly carries traffic from the
-            // internet: a saturated link dropping probe replies, not a dead one. The loss
+        } else if excuse {
+            // The answers were lost while the uplink visibly carries replies to its own
+            // flows: a saturated link dropping probe replies, not a dead one. The loss
             // still counts for `max_loss`; the round does not count toward `down_after`.
             self.goods = 0;
+            self.excused += 1;
             format!(
                 "probe round lost while traffic flows ({} failed)",
                 self.fails
@@ -186,7 +204,14 @@ impl Health {
             if self.probes_ok && self.fails >= h.down_after {
                 self.probes_ok = false;
             }
-            format!("{} failed probe rounds", self.fails)
+            if round.forwarding {
+                format!(
+                    "{} failed probe rounds (traffic still flows, but {} rounds in a row were already excused: health.passive_max_rounds)",
+                    self.fails, self.excused
+                )
+            } else {
+                format!("{} failed probe rounds", self.fails)
+            }
         };
         self.evaluate(now, cause, h, f)
     }
@@ -308,6 +333,7 @@ mod tests {
                 max_rtt: None,
                 stats_window: 50,
                 passive: true,
+                passive_max_rounds: 50,
             },
             FailoverConfig {
                 failback: Failback::Auto,
@@ -409,6 +435,38 @@ mod tests {
         // Silence: the failed rounds add up to down_after, including the one before.
         let t = (0..2).find_map(|_| x.on_round(&round(false), t0, &h, &f));
         assert_eq!(t.map(|t| t.to), Some(UplinkState::Down));
+    }
+
+    #[test]
+    fn passive_evidence_excuses_a_bounded_run_of_rounds() {
+        let (mut h, f) = cfg();
+        h.passive_max_rounds = 4;
+        let t0 = Instant::now();
+        let mut x = Health::new(true, 50, t0);
+        x.on_link(Ok(()), t0, &h, &f);
+        let busy = Round {
+            forwarding: true,
+            ..round(false)
+        };
+        for _ in 0..4 {
+            assert_eq!(x.on_round(&busy, t0, &h, &f), None, "excused");
+        }
+        // Inbound traffic keeps coming, but the path never answers a probe: down after
+        // down_after more rounds.
+        let t = (0..3).find_map(|_| x.on_round(&busy, t0, &h, &f));
+        assert_eq!(t.map(|t| t.to), Some(UplinkState::Down));
+    }
+
+    #[test]
+    fn an_uplink_saved_down_starts_down_until_probes_confirm_it() {
+        let (h, f) = cfg();
+        let t0 = Instant::now();
+        let mut x = Health::new(true, 50, t0);
+        x.start_down();
+        x.on_link(Ok(()), t0, &h, &f);
+        assert_eq!(x.state(), UplinkState::Down);
+        let t = (0..5).find_map(|_| x.on_round(&round(true), t0, &h, &f));
+        assert_eq!(t.map(|t| t.to), Some(UplinkState::Up));
     }
 
     #[test]

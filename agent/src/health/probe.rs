@@ -74,6 +74,10 @@ pub fn spawn(spec: ProbeSpec, tx: mpsc::Sender<Report>) -> JoinHandle<()> {
 
 async fn run(spec: ProbeSpec, tx: mpsc::Sender<Report>) -> std::io::Result<()> {
     let last = LastReply(Arc::new(Mutex::new(None)));
+    // Every task this prober starts (ICMP receivers, rounds in flight) lives in this set,
+    // so aborting the prober (reload, redial, address change) aborts them and closes their
+    // sockets instead of leaving them behind.
+    let mut tasks = tokio::task::JoinSet::new();
     let ident = (std::process::id() as u16) ^ ((spec.uplink as u16) << 8);
     let mut icmp4 = None;
     let mut icmp6 = None;
@@ -82,7 +86,7 @@ async fn run(spec: ProbeSpec, tx: mpsc::Sender<Report>) -> std::io::Result<()> {
             let slot = if a.is_ipv4() { &mut icmp4 } else { &mut icmp6 };
             if slot.is_none() {
                 let sock = Arc::new(icmp_socket(&spec, a.is_ipv6())?);
-                tokio::spawn(receive(sock.clone(), ident, last.clone()));
+                tasks.spawn(receive(sock.clone(), ident, last.clone()));
                 *slot = Some(sock);
             }
         }
@@ -92,6 +96,7 @@ async fn run(spec: ProbeSpec, tx: mpsc::Sender<Report>) -> std::io::Result<()> {
     let mut seq: u16 = 0;
     loop {
         ticker.tick().await;
+        while tasks.try_join_next().is_some() {}
         let started = Instant::now();
         let mut probes = Vec::new();
         for t in &spec.targets {
@@ -116,7 +121,7 @@ async fn run(spec: ProbeSpec, tx: mpsc::Sender<Report>) -> std::io::Result<()> {
             (spec.quorum, spec.interval, spec.uplink, spec.targets.len());
         let (last, tx) = (last.clone(), tx.clone());
         // Rounds overlap when the timeout is longer than the interval.
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             let rtts = tokio::select! {
                 r = futures::future::join_all(probes) => r,
                 () = silent(last, started, interval) => vec![None; n],

@@ -93,6 +93,26 @@ impl EventLog {
     }
 }
 
+/// Whether an usable uplink still waits to take its clients back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailbackPending {
+    No,
+    /// Automatic failback after this long.
+    In(std::time::Duration),
+    /// `failback = "manual"`: waits for `uplinkctl failback`.
+    Manual,
+}
+
+impl fmt::Display for FailbackPending {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FailbackPending::No => Ok(()),
+            FailbackPending::In(d) => write!(f, "failback in {}s", d.as_secs_f64().ceil() as u64),
+            FailbackPending::Manual => f.write_str("failback waits for the operator"),
+        }
+    }
+}
+
 /// Where the clients homed on an uplink go now.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HomeTarget {
@@ -100,6 +120,12 @@ pub enum HomeTarget {
     Direct,
     /// Spread over other uplinks (indices), by weight.
     Spread(Vec<usize>),
+}
+
+impl HomeTarget {
+    pub fn is_direct(&self) -> bool {
+        *self == HomeTarget::Direct
+    }
 }
 
 impl Uplink {
@@ -235,6 +261,44 @@ impl Model {
         })
     }
 
+    /// An operator drains or undrains uplink `i`. Refused when draining it would leave its
+    /// clients nowhere to go; `Ok(None)` when it already was in that state.
+    pub fn set_drained(&mut self, i: usize, drain: bool) -> Result<Option<LogEntry>, String> {
+        let Some(u) = self.uplinks.get(i) else {
+            return Err(format!("no uplink with index {i}"));
+        };
+        if u.drained == drain {
+            return Ok(None);
+        }
+        if drain && self.survivors(Some(i)).is_empty() {
+            return Err(format!(
+                "{} is the last healthy uplink; draining it would leave its clients nowhere to go",
+                u.name
+            ));
+        }
+        let moved = self.counts[i];
+        let u = &mut self.uplinks[i];
+        u.drained = drain;
+        let (kind, cause) = if drain {
+            (
+                EventKind::Drain,
+                format!(
+                    "{} drained: its clients move, established flows finish on it",
+                    u.name
+                ),
+            )
+        } else {
+            (EventKind::Undrain, format!("{} undrained", u.name))
+        };
+        Ok(Some(LogEntry {
+            at: now_millis(),
+            uplink: u.name.clone(),
+            kind,
+            cause,
+            clients_moved: moved,
+        }))
+    }
+
     /// Turns state transitions into failovers and failbacks.
     fn settle(
         &mut self,
@@ -358,6 +422,30 @@ impl Model {
             HomeTarget::Direct
         } else {
             HomeTarget::Spread(s)
+        }
+    }
+
+    /// Whether a pin to uplink `i` sends the client straight to it: it can carry traffic
+    /// and is not drained, whether or not it has taken its own clients back yet.
+    pub fn pin_direct(&self, i: usize) -> bool {
+        self.uplinks
+            .get(i)
+            .is_some_and(|u| u.usable() && !u.drained)
+    }
+
+    /// Uplink `i` is usable but its clients are still elsewhere: when they come back.
+    pub fn failback_pending(&self, i: usize, now: Instant, f: &FailoverConfig) -> FailbackPending {
+        let u = &self.uplinks[i];
+        if u.serving || !u.usable() {
+            return FailbackPending::No;
+        }
+        match (f.failback, u.usable_since) {
+            (Failback::Manual, _) => FailbackPending::Manual,
+            (Failback::Auto, Some(t)) => {
+                FailbackPending::In(f.failback_delay.saturating_sub(now.duration_since(t)))
+            }
+            // Not yet settled: the delay has not started.
+            (Failback::Auto, None) => FailbackPending::In(f.failback_delay),
         }
     }
 
@@ -501,6 +589,35 @@ mod tests {
         assert_eq!(m.home_target(0), HomeTarget::Spread(vec![1]));
         assert!(m.failback(0, t0).is_some());
         assert_eq!(m.home_target(0), HomeTarget::Direct);
+    }
+
+    #[test]
+    fn new_client_lands_when_every_first_tier_uplink_is_drained() {
+        let (c, mut m) = setup("");
+        m.refresh_links(Instant::now(), &c.health, &c.failover);
+        assert!(m.set_drained(0, true).unwrap().is_some());
+        assert!(m.set_drained(1, true).unwrap().is_some(), "lte survives");
+        assert!(m.set_drained(1, true).unwrap().is_none(), "already drained");
+        m.neighbour_present(
+            "10.0.0.9".parse().unwrap(),
+            Mac([2, 0, 0, 0, 0, 9]),
+            0,
+            None,
+        );
+        let home = &m.clients()[&Mac([2, 0, 0, 0, 0, 9])].home;
+        assert_eq!(
+            home, "a",
+            "homed in tier 1 even though all of it is drained"
+        );
+        assert_eq!(
+            m.home_target(0),
+            HomeTarget::Spread(vec![2]),
+            "carried by lte"
+        );
+        assert!(
+            m.set_drained(2, true).is_err(),
+            "the last survivor is refused"
+        );
     }
 
     #[test]

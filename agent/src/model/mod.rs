@@ -15,6 +15,7 @@ use ipnet::IpNet;
 use crate::config::Config;
 use crate::health::{Health, UplinkState};
 pub use mac::Mac;
+use state_file::UplinkRuntime;
 
 /// Milliseconds since the Unix epoch: persisted, so wall-clock.
 pub type Millis = u64;
@@ -283,20 +284,28 @@ impl Model {
     }
 
     /// Where a new client goes: the lowest configured tier (a higher tier carries clients
-    /// only by failover), preferring healthy uplinks over degraded ones over dead ones.
+    /// only by failover), preferring healthy uplinks over degraded ones over dead ones, and
+    /// undrained ones over drained ones. Every uplink may be drained or down at once (a
+    /// drain is accepted while a higher tier survives), so the last choice is any uplink of
+    /// that tier: its `home_` chain then spreads the client over the survivors.
     fn least_loaded(&self) -> String {
         let tier = self.uplinks.iter().map(|u| u.tier).min().unwrap_or(1);
-        let in_tier = |i: usize| self.uplinks[i].tier == tier && !self.uplinks[i].drained;
-        let preferences: [&dyn Fn(usize) -> bool; 3] = [
-            &|i| in_tier(i) && self.uplinks[i].state() == UplinkState::Up,
-            &|i| in_tier(i) && self.uplinks[i].usable(),
+        let in_tier = |i: usize| self.uplinks[i].tier == tier;
+        let open = |i: usize| in_tier(i) && !self.uplinks[i].drained;
+        let preferences: [&dyn Fn(usize) -> bool; 4] = [
+            &|i| open(i) && self.uplinks[i].state() == UplinkState::Up,
+            &|i| open(i) && self.uplinks[i].usable(),
+            &open,
             &in_tier,
         ];
         let i = preferences
             .iter()
             .find_map(|ok| assign::least_loaded(&self.uplinks, &self.counts, ok))
-            .expect("config validation guarantees an uplink");
-        self.uplinks[i].name.clone()
+            .unwrap_or_default();
+        self.uplinks
+            .get(i)
+            .map(|u| u.name.clone())
+            .unwrap_or_default()
     }
 
     /// Adds a client, keeping the per-uplink counts (placement reads them for every new
@@ -430,9 +439,24 @@ impl Model {
     /// re-assigned; every restored address starts as gone (as of its last sighting) until
     /// the neighbour dump confirms it.
     pub fn restore(&mut self, clients: Vec<Client>) -> usize {
+        // A MAC listed twice (a hand-edited or foreign file) is one client: its addresses
+        // merge under the first entry's home, so it is counted once.
+        let mut unique: BTreeMap<Mac, Client> = BTreeMap::new();
+        for c in clients {
+            match unique.get_mut(&c.mac) {
+                Some(first) => {
+                    for (ip, a) in c.addresses.iter() {
+                        first.addresses.insert(*ip, a.clone());
+                    }
+                }
+                None => {
+                    unique.insert(c.mac, c);
+                }
+            }
+        }
         let mut reassigned = 0;
         let mut orphans = Vec::new();
-        for mut c in clients {
+        for mut c in unique.into_values() {
             for a in c.addresses.values_mut() {
                 a.present = false;
             }
@@ -452,6 +476,39 @@ impl Model {
             self.insert(c);
         }
         reassigned
+    }
+
+    /// Each uplink's runtime decisions, for the state file.
+    pub fn runtime(&self) -> BTreeMap<String, UplinkRuntime> {
+        self.uplinks
+            .iter()
+            .map(|u| {
+                (
+                    u.name.clone(),
+                    UplinkRuntime {
+                        drained: u.drained,
+                        usable: u.usable(),
+                        serving: u.serving,
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// Restores runtime decisions saved before a restart: drains, failovers still waiting
+    /// for their failback, and uplinks that were down (they stay down until probes
+    /// confirm them). Uplinks no longer configured are ignored.
+    pub fn restore_runtime(&mut self, saved: &BTreeMap<String, UplinkRuntime>) {
+        for u in &mut self.uplinks {
+            let Some(r) = saved.get(&u.name) else {
+                continue;
+            };
+            u.drained = r.drained;
+            u.serving = r.serving && r.usable;
+            if !r.usable {
+                u.health.start_down();
+            }
+        }
     }
 
     fn insert(&mut self, c: Client) {

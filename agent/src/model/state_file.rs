@@ -44,6 +44,8 @@ struct StateDoc {
     clients: Vec<ClientIn>,
     #[serde(default)]
     overrides: BTreeMap<IpAddr, Override>,
+    #[serde(default)]
+    uplinks: BTreeMap<String, UplinkRuntime>,
 }
 
 /// What a state file holds.
@@ -51,6 +53,19 @@ struct StateDoc {
 pub struct Restored {
     pub clients: Vec<Client>,
     pub overrides: BTreeMap<IpAddr, Override>,
+    pub uplinks: BTreeMap<String, UplinkRuntime>,
+}
+
+/// An uplink's runtime decisions, kept across restarts so that a restart neither forgets
+/// an operator's drain or pending manual failback nor sends clients back to a dead path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UplinkRuntime {
+    pub drained: bool,
+    /// It could carry traffic (up or degraded).
+    pub usable: bool,
+    /// It carried its own clients (false from failover until failback).
+    pub serving: bool,
 }
 
 /// One client converted as it is parsed.
@@ -102,15 +117,17 @@ struct AddressDoc {
 struct StateOut<'a, I: Iterator<Item = &'a Client> + Clone> {
     clients: I,
     overrides: &'a BTreeMap<IpAddr, Override>,
+    uplinks: &'a BTreeMap<String, UplinkRuntime>,
 }
 
 impl<'a, I: Iterator<Item = &'a Client> + Clone> Serialize for StateOut<'a, I> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeStruct;
-        let mut st = s.serialize_struct("StateDoc", 3)?;
+        let mut st = s.serialize_struct("StateDoc", 4)?;
         st.serialize_field("version", &VERSION)?;
         st.serialize_field("clients", &ClientsOut(self.clients.clone()))?;
         st.serialize_field("overrides", self.overrides)?;
+        st.serialize_field("uplinks", self.uplinks)?;
         st.end()
     }
 }
@@ -184,6 +201,7 @@ impl StateFile {
         Ok(Some(Restored {
             clients: doc.clients.into_iter().map(|c| c.0).collect(),
             overrides: doc.overrides,
+            uplinks: doc.uplinks,
         }))
     }
 
@@ -199,8 +217,13 @@ impl StateFile {
         &self,
         clients: impl Iterator<Item = &'a Client> + Clone,
         overrides: &'a BTreeMap<IpAddr, Override>,
+        uplinks: &'a BTreeMap<String, UplinkRuntime>,
     ) -> Result<(), StateError> {
-        let doc = StateOut { clients, overrides };
+        let doc = StateOut {
+            clients,
+            overrides,
+            uplinks,
+        };
         let io = |path: &Path| {
             let path = path.to_owned();
             move |source| StateError::Io { path, source }
@@ -263,9 +286,18 @@ mod tests {
                 until: Some(9),
             },
         )]);
-        sf.save([&c].into_iter(), &pins).unwrap();
+        let runtime = BTreeMap::from([(
+            "isp2".to_string(),
+            UplinkRuntime {
+                drained: true,
+                usable: false,
+                serving: false,
+            },
+        )]);
+        sf.save([&c].into_iter(), &pins, &runtime).unwrap();
         let back = sf.load().unwrap().unwrap();
         assert_eq!(back.overrides, pins);
+        assert_eq!(back.uplinks, runtime);
         let back = back.clients;
         assert_eq!(back[0].home, "isp1");
         assert_eq!(back[0].addresses.values().next().unwrap().last_seen, 7);

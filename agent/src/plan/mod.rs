@@ -191,14 +191,22 @@ pub fn plan(config: &Config, model: &Model) -> Desired {
         elements.insert(key, target.clone());
     }
     for (ip, o) in &model.overrides {
-        let Some(target) = homes.get(o.uplink.as_str()) else {
+        let Some(i) = model.uplinks.iter().position(|u| u.name == o.uplink) else {
             continue;
+        };
+        // A pin to an uplink that can carry traffic takes effect now, even while that
+        // uplink waits out its failback delay; a pin to a dead or drained one follows its
+        // home chain over the survivors.
+        let target = if model.pin_direct(i) {
+            Arc::from(up_chain(&o.uplink))
+        } else {
+            homes[o.uplink.as_str()].clone()
         };
         let key = match ip {
             IpAddr::V4(a) => ElemKey::Pin4(*a),
             IpAddr::V6(a) => ElemKey::Pin6(*a),
         };
-        elements.insert(key, target.clone());
+        elements.insert(key, target);
     }
 
     let mut rules = BTreeSet::new();
