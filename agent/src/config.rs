@@ -461,9 +461,7 @@ impl Validator<'_> {
             return Err(self.err(
                 Some(value.span()),
                 key,
-                format!(
-                    "invalid interface name {name:?}: 1-15 characters of A-Z a-z 0-9 - _ ."
-                ),
+                format!("invalid interface name {name:?}: 1-15 characters of A-Z a-z 0-9 - _ ."),
             ));
         }
         Ok(name.clone())

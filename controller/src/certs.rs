@@ -27,14 +27,18 @@ fn write_file(path: &Path, text: &str, mode: u32, force: bool) -> Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     match fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_symlink() => {
-            bail!("{} is a symbolic link; refusing to write through it", path.display())
+            bail!(
+                "{} is a symbolic link; refusing to write through it",
+                path.display()
+            )
         }
         Ok(_) if !force => bail!(
             "{} already exists; refusing to overwrite it (--force replaces it)",
             path.display()
         ),
-        Ok(_) => fs::remove_file(path)
-            .with_context(|| format!("cannot replace {}", path.display()))?,
+        Ok(_) => {
+            fs::remove_file(path).with_context(|| format!("cannot replace {}", path.display()))?
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e).with_context(|| format!("cannot check {}", path.display())),
     }

@@ -125,9 +125,16 @@ fn table(v: &Value, wide: bool) {
             let rows = items
                 .iter()
                 .map(|u| {
+                    // "up, failback in 27s": usable, its clients still elsewhere.
+                    let mut state = s(u, "state");
+                    if let Some(ms) = u["failback_in_ms"].as_u64() {
+                        state += &format!(", failback in {}s", ms.div_ceil(1000));
+                    } else if u["failback_manual"].as_bool() == Some(true) {
+                        state += ", awaiting failback";
+                    }
                     let mut r = vec![
                         s(u, "name"),
-                        s(u, "state"),
+                        state,
                         s(u, "tier"),
                         s(u, "weight"),
                         s(u, "clients"),

@@ -171,6 +171,29 @@ pub fn make_certs(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Issues `dir/<name>.crt` and `.key` for an operator whose certificate expired an hour
+/// ago, signed by `dir/ca.*` (uplinkctl refuses to issue one).
+pub fn issue_expired_operator(dir: &Path, name: &str) -> Result<()> {
+    let ca = rcgen::KeyPair::from_pem(&fs::read_to_string(dir.join("ca.key"))?)?;
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&fs::read_to_string(dir.join("ca.crt"))?, ca)?;
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name);
+    params.subject_alt_names.push(rcgen::SanType::URI(
+        format!("{}operator", uplink_api::ROLE_URI_PREFIX).try_into()?,
+    ));
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::days(2);
+    params.not_after = now - time::Duration::hours(1);
+    let key = rcgen::KeyPair::generate()?;
+    let cert = params.signed_by(&key, &issuer)?;
+    fs::write(dir.join(format!("{name}.crt")), cert.pem())?;
+    fs::write(dir.join(format!("{name}.key")), key.serialize_pem())?;
+    Ok(())
+}
+
 /// Agents started by a test must not outlive it: a test process killed outright (a CI
 /// timeout) never runs the Lab's Drop. The kernel kills the child when the thread that
 /// spawned it ends, which for a lab is the test's own thread, after the Drop.
@@ -727,6 +750,17 @@ impl Lab {
 
     pub fn signal_agent(&self, signal: &str) -> Result<()> {
         signal_child(self.agent.as_ref().context("agent not running")?, signal)
+    }
+
+    /// The agent's process id (`ip netns exec` execs uplinkd in place).
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.as_ref().map(Child::id)
+    }
+
+    /// How many file descriptors the agent has open.
+    pub fn agent_fds(&self) -> Result<usize> {
+        let pid = self.agent_pid().context("agent not running")?;
+        Ok(fs::read_dir(format!("/proc/{pid}/fd"))?.count())
     }
 
     /// Whether the agent process is still running.

@@ -84,18 +84,12 @@ fn handshakes_without_a_valid_client_certificate_are_refused() -> anyhow::Result
     ])?;
     std::fs::copy(other.join("intruder.crt"), certs.join("intruder.crt"))?;
     std::fs::copy(other.join("intruder.key"), certs.join("intruder.key"))?;
-    uplink_tests::sh(&[
-        ctl,
-        "certs",
-        "issue",
-        "--dir",
-        d,
-        "--operator",
-        "old",
-        "--days",
-        "0",
-    ])?;
-    std::thread::sleep(Duration::from_secs(1));
+    uplink_tests::issue_expired_operator(&certs, "old")?;
+    let (code, _, err) = uplink_tests::outcome(std::process::Command::new(ctl).args([
+        "certs", "issue", "--dir", d, "--viewer", "v0", "--days", "0",
+    ]))?;
+    assert_ne!(code, 0);
+    assert!(err.contains("--days 0: must be between 1 and"), "{err}");
 
     for who in ["intruder", "old"] {
         let (code, _, err) = lab.ctl(who, &["status"])?;
@@ -486,7 +480,7 @@ fn golden_uplinks_output() -> anyhow::Result<()> {
     let v: serde_json::Value = serde_json::from_str(&json)?;
     assert_eq!(
         v[0],
-        serde_json::json!({"name": "isp1", "interface": "wan1", "weight": 1, "tier": 1, "state": "up", "balance": "client", "fwmark": 16777216, "table": 1001, "clients": 0, "rtt_ms": null, "loss_ratio": null, "jitter_ms": null, "serving": true, "tx_bytes": 0, "tx_packets": 0, "rx_bytes": 0, "rx_packets": 0})
+        serde_json::json!({"name": "isp1", "interface": "wan1", "weight": 1, "tier": 1, "state": "up", "balance": "client", "fwmark": 16777216, "table": 1001, "clients": 0, "rtt_ms": null, "loss_ratio": null, "jitter_ms": null, "serving": true, "tx_bytes": 0, "tx_packets": 0, "rx_bytes": 0, "rx_packets": 0, "failback_in_ms": null, "failback_manual": false, "clients_carried": 0})
     );
     Ok(())
 }

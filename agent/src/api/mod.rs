@@ -104,6 +104,8 @@ pub struct Heartbeat {
     started: std::time::Instant,
     /// Milliseconds since `started` of the last beat.
     last: std::sync::atomic::AtomicU64,
+    /// Set while the dataplane's tools time out: the loop turns, but cannot act.
+    stuck: std::sync::Mutex<Option<String>>,
 }
 
 /// The loop turns at least once a second (housekeeping); this much silence means stuck.
@@ -114,12 +116,30 @@ impl Heartbeat {
         Heartbeat {
             started: std::time::Instant::now(),
             last: 0.into(),
+            stuck: std::sync::Mutex::new(None),
         }
     }
 
     pub fn beat(&self) {
         self.last
             .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Records why the dataplane cannot act (`None`: it can again).
+    pub fn set_stuck(&self, why: Option<String>) {
+        *self.stuck.lock().expect("lock") = why;
+    }
+
+    /// Why the agent is not alive, if it is not.
+    pub fn problem(&self) -> Option<String> {
+        let silence = self.silence();
+        if silence >= LIVENESS {
+            return Some(format!(
+                "the agent loop has not turned for {:.1}s",
+                silence.as_secs_f64()
+            ));
+        }
+        self.stuck.lock().expect("lock").clone()
     }
 
     /// How long since the loop last turned.
@@ -312,17 +332,9 @@ async fn serve_health(listener: TcpListener, ready: Arc<AtomicBool>, heartbeat: 
             get(move || {
                 let heartbeat = heartbeat.clone();
                 async move {
-                    let silence = heartbeat.silence();
-                    if silence < LIVENESS {
-                        (StatusCode::OK, "ok\n".to_string())
-                    } else {
-                        (
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            format!(
-                                "the agent loop has not turned for {:.1}s (a hung nft or conntrack?)\n",
-                                silence.as_secs_f64()
-                            ),
-                        )
+                    match heartbeat.problem() {
+                        None => (StatusCode::OK, "ok\n".to_string()),
+                        Some(p) => (StatusCode::SERVICE_UNAVAILABLE, format!("{p}\n")),
                     }
                 }
             }),

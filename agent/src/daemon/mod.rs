@@ -574,6 +574,13 @@ impl Agent {
             }
         }
         self.metrics_dirty = true;
+        self.heartbeat.set_stuck(
+            report
+                .errors
+                .iter()
+                .find(|e| matches!(e, crate::dataplane::DataplaneError::Timeout { .. }))
+                .map(|e| e.to_string()),
+        );
         self.needs_retry = !report.errors.is_empty() || flush_failed;
         if self.needs_retry {
             self.retry_at = Some(Instant::now() + self.retry_backoff);

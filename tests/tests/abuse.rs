@@ -1,0 +1,485 @@
+//! uplinkd under abuse, faults and operator mistakes (issue #9): each test reproduces a
+//! defect found on a running agent and proves the fix with real packets, descriptors and
+//! kernel state.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::net::{IpAddr, TcpStream};
+use std::process::Command;
+use std::time::Duration;
+
+use uplink_tests::{Lab, UplinkSpec, client_v4, in_netns, outcome, two_uplinks, uplinkd_bin};
+
+fn via(lab: &Lab, i: u32) -> anyhow::Result<String> {
+    let seen = lab.probe(i, false, 20)?;
+    lab.uplink_of_source(seen)
+        .ok_or_else(|| anyhow::anyhow!("unknown source {seen}"))
+}
+
+fn api_lab(tag: &str, uplinks: Vec<UplinkSpec>, clients: u32, extra: &str) -> anyhow::Result<Lab> {
+    let mut lab = Lab::build(tag, uplinks, clients, 0)?;
+    let api = lab.api_config()?;
+    lab.write_config("10s", "10m", &format!("{extra}{api}"))?;
+    lab.start_agent()?;
+    Ok(lab)
+}
+
+fn scrape(lab: &Lab, port: u16) -> anyhow::Result<BTreeMap<String, f64>> {
+    let text = lab.gw(&["curl", "-sf", &format!("http://127.0.0.1:{port}/metrics")])?;
+    Ok(text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            Some((k.to_string(), v.parse().ok()?))
+        })
+        .collect())
+}
+
+/// The first client whose home is `uplink`.
+fn client_on(homes: &BTreeMap<IpAddr, String>, uplink: &str) -> u32 {
+    (1..=8)
+        .find(|&i| {
+            homes
+                .get(&IpAddr::from(client_v4(i)))
+                .is_some_and(|h| h == uplink)
+        })
+        .unwrap_or_else(|| panic!("no client homed on {uplink}: {homes:?}"))
+}
+
+/// Defect 1: tiers 1/1/2, both tier-1 uplinks drained (accepted: lte survives), then a
+/// new client. The agent used to panic in placement; now the client is homed in tier 1
+/// and carried by lte, and the drains survive a restart.
+#[test]
+fn a_new_client_lands_when_every_first_tier_uplink_is_drained() -> anyhow::Result<()> {
+    let uplinks = vec![
+        UplinkSpec::new("isp1", 1, false),
+        UplinkSpec::new("isp2", 1, false),
+        UplinkSpec::new("lte", 1, true).with("tier = 2"),
+    ];
+    let mut lab = api_lab("drainall", uplinks, 2, "")?;
+    lab.greet_clients()?;
+    for u in ["isp1", "isp2"] {
+        let (code, _, err) = lab.ctl("op", &["drain", u])?;
+        assert_eq!(code, 0, "drain {u}: {err}");
+    }
+    let (code, _, err) = lab.ctl("op", &["drain", "lte"])?;
+    assert_ne!(code, 0, "the last survivor cannot be drained");
+    assert!(err.contains("last healthy uplink"), "{err}");
+    lab.add_client(3, false)?;
+    assert_eq!(
+        via(&lab, 3)?,
+        "lte",
+        "the new client is carried by the survivor"
+    );
+    assert!(lab.agent_running(), "uplinkd survived the new client");
+    let c3 = IpAddr::from(client_v4(3));
+    lab.wait_for(Duration::from_secs(5), "c3 persisted", || {
+        Ok(lab.assignments()?.contains_key(&c3))
+    })?;
+    assert_ne!(
+        lab.assignments()?[&c3],
+        "lte",
+        "homed in tier 1, not on lte"
+    );
+
+    // The drains are operator decisions: a restart keeps them.
+    lab.stop_agent("TERM")?;
+    lab.start_agent()?;
+    let (_, out, _) = lab.ctl("view", &["uplinks"])?;
+    for u in ["isp1", "isp2"] {
+        assert!(
+            out.lines()
+                .any(|l| l.starts_with(u) && l.contains("draining")),
+            "{u} still drained after restart:\n{out}"
+        );
+    }
+    assert_eq!(via(&lab, 1)?, "lte");
+    Ok(())
+}
+
+/// Defect 2: every reload restarted the probers and left their ICMP receive tasks and
+/// sockets behind (fds 17 → 167 after 50 reloads).
+#[test]
+fn reloads_do_not_leak_descriptors() -> anyhow::Result<()> {
+    let probes =
+        "probes = [\"icmp:203.0.113.10\", \"icmp:2001:db8:ffff::10\", \"tcp:203.0.113.10:9001\"]";
+    let uplinks = vec![
+        UplinkSpec::new("isp1", 1, false).with(probes),
+        UplinkSpec::new("isp2", 1, false).with(probes),
+    ];
+    let lab = api_lab("fdleak", uplinks, 1, "")?;
+    lab.greet_clients()?;
+    let before = lab.agent_fds()?;
+    for _ in 0..50 {
+        let (code, _, err) = lab.ctl("op", &["reload"])?;
+        assert_eq!(code, 0, "{err}");
+    }
+    // Aborted tasks close their sockets as the runtime drops them: give it a moment.
+    lab.wait_for(
+        Duration::from_secs(5),
+        "descriptors back to the baseline",
+        || Ok(lab.agent_fds()? <= before + 4),
+    )
+    .map_err(|e| anyhow::anyhow!("fds {before} → {}: {e}", lab.agent_fds().unwrap_or(0)))?;
+    // Still dispatching: the client's datagram is answered.
+    via(&lab, 1)?;
+    Ok(())
+}
+
+/// Raises this process's descriptor limit to its hard limit (the abuse tests hold
+/// thousands of sockets).
+fn raise_fd_limit() {
+    let (_, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .expect("getrlimit");
+    let _ = nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard);
+}
+
+/// Opens `n` idle TCP connections to `port` on the gateway's loopback; returns how many the
+/// agent closed at once (EOF within a second) and the ones it keeps open.
+fn idle_connections(lab: &Lab, port: u16, n: usize) -> anyhow::Result<(usize, Vec<TcpStream>)> {
+    let conns = in_netns(&lab.ns("gw"), move || -> std::io::Result<Vec<TcpStream>> {
+        (0..n)
+            .map(|_| TcpStream::connect(("127.0.0.1", port)))
+            .collect()
+    })??;
+    let mut kept = Vec::new();
+    let mut closed = 0;
+    for mut c in conns {
+        c.set_read_timeout(Some(Duration::from_millis(1)))?;
+        let mut b = [0u8; 1];
+        match c.read(&mut b) {
+            Ok(0) => closed += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => closed += 1,
+            _ => kept.push(c),
+        }
+    }
+    // Refusals happen as the agent accepts: look again at those still open.
+    std::thread::sleep(Duration::from_millis(500));
+    let mut open = Vec::new();
+    for mut c in kept {
+        let mut b = [0u8; 1];
+        match c.read(&mut b) {
+            Ok(0) => closed += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => closed += 1,
+            _ => open.push(c),
+        }
+    }
+    Ok((closed, open))
+}
+
+/// Defect 3: out of the box /metrics is not readable from the WAN side, and 1,100 idle
+/// connections to the metrics and API ports no longer pin 1,100 descriptors each; a
+/// carrier cut still fails over while they are held.
+#[test]
+fn listeners_are_bounded_and_metrics_are_not_on_the_wan() -> anyhow::Result<()> {
+    raise_fd_limit();
+    let mut lab = api_lab("listen", two_uplinks(), 2, "")?;
+    let homes = lab.greet_clients()?;
+    // Default config: the ISP cannot reach the metrics port on the gateway's WAN address,
+    // the gateway itself can.
+    let isp = lab.ns("isp1");
+    let from_wan = uplink_tests::sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &isp,
+        "curl",
+        "-s",
+        "-m",
+        "2",
+        "http://100.64.1.2:9477/metrics",
+    ]);
+    assert!(from_wan.is_err(), "metrics answered the WAN: {from_wan:?}");
+    assert!(scrape(&lab, 9477)?.contains_key("uplinkd_in_sync"));
+
+    let before = lab.agent_fds()?;
+    let (closed_m, open_m) = idle_connections(&lab, 9477, 1100)?;
+    let (closed_a, open_a) = idle_connections(&lab, 7443, 1100)?;
+    let during = lab.agent_fds()?;
+    assert!(
+        during <= before + 64 + 256 + 16,
+        "fds {before} → {during} with 2,200 idle connections"
+    );
+    assert!(
+        closed_m >= 1000,
+        "metrics closed {closed_m} of 1100 at once"
+    );
+    assert!(closed_a >= 800, "API closed {closed_a} of 1100 at once");
+
+    // Failover works while the listeners are full.
+    let c = client_on(&homes, "isp1");
+    lab.carrier("isp1", false)?;
+    assert_eq!(via(&lab, c)?, "isp2");
+    lab.carrier("isp1", true)?;
+
+    drop(open_m);
+    drop(open_a);
+    lab.wait_for(Duration::from_secs(10), "a scrape after the flood", || {
+        Ok(scrape(&lab, 9477)?
+            .get("uplinkd_listener_connections_refused_total{listener=\"metrics\"}")
+            .is_some_and(|n| *n >= 1000.0))
+    })?;
+    let m = scrape(&lab, 9477)?;
+    assert!(
+        m["uplinkd_listener_connections_refused_total{listener=\"api\"}"] >= 800.0,
+        "{m:?}"
+    );
+    let (code, _, err) = lab.ctl("view", &["status"])?;
+    assert_eq!(code, 0, "API serves after the flood: {err}");
+    assert!(lab.agent_running());
+    Ok(())
+}
+
+/// Defect 4: `uplinkd_uplink_clients` is who is on the link now; the homed count has its
+/// own name. A dead uplink whose clients moved used to report them still.
+#[test]
+fn client_metrics_tell_who_is_on_each_uplink_now() -> anyhow::Result<()> {
+    let lab = api_lab(
+        "carried",
+        two_uplinks(),
+        2,
+        "[failover]\nfailback_delay = \"60s\"\n",
+    )?;
+    let homes = lab.greet_clients()?;
+    let c = client_on(&homes, "isp2");
+    lab.carrier("isp2", false)?;
+    assert_eq!(via(&lab, c)?, "isp1");
+    lab.wait_for(
+        Duration::from_secs(5),
+        "carried counts after the failover",
+        || {
+            let m = scrape(&lab, 9477)?;
+            Ok(m["uplinkd_uplink_clients{uplink=\"isp2\"}"] == 0.0
+                && m["uplinkd_uplink_clients{uplink=\"isp1\"}"] == 2.0)
+        },
+    )?;
+    let m = scrape(&lab, 9477)?;
+    assert_eq!(m["uplinkd_uplink_clients_homed{uplink=\"isp2\"}"], 1.0);
+    assert_eq!(m["uplinkd_uplink_clients_homed{uplink=\"isp1\"}"], 1.0);
+    assert_eq!(m["uplinkd_uplink_serving{uplink=\"isp2\"}"], 0.0);
+    let (_, out, _) = lab.ctl("view", &["uplinks", "-o", "json"])?;
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    let isp2 = v
+        .as_array()
+        .and_then(|a| a.iter().find(|u| u["name"] == "isp2"))
+        .ok_or_else(|| anyhow::anyhow!("no isp2 in {out}"))?;
+    assert_eq!(isp2["clients"], 1, "{isp2}");
+    assert_eq!(isp2["clients_carried"], 0, "{isp2}");
+    Ok(())
+}
+
+/// Defect 5: a second uplinkd with the same config used to apply before failing to bind,
+/// rewriting the first one's failover (it starts optimistic, so a silently failed uplink
+/// looked healthy to it). Now it fails first and names the running one; so does one with
+/// another state_dir and the same nft table.
+#[test]
+fn a_second_instance_changes_nothing() -> anyhow::Result<()> {
+    let probe = "probes = [\"icmp:203.0.113.10\"]";
+    let uplinks = vec![
+        UplinkSpec::new("isp1", 1, false).with(probe),
+        UplinkSpec::new("isp2", 1, false).with(probe),
+    ];
+    let mut lab = Lab::build("second", uplinks, 2, 0)?;
+    lab.write_config("10s", "10m", "")?;
+    lab.start_agent()?;
+    let homes = lab.greet_clients()?;
+    let c = client_on(&homes, "isp2");
+    lab.upstream_loss("isp2", 100)?;
+    let home = || lab.gw(&["nft", "list", "chain", "inet", "uplinkd", "home_isp2"]);
+    lab.wait_for(Duration::from_secs(10), "isp2 failed over", || {
+        Ok(!home()?.contains("goto up_isp2"))
+    })?;
+    let before = home()?;
+    let pid = lab.agent_pid().expect("running");
+    let second = |config: &std::path::Path| {
+        outcome(
+            Command::new("ip")
+                .args(["netns", "exec", &lab.ns("gw")])
+                .arg(uplinkd_bin())
+                .arg("--config")
+                .arg(config)
+                .env("RUST_LOG", "info"),
+        )
+    };
+    let (code, _, err) = second(&lab.config_path())?;
+    assert_ne!(code, 0);
+    assert!(
+        err.contains(&format!("another uplinkd (pid {pid})")) && err.contains("state_dir"),
+        "{err}"
+    );
+    assert_eq!(home()?, before, "the second instance rewrote home_isp2");
+    // Same table, another state directory.
+    let other = lab.dir.join("other.toml");
+    let text = std::fs::read_to_string(lab.config_path())?.replace(
+        &lab.state_dir().display().to_string(),
+        &lab.dir.join("state2").display().to_string(),
+    );
+    std::fs::write(&other, text)?;
+    let (code, _, err) = second(&other)?;
+    assert_ne!(code, 0);
+    assert!(
+        err.contains(&format!("another uplinkd (pid {pid})")) && err.contains("nft table"),
+        "{err}"
+    );
+    assert_eq!(home()?, before, "the second instance rewrote home_isp2");
+    assert_eq!(via(&lab, c)?, "isp1", "still failed over");
+    assert!(lab.agent_running());
+    Ok(())
+}
+
+/// Defect 6: an uplink back from a cut waits out failback_delay before its clients return;
+/// a pin to it in that window used to be acknowledged and not applied.
+#[test]
+fn a_pin_takes_effect_while_its_uplink_waits_for_failback() -> anyhow::Result<()> {
+    let lab = api_lab(
+        "pinwait",
+        two_uplinks(),
+        2,
+        "[failover]\nfailback_delay = \"120s\"\n",
+    )?;
+    let homes = lab.greet_clients()?;
+    let c = client_on(&homes, "isp1");
+    let ip = client_v4(c).to_string();
+    lab.carrier("isp1", false)?;
+    assert_eq!(via(&lab, c)?, "isp2");
+    lab.carrier("isp1", true)?;
+    lab.wait_for(
+        Duration::from_secs(10),
+        "isp1 up, waiting for failback",
+        || {
+            let (_, out, _) = lab.ctl("view", &["uplinks"])?;
+            Ok(out
+                .lines()
+                .any(|l| l.starts_with("isp1") && l.contains("up, failback in")))
+        },
+    )?;
+    assert_eq!(via(&lab, c)?, "isp2", "the failback has not happened yet");
+    let (code, _, err) = lab.ctl("op", &["pin", &ip, "isp1"])?;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(via(&lab, c)?, "isp1", "the pin took effect at once");
+    let (_, out, _) = lab.ctl("view", &["clients"])?;
+    let line = out
+        .lines()
+        .find(|l| l.contains(&ip))
+        .ok_or_else(|| anyhow::anyhow!("{ip} not listed:\n{out}"))?;
+    let cols: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(cols[cols.len() - 2..], ["isp1", "override"], "{line}");
+    let m = scrape(&lab, 9477)?;
+    assert!(
+        m["uplinkd_uplink_failback_in_seconds{uplink=\"isp1\"}"] > 60.0,
+        "{m:?}"
+    );
+    Ok(())
+}
+
+/// A restart during a silent failure: the uplink was down when the agent died, so it
+/// starts down and its clients stay on the survivor instead of being sent back into the
+/// dead path until the probes notice again.
+#[test]
+fn a_restart_keeps_traffic_off_an_uplink_that_was_down() -> anyhow::Result<()> {
+    let probe = "probes = [\"icmp:203.0.113.10\"]";
+    let uplinks = vec![
+        UplinkSpec::new("isp1", 1, false).with(probe),
+        UplinkSpec::new("isp2", 1, false).with(probe),
+    ];
+    let mut lab = api_lab("restartdown", uplinks, 2, "")?;
+    let homes = lab.greet_clients()?;
+    let c = client_on(&homes, "isp2");
+    lab.upstream_loss("isp2", 100)?;
+    lab.wait_for(Duration::from_secs(10), "isp2 down", || {
+        let (_, out, _) = lab.ctl("view", &["uplinks"])?;
+        Ok(out
+            .lines()
+            .any(|l| l.starts_with("isp2") && l.contains("down")))
+    })?;
+    assert_eq!(via(&lab, c)?, "isp1");
+    lab.stop_agent("KILL")?;
+    lab.start_agent()?;
+    // Before the first probe round could judge it, the restarted agent already has isp2
+    // down and its clients elsewhere.
+    let (_, out, _) = lab.ctl("view", &["uplinks"])?;
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("isp2") && l.contains("down")),
+        "isp2 after the restart:\n{out}"
+    );
+    let home = lab.gw(&["nft", "list", "chain", "inet", "uplinkd", "home_isp2"])?;
+    assert!(
+        !home.contains("goto up_isp2"),
+        "home_isp2 sends to isp2:\n{home}"
+    );
+    assert_eq!(via(&lab, c)?, "isp1");
+    // And it comes back when the path works again.
+    lab.upstream_loss("isp2", 0)?;
+    lab.wait_for(Duration::from_secs(10), "isp2 up again", || {
+        let (_, out, _) = lab.ctl("view", &["uplinks"])?;
+        Ok(out
+            .lines()
+            .any(|l| l.starts_with("isp2") && l.contains("up")))
+    })?;
+    Ok(())
+}
+
+/// A hung `nft`: the command is killed after dataplane.command_timeout, /healthz says so,
+/// and once nft works again the change that was waiting is applied.
+#[test]
+fn a_hung_nft_times_out_and_the_apply_is_retried() -> anyhow::Result<()> {
+    let mut lab = Lab::build("hungnft", two_uplinks(), 1, 0)?;
+    let hang = lab.dir.join("hang");
+    let wrapper = lab.dir.join("nft-wrapper");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nwhile [ -e {} ]; do sleep 0.1; done\nexec /usr/sbin/nft \"$@\"\n",
+            hang.display()
+        ),
+    )?;
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )?;
+    let api = lab.api_config()?;
+    lab.write_config(
+        "10s",
+        "10m",
+        &format!(
+            "[dataplane]\nnft = \"{}\"\ncommand_timeout = \"1s\"\n{api}",
+            wrapper.display()
+        ),
+    )?;
+    lab.start_agent()?;
+    lab.greet_clients()?;
+    let healthz = |lab: &Lab| {
+        lab.gw(&[
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "http://127.0.0.1:7444/healthz",
+        ])
+    };
+    assert_eq!(healthz(&lab)?, "200");
+    std::fs::write(&hang, "")?;
+    lab.add_client(2, false)?;
+    let _ = lab.probe(2, false, 1);
+    lab.wait_for(Duration::from_secs(10), "/healthz unhealthy", || {
+        Ok(healthz(&lab)? == "503")
+    })?;
+    let why = lab.gw(&["curl", "-s", "http://127.0.0.1:7444/healthz"])?;
+    assert!(why.contains("command_timeout"), "{why}");
+    std::fs::remove_file(&hang)?;
+    let c2 = IpAddr::from(client_v4(2));
+    lab.wait_for(
+        Duration::from_secs(20),
+        "c2 in the kernel's map after the retry",
+        || Ok(lab.kernel_map("client4")?.contains_key(&c2)),
+    )?;
+    lab.wait_for(Duration::from_secs(5), "/healthz healthy again", || {
+        Ok(healthz(&lab)? == "200")
+    })?;
+    assert!(lab.agent_running());
+    Ok(())
+}
