@@ -344,20 +344,23 @@ fn a_pin_takes_effect_while_its_uplink_waits_for_failback() -> anyhow::Result<()
     lab.carrier("isp1", false)?;
     assert_eq!(via(&lab, c)?, "isp2");
     lab.carrier("isp1", true)?;
-    lab.wait_for(
-        Duration::from_secs(10),
-        "isp1 up, waiting for failback",
-        || {
-            let (_, out, _) = lab.ctl("view", &["uplinks"])?;
-            Ok(out
-                .lines()
-                .any(|l| l.starts_with("isp1") && l.contains("up, failback in")))
-        },
-    )?;
+    lab.wait_for(Duration::from_secs(10), "isp1 up again", || {
+        let (_, out, _) = lab.ctl("view", &["uplinks"])?;
+        Ok(out.lines().any(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            cols.first() == Some(&"isp1") && cols.get(1).is_some_and(|s| s.starts_with("up"))
+        }))
+    })?;
     assert_eq!(via(&lab, c)?, "isp2", "the failback has not happened yet");
     let (code, _, err) = lab.ctl("op", &["pin", &ip, "isp1"])?;
     assert_eq!(code, 0, "{err}");
     assert_eq!(via(&lab, c)?, "isp1", "the pin took effect at once");
+    let (_, out, _) = lab.ctl("view", &["uplinks"])?;
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("isp1") && l.contains("up, failback in")),
+        "the uplink says it waits for its failback:\n{out}"
+    );
     let (_, out, _) = lab.ctl("view", &["clients"])?;
     let line = out
         .lines()

@@ -261,7 +261,6 @@ impl Agent {
             Err(why) => return Err(ApiError::FailedPrecondition(why)),
             Ok(None) => {}
             Ok(Some(entry)) => {
-                self.state_dirty = true;
                 self.record(vec![entry]);
                 self.apply_for_api().await?;
             }

@@ -101,6 +101,8 @@ pub struct Agent {
     retry_backoff: Duration,
     /// The model changed since the metrics' gauges were last published.
     metrics_dirty: bool,
+    /// The uplinks' runtime decisions as last written.
+    saved_runtime: BTreeMap<String, crate::model::state_file::UplinkRuntime>,
 }
 
 /// Connects to the kernel, adopts its state, and runs until SIGTERM/SIGINT. The dataplane
@@ -124,7 +126,6 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
                 .into_iter()
                 .filter(|(_, o)| model.uplink(&o.uplink).is_some())
                 .collect();
-            model.restore_runtime(&restored.uplinks);
             info!(clients = n, reassigned, path = %state.path().display(), "restored assignments");
         }
         Ok(None) => {
@@ -133,6 +134,14 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
         Err(e @ (StateError::Corrupt { .. } | StateError::Version { .. })) => {
             let aside = state.set_aside(now_millis())?;
             error!(error = %e, kept_as = %aside.display(), "state file unreadable; kept it aside, adopting assignments from the kernel's maps");
+        }
+        Err(e) => return Err(e.into()),
+    }
+    match state.load_runtime() {
+        Ok(saved) => model.restore_runtime(&saved),
+        Err(e @ (StateError::Corrupt { .. } | StateError::Version { .. })) => {
+            let aside = state.set_aside_runtime(now_millis())?;
+            error!(error = %e, kept_as = %aside.display(), "uplink runtime file unreadable; kept it aside, starting with every uplink judged afresh");
         }
         Err(e) => return Err(e.into()),
     }
@@ -171,6 +180,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
         retry_at: None,
         retry_backoff: RETRY_MIN,
         metrics_dirty: true,
+        saved_runtime: BTreeMap::new(),
     };
     let (cmd_tx, mut cmd_rx) = mpsc::channel(256);
     let started = Instant::now();
@@ -292,6 +302,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
                     agent.apply(retry).await;
                 }
                 agent.save_state();
+                agent.save_runtime();
                 agent.publish_metrics();
             }
             _ = watchdog.tick() => crate::notify::watchdog(),
@@ -456,8 +467,9 @@ impl Agent {
     /// Logs and records health events; returns whether there were any.
     fn record(&mut self, log: Vec<LogEntry>) -> bool {
         let any = !log.is_empty();
-        // Uplink states, failovers and drains are persisted with the assignments.
-        self.state_dirty |= any;
+        if any {
+            self.save_runtime();
+        }
         for e in log {
             match e.kind {
                 EventKind::Failover | EventKind::AllDown => {
@@ -614,11 +626,10 @@ impl Agent {
         if !self.state_dirty {
             return;
         }
-        match self.state.save(
-            self.model.clients().values(),
-            &self.model.overrides,
-            &self.model.runtime(),
-        ) {
+        match self
+            .state
+            .save(self.model.clients().values(), &self.model.overrides)
+        {
             Ok(()) => self.state_dirty = false,
             Err(e) => error!(error = %e, "cannot save assignments; will retry"),
         }
@@ -658,6 +669,19 @@ impl Agent {
                 })
                 .await;
         });
+    }
+
+    /// Uplink states, failovers and drains: a small file, written at once so that a crash
+    /// right after a failover cannot send clients back to the dead uplink.
+    fn save_runtime(&mut self) {
+        let runtime = self.model.runtime();
+        if runtime == self.saved_runtime {
+            return;
+        }
+        match self.state.save_runtime(&runtime) {
+            Ok(()) => self.saved_runtime = runtime,
+            Err(e) => error!(error = %e, "cannot save the uplinks' runtime state; will retry"),
+        }
     }
 
     /// Passive health for a failed probe round: whether the uplink forwarded traffic from

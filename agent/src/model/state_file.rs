@@ -44,8 +44,6 @@ struct StateDoc {
     clients: Vec<ClientIn>,
     #[serde(default)]
     overrides: BTreeMap<IpAddr, Override>,
-    #[serde(default)]
-    uplinks: BTreeMap<String, UplinkRuntime>,
 }
 
 /// What a state file holds.
@@ -53,10 +51,19 @@ struct StateDoc {
 pub struct Restored {
     pub clients: Vec<Client>,
     pub overrides: BTreeMap<IpAddr, Override>,
-    pub uplinks: BTreeMap<String, UplinkRuntime>,
 }
 
-/// An uplink's runtime decisions, kept across restarts so that a restart neither forgets
+const RUNTIME_FILE: &str = "uplinks.json";
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuntimeDoc {
+    version: u32,
+    uplinks: BTreeMap<String, UplinkRuntime>,
+}
+
+/// An uplink's runtime decisions, kept across restarts in their own small file, written as
+/// soon as they change (a failover must survive a crash a moment later) so that a restart neither forgets
 /// an operator's drain or pending manual failback nor sends clients back to a dead path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -117,17 +124,15 @@ struct AddressDoc {
 struct StateOut<'a, I: Iterator<Item = &'a Client> + Clone> {
     clients: I,
     overrides: &'a BTreeMap<IpAddr, Override>,
-    uplinks: &'a BTreeMap<String, UplinkRuntime>,
 }
 
 impl<'a, I: Iterator<Item = &'a Client> + Clone> Serialize for StateOut<'a, I> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeStruct;
-        let mut st = s.serialize_struct("StateDoc", 4)?;
+        let mut st = s.serialize_struct("StateDoc", 3)?;
         st.serialize_field("version", &VERSION)?;
         st.serialize_field("clients", &ClientsOut(self.clients.clone()))?;
         st.serialize_field("overrides", self.overrides)?;
-        st.serialize_field("uplinks", self.uplinks)?;
         st.end()
     }
 }
@@ -201,7 +206,6 @@ impl StateFile {
         Ok(Some(Restored {
             clients: doc.clients.into_iter().map(|c| c.0).collect(),
             overrides: doc.overrides,
-            uplinks: doc.uplinks,
         }))
     }
 
@@ -217,22 +221,66 @@ impl StateFile {
         &self,
         clients: impl Iterator<Item = &'a Client> + Clone,
         overrides: &'a BTreeMap<IpAddr, Override>,
-        uplinks: &'a BTreeMap<String, UplinkRuntime>,
     ) -> Result<(), StateError> {
-        let doc = StateOut {
-            clients,
-            overrides,
-            uplinks,
+        self.write_atomic(FILE, &StateOut { clients, overrides })
+    }
+
+    /// The uplinks' runtime decisions; empty when there is no file yet. An unreadable
+    /// file is an error like a corrupt state file.
+    pub fn load_runtime(&self) -> Result<BTreeMap<String, UplinkRuntime>, StateError> {
+        let path = self.dir.join(RUNTIME_FILE);
+        let bytes = match fs::read(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
+            Err(source) => return Err(StateError::Io { path, source }),
         };
+        let doc: RuntimeDoc = serde_json::from_slice(&bytes).map_err(|e| StateError::Corrupt {
+            path: path.clone(),
+            line: e.line(),
+            column: e.column(),
+            message: e.to_string(),
+        })?;
+        if doc.version != VERSION {
+            return Err(StateError::Version {
+                path,
+                found: doc.version,
+            });
+        }
+        Ok(doc.uplinks)
+    }
+
+    pub fn save_runtime(
+        &self,
+        uplinks: &BTreeMap<String, UplinkRuntime>,
+    ) -> Result<(), StateError> {
+        self.write_atomic(
+            RUNTIME_FILE,
+            &RuntimeDoc {
+                version: VERSION,
+                uplinks: uplinks.clone(),
+            },
+        )
+    }
+
+    /// Moves an unreadable runtime file aside (never deletes it).
+    pub fn set_aside_runtime(&self, now: Millis) -> Result<PathBuf, StateError> {
+        let from = self.dir.join(RUNTIME_FILE);
+        let to = self.dir.join(format!("{RUNTIME_FILE}.corrupt-{now}"));
+        fs::rename(&from, &to).map_err(|source| StateError::Io { path: from, source })?;
+        Ok(to)
+    }
+
+    /// Temp file, fsync, rename, fsync of the directory: a crash leaves the old or the new.
+    fn write_atomic(&self, name: &str, doc: &impl Serialize) -> Result<(), StateError> {
         let io = |path: &Path| {
             let path = path.to_owned();
             move |source| StateError::Io { path, source }
         };
         fs::create_dir_all(&self.dir).map_err(io(&self.dir))?;
-        let tmp = self.dir.join(format!("{FILE}.tmp"));
+        let tmp = self.dir.join(format!("{name}.tmp"));
         let f = File::create(&tmp).map_err(io(&tmp))?;
         let mut w = std::io::BufWriter::with_capacity(1 << 16, f);
-        serde_json::to_writer(&mut w, &doc).map_err(|e| StateError::Io {
+        serde_json::to_writer(&mut w, doc).map_err(|e| StateError::Io {
             path: tmp.clone(),
             source: e.into(),
         })?;
@@ -242,7 +290,7 @@ impl StateFile {
         })?;
         f.sync_all().map_err(io(&tmp))?;
         drop(f);
-        let path = self.path();
+        let path = self.dir.join(name);
         fs::rename(&tmp, &path).map_err(io(&path))?;
         File::open(&self.dir)
             .and_then(|d| d.sync_all())
@@ -294,10 +342,12 @@ mod tests {
                 serving: false,
             },
         )]);
-        sf.save([&c].into_iter(), &pins, &runtime).unwrap();
+        sf.save([&c].into_iter(), &pins).unwrap();
+        assert!(sf.load_runtime().unwrap().is_empty());
+        sf.save_runtime(&runtime).unwrap();
+        assert_eq!(sf.load_runtime().unwrap(), runtime);
         let back = sf.load().unwrap().unwrap();
         assert_eq!(back.overrides, pins);
-        assert_eq!(back.uplinks, runtime);
         let back = back.clients;
         assert_eq!(back[0].home, "isp1");
         assert_eq!(back[0].addresses.values().next().unwrap().last_seen, 7);
