@@ -152,6 +152,10 @@ pub struct LanConfig {
     pub interfaces: Vec<String>,
     pub prefixes: Vec<IpNet>,
     pub client_idle_timeout: Duration,
+    /// Clients (MACs) tracked at most; more are left to the hash fallback and counted.
+    pub max_clients: usize,
+    /// Addresses per client at most; more are left to the hash fallback and counted.
+    pub max_addresses_per_client: usize,
 }
 
 /// What uplinkd owns in the kernel. Everything outside these bounds is never touched.
@@ -336,6 +340,8 @@ struct RawLan {
     #[serde(default)]
     prefixes: Vec<Spanned<String>>,
     client_idle_timeout: Option<Spanned<String>>,
+    max_clients: Option<Spanned<i64>>,
+    max_addresses_per_client: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -537,6 +543,18 @@ impl Validator<'_> {
                 lan_raw.client_idle_timeout,
                 Duration::from_secs(600),
             )?,
+            max_clients: self.int(
+                "lan.max_clients",
+                lan_raw.max_clients.as_ref(),
+                100_000,
+                1..=1_000_000,
+            )? as usize,
+            max_addresses_per_client: self.int(
+                "lan.max_addresses_per_client",
+                lan_raw.max_addresses_per_client.as_ref(),
+                16,
+                1..=1024,
+            )? as usize,
         };
         let _ = lan_span;
 

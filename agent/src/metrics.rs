@@ -48,6 +48,7 @@ pub struct Metrics {
     pub grpc_requests: IntCounterVec,
     pub grpc_duration: HistogramVec,
     refused: IntCounterVec,
+    pub lan_refused: IntCounterVec,
     /// Last nft counter readings per interface, to turn them into monotonic counters
     /// across table replacements (which reset nft counters).
     last: std::sync::Mutex<HashMap<String, Traffic>>,
@@ -251,6 +252,11 @@ impl Metrics {
                 "listener_connections_refused_total",
                 "Connections closed at once because the listener had its maximum open",
                 &["listener"],
+            ),
+            lan_refused: cvec(
+                "lan_neighbours_refused_total",
+                "Neighbour events not tracked because a LAN limit was reached (their traffic follows the hash fallback)",
+                &["limit"],
             ),
             last: std::sync::Mutex::new(HashMap::new()),
             uplinks: std::sync::Mutex::new(Vec::new()),

@@ -486,3 +486,77 @@ fn a_hung_nft_times_out_and_the_apply_is_retried() -> anyhow::Result<()> {
     assert!(lab.agent_running());
     Ok(())
 }
+
+/// The agent's resident memory in kB.
+fn agent_rss_kb(lab: &Lab) -> anyhow::Result<u64> {
+    let pid = lab
+        .agent_pid()
+        .ok_or_else(|| anyhow::anyhow!("agent not running"))?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no VmRSS"))
+}
+
+/// A LAN flood: one host announces 5,000 addresses, others 5,000 MACs. The limits hold
+/// (lan.max_clients, lan.max_addresses_per_client), the refusals are counted, the clients
+/// already present keep their uplinks, and the agent keeps serving.
+#[test]
+fn a_lan_flood_is_bounded_and_existing_clients_keep_their_uplinks() -> anyhow::Result<()> {
+    let mut lab = Lab::build("lanflood", two_uplinks(), 2, 0)?;
+    lab.write_config("10s", "10m", "[metrics]\nlisten = \"127.0.0.1:9477\"\n")?;
+    let text = std::fs::read_to_string(lab.config_path())?.replace(
+        "[lan]\n",
+        "[lan]\nmax_clients = 1000\nmax_addresses_per_client = 8\n",
+    );
+    std::fs::write(lab.config_path(), text)?;
+    lab.start_agent()?;
+    let homes = lab.greet_clients()?;
+    let rss_before = agent_rss_kb(&lab)?;
+    let mut batch = String::new();
+    for n in 0..5000u32 {
+        batch += &format!(
+            "neigh replace 2001:db8:1::1:{:x} lladdr 02:ee:00:00:00:01 dev br-lan nud permanent\n",
+            n
+        );
+        batch += &format!(
+            "neigh replace 2001:db8:1::2:{:x} lladdr 02:ee:00:01:{:02x}:{:02x} dev br-lan nud permanent\n",
+            n,
+            n >> 8,
+            n & 0xff
+        );
+    }
+    let file = lab.dir.join("flood.batch");
+    std::fs::write(&file, batch)?;
+    lab.gw(&["ip", "-batch", file.to_str().unwrap()])?;
+    lab.wait_for(Duration::from_secs(20), "the limits to be reached", || {
+        let m = scrape(&lab, 9477)?;
+        Ok(m.get("uplinkd_clients") == Some(&1000.0)
+            && m.get("uplinkd_lan_neighbours_refused_total{limit=\"lan.max_clients\"}")
+                .is_some_and(|n| *n >= 4000.0)
+            && m.get(
+                "uplinkd_lan_neighbours_refused_total{limit=\"lan.max_addresses_per_client\"}",
+            )
+            .is_some_and(|n| *n >= 4000.0))
+    })?;
+    for (ip, home) in &homes {
+        let IpAddr::V4(v4) = ip else { continue };
+        let i = u32::from(v4.octets()[3]) - 10;
+        assert_eq!(&via(&lab, i)?, home, "{ip} kept its uplink");
+    }
+    let map = lab.kernel_map("client6")?;
+    let one_mac = map
+        .keys()
+        .filter(|ip| ip.to_string().starts_with("2001:db8:1::1:"))
+        .count();
+    assert_eq!(one_mac, 8, "one MAC's addresses are capped");
+    let rss_after = agent_rss_kb(&lab)?;
+    assert!(
+        rss_after < rss_before + 64 * 1024,
+        "RSS {rss_before} kB → {rss_after} kB"
+    );
+    assert!(lab.agent_running());
+    Ok(())
+}

@@ -137,7 +137,6 @@ impl Agent {
                 let r = if self.model.overrides.remove(&ip).is_none() {
                     Err(ApiError::NotFound(format!("no override for {ip}")))
                 } else {
-                    self.state_dirty = true;
                     self.record(vec![LogEntry {
                         at: now_millis(),
                         uplink: String::new(),
@@ -198,7 +197,7 @@ impl Agent {
 
     async fn apply_for_api(&mut self) -> Result<(), ApiError> {
         let report = self.apply(false).await;
-        self.save_state();
+        self.save_decisions();
         self.publish_metrics();
         match report.errors.first() {
             None => Ok(()),
@@ -230,7 +229,6 @@ impl Agent {
                 until,
             },
         );
-        self.state_dirty = true;
         let cause = match ttl {
             Some(t) => format!(
                 "{ip} pinned to {uplink} for {}",

@@ -7,6 +7,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use futures::FutureExt;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -25,7 +26,7 @@ use crate::discover::{self, Event};
 use crate::health::probe::{self, ProbeSpec};
 use crate::metrics::{self, Metrics};
 use crate::model::failover::{EventKind, EventLog, LogEntry};
-use crate::model::state_file::{StateError, StateFile};
+use crate::model::state_file::{Decisions, StateError, StateFile};
 use crate::model::{Change, LinkState, Model, now_millis};
 use crate::plan::plan;
 
@@ -101,8 +102,14 @@ pub struct Agent {
     retry_backoff: Duration,
     /// The model changed since the metrics' gauges were last published.
     metrics_dirty: bool,
-    /// The uplinks' runtime decisions as last written.
-    saved_runtime: BTreeMap<String, crate::model::state_file::UplinkRuntime>,
+    /// The decisions as last written.
+    saved_decisions: Decisions,
+    /// The client assignments being written beside the loop.
+    saving: Option<JoinHandle<Result<(), StateError>>>,
+    /// A state directory that is full or read-only is reported at a bounded rate.
+    save_errors: metrics::RateLimitedWarning,
+    /// Neighbours refused by a LAN limit, reported at a bounded rate.
+    lan_refusals: metrics::RateLimitedWarning,
 }
 
 /// Connects to the kernel, adopts its state, and runs until SIGTERM/SIGINT. The dataplane
@@ -137,11 +144,12 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
         }
         Err(e) => return Err(e.into()),
     }
-    match state.load_runtime() {
-        Ok(saved) => model.restore_runtime(&saved),
+    match state.load_decisions() {
+        Ok(Some(saved)) => model.restore_decisions(saved),
+        Ok(None) => {}
         Err(e @ (StateError::Corrupt { .. } | StateError::Version { .. })) => {
-            let aside = state.set_aside_runtime(now_millis())?;
-            error!(error = %e, kept_as = %aside.display(), "uplink runtime file unreadable; kept it aside, starting with every uplink judged afresh");
+            let aside = state.set_aside_decisions(now_millis())?;
+            error!(error = %e, kept_as = %aside.display(), "decisions file unreadable; kept it aside, starting with every uplink judged afresh and the pins of the state file");
         }
         Err(e) => return Err(e.into()),
     }
@@ -180,7 +188,10 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
         retry_at: None,
         retry_backoff: RETRY_MIN,
         metrics_dirty: true,
-        saved_runtime: BTreeMap::new(),
+        saved_decisions: Decisions::default(),
+        saving: None,
+        save_errors: metrics::RateLimitedWarning::default(),
+        lan_refusals: metrics::RateLimitedWarning::default(),
     };
     let (cmd_tx, mut cmd_rx) = mpsc::channel(256);
     let started = Instant::now();
@@ -284,7 +295,6 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
             _ = housekeeping.tick() => {
                 let mut log = agent.model.tick(Instant::now(), &agent.config.health, &agent.config.failover);
                 for ip in agent.model.expire_overrides(now_millis()) {
-                    agent.state_dirty = true;
                     log.push(LogEntry { at: now_millis(), uplink: String::new(), kind: EventKind::Override, cause: format!("override of {ip} expired"), clients_moved: 1 });
                 }
                 let health_changed = agent.record(log);
@@ -302,7 +312,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
                     agent.apply(retry).await;
                 }
                 agent.save_state();
-                agent.save_runtime();
+                agent.save_decisions();
                 agent.publish_metrics();
             }
             _ = watchdog.tick() => crate::notify::watchdog(),
@@ -315,7 +325,18 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
         }
         agent.heartbeat.beat();
     }
-    agent.save_state();
+    agent.save_decisions();
+    // The last write of the assignments waits for the one in flight, then runs here:
+    // nothing is left unsaved at exit.
+    if let Some(h) = agent.saving.take() {
+        let _ = h.await;
+    }
+    if let Err(e) = agent
+        .state
+        .write_clients(&StateFile::encode_clients(agent.model.clients().values()))
+    {
+        error!(error = %e, "cannot save assignments at exit");
+    }
     for (_, (_, task)) in agent.probers.drain() {
         task.abort();
     }
@@ -338,12 +359,21 @@ impl Agent {
                 match mac {
                     Some(mac) => {
                         let adopt = self.adopt.get(&ip).map(String::as_str);
-                        let change = self.model.neighbour_present(ip, mac, now, adopt);
-                        if change == Change::Clients {
-                            self.state_dirty = true;
-                            return true;
+                        match self.model.neighbour_present(ip, mac, now, adopt) {
+                            Change::Clients => {
+                                self.state_dirty = true;
+                                true
+                            }
+                            Change::Refused(limit) => {
+                                self.metrics
+                                    .lan_refused
+                                    .with_label_values(&[limit.key()])
+                                    .inc();
+                                self.lan_refusals.warn(|n| warn!(%ip, %mac, refused = n, limit = limit.key(), "LAN limit reached: address not tracked (its traffic follows the hash fallback); raise the limit if this LAN really is that large"));
+                                false
+                            }
+                            Change::None => false,
                         }
-                        false
                     }
                     None => {
                         self.model.neighbour_gone(ip, now);
@@ -468,7 +498,7 @@ impl Agent {
     fn record(&mut self, log: Vec<LogEntry>) -> bool {
         let any = !log.is_empty();
         if any {
-            self.save_runtime();
+            self.save_decisions();
         }
         for e in log {
             match e.kind {
@@ -622,17 +652,37 @@ impl Agent {
         report
     }
 
+    /// Writes the client assignments beside the loop when they changed: at most one write
+    /// in flight, so at most one a housekeeping tick. A failed write (full or read-only
+    /// state directory) is reported at a bounded rate and retried.
     fn save_state(&mut self) {
+        if let Some(h) = &self.saving {
+            if !h.is_finished() {
+                return;
+            }
+            let result = self.saving.take().and_then(|h| h.now_or_never());
+            match result {
+                Some(Ok(Ok(()))) => {}
+                Some(Ok(Err(e))) => {
+                    self.state_dirty = true;
+                    self.save_errors.warn(|n| error!(error = %e, failures = n, "cannot save assignments; routing goes on, retrying every second"));
+                }
+                Some(Err(e)) => {
+                    self.state_dirty = true;
+                    error!(error = %e, "the state writer failed; retrying");
+                }
+                None => {}
+            }
+        }
         if !self.state_dirty {
             return;
         }
-        match self
-            .state
-            .save(self.model.clients().values(), &self.model.overrides)
-        {
-            Ok(()) => self.state_dirty = false,
-            Err(e) => error!(error = %e, "cannot save assignments; will retry"),
-        }
+        self.state_dirty = false;
+        let bytes = StateFile::encode_clients(self.model.clients().values());
+        let state = self.state.clone();
+        self.saving = Some(tokio::task::spawn_blocking(move || {
+            state.write_clients(&bytes)
+        }));
     }
 
     /// A probe round finished. A failed round of a usable uplink first has its inbound
@@ -671,16 +721,16 @@ impl Agent {
         });
     }
 
-    /// Uplink states, failovers and drains: a small file, written at once so that a crash
-    /// right after a failover cannot send clients back to the dead uplink.
-    fn save_runtime(&mut self) {
-        let runtime = self.model.runtime();
-        if runtime == self.saved_runtime {
+    /// Pins, drains, uplink states and failovers: a small file, written at once so that a
+    /// crash right after a failover cannot send clients back to the dead uplink.
+    fn save_decisions(&mut self) {
+        let decisions = self.model.decisions();
+        if decisions == self.saved_decisions {
             return;
         }
-        match self.state.save_runtime(&runtime) {
-            Ok(()) => self.saved_runtime = runtime,
-            Err(e) => error!(error = %e, "cannot save the uplinks' runtime state; will retry"),
+        match self.state.save_decisions(&decisions) {
+            Ok(()) => self.saved_decisions = decisions,
+            Err(e) => self.save_errors.warn(|n| error!(error = %e, failures = n, "cannot save pins, drains and uplink states; routing goes on, retrying every second")),
         }
     }
 

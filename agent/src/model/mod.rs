@@ -15,7 +15,7 @@ use ipnet::IpNet;
 use crate::config::Config;
 use crate::health::{Health, UplinkState};
 pub use mac::Mac;
-use state_file::UplinkRuntime;
+use state_file::{Decisions, UplinkRuntime};
 
 /// Milliseconds since the Unix epoch: persisted, so wall-clock.
 pub type Millis = u64;
@@ -185,6 +185,27 @@ pub enum Change {
     None,
     /// Client maps changed.
     Clients,
+    /// Not taken: a LAN limit is reached. The address is left to the nft hash fallback,
+    /// so its traffic still flows; nothing already tracked changes.
+    Refused(Limit),
+}
+
+/// The LAN limits that bound the agent's memory whatever the LAN announces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    /// `lan.max_clients`
+    Clients,
+    /// `lan.max_addresses_per_client`
+    AddressesPerClient,
+}
+
+impl Limit {
+    pub fn key(self) -> &'static str {
+        match self {
+            Limit::Clients => "lan.max_clients",
+            Limit::AddressesPerClient => "lan.max_addresses_per_client",
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -199,6 +220,8 @@ pub struct Model {
     all_down: bool,
     /// Operator pins: client address → uplink, until an optional deadline.
     pub overrides: BTreeMap<IpAddr, Override>,
+    max_clients: usize,
+    max_addresses: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -232,6 +255,8 @@ impl Model {
             prefixes: config.lan.prefixes.clone(),
             all_down: false,
             overrides: BTreeMap::new(),
+            max_clients: config.lan.max_clients,
+            max_addresses: config.lan.max_addresses_per_client,
         }
     }
 
@@ -337,6 +362,19 @@ impl Model {
     ) -> Change {
         if !self.wants(ip) {
             return Change::None;
+        }
+        // Limits first, so that a refusal changes nothing already tracked.
+        let known = self.by_addr.get(&ip).is_some_and(|m| *m == mac);
+        if !known {
+            match self.clients.get(&mac) {
+                None if self.clients.len() >= self.max_clients => {
+                    return Change::Refused(Limit::Clients);
+                }
+                Some(c) if c.addresses.len() >= self.max_addresses => {
+                    return Change::Refused(Limit::AddressesPerClient);
+                }
+                _ => {}
+            }
         }
         let mut change = Change::None;
         if let Some(&owner) = self.by_addr.get(&ip)
@@ -478,29 +516,33 @@ impl Model {
         reassigned
     }
 
-    /// Each uplink's runtime decisions, for the state file.
-    pub fn runtime(&self) -> BTreeMap<String, UplinkRuntime> {
-        self.uplinks
-            .iter()
-            .map(|u| {
-                (
-                    u.name.clone(),
-                    UplinkRuntime {
-                        drained: u.drained,
-                        usable: u.usable(),
-                        serving: u.serving,
-                    },
-                )
-            })
-            .collect()
+    /// The decisions file's content: each uplink's runtime decisions and the pins.
+    pub fn decisions(&self) -> Decisions {
+        Decisions {
+            uplinks: self
+                .uplinks
+                .iter()
+                .map(|u| {
+                    (
+                        u.name.clone(),
+                        UplinkRuntime {
+                            drained: u.drained,
+                            usable: u.usable(),
+                            serving: u.serving,
+                        },
+                    )
+                })
+                .collect(),
+            overrides: self.overrides.clone(),
+        }
     }
 
-    /// Restores runtime decisions saved before a restart: drains, failovers still waiting
+    /// Restores decisions saved before a restart: pins, drains, failovers still waiting
     /// for their failback, and uplinks that were down (they stay down until probes
-    /// confirm them). Uplinks no longer configured are ignored.
-    pub fn restore_runtime(&mut self, saved: &BTreeMap<String, UplinkRuntime>) {
+    /// confirm them). What names an uplink no longer configured is dropped.
+    pub fn restore_decisions(&mut self, saved: Decisions) {
         for u in &mut self.uplinks {
-            let Some(r) = saved.get(&u.name) else {
+            let Some(r) = saved.uplinks.get(&u.name) else {
                 continue;
             };
             u.drained = r.drained;
@@ -509,6 +551,11 @@ impl Model {
                 u.health.start_down();
             }
         }
+        self.overrides = saved
+            .overrides
+            .into_iter()
+            .filter(|(_, o)| self.uplink(&o.uplink).is_some())
+            .collect();
     }
 
     fn insert(&mut self, c: Client) {
@@ -649,6 +696,57 @@ mod tests {
             "old host had no other address"
         );
         assert_eq!(m.clients[&mac(2)].addresses.len(), 1);
+    }
+
+    #[test]
+    fn lan_limits_refuse_without_touching_what_is_tracked() {
+        let mut text = String::from(
+            "[lan]\ninterfaces=[\"lan0\"]\nmax_clients=2\nmax_addresses_per_client=2\n",
+        );
+        text += "[[uplink]]\nname=\"u0\"\ninterface=\"wan0\"\ngateway=\"100.64.0.1\"\n";
+        let mut m = Model::new(&Config::parse(Path::new("t"), &text).unwrap());
+        m.neighbour_present(ip("10.0.0.1"), mac(1), 0, None);
+        m.neighbour_present(ip("10.0.0.2"), mac(1), 0, None);
+        assert_eq!(
+            m.neighbour_present(ip("10.0.0.3"), mac(1), 0, None),
+            Change::Refused(Limit::AddressesPerClient)
+        );
+        // A known address of a full client is still refreshed.
+        assert_eq!(
+            m.neighbour_present(ip("10.0.0.2"), mac(1), 5, None),
+            Change::None
+        );
+        m.neighbour_present(ip("10.0.1.1"), mac(2), 0, None);
+        assert_eq!(
+            m.neighbour_present(ip("10.0.2.1"), mac(3), 0, None),
+            Change::Refused(Limit::Clients)
+        );
+        assert_eq!(m.clients.len(), 2);
+        assert_eq!(m.counts(), [2]);
+        assert_eq!(m.by_addr.len(), 3);
+    }
+
+    #[test]
+    fn duplicate_macs_in_a_state_file_count_once() {
+        let mut m = model(&[1, 1]);
+        let c = |n: u8, home: &str| Client {
+            mac: mac(1),
+            home: home.into(),
+            first_seen: 0,
+            addresses: [(
+                ip(&format!("10.0.0.{n}")),
+                Address {
+                    present: true,
+                    last_seen: 0,
+                },
+            )]
+            .into(),
+        };
+        m.restore(vec![c(1, "u0"), c(2, "u1")]);
+        assert_eq!(m.clients.len(), 1);
+        assert_eq!(m.counts(), [1, 0], "one client, counted once, first home");
+        assert_eq!(m.clients[&mac(1)].addresses.len(), 2);
+        assert_eq!(m.client_by_addr(&ip("10.0.0.2")).unwrap().home, "u0");
     }
 
     #[test]

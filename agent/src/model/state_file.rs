@@ -46,24 +46,36 @@ struct StateDoc {
     overrides: BTreeMap<IpAddr, Override>,
 }
 
-/// What a state file holds.
+/// What a state file holds. `overrides` comes from files written before the decisions
+/// file existed.
 #[derive(Debug)]
 pub struct Restored {
     pub clients: Vec<Client>,
     pub overrides: BTreeMap<IpAddr, Override>,
 }
 
-const RUNTIME_FILE: &str = "uplinks.json";
+const DECISIONS_FILE: &str = "decisions.json";
+
+/// Decisions that must survive a crash a moment after they were taken: operator pins and
+/// drains, failovers waiting for their failback, uplinks that were down. Small, so it is
+/// written at once, apart from the client assignments (which can be 100k entries and are
+/// written beside the loop at most once a second).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Decisions {
+    pub uplinks: BTreeMap<String, UplinkRuntime>,
+    pub overrides: BTreeMap<IpAddr, Override>,
+}
 
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RuntimeDoc {
+struct DecisionsDoc {
     version: u32,
-    uplinks: BTreeMap<String, UplinkRuntime>,
+    #[serde(flatten)]
+    decisions: Decisions,
 }
 
-/// An uplink's runtime decisions, kept across restarts in their own small file, written as
-/// soon as they change (a failover must survive a crash a moment later) so that a restart neither forgets
+/// An uplink's runtime decisions, kept across restarts so that a restart neither forgets
 /// an operator's drain or pending manual failback nor sends clients back to a dead path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -123,16 +135,14 @@ struct AddressDoc {
 /// Serializes the model's clients without copying them.
 struct StateOut<'a, I: Iterator<Item = &'a Client> + Clone> {
     clients: I,
-    overrides: &'a BTreeMap<IpAddr, Override>,
 }
 
 impl<'a, I: Iterator<Item = &'a Client> + Clone> Serialize for StateOut<'a, I> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeStruct;
-        let mut st = s.serialize_struct("StateDoc", 3)?;
+        let mut st = s.serialize_struct("StateDoc", 2)?;
         st.serialize_field("version", &VERSION)?;
         st.serialize_field("clients", &ClientsOut(self.clients.clone()))?;
-        st.serialize_field("overrides", self.overrides)?;
         st.end()
     }
 }
@@ -168,6 +178,7 @@ impl Serialize for ClientOut<'_> {
     }
 }
 
+#[derive(Clone)]
 pub struct StateFile {
     dir: PathBuf,
 }
@@ -217,78 +228,75 @@ impl StateFile {
         Ok(to)
     }
 
-    pub fn save<'a>(
-        &self,
-        clients: impl Iterator<Item = &'a Client> + Clone,
-        overrides: &'a BTreeMap<IpAddr, Override>,
-    ) -> Result<(), StateError> {
-        self.write_atomic(FILE, &StateOut { clients, overrides })
+    /// The client assignments as the bytes of a state file; written with `write_clients`
+    /// (beside the loop).
+    pub fn encode_clients<'a>(clients: impl Iterator<Item = &'a Client> + Clone) -> Vec<u8> {
+        serde_json::to_vec(&StateOut { clients }).expect("state serializes")
     }
 
-    /// The uplinks' runtime decisions; empty when there is no file yet. An unreadable
-    /// file is an error like a corrupt state file.
-    pub fn load_runtime(&self) -> Result<BTreeMap<String, UplinkRuntime>, StateError> {
-        let path = self.dir.join(RUNTIME_FILE);
+    pub fn write_clients(&self, bytes: &[u8]) -> Result<(), StateError> {
+        self.write_atomic(FILE, bytes)
+    }
+
+    /// The decisions file; `None` when there is none yet.
+    pub fn load_decisions(&self) -> Result<Option<Decisions>, StateError> {
+        let path = self.dir.join(DECISIONS_FILE);
         let bytes = match fs::read(&path) {
             Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(source) => return Err(StateError::Io { path, source }),
         };
-        let doc: RuntimeDoc = serde_json::from_slice(&bytes).map_err(|e| StateError::Corrupt {
-            path: path.clone(),
-            line: e.line(),
-            column: e.column(),
-            message: e.to_string(),
-        })?;
+        let doc: DecisionsDoc =
+            serde_json::from_slice(&bytes).map_err(|e| StateError::Corrupt {
+                path: path.clone(),
+                line: e.line(),
+                column: e.column(),
+                message: e.to_string(),
+            })?;
         if doc.version != VERSION {
             return Err(StateError::Version {
                 path,
                 found: doc.version,
             });
         }
-        Ok(doc.uplinks)
+        Ok(Some(doc.decisions))
     }
 
-    pub fn save_runtime(
-        &self,
-        uplinks: &BTreeMap<String, UplinkRuntime>,
-    ) -> Result<(), StateError> {
+    pub fn save_decisions(&self, decisions: &Decisions) -> Result<(), StateError> {
+        let doc = DecisionsDoc {
+            version: VERSION,
+            decisions: decisions.clone(),
+        };
         self.write_atomic(
-            RUNTIME_FILE,
-            &RuntimeDoc {
-                version: VERSION,
-                uplinks: uplinks.clone(),
-            },
+            DECISIONS_FILE,
+            &serde_json::to_vec(&doc).expect("decisions serialize"),
         )
     }
 
-    /// Moves an unreadable runtime file aside (never deletes it).
-    pub fn set_aside_runtime(&self, now: Millis) -> Result<PathBuf, StateError> {
-        let from = self.dir.join(RUNTIME_FILE);
-        let to = self.dir.join(format!("{RUNTIME_FILE}.corrupt-{now}"));
+    /// Moves an unreadable decisions file aside (never deletes it).
+    pub fn set_aside_decisions(&self, now: Millis) -> Result<PathBuf, StateError> {
+        let from = self.dir.join(DECISIONS_FILE);
+        let to = self.dir.join(format!("{DECISIONS_FILE}.corrupt-{now}"));
         fs::rename(&from, &to).map_err(|source| StateError::Io { path: from, source })?;
         Ok(to)
     }
 
     /// Temp file, fsync, rename, fsync of the directory: a crash leaves the old or the new.
-    fn write_atomic(&self, name: &str, doc: &impl Serialize) -> Result<(), StateError> {
+    fn write_atomic(&self, name: &str, bytes: &[u8]) -> Result<(), StateError> {
         let io = |path: &Path| {
             let path = path.to_owned();
             move |source| StateError::Io { path, source }
         };
         fs::create_dir_all(&self.dir).map_err(io(&self.dir))?;
         let tmp = self.dir.join(format!("{name}.tmp"));
-        let f = File::create(&tmp).map_err(io(&tmp))?;
-        let mut w = std::io::BufWriter::with_capacity(1 << 16, f);
-        serde_json::to_writer(&mut w, doc).map_err(|e| StateError::Io {
-            path: tmp.clone(),
-            source: e.into(),
-        })?;
-        let f = w.into_inner().map_err(|e| StateError::Io {
-            path: tmp.clone(),
-            source: e.into_error(),
-        })?;
-        f.sync_all().map_err(io(&tmp))?;
+        let mut f = File::create(&tmp).map_err(io(&tmp))?;
+        let written = std::io::Write::write_all(&mut f, bytes).and_then(|()| f.sync_all());
+        if let Err(source) = written {
+            // A full disk: leave no partial temp file behind.
+            drop(f);
+            let _ = fs::remove_file(&tmp);
+            return Err(StateError::Io { path: tmp, source });
+        }
         drop(f);
         let path = self.dir.join(name);
         fs::rename(&tmp, &path).map_err(io(&path))?;
@@ -334,20 +342,23 @@ mod tests {
                 until: Some(9),
             },
         )]);
-        let runtime = BTreeMap::from([(
-            "isp2".to_string(),
-            UplinkRuntime {
-                drained: true,
-                usable: false,
-                serving: false,
-            },
-        )]);
-        sf.save([&c].into_iter(), &pins).unwrap();
-        assert!(sf.load_runtime().unwrap().is_empty());
-        sf.save_runtime(&runtime).unwrap();
-        assert_eq!(sf.load_runtime().unwrap(), runtime);
+        let decisions = Decisions {
+            uplinks: BTreeMap::from([(
+                "isp2".to_string(),
+                UplinkRuntime {
+                    drained: true,
+                    usable: false,
+                    serving: false,
+                },
+            )]),
+            overrides: pins,
+        };
+        sf.write_clients(&StateFile::encode_clients([&c].into_iter()))
+            .unwrap();
+        assert!(sf.load_decisions().unwrap().is_none());
+        sf.save_decisions(&decisions).unwrap();
+        assert_eq!(sf.load_decisions().unwrap(), Some(decisions));
         let back = sf.load().unwrap().unwrap();
-        assert_eq!(back.overrides, pins);
         let back = back.clients;
         assert_eq!(back[0].home, "isp1");
         assert_eq!(back[0].addresses.values().next().unwrap().last_seen, 7);
