@@ -49,6 +49,8 @@ pub struct Metrics {
     pub grpc_duration: HistogramVec,
     refused: IntCounterVec,
     pub lan_refused: IntCounterVec,
+    pub save_errors: IntCounterVec,
+    pub flush_errors: IntCounterVec,
     /// Last nft counter readings per interface, to turn them into monotonic counters
     /// across table replacements (which reset nft counters).
     last: std::sync::Mutex<HashMap<String, Traffic>>,
@@ -257,6 +259,16 @@ impl Metrics {
                 "lan_neighbours_refused_total",
                 "Neighbour events not tracked because a LAN limit was reached (their traffic follows the hash fallback)",
                 &["limit"],
+            ),
+            save_errors: cvec(
+                "state_save_errors_total",
+                "Failed writes of a state file (full or read-only state_dir); retried every second",
+                &["file"],
+            ),
+            flush_errors: cvec(
+                "conntrack_flush_errors_total",
+                "Failed deletions of a dead uplink's conntrack entries; retried with backoff",
+                &["uplink"],
             ),
             last: std::sync::Mutex::new(HashMap::new()),
             uplinks: std::sync::Mutex::new(Vec::new()),

@@ -560,3 +560,147 @@ fn a_lan_flood_is_bounded_and_existing_clients_keep_their_uplinks() -> anyhow::R
     assert!(lab.agent_running());
     Ok(())
 }
+
+/// A tool wrapper that fails (or hangs) while `flag` exists, and runs the real tool
+/// otherwise.
+fn wrapper(
+    lab: &Lab,
+    tool: &str,
+    flag: &std::path::Path,
+    fail: &str,
+) -> anyhow::Result<std::path::PathBuf> {
+    let path = lab.dir.join(format!("{tool}-wrapper"));
+    std::fs::write(
+        &path,
+        format!(
+            "#!/bin/sh\nif [ -e {} ]; then {fail}; fi\nexec /usr/sbin/{tool} \"$@\"\n",
+            flag.display()
+        ),
+    )?;
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    Ok(path)
+}
+
+/// Conntrack entries in the gateway carrying uplink mark id `k`.
+fn marked_flows(lab: &Lab, k: u32) -> anyhow::Result<usize> {
+    let filter = format!("{:#x}/0x3f000000", k << 24);
+    let out = lab.gw(&["conntrack", "-L", "-m", &filter])?;
+    Ok(out.lines().filter(|l| !l.trim().is_empty()).count())
+}
+
+/// The dead uplink's conntrack entries are deleted at failover; when that fails, it is
+/// retried (the flag used to be cleared before the deletion ran, so a failure stuck).
+#[test]
+fn a_failed_conntrack_deletion_is_retried() -> anyhow::Result<()> {
+    let mut lab = Lab::build("ctretry", two_uplinks(), 2, 0)?;
+    let broken = lab.dir.join("conntrack-broken");
+    let ct = wrapper(
+        &lab,
+        "conntrack",
+        &broken,
+        "echo 'conntrack: simulated failure' >&2; exit 2",
+    )?;
+    lab.write_config(
+        "10s",
+        "10m",
+        &format!("[dataplane]\nconntrack = \"{}\"\n", ct.display()),
+    )?;
+    lab.start_agent()?;
+    let homes = lab.greet_clients()?;
+    let c = client_on(&homes, "isp2");
+    let mut tcp = uplink_tests::TcpFlow::connect(&lab, c)?;
+    assert_eq!(
+        lab.uplink_of_source(tcp.exchange()?).as_deref(),
+        Some("isp2")
+    );
+    assert!(marked_flows(&lab, 2)? >= 1, "the flow carries isp2's mark");
+    std::fs::write(&broken, "")?;
+    lab.carrier("isp2", false)?;
+    lab.wait_for(Duration::from_secs(10), "the failed deletion", || {
+        Ok(scrape(&lab, 9477)?
+            .get("uplinkd_conntrack_flush_errors_total{uplink=\"isp2\"}")
+            .is_some_and(|n| *n >= 1.0))
+    })?;
+    assert!(marked_flows(&lab, 2)? >= 1, "nothing was deleted yet");
+    std::fs::remove_file(&broken)?;
+    lab.wait_for(
+        Duration::from_secs(10),
+        "isp2's entries deleted by the retry",
+        || Ok(marked_flows(&lab, 2)? == 0),
+    )?;
+    Ok(())
+}
+
+/// 100 SIGHUPs within a second, with probes on: descriptors stay flat and a flow on a
+/// healthy uplink loses no datagram.
+#[test]
+fn a_storm_of_sighups_leaks_nothing_and_loses_nothing() -> anyhow::Result<()> {
+    let probes = "probes = [\"icmp:203.0.113.10\", \"tcp:203.0.113.10:9001\"]";
+    let uplinks = vec![
+        UplinkSpec::new("isp1", 1, false).with(probes),
+        UplinkSpec::new("isp2", 1, false).with(probes),
+    ];
+    let lab = api_lab("sighup", uplinks, 1, "")?;
+    lab.greet_clients()?;
+    let before = lab.agent_fds()?;
+    let stream = uplink_tests::UdpStream::start(&lab, 1, false, Duration::from_millis(10))?;
+    for _ in 0..100 {
+        lab.signal_agent("HUP")?;
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Signals coalesce; a reload through the API after them proves the loop is serving.
+    let (code, _, err) = lab.ctl("op", &["reload"])?;
+    assert_eq!(code, 0, "{err}");
+    let r = stream.finish()?;
+    assert!(r.sent > 50, "{r:?}");
+    assert_eq!(
+        r.received, r.sent,
+        "datagrams lost across the reloads: {r:?}"
+    );
+    lab.wait_for(
+        Duration::from_secs(5),
+        "descriptors back to the baseline",
+        || Ok(lab.agent_fds()? <= before + 4),
+    )?;
+    Ok(())
+}
+
+/// A read-only state directory: a clear error, routing goes on, and the write is retried
+/// and succeeds once the directory is writable again.
+#[test]
+fn a_read_only_state_dir_is_reported_and_retried() -> anyhow::Result<()> {
+    let mut lab = Lab::build("rostate", two_uplinks(), 1, 0)?;
+    lab.write_config("10s", "10m", "")?;
+    lab.start_agent()?;
+    lab.greet_clients()?;
+    // A read-only bind mount over the state directory, in the agent's mount namespace
+    // (ip netns exec gives it its own): root ignores permission bits, not a ro mount.
+    let pid = lab.agent_pid().expect("running").to_string();
+    let dir = lab.state_dir().display().to_string();
+    let nsenter = |args: &[&str]| {
+        let mut a = vec!["nsenter", "-t", pid.as_str(), "-m", "--"];
+        a.extend_from_slice(args);
+        uplink_tests::sh(&a)
+    };
+    nsenter(&["mount", "--bind", &dir, &dir])?;
+    nsenter(&["mount", "-o", "remount,bind,ro", &dir])?;
+    let mark = lab.log_len();
+    lab.add_client(2, false)?;
+    assert!(via(&lab, 2).is_ok(), "routing goes on");
+    lab.wait_for(Duration::from_secs(10), "the save error", || {
+        Ok(scrape(&lab, 9477)?
+            .get("uplinkd_state_save_errors_total{file=\"state.json\"}")
+            .is_some_and(|n| *n >= 1.0))
+    })?;
+    // Named in the log, once (rate-limited), with the reason.
+    let log = lab.log_since(mark);
+    assert!(log.contains("Read-only file system"), "{log}");
+    let c2 = IpAddr::from(client_v4(2));
+    assert!(!lab.assignments()?.contains_key(&c2));
+    nsenter(&["umount", &dir])?;
+    lab.wait_for(Duration::from_secs(10), "c2 saved by the retry", || {
+        Ok(lab.assignments()?.contains_key(&c2))
+    })?;
+    assert!(lab.agent_running());
+    Ok(())
+}

@@ -609,6 +609,10 @@ impl Agent {
                     }
                     Err(e) => {
                         error!(uplink = %self.config.uplinks[i].name, error = %e, "cannot delete the dead uplink's conntrack entries; will retry");
+                        self.metrics
+                            .flush_errors
+                            .with_label_values(&[self.config.uplinks[i].name.as_str()])
+                            .inc();
                         self.model.uplinks[i].needs_flush = true;
                         flush_failed = true;
                     }
@@ -665,6 +669,10 @@ impl Agent {
                 Some(Ok(Ok(()))) => {}
                 Some(Ok(Err(e))) => {
                     self.state_dirty = true;
+                    self.metrics
+                        .save_errors
+                        .with_label_values(&["state.json"])
+                        .inc();
                     self.save_errors.warn(|n| error!(error = %e, failures = n, "cannot save assignments; routing goes on, retrying every second"));
                 }
                 Some(Err(e)) => {
@@ -730,7 +738,13 @@ impl Agent {
         }
         match self.state.save_decisions(&decisions) {
             Ok(()) => self.saved_decisions = decisions,
-            Err(e) => self.save_errors.warn(|n| error!(error = %e, failures = n, "cannot save pins, drains and uplink states; routing goes on, retrying every second")),
+            Err(e) => {
+                self.metrics
+                    .save_errors
+                    .with_label_values(&["decisions.json"])
+                    .inc();
+                self.save_errors.warn(|n| error!(error = %e, failures = n, "cannot save pins, drains and uplink states; routing goes on, retrying every second"))
+            }
         }
     }
 
