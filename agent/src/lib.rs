@@ -10,6 +10,7 @@ pub mod config;
 pub mod daemon;
 pub mod dataplane;
 pub mod discover;
+pub mod fuzzing;
 pub mod health;
 pub mod lock;
 pub mod metrics;

@@ -704,3 +704,44 @@ fn a_read_only_state_dir_is_reported_and_retried() -> anyhow::Result<()> {
     assert!(lab.agent_running());
     Ok(())
 }
+
+/// Passive health per family: an uplink whose IPv4 path is dead while IPv6 replies keep
+/// flowing goes down on its (IPv4) probes. IPv6 traffic used to excuse every lost IPv4
+/// round, and so did unsolicited inbound packets.
+#[test]
+fn ipv6_traffic_does_not_excuse_a_dead_ipv4_path() -> anyhow::Result<()> {
+    let probe = "probes = [\"icmp:203.0.113.10\"]";
+    let uplinks = vec![
+        UplinkSpec::new("isp1", 1, false).with(probe),
+        UplinkSpec::new("isp2", 1, false).with(probe),
+    ];
+    let mut lab = Lab::build("passive6", uplinks, 2, 2)?;
+    lab.write_config("10s", "10m", "[metrics]\nlisten = \"127.0.0.1:9477\"\n")?;
+    lab.start_agent()?;
+    let homes = lab.greet_clients()?;
+    let c = client_on(&homes, "isp1");
+    let stream = uplink_tests::UdpStream::start(&lab, c, true, Duration::from_millis(10))?;
+    // The ISP forwards IPv6 and drops IPv4.
+    let isp1 = lab.ns("isp1");
+    uplink_tests::sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &isp1,
+        "nft",
+        "add table inet v4_dead { chain f { type filter hook forward priority 0; meta nfproto ipv4 counter drop; }; }",
+    ])?;
+    lab.wait_for(
+        Duration::from_secs(15),
+        "isp1 down on its IPv4 probes",
+        || Ok(scrape(&lab, 9477)?.get("uplinkd_uplink_up{uplink=\"isp1\"}") == Some(&0.0)),
+    )?;
+    let r = stream.finish()?;
+    assert!(r.received > 0, "IPv6 replies flowed meanwhile: {r:?}");
+    let m = scrape(&lab, 9477)?;
+    assert_eq!(
+        m["uplinkd_uplink_probe_rounds_lost_while_forwarding_total{uplink=\"isp1\"}"], 0.0,
+        "no IPv4 round was excused by IPv6 traffic"
+    );
+    Ok(())
+}

@@ -5,6 +5,7 @@
 
 pub mod auth;
 pub mod tls;
+pub mod validate;
 pub mod view;
 
 use std::net::IpAddr;
@@ -53,7 +54,7 @@ pub enum Command {
     Uplinks(Reply<Vec<v1::Uplink>>),
     Clients {
         uplink: Option<String>,
-        after: Option<String>,
+        after: Option<crate::model::Mac>,
         limit: usize,
         reply: Reply<(Vec<v1::Client>, Option<String>)>,
     },
@@ -159,8 +160,6 @@ impl Default for Heartbeat {
 pub const MAX_WATCHERS: usize = 64;
 /// At most this many API connections (TLS handshakes included) at once.
 pub const MAX_API_CONNECTIONS: usize = 256;
-/// A pin lasts at most this long; longer is "until cleared" (no duration).
-const MAX_PIN_TTL: Duration = Duration::from_secs(366 * 24 * 3600);
 
 pub async fn serve(
     api: ApiConfig,
@@ -397,22 +396,6 @@ fn write<T>(req: &Request<T>, what: &str) -> Result<String, Status> {
     Ok(name)
 }
 
-fn parse_ip(field: &str, s: &str) -> Result<IpAddr, Status> {
-    s.trim().parse().map_err(|_| {
-        Status::invalid_argument(format!("{field}: {s:?} is not an IPv4 or IPv6 address"))
-    })
-}
-
-fn non_empty(field: &str, s: &str) -> Result<String, Status> {
-    let s = s.trim();
-    if s.is_empty() {
-        return Err(Status::invalid_argument(format!(
-            "{field} must not be empty"
-        )));
-    }
-    Ok(s.to_string())
-}
-
 impl AgentService {
     /// Counts and times one call by method and resulting code.
     async fn timed<T>(
@@ -517,12 +500,7 @@ impl agent_server::Agent for AgentService {
             read(&req)?;
             let r = req.into_inner();
             let uplink = (!r.uplink.trim().is_empty()).then(|| r.uplink.trim().to_string());
-            let after = (!r.page_token.is_empty()).then_some(r.page_token);
-            let limit = if r.page_size == 0 {
-                500
-            } else {
-                r.page_size.min(10_000) as usize
-            };
+            let (limit, after) = validate::page(r.page_size, &r.page_token)?;
             let (clients, next) = self
                 .ask(|reply| Command::Clients {
                     uplink,
@@ -545,7 +523,7 @@ impl agent_server::Agent for AgentService {
     ) -> Result<Response<v1::Client>, Status> {
         self.timed("GetClient", async move {
             read(&req)?;
-            let key = non_empty("client", &req.get_ref().client)?;
+            let key = validate::non_empty("client", &req.get_ref().client)?;
             self.ask(|reply| Command::Client { key, reply })
                 .await
                 .map(Response::new)
@@ -603,29 +581,9 @@ impl agent_server::Agent for AgentService {
         self.timed("SetOverride", async move {
             let who = write(&req, "SetOverride")?;
             let r = req.into_inner();
-            let ip = parse_ip("client", &non_empty("client", &r.client)?)?;
-            let uplink = non_empty("uplink", &r.uplink)?;
-            let ttl = match r.duration.trim() {
-                "" => None,
-                d => {
-                    let t = humantime::parse_duration(d).map_err(|e| {
-                        Status::invalid_argument(format!(
-                            "duration: {d:?} is not a duration ({e}); use e.g. \"30s\", \"2h\""
-                        ))
-                    })?;
-                    if t.is_zero() {
-                        return Err(Status::invalid_argument(
-                            "duration must be greater than zero",
-                        ));
-                    }
-                    if t > MAX_PIN_TTL {
-                        return Err(Status::invalid_argument(format!(
-                            "duration: {d:?} is longer than 366 days; pin without a duration to keep it until cleared"
-                        )));
-                    }
-                    Some(t)
-                }
-            };
+            let ip = validate::ip("client", &r.client)?;
+            let uplink = validate::non_empty("uplink", &r.uplink)?;
+            let ttl = validate::pin_duration(&r.duration)?;
             tracing::info!(caller = %who, %ip, %uplink, "SetOverride");
             self.ask(|reply| Command::SetOverride {
                 ip,
@@ -645,7 +603,7 @@ impl agent_server::Agent for AgentService {
     ) -> Result<Response<v1::ClearOverrideResponse>, Status> {
         self.timed("ClearOverride", async move {
             let who = write(&req, "ClearOverride")?;
-            let ip = parse_ip("client", &non_empty("client", &req.get_ref().client)?)?;
+            let ip = validate::ip("client", &req.get_ref().client)?;
             tracing::info!(caller = %who, %ip, "ClearOverride");
             self.ask(|reply| Command::ClearOverride { ip, reply })
                 .await?;
@@ -660,7 +618,7 @@ impl agent_server::Agent for AgentService {
     ) -> Result<Response<v1::Uplink>, Status> {
         self.timed("DrainUplink", async move {
             let who = write(&req, "DrainUplink")?;
-            let uplink = non_empty("uplink", &req.get_ref().uplink)?;
+            let uplink = validate::non_empty("uplink", &req.get_ref().uplink)?;
             tracing::info!(caller = %who, %uplink, "DrainUplink");
             let u = self
                 .ask(|reply| Command::Drain {
@@ -680,7 +638,7 @@ impl agent_server::Agent for AgentService {
     ) -> Result<Response<v1::Uplink>, Status> {
         self.timed("UndrainUplink", async move {
             let who = write(&req, "UndrainUplink")?;
-            let uplink = non_empty("uplink", &req.get_ref().uplink)?;
+            let uplink = validate::non_empty("uplink", &req.get_ref().uplink)?;
             tracing::info!(caller = %who, %uplink, "UndrainUplink");
             let u = self
                 .ask(|reply| Command::Drain {
@@ -700,7 +658,7 @@ impl agent_server::Agent for AgentService {
     ) -> Result<Response<v1::Uplink>, Status> {
         self.timed("Failback", async move {
             let who = write(&req, "Failback")?;
-            let uplink = non_empty("uplink", &req.get_ref().uplink)?;
+            let uplink = validate::non_empty("uplink", &req.get_ref().uplink)?;
             tracing::info!(caller = %who, %uplink, "Failback");
             let u = self
                 .ask(|reply| Command::Failback { uplink, reply })

@@ -55,11 +55,12 @@ pub enum AgentError {
 const RETRY_MIN: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(60);
 
-/// A failed probe round with the uplink's inbound counter read beside the loop.
+/// A failed probe round with the uplink's reply counters (IPv4, IPv6) read beside the
+/// loop.
 struct PassiveReading {
     generation: u64,
     report: probe::Report,
-    packets: Option<u64>,
+    replies: Option<(u64, u64)>,
 }
 
 pub struct Agent {
@@ -89,9 +90,9 @@ pub struct Agent {
     in_sync: Arc<AtomicBool>,
     event_tx: broadcast::Sender<v1::Event>,
     metrics: Arc<Metrics>,
-    /// Per uplink (index): its inbound forwarded-packet counter at the last failed probe
-    /// round, and when it was read (passive health).
-    forwarded: HashMap<usize, (u64, Instant)>,
+    /// Per uplink (index) and family (IPv6?): its counter of replies to LAN flows at the
+    /// last failed probe round, and when it was read (passive health).
+    forwarded: HashMap<(usize, bool), (u64, Instant)>,
     /// Reads nft counters beside the loop (passive health).
     counters: nft::NftDriver,
     passive_tx: mpsc::Sender<PassiveReading>,
@@ -712,8 +713,8 @@ impl Agent {
         );
         let interface = self.config.uplinks[report.uplink].interface.clone();
         tokio::spawn(async move {
-            let packets = match reader.counters().await {
-                Ok(t) => Some(t.get(&interface).map_or(0, |t| t.rx.0)),
+            let replies = match reader.counters().await {
+                Ok(t) => Some(t.get(&interface).map_or((0, 0), |t| t.replies)),
                 Err(e) => {
                     warn!(error = %e, "cannot read the traffic counters for passive health");
                     None
@@ -723,7 +724,7 @@ impl Agent {
                 .send(PassiveReading {
                     generation,
                     report,
-                    packets,
+                    replies,
                 })
                 .await;
         });
@@ -748,26 +749,43 @@ impl Agent {
         }
     }
 
-    /// Passive health for a failed probe round: whether the uplink forwarded traffic from
-    /// the internet since the previous failed round, if that was recent.
+    /// Passive health for a failed probe round: whether, in every family whose probes
+    /// failed, the uplink carried replies to LAN flows since the previous failed round (if
+    /// that was recent). IPv6 traffic says nothing about a dead IPv4 path.
     async fn on_passive_reading(&mut self, r: PassiveReading) {
         // Uplink indices may have changed with a reload since the reading started.
         if r.generation != self.generation {
             return;
         }
         let mut report = r.report;
-        if let Some(packets) = r.packets {
+        if let Some((replies4, replies6)) = r.replies {
             let now = Instant::now();
             let recent = self
                 .config
                 .health
                 .timeout
                 .max(2 * self.config.health.interval);
-            // A counter that went backwards (the table was replaced) proves nothing.
-            report.round.forwarding = self
-                .forwarded
-                .insert(report.uplink, (packets, now))
-                .is_some_and(|(before, at)| packets > before && now.duration_since(at) <= recent);
+            let probes = &self.config.uplinks[report.uplink].probes;
+            let failed: std::collections::BTreeSet<bool> = probes
+                .iter()
+                .zip(&report.round.rtts)
+                .filter(|(_, rtt)| rtt.is_none())
+                .map(|(p, _)| p.addr().is_ipv6())
+                .collect();
+            let mut evidence = !failed.is_empty();
+            for (v6, packets) in [(false, replies4), (true, replies6)] {
+                // A counter that went backwards (the table was replaced) proves nothing.
+                let grew = self
+                    .forwarded
+                    .insert((report.uplink, v6), (packets, now))
+                    .is_some_and(|(before, at)| {
+                        packets > before && now.duration_since(at) <= recent
+                    });
+                if failed.contains(&v6) && !grew {
+                    evidence = false;
+                }
+            }
+            report.round.forwarding = evidence;
         }
         self.on_round(report).await;
     }

@@ -116,6 +116,8 @@ impl Signature {
 pub struct Traffic {
     pub tx: (u64, u64),
     pub rx: (u64, u64),
+    /// Packets received in reply to flows from the LAN: IPv4, IPv6.
+    pub replies: (u64, u64),
 }
 
 /// Result of one apply, for logs and benchmarks.
@@ -187,13 +189,21 @@ impl NftDriver {
                 continue;
             };
             let mut iface = None;
+            let mut family = None;
+            let mut reply = false;
             let mut counter = None;
             for e in expr {
-                if let (Some(key), Some(name)) = (
-                    e["match"]["left"]["meta"]["key"].as_str(),
-                    e["match"]["right"].as_str(),
-                ) {
-                    iface = Some((key == "oifname", name.to_string()));
+                let left = &e["match"]["left"];
+                let right = e["match"]["right"].as_str();
+                match (left["meta"]["key"].as_str(), right) {
+                    (Some(key @ ("iifname" | "oifname")), Some(name)) => {
+                        iface = Some((key == "oifname", name.to_string()));
+                    }
+                    (Some("nfproto"), Some(f)) => family = Some(f == "ipv6"),
+                    _ => {}
+                }
+                if left["ct"]["key"].as_str() == Some("direction") && right == Some("reply") {
+                    reply = true;
                 }
                 if let (Some(p), Some(b)) = (
                     e["counter"]["packets"].as_u64(),
@@ -202,9 +212,16 @@ impl NftDriver {
                     counter = Some((p, b));
                 }
             }
-            if let (Some((out, name)), Some(c)) = (iface, counter) {
-                let t = m.entry(name).or_default();
-                if out { t.tx = c } else { t.rx = c }
+            let (Some((out, name)), Some(c)) = (iface, counter) else {
+                continue;
+            };
+            let t = m.entry(name).or_default();
+            match (family, reply, out) {
+                (Some(false), true, false) => t.replies.0 = c.0,
+                (Some(true), true, false) => t.replies.1 = c.0,
+                (None, false, true) => t.tx = c,
+                (None, false, false) => t.rx = c,
+                _ => {}
             }
         }
         Ok(m)
@@ -653,17 +670,40 @@ fn render_structure(s: &NftStructure) -> Vec<NfListObject<'static>> {
     for r in hash_rules(&s.fallback) {
         objs.push(rule(PREROUTING, r));
     }
+    let iface_is = |key, u: &crate::plan::NftUplink| {
+        Statement::Match(Match {
+            left: meta(key),
+            right: Expression::String(Cow::Owned(u.interface.clone())),
+            op: Operator::EQ,
+        })
+    };
+    let counter = || Statement::Counter(nftables::stmt::Counter::Anonymous(None));
     for u in &s.uplinks {
         for key in [MetaKey::Oifname, MetaKey::Iifname] {
+            objs.push(rule(ACCOUNTING, vec![iface_is(key, u), counter()]));
+        }
+        // Passive health's evidence, per family: replies to flows the LAN opened. Neither
+        // unsolicited packets nor port-forwarded connections count, and one family's
+        // traffic says nothing about the other's path.
+        for family in ["ipv4", "ipv6"] {
             objs.push(rule(
                 ACCOUNTING,
                 vec![
+                    iface_is(MetaKey::Iifname, u),
                     Statement::Match(Match {
-                        left: meta(key),
-                        right: Expression::String(Cow::Owned(u.interface.clone())),
+                        left: meta(MetaKey::Nfproto),
+                        right: Expression::String(Cow::Borrowed(family)),
                         op: Operator::EQ,
                     }),
-                    Statement::Counter(nftables::stmt::Counter::Anonymous(None)),
+                    Statement::Match(Match {
+                        left: Expression::Named(NamedExpression::CT(CT {
+                            key: Cow::Borrowed("direction"),
+                            ..CT::default()
+                        })),
+                        right: Expression::String(Cow::Borrowed("reply")),
+                        op: Operator::EQ,
+                    }),
+                    counter(),
                 ],
             ));
         }
@@ -835,7 +875,8 @@ struct ListTarget<'a> {
     target: &'a str,
 }
 
-fn parse_listing(json: &str) -> Result<KernelNft, DataplaneError> {
+/// `nft -j list table` output → what uplinkd owns in it.
+pub fn parse_listing(json: &str) -> Result<KernelNft, DataplaneError> {
     let listing: Listing =
         serde_json::from_str(json).map_err(|e| DataplaneError::NftOutput(e.to_string()))?;
     let mut signature = signature_of_items(listing.nftables.iter());

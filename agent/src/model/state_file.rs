@@ -178,6 +178,42 @@ impl Serialize for ClientOut<'_> {
     }
 }
 
+fn corrupt(path: &Path, e: serde_json::Error) -> StateError {
+    StateError::Corrupt {
+        path: path.to_owned(),
+        line: e.line(),
+        column: e.column(),
+        message: e.to_string(),
+    }
+}
+
+/// A state file's bytes; `path` only labels errors.
+pub fn parse(path: &Path, bytes: &[u8]) -> Result<Restored, StateError> {
+    let doc: StateDoc = serde_json::from_slice(bytes).map_err(|e| corrupt(path, e))?;
+    if doc.version != VERSION {
+        return Err(StateError::Version {
+            path: path.to_owned(),
+            found: doc.version,
+        });
+    }
+    Ok(Restored {
+        clients: doc.clients.into_iter().map(|c| c.0).collect(),
+        overrides: doc.overrides,
+    })
+}
+
+/// A decisions file's bytes; `path` only labels errors.
+pub fn parse_decisions(path: &Path, bytes: &[u8]) -> Result<Decisions, StateError> {
+    let doc: DecisionsDoc = serde_json::from_slice(bytes).map_err(|e| corrupt(path, e))?;
+    if doc.version != VERSION {
+        return Err(StateError::Version {
+            path: path.to_owned(),
+            found: doc.version,
+        });
+    }
+    Ok(doc.decisions)
+}
+
 #[derive(Clone)]
 pub struct StateFile {
     dir: PathBuf,
@@ -197,27 +233,11 @@ impl StateFile {
     /// `Ok(None)` when there is no state file yet.
     pub fn load(&self) -> Result<Option<Restored>, StateError> {
         let path = self.path();
-        let bytes = match fs::read(&path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => return Err(StateError::Io { path, source }),
-        };
-        let doc: StateDoc = serde_json::from_slice(&bytes).map_err(|e| StateError::Corrupt {
-            path: path.clone(),
-            line: e.line(),
-            column: e.column(),
-            message: e.to_string(),
-        })?;
-        if doc.version != VERSION {
-            return Err(StateError::Version {
-                path,
-                found: doc.version,
-            });
+        match fs::read(&path) {
+            Ok(bytes) => parse(&path, &bytes).map(Some),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(StateError::Io { path, source }),
         }
-        Ok(Some(Restored {
-            clients: doc.clients.into_iter().map(|c| c.0).collect(),
-            overrides: doc.overrides,
-        }))
     }
 
     /// Moves an unreadable state file aside (never deletes it) and returns its new path.
@@ -241,25 +261,11 @@ impl StateFile {
     /// The decisions file; `None` when there is none yet.
     pub fn load_decisions(&self) -> Result<Option<Decisions>, StateError> {
         let path = self.dir.join(DECISIONS_FILE);
-        let bytes = match fs::read(&path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => return Err(StateError::Io { path, source }),
-        };
-        let doc: DecisionsDoc =
-            serde_json::from_slice(&bytes).map_err(|e| StateError::Corrupt {
-                path: path.clone(),
-                line: e.line(),
-                column: e.column(),
-                message: e.to_string(),
-            })?;
-        if doc.version != VERSION {
-            return Err(StateError::Version {
-                path,
-                found: doc.version,
-            });
+        match fs::read(&path) {
+            Ok(bytes) => parse_decisions(&path, &bytes).map(Some),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(StateError::Io { path, source }),
         }
-        Ok(Some(doc.decisions))
     }
 
     pub fn save_decisions(&self, decisions: &Decisions) -> Result<(), StateError> {
