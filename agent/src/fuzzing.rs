@@ -12,8 +12,11 @@ use crate::config::Config;
 use crate::dataplane::nft;
 use crate::model::{Model, state_file};
 
+/// One fuzz target: untrusted bytes in, nothing out.
+pub type Target = fn(&[u8]);
+
 /// The fuzz targets, by name (the `fuzz/corpus/<name>` folders).
-pub const TARGETS: [(&str, fn(&[u8])); 5] = [
+pub const TARGETS: [(&str, Target); 5] = [
     ("config", config),
     ("state_file", state_file),
     ("nft_listing", nft_listing),
