@@ -745,3 +745,24 @@ fn ipv6_traffic_does_not_excuse_a_dead_ipv4_path() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// A reload that renames an uplink removes the old name's series: an alert on
+/// "every uplink down" must not keep seeing a name that no longer exists.
+#[test]
+fn a_renamed_uplink_leaves_no_stale_series() -> anyhow::Result<()> {
+    let lab = api_lab("stale", two_uplinks(), 1, "")?;
+    lab.greet_clients()?;
+    assert!(scrape(&lab, 9477)?.contains_key("uplinkd_uplink_up{uplink=\"isp2\"}"));
+    let text = std::fs::read_to_string(lab.config_path())?.replace("\"isp2\"", "\"backup\"");
+    std::fs::write(lab.config_path(), text)?;
+    let (code, _, err) = lab.ctl("op", &["reload"])?;
+    assert_eq!(code, 0, "{err}");
+    let m = scrape(&lab, 9477)?;
+    assert!(
+        m.contains_key("uplinkd_uplink_up{uplink=\"backup\"}"),
+        "{m:?}"
+    );
+    let stale: Vec<&String> = m.keys().filter(|k| k.contains("uplink=\"isp2\"")).collect();
+    assert!(stale.is_empty(), "series of the old name: {stale:?}");
+    Ok(())
+}
