@@ -13,7 +13,7 @@ use prometheus::{
 use tokio::net::TcpListener;
 
 use crate::config::{Config, MetricsConfig};
-use crate::dataplane::nft::{NftDriver, Traffic};
+use crate::dataplane::nft::{Counters, Traffic};
 use crate::health::UplinkState;
 use crate::model::Model;
 use crate::model::failover::FailbackPending;
@@ -457,7 +457,7 @@ const CONNECTION_LIFETIME: std::time::Duration = std::time::Duration::from_secs(
 pub async fn serve(
     cfg: &MetricsConfig,
     metrics: Arc<Metrics>,
-    counters: NftDriver,
+    counters: Counters,
 ) -> Result<(), String> {
     let listen = cfg.listen;
     let listener = TcpListener::bind(listen)
@@ -469,7 +469,7 @@ pub async fn serve(
         axum::routing::get(move || {
             let (metrics, counters) = (scrape.clone(), counters.clone());
             async move {
-                match counters.counters().await {
+                match counters.read(std::time::Duration::from_secs(1)).await {
                     Ok(traffic) => metrics.count_traffic(&traffic),
                     Err(e) => {
                         tracing::warn!(error = %e, "cannot read the traffic counters for /metrics")

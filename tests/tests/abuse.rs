@@ -83,8 +83,8 @@ fn a_new_client_lands_when_every_first_tier_uplink_is_drained() -> anyhow::Resul
         "homed in tier 1, not on lte"
     );
 
-    // The drains are operator decisions: a restart keeps them.
-    lab.stop_agent("TERM")?;
+    // The drains are operator decisions: a restart keeps them, even after a SIGKILL.
+    lab.stop_agent("KILL")?;
     lab.start_agent()?;
     let (_, out, _) = lab.ctl("view", &["uplinks"])?;
     for u in ["isp1", "isp2"] {
@@ -764,5 +764,31 @@ fn a_renamed_uplink_leaves_no_stale_series() -> anyhow::Result<()> {
     );
     let stale: Vec<&String> = m.keys().filter(|k| k.contains("uplink=\"isp2\"")).collect();
     assert!(stale.is_empty(), "series of the old name: {stale:?}");
+    Ok(())
+}
+
+/// An uplink interface renamed under the agent (udev, an operator): the uplink is gone
+/// and its clients move; renamed back, it returns.
+#[test]
+fn a_renamed_uplink_interface_fails_over_and_back() -> anyhow::Result<()> {
+    let mut lab = Lab::build("ifrename", two_uplinks(), 2, 0)?;
+    lab.write_config("10s", "10m", "[failover]\nfailback_delay = \"0s\"\n")?;
+    lab.start_agent()?;
+    let homes = lab.greet_clients()?;
+    let c = client_on(&homes, "isp1");
+    // A link must be down to be renamed: that alone is a carrier event, so rename it
+    // while down and bring it up under the new name.
+    lab.gw(&["ip", "link", "set", "wan1", "down"])?;
+    lab.gw(&["ip", "link", "set", "wan1", "name", "wan1x"])?;
+    lab.gw(&["ip", "link", "set", "wan1x", "up"])?;
+    assert_eq!(via(&lab, c)?, "isp2", "isp1's interface is gone");
+    lab.gw(&["ip", "link", "set", "wan1x", "down"])?;
+    lab.gw(&["ip", "link", "set", "wan1x", "name", "wan1"])?;
+    lab.gw(&["ip", "link", "set", "wan1", "up"])?;
+    // Its address and routes come back with the link (the lab's ISP answers at once).
+    lab.wait_for(Duration::from_secs(10), "c back on isp1", || {
+        Ok(via(&lab, c)? == "isp1")
+    })?;
+    assert!(lab.agent_running());
     Ok(())
 }

@@ -167,7 +167,7 @@ pub async fn serve(
     ready: Arc<AtomicBool>,
     heartbeat: Arc<Heartbeat>,
     metrics: Arc<crate::metrics::Metrics>,
-    counters: crate::dataplane::nft::NftDriver,
+    counters: crate::dataplane::nft::Counters,
 ) -> Result<(), ServeError> {
     let tls = tls::server_config(&api)?;
     let grpc = TcpListener::bind(api.listen)
@@ -360,7 +360,7 @@ pub struct AgentService {
     tx: mpsc::Sender<Command>,
     metrics: Arc<crate::metrics::Metrics>,
     /// Traffic counters are read here, beside the agent loop.
-    counters: crate::dataplane::nft::NftDriver,
+    counters: crate::dataplane::nft::Counters,
     watchers: Arc<tokio::sync::Semaphore>,
 }
 
@@ -433,7 +433,7 @@ impl AgentService {
     async fn with_traffic(&self, mut uplinks: Vec<v1::Uplink>) -> Result<Vec<v1::Uplink>, Status> {
         let traffic = self
             .counters
-            .counters()
+            .read(Duration::from_secs(1))
             .await
             .map_err(|e| Status::internal(format!("cannot read the traffic counters: {e}")))?;
         for u in &mut uplinks {

@@ -94,7 +94,7 @@ pub struct Agent {
     /// last failed probe round, and when it was read (passive health).
     forwarded: HashMap<(usize, bool), (u64, Instant)>,
     /// Reads nft counters beside the loop (passive health).
-    counters: nft::NftDriver,
+    counters: nft::Counters,
     passive_tx: mpsc::Sender<PassiveReading>,
     /// `/healthz` reads it: the loop beats on every turn.
     heartbeat: Arc<api::Heartbeat>,
@@ -713,7 +713,7 @@ impl Agent {
         );
         let interface = self.config.uplinks[report.uplink].interface.clone();
         tokio::spawn(async move {
-            let replies = match reader.counters().await {
+            let replies = match reader.read(Duration::from_millis(50)).await {
                 Ok(t) => Some(t.get(&interface).map_or((0, 0), |t| t.replies)),
                 Err(e) => {
                     warn!(error = %e, "cannot read the traffic counters for passive health");

@@ -113,8 +113,8 @@ impl Dataplane {
 
     /// A reader of the nft counters for tasks beside the loop (scrapes, API reads,
     /// passive health), so that a slow `nft` never holds the loop.
-    pub fn counter_reader(&self) -> NftDriver {
-        self.nft.clone()
+    pub fn counter_reader(&self) -> nft::Counters {
+        nft::Counters::new(self.nft.clone())
     }
 
     /// Deletes the conntrack entries carrying uplink mark `mark` (and only those).

@@ -135,6 +135,40 @@ impl NftStats {
     }
 }
 
+/// The traffic counters for the tasks beside the loop (scrapes, API reads, passive
+/// health): concurrent readers share one `nft` run, and a reading younger than the
+/// caller's `max_age` is reused, so a flood of scrapes costs at most one `nft` a second.
+#[derive(Clone)]
+pub struct Counters {
+    driver: NftDriver,
+    last: Arc<tokio::sync::Mutex<Option<(std::time::Instant, Arc<BTreeMap<String, Traffic>>)>>>,
+}
+
+impl Counters {
+    pub fn new(driver: NftDriver) -> Counters {
+        Counters {
+            driver,
+            last: Arc::new(tokio::sync::Mutex::new(None)),
+        }
+    }
+
+    pub async fn read(
+        &self,
+        max_age: std::time::Duration,
+    ) -> Result<Arc<BTreeMap<String, Traffic>>, DataplaneError> {
+        // Held across the read: who comes meanwhile gets this reading.
+        let mut last = self.last.lock().await;
+        if let Some((at, t)) = &*last
+            && at.elapsed() <= max_age
+        {
+            return Ok(t.clone());
+        }
+        let t = Arc::new(self.driver.counters().await?);
+        *last = Some((std::time::Instant::now(), t.clone()));
+        Ok(t)
+    }
+}
+
 #[derive(Clone)]
 pub struct NftDriver {
     nft: PathBuf,
