@@ -138,10 +138,13 @@ impl NftStats {
 /// The traffic counters for the tasks beside the loop (scrapes, API reads, passive
 /// health): concurrent readers share one `nft` run, and a reading younger than the
 /// caller's `max_age` is reused, so a flood of scrapes costs at most one `nft` a second.
+/// Traffic per interface, as one reading.
+pub type TrafficByInterface = Arc<BTreeMap<String, Traffic>>;
+
 #[derive(Clone)]
 pub struct Counters {
     driver: NftDriver,
-    last: Arc<tokio::sync::Mutex<Option<(std::time::Instant, Arc<BTreeMap<String, Traffic>>)>>>,
+    last: Arc<tokio::sync::Mutex<Option<(std::time::Instant, TrafficByInterface)>>>,
 }
 
 impl Counters {
@@ -155,7 +158,7 @@ impl Counters {
     pub async fn read(
         &self,
         max_age: std::time::Duration,
-    ) -> Result<Arc<BTreeMap<String, Traffic>>, DataplaneError> {
+    ) -> Result<TrafficByInterface, DataplaneError> {
         // Held across the read: who comes meanwhile gets this reading.
         let mut last = self.last.lock().await;
         if let Some((at, t)) = &*last
