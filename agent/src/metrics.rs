@@ -49,6 +49,7 @@ pub struct Metrics {
     pub grpc_duration: HistogramVec,
     refused: IntCounterVec,
     pub lan_refused: IntCounterVec,
+    tasks: IntGauge,
     pub save_errors: IntCounterVec,
     pub flush_errors: IntCounterVec,
     /// Last nft counter readings per interface, to turn them into monotonic counters
@@ -91,6 +92,13 @@ impl Metrics {
             .expect("valid metric"),
         );
         build_info.set(1.0);
+        // process_open_fds, process_resident_memory_bytes, process_threads, ...: the
+        // standard names, unprefixed.
+        prometheus::default_registry()
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .ok();
         Arc::new(Metrics {
             uplink_up: ivec(
                 "uplink_up",
@@ -255,6 +263,11 @@ impl Metrics {
                 "Connections closed at once because the listener had its maximum open",
                 &["listener"],
             ),
+            tasks: reg(
+                &r,
+                IntGauge::new("tasks", "Tasks alive in the agent's runtime (leaks show here)")
+                    .expect("valid metric"),
+            ),
             lan_refused: cvec(
                 "lan_neighbours_refused_total",
                 "Neighbour events not tracked because a LAN limit was reached (their traffic follows the hash fallback)",
@@ -417,9 +430,16 @@ impl Metrics {
     }
 
     pub fn encode(&self) -> String {
+        self.tasks.set(
+            tokio::runtime::Handle::try_current()
+                .map(|h| h.metrics().num_alive_tasks() as i64)
+                .unwrap_or(0),
+        );
+        let mut families = self.registry.gather();
+        families.extend(prometheus::default_registry().gather());
         let mut buf = Vec::new();
         TextEncoder::new()
-            .encode(&self.registry.gather(), &mut buf)
+            .encode(&families, &mut buf)
             .expect("text encoding");
         String::from_utf8(buf).expect("utf-8")
     }

@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+pub mod soak;
+
 pub const ECHO_PORT: u16 = 9000;
 pub const TCP_ECHO_PORT: u16 = 9001;
 /// The internet host sends zeros to whoever connects here, as fast as TCP allows.

@@ -7,6 +7,9 @@
 //!     Agent start with N clients already in the neighbour table: cold (empty kernel) and
 //!     warm restart (adopting the table and state file). Wall time from spawn to the first
 //!     apply, and the agent's peak RSS.
+//!   uplink-bench soak [--seconds 3600] [--clients 10000] [--churn 1000] [--failover-every 60]
+//!     A gateway under churn, periodic failovers, a scrape a second and event watchers;
+//!     reports the slope of RSS, descriptors and tasks and the loss on a healthy uplink.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
@@ -56,13 +59,25 @@ fn main() -> Result<()> {
             &machine,
         ),
         Some("pin") => pin_rtt(arg(&args, "--pins", 200)? as u32, &machine),
+        Some("soak") => soak(
+            &uplink_tests::soak::SoakOptions {
+                duration: Duration::from_secs(arg(&args, "--seconds", 3600)?),
+                clients: arg(&args, "--clients", 10_000)? as u32,
+                churn: arg(&args, "--churn", 1000)? as u32,
+                failover_every: Duration::from_secs(arg(&args, "--failover-every", 60)?),
+                scrape_every: Duration::from_secs(1),
+                watchers: arg(&args, "--watchers", 20)? as u32,
+                warmup: Duration::from_secs(arg(&args, "--warmup", 60)?),
+            },
+            &machine,
+        ),
         Some("gap") => gap(
             args.get(1).map(String::as_str).unwrap_or("carrier"),
             arg(&args, "--trials", 20)?,
             &machine,
         ),
         _ => bail!(
-            "usage: uplink-bench dispatch [--clients N] [--interval-ms M] [--runs R] | startup [--clients N] [--runs R] | failover [--clients N] [--trials T] | gap carrier|silent [--trials T] | fleet [--max N] [--runs R] | pin [--pins N]"
+            "usage: uplink-bench dispatch [--clients N] [--interval-ms M] [--runs R] | startup [--clients N] [--runs R] | failover [--clients N] [--trials T] | gap carrier|silent [--trials T] | fleet [--max N] [--runs R] | pin [--pins N] | soak [--seconds 3600] [--clients 10000] [--churn 1000] [--failover-every 60] [--watchers 20] [--warmup 60]"
         ),
     }
 }
@@ -723,5 +738,27 @@ fn pin_rtt(pins: u32, machine: &str) -> Result<()> {
         rtts[rtts.len() - 1],
         rtts.len()
     );
+    Ok(())
+}
+
+fn soak(opts: &uplink_tests::soak::SoakOptions, machine: &str) -> Result<()> {
+    println!("soak on {machine}: {opts:?}");
+    let mut last = Instant::now();
+    let report = uplink_tests::soak::run(opts, |s| {
+        if last.elapsed() >= Duration::from_secs(60) {
+            last = Instant::now();
+            println!(
+                "  t={:>5.0}s rss {:.1} MB fds {} tasks {} clients {}",
+                s.at,
+                s.rss_bytes / 1_048_576.0,
+                s.fds,
+                s.tasks,
+                s.clients
+            );
+        }
+    })?;
+    for (k, v) in uplink_tests::soak::describe(&report) {
+        println!("{k:>6}: {v}");
+    }
     Ok(())
 }
