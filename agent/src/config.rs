@@ -144,7 +144,10 @@ impl std::str::FromStr for Probe {
 pub struct AgentConfig {
     pub name: String,
     pub state_dir: PathBuf,
+    /// Re-read links, neighbours, rules, routes and the nft table's structure.
     pub resync_interval: Duration,
+    /// Also re-read every map element (costly at 100k clients).
+    pub full_resync_interval: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -331,6 +334,7 @@ struct RawAgent {
     name: Option<Spanned<String>>,
     state_dir: Option<PathBuf>,
     resync_interval: Option<Spanned<String>>,
+    full_resync_interval: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -490,6 +494,11 @@ impl Validator<'_> {
                 "agent.resync_interval",
                 raw.agent.resync_interval,
                 Duration::from_secs(10),
+            )?,
+            full_resync_interval: self.duration(
+                "agent.full_resync_interval",
+                raw.agent.full_resync_interval,
+                Duration::from_secs(300),
             )?,
         };
 

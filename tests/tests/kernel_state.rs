@@ -357,3 +357,34 @@ fn lan_bridge_without_fixed_mac_is_reported() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// A map element deleted behind the agent's back comes back with the full resync
+/// (agent.full_resync_interval); the frequent resync reads only the table's structure, so
+/// it costs the same at 100k clients as at 10.
+#[test]
+fn a_deleted_element_is_repaired_by_the_full_resync() -> anyhow::Result<()> {
+    let mut lab = Lab::build("elemdrift", two_uplinks(), 1, 0)?;
+    lab.write_config("1s", "10m", "")?;
+    let text = std::fs::read_to_string(lab.config_path())?.replace(
+        "resync_interval = \"1s\"\n",
+        "resync_interval = \"1s\"\nfull_resync_interval = \"3s\"\n",
+    );
+    std::fs::write(lab.config_path(), text)?;
+    lab.start_agent()?;
+    lab.greet_clients()?;
+    let c1 = client_v4(1);
+    lab.gw(&[
+        "nft",
+        "delete",
+        "element",
+        "inet",
+        "uplinkd",
+        "client4",
+        &format!("{{ {c1} }}"),
+    ])?;
+    assert!(!lab.kernel_map("client4")?.contains_key(&c1.into()));
+    lab.wait_for(Duration::from_secs(8), "the element back", || {
+        Ok(lab.kernel_map("client4")?.contains_key(&c1.into()))
+    })?;
+    Ok(())
+}

@@ -189,7 +189,7 @@ impl Agent {
     }
 
     async fn apply_for_api(&mut self) -> Result<(), ApiError> {
-        let report = self.apply(false).await;
+        let report = self.apply(crate::dataplane::ReadBack::Cache).await;
         self.save_decisions();
         self.publish_metrics();
         match report.errors.first() {

@@ -21,7 +21,7 @@ use uplink_api::v1;
 
 use crate::api::{self, view};
 use crate::config::Config;
-use crate::dataplane::{ApplyReport, Dataplane, nft};
+use crate::dataplane::{ApplyReport, Dataplane, ReadBack, nft};
 use crate::discover::{self, Event};
 use crate::health::probe::{self, ProbeSpec};
 use crate::metrics::{self, Metrics};
@@ -49,6 +49,15 @@ pub enum AgentError {
     Metrics(String),
     #[error(transparent)]
     Lock(#[from] crate::lock::LockError),
+}
+
+/// `d` ± 10%, from the clock's low bits (no need for a random source here).
+fn jittered(d: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|t| t.subsec_nanos())
+        .unwrap_or_default();
+    d.mul_f64(0.9 + f64::from(nanos % 2001) / 10_000.0)
 }
 
 /// First wait before an apply that failed is retried; it doubles up to `RETRY_MAX`.
@@ -219,7 +228,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
     agent.adopt.clear();
     agent.links_changed();
     // read_nft just filled the dataplane's cache: no second read-back of the table.
-    let report = agent.apply(false).await;
+    let report = agent.apply(ReadBack::Cache).await;
     agent.probing = true;
     agent.reconcile_probers();
     agent.save_state();
@@ -241,12 +250,11 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
     let mut sigterm = signal(SignalKind::terminate()).map_err(AgentError::Signal)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(AgentError::Signal)?;
     let mut sighup = signal(SignalKind::hangup()).map_err(AgentError::Signal)?;
-    let mut resync = tokio::time::interval_at(
-        tokio::time::Instant::now() + agent.config.agent.resync_interval,
-        agent.config.agent.resync_interval,
-    );
+    // Jittered, so that a fleet restarted together does not resync in step.
+    let resync = tokio::time::sleep(jittered(agent.config.agent.resync_interval));
+    let full_resync = tokio::time::sleep(jittered(agent.config.agent.full_resync_interval));
+    tokio::pin!(resync, full_resync);
     let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
-    resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     loop {
@@ -259,7 +267,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
                         Ok(rx) => events = rx,
                         Err(e) => error!(error = %e, "cannot resubscribe to netlink events; retrying"),
                     }
-                    agent.resync_and_apply().await;
+                    agent.resync_and_apply(ReadBack::Full).await;
                     continue;
                 };
                 let received = Instant::now();
@@ -279,9 +287,9 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
                 }
                 if overrun {
                     warn!("netlink events were dropped by the kernel; re-reading links and neighbours");
-                    agent.resync_and_apply().await;
+                    agent.resync_and_apply(ReadBack::Full).await;
                 } else if dirty {
-                    agent.apply(false).await;
+                    agent.apply(ReadBack::Cache).await;
                     agent.metrics.dispatch_latency.observe(received.elapsed().as_secs_f64());
                     debug!(events = n, latency_us = received.elapsed().as_micros() as u64, "dispatched");
                 }
@@ -292,7 +300,14 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
             }
             Some(report) = probe_rx.recv() => agent.on_probe_report(report).await,
             Some(reading) = passive_rx.recv() => agent.on_passive_reading(reading).await,
-            _ = resync.tick() => agent.resync_and_apply().await,
+            () = &mut resync => {
+                agent.resync_and_apply(ReadBack::Structure).await;
+                resync.as_mut().reset(tokio::time::Instant::now() + jittered(agent.config.agent.resync_interval));
+            }
+            () = &mut full_resync => {
+                agent.resync_and_apply(ReadBack::Full).await;
+                full_resync.as_mut().reset(tokio::time::Instant::now() + jittered(agent.config.agent.full_resync_interval));
+            }
             _ = housekeeping.tick() => {
                 let mut log = agent.model.tick(Instant::now(), &agent.config.health, &agent.config.failover);
                 for ip in agent.model.expire_overrides(now_millis()) {
@@ -310,7 +325,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
                 let retry = agent.needs_retry && agent.retry_at.is_none_or(|t| Instant::now() >= t);
                 if !released.is_empty() || retry || health_changed {
                     agent.state_dirty |= !released.is_empty();
-                    agent.apply(retry).await;
+                    agent.apply(if retry { ReadBack::Full } else { ReadBack::Cache }).await;
                 }
                 agent.save_state();
                 agent.save_decisions();
@@ -425,12 +440,12 @@ impl Agent {
         }
     }
 
-    /// Full resync: re-read the inputs and the kernel, repair any drift.
-    async fn resync_and_apply(&mut self) {
+    /// Resync: re-read the inputs and the kernel (`read` says how much), repair drift.
+    async fn resync_and_apply(&mut self, read: ReadBack) {
         if let Err(e) = self.resync_inputs().await {
             warn!(error = %e, "resync dump failed");
         }
-        self.apply(true).await;
+        self.apply(read).await;
     }
 
     /// Re-reads links and neighbours from the kernel, so a lost event is repaired.
@@ -579,18 +594,19 @@ impl Agent {
     }
 
     /// Plan and apply, in an `apply` span.
-    async fn apply(&mut self, full: bool) -> ApplyReport {
+    async fn apply(&mut self, read: ReadBack) -> ApplyReport {
         use tracing::Instrument;
+        let full = read == ReadBack::Full;
         let span = tracing::info_span!("apply", full, errors = tracing::field::Empty);
-        let report = self.apply_traced(full).instrument(span.clone()).await;
+        let report = self.apply_traced(read).instrument(span.clone()).await;
         span.record("errors", report.errors.len());
         report
     }
 
-    async fn apply_traced(&mut self, full: bool) -> ApplyReport {
+    async fn apply_traced(&mut self, read: ReadBack) -> ApplyReport {
         let started = Instant::now();
         let desired = plan(&self.config, &self.model);
-        let report = self.dataplane.apply(&desired, full).await;
+        let report = self.dataplane.apply(&desired, read).await;
         self.metrics
             .apply_duration
             .observe(started.elapsed().as_secs_f64());
@@ -641,7 +657,7 @@ impl Agent {
         }
         if report.changed() {
             info!(
-                full,
+                full = read == ReadBack::Full,
                 replaced_table = report.nft.replaced_table,
                 rewritten_chains = report.nft.rewritten_chains,
                 elements_added = report.nft.added,
@@ -814,7 +830,7 @@ impl Agent {
             &self.config.failover,
         );
         if self.record(log) {
-            self.apply(false).await;
+            self.apply(ReadBack::Cache).await;
             self.publish_metrics();
         }
     }
@@ -882,7 +898,7 @@ impl Agent {
         self.warn_floating_bridge_macs();
         self.links_changed();
         self.state_dirty = true;
-        self.apply(true).await;
+        self.apply(ReadBack::Full).await;
         self.save_state();
         self.publish_metrics();
         self.generation += 1;

@@ -86,6 +86,17 @@ pub struct Dataplane {
     table_known_absent: bool,
 }
 
+/// What `apply` reads back from the kernel before it diffs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadBack {
+    /// Nothing: the cache of what was last applied stands in for the kernel.
+    Cache,
+    /// The nft table's structure, rules and routes (a cheap resync at any size).
+    Structure,
+    /// Everything, map elements included.
+    Full,
+}
+
 impl Dataplane {
     pub fn new(config: &Config, handle: rtnetlink::Handle) -> Dataplane {
         let dp = &config.dataplane;
@@ -129,13 +140,28 @@ impl Dataplane {
         Ok(self.nft_cache.as_ref())
     }
 
-    /// Applies `desired`. `full` re-reads everything from the kernel first (resync);
-    /// otherwise the cache of what was last applied stands in for the kernel.
-    pub async fn apply(&mut self, desired: &Desired, full: bool) -> ApplyReport {
+    /// Applies `desired` after reading back what `read` says; map elements come from the
+    /// cache unless they are read.
+    pub async fn apply(&mut self, desired: &Desired, read: ReadBack) -> ApplyReport {
         let mut report = ApplyReport::default();
-        if full || (self.nft_cache.is_none() && !self.table_known_absent) {
+        let full = read != ReadBack::Cache;
+        let unknown = self.nft_cache.is_none() && !self.table_known_absent;
+        if read == ReadBack::Full || unknown {
             match self.nft.read().await {
                 Ok(k) => self.nft_cache = k,
+                Err(e) => report.errors.push(e),
+            }
+        } else if read == ReadBack::Structure {
+            match self.nft.read_structure().await {
+                Ok(Some(k)) => match &mut self.nft_cache {
+                    Some(cache) => cache.signature = k.signature,
+                    // The table appeared behind our back: read it all.
+                    None => match self.nft.read().await {
+                        Ok(k) => self.nft_cache = k,
+                        Err(e) => report.errors.push(e),
+                    },
+                },
+                Ok(None) => self.nft_cache = None,
                 Err(e) => report.errors.push(e),
             }
         }

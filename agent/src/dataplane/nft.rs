@@ -195,10 +195,19 @@ impl NftDriver {
 
     /// Reads the table back; `None` when it does not exist.
     pub async fn read(&self) -> Result<Option<KernelNft>, DataplaneError> {
-        match self
-            .run(&["-j", "list", "table", "inet", &self.table], None)
+        self.list(&["-j", "list", "table", "inet", &self.table])
             .await
-        {
+    }
+
+    /// Reads the table's structure only (chains, maps, rules; `nft -t` leaves the map
+    /// elements out): the cheap drift check, whatever the number of clients.
+    pub async fn read_structure(&self) -> Result<Option<KernelNft>, DataplaneError> {
+        self.list(&["-t", "-j", "list", "table", "inet", &self.table])
+            .await
+    }
+
+    async fn list(&self, args: &[&str]) -> Result<Option<KernelNft>, DataplaneError> {
+        match self.run(args, None).await {
             Ok(out) => parse_listing(&out).map(Some),
             Err(DataplaneError::Nft { stderr, .. })
                 if stderr.contains("No such file or directory") =>
