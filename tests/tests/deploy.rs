@@ -59,13 +59,15 @@ fn alert_rules_check_and_pass_their_unit_tests() -> anyhow::Result<()> {
         "rules",
         dir.join("alerts.yaml").to_str().unwrap(),
     ])?;
-    assert!(out.contains("SUCCESS: 6 rules found"), "{out}");
+    assert!(out.contains("SUCCESS: 8 rules found"), "{out}");
     for alert in [
         "UplinkDown",
         "AllUplinksDown",
         "UplinkDegraded",
         "UplinkFlapping",
         "AgentNotInSync",
+        "StateNotSaved",
+        "AgentRefusingInput",
         "AgentDown",
     ] {
         assert!(
