@@ -1,8 +1,7 @@
-//! API commands, served by the agent loop: reads from the model, writes applied to the
-//! kernel before they answer.
+//! API writes, served by the agent loop and applied to the kernel before they answer.
+//! Reads are served from the snapshot (`api::snapshot`) without the loop.
 
 use std::net::IpAddr;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use uplink_api::v1;
@@ -16,107 +15,6 @@ impl Agent {
     /// Serves one API command. Writes apply to the kernel before they answer.
     pub(super) async fn handle(&mut self, cmd: Command) {
         match cmd {
-            Command::Status(reply) => {
-                let s = v1::AgentStatus {
-                    name: self.config.agent.name.clone(),
-                    version: env!("CARGO_PKG_VERSION").into(),
-                    uptime_seconds: self.started.elapsed().as_secs(),
-                    clients_per_uplink: self
-                        .config
-                        .uplinks
-                        .iter()
-                        .zip(self.model.counts())
-                        .map(|(u, n)| (u.name.clone(), *n as u64))
-                        .collect(),
-                    clients: self.model.clients().len() as u64,
-                    config_generation: self.generation,
-                    in_sync: self.in_sync.load(Ordering::SeqCst),
-                    overrides: self.model.overrides.len() as u64,
-                };
-                let _ = reply.send(Ok(s));
-            }
-            Command::Uplinks(reply) => {
-                let carried = view::carried(&self.config, &self.model);
-                let _ = reply.send(Ok((0..self.config.uplinks.len())
-                    .map(|i| view::uplink(&self.config, &self.model, &carried, i, None))
-                    .collect()));
-            }
-            Command::Clients {
-                uplink,
-                after,
-                limit,
-                reply,
-            } => {
-                if let Some(u) = &uplink
-                    && self.model.uplink(u).is_none()
-                {
-                    let _ = reply.send(Err(self.unknown_uplink(u)));
-                    return;
-                }
-                // The page token is the last MAC of the previous page: the next page starts
-                // right after it, so a page costs its own size, not the whole client list.
-                let start = match after {
-                    None => std::ops::Bound::Unbounded,
-                    Some(mac) => std::ops::Bound::Excluded(mac),
-                };
-                let mut out = Vec::new();
-                let mut next = None;
-                for c in self
-                    .model
-                    .clients()
-                    .range((start, std::ops::Bound::Unbounded))
-                    .map(|(_, c)| c)
-                {
-                    let v = view::client(&self.config, &self.model, c);
-                    if uplink
-                        .as_ref()
-                        .is_some_and(|u| &v.home_uplink != u && &v.current_uplink != u)
-                    {
-                        continue;
-                    }
-                    if out.len() == limit {
-                        next = out.last().map(|l: &v1::Client| l.mac.clone());
-                        break;
-                    }
-                    out.push(v);
-                }
-                let _ = reply.send(Ok((out, next)));
-            }
-            Command::Client { key, reply } => {
-                let found = match key.parse::<IpAddr>() {
-                    Ok(ip) => self.model.client_by_addr(&ip),
-                    Err(_) => key
-                        .parse::<crate::model::Mac>()
-                        .ok()
-                        .and_then(|m| self.model.clients().get(&m)),
-                };
-                let r = match found {
-                    Some(c) => Ok(view::client(&self.config, &self.model, c)),
-                    None if key.parse::<IpAddr>().is_err()
-                        && key.parse::<crate::model::Mac>().is_err() =>
-                    {
-                        Err(ApiError::InvalidArgument(format!(
-                            "client: {key:?} is neither an IP address nor a MAC address"
-                        )))
-                    }
-                    None => Err(ApiError::NotFound(format!(
-                        "no client {key} on this gateway"
-                    ))),
-                };
-                let _ = reply.send(r);
-            }
-            Command::Overrides(reply) => {
-                let _ = reply.send(Ok(self
-                    .model
-                    .overrides
-                    .iter()
-                    .map(|(ip, o)| v1::Override {
-                        client: ip.to_string(),
-                        uplink: o.uplink.clone(),
-                        expires_at_ms: o.until.unwrap_or(0),
-                    })
-                    .collect()));
-            }
             Command::SetOverride {
                 ip,
                 uplink,
@@ -176,16 +74,7 @@ impl Agent {
     }
 
     fn unknown_uplink(&self, name: &str) -> ApiError {
-        let known: Vec<&str> = self
-            .config
-            .uplinks
-            .iter()
-            .map(|u| u.name.as_str())
-            .collect();
-        ApiError::NotFound(format!(
-            "unknown uplink {name:?}; this gateway has {}",
-            known.join(", ")
-        ))
+        crate::api::snapshot::unknown_uplink(&self.config, name)
     }
 
     async fn apply_for_api(&mut self) -> Result<(), ApiError> {

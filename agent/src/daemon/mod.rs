@@ -73,7 +73,7 @@ struct PassiveReading {
 }
 
 pub struct Agent {
-    config: Config,
+    config: Arc<Config>,
     config_path: PathBuf,
     model: Model,
     dataplane: Dataplane,
@@ -112,6 +112,8 @@ pub struct Agent {
     retry_backoff: Duration,
     /// The model changed since the metrics' gauges were last published.
     metrics_dirty: bool,
+    /// What the API reads, published after every change.
+    snapshot: tokio::sync::watch::Sender<Arc<api::snapshot::Snapshot>>,
     /// The decisions as last written.
     saved_decisions: Decisions,
     /// The client assignments being written beside the loop.
@@ -171,8 +173,11 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
     let (probe_tx, mut probe_rx) = mpsc::channel(1024);
     let (passive_tx, mut passive_rx) = mpsc::channel(1024);
     let counters = dataplane.counter_reader();
+    let config_arc = Arc::new(config);
+    let model_for_api = model.clone();
+    let started = Instant::now();
     let mut agent = Agent {
-        config,
+        config: config_arc.clone(),
         config_path,
         model,
         dataplane,
@@ -186,7 +191,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
         probers: HashMap::new(),
         probe_tx,
         probing: false,
-        started: Instant::now(),
+        started,
         generation: 1,
         in_sync: Arc::new(AtomicBool::new(false)),
         event_tx: broadcast::channel(1024).0,
@@ -199,6 +204,13 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
         retry_backoff: RETRY_MIN,
         metrics_dirty: true,
         saved_decisions: Decisions::default(),
+        snapshot: tokio::sync::watch::Sender::new(Arc::new(api::snapshot::Snapshot {
+            config: config_arc.clone(),
+            model: model_for_api,
+            generation: 1,
+            in_sync: false,
+            started,
+        })),
         saving: None,
         save_errors: metrics::RateLimitedWarning::default(),
         lan_refusals: metrics::RateLimitedWarning::default(),
@@ -215,6 +227,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
             agent.heartbeat.clone(),
             agent.metrics.clone(),
             agent.counters.clone(),
+            agent.snapshot.subscribe(),
         )
         .await?;
     }
@@ -330,6 +343,8 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
                 agent.save_state();
                 agent.save_decisions();
                 agent.publish_metrics();
+                // Idle releases and expired pins without an apply, last-seen times.
+                agent.publish_snapshot();
             }
             _ = watchdog.tick() => crate::notify::watchdog(),
             _ = sighup.recv() => {
@@ -349,7 +364,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
     }
     if let Err(e) = agent
         .state
-        .write_clients(&StateFile::encode_clients(agent.model.clients().values()))
+        .write_clients(&StateFile::encode_clients(agent.model.clients()))
     {
         error!(error = %e, "cannot save assignments at exit");
     }
@@ -515,6 +530,7 @@ impl Agent {
         let any = !log.is_empty();
         if any {
             self.save_decisions();
+            self.publish_snapshot();
         }
         for e in log {
             match e.kind {
@@ -637,6 +653,7 @@ impl Agent {
             }
         }
         self.metrics_dirty = true;
+        self.publish_snapshot();
         self.heartbeat.set_stuck(
             report
                 .errors
@@ -703,10 +720,12 @@ impl Agent {
             return;
         }
         self.state_dirty = false;
-        let bytes = StateFile::encode_clients(self.model.clients().values());
+        // A snapshot of the map (a pointer copy): serializing and writing both run
+        // beside the loop.
+        let clients = self.model.clients().clone();
         let state = self.state.clone();
         self.saving = Some(tokio::task::spawn_blocking(move || {
-            state.write_clients(&bytes)
+            state.write_clients(&StateFile::encode_clients(&clients))
         }));
     }
 
@@ -835,6 +854,18 @@ impl Agent {
         }
     }
 
+    /// Hands the API a snapshot of the model (a pointer copy of the client maps).
+    fn publish_snapshot(&self) {
+        self.snapshot
+            .send_replace(Arc::new(api::snapshot::Snapshot {
+                config: self.config.clone(),
+                model: self.model.clone(),
+                generation: self.generation,
+                in_sync: self.in_sync.load(Ordering::SeqCst),
+                started: self.started,
+            }));
+    }
+
     /// Publishes the model's gauges (states, client counts) if anything changed since
     /// the last time; scrapes read them without asking the loop.
     fn publish_metrics(&mut self) {
@@ -880,12 +911,12 @@ impl Agent {
             error!("{msg}");
             return Err(msg.into());
         }
-        let clients = self.model.clients().clone().into_values().collect();
+        let clients = self.model.clients().values().cloned().collect();
         let old = std::mem::replace(&mut self.model, Model::new(&new));
         // Uplinks that stay keep their health, so a reload does not reset a failover.
         self.model.keep_runtime(&old);
         let reassigned = self.model.restore(clients);
-        self.config = new;
+        self.config = Arc::new(new);
         self.links.clear();
         // Indexed by uplink position, which a reload may change.
         self.forwarded.clear();
@@ -902,6 +933,7 @@ impl Agent {
         self.save_state();
         self.publish_metrics();
         self.generation += 1;
+        self.publish_snapshot();
         info!(reassigned, generation = self.generation, "config reloaded");
         self.record(vec![LogEntry {
             at: now_millis(),

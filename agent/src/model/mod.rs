@@ -211,8 +211,11 @@ impl Limit {
 #[derive(Debug, Clone)]
 pub struct Model {
     pub uplinks: Vec<Uplink>,
-    clients: BTreeMap<Mac, Client>,
-    by_addr: HashMap<IpAddr, Mac>,
+    /// Persistent maps: a clone shares them, so the agent loop hands the API a snapshot of
+    /// 100k clients for the cost of a pointer, and a write copies only the path it
+    /// changes.
+    clients: imbl::OrdMap<Mac, Client>,
+    by_addr: imbl::HashMap<IpAddr, Mac>,
     /// Clients per uplink, in config order.
     counts: Vec<usize>,
     prefixes: Vec<IpNet>,
@@ -249,8 +252,8 @@ impl Model {
                     )
                 })
                 .collect(),
-            clients: BTreeMap::new(),
-            by_addr: HashMap::new(),
+            clients: imbl::OrdMap::new(),
+            by_addr: imbl::HashMap::new(),
             counts: vec![0; config.uplinks.len()],
             prefixes: config.lan.prefixes.clone(),
             all_down: false,
@@ -295,7 +298,7 @@ impl Model {
         unicast && (self.prefixes.is_empty() || self.prefixes.iter().any(|p| p.contains(&ip)))
     }
 
-    pub fn clients(&self) -> &BTreeMap<Mac, Client> {
+    pub fn clients(&self) -> &imbl::OrdMap<Mac, Client> {
         &self.clients
     }
 

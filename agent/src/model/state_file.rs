@@ -133,25 +133,25 @@ struct AddressDoc {
 }
 
 /// Serializes the model's clients without copying them.
-struct StateOut<'a, I: Iterator<Item = &'a Client> + Clone> {
-    clients: I,
+struct StateOut<'a> {
+    clients: &'a imbl::OrdMap<Mac, Client>,
 }
 
-impl<'a, I: Iterator<Item = &'a Client> + Clone> Serialize for StateOut<'a, I> {
+impl Serialize for StateOut<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeStruct;
         let mut st = s.serialize_struct("StateDoc", 2)?;
         st.serialize_field("version", &VERSION)?;
-        st.serialize_field("clients", &ClientsOut(self.clients.clone()))?;
+        st.serialize_field("clients", &ClientsOut(self.clients))?;
         st.end()
     }
 }
 
-struct ClientsOut<I>(I);
+struct ClientsOut<'a>(&'a imbl::OrdMap<Mac, Client>);
 
-impl<'a, I: Iterator<Item = &'a Client> + Clone> Serialize for ClientsOut<I> {
+impl Serialize for ClientsOut<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_seq(self.0.clone().map(ClientOut))
+        s.collect_seq(self.0.values().map(ClientOut))
     }
 }
 
@@ -248,9 +248,9 @@ impl StateFile {
         Ok(to)
     }
 
-    /// The client assignments as the bytes of a state file; written with `write_clients`
-    /// (beside the loop).
-    pub fn encode_clients<'a>(clients: impl Iterator<Item = &'a Client> + Clone) -> Vec<u8> {
+    /// The client assignments as the bytes of a state file. Takes a snapshot (a cheap
+    /// clone of the model's map), so it can run beside the loop.
+    pub fn encode_clients(clients: &imbl::OrdMap<Mac, Client>) -> Vec<u8> {
         serde_json::to_vec(&StateOut { clients }).expect("state serializes")
     }
 
@@ -359,8 +359,11 @@ mod tests {
             )]),
             overrides: pins,
         };
-        sf.write_clients(&StateFile::encode_clients([&c].into_iter()))
-            .unwrap();
+        sf.write_clients(&StateFile::encode_clients(&imbl::OrdMap::unit(
+            c.mac,
+            c.clone(),
+        )))
+        .unwrap();
         assert!(sf.load_decisions().unwrap().is_none());
         sf.save_decisions(&decisions).unwrap();
         assert_eq!(sf.load_decisions().unwrap(), Some(decisions));
