@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+pub mod abuse;
 pub mod soak;
 
 pub const ECHO_PORT: u16 = 9000;

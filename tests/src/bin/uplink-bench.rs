@@ -7,6 +7,10 @@
 //!     Agent start with N clients already in the neighbour table: cold (empty kernel) and
 //!     warm restart (adopting the table and state file). Wall time from spawn to the first
 //!     apply, and the agent's peak RSS.
+//!   uplink-bench abuse [--clients 50000] [--dispatch 300] [--trials 10]
+//!     Dispatch latency and the carrier-cut gap at 50k clients, idle and then while the API
+//!     and the listeners are abused (2,000 watchers, a full listing in a loop, 2,000 idle
+//!     connections per port, 300 scrapes/s); reports both and their ratio.
 //!   uplink-bench soak [--seconds 3600] [--clients 10000] [--churn 1000] [--failover-every 60]
 //!     A gateway under churn, periodic failovers, a scrape a second and event watchers;
 //!     reports the slope of RSS, descriptors and tasks and the loss on a healthy uplink.
@@ -59,6 +63,12 @@ fn main() -> Result<()> {
             &machine,
         ),
         Some("pin") => pin_rtt(arg(&args, "--pins", 200)? as u32, &machine),
+        Some("abuse") => abuse(
+            arg(&args, "--clients", 50_000)? as u32,
+            arg(&args, "--dispatch", 300)? as u32,
+            arg(&args, "--trials", 10)?,
+            &machine,
+        ),
         Some("soak") => soak(
             &uplink_tests::soak::SoakOptions {
                 duration: Duration::from_secs(arg(&args, "--seconds", 3600)?),
@@ -77,7 +87,7 @@ fn main() -> Result<()> {
             &machine,
         ),
         _ => bail!(
-            "usage: uplink-bench dispatch [--clients N] [--interval-ms M] [--runs R] | startup [--clients N] [--runs R] | failover [--clients N] [--trials T] | gap carrier|silent [--trials T] | fleet [--max N] [--runs R] | pin [--pins N] | soak [--seconds 3600] [--clients 10000] [--churn 1000] [--failover-every 60] [--watchers 20] [--warmup 60]"
+            "usage: uplink-bench dispatch [--clients N] [--interval-ms M] [--runs R] | startup [--clients N] [--runs R] | failover [--clients N] [--trials T] | gap carrier|silent [--trials T] | fleet [--max N] [--runs R] | pin [--pins N] | abuse [--clients 50000] [--dispatch 300] [--trials 10] | soak [--seconds 3600] [--clients 10000] [--churn 1000] [--failover-every 60] [--watchers 20] [--warmup 60]"
         ),
     }
 }
@@ -760,5 +770,57 @@ fn soak(opts: &uplink_tests::soak::SoakOptions, machine: &str) -> Result<()> {
     for (k, v) in uplink_tests::soak::describe(&report) {
         println!("{k:>6}: {v}");
     }
+    Ok(())
+}
+
+fn abuse(clients: u32, n: u32, trials: u64, machine: &str) -> Result<()> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use uplink_tests::abuse::{AbuseCounts, abuse_lab, carrier_gap, dispatch_latency, start_abuse};
+    println!(
+        "abuse: {clients} clients; dispatch of {n} new clients (one every 5 ms) and {trials} carrier cuts, idle then abused"
+    );
+    println!("machine: {machine}; agent {}", uplinkd_bin().display());
+    let lab = abuse_lab(clients)?;
+    let home = lab
+        .assignments()?
+        .get(&std::net::IpAddr::from(uplink_tests::client_v4(1)))
+        .cloned()
+        .context("client 1 has a home")?;
+    let other = if home == "isp1" { "isp2" } else { "isp1" };
+    let measure = |prefix: u16| -> Result<(Vec<f64>, Vec<f64>)> {
+        let lat = dispatch_latency(&lab, prefix, n, Duration::from_millis(5))?;
+        let mut gaps = Vec::new();
+        for _ in 0..trials {
+            std::thread::sleep(Duration::from_millis(1500));
+            gaps.push(carrier_gap(&lab, &home, other)?);
+        }
+        gaps.sort_by(|a, b| a.total_cmp(b));
+        Ok((lat, gaps))
+    };
+    let (lat_idle, gap_idle) = measure(0x8)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let counts = Arc::new(AbuseCounts::default());
+    let abusers = start_abuse(&lab, stop.clone(), counts.clone())?;
+    // Let the abusers open their connections and streams first.
+    std::thread::sleep(Duration::from_secs(5));
+    let abused = measure(0x9);
+    stop.store(true, Ordering::SeqCst);
+    abusers
+        .join()
+        .map_err(|_| anyhow::anyhow!("abuse thread panicked"))??;
+    let (lat_abuse, gap_abuse) = abused?;
+    let row = |what: &str, idle: &[f64], abused: &[f64], p: f64| {
+        let (a, b) = (percentile(idle, p), percentile(abused, p));
+        println!(
+            "{what:<28} idle {a:>7.2} ms   abused {b:>7.2} ms   ratio {:.2}",
+            b / a
+        );
+    };
+    row("dispatch p50", &lat_idle, &lat_abuse, 50.0);
+    row("dispatch p99", &lat_idle, &lat_abuse, 99.0);
+    row("carrier-cut gap median", &gap_idle, &gap_abuse, 50.0);
+    row("carrier-cut gap p95", &gap_idle, &gap_abuse, 95.0);
+    println!("abusers: {counts:?}");
     Ok(())
 }
