@@ -512,8 +512,10 @@ pub async fn serve(
                 .map_err(|e| format!("metrics TLS: {e}"))?,
         )),
     };
-    let slots = Arc::new(tokio::sync::Semaphore::new(cfg.max_connections));
-    let max = cfg.max_connections;
+    // A quarter of the slots per address: a scraper that leaks connections cannot lock
+    // the others out.
+    let slots =
+        crate::api::limit::Slots::new(cfg.max_connections, (cfg.max_connections / 4).max(1));
     tokio::spawn(async move {
         let refusals = RateLimitedWarning::default();
         loop {
@@ -526,10 +528,13 @@ pub async fn serve(
                     continue;
                 }
             };
-            let Ok(permit) = slots.clone().try_acquire_owned() else {
-                metrics.refused("metrics");
-                refusals.warn(|n| tracing::warn!(%peer, refused = n, limit = max, "metrics connection refused: too many open connections (metrics.max_connections)"));
-                continue;
+            let permit = match slots.take(peer.ip()) {
+                Ok(p) => p,
+                Err(why) => {
+                    metrics.refused("metrics");
+                    refusals.warn(|n| tracing::warn!(%peer, refused = n, "metrics connection refused: {why} (metrics.max_connections)"));
+                    continue;
+                }
             };
             let (tls, app) = (tls.clone(), app.clone());
             tokio::spawn(async move {

@@ -4,6 +4,7 @@
 //! map errors to gRPC status codes in one place.
 
 pub mod auth;
+pub mod limit;
 pub mod snapshot;
 pub mod tls;
 pub mod validate;
@@ -146,8 +147,10 @@ impl Default for Heartbeat {
 
 /// At most this many WatchEvents streams at once; each holds a copy of the history.
 pub const MAX_WATCHERS: usize = 64;
-/// At most this many API connections (TLS handshakes included) at once.
+/// At most this many API connections (TLS handshakes included) at once, and from one
+/// address.
 pub const MAX_API_CONNECTIONS: usize = 256;
+pub const MAX_API_CONNECTIONS_PER_PEER: usize = 32;
 
 pub async fn serve(
     api: ApiConfig,
@@ -224,7 +227,7 @@ fn async_stream_of_tls(
     Item = Result<Limited<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>, std::io::Error>,
 > {
     let (tx, rx) = mpsc::channel(64);
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_API_CONNECTIONS));
+    let slots = limit::Slots::new(MAX_API_CONNECTIONS, MAX_API_CONNECTIONS_PER_PEER);
     let refusals = crate::metrics::RateLimitedWarning::default();
     tokio::spawn(async move {
         loop {
@@ -238,10 +241,15 @@ fn async_stream_of_tls(
             };
             // Over the cap the connection is closed at once: the agent's descriptors stay
             // bounded whatever a peer opens.
-            let Ok(permit) = slots.clone().try_acquire_owned() else {
-                metrics.refused("api");
-                refusals.warn(|n| tracing::warn!(%peer, refused = n, limit = MAX_API_CONNECTIONS, "API connection refused: too many open connections"));
-                continue;
+            let permit = match slots.take(peer.ip()) {
+                Ok(p) => p,
+                Err(why) => {
+                    metrics.refused("api");
+                    refusals.warn(
+                        |n| tracing::warn!(%peer, refused = n, "API connection refused: {why}"),
+                    );
+                    continue;
+                }
             };
             let acceptor = acceptor.clone();
             let tx = tx.clone();
@@ -251,7 +259,7 @@ fn async_stream_of_tls(
                         let _ = tx
                             .send(Ok(Limited {
                                 inner: tls,
-                                _permit: permit,
+                                _slot: permit,
                             }))
                             .await;
                     }
@@ -267,7 +275,7 @@ fn async_stream_of_tls(
 /// A connection that holds one of the listener's slots until it closes.
 pub struct Limited<T> {
     inner: T,
-    _permit: tokio::sync::OwnedSemaphorePermit,
+    _slot: limit::Slot,
 }
 
 impl<T: tonic::transport::server::Connected> tonic::transport::server::Connected for Limited<T> {
