@@ -475,7 +475,7 @@ const CONNECTION_LIFETIME: std::time::Duration = std::time::Duration::from_secs(
 /// counters itself and encodes what the loop last published. At most
 /// `metrics.max_connections` are open at once; more are closed at once and counted.
 pub async fn serve(
-    cfg: &MetricsConfig,
+    cfg: MetricsConfig,
     metrics: Arc<Metrics>,
     counters: Counters,
 ) -> Result<(), String> {

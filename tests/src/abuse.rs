@@ -220,12 +220,11 @@ async fn channel(certs: &std::path::Path) -> Result<tonic::transport::Channel> {
             std::fs::read(certs.join("view.key"))?,
         ))
         .domain_name("127.0.0.1");
-    Ok(
-        tonic::transport::Endpoint::from_static("https://127.0.0.1:7443")
-            .tls_config(tls)?
-            .connect()
-            .await?,
-    )
+    tonic::transport::Endpoint::from_static("https://127.0.0.1:7443")
+        .tls_config(tls)?
+        .connect()
+        .await
+        .map_err(|e| anyhow::anyhow!("connecting to the API: {e:?}"))
 }
 
 async fn abuse(
@@ -236,15 +235,28 @@ async fn abuse(
     use uplink_api::v1::agent_client::AgentClient;
     use uplink_api::v1::{ListClientsRequest, WatchEventsRequest};
     let mut tasks = tokio::task::JoinSet::new();
-    // 2,000 idle connections to each port, opened before the rest.
-    let mut idle = Vec::new();
+    // 2,000 idle connections to each port from another address (127.0.0.2), held until
+    // the end.
     for port in [9477u16, 7443] {
-        for _ in 0..2000 {
-            if let Ok(s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
-                idle.push(s);
-                counts.idle_connections.fetch_add(1, Ordering::Relaxed);
+        let (stop, counts) = (stop.clone(), counts.clone());
+        tasks.spawn(async move {
+            let mut idle = Vec::new();
+            for _ in 0..2000 {
+                let Ok(s) = tokio::net::TcpSocket::new_v4() else {
+                    continue;
+                };
+                if s.bind(([127, 0, 0, 2], 0).into()).is_err() {
+                    continue;
+                }
+                if let Ok(s) = s.connect(([127, 0, 0, 1], port).into()).await {
+                    idle.push(s);
+                    counts.idle_connections.fetch_add(1, Ordering::Relaxed);
+                }
             }
-        }
+            while !stop.load(Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
     }
     // One viewer: 2,000 WatchEvents streams over 20 connections; refused ones retry each
     // second.
@@ -336,7 +348,6 @@ async fn abuse(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tasks.abort_all();
-    drop(idle);
     Ok(())
 }
 

@@ -49,6 +49,48 @@ pub enum AgentError {
     Metrics(String),
     #[error(transparent)]
     Lock(#[from] crate::lock::LockError),
+    #[error("cannot start the API runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+/// Worker threads that serve the API and /metrics. Nice 10: best effort next to the loop.
+const SERVING_NICE: libc::c_int = 10;
+
+/// The serving runtime, shut down without waiting when dropped (dropping a runtime from
+/// async code would panic; an early error return drops it too).
+struct Serving(Option<tokio::runtime::Runtime>);
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl Serving {
+    fn spawn<F>(&self, f: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.0.as_ref().expect("running until dropped").spawn(f)
+    }
+}
+
+fn serving_runtime() -> std::io::Result<Serving> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(4)
+        .thread_name("uplinkd-serve")
+        .on_thread_start(|| {
+            // On Linux the nice value is per thread: this lowers only this one.
+            // SAFETY: plain syscall on the calling thread.
+            unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, SERVING_NICE) };
+        })
+        .enable_all()
+        .build()
+        .map(|rt| Serving(Some(rt)))
 }
 
 /// `d` ± 10%, from the clock's low bits (no need for a random source here).
@@ -219,8 +261,11 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
     let started = Instant::now();
     // Listeners are bound and TLS is loaded before the first kernel write: a port clash or
     // a bad certificate stops the agent before it has changed anything.
+    // They run on a runtime of their own, at a lower CPU priority: however hard clients
+    // push the API and the metrics port, the loop and the probes are scheduled first.
+    let serving = serving_runtime().map_err(AgentError::Runtime)?;
     if let Some(api) = agent.config.api.clone() {
-        api::serve(
+        let serve = api::serve(
             api,
             cmd_tx,
             agent.in_sync.clone(),
@@ -228,12 +273,18 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
             agent.metrics.clone(),
             agent.counters.clone(),
             agent.snapshot.subscribe(),
-        )
-        .await?;
-    }
-    if let Some(m) = &agent.config.metrics {
-        metrics::serve(m, agent.metrics.clone(), agent.counters.clone())
+        );
+        serving
+            .spawn(serve)
             .await
+            .map_err(|e| AgentError::Runtime(std::io::Error::other(e)))??;
+    }
+    if let Some(m) = agent.config.metrics.clone() {
+        let serve = metrics::serve(m, agent.metrics.clone(), agent.counters.clone());
+        serving
+            .spawn(serve)
+            .await
+            .map_err(|e| AgentError::Runtime(std::io::Error::other(e)))?
             .map_err(AgentError::Metrics)?;
     }
     agent.resync_inputs().await?;
@@ -371,6 +422,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
     for (_, (_, task)) in agent.probers.drain() {
         task.abort();
     }
+    drop(serving);
     info!("stopping; dataplane left in place");
     Ok(())
 }

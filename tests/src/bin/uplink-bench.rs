@@ -802,13 +802,29 @@ fn abuse(clients: u32, n: u32, trials: u64, machine: &str) -> Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let counts = Arc::new(AbuseCounts::default());
     let abusers = start_abuse(&lab, stop.clone(), counts.clone())?;
-    // Let the abusers open their connections and streams first.
-    std::thread::sleep(Duration::from_secs(5));
+    // The abuse is in full swing before anything is measured.
+    let ready = Instant::now();
+    while !(counts.idle_connections.load(Ordering::Relaxed) >= 4000
+        && counts.watch_open.load(Ordering::Relaxed) >= 64
+        && counts.full_listings.load(Ordering::Relaxed) >= 1
+        && counts.scrapes.load(Ordering::Relaxed) >= 100)
+    {
+        if ready.elapsed() > Duration::from_secs(120) {
+            stop.store(true, Ordering::SeqCst);
+            bail!("the abusers did not get going: {counts:?}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    println!(
+        "abusers ready after {:.1} s: {counts:?}",
+        ready.elapsed().as_secs_f64()
+    );
     let abused = measure(0x9);
     stop.store(true, Ordering::SeqCst);
     abusers
         .join()
-        .map_err(|_| anyhow::anyhow!("abuse thread panicked"))??;
+        .map_err(|_| anyhow::anyhow!("abuse thread panicked"))?
+        .map_err(|e| anyhow::anyhow!("{e}\n--- uplinkd log ---\n{}", lab.log_tail(20)))?;
     let (lat_abuse, gap_abuse) = abused?;
     let row = |what: &str, idle: &[f64], abused: &[f64], p: f64| {
         let (a, b) = (percentile(idle, p), percentile(abused, p));
