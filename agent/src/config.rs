@@ -180,6 +180,7 @@ pub struct DataplaneConfig {
     pub conntrack: PathBuf,
     /// An `nft` or `conntrack` run that takes longer is killed and retried with backoff.
     pub command_timeout: Duration,
+    pub conntrack_flush: ConntrackFlush,
 }
 
 impl DataplaneConfig {
@@ -200,6 +201,16 @@ impl DataplaneConfig {
     pub fn owned_priorities(&self) -> std::ops::RangeInclusive<u32> {
         self.rule_priority..=self.rule_priority + RULE_PRIORITY_BAND - 1
     }
+}
+
+/// How a dead uplink's conntrack entries are deleted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConntrackFlush {
+    /// One ctnetlink message: the kernel deletes every entry with the mark.
+    Netlink,
+    /// `conntrack -D -m MARK/MASK` per family.
+    Tool,
 }
 
 /// Traffic-spreading mode. Per-connection balancing comes later; the model carries the mode
@@ -359,6 +370,7 @@ struct RawDataplane {
     nft: Option<PathBuf>,
     conntrack: Option<PathBuf>,
     command_timeout: Option<Spanned<String>>,
+    conntrack_flush: Option<ConntrackFlush>,
 }
 
 #[derive(Deserialize)]
@@ -1043,6 +1055,7 @@ impl Validator<'_> {
                 raw.command_timeout,
                 Duration::from_secs(10),
             )?,
+            conntrack_flush: raw.conntrack_flush.unwrap_or(ConntrackFlush::Netlink),
         };
         if let Some(b) = raw.table_base {
             let v = *b.get_ref();

@@ -613,7 +613,10 @@ fn a_failed_conntrack_deletion_is_retried() -> anyhow::Result<()> {
     lab.write_config(
         "10s",
         "10m",
-        &format!("[dataplane]\nconntrack = \"{}\"\n", ct.display()),
+        &format!(
+            "[dataplane]\nconntrack = \"{}\"\nconntrack_flush = \"tool\"\n",
+            ct.display()
+        ),
     )?;
     lab.start_agent()?;
     let homes = lab.greet_clients()?;

@@ -690,7 +690,7 @@ impl Agent {
                 let mark = self.config.dataplane.fwmark(self.config.uplinks[i].mark);
                 match self.dataplane.flush_conntrack(mark).await {
                     Ok(n) => {
-                        info!(uplink = %self.config.uplinks[i].name, flows = n, "deleted the dead uplink's conntrack entries")
+                        info!(uplink = %self.config.uplinks[i].name, flows = ?n, "deleted the dead uplink's conntrack entries")
                     }
                     Err(e) => {
                         error!(uplink = %self.config.uplinks[i].name, error = %e, "cannot delete the dead uplink's conntrack entries; will retry");

@@ -36,6 +36,10 @@ pub enum DataplaneError {
     #[error("`{command}` failed: {stderr}")]
     Conntrack { command: String, stderr: String },
     #[error(
+        "ctnetlink flush by mark: {0} (dataplane.conntrack_flush = \"tool\" uses the conntrack tool instead)"
+    )]
+    ConntrackNetlink(std::io::Error),
+    #[error(
         "`{command}` did not finish within {after:?} (dataplane.command_timeout); killed it, will retry"
     )]
     Timeout {
@@ -102,7 +106,11 @@ impl Dataplane {
         let dp = &config.dataplane;
         Dataplane {
             nft: NftDriver::new(&dp.nft, &dp.nft_table, dp.command_timeout),
-            conntrack: conntrack::Conntrack::new(&dp.conntrack, dp.command_timeout),
+            conntrack: conntrack::Conntrack::new(
+                &dp.conntrack,
+                dp.command_timeout,
+                dp.conntrack_flush,
+            ),
             mask: dp.fwmark_mask,
             netlink: NetlinkDriver::new(
                 handle,
@@ -129,7 +137,7 @@ impl Dataplane {
     }
 
     /// Deletes the conntrack entries carrying uplink mark `mark` (and only those).
-    pub async fn flush_conntrack(&self, mark: u32) -> Result<usize, DataplaneError> {
+    pub async fn flush_conntrack(&self, mark: u32) -> Result<Option<usize>, DataplaneError> {
         self.conntrack.delete_mark(mark, self.mask).await
     }
 

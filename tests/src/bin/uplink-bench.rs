@@ -7,6 +7,9 @@
 //!     Agent start with N clients already in the neighbour table: cold (empty kernel) and
 //!     warm restart (adopting the table and state file). Wall time from spawn to the first
 //!     apply, and the agent's peak RSS.
+//!   uplink-bench ctflush [--flows 2000] [--runs 3]
+//!     Deleting one uplink's conntrack entries (N of them, N more with another mark that
+//!     must stay): the `conntrack` tool against one ctnetlink flush-by-mark message.
 //!   uplink-bench abuse [--clients 50000] [--dispatch 300] [--trials 10]
 //!     Dispatch latency and the carrier-cut gap at 50k clients, idle and then while the API
 //!     and the listeners are abused (2,000 watchers, a full listing in a loop, 2,000 idle
@@ -63,6 +66,11 @@ fn main() -> Result<()> {
             &machine,
         ),
         Some("pin") => pin_rtt(arg(&args, "--pins", 200)? as u32, &machine),
+        Some("ctflush") => ctflush(
+            arg(&args, "--flows", 2000)? as u32,
+            arg(&args, "--runs", 3)?,
+            &machine,
+        ),
         Some("abuse") => abuse(
             arg(&args, "--clients", 50_000)? as u32,
             arg(&args, "--dispatch", 300)? as u32,
@@ -87,7 +95,7 @@ fn main() -> Result<()> {
             &machine,
         ),
         _ => bail!(
-            "usage: uplink-bench dispatch [--clients N] [--interval-ms M] [--runs R] | startup [--clients N] [--runs R] | failover [--clients N] [--trials T] | gap carrier|silent [--trials T] | fleet [--max N] [--runs R] | pin [--pins N] | abuse [--clients 50000] [--dispatch 300] [--trials 10] | soak [--seconds 3600] [--clients 10000] [--churn 1000] [--failover-every 60] [--watchers 20] [--warmup 60]"
+            "usage: uplink-bench dispatch [--clients N] [--interval-ms M] [--runs R] | startup [--clients N] [--runs R] | failover [--clients N] [--trials T] | gap carrier|silent [--trials T] | fleet [--max N] [--runs R] | pin [--pins N] | ctflush [--flows 2000] [--runs 3] | abuse [--clients 50000] [--dispatch 300] [--trials 10] | soak [--seconds 3600] [--clients 10000] [--churn 1000] [--failover-every 60] [--watchers 20] [--warmup 60]"
         ),
     }
 }
@@ -838,5 +846,73 @@ fn abuse(clients: u32, n: u32, trials: u64, machine: &str) -> Result<()> {
     row("carrier-cut gap median", &gap_idle, &gap_abuse, 50.0);
     row("carrier-cut gap p95", &gap_idle, &gap_abuse, 95.0);
     println!("abusers: {counts:?}");
+    Ok(())
+}
+
+fn ctflush(flows: u32, runs: u64, machine: &str) -> Result<()> {
+    use uplinkd::dataplane::conntrack::{Conntrack, ConntrackFlush};
+    println!(
+        "conntrack deletion by mark: {flows} entries to delete, {flows} to keep, {runs} runs per method"
+    );
+    println!("machine: {machine}");
+    let ns = Netns::new("bct")?;
+    let fill = |mark: u32, base: u32| -> Result<()> {
+        for i in 0..flows {
+            let n = base + i;
+            ns.exec(&[
+                "conntrack",
+                "-I",
+                "-p",
+                "udp",
+                "-s",
+                &format!("198.18.{}.{}", n / 250, n % 250 + 1),
+                "-d",
+                "198.19.255.1",
+                "--sport",
+                "1000",
+                "--dport",
+                "53",
+                "--timeout",
+                "600",
+                "-m",
+                &format!("{mark:#x}"),
+            ])?;
+        }
+        Ok(())
+    };
+    let count = |mark: u32| -> Result<usize> {
+        Ok(ns
+            .exec(&["conntrack", "-L", "-m", &format!("{mark:#x}/0x3f000000")])?
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .count())
+    };
+    for (name, via) in [
+        ("conntrack tool", ConntrackFlush::Tool),
+        ("ctnetlink", ConntrackFlush::Netlink),
+    ] {
+        let mut took = Vec::new();
+        for _ in 0..runs {
+            fill(0x0100_0000, 0)?;
+            fill(0x0200_0000, 20_000)?;
+            let bin = std::path::PathBuf::from("/usr/sbin/conntrack");
+            let ct = Conntrack::new(&bin, Duration::from_secs(30), via);
+            let t = uplink_tests::in_netns(&ns.0, move || -> Result<f64> {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                let t = Instant::now();
+                rt.block_on(ct.delete_mark(0x0100_0000, 0x3f00_0000))?;
+                Ok(t.elapsed().as_secs_f64() * 1000.0)
+            })??;
+            let (gone, kept) = (count(0x0100_0000)?, count(0x0200_0000)?);
+            if gone != 0 || kept != flows as usize {
+                bail!("{name}: {gone} marked entries left, {kept} of {flows} others kept");
+            }
+            ns.exec(&["conntrack", "-D", "-m", "0x2000000/0x3f000000"])?;
+            took.push(t);
+        }
+        summary(&format!("{name}: delete {flows} entries"), &mut took);
+    }
     Ok(())
 }
