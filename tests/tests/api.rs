@@ -95,14 +95,14 @@ fn handshakes_without_a_valid_client_certificate_are_refused() -> anyhow::Result
         let (code, _, err) = lab.ctl(who, &["status"])?;
         assert_eq!(code, 4, "{who}: {err}");
     }
-    let log = lab.log_tail(50);
+    // The server logs a refusal after the client has seen it: wait for both lines.
     // Both CAs are called "uplink CA": the foreign one fails on its signature.
-    assert!(
-        log.contains("TLS handshake refused")
-            && (log.contains("UnknownIssuer") || log.contains("BadSignature")),
-        "{log}"
-    );
-    assert!(log.contains("certificate expired"), "{log}");
+    lab.wait_for(Duration::from_secs(5), "both refusals logged", || {
+        let log = lab.log_tail(50);
+        Ok(log.contains("TLS handshake refused")
+            && (log.contains("UnknownIssuer") || log.contains("BadSignature"))
+            && log.contains("certificate expired"))
+    })?;
     // No certificate at all (curl offers none).
     let out = std::process::Command::new("ip")
         .args([

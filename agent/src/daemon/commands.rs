@@ -8,7 +8,7 @@ use uplink_api::v1;
 
 use super::Agent;
 use crate::api::{ApiError, Command, view};
-use crate::model::failover::{EventKind, LogEntry};
+use crate::model::failover::PinRefused;
 use crate::model::now_millis;
 
 impl Agent {
@@ -25,17 +25,12 @@ impl Agent {
                 let _ = reply.send(r);
             }
             Command::ClearOverride { ip, reply } => {
-                let r = if self.model.overrides.remove(&ip).is_none() {
-                    Err(ApiError::NotFound(format!("no override for {ip}")))
-                } else {
-                    self.record(vec![LogEntry {
-                        at: now_millis(),
-                        uplink: String::new(),
-                        kind: EventKind::Override,
-                        cause: format!("override of {ip} cleared"),
-                        clients_moved: 1,
-                    }]);
-                    self.apply_for_api().await
+                let r = match self.model.unpin(ip, now_millis()) {
+                    None => Err(ApiError::NotFound(format!("no override for {ip}"))),
+                    Some(entry) => {
+                        self.record(vec![entry]);
+                        self.apply_for_api().await
+                    }
                 };
                 let _ = reply.send(r);
             }
@@ -95,41 +90,21 @@ impl Agent {
         uplink: String,
         ttl: Option<Duration>,
     ) -> Result<v1::Override, ApiError> {
-        if self.model.uplink(&uplink).is_none() {
-            return Err(self.unknown_uplink(&uplink));
-        }
-        if self.model.client_by_addr(&ip).is_none() {
-            return Err(ApiError::NotFound(format!(
-                "no client with address {ip} on this gateway (it appears once it talks)"
-            )));
-        }
-        let until = ttl.map(|t| now_millis() + t.as_millis() as u64);
-        self.model.overrides.insert(
-            ip,
-            crate::model::Override {
-                uplink: uplink.clone(),
-                until,
-            },
-        );
-        let cause = match ttl {
-            Some(t) => format!(
-                "{ip} pinned to {uplink} for {}",
-                humantime::format_duration(t)
-            ),
-            None => format!("{ip} pinned to {uplink}"),
+        let (o, entry) = match self.model.pin(ip, &uplink, ttl, now_millis()) {
+            Ok(r) => r,
+            Err(PinRefused::UnknownUplink) => return Err(self.unknown_uplink(&uplink)),
+            Err(PinRefused::UnknownClient) => {
+                return Err(ApiError::NotFound(format!(
+                    "no client with address {ip} on this gateway (it appears once it talks)"
+                )));
+            }
         };
-        self.record(vec![LogEntry {
-            at: now_millis(),
-            uplink: uplink.clone(),
-            kind: EventKind::Override,
-            cause,
-            clients_moved: 1,
-        }]);
+        self.record(vec![entry]);
         self.apply_for_api().await?;
         Ok(v1::Override {
             client: ip.to_string(),
-            uplink,
-            expires_at_ms: until.unwrap_or(0),
+            uplink: o.uplink,
+            expires_at_ms: o.until.unwrap_or(0),
         })
     }
 

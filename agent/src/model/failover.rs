@@ -93,6 +93,13 @@ impl EventLog {
     }
 }
 
+/// Why a pin was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PinRefused {
+    UnknownUplink,
+    UnknownClient,
+}
+
 /// Whether an usable uplink still waits to take its clients back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FailbackPending {
@@ -258,6 +265,55 @@ impl Model {
             kind: EventKind::Failback,
             cause: "operator".into(),
             clients_moved: count,
+        })
+    }
+
+    /// An operator pins client address `ip` to `uplink` until `now + ttl` (or until
+    /// cleared). Refused for an unknown uplink or an address no client has.
+    pub fn pin(
+        &mut self,
+        ip: IpAddr,
+        uplink: &str,
+        ttl: Option<std::time::Duration>,
+        now: super::Millis,
+    ) -> Result<(super::Override, LogEntry), PinRefused> {
+        if self.uplink(uplink).is_none() {
+            return Err(PinRefused::UnknownUplink);
+        }
+        if self.client_by_addr(&ip).is_none() {
+            return Err(PinRefused::UnknownClient);
+        }
+        let o = super::Override {
+            uplink: uplink.to_string(),
+            until: ttl.map(|t| now.saturating_add(t.as_millis() as u64)),
+        };
+        self.overrides.insert(ip, o.clone());
+        let cause = match ttl {
+            Some(t) => format!(
+                "{ip} pinned to {uplink} for {}",
+                humantime::format_duration(t)
+            ),
+            None => format!("{ip} pinned to {uplink}"),
+        };
+        let entry = LogEntry {
+            at: now,
+            uplink: uplink.to_string(),
+            kind: EventKind::Override,
+            cause,
+            clients_moved: 1,
+        };
+        Ok((o, entry))
+    }
+
+    /// An operator clears the pin of `ip`; `None` when there was none.
+    pub fn unpin(&mut self, ip: IpAddr, now: super::Millis) -> Option<LogEntry> {
+        self.overrides.remove(&ip)?;
+        Some(LogEntry {
+            at: now,
+            uplink: String::new(),
+            kind: EventKind::Override,
+            cause: format!("override of {ip} cleared"),
+            clients_moved: 1,
         })
     }
 
@@ -618,6 +674,47 @@ mod tests {
             m.set_drained(2, true).is_err(),
             "the last survivor is refused"
         );
+    }
+
+    #[test]
+    fn a_pin_to_an_uplink_waiting_for_failback_goes_straight_to_it() {
+        let (c, mut m) = setup("");
+        let t0 = Instant::now();
+        m.refresh_links(t0, &c.health, &c.failover);
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        m.neighbour_present(ip, Mac([2, 0, 0, 0, 0, 1]), 0, None);
+        assert_eq!(
+            m.pin(ip, "nope", None, 0).err(),
+            Some(PinRefused::UnknownUplink)
+        );
+        assert_eq!(
+            m.pin("10.9.9.9".parse().unwrap(), "a", None, 0).err(),
+            Some(PinRefused::UnknownClient)
+        );
+        carrier(&mut m, "wa", false);
+        m.refresh_links(t0, &c.health, &c.failover);
+        carrier(&mut m, "wa", true);
+        m.refresh_links(t0 + Duration::from_secs(1), &c.health, &c.failover);
+        assert!(matches!(
+            m.failback_pending(0, t0 + Duration::from_secs(2), &c.failover),
+            FailbackPending::In(d) if d == Duration::from_secs(9)
+        ));
+        // A huge TTL saturates instead of overflowing.
+        let (o, _) = m.pin(ip, "a", Some(Duration::MAX), u64::MAX - 5).unwrap();
+        assert_eq!(o.until, Some(u64::MAX));
+        let plan = crate::plan::plan(&c, &m);
+        let pinned = plan.nft.elements.iter().find_map(|(k, v)| match k {
+            crate::plan::ElemKey::Pin4(_) => Some(v.to_string()),
+            _ => None,
+        });
+        assert_eq!(
+            pinned.as_deref(),
+            Some("up_a"),
+            "not via home_a, which still spreads"
+        );
+        assert_eq!(m.home_target(0), HomeTarget::Spread(vec![1]));
+        assert!(m.unpin(ip, 0).is_some());
+        assert!(m.unpin(ip, 0).is_none());
     }
 
     #[test]
