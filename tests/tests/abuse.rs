@@ -805,3 +805,50 @@ fn a_renamed_uplink_interface_fails_over_and_back() -> anyhow::Result<()> {
     assert!(lab.agent_running());
     Ok(())
 }
+
+/// A full state directory (a 64 KB tmpfs, filled up): a clear error, routing goes on,
+/// nothing half-written is left, and the write succeeds once there is room.
+#[test]
+fn a_full_state_dir_is_reported_and_retried() -> anyhow::Result<()> {
+    let mut lab = Lab::build("fullstate", two_uplinks(), 1, 0)?;
+    lab.write_config("10s", "10m", "")?;
+    lab.start_agent()?;
+    lab.greet_clients()?;
+    let pid = lab.agent_pid().expect("running").to_string();
+    let dir = lab.state_dir().display().to_string();
+    let nsenter = |args: &[&str]| {
+        let mut a = vec!["nsenter", "-t", pid.as_str(), "-m", "--"];
+        a.extend_from_slice(args);
+        uplink_tests::sh(&a)
+    };
+    nsenter(&["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", &dir])?;
+    let filler = format!("{dir}/filler");
+    // dd stops with "No space left on device": the file system is full.
+    let _ = nsenter(&["dd", "if=/dev/zero", &format!("of={filler}"), "bs=4k"]);
+    let mark = lab.log_len();
+    lab.add_client(2, false)?;
+    assert!(via(&lab, 2).is_ok(), "routing goes on");
+    lab.wait_for(Duration::from_secs(10), "the save error", || {
+        Ok(scrape(&lab, 9477)?
+            .get("uplinkd_state_save_errors_total{file=\"state.json\"}")
+            .is_some_and(|n| *n >= 1.0))
+    })?;
+    assert!(
+        lab.log_since(mark).contains("No space left on device"),
+        "{}",
+        lab.log_since(mark)
+    );
+    let left = nsenter(&["ls", "-a", &dir])?;
+    assert!(
+        !left.contains(".tmp"),
+        "a partial temp file was left: {left}"
+    );
+    nsenter(&["rm", &filler])?;
+    let c2 = IpAddr::from(client_v4(2));
+    lab.wait_for(Duration::from_secs(10), "c2 saved by the retry", || {
+        let text = nsenter(&["cat", &format!("{dir}/state.json")])?;
+        Ok(text.contains(&c2.to_string()))
+    })?;
+    assert!(lab.agent_running());
+    Ok(())
+}
