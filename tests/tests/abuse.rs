@@ -852,3 +852,61 @@ fn a_full_state_dir_is_reported_and_retried() -> anyhow::Result<()> {
     assert!(lab.agent_running());
     Ok(())
 }
+
+/// Probes start only once the first apply has put the uplinks' rules and routes in place.
+/// A slow first apply (here `nft` takes 2 s, as 100k clients can) used to leave the probes
+/// failing meanwhile, and healthy uplinks went down at start.
+#[test]
+fn probes_wait_for_the_first_apply() -> anyhow::Result<()> {
+    let probe = "probes = [\"icmp:203.0.113.10\"]";
+    let uplinks = vec![
+        UplinkSpec::new("isp1", 1, false).with(probe),
+        UplinkSpec::new("isp2", 1, false).with(probe),
+    ];
+    let mut lab = Lab::build("slowstart", uplinks, 1, 0)?;
+    let slow = lab.dir.join("slow");
+    let nft = lab.dir.join("nft-wrapper");
+    std::fs::write(
+        &nft,
+        format!(
+            "#!/bin/sh\ncase \"$*\" in *\"-f -\"*) if [ -e {s} ]; then rm {s}; sleep 2; fi;; esac\nexec /usr/sbin/nft \"$@\"\n",
+            s = slow.display()
+        ),
+    )?;
+    std::fs::set_permissions(&nft, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    lab.write_config(
+        "10s",
+        "10m",
+        &format!("[dataplane]\nnft = \"{}\"\n", nft.display()),
+    )?;
+    std::fs::write(&slow, "")?;
+    lab.start_agent()?;
+    assert!(!slow.exists(), "the first apply went through the slow nft");
+    lab.wait_for(
+        Duration::from_secs(10),
+        "probe answers on both uplinks",
+        || {
+            let m = scrape(&lab, 9477)?;
+            Ok(["isp1", "isp2"].iter().all(|u| {
+                m.get(&format!(
+                    "uplinkd_uplink_probe_rtt_seconds_count{{uplink=\"{u}\"}}"
+                ))
+                .is_some_and(|n| *n >= 5.0)
+            }))
+        },
+    )?;
+    let m = scrape(&lab, 9477)?;
+    for u in ["isp1", "isp2"] {
+        assert_eq!(
+            m[&format!("uplinkd_uplink_up{{uplink=\"{u}\"}}")],
+            1.0,
+            "{u}"
+        );
+        assert_eq!(
+            m[&format!("uplinkd_uplink_flaps_total{{uplink=\"{u}\"}}")],
+            0.0,
+            "{u} went down at start"
+        );
+    }
+    Ok(())
+}
