@@ -349,22 +349,28 @@ impl Metrics {
                     .with_label_values(&[name])
                     .set(m.health.stats.loss());
             }
-            for counter in [
-                &self.failovers,
-                &self.failbacks,
-                &self.flaps,
-                &self.lost_while_forwarding,
-                &self.tx_packets,
-                &self.tx_bytes,
-                &self.rx_packets,
-                &self.rx_bytes,
-            ] {
+            // Every counter shows from the start, at 0.
+            for counter in self.uplink_counters() {
                 counter.with_label_values(&[name]);
             }
         }
         self.clients.set(model.clients().len() as i64);
         self.overrides.set(model.overrides.len() as i64);
         self.in_sync.set(in_sync as i64);
+    }
+
+    /// The counters labelled by uplink only.
+    fn uplink_counters(&self) -> [&IntCounterVec; 8] {
+        [
+            &self.failovers,
+            &self.failbacks,
+            &self.flaps,
+            &self.lost_while_forwarding,
+            &self.tx_packets,
+            &self.tx_bytes,
+            &self.rx_packets,
+            &self.rx_bytes,
+        ]
     }
 
     /// Removes every series of an uplink that is no longer configured.
@@ -385,16 +391,7 @@ impl Metrics {
             let _ = v.remove_label_values(&[name]);
         }
         let _ = self.probe_rtt.remove_label_values(&[name]);
-        for c in [
-            &self.failovers,
-            &self.failbacks,
-            &self.flaps,
-            &self.lost_while_forwarding,
-            &self.tx_packets,
-            &self.tx_bytes,
-            &self.rx_packets,
-            &self.rx_bytes,
-        ] {
+        for c in self.uplink_counters() {
             let _ = c.remove_label_values(&[name]);
         }
     }

@@ -50,6 +50,40 @@ pub fn add_clients(lab: &Lab, prefix: u16, n: u32) -> Result<()> {
     Ok(())
 }
 
+/// Reads `nft monitor elements` lines from `rx` until every address in `sent` was seen
+/// committed to `map` (each is removed as it is seen), or `timeout` passes; returns the
+/// latencies from the times in `sent`, in milliseconds.
+pub fn commit_latencies(
+    rx: &std::sync::mpsc::Receiver<(Instant, String)>,
+    map: &str,
+    sent: &mut std::collections::HashMap<IpAddr, Instant>,
+    timeout: Duration,
+) -> Vec<f64> {
+    let mut lat = Vec::new();
+    let deadline = Instant::now() + timeout;
+    while !sent.is_empty() && Instant::now() < deadline {
+        let Ok((t, line)) = rx.recv_timeout(Duration::from_millis(200)) else {
+            continue;
+        };
+        if !line.contains(map) {
+            continue;
+        }
+        // "add element inet uplinkd client4 { a : goto home_x, b : goto home_y }"
+        let body = line.split('{').nth(1).unwrap_or_default();
+        for part in body.split(',') {
+            if let Some(ip) = part
+                .split_whitespace()
+                .next()
+                .and_then(|s| s.parse::<IpAddr>().ok())
+                && let Some(t0) = sent.remove(&ip)
+            {
+                lat.push(t.duration_since(t0).as_secs_f64() * 1000.0);
+            }
+        }
+    }
+    lat
+}
+
 /// Neighbour added → its client6 element committed (as `nft monitor` sees it), for `n`
 /// new clients one every `every`; milliseconds, sorted.
 pub fn dispatch_latency(lab: &Lab, prefix: u16, n: u32, every: Duration) -> Result<Vec<f64>> {
@@ -77,7 +111,7 @@ pub fn dispatch_latency(lab: &Lab, prefix: u16, n: u32, every: Duration) -> Resu
     let mut sent = std::collections::HashMap::new();
     for i in 0..n {
         let ip = client_addr(prefix, i);
-        sent.insert(ip, Instant::now());
+        sent.insert(IpAddr::V6(ip), Instant::now());
         writeln!(
             stdin,
             "neigh replace {ip} lladdr {} dev br-lan nud permanent",
@@ -88,27 +122,7 @@ pub fn dispatch_latency(lab: &Lab, prefix: u16, n: u32, every: Duration) -> Resu
     }
     drop(stdin);
     batch.wait()?;
-    let mut lat = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !sent.is_empty() && Instant::now() < deadline {
-        let Ok((t, line)) = rx.recv_timeout(Duration::from_millis(200)) else {
-            continue;
-        };
-        if !line.contains("client6") {
-            continue;
-        }
-        let body = line.split('{').nth(1).unwrap_or_default();
-        for part in body.split(',') {
-            if let Some(ip) = part
-                .split_whitespace()
-                .next()
-                .and_then(|s| s.parse::<Ipv6Addr>().ok())
-                && let Some(t0) = sent.remove(&ip)
-            {
-                lat.push(t.duration_since(t0).as_secs_f64() * 1000.0);
-            }
-        }
-    }
+    let mut lat = commit_latencies(&rx, "client6", &mut sent, Duration::from_secs(10));
     let _ = monitor.kill();
     let _ = monitor.wait();
     if !sent.is_empty() {
@@ -211,15 +225,7 @@ pub fn start_abuse(
 }
 
 async fn channel(certs: &std::path::Path) -> Result<tonic::transport::Channel> {
-    let tls = tonic::transport::ClientTlsConfig::new()
-        .ca_certificate(tonic::transport::Certificate::from_pem(std::fs::read(
-            certs.join("ca.crt"),
-        )?))
-        .identity(tonic::transport::Identity::from_pem(
-            std::fs::read(certs.join("view.crt"))?,
-            std::fs::read(certs.join("view.key"))?,
-        ))
-        .domain_name("127.0.0.1");
+    let tls = crate::client_tls(certs, "view", "127.0.0.1")?;
     tonic::transport::Endpoint::from_static("https://127.0.0.1:7443")
         .tls_config(tls)?
         .connect()

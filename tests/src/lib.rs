@@ -218,6 +218,33 @@ impl DiesWithSpawner for Command {
 }
 
 /// The most common lab: uplinks isp1 and isp2, weight 1 each, neither point-to-point.
+/// mTLS for a gRPC client presenting `dir/<who>.crt`, trusting `dir/ca.crt`, for a
+/// server certificate that names `domain`.
+pub fn client_tls(
+    dir: &Path,
+    who: &str,
+    domain: &str,
+) -> Result<tonic::transport::ClientTlsConfig> {
+    Ok(tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(fs::read(
+            dir.join("ca.crt"),
+        )?))
+        .identity(tonic::transport::Identity::from_pem(
+            fs::read(dir.join(format!("{who}.crt")))?,
+            fs::read(dir.join(format!("{who}.key")))?,
+        ))
+        .domain_name(domain))
+}
+
+/// Two uplinks probing the internet host over ICMP (for silent failures and health).
+pub fn probed_uplinks() -> Vec<UplinkSpec> {
+    let probe = "probes = [\"icmp:203.0.113.10\"]";
+    vec![
+        UplinkSpec::new("isp1", 1, false).with(probe),
+        UplinkSpec::new("isp2", 1, false).with(probe),
+    ]
+}
+
 pub fn two_uplinks() -> Vec<UplinkSpec> {
     vec![
         UplinkSpec::new("isp1", 1, false),

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
-use crate::{DiesWithSpawner, Lab, UdpStream, UplinkSpec, uplinkctl_in};
+use crate::{DiesWithSpawner, Lab, UdpStream, uplinkctl_in};
 
 #[derive(Debug, Clone)]
 pub struct SoakOptions {
@@ -121,12 +121,7 @@ fn metric(text: &str, name: &str) -> Option<f64> {
 
 /// Runs the soak; `progress` is called with each sample.
 pub fn run(opts: &SoakOptions, mut progress: impl FnMut(&Sample)) -> Result<SoakReport> {
-    let probe = "probes = [\"icmp:203.0.113.10\"]";
-    let uplinks = vec![
-        UplinkSpec::new("isp1", 1, false).with(probe),
-        UplinkSpec::new("isp2", 1, false).with(probe),
-    ];
-    let mut lab = Lab::build("soak", uplinks, 1, 0)?;
+    let mut lab = Lab::build("soak", crate::probed_uplinks(), 1, 0)?;
     let api = lab.api_config()?;
     // Churned clients are released 5 s after they leave; lan.max_clients stays above the
     // pool.

@@ -8,7 +8,9 @@ use std::net::{IpAddr, TcpStream};
 use std::process::Command;
 use std::time::Duration;
 
-use uplink_tests::{Lab, UplinkSpec, client_v4, in_netns, outcome, two_uplinks, uplinkd_bin};
+use uplink_tests::{
+    Lab, UplinkSpec, client_v4, in_netns, outcome, probed_uplinks, two_uplinks, uplinkd_bin,
+};
 
 fn via(lab: &Lab, i: u32) -> anyhow::Result<String> {
     let seen = lab.probe(i, false, 20)?;
@@ -285,11 +287,7 @@ fn client_metrics_tell_who_is_on_each_uplink_now() -> anyhow::Result<()> {
 /// another state_dir and the same nft table.
 #[test]
 fn a_second_instance_changes_nothing() -> anyhow::Result<()> {
-    let probe = "probes = [\"icmp:203.0.113.10\"]";
-    let uplinks = vec![
-        UplinkSpec::new("isp1", 1, false).with(probe),
-        UplinkSpec::new("isp2", 1, false).with(probe),
-    ];
+    let uplinks = probed_uplinks();
     let mut lab = Lab::build("second", uplinks, 2, 0)?;
     lab.write_config("10s", "10m", "")?;
     lab.start_agent()?;
@@ -391,11 +389,7 @@ fn a_pin_takes_effect_while_its_uplink_waits_for_failback() -> anyhow::Result<()
 /// dead path until the probes notice again.
 #[test]
 fn a_restart_keeps_traffic_off_an_uplink_that_was_down() -> anyhow::Result<()> {
-    let probe = "probes = [\"icmp:203.0.113.10\"]";
-    let uplinks = vec![
-        UplinkSpec::new("isp1", 1, false).with(probe),
-        UplinkSpec::new("isp2", 1, false).with(probe),
-    ];
+    let uplinks = probed_uplinks();
     let mut lab = api_lab("restartdown", uplinks, 2, "")?;
     let homes = lab.greet_clients()?;
     let c = client_on(&homes, "isp2");
@@ -678,23 +672,33 @@ fn a_storm_of_sighups_leaks_nothing_and_loses_nothing() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A lab with one client and its agent; the state directory's path.
+fn state_dir_lab(tag: &str) -> anyhow::Result<(Lab, String)> {
+    let mut lab = Lab::build(tag, two_uplinks(), 1, 0)?;
+    lab.write_config("10s", "10m", "")?;
+    lab.start_agent()?;
+    lab.greet_clients()?;
+    let dir = lab.state_dir().display().to_string();
+    Ok((lab, dir))
+}
+
+/// Runs a command in the agent's mount namespace (ip netns exec gives it its own), where
+/// a mount over the state directory is seen by the agent alone.
+fn in_agent_mounts(pid: u32, args: &[&str]) -> anyhow::Result<String> {
+    let pid = pid.to_string();
+    let mut a = vec!["nsenter", "-t", pid.as_str(), "-m", "--"];
+    a.extend_from_slice(args);
+    uplink_tests::sh(&a)
+}
+
 /// A read-only state directory: a clear error, routing goes on, and the write is retried
 /// and succeeds once the directory is writable again.
 #[test]
 fn a_read_only_state_dir_is_reported_and_retried() -> anyhow::Result<()> {
-    let mut lab = Lab::build("rostate", two_uplinks(), 1, 0)?;
-    lab.write_config("10s", "10m", "")?;
-    lab.start_agent()?;
-    lab.greet_clients()?;
-    // A read-only bind mount over the state directory, in the agent's mount namespace
-    // (ip netns exec gives it its own): root ignores permission bits, not a ro mount.
-    let pid = lab.agent_pid().expect("running").to_string();
-    let dir = lab.state_dir().display().to_string();
-    let nsenter = |args: &[&str]| {
-        let mut a = vec!["nsenter", "-t", pid.as_str(), "-m", "--"];
-        a.extend_from_slice(args);
-        uplink_tests::sh(&a)
-    };
+    let (mut lab, dir) = state_dir_lab("rostate")?;
+    let pid = lab.agent_pid().expect("running");
+    let nsenter = |args: &[&str]| in_agent_mounts(pid, args);
+    // Root ignores permission bits, not a read-only mount.
     nsenter(&["mount", "--bind", &dir, &dir])?;
     nsenter(&["mount", "-o", "remount,bind,ro", &dir])?;
     let mark = lab.log_len();
@@ -723,11 +727,7 @@ fn a_read_only_state_dir_is_reported_and_retried() -> anyhow::Result<()> {
 /// round, and so did unsolicited inbound packets.
 #[test]
 fn ipv6_traffic_does_not_excuse_a_dead_ipv4_path() -> anyhow::Result<()> {
-    let probe = "probes = [\"icmp:203.0.113.10\"]";
-    let uplinks = vec![
-        UplinkSpec::new("isp1", 1, false).with(probe),
-        UplinkSpec::new("isp2", 1, false).with(probe),
-    ];
+    let uplinks = probed_uplinks();
     let mut lab = Lab::build("passive6", uplinks, 2, 2)?;
     lab.write_config("10s", "10m", "[metrics]\nlisten = \"127.0.0.1:9477\"\n")?;
     lab.start_agent()?;
@@ -810,17 +810,9 @@ fn a_renamed_uplink_interface_fails_over_and_back() -> anyhow::Result<()> {
 /// nothing half-written is left, and the write succeeds once there is room.
 #[test]
 fn a_full_state_dir_is_reported_and_retried() -> anyhow::Result<()> {
-    let mut lab = Lab::build("fullstate", two_uplinks(), 1, 0)?;
-    lab.write_config("10s", "10m", "")?;
-    lab.start_agent()?;
-    lab.greet_clients()?;
-    let pid = lab.agent_pid().expect("running").to_string();
-    let dir = lab.state_dir().display().to_string();
-    let nsenter = |args: &[&str]| {
-        let mut a = vec!["nsenter", "-t", pid.as_str(), "-m", "--"];
-        a.extend_from_slice(args);
-        uplink_tests::sh(&a)
-    };
+    let (mut lab, dir) = state_dir_lab("fullstate")?;
+    let pid = lab.agent_pid().expect("running");
+    let nsenter = |args: &[&str]| in_agent_mounts(pid, args);
     nsenter(&["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", &dir])?;
     let filler = format!("{dir}/filler");
     // dd stops with "No space left on device": the file system is full.
@@ -858,11 +850,7 @@ fn a_full_state_dir_is_reported_and_retried() -> anyhow::Result<()> {
 /// failing meanwhile, and healthy uplinks went down at start.
 #[test]
 fn probes_wait_for_the_first_apply() -> anyhow::Result<()> {
-    let probe = "probes = [\"icmp:203.0.113.10\"]";
-    let uplinks = vec![
-        UplinkSpec::new("isp1", 1, false).with(probe),
-        UplinkSpec::new("isp2", 1, false).with(probe),
-    ];
+    let uplinks = probed_uplinks();
     let mut lab = Lab::build("slowstart", uplinks, 1, 0)?;
     let slow = lab.dir.join("slow");
     let nft = lab.dir.join("nft-wrapper");

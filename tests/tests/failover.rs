@@ -159,12 +159,7 @@ fn carrier_cut_moves_only_the_dead_uplinks_clients() -> anyhow::Result<()> {
 /// Two uplinks probed by ICMP to the internet host, two clients greeted, immediate
 /// failback; returns the lab and a client on isp1.
 fn probed_lab(tag: &str) -> anyhow::Result<(Lab, u32)> {
-    let probe = "probes = [\"icmp:203.0.113.10\"]";
-    let uplinks = vec![
-        UplinkSpec::new("isp1", 1, false).with(probe),
-        UplinkSpec::new("isp2", 1, false).with(probe),
-    ];
-    let mut lab = Lab::build(tag, uplinks, 2, 0)?;
+    let mut lab = Lab::build(tag, uplink_tests::probed_uplinks(), 2, 0)?;
     lab.write_config("10s", "10m", "[failover]\nfailback_delay = \"0s\"\n")?;
     lab.start_agent()?;
     let assigned = lab.greet_clients()?;
@@ -501,12 +496,7 @@ fn partial_loss_up_then_degraded() -> anyhow::Result<()> {
 /// queued behind it) is not declared down.
 #[test]
 fn saturated_uplink_is_not_declared_down() -> anyhow::Result<()> {
-    let probe = "probes = [\"icmp:203.0.113.10\"]";
-    let uplinks = vec![
-        UplinkSpec::new("isp1", 1, false).with(probe),
-        UplinkSpec::new("isp2", 1, false).with(probe),
-    ];
-    let mut lab = Lab::build("sat", uplinks, 1, 0)?;
+    let mut lab = Lab::build("sat", uplink_tests::probed_uplinks(), 1, 0)?;
     lab.write_config("10s", "10m", "")?;
     lab.start_agent()?;
     let assigned = lab.greet_clients()?;

@@ -628,6 +628,23 @@ mod tests {
         s.parse().unwrap()
     }
 
+    /// A client as a state file holds it: MAC `m`, address 10.0.0.`n`.
+    fn saved(m: u8, n: u8, home: &str) -> Client {
+        Client {
+            mac: mac(m),
+            home: home.into(),
+            first_seen: 0,
+            addresses: [(
+                ip(&format!("10.0.0.{n}")),
+                Address {
+                    present: true,
+                    last_seen: 0,
+                },
+            )]
+            .into(),
+        }
+    }
+
     #[test]
     fn weighted_balance_gives_4_2_2() {
         let mut m = model(&[2, 1, 1]);
@@ -732,20 +749,7 @@ mod tests {
     #[test]
     fn duplicate_macs_in_a_state_file_count_once() {
         let mut m = model(&[1, 1]);
-        let c = |n: u8, home: &str| Client {
-            mac: mac(1),
-            home: home.into(),
-            first_seen: 0,
-            addresses: [(
-                ip(&format!("10.0.0.{n}")),
-                Address {
-                    present: true,
-                    last_seen: 0,
-                },
-            )]
-            .into(),
-        };
-        m.restore(vec![c(1, "u0"), c(2, "u1")]);
+        m.restore(vec![saved(1, 1, "u0"), saved(1, 2, "u1")]);
         assert_eq!(m.clients.len(), 1);
         assert_eq!(m.counts(), [1, 0], "one client, counted once, first home");
         assert_eq!(m.clients[&mac(1)].addresses.len(), 2);
@@ -768,20 +772,11 @@ mod tests {
     #[test]
     fn restore_keeps_homes_and_reassigns_orphans() {
         let mut m = model(&[1, 1]);
-        let c = |n: u8, home: &str| Client {
-            mac: mac(n),
-            home: home.into(),
-            first_seen: 0,
-            addresses: [(
-                ip(&format!("10.0.0.{n}")),
-                Address {
-                    present: true,
-                    last_seen: 0,
-                },
-            )]
-            .into(),
-        };
-        let reassigned = m.restore(vec![c(1, "u1"), c(2, "u1"), c(3, "removed")]);
+        let reassigned = m.restore(vec![
+            saved(1, 1, "u1"),
+            saved(2, 2, "u1"),
+            saved(3, 3, "removed"),
+        ]);
         assert_eq!(reassigned, 1);
         assert_eq!(m.clients[&mac(1)].home, "u1");
         assert_eq!(m.clients[&mac(3)].home, "u0");

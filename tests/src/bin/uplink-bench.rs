@@ -301,10 +301,10 @@ fn dispatch(clients: u32, interval_ms: u64, runs: u64, machine: &str) -> Result<
             .stdin(Stdio::piped())
             .spawn()?;
         let mut stdin = batch.stdin.take().expect("piped");
-        let mut sent: HashMap<Ipv4Addr, Instant> = HashMap::new();
+        let mut sent: HashMap<std::net::IpAddr, Instant> = HashMap::new();
         for i in 0..clients {
             let ip = client_ip(i);
-            sent.insert(ip, Instant::now());
+            sent.insert(ip.into(), Instant::now());
             writeln!(
                 stdin,
                 "neigh add {ip} lladdr {} dev br-lan nud reachable",
@@ -315,28 +315,12 @@ fn dispatch(clients: u32, interval_ms: u64, runs: u64, machine: &str) -> Result<
         }
         drop(stdin);
         batch.wait()?;
-        let mut lat = Vec::new();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while lat.len() < clients as usize && Instant::now() < deadline {
-            let Ok((t, line)) = mrx.recv_timeout(Duration::from_millis(500)) else {
-                continue;
-            };
-            if !line.contains("client4") {
-                continue;
-            }
-            // "add element inet uplinkd client4 { a : goto home_x, b : goto home_y }"
-            let body = line.split('{').nth(1).unwrap_or_default();
-            for part in body.split(',') {
-                if let Some(ip) = part
-                    .split_whitespace()
-                    .next()
-                    .and_then(|s| s.parse::<Ipv4Addr>().ok())
-                    && let Some(t0) = sent.remove(&ip)
-                {
-                    lat.push(t.duration_since(t0).as_secs_f64() * 1000.0);
-                }
-            }
-        }
+        let mut lat = uplink_tests::abuse::commit_latencies(
+            &mrx,
+            "client4",
+            &mut sent,
+            Duration::from_secs(10),
+        );
         let _ = monitor.kill();
         let _ = monitor.wait();
         stop(child)?;
@@ -515,7 +499,7 @@ fn failover(clients: u32, trials: u64, machine: &str) -> Result<()> {
 /// The traffic gap a client sees when its uplink fails: it sends a UDP datagram every
 /// 5 ms on one flow; the gap is the longest time without an answer around the failure.
 fn gap(kind: &str, trials: u64, machine: &str) -> Result<()> {
-    use uplink_tests::{Lab, UplinkSpec};
+    use uplink_tests::Lab;
     if kind != "carrier" && kind != "silent" {
         bail!("gap: kind must be carrier or silent");
     }
@@ -523,16 +507,7 @@ fn gap(kind: &str, trials: u64, machine: &str) -> Result<()> {
         "traffic gap on a {kind} failure, default health settings, UDP every 5 ms, {trials} trials"
     );
     println!("machine: {machine}; agent {}", uplinkd_bin().display());
-    let probe = "probes = [\"icmp:203.0.113.10\"]";
-    let mut lab = Lab::build(
-        "gap",
-        vec![
-            UplinkSpec::new("isp1", 1, false).with(probe),
-            UplinkSpec::new("isp2", 1, false).with(probe),
-        ],
-        1,
-        0,
-    )?;
+    let mut lab = Lab::build("gap", uplink_tests::probed_uplinks(), 1, 0)?;
     // Repeated cuts are flaps: raise the limit so that no trial is held down.
     lab.write_config(
         "10s",
@@ -702,15 +677,7 @@ fn pin_rtt(pins: u32, machine: &str) -> Result<()> {
         .enable_all()
         .build()?;
     let mut rtts = rt.block_on(async {
-        let tls = tonic::transport::ClientTlsConfig::new()
-            .ca_certificate(tonic::transport::Certificate::from_pem(std::fs::read(
-                certs.join("ca.crt"),
-            )?))
-            .identity(tonic::transport::Identity::from_pem(
-                std::fs::read(certs.join("op.crt"))?,
-                std::fs::read(certs.join("op.key"))?,
-            ))
-            .domain_name("198.18.250.10");
+        let tls = uplink_tests::client_tls(&certs, "op", "198.18.250.10")?;
         // The management namespace holds the route to the agent: connect from a thread in it.
         let mgmt = fleet.mgmt.0.clone();
         let std_stream =
