@@ -132,9 +132,25 @@ pub fn dispatch_latency(lab: &Lab, prefix: u16, n: u32, every: Duration) -> Resu
     Ok(lat)
 }
 
+/// How an uplink fails for a gap measurement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// Carrier loss (the ISP side of the link goes down).
+    Carrier,
+    /// The ISP drops everything it forwards while the link stays up.
+    Silent,
+}
+
 /// The longest gap without an answer on client 1's UDP flow (one datagram every 5 ms)
 /// across a carrier cut of its uplink, in milliseconds; the carrier is restored after.
 pub fn carrier_gap(lab: &Lab, uplink: &str, other: &str) -> Result<f64> {
+    failure_gap(lab, uplink, other, Failure::Carrier)
+}
+
+/// The longest gap without an answer on client 1's UDP flow (one datagram every 5 ms)
+/// across `failure` of `uplink`, until its answers come back through `other`, in
+/// milliseconds. The uplink is repaired after.
+pub fn failure_gap(lab: &Lab, uplink: &str, other: &str, failure: Failure) -> Result<f64> {
     let sock = lab.client_socket(1, false)?;
     sock.set_read_timeout(Some(Duration::from_millis(50)))?;
     let recv = sock.try_clone()?;
@@ -169,8 +185,17 @@ pub fn carrier_gap(lab: &Lab, uplink: &str, other: &str) -> Result<f64> {
     });
     std::thread::sleep(Duration::from_millis(300));
     let cut = Instant::now();
-    lab.carrier(uplink, false)?;
-    std::thread::sleep(Duration::from_millis(700));
+    let wait = match failure {
+        Failure::Carrier => {
+            lab.carrier(uplink, false)?;
+            700
+        }
+        Failure::Silent => {
+            lab.upstream_loss(uplink, 100)?;
+            2500
+        }
+    };
+    std::thread::sleep(Duration::from_millis(wait));
     stop.store(true, Ordering::SeqCst);
     sender
         .join()
@@ -178,7 +203,10 @@ pub fn carrier_gap(lab: &Lab, uplink: &str, other: &str) -> Result<f64> {
     let (times, seen) = receiver
         .join()
         .map_err(|_| anyhow::anyhow!("receiver panicked"))?;
-    lab.carrier(uplink, true)?;
+    match failure {
+        Failure::Carrier => lab.carrier(uplink, true)?,
+        Failure::Silent => lab.upstream_loss(uplink, 0)?,
+    }
     let moved = seen
         .iter()
         .any(|ip| lab.uplink_of_source(*ip).as_deref() == Some(other));

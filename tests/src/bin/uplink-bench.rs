@@ -519,80 +519,19 @@ fn gap(kind: &str, trials: u64, machine: &str) -> Result<()> {
     if assigned.values().next().map(String::as_str) != Some("isp1") {
         bail!("the client is not on isp1: {assigned:?}");
     }
+    let failure = if kind == "carrier" {
+        uplink_tests::abuse::Failure::Carrier
+    } else {
+        uplink_tests::abuse::Failure::Silent
+    };
     let mut gaps = Vec::new();
     for trial in 1..=trials {
         std::thread::sleep(Duration::from_millis(1500));
-        let sock = lab.client_socket(1, false)?;
-        sock.set_read_timeout(Some(Duration::from_millis(50)))?;
-        let recv = sock.try_clone()?;
-        let stop_flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let flag = stop_flag.clone();
-        let receiver = std::thread::spawn(move || {
-            let mut times = Vec::new();
-            let mut seen = Vec::new();
-            let mut buf = [0u8; 512];
-            while !flag.load(std::sync::atomic::Ordering::SeqCst) {
-                if let Ok(n) = recv.recv(&mut buf) {
-                    times.push(Instant::now());
-                    let s = String::from_utf8_lossy(&buf[..n])
-                        .split(' ')
-                        .next()
-                        .unwrap_or_default()
-                        .to_string();
-                    if !seen.contains(&s) {
-                        seen.push(s);
-                    }
-                }
-            }
-            (times, seen)
-        });
-        let sender_flag = stop_flag.clone();
-        let sender = std::thread::spawn(move || {
-            let mut n = 0u64;
-            while !sender_flag.load(std::sync::atomic::Ordering::SeqCst) {
-                let _ = sock.send(format!("gap {n}").as_bytes());
-                n += 1;
-                std::thread::sleep(Duration::from_millis(5));
-            }
-        });
-        std::thread::sleep(Duration::from_millis(300));
-        let failed_at = Instant::now();
-        if kind == "carrier" {
-            lab.carrier("isp1", false)?
-        } else {
-            lab.upstream_loss("isp1", 100)?
-        }
-        std::thread::sleep(Duration::from_millis(if kind == "carrier" {
-            700
-        } else {
-            2500
-        }));
-        stop_flag.store(true, std::sync::atomic::Ordering::SeqCst);
-        sender
-            .join()
-            .map_err(|_| anyhow::anyhow!("sender panicked"))?;
-        let (times, seen) = receiver
-            .join()
-            .map_err(|_| anyhow::anyhow!("receiver panicked"))?;
-        let recovered =
-            times.iter().any(|t| *t > failed_at) && seen.iter().any(|s| s == "100.64.2.2");
-        if !recovered {
-            bail!("trial {trial}: traffic did not resume through isp2 (seen {seen:?})");
-        }
-        let gap = times
-            .windows(2)
-            .filter(|w| w[1] > failed_at)
-            .map(|w| w[1].duration_since(w[0]))
-            .max()
-            .unwrap_or_default();
-        println!("trial {trial}: gap {:.1} ms", gap.as_secs_f64() * 1000.0);
-        gaps.push(gap.as_secs_f64() * 1000.0);
-        if kind == "carrier" {
-            lab.carrier("isp1", true)?
-        } else {
-            lab.upstream_loss("isp1", 0)?
-        }
         let mark = lab.log_len();
+        let gap = uplink_tests::abuse::failure_gap(&lab, "isp1", "isp2", failure)
+            .with_context(|| format!("trial {trial}"))?;
+        println!("trial {trial}: gap {gap:.1} ms");
+        gaps.push(gap);
         lab.wait_for(Duration::from_secs(10), "failback", || {
             Ok(lab.log_since(mark).contains("failback to isp1"))
         })?;
