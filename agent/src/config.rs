@@ -148,6 +148,8 @@ pub struct AgentConfig {
     pub resync_interval: Duration,
     /// Also re-read every map element (costly at 100k clients).
     pub full_resync_interval: Duration,
+    /// The client assignments are written at most this often.
+    pub state_save_interval: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -346,6 +348,7 @@ struct RawAgent {
     state_dir: Option<PathBuf>,
     resync_interval: Option<Spanned<String>>,
     full_resync_interval: Option<Spanned<String>>,
+    state_save_interval: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -511,6 +514,11 @@ impl Validator<'_> {
                 "agent.full_resync_interval",
                 raw.agent.full_resync_interval,
                 Duration::from_secs(300),
+            )?,
+            state_save_interval: self.duration(
+                "agent.state_save_interval",
+                raw.agent.state_save_interval,
+                Duration::from_secs(5),
             )?,
         };
 

@@ -690,7 +690,8 @@ impl Lab {
     /// agent.resync_interval and `idle` lan.client_idle_timeout.
     pub fn write_config(&self, resync: &str, idle: &str, extra: &str) -> Result<()> {
         let mut c = format!(
-            "[agent]\nname = \"{}\"\nstate_dir = \"{}\"\nresync_interval = \"{resync}\"\n\n[lan]\ninterfaces = [\"{LAN_IF}\"]\nclient_idle_timeout = \"{idle}\"\n",
+            // Tests read assignments from the state file: write it promptly.
+            "[agent]\nname = \"{}\"\nstate_dir = \"{}\"\nresync_interval = \"{resync}\"\nstate_save_interval = \"200ms\"\n\n[lan]\ninterfaces = [\"{LAN_IF}\"]\nclient_idle_timeout = \"{idle}\"\n",
             self.prefix,
             self.state_dir().display()
         );

@@ -898,3 +898,33 @@ fn probes_wait_for_the_first_apply() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// No TLS session resumption on the API: a resumed session skips the client-certificate
+/// check, so a client whose CA left api.ca could come back on an old session. Every
+/// reconnect is a full handshake. (Checked over TLS 1.2 session ids, which `openssl
+/// s_client -reconnect` exercises; the server sends no TLS 1.3 tickets either.)
+#[test]
+fn api_sessions_are_never_resumed() -> anyhow::Result<()> {
+    let lab = api_lab("noresume", two_uplinks(), 0, "")?;
+    let certs = lab.dir.join("certs");
+    let d = certs.display().to_string();
+    let out = uplink_tests::sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &lab.ns("gw"),
+        "sh",
+        "-c",
+        &format!(
+            "openssl s_client -connect 127.0.0.1:7443 -reconnect -CAfile {d}/ca.crt -cert {d}/view.crt -key {d}/view.key -alpn h2 -tls1_2 </dev/null 2>&1"
+        ),
+    ])?;
+    let new = out.lines().filter(|l| l.starts_with("New, ")).count();
+    let reused = out.lines().filter(|l| l.starts_with("Reused, ")).count();
+    assert!(
+        new >= 6,
+        "six full handshakes: {new} new, {reused} reused\n{out}"
+    );
+    assert_eq!(reused, 0, "{out}");
+    Ok(())
+}

@@ -158,6 +158,8 @@ pub struct Agent {
     snapshot: tokio::sync::watch::Sender<Arc<api::snapshot::Snapshot>>,
     /// The decisions as last written.
     saved_decisions: Decisions,
+    /// When the client assignments were last handed to the writer.
+    saved_at: Option<Instant>,
     /// The client assignments being written beside the loop.
     saving: Option<JoinHandle<Result<(), StateError>>>,
     /// A state directory that is full or read-only is reported at a bounded rate.
@@ -254,6 +256,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
             started,
         })),
         saving: None,
+        saved_at: None,
         save_errors: metrics::RateLimitedWarning::default(),
         lan_refusals: metrics::RateLimitedWarning::default(),
     };
@@ -743,8 +746,9 @@ impl Agent {
     }
 
     /// Writes the client assignments beside the loop when they changed: at most one write
-    /// in flight, so at most one a housekeeping tick. A failed write (full or read-only
-    /// state directory) is reported at a bounded rate and retried.
+    /// in flight and one per `agent.state_save_interval` (a churning LAN of 100k clients
+    /// must not rewrite megabytes of flash every second). A failed write (full or
+    /// read-only state directory) is reported at a bounded rate and retried.
     fn save_state(&mut self) {
         if let Some(h) = &self.saving {
             if !h.is_finished() {
@@ -759,7 +763,7 @@ impl Agent {
                         .save_errors
                         .with_label_values(&["state.json"])
                         .inc();
-                    self.save_errors.warn(|n| error!(error = %e, failures = n, "cannot save assignments; routing goes on, retrying every second"));
+                    self.save_errors.warn(|n| error!(error = %e, failures = n, "cannot save assignments; routing goes on, retrying"));
                 }
                 Some(Err(e)) => {
                     self.state_dirty = true;
@@ -768,10 +772,14 @@ impl Agent {
                 None => {}
             }
         }
-        if !self.state_dirty {
+        let due = self
+            .saved_at
+            .is_none_or(|t| t.elapsed() >= self.config.agent.state_save_interval);
+        if !self.state_dirty || !due {
             return;
         }
         self.state_dirty = false;
+        self.saved_at = Some(Instant::now());
         // A snapshot of the map (a pointer copy): serializing and writing both run
         // beside the loop.
         let clients = self.model.clients().clone();
