@@ -139,6 +139,11 @@ impl Health {
         self.state
     }
 
+    /// A flap hold saved before a restart goes on for `left`.
+    pub fn hold_for(&mut self, left: std::time::Duration, now: Instant) {
+        self.held_until = Some(now + left);
+    }
+
     /// The link layer changed (exists, admin up, carrier, address).
     pub fn on_link(
         &mut self,

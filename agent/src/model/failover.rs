@@ -185,6 +185,7 @@ impl Model {
                 u.usable_since = o.usable_since;
                 u.needs_flush = o.needs_flush;
                 u.drained = o.drained;
+                u.held_until = o.held_until;
             }
         }
         self.all_down = old.all_down;
@@ -370,6 +371,8 @@ impl Model {
                 // Whatever it carried (its own clients or others' by failover) must move.
                 u.needs_flush = true;
             }
+            u.held_until =
+                (t.to == UplinkState::Held).then(|| at.saturating_add(f.hold.as_millis() as u64));
             if t.to.usable() {
                 u.needs_flush = false;
             }
@@ -715,6 +718,27 @@ mod tests {
         assert_eq!(m.home_target(0), HomeTarget::Spread(vec![1]));
         assert!(m.unpin(ip, 0).is_some());
         assert!(m.unpin(ip, 0).is_none());
+    }
+
+    #[test]
+    fn a_flap_hold_survives_a_restart() {
+        let (c, mut m) = setup("max_flaps=1\nhold=\"10m\"");
+        let t0 = Instant::now();
+        m.refresh_links(t0, &c.health, &c.failover);
+        for up in [false, true, false] {
+            carrier(&mut m, "wa", up);
+            m.refresh_links(t0, &c.health, &c.failover);
+        }
+        assert_eq!(m.uplinks[0].state(), UplinkState::Held);
+        let saved = m.decisions();
+        let until = saved.uplinks["a"].held_until.expect("saved");
+        assert!(until > now_millis() + 500_000, "about 10 minutes out");
+        // The restarted agent: a fresh model, the link fine, the hold still on.
+        let (c, mut fresh) = setup("max_flaps=1\nhold=\"10m\"");
+        fresh.restore_decisions(saved);
+        fresh.refresh_links(Instant::now(), &c.health, &c.failover);
+        assert_eq!(fresh.uplinks[0].state(), UplinkState::Held);
+        assert_eq!(fresh.decisions().uplinks["a"].held_until, Some(until));
     }
 
     #[test]

@@ -56,6 +56,8 @@ pub struct Uplink {
     /// Drained by an operator: its clients' new flows go elsewhere, no new client lands on
     /// it, established flows finish on it.
     pub drained: bool,
+    /// Held down for flapping until then (Unix milliseconds), for the decisions file.
+    pub held_until: Option<Millis>,
 }
 
 impl Uplink {
@@ -79,6 +81,7 @@ impl Uplink {
             usable_since: None,
             needs_flush: false,
             drained: false,
+            held_until: None,
         }
     }
 
@@ -532,6 +535,7 @@ impl Model {
                             drained: u.drained,
                             usable: u.usable(),
                             serving: u.serving,
+                            held_until: u.held_until,
                         },
                     )
                 })
@@ -552,6 +556,14 @@ impl Model {
             u.serving = r.serving && r.usable;
             if !r.usable {
                 u.health.start_down();
+            }
+            // A flap hold runs to its end, not to the restart.
+            if let Some(until) = r.held_until {
+                let left = Duration::from_millis(until.saturating_sub(now_millis()));
+                if !left.is_zero() {
+                    u.health.hold_for(left, Instant::now());
+                    u.held_until = Some(until);
+                }
             }
         }
         self.overrides = saved

@@ -85,6 +85,9 @@ pub struct UplinkRuntime {
     pub usable: bool,
     /// It carried its own clients (false from failover until failback).
     pub serving: bool,
+    /// Held down for flapping until then (Unix milliseconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_until: Option<Millis>,
 }
 
 /// One client converted as it is parsed.
@@ -355,6 +358,7 @@ mod tests {
                     drained: true,
                     usable: false,
                     serving: false,
+                    held_until: Some(42),
                 },
             )]),
             overrides: pins,
