@@ -928,3 +928,54 @@ fn api_sessions_are_never_resumed() -> anyhow::Result<()> {
     assert_eq!(reused, 0, "{out}");
     Ok(())
 }
+
+/// WatchEvents streams are capped (64 per agent): the next one gets RESOURCE_EXHAUSTED
+/// with the reason, and a slot frees when a stream closes.
+#[test]
+fn event_streams_are_capped() -> anyhow::Result<()> {
+    use uplink_api::v1::{WatchEventsRequest, agent_client::AgentClient};
+    let lab = api_lab("watchcap", two_uplinks(), 0, "")?;
+    let certs = lab.dir.join("certs");
+    let ns = lab.ns("gw");
+    in_netns(&ns, move || -> anyhow::Result<()> {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async {
+            let channel = tonic::transport::Endpoint::from_static("https://127.0.0.1:7443")
+                .tls_config(uplink_tests::client_tls(&certs, "view", "127.0.0.1")?)?
+                .connect()
+                .await?;
+            let mut client = AgentClient::new(channel);
+            let mut open = Vec::new();
+            for _ in 0..64 {
+                open.push(
+                    client
+                        .watch_events(WatchEventsRequest {})
+                        .await?
+                        .into_inner(),
+                );
+            }
+            let refused = client
+                .watch_events(WatchEventsRequest {})
+                .await
+                .expect_err("the 65th stream is refused");
+            assert_eq!(refused.code(), tonic::Code::ResourceExhausted, "{refused}");
+            assert!(refused.message().contains("64 event streams"), "{refused}");
+            drop(open.pop());
+            // The server notices the closed stream when it next writes to it or polls it.
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            loop {
+                match client.watch_events(WatchEventsRequest {}).await {
+                    Ok(_) => break,
+                    Err(_) if std::time::Instant::now() < deadline => {
+                        tokio::time::sleep(Duration::from_millis(100)).await
+                    }
+                    Err(e) => anyhow::bail!("no slot came back: {e}"),
+                }
+            }
+            anyhow::Ok(())
+        })
+    })?
+}
