@@ -218,7 +218,9 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
     let (passive_tx, mut passive_rx) = mpsc::channel(1024);
     let counters = dataplane.counter_reader();
     let config_arc = Arc::new(config);
-    let model_for_api = model.clone();
+    // Until the first apply the API sees an empty model, not in sync: a snapshot of the
+    // restored one would make the start's mutations copy every client once.
+    let model_for_api = Model::new(&config_arc);
     let started = Instant::now();
     let mut agent = Agent {
         config: config_arc.clone(),
@@ -300,6 +302,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
     agent.reconcile_probers();
     agent.save_state();
     agent.publish_metrics();
+    agent.publish_snapshot();
     if report.errors.is_empty() {
         crate::notify::ready();
     }
@@ -416,10 +419,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
     if let Some(h) = agent.saving.take() {
         let _ = h.await;
     }
-    if let Err(e) = agent
-        .state
-        .write_clients(&StateFile::encode_clients(agent.model.clients()))
-    {
+    if let Err(e) = agent.state.write_clients(agent.model.clients()) {
         error!(error = %e, "cannot save assignments at exit");
     }
     for (_, (_, task)) in agent.probers.drain() {
@@ -785,7 +785,7 @@ impl Agent {
         let clients = self.model.clients().clone();
         let state = self.state.clone();
         self.saving = Some(tokio::task::spawn_blocking(move || {
-            state.write_clients(&StateFile::encode_clients(&clients))
+            state.write_clients(&clients)
         }));
     }
 

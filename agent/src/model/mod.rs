@@ -20,6 +20,9 @@ use state_file::{Decisions, UplinkRuntime};
 /// Milliseconds since the Unix epoch: persisted, so wall-clock.
 pub type Millis = u64;
 
+/// How stale a present address's `last_seen` may get before a sighting rewrites it.
+const LAST_SEEN_GRANULARITY: Millis = 60_000;
+
 pub fn now_millis() -> Millis {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -127,6 +130,11 @@ impl AddrMap {
         }
     }
 
+    pub fn get(&self, ip: &IpAddr) -> Option<&Address> {
+        let i = self.0.binary_search_by(|(k, _)| k.cmp(ip)).ok()?;
+        Some(&self.0[i].1)
+    }
+
     pub fn get_mut(&mut self, ip: &IpAddr) -> Option<&mut Address> {
         let i = self.0.binary_search_by(|(k, _)| k.cmp(ip)).ok()?;
         Some(&mut self.0[i].1)
@@ -218,7 +226,7 @@ pub struct Model {
     /// 100k clients for the cost of a pointer, and a write copies only the path it
     /// changes.
     clients: imbl::OrdMap<Mac, Client>,
-    by_addr: imbl::HashMap<IpAddr, Mac>,
+    by_addr: imbl::OrdMap<IpAddr, Mac>,
     /// Clients per uplink, in config order.
     counts: Vec<usize>,
     prefixes: Vec<IpNet>,
@@ -256,7 +264,7 @@ impl Model {
                 })
                 .collect(),
             clients: imbl::OrdMap::new(),
-            by_addr: imbl::HashMap::new(),
+            by_addr: imbl::OrdMap::new(),
             counts: vec![0; config.uplinks.len()],
             prefixes: config.lan.prefixes.clone(),
             all_down: false,
@@ -403,6 +411,17 @@ impl Model {
             });
             change = Change::Clients;
         }
+        // A present address seen again is written only when its sighting is older than
+        // LAST_SEEN_GRANULARITY: a neighbour dump of 100k clients then leaves the maps (and
+        // the snapshot the API holds, which shares them) untouched.
+        let fresh = self.clients.get(&mac).and_then(|c| {
+            c.addresses
+                .get(&ip)
+                .filter(|a| a.present && now.saturating_sub(a.last_seen) < LAST_SEEN_GRANULARITY)
+        });
+        if fresh.is_some() && self.by_addr.get(&ip) == Some(&mac) {
+            return change;
+        }
         let client = self.clients.get_mut(&mac).expect("inserted above");
         match client.addresses.insert(
             ip,
@@ -482,25 +501,23 @@ impl Model {
     /// Restores clients from the state file. Homes on uplinks no longer configured are
     /// re-assigned; every restored address starts as gone (as of its last sighting) until
     /// the neighbour dump confirms it.
-    pub fn restore(&mut self, clients: Vec<Client>) -> usize {
+    pub fn restore(&mut self, mut clients: Vec<Client>) -> usize {
         // A MAC listed twice (a hand-edited or foreign file) is one client: its addresses
-        // merge under the first entry's home, so it is counted once.
-        let mut unique: BTreeMap<Mac, Client> = BTreeMap::new();
-        for c in clients {
-            match unique.get_mut(&c.mac) {
-                Some(first) => {
-                    for (ip, a) in c.addresses.iter() {
-                        first.addresses.insert(*ip, a.clone());
-                    }
-                }
-                None => {
-                    unique.insert(c.mac, c);
-                }
+        // merge under the first entry's home, so it is counted once. In place: at 100k
+        // clients a second collection would add its size to the start-up peak.
+        clients.sort_by_key(|c| c.mac);
+        clients.dedup_by(|later, first| {
+            if later.mac != first.mac {
+                return false;
             }
-        }
+            for (ip, a) in later.addresses.iter() {
+                first.addresses.insert(*ip, a.clone());
+            }
+            true
+        });
         let mut reassigned = 0;
         let mut orphans = Vec::new();
-        for mut c in unique.into_values() {
+        for mut c in clients {
             for a in c.addresses.values_mut() {
                 a.present = false;
             }

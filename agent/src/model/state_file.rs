@@ -251,14 +251,11 @@ impl StateFile {
         Ok(to)
     }
 
-    /// The client assignments as the bytes of a state file. Takes a snapshot (a cheap
-    /// clone of the model's map), so it can run beside the loop.
-    pub fn encode_clients(clients: &imbl::OrdMap<Mac, Client>) -> Vec<u8> {
-        serde_json::to_vec(&StateOut { clients }).expect("state serializes")
-    }
-
-    pub fn write_clients(&self, bytes: &[u8]) -> Result<(), StateError> {
-        self.write_atomic(FILE, bytes)
+    /// Writes the client assignments, streamed into the file (no whole document in
+    /// memory). Takes a snapshot (a cheap clone of the model's map), so it can run beside
+    /// the loop.
+    pub fn write_clients(&self, clients: &imbl::OrdMap<Mac, Client>) -> Result<(), StateError> {
+        self.write_atomic(FILE, &StateOut { clients })
     }
 
     /// The decisions file; `None` when there is none yet.
@@ -276,10 +273,7 @@ impl StateFile {
             version: VERSION,
             decisions: decisions.clone(),
         };
-        self.write_atomic(
-            DECISIONS_FILE,
-            &serde_json::to_vec(&doc).expect("decisions serialize"),
-        )
+        self.write_atomic(DECISIONS_FILE, &doc)
     }
 
     /// Moves an unreadable decisions file aside (never deletes it).
@@ -291,22 +285,24 @@ impl StateFile {
     }
 
     /// Temp file, fsync, rename, fsync of the directory: a crash leaves the old or the new.
-    fn write_atomic(&self, name: &str, bytes: &[u8]) -> Result<(), StateError> {
+    fn write_atomic(&self, name: &str, doc: &impl Serialize) -> Result<(), StateError> {
         let io = |path: &Path| {
             let path = path.to_owned();
             move |source| StateError::Io { path, source }
         };
         fs::create_dir_all(&self.dir).map_err(io(&self.dir))?;
         let tmp = self.dir.join(format!("{name}.tmp"));
-        let mut f = File::create(&tmp).map_err(io(&tmp))?;
-        let written = std::io::Write::write_all(&mut f, bytes).and_then(|()| f.sync_all());
+        let f = File::create(&tmp).map_err(io(&tmp))?;
+        let mut w = std::io::BufWriter::with_capacity(1 << 16, f);
+        let written = serde_json::to_writer(&mut w, doc)
+            .map_err(std::io::Error::from)
+            .and_then(|()| w.into_inner().map_err(|e| e.into_error()))
+            .and_then(|f| f.sync_all());
         if let Err(source) = written {
             // A full disk: leave no partial temp file behind.
-            drop(f);
             let _ = fs::remove_file(&tmp);
             return Err(StateError::Io { path: tmp, source });
         }
-        drop(f);
         let path = self.dir.join(name);
         fs::rename(&tmp, &path).map_err(io(&path))?;
         File::open(&self.dir)
@@ -363,11 +359,8 @@ mod tests {
             )]),
             overrides: pins,
         };
-        sf.write_clients(&StateFile::encode_clients(&imbl::OrdMap::unit(
-            c.mac,
-            c.clone(),
-        )))
-        .unwrap();
+        sf.write_clients(&imbl::OrdMap::unit(c.mac, c.clone()))
+            .unwrap();
         assert!(sf.load_decisions().unwrap().is_none());
         sf.save_decisions(&decisions).unwrap();
         assert_eq!(sf.load_decisions().unwrap(), Some(decisions));
