@@ -584,7 +584,6 @@ impl Agent {
     fn record(&mut self, log: Vec<LogEntry>) -> bool {
         let any = !log.is_empty();
         if any {
-            self.save_decisions();
             self.publish_snapshot();
         }
         for e in log {
@@ -709,6 +708,8 @@ impl Agent {
         }
         self.metrics_dirty = true;
         self.publish_snapshot();
+        // After the kernel change, so its fsync never delays a failover.
+        self.save_decisions();
         self.heartbeat.set_stuck(
             report
                 .errors
