@@ -52,7 +52,7 @@ pub fn nft_listing(data: &[u8]) {
     if let Ok(text) = std::str::from_utf8(data)
         && let Ok(k) = nft::parse_listing(text)
     {
-        let _ = nft::adopted_homes(&k);
+        let _ = nft::adopted_homes(&k, |_| true);
     }
 }
 

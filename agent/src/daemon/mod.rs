@@ -209,8 +209,10 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
         }
         Err(e) => return Err(e.into()),
     }
+    // Only addresses the state file does not know are adopted from the kernel's maps: with
+    // a complete state file there is nothing to keep (100k entries at a warm restart).
     let adopt = match dataplane.read_nft().await? {
-        Some(k) => nft::adopted_homes(k),
+        Some(k) => nft::adopted_homes(k, |ip| model.client_by_addr(ip).is_none()),
         None => BTreeMap::new(),
     };
     let mut events = discover::subscribe()?;

@@ -972,8 +972,9 @@ pub fn parse_listing(json: &str) -> Result<KernelNft, DataplaneError> {
     })
 }
 
-/// Adopted assignments: client address → uplink name, from the kernel's client maps.
-pub fn adopted_homes(k: &KernelNft) -> BTreeMap<IpAddr, String> {
+/// Adopted assignments: client address → uplink name, from the kernel's client maps, for
+/// the addresses `wanted` accepts.
+pub fn adopted_homes(k: &KernelNft, wanted: impl Fn(&IpAddr) -> bool) -> BTreeMap<IpAddr, String> {
     k.elements
         .iter()
         .filter_map(|(key, target)| {
@@ -982,6 +983,9 @@ pub fn adopted_homes(k: &KernelNft) -> BTreeMap<IpAddr, String> {
                 ElemKey::V6(a) => IpAddr::V6(*a),
                 ElemKey::Mark(_) | ElemKey::Pin4(_) | ElemKey::Pin6(_) => return None,
             };
+            if !wanted(&ip) {
+                return None;
+            }
             Some((ip, target.strip_prefix("home_")?.to_string()))
         })
         .collect()
@@ -1087,7 +1091,7 @@ mod tests {
         );
         assert_eq!(&*k.elements[&ElemKey::Mark(0x0100_0000)], "up_a");
         assert_eq!(
-            adopted_homes(&k)[&"10.0.0.1".parse::<IpAddr>().unwrap()],
+            adopted_homes(&k, |_| true)[&"10.0.0.1".parse::<IpAddr>().unwrap()],
             "a"
         );
     }
