@@ -243,20 +243,28 @@ fn listeners_are_bounded_and_metrics_are_not_on_the_wan() -> anyhow::Result<()> 
     Ok(())
 }
 
+/// An API lab of two uplinks and two clients whose `uplink` is cut (failback after
+/// `failback_delay`); returns it and the client homed there, already moved to the other.
+fn cut_a_home(tag: &str, uplink: &str, failback_delay: &str) -> anyhow::Result<(Lab, u32)> {
+    let lab = api_lab(
+        tag,
+        two_uplinks(),
+        2,
+        &format!("[failover]\nfailback_delay = \"{failback_delay}\"\n"),
+    )?;
+    let homes = lab.greet_clients()?;
+    let c = client_on(&homes, uplink);
+    lab.carrier(uplink, false)?;
+    let other = if uplink == "isp1" { "isp2" } else { "isp1" };
+    anyhow::ensure!(via(&lab, c)? == other, "c{c} did not move off {uplink}");
+    Ok((lab, c))
+}
+
 /// Defect 4: `uplinkd_uplink_clients` is who is on the link now; the homed count has its
 /// own name. A dead uplink whose clients moved used to report them still.
 #[test]
 fn client_metrics_tell_who_is_on_each_uplink_now() -> anyhow::Result<()> {
-    let lab = api_lab(
-        "carried",
-        two_uplinks(),
-        2,
-        "[failover]\nfailback_delay = \"60s\"\n",
-    )?;
-    let homes = lab.greet_clients()?;
-    let c = client_on(&homes, "isp2");
-    lab.carrier("isp2", false)?;
-    assert_eq!(via(&lab, c)?, "isp1");
+    let (lab, _) = cut_a_home("carried", "isp2", "60s")?;
     lab.wait_for(
         Duration::from_secs(5),
         "carried counts after the failover",
@@ -340,17 +348,8 @@ fn a_second_instance_changes_nothing() -> anyhow::Result<()> {
 /// a pin to it in that window used to be acknowledged and not applied.
 #[test]
 fn a_pin_takes_effect_while_its_uplink_waits_for_failback() -> anyhow::Result<()> {
-    let lab = api_lab(
-        "pinwait",
-        two_uplinks(),
-        2,
-        "[failover]\nfailback_delay = \"120s\"\n",
-    )?;
-    let homes = lab.greet_clients()?;
-    let c = client_on(&homes, "isp1");
+    let (lab, c) = cut_a_home("pinwait", "isp1", "120s")?;
     let ip = client_v4(c).to_string();
-    lab.carrier("isp1", false)?;
-    assert_eq!(via(&lab, c)?, "isp2");
     lab.carrier("isp1", true)?;
     lab.wait_for(Duration::from_secs(10), "isp1 up again", || {
         let (_, out, _) = lab.ctl("view", &["uplinks"])?;

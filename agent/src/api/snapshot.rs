@@ -54,7 +54,7 @@ impl Snapshot {
     pub fn uplinks(&self) -> Vec<v1::Uplink> {
         let carried = view::carried(&self.config, &self.model);
         (0..self.config.uplinks.len())
-            .map(|i| view::uplink(&self.config, &self.model, &carried, i, None))
+            .map(|i| view::uplink(&self.config, &self.model, &carried, i))
             .collect()
     }
 

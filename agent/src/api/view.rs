@@ -5,7 +5,6 @@ use std::net::IpAddr;
 use uplink_api::v1;
 
 use crate::config::Config;
-use crate::dataplane::nft::Traffic;
 use crate::health::UplinkState;
 use crate::model::failover::{EventKind, FailbackPending, HomeTarget, LogEntry};
 use crate::model::{Client, Model};
@@ -22,13 +21,9 @@ pub fn state(model: &Model, i: usize) -> v1::UplinkState {
     }
 }
 
-pub fn uplink(
-    config: &Config,
-    model: &Model,
-    carried: &[usize],
-    i: usize,
-    traffic: Option<&Traffic>,
-) -> v1::Uplink {
+/// An uplink as the API shows it. Its traffic counters are left at 0: the API reads
+/// them beside the loop and fills them in.
+pub fn uplink(config: &Config, model: &Model, carried: &[usize], i: usize) -> v1::Uplink {
     let (c, m) = (&config.uplinks[i], &model.uplinks[i]);
     let pending = model.failback_pending(i, std::time::Instant::now(), &config.failover);
     let probing = !c.probes.is_empty();
@@ -53,10 +48,10 @@ pub fn uplink(
             .flatten()
             .map(|d| d.as_secs_f64() * 1000.0),
         serving: m.serving && m.usable() && !m.drained,
-        tx_packets: traffic.map(|t| t.tx.0).unwrap_or(0),
-        tx_bytes: traffic.map(|t| t.tx.1).unwrap_or(0),
-        rx_packets: traffic.map(|t| t.rx.0).unwrap_or(0),
-        rx_bytes: traffic.map(|t| t.rx.1).unwrap_or(0),
+        tx_packets: 0,
+        tx_bytes: 0,
+        rx_packets: 0,
+        rx_bytes: 0,
         failback_in_ms: match pending {
             FailbackPending::In(d) => Some(d.as_millis() as u64),
             _ => None,

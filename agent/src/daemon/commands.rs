@@ -74,7 +74,6 @@ impl Agent {
 
     async fn apply_for_api(&mut self) -> Result<(), ApiError> {
         let report = self.apply(crate::dataplane::ReadBack::Cache).await;
-        self.save_decisions();
         self.publish_metrics();
         match report.errors.first() {
             None => Ok(()),
@@ -126,6 +125,6 @@ impl Agent {
     /// An uplink as the API shows it, without traffic counters (the API reads those).
     fn uplink_view(&self, i: usize) -> v1::Uplink {
         let carried = view::carried(&self.config, &self.model);
-        view::uplink(&self.config, &self.model, &carried, i, None)
+        view::uplink(&self.config, &self.model, &carried, i)
     }
 }

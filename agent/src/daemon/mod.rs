@@ -265,7 +265,6 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
         lan_refusals: metrics::RateLimitedWarning::default(),
     };
     let (cmd_tx, mut cmd_rx) = mpsc::channel(256);
-    let started = Instant::now();
     // Listeners are bound and TLS is loaded before the first kernel write: a port clash or
     // a bad certificate stops the agent before it has changed anything.
     // They run on a runtime of their own, at a lower CPU priority: however hard clients
@@ -585,9 +584,6 @@ impl Agent {
     /// Logs and records health events; returns whether there were any.
     fn record(&mut self, log: Vec<LogEntry>) -> bool {
         let any = !log.is_empty();
-        if any {
-            self.publish_snapshot();
-        }
         for e in log {
             match e.kind {
                 EventKind::Failover | EventKind::AllDown => {
