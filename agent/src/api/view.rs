@@ -156,6 +156,7 @@ pub fn event(e: &LogEntry) -> v1::Event {
         EventKind::Drain => "drain",
         EventKind::Undrain => "undrain",
         EventKind::Reload => "reload",
+        EventKind::Sla { .. } => "sla",
     };
     v1::Event {
         at_ms: e.at,

@@ -14,19 +14,22 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
 
+use ipnet::IpNet;
 use nftables::expr::{
     BinaryOperation, CT, Expression, JHash, Meta, MetaKey, NamedExpression, Payload, PayloadField,
-    SetItem, Verdict,
+    SetItem,
 };
-use nftables::schema::{Chain, NfCmd, NfListObject, NfObject, Rule, Table};
+use nftables::schema::{Chain, NfListObject, Rule, Table};
 use nftables::stmt::{JumpTarget, Mangle, Match, Operator, Statement, VerdictMap};
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
 use serde::Deserialize;
+use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
 
+use crate::config::{AddrMatch, SetConfig, Target};
 use crate::plan::{
     ElemKey, MAP_CLIENT4, MAP_CLIENT6, MAP_PIN4, MAP_PIN6, MAP_STICKY, NftDesired, NftStructure,
-    home_chain, up_chain,
+    SpreadKey, Verdict, home_chain, policy_chain, up_chain,
 };
 
 use super::DataplaneError;
@@ -35,6 +38,13 @@ const PREROUTING: &str = "prerouting";
 const POSTROUTING: &str = "postrouting";
 /// Counts forwarded traffic per uplink interface, both directions.
 const ACCOUNTING: &str = "accounting";
+/// The `[[rule]]`s, in order; ends in the default policy.
+const RULES: &str = "rules";
+const DEFAULT_POLICY: &str = "default";
+/// Comment of a set uplinkd creates but never fills.
+pub const EXTERNAL_SET: &str = "uplinkd:external";
+/// In a rule's comment, before the `[[rule]]`'s name (its counters are summed by name).
+const RULE_TAG: &str = " rule:";
 /// Rule comments start with this, followed by a hash of the rule's expression.
 const COMMENT_PREFIX: &str = "uplinkd:";
 /// Fixed so that a later API can compute which bucket an unassigned client hashes to.
@@ -54,6 +64,8 @@ pub struct Signature {
     chains: BTreeSet<ListChain>,
     maps: BTreeSet<(String, String, String)>,
     rules: Vec<(String, Option<String>)>,
+    /// Name, type, comment (which carries a hash of uplinkd's own elements).
+    sets: BTreeSet<(String, String, Option<String>)>,
 }
 
 impl Signature {
@@ -90,6 +102,28 @@ impl Signature {
                 .map(|c| c.name.clone())
                 .collect(),
         )
+    }
+
+    /// Sets to add (new or changed: a changed set is deleted and added again) and sets to
+    /// delete, to turn `self` into `want`. An external set is never replaced for a
+    /// change of comment alone: its elements are someone else's.
+    fn set_changes(&self, want: &Signature) -> (BTreeSet<String>, BTreeSet<String>) {
+        let mut add = BTreeSet::new();
+        let mut del = BTreeSet::new();
+        for w in &want.sets {
+            if !self.sets.contains(w) {
+                add.insert(w.0.clone());
+                if self.sets.iter().any(|h| h.0 == w.0) {
+                    del.insert(w.0.clone());
+                }
+            }
+        }
+        for h in &self.sets {
+            if !want.sets.iter().any(|w| w.0 == h.0) {
+                del.insert(h.0.clone());
+            }
+        }
+        (add, del)
     }
 
     /// Chains of `other` whose rule lists differ from `self`'s.
@@ -218,6 +252,61 @@ impl NftDriver {
         }
     }
 
+    /// An external set's elements as nft lists them; `None` when the set does not exist.
+    async fn set_elements(&self, set: &str) -> Result<Option<Value>, DataplaneError> {
+        match self
+            .run(&["-j", "list", "set", "inet", &self.table, set], None)
+            .await
+        {
+            Ok(out) => {
+                let v: Value = serde_json::from_str(&out)
+                    .map_err(|e| DataplaneError::NftOutput(e.to_string()))?;
+                Ok(v["nftables"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find_map(|i| i["set"]["elem"].as_array().cloned())
+                    .map(Value::Array))
+            }
+            Err(DataplaneError::Nft { stderr, .. })
+                if stderr.contains("No such file or directory") =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Packets and bytes each `[[rule]]` decided, by rule name.
+    pub async fn rule_counters(&self) -> Result<BTreeMap<String, (u64, u64)>, DataplaneError> {
+        let out = self
+            .run(&["-j", "list", "chain", "inet", &self.table, RULES], None)
+            .await?;
+        let v: Value =
+            serde_json::from_str(&out).map_err(|e| DataplaneError::NftOutput(e.to_string()))?;
+        let mut m: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+        for item in v["nftables"].as_array().into_iter().flatten() {
+            let Some(name) = item["rule"]["comment"]
+                .as_str()
+                .and_then(|c| c.split_once(RULE_TAG))
+                .map(|(_, n)| n)
+            else {
+                continue;
+            };
+            let c = m.entry(name.to_string()).or_default();
+            for e in item["rule"]["expr"].as_array().into_iter().flatten() {
+                if let (Some(p), Some(b)) = (
+                    e["counter"]["packets"].as_u64(),
+                    e["counter"]["bytes"].as_u64(),
+                ) {
+                    c.0 += p;
+                    c.1 += b;
+                }
+            }
+        }
+        Ok(m)
+    }
+
     /// Forwarded traffic per interface from the accounting chain: (tx, rx) as
     /// (packets, bytes).
     pub async fn counters(&self) -> Result<BTreeMap<String, Traffic>, DataplaneError> {
@@ -294,91 +383,99 @@ impl NftDriver {
         let want_sig = signature_of(&structure);
         let mut batch: Vec<String> = Vec::new();
         let mut stats = NftStats::default();
+        let table = self.table.as_str();
+        let add = |o: &Value| json!({ "add": o }).to_string();
         // Element keys this batch deletes and adds, to update the cache on success.
         let mut changed_keys: Option<(Vec<ElemKey>, Vec<ElemKey>)> = None;
         match kernel.as_ref() {
             Some(k) if k.signature.compatible(&want_sig) => {
                 // In place, one transaction: new chains, then chains whose rules differ
-                // (a failover rewrites a home chain) flushed and refilled, element
-                // changes, and last the chains of removed uplinks, emptied first. The
-                // table, its NAT chain and established flows are never touched.
+                // (a failover rewrites a home chain) flushed, changed sets replaced, the
+                // flushed chains refilled, element changes, and last the chains and sets
+                // no longer wanted, emptied first. The table, its NAT chain and
+                // established flows are never touched.
                 let (new_chains, old_chains) = k.signature.chain_changes(&want_sig);
                 for c in &new_chains {
-                    let chain = Chain {
-                        family: NfFamily::INet,
-                        table: Cow::Borrowed(&self.table),
-                        name: Cow::Borrowed(&c.name),
-                        ..Chain::default()
-                    };
-                    batch.push(command(NfCmd::Add(NfListObject::Chain(chain))));
+                    batch.push(add(
+                        &json!({"chain": {"family": "inet", "table": table, "name": c.name}}),
+                    ));
                 }
-                let changed = k.signature.changed_chains(&want_sig);
+                let (new_sets, old_sets) = k.signature.set_changes(&want_sig);
+                let mut changed = k.signature.changed_chains(&want_sig);
+                if !new_sets.is_empty() || !old_sets.is_empty() {
+                    // Only the rules chain refers to sets: rewritten, it lets go of them.
+                    changed.insert(RULES.to_string());
+                }
                 stats.rewritten_chains = changed.len();
                 for name in &changed {
-                    let c = Chain {
-                        family: NfFamily::INet,
-                        table: Cow::Borrowed(&self.table),
-                        name: Cow::Borrowed(name),
-                        ..Chain::default()
-                    };
-                    batch.push(command(NfCmd::Flush(nftables::schema::FlushObject::Chain(
-                        c,
-                    ))));
+                    batch.push(json!({"flush": {"chain": {"family": "inet", "table": table, "name": name}}}).to_string());
                 }
-                for obj in structure
-                    .into_iter()
-                    .filter(|o| matches!(o, NfListObject::Rule(r) if changed.contains(&*r.chain)))
-                {
-                    batch.push(command(NfCmd::Add(obj)));
+                for name in &old_sets {
+                    batch.push(json!({"delete": {"set": {"family": "inet", "table": table, "name": name}}}).to_string());
+                }
+                for o in structure.iter().filter(|o| {
+                    o["set"]["name"]
+                        .as_str()
+                        .is_some_and(|n| new_sets.contains(n))
+                }) {
+                    batch.push(add(o));
+                }
+                for o in structure.iter().filter(|o| {
+                    o["rule"]["chain"]
+                        .as_str()
+                        .is_some_and(|c| changed.contains(c))
+                }) {
+                    batch.push(add(o));
                 }
                 let (adds, dels) = diff_elements(&desired.elements, &k.elements);
                 stats.added = adds.len();
                 stats.deleted = dels.len();
                 // Deletes first: a changed value is a delete and an add of the same key.
-                push_elements(&mut batch, &self.table, &dels, false);
-                push_elements(&mut batch, &self.table, &adds, true);
+                push_elements(&mut batch, table, &dels, false);
+                push_elements(&mut batch, table, &adds, true);
                 changed_keys = Some((
                     dels.iter().map(|(key, _)| *key).collect(),
                     adds.iter().map(|(key, _)| *key).collect(),
                 ));
                 for name in &old_chains {
-                    let chain = || Chain {
-                        family: NfFamily::INet,
-                        table: Cow::Borrowed(&self.table),
-                        name: Cow::Borrowed(name),
-                        ..Chain::default()
-                    };
-                    batch.push(command(NfCmd::Flush(nftables::schema::FlushObject::Chain(
-                        chain(),
-                    ))));
-                    batch.push(command(NfCmd::Delete(NfListObject::Chain(chain()))));
+                    let c = json!({"chain": {"family": "inet", "table": table, "name": name}});
+                    batch.push(json!({ "flush": c }).to_string());
+                    batch.push(json!({ "delete": c }).to_string());
                 }
             }
             _ => {
                 stats.replaced_table = true;
                 stats.added = desired.elements.len();
-                let table = || {
-                    NfListObject::Table(Table {
-                        family: NfFamily::INet,
-                        name: Cow::Borrowed(&self.table),
-                        handle: None,
-                    })
-                };
+                // What others put in the external sets survives the replace.
+                let mut kept = Vec::new();
+                if kernel.is_some() || self.read_structure().await?.is_some() {
+                    for set in structure
+                        .iter()
+                        .filter(|o| o["set"]["comment"] == EXTERNAL_SET)
+                        .filter_map(|o| o["set"]["name"].as_str())
+                    {
+                        if let Some(elem) = self.set_elements(set).await? {
+                            kept.push(json!({"add": {"element": {"family": "inet", "table": table, "name": set, "elem": elem}}}).to_string());
+                        }
+                    }
+                }
+                let t = json!({"table": {"family": "inet", "name": table}});
                 // add-then-delete makes the delete valid whether or not the table exists.
-                batch.push(command(NfCmd::Add(table())));
-                batch.push(command(NfCmd::Delete(table())));
-                let mut objs = structure.into_iter();
-                batch.extend(objs.next().map(|t| command(NfCmd::Add(t))));
+                batch.push(json!({ "add": t }).to_string());
+                batch.push(json!({ "delete": t }).to_string());
+                let mut objs = structure.iter();
+                batch.extend(objs.next().map(add));
                 // Maps right after the table: the rules and elements that follow use them.
                 batch.extend(
-                    verdict_maps(&self.table)
+                    verdict_maps(table)
                         .into_iter()
-                        .map(|m| serde_json::json!({ "add": m }).to_string()),
+                        .map(|m| json!({ "add": m }).to_string()),
                 );
-                batch.extend(objs.map(|o| command(NfCmd::Add(o))));
+                batch.extend(objs.map(add));
+                batch.extend(kept);
                 let all: Vec<(ElemKey, &str)> =
                     desired.elements.iter().map(|(k, v)| (*k, &**v)).collect();
-                push_elements(&mut batch, &self.table, &all, true);
+                push_elements(&mut batch, table, &all, true);
             }
         }
         if batch.is_empty() {
@@ -495,10 +592,6 @@ pub fn diff_elements<'a>(
     (adds, dels)
 }
 
-fn command(cmd: NfCmd<'_>) -> String {
-    serde_json::to_string(&NfObject::CmdObject(cmd)).expect("nft command serializes")
-}
-
 /// Element commands are written straight to JSON: at 100k clients the crate's expression
 /// tree would cost tens of megabytes for what is a flat list. Keys are addresses and
 /// numbers, chain names are validated `[A-Za-z0-9_-]`, so nothing needs escaping.
@@ -528,15 +621,18 @@ fn push_elements(batch: &mut Vec<String>, table: &str, elems: &[(ElemKey, &str)]
     }
 }
 
-/// The table's chains, maps and rules, in creation order. Rules carry their hash comment.
-fn render_structure(s: &NftStructure) -> Vec<NfListObject<'static>> {
+/// The table, its sets, chains and rules, in creation order, as nft JSON objects
+/// (`{"table": …}`, `{"set": …}`, …). Rules carry their hash comment. The verdict maps
+/// follow the table in a full replace (`verdict_maps`).
+fn render_structure(s: &NftStructure) -> Vec<Value> {
     let t = || Cow::Owned(s.table.clone());
     let mut objs = Vec::new();
-    objs.push(NfListObject::Table(Table {
+    let table = serde_json::to_value(NfListObject::Table(Table {
         family: NfFamily::INet,
         name: t(),
         handle: None,
-    }));
+    }))
+    .expect("table serializes");
     let chain = |name: &str| Chain {
         family: NfFamily::INet,
         table: t(),
@@ -548,6 +644,11 @@ fn render_structure(s: &NftStructure) -> Vec<NfListObject<'static>> {
         objs.push(NfListObject::Chain(chain(&up_chain(&u.name))));
         objs.push(NfListObject::Chain(chain(&home_chain(&u.name))));
     }
+    objs.push(NfListObject::Chain(chain(&policy_chain(DEFAULT_POLICY))));
+    for p in &s.policies {
+        objs.push(NfListObject::Chain(chain(&policy_chain(&p.name))));
+    }
+    objs.push(NfListObject::Chain(chain(RULES)));
     objs.push(NfListObject::Chain(Chain {
         _type: Some(NfChainType::Filter),
         hook: Some(NfHook::Prerouting),
@@ -698,12 +799,7 @@ fn render_structure(s: &NftStructure) -> Vec<NfListObject<'static>> {
             data: Expression::String(Cow::Owned(format!("@{MAP_STICKY}"))),
         })],
     ));
-    for (proto, map) in [
-        ("ip", MAP_PIN4),
-        ("ip6", MAP_PIN6),
-        ("ip", MAP_CLIENT4),
-        ("ip6", MAP_CLIENT6),
-    ] {
+    for (proto, map) in [("ip", MAP_PIN4), ("ip6", MAP_PIN6)] {
         objs.push(rule(
             PREROUTING,
             vec![Statement::VerdictMap(VerdictMap {
@@ -712,10 +808,14 @@ fn render_structure(s: &NftStructure) -> Vec<NfListObject<'static>> {
             })],
         ));
     }
-    // No gap for new clients: until the assignment lands, a stable hash picks the uplink.
-    for r in hash_rules(&s.fallback) {
-        objs.push(rule(PREROUTING, r));
-    }
+    // Pins win over rules (the operator's word about one client); then the rules, which
+    // end in the default policy.
+    objs.push(rule(
+        PREROUTING,
+        vec![Statement::Goto(JumpTarget {
+            target: Cow::Borrowed(RULES),
+        })],
+    ));
     let iface_is = |key, u: &crate::plan::NftUplink| {
         Statement::Match(Match {
             left: meta(key),
@@ -767,7 +867,250 @@ fn render_structure(s: &NftStructure) -> Vec<NfListObject<'static>> {
             ],
         ));
     }
-    objs
+    let mut out = vec![table];
+    out.extend(render_sets(&s.table, &s.sets));
+    let (chains, rules): (Vec<_>, Vec<_>) = objs
+        .iter()
+        .map(|o| serde_json::to_value(o).expect("object serializes"))
+        .partition(|v| v.get("rule").is_none());
+    out.extend(chains);
+    out.extend(rules);
+    out.extend(render_policies(s));
+    out
+}
+
+/// A rule object with its hash comment (and the rule's name, for its counters).
+fn raw_rule(table: &str, chain: &str, expr: Vec<Value>, name: Option<&str>) -> Value {
+    let body = Value::Array(expr);
+    let mut comment = format!(
+        "{COMMENT_PREFIX}{:016x}",
+        fnv1a(body.to_string().as_bytes())
+    );
+    if let Some(n) = name {
+        comment.push_str(RULE_TAG);
+        comment.push_str(n);
+    }
+    json!({"rule": {"family": "inet", "table": table, "chain": chain, "expr": body, "comment": comment}})
+}
+
+fn set_name(set: &str, v6: bool) -> String {
+    format!("{set}_{}", if v6 { "v6" } else { "v4" })
+}
+
+/// Two nft sets per `[[set]]`, one per family. The comment carries a hash of the elements
+/// (or marks the set external), so the signature sees a changed set.
+fn render_sets(table: &str, sets: &[SetConfig]) -> Vec<Value> {
+    let mut out = Vec::new();
+    for set in sets {
+        for v6 in [false, true] {
+            let elems: Vec<Value> = if v6 {
+                set.v6.iter().map(|n| prefix(IpNet::V6(*n))).collect()
+            } else {
+                set.v4.iter().map(|n| prefix(IpNet::V4(*n))).collect()
+            };
+            let mut obj = json!({
+                "family": "inet",
+                "table": table,
+                "name": set_name(&set.name, v6),
+                "type": if v6 { "ipv6_addr" } else { "ipv4_addr" },
+            });
+            if set.external {
+                // Plain (no interval flag): what dnsmasq's --nftset adds, address by address.
+                obj["comment"] = json!(EXTERNAL_SET);
+            } else {
+                let body = Value::Array(elems.clone()).to_string();
+                obj["comment"] = json!(format!("{COMMENT_PREFIX}{:016x}", fnv1a(body.as_bytes())));
+                obj["flags"] = json!(["interval"]);
+                if !elems.is_empty() {
+                    obj["elem"] = Value::Array(elems);
+                }
+            }
+            out.push(json!({ "set": obj }));
+        }
+    }
+    out
+}
+
+fn prefix(n: IpNet) -> Value {
+    if n.prefix_len() == n.max_prefix_len() {
+        json!(n.addr().to_string())
+    } else {
+        json!({"prefix": {"addr": n.addr().to_string(), "len": n.prefix_len()}})
+    }
+}
+
+fn payload(protocol: &str, field: &str) -> Value {
+    json!({"payload": {"protocol": protocol, "field": field}})
+}
+
+fn matches(left: Value, right: Value) -> Value {
+    json!({"match": {"op": "==", "left": left, "right": right}})
+}
+
+fn goto(chain: &str) -> Value {
+    json!({"goto": {"target": chain}})
+}
+
+/// The rules chain (each `[[rule]]` once per family it can match, and per combination of
+/// address alternatives), the policy chains and the default policy's chain.
+fn render_policies(s: &NftStructure) -> Vec<Value> {
+    let table = s.table.as_str();
+    let mut out = Vec::new();
+    let target = |t: Target| match t {
+        Target::Main => json!({"accept": null}),
+        Target::Default => goto(&policy_chain(DEFAULT_POLICY)),
+        Target::Policy(p) => goto(&policy_chain(&s.policies[p].name)),
+    };
+    for r in &s.rules {
+        for v6 in [false, true] {
+            if !(if v6 { r.v6 } else { r.v4 }) {
+                continue;
+            }
+            let ip = if v6 { "ip6" } else { "ip" };
+            // One alternative per address list: the literal prefixes as one anonymous set,
+            // and each named set on its own (nft cannot OR a set reference with literals).
+            let alternatives = |list: &[AddrMatch]| -> Vec<Option<Value>> {
+                if list.is_empty() {
+                    return vec![None];
+                }
+                let nets: Vec<Value> = list
+                    .iter()
+                    .filter_map(|a| match a {
+                        AddrMatch::Net(n) if n.addr().is_ipv6() == v6 => Some(prefix(*n)),
+                        _ => None,
+                    })
+                    .collect();
+                let mut alts = Vec::new();
+                if !nets.is_empty() {
+                    alts.push(Some(json!({"set": nets})));
+                }
+                for a in list {
+                    if let AddrMatch::Set(i) = a {
+                        alts.push(Some(json!(format!("@{}", set_name(&s.sets[*i].name, v6)))));
+                    }
+                }
+                alts
+            };
+            for src in alternatives(&r.src) {
+                for dst in alternatives(&r.dst) {
+                    let mut expr = vec![matches(
+                        json!({"meta": {"key": "nfproto"}}),
+                        json!(if v6 { "ipv6" } else { "ipv4" }),
+                    )];
+                    if !r.iif.is_empty() {
+                        expr.push(matches(
+                            json!({"meta": {"key": "iifname"}}),
+                            json!({"set": r.iif}),
+                        ));
+                    }
+                    if let Some(src) = &src {
+                        expr.push(matches(payload(ip, "saddr"), src.clone()));
+                    }
+                    if let Some(dst) = &dst {
+                        expr.push(matches(payload(ip, "daddr"), dst.clone()));
+                    }
+                    match r.proto.number() {
+                        Some(n) => {
+                            expr.push(matches(json!({"meta": {"key": "l4proto"}}), json!(n)))
+                        }
+                        None if !r.sport.is_empty() || !r.dport.is_empty() => expr.push(matches(
+                            json!({"meta": {"key": "l4proto"}}),
+                            json!({"set": [6, 17]}),
+                        )),
+                        None => {}
+                    }
+                    for (field, ports) in [("sport", &r.sport), ("dport", &r.dport)] {
+                        if ports.is_empty() {
+                            continue;
+                        }
+                        let items: Vec<Value> = ports
+                            .iter()
+                            .map(|&(a, b)| {
+                                if a == b {
+                                    json!(a)
+                                } else {
+                                    json!({"range": [a, b]})
+                                }
+                            })
+                            .collect();
+                        expr.push(matches(payload("th", field), json!({"set": items})));
+                    }
+                    if !r.dscp.is_empty() {
+                        expr.push(matches(payload(ip, "dscp"), json!({"set": r.dscp})));
+                    }
+                    expr.push(json!({"counter": null}));
+                    expr.push(target(r.target));
+                    out.push(raw_rule(table, RULES, expr, Some(&r.name)));
+                }
+            }
+        }
+    }
+    out.push(raw_rule(
+        table,
+        RULES,
+        vec![goto(&policy_chain(DEFAULT_POLICY))],
+        None,
+    ));
+    for p in &s.policies {
+        for e in verdict_rules(&p.verdict) {
+            out.push(raw_rule(table, &policy_chain(&p.name), e, None));
+        }
+    }
+    for e in verdict_rules(&s.default) {
+        out.push(raw_rule(table, &policy_chain(DEFAULT_POLICY), e, None));
+    }
+    out
+}
+
+/// A policy chain's rules.
+fn verdict_rules(v: &Verdict) -> Vec<Vec<Value>> {
+    match v {
+        Verdict::Uplink(u) => vec![vec![goto(&up_chain(u))]],
+        Verdict::Default => vec![vec![goto(&policy_chain(DEFAULT_POLICY))]],
+        Verdict::Drop => vec![vec![json!({"counter": null}), json!({"drop": null})]],
+        Verdict::Clients { unassigned } => vec![
+            vec![
+                json!({"vmap": {"key": payload("ip", "saddr"), "data": format!("@{MAP_CLIENT4}")}}),
+            ],
+            vec![
+                json!({"vmap": {"key": payload("ip6", "saddr"), "data": format!("@{MAP_CLIENT6}")}}),
+            ],
+            // A client without an assignment yet goes where the next assignment will put
+            // it, so its first flow and its later ones leave alike.
+            vec![goto(&home_chain(unassigned))],
+        ],
+        Verdict::Spread { key, buckets } => {
+            let map = json!({"set": buckets
+                .iter()
+                .enumerate()
+                .map(|(i, b)| json!([i, goto(&up_chain(b))]))
+                .collect::<Vec<_>>()});
+            let n = buckets.len();
+            match key {
+                SpreadKey::Random => vec![vec![json!({"vmap": {
+                    "key": {"numgen": {"mode": "random", "mod": n, "offset": 0}},
+                    "data": map,
+                }})]],
+                SpreadKey::Source | SpreadKey::Destination => [("ip", "ipv4"), ("ip6", "ipv6")]
+                    .into_iter()
+                    .map(|(ip, nfproto)| {
+                        let expr = if *key == SpreadKey::Source {
+                            payload(ip, "saddr")
+                        } else {
+                            json!({"concat": [payload(ip, "saddr"), payload(ip, "daddr")]})
+                        };
+                        vec![
+                            matches(json!({"meta": {"key": "nfproto"}}), json!(nfproto)),
+                            json!({"vmap": {
+                                "key": {"jhash": {"mod": n, "seed": FALLBACK_SEED, "offset": 0, "expr": expr}},
+                                "data": map.clone(),
+                            }}),
+                        ]
+                    })
+                    .collect(),
+            }
+        }
+    }
 }
 
 /// `jhash saddr mod N vmap { i: goto up_<bucket i> }` for IPv4 and IPv6: a stable spread
@@ -784,7 +1127,7 @@ fn hash_rules(buckets: &[String]) -> Vec<Vec<Statement<'static>>> {
             .map(|(i, name)| {
                 SetItem::Mapping(
                     Expression::Number(i as u32),
-                    Expression::Verdict(Verdict::Goto(JumpTarget {
+                    Expression::Verdict(nftables::expr::Verdict::Goto(JumpTarget {
                         target: Cow::Owned(up_chain(name)),
                     })),
                 )
@@ -829,10 +1172,10 @@ fn verdict_maps(table: &str) -> Vec<serde_json::Value> {
 
 /// The signature of uplinkd's own objects, read through the same parser as the kernel's
 /// listing so that both sides are compared alike.
-fn signature_of(objs: &[NfListObject<'_>]) -> Signature {
+fn signature_of(objs: &[Value]) -> Signature {
     let json: Vec<String> = objs
         .iter()
-        .map(|o| serde_json::to_string(o).expect("object serializes"))
+        .map(|o| o.to_string())
         .chain(verdict_maps("").into_iter().map(|m| m.to_string()))
         .collect();
     let items: Vec<ListItem> = json
@@ -855,6 +1198,10 @@ fn signature_of_items<'a, 'b: 'a>(items: impl Iterator<Item = &'a ListItem<'b>>)
         if let Some(r) = &it.rule {
             sig.rules.push((r.chain.clone(), r.comment.clone()));
         }
+        if let Some(s) = &it.set {
+            sig.sets
+                .insert((s.name.clone(), s.key_type.to_string(), s.comment.clone()));
+        }
     }
     sig
 }
@@ -871,6 +1218,7 @@ struct Listing<'a> {
 struct ListItem<'a> {
     chain: Option<ListChain>,
     rule: Option<ListRule>,
+    set: Option<ListSet>,
     #[serde(borrow)]
     map: Option<ListMap<'a>>,
 }
@@ -883,6 +1231,14 @@ struct ListChain {
     hook: Option<String>,
     prio: Option<i64>,
     policy: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ListSet {
+    name: String,
+    #[serde(rename = "type")]
+    key_type: Value,
+    comment: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -1014,7 +1370,12 @@ mod tests {
                 masquerade: true,
                 home: None,
             }],
-            fallback: vec!["a".into()],
+            sets: Vec::new(),
+            rules: Vec::new(),
+            policies: Vec::new(),
+            default: Verdict::Clients {
+                unassigned: "a".into(),
+            },
         }
     }
 
@@ -1074,10 +1435,7 @@ mod tests {
     fn listing_round_trip_matches_signature() {
         // The shape `nft -j list table` prints for uplinkd's own objects.
         let objs = render_structure(&structure());
-        let mut items: Vec<serde_json::Value> = objs
-            .iter()
-            .map(|o| serde_json::to_value(o).unwrap())
-            .collect();
+        let mut items: Vec<serde_json::Value> = objs.iter().cloned().collect();
         let mut maps = verdict_maps("uplinkd");
         maps[0]["map"]["elem"] = serde_json::json!([["10.0.0.1", {"goto": {"target": "home_a"}}]]);
         maps[2]["map"]["elem"] = serde_json::json!([[16777216, {"goto": {"target": "up_a"}}]]);

@@ -30,6 +30,11 @@ pub enum EventKind {
     Drain,
     Undrain,
     Reload,
+    /// A policy's SLA verdict on the uplink changed (`met`: it uses the uplink again).
+    Sla {
+        policy: String,
+        met: bool,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -67,9 +72,11 @@ impl fmt::Display for LogEntry {
                 "uplink {} is the first back after all were down",
                 self.uplink
             ),
-            EventKind::Override | EventKind::Drain | EventKind::Undrain | EventKind::Reload => {
-                write!(f, "{}", self.cause)
-            }
+            EventKind::Override
+            | EventKind::Drain
+            | EventKind::Undrain
+            | EventKind::Reload
+            | EventKind::Sla { .. } => write!(f, "{}", self.cause),
         }
     }
 }

@@ -4,6 +4,7 @@
 pub mod assign;
 pub mod failover;
 pub mod mac;
+pub mod policy;
 pub mod state_file;
 
 use std::collections::{BTreeMap, HashMap};
@@ -236,6 +237,15 @@ pub struct Model {
     pub overrides: BTreeMap<IpAddr, Override>,
     max_clients: usize,
     max_addresses: usize,
+    /// Per policy (config order), per uplink: the SLA verdict.
+    pub sla: Vec<Vec<policy::SlaState>>,
+    /// Where the kernel sends a new client's packets before its assignment lands: set
+    /// once that verdict is applied.
+    pub unassigned_to: Option<String>,
+    /// New clients placed on another uplink than the one their first packets took (they
+    /// arrived together, and each placement changes the next): their later flows leave
+    /// with another public address.
+    pub moved_on_arrival: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -271,6 +281,9 @@ impl Model {
             overrides: BTreeMap::new(),
             max_clients: config.lan.max_clients,
             max_addresses: config.lan.max_addresses_per_client,
+            sla: Vec::new(),
+            unassigned_to: None,
+            moved_on_arrival: 0,
         }
     }
 
@@ -326,8 +339,9 @@ impl Model {
     /// only by failover), preferring healthy uplinks over degraded ones over dead ones, and
     /// undrained ones over drained ones. Every uplink may be drained or down at once (a
     /// drain is accepted while a higher tier survives), so the last choice is any uplink of
-    /// that tier: its `home_` chain then spreads the client over the survivors.
-    fn least_loaded(&self) -> String {
+    /// that tier: its `home_` chain then spreads the client over the survivors. A new
+    /// client's first packets are sent here too, so its assignment moves nothing.
+    pub fn next_home(&self) -> String {
         let tier = self.uplinks.iter().map(|u| u.tier).min().unwrap_or(1);
         let in_tier = |i: usize| self.uplinks[i].tier == tier;
         let open = |i: usize| in_tier(i) && !self.uplinks[i].drained;
@@ -401,7 +415,13 @@ impl Model {
         if !self.clients.contains_key(&mac) {
             let home = match adopt.filter(|name| self.uplink(name).is_some()) {
                 Some(name) => name.to_string(),
-                None => self.least_loaded(),
+                None => {
+                    let home = self.next_home();
+                    if self.unassigned_to.as_ref().is_some_and(|u| *u != home) {
+                        self.moved_on_arrival += 1;
+                    }
+                    home
+                }
             };
             self.add_client(Client {
                 mac,
@@ -532,7 +552,7 @@ impl Model {
             self.insert(c);
         }
         for mut c in orphans {
-            c.home = self.least_loaded();
+            c.home = self.next_home();
             reassigned += 1;
             self.insert(c);
         }

@@ -5,9 +5,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
-use crate::config::Config;
+use crate::config::{Config, RuleConfig, SetConfig};
 use crate::model::Model;
 use crate::model::failover::HomeTarget;
+
+pub mod policy;
+pub use policy::{NftPolicy, SpreadKey, Verdict};
 
 /// Largest number of hash buckets the new-client fallback uses.
 const MAX_FALLBACK_BUCKETS: u32 = 64;
@@ -34,9 +37,14 @@ pub struct NftStructure {
     pub mask: u32,
     pub lan_interfaces: Vec<String>,
     pub uplinks: Vec<NftUplink>,
-    /// Hash buckets for packets from clients without an assignment yet, by uplink name;
-    /// each uplink appears in proportion to its weight.
-    pub fallback: Vec<String>,
+    /// Named sets, in config order (`<name>_v4`, `<name>_v6` in nft).
+    pub sets: Vec<SetConfig>,
+    /// In order, first match wins; each targets a policy by config index.
+    pub rules: Vec<RuleConfig>,
+    /// Policy chains, in config order.
+    pub policies: Vec<NftPolicy>,
+    /// What traffic no rule matches gets.
+    pub default: Verdict,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,6 +101,11 @@ pub fn up_chain(uplink: &str) -> String {
     format!("up_{uplink}")
 }
 
+/// A policy's chain; the default policy's is `policy_default` ("default" is reserved).
+pub fn policy_chain(policy: &str) -> String {
+    format!("policy_{policy}")
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Family {
     V4,
@@ -144,22 +157,22 @@ pub fn plan(config: &Config, model: &Model) -> Desired {
             },
         })
         .collect();
-    // Clients without an assignment yet: over the survivors; with none, over the tier new
-    // clients are placed in (nothing better exists).
-    let mut fallback_to = model.survivors(None);
-    if fallback_to.is_empty() {
-        let tier = config.uplinks.iter().map(|u| u.tier).min().unwrap_or(1);
-        fallback_to = (0..config.uplinks.len())
-            .filter(|&i| config.uplinks[i].tier == tier)
-            .collect();
-    }
     let structure = NftStructure {
         table: dp.nft_table.clone(),
         mask: dp.fwmark_mask,
         lan_interfaces: config.lan.interfaces.clone(),
         uplinks,
-        fallback: buckets(&fallback_to),
+        sets: config.sets.clone(),
+        rules: config.rules.clone(),
+        policies: (0..config.policies.len())
+            .map(|p| NftPolicy {
+                name: config.policies[p].name.clone(),
+                verdict: policy::policy_verdict(config, model, p).0,
+            })
+            .collect(),
+        default: policy::default_verdict(config, model).0,
     };
+    let client_mode = matches!(structure.default, Verdict::Clients { .. });
 
     let mut elements = BTreeMap::new();
     // A connection keeps its uplink only while that uplink is usable.
@@ -180,7 +193,8 @@ pub fn plan(config: &Config, model: &Model) -> Desired {
         .iter()
         .map(|u| (u.name.as_str(), Arc::from(home_chain(&u.name))))
         .collect();
-    for (ip, home) in model.addresses() {
+    // Only the client mode of the default policy reads the client maps.
+    for (ip, home) in model.addresses().filter(|_| client_mode) {
         let Some(target) = homes.get(home) else {
             continue;
         };
@@ -324,7 +338,7 @@ pub fn jhash_bucket(ip: IpAddr, n: usize) -> usize {
 }
 
 /// Bob Jenkins' lookup3 as Linux's `include/linux/jhash.h` has it (little-endian words).
-fn jhash(key: &[u8], initval: u32) -> u32 {
+pub(crate) fn jhash(key: &[u8], initval: u32) -> u32 {
     let mix = |a: &mut u32, b: &mut u32, c: &mut u32| {
         *a = a.wrapping_sub(*c);
         *a ^= c.rotate_left(4);
@@ -497,7 +511,13 @@ interface = "ppp0"
             "home_a"
         );
         assert_eq!(&*d.nft.elements[&ElemKey::Mark(0x0200_0000)], "up_b");
-        assert_eq!(d.nft.structure.fallback, ["a", "a", "b"]);
+        // The next client goes to b (a has one client at weight 2, b none).
+        assert_eq!(
+            d.nft.structure.default,
+            Verdict::Clients {
+                unassigned: "b".into()
+            }
+        );
     }
 
     fn links_up(c: &Config, m: &mut Model) {
@@ -544,7 +564,12 @@ interface = "ppp0"
             !d.nft.elements.contains_key(&ElemKey::Mark(0x0100_0000)),
             "dead uplink's flows are not sticky"
         );
-        assert_eq!(d.nft.structure.fallback, ["b"]);
+        assert_eq!(
+            d.nft.structure.default,
+            Verdict::Clients {
+                unassigned: "b".into()
+            }
+        );
     }
 
     #[test]

@@ -12,6 +12,13 @@ use ipnet::IpNet;
 use serde::Deserialize;
 use toml::Spanned;
 
+mod policy;
+pub use policy::{
+    AddrMatch, DSCP_NAMES, MAX_SET_ELEMENTS, Mode, PolicyConfig, Proto, RuleConfig, SetConfig, Sla,
+    Target, WhenNone,
+};
+use policy::{RawDispatch, RawPolicy, RawRule, RawSet};
+
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/uplink/uplinkd.toml";
 
 /// How many ip-rule priorities uplinkd owns, starting at `dataplane.rule_priority`.
@@ -29,6 +36,12 @@ pub struct Config {
     /// Prometheus `/metrics`; `None` when `[metrics] enabled = false`.
     pub metrics: Option<MetricsConfig>,
     pub uplinks: Vec<UplinkConfig>,
+    /// Mode of the default policy: what traffic no rule matches gets.
+    pub dispatch: Mode,
+    pub sets: Vec<SetConfig>,
+    pub policies: Vec<PolicyConfig>,
+    /// In order; the first match wins.
+    pub rules: Vec<RuleConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -215,14 +228,6 @@ pub enum ConntrackFlush {
     Tool,
 }
 
-/// Traffic-spreading mode. Per-connection balancing comes later; the model carries the mode
-/// so that adding it changes no data structure.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Balance {
-    Client,
-}
-
 #[derive(Debug, Clone, PartialEq)]
 pub struct UplinkConfig {
     pub name: String,
@@ -237,7 +242,6 @@ pub struct UplinkConfig {
     /// Small id, shifted into `fwmark_mask` to give the packet mark.
     pub mark: u32,
     pub table: u32,
-    pub balance: Balance,
     pub probes: Vec<Probe>,
     /// Probes of a round that must answer for the round to count as good.
     pub probe_quorum: u32,
@@ -295,6 +299,14 @@ struct RawConfig {
     metrics: RawMetrics,
     #[serde(default)]
     uplink: Vec<Spanned<RawUplink>>,
+    #[serde(default)]
+    dispatch: RawDispatch,
+    #[serde(default)]
+    set: Vec<Spanned<RawSet>>,
+    #[serde(default)]
+    policy: Vec<Spanned<RawPolicy>>,
+    #[serde(default)]
+    rule: Vec<Spanned<RawRule>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -388,7 +400,8 @@ struct RawUplink {
     masquerade: Option<bool>,
     mark: Option<Spanned<i64>>,
     table: Option<Spanned<i64>>,
-    balance: Option<Balance>,
+    /// Removed: refused with a pointer to `dispatch.balance` / `policy.balance`.
+    balance: Option<Spanned<toml::Value>>,
     #[serde(default)]
     probes: Vec<Spanned<String>>,
     probe_quorum: Option<Spanned<i64>>,
@@ -622,6 +635,13 @@ impl Validator<'_> {
                     format!("duplicate uplink name {name:?}; names must be unique"),
                 ));
             }
+            if let Some(b) = &u.balance {
+                return Err(self.err(
+                    Some(b.span()),
+                    key("balance"),
+                    "uplink.balance is gone (it never changed anything): set the spreading mode in [dispatch] balance = \"client\" | \"connection\" | \"destination\", or per [[policy]] with `balance`",
+                ));
+            }
             let interface = self.ifname(&key("interface"), &u.interface)?;
             if !ifaces.insert(interface.clone()) {
                 return Err(self.err(
@@ -766,7 +786,6 @@ impl Validator<'_> {
                 masquerade: u.masquerade.unwrap_or(true),
                 mark,
                 table,
-                balance: u.balance.unwrap_or(Balance::Client),
                 probes,
                 probe_quorum,
                 tier,
@@ -855,6 +874,14 @@ impl Validator<'_> {
                 })
             }
         };
+        let p = self.policies(
+            raw.dispatch,
+            raw.set,
+            raw.policy,
+            raw.rule,
+            &uplinks,
+            &lan.interfaces,
+        )?;
         Ok(Config {
             agent,
             lan,
@@ -864,6 +891,10 @@ impl Validator<'_> {
             api,
             metrics,
             uplinks,
+            dispatch: p.dispatch,
+            sets: p.sets,
+            policies: p.policies,
+            rules: p.rules,
         })
     }
 

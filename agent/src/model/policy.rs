@@ -1,0 +1,308 @@
+//! Traffic policies in the model: which of a policy's uplinks it may use now (health,
+//! drains, failback, SLA), and each policy's SLA verdict per uplink, with hysteresis.
+
+use std::fmt::Write;
+use std::time::Duration;
+
+use super::Model;
+use super::failover::{EventKind, LogEntry};
+use crate::config::{PolicyConfig, Sla};
+
+/// A broken SLA holds until every figure is back under this share of its threshold, so a
+/// value hovering at the threshold does not flap.
+const RECOVER_RTT: f64 = 0.8;
+const RECOVER_LOSS: f64 = 0.5;
+/// Probes in the window before an SLA is judged: one lost probe of three is not a trend.
+const MIN_SAMPLES: usize = 5;
+
+/// One policy's SLA verdict on one uplink.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SlaState {
+    /// Why the uplink breaks the SLA (e.g. "rtt 210ms > max_rtt 150ms"); `None`: it
+    /// meets it (or has no probes to judge it by).
+    pub broken: Option<String>,
+}
+
+/// What a policy uses now, and why the others are not used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Choice {
+    /// Uplinks (config indices) the policy spreads over now, in the policy's list order.
+    pub using: Vec<usize>,
+    /// The candidates not used, each with the reason.
+    pub skipped: Vec<(usize, String)>,
+    pub outcome: Outcome,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Candidates that meet the SLA.
+    Met,
+    /// None meets the SLA: the best usable one carries it anyway (never a blackhole).
+    BestEffort,
+    /// No candidate can carry traffic: `when_none` decides.
+    None,
+}
+
+fn ms(d: Duration) -> String {
+    format!("{}ms", d.as_millis())
+}
+
+impl Model {
+    /// Re-judges every policy's SLA on every uplink from the probe statistics; returns an
+    /// event for each change.
+    pub fn evaluate_sla(&mut self, policies: &[PolicyConfig]) -> Vec<LogEntry> {
+        self.sla.resize_with(policies.len(), Vec::new);
+        let mut log = Vec::new();
+        for (p, policy) in policies.iter().enumerate() {
+            self.sla[p].resize_with(self.uplinks.len(), SlaState::default);
+            if !policy.sla.is_set() {
+                continue;
+            }
+            for &u in &policy.uplinks {
+                let was = self.sla[p][u].broken.is_some();
+                let now = judge(&policy.sla, &self.uplinks[u].health.stats, was);
+                if now.is_some() == was {
+                    // Keep the first reason until the verdict changes.
+                    continue;
+                }
+                let cause = match &now {
+                    Some(why) => format!(
+                        "policy {} avoids {}: {why}",
+                        policy.name, self.uplinks[u].name
+                    ),
+                    None => format!(
+                        "policy {} uses {} again: back within its SLA",
+                        policy.name, self.uplinks[u].name
+                    ),
+                };
+                log.push(LogEntry {
+                    at: super::now_millis(),
+                    uplink: self.uplinks[u].name.clone(),
+                    kind: EventKind::Sla {
+                        policy: policy.name.clone(),
+                        met: now.is_none(),
+                    },
+                    cause,
+                    clients_moved: 0,
+                });
+                self.sla[p][u].broken = now;
+            }
+        }
+        log
+    }
+
+    /// Whether policy `p` (by index) holds its SLA on uplink `u`.
+    pub fn sla_met(&self, p: usize, u: usize) -> bool {
+        self.sla
+            .get(p)
+            .and_then(|s| s.get(u))
+            .is_none_or(|s| s.broken.is_none())
+    }
+
+    /// The uplinks a policy uses now. `sla` is the policy's index when its SLA applies.
+    /// Weighted modes (`tiered`) keep to the lowest tier among what is left; failover mode
+    /// takes the list order as it is.
+    pub fn choose(&self, members: &[usize], sla: Option<usize>, tiered: bool) -> Choice {
+        let mut skipped = Vec::new();
+        let mut ready = Vec::new();
+        let mut waiting = Vec::new();
+        for &i in members {
+            let u = &self.uplinks[i];
+            if !u.usable() {
+                skipped.push((i, format!("{} is {}", u.name, u.state())));
+            } else if u.drained {
+                skipped.push((i, format!("{} is drained", u.name)));
+            } else if !u.serving {
+                waiting.push(i);
+            } else {
+                ready.push(i);
+            }
+        }
+        // An uplink back from a failure waits out the failback delay like everyone's
+        // homes do, unless nothing else can carry the traffic.
+        if ready.is_empty() {
+            ready = std::mem::take(&mut waiting);
+        }
+        for &i in &waiting {
+            skipped.push((
+                i,
+                format!("{} is back, failback pending", self.uplinks[i].name),
+            ));
+        }
+        if ready.is_empty() {
+            return Choice {
+                using: Vec::new(),
+                skipped: sorted(skipped, members),
+                outcome: Outcome::None,
+            };
+        }
+        let mut outcome = Outcome::Met;
+        if let Some(p) = sla {
+            let (met, broken): (Vec<usize>, Vec<usize>) =
+                ready.iter().partition(|&&i| self.sla_met(p, i));
+            if met.is_empty() {
+                // The least bad one: least loss, then lowest RTT.
+                let best = *ready
+                    .iter()
+                    .min_by_key(|&&i| {
+                        let s = &self.uplinks[i].health.stats;
+                        (
+                            (s.loss() * 1e6) as u64,
+                            s.median_rtt().unwrap_or(Duration::MAX),
+                        )
+                    })
+                    .expect("ready is not empty");
+                for &i in ready.iter().filter(|&&i| i != best) {
+                    skipped.push((i, self.sla_reason(p, i)));
+                }
+                ready = vec![best];
+                outcome = Outcome::BestEffort;
+            } else {
+                for &i in &broken {
+                    skipped.push((i, self.sla_reason(p, i)));
+                }
+                ready = met;
+            }
+        }
+        if tiered {
+            let tier = ready.iter().map(|&i| self.uplinks[i].tier).min();
+            ready.retain(|&i| {
+                let keep = Some(self.uplinks[i].tier) == tier;
+                if !keep {
+                    skipped.push((
+                        i,
+                        format!(
+                            "{} is tier {}, used only when tier {} is gone",
+                            self.uplinks[i].name,
+                            self.uplinks[i].tier,
+                            tier.unwrap_or_default()
+                        ),
+                    ));
+                }
+                keep
+            });
+        }
+        Choice {
+            using: ready,
+            skipped: sorted(skipped, members),
+            outcome,
+        }
+    }
+
+    fn sla_reason(&self, p: usize, i: usize) -> String {
+        let why = self
+            .sla
+            .get(p)
+            .and_then(|s| s.get(i))
+            .and_then(|s| s.broken.clone())
+            .unwrap_or_default();
+        format!("{} skipped: {why}", self.uplinks[i].name)
+    }
+}
+
+/// Skip reasons in the policy's list order.
+fn sorted(mut skipped: Vec<(usize, String)>, members: &[usize]) -> Vec<(usize, String)> {
+    skipped.sort_by_key(|(i, _)| members.iter().position(|m| m == i));
+    skipped
+}
+
+/// The SLA verdict from probe statistics: `Some(reason)` when broken. `was_broken` selects
+/// the stricter recovery thresholds.
+pub fn judge(sla: &Sla, stats: &crate::health::stats::Stats, was_broken: bool) -> Option<String> {
+    if stats.samples() < MIN_SAMPLES.min(stats.window()) {
+        // Not enough evidence either way: keep the verdict.
+        return was_broken.then(|| "not enough probes yet".to_string());
+    }
+    let scale = |limit: f64, share: f64| if was_broken { limit * share } else { limit };
+    let mut why = String::new();
+    let mut add = |s: String| {
+        if !why.is_empty() {
+            why.push_str(", ");
+        }
+        why.push_str(&s);
+    };
+    if let Some(max) = sla.max_loss {
+        let loss = stats.loss();
+        if loss > scale(max, RECOVER_LOSS) {
+            add(format!(
+                "loss {:.1}% > max_loss {:.1}%",
+                loss * 100.0,
+                max * 100.0
+            ));
+        }
+    }
+    if let Some(max) = sla.max_rtt {
+        match stats.median_rtt() {
+            Some(rtt) if rtt.as_secs_f64() > scale(max.as_secs_f64(), RECOVER_RTT) => {
+                add(format!("rtt {} > max_rtt {}", ms(rtt), ms(max)))
+            }
+            None => add("no probe answered".into()),
+            _ => {}
+        }
+    }
+    if let Some(max) = sla.max_jitter
+        && let Some(j) = stats.jitter()
+        && j.as_secs_f64() > scale(max.as_secs_f64(), RECOVER_RTT)
+    {
+        add(format!("jitter {} > max_jitter {}", ms(j), ms(max)));
+    }
+    if why.is_empty() {
+        return None;
+    }
+    if was_broken {
+        let mut s = String::from("still ");
+        let _ = write!(s, "{why}");
+        return Some(s);
+    }
+    Some(why)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::health::stats::Stats;
+
+    fn stats(rtts: &[Option<u64>]) -> Stats {
+        let mut s = Stats::new(10);
+        for r in rtts {
+            s.push(r.map(Duration::from_millis));
+        }
+        s
+    }
+
+    #[test]
+    fn sla_breaks_above_and_recovers_below_the_margin() {
+        let sla = Sla {
+            max_rtt: Some(Duration::from_millis(150)),
+            max_loss: None,
+            max_jitter: None,
+        };
+        let slow = stats(&[Some(210); 6]);
+        assert_eq!(
+            judge(&sla, &slow, false).as_deref(),
+            Some("rtt 210ms > max_rtt 150ms")
+        );
+        // 130 ms is under the threshold but above 80 % of it: a broken SLA stays broken.
+        let near = stats(&[Some(130); 6]);
+        assert!(judge(&sla, &near, false).is_none());
+        assert!(judge(&sla, &near, true).is_some());
+        assert!(judge(&sla, &stats(&[Some(100); 6]), true).is_none());
+        // Too few probes: no verdict change.
+        assert!(judge(&sla, &stats(&[Some(500); 2]), false).is_none());
+    }
+
+    #[test]
+    fn loss_threshold() {
+        let sla = Sla {
+            max_rtt: None,
+            max_loss: Some(0.2),
+            max_jitter: None,
+        };
+        let lossy = stats(&[Some(10), None, None, Some(10), None, Some(10)]);
+        assert!(
+            judge(&sla, &lossy, false)
+                .unwrap()
+                .starts_with("loss 50.0%")
+        );
+    }
+}
