@@ -620,6 +620,98 @@ impl Lab {
         Ok(())
     }
 
+    /// A UDP echo (same reply as the main one: "<source seen> <payload>") on `addr` in the
+    /// internet namespace; the address is added to its loopback unless it has it.
+    pub fn serve_udp(&self, addr: SocketAddr) -> Result<()> {
+        let inet = self.ns("inet");
+        let prefix = if addr.is_ipv4() { 32 } else { 128 };
+        let _ = ip_batch(
+            &inet,
+            &[format!("addr add {}/{prefix} dev lo nodad", addr.ip())],
+        );
+        let sock = in_netns(&inet, move || UdpSocket::bind(addr))??;
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while let Ok((n, from)) = retry_eintr(|| sock.recv_from(&mut buf)) {
+                let mut reply = format!("{} ", from.ip()).into_bytes();
+                reply.extend_from_slice(&buf[..n]);
+                let _ = sock.send_to(&reply, from);
+            }
+        });
+        Ok(())
+    }
+
+    /// One datagram of a new flow from client `i` to `to` (from source port `sport` and
+    /// with DSCP `dscp` when given); the source address the far end saw, or `None` when
+    /// `tries` attempts went unanswered.
+    pub fn send_udp(
+        &self,
+        i: u32,
+        to: SocketAddr,
+        sport: Option<u16>,
+        dscp: Option<u8>,
+        tries: u32,
+    ) -> Result<Option<IpAddr>> {
+        use socket2::{Domain, Socket, Type};
+        let ns = self.ns(&format!("c{i}"));
+        let s = in_netns(&ns, move || -> std::io::Result<UdpSocket> {
+            let domain = if to.is_ipv4() {
+                Domain::IPV4
+            } else {
+                Domain::IPV6
+            };
+            let s = Socket::new(domain, Type::DGRAM, None)?;
+            s.set_reuse_address(true)?;
+            if let Some(d) = dscp {
+                if to.is_ipv4() {
+                    s.set_tos_v4((d as u32) << 2)?;
+                } else {
+                    s.set_tclass_v6((d as u32) << 2)?;
+                }
+            }
+            let any: SocketAddr = if to.is_ipv4() {
+                (Ipv4Addr::UNSPECIFIED, sport.unwrap_or(0)).into()
+            } else {
+                (Ipv6Addr::UNSPECIFIED, sport.unwrap_or(0)).into()
+            };
+            s.bind(&any.into())?;
+            s.connect(&to.into())?;
+            Ok(s.into())
+        })??;
+        s.set_read_timeout(Some(Duration::from_millis(300)))?;
+        let mut buf = [0u8; 2048];
+        for n in 0..tries {
+            s.send(format!("flow {n}").as_bytes())?;
+            if let Ok(len) = retry_eintr(|| s.recv(&mut buf)) {
+                let text = String::from_utf8_lossy(&buf[..len]);
+                let seen = text.split(' ').next().unwrap_or_default();
+                return Ok(Some(
+                    seen.parse().with_context(|| format!("bad echo {text:?}"))?,
+                ));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Like `send_udp`, but unanswered is an error; returns the uplink's name.
+    pub fn udp_via(
+        &self,
+        i: u32,
+        to: SocketAddr,
+        sport: Option<u16>,
+        dscp: Option<u8>,
+    ) -> Result<String> {
+        match self.send_udp(i, to, sport, dscp, 10)? {
+            Some(seen) => self
+                .uplink_of_source(seen)
+                .with_context(|| format!("{seen} is no uplink's address")),
+            None => bail!(
+                "c{i} → {to}: no answer\n--- uplinkd log ---\n{}",
+                self.log_tail(30)
+            ),
+        }
+    }
+
     /// A UDP socket inside client `i`'s namespace, aimed at the internet host.
     pub fn client_socket(&self, i: u32, v6: bool) -> Result<UdpSocket> {
         let ns = self.ns(&format!("c{i}"));

@@ -631,11 +631,15 @@ fn current_uplink_matches_the_kernels_hash() -> anyhow::Result<()> {
     lab.start_agent()?;
     let assigned = lab.greet_clients()?;
     lab.carrier("isp1", false)?;
-    lab.wait_for(Duration::from_secs(5), "failover", || {
-        Ok(lab.log_tail(30).contains("failover of isp1"))
+    // Readiness from the API itself: the log line comes before the snapshot it serves.
+    let mut clients = serde_json::Value::Null;
+    lab.wait_for(Duration::from_secs(5), "failover in the API", || {
+        let (_, out, _) = lab.ctl("view", &["clients", "-o", "json"])?;
+        clients = serde_json::from_str(&out)?;
+        Ok(clients
+            .as_array()
+            .is_some_and(|a| a.iter().any(|c| c["reason"] == "failover")))
     })?;
-    let (_, out, _) = lab.ctl("view", &["clients", "-o", "json"])?;
-    let clients: serde_json::Value = serde_json::from_str(&out)?;
     let mut checked = std::collections::BTreeSet::new();
     for i in 1..=12 {
         let ip = IpAddr::from(client_v4(i));

@@ -1,0 +1,458 @@
+//! Traffic policy on the real dataplane: rules by every match kind, the balancing modes,
+//! failover mode and `when_none`, `main`, reloads, SLA steering and `explain`, each proven
+//! by the source address the internet host sees.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use uplink_tests::{
+    ECHO_PORT, Lab, SERVER4, TCP_ECHO_PORT, TcpFlow, UdpStream, UplinkSpec, client_v4, server,
+};
+
+fn two() -> Vec<UplinkSpec> {
+    vec![
+        UplinkSpec::new("isp1", 1, false),
+        UplinkSpec::new("isp2", 1, false),
+    ]
+}
+
+fn v4(last: u8, port: u16) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::new(203, 0, 113, last)), port)
+}
+
+/// Packets counted by the nft rules of `[[rule]]` `name`.
+fn rule_packets(lab: &Lab, name: &str) -> anyhow::Result<u64> {
+    let out = lab.gw(&["nft", "-j", "list", "chain", "inet", "uplinkd", "rules"])?;
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    let mut n = 0;
+    for item in v["nftables"].as_array().into_iter().flatten() {
+        if item["rule"]["comment"]
+            .as_str()
+            .is_some_and(|c| c.ends_with(&format!(" rule:{name}")))
+        {
+            for e in item["rule"]["expr"].as_array().into_iter().flatten() {
+                n += e["counter"]["packets"].as_u64().unwrap_or(0);
+            }
+        }
+    }
+    Ok(n)
+}
+
+const POLICIES: &str = r#"
+[[set]]
+name = "saas"
+elements = ["203.0.113.30", "2001:db8:ffff::30"]
+
+[[policy]]
+name = "via1"
+uplinks = ["isp1"]
+balance = "failover"
+
+[[policy]]
+name = "via2"
+uplinks = ["isp2"]
+balance = "failover"
+"#;
+
+/// Every match kind steers c1 (homed on isp1) to isp2 only for the traffic it matches;
+/// `main` leaves traffic to the main table's default route; rule counters move.
+#[test]
+fn rules_steer_by_every_match_kind() -> anyhow::Result<()> {
+    let mut lab = Lab::build("rules", two(), 3, 1)?;
+    let c3 = client_v4(3);
+    let rules = format!(
+        r#"{POLICIES}
+[[rule]]
+name = "dst-cidr"
+dst = ["203.0.113.20/32"]
+policy = "via2"
+
+[[rule]]
+name = "dst-set"
+dst = ["@saas"]
+policy = "via2"
+
+[[rule]]
+name = "tcp"
+proto = "tcp"
+dport = [{TCP_ECHO_PORT}]
+policy = "via2"
+
+[[rule]]
+name = "dport-range"
+proto = "udp"
+dport = ["9100-9110"]
+policy = "via2"
+
+[[rule]]
+name = "sport"
+sport = [40000]
+policy = "via2"
+
+[[rule]]
+name = "voice"
+dscp = ["ef"]
+policy = "via2"
+
+[[rule]]
+name = "src"
+src = ["{c3}/32"]
+policy = "via2"
+
+[[rule]]
+name = "vpn"
+dst = ["203.0.113.40/32"]
+policy = "main"
+"#
+    );
+    lab.write_config("10s", "10m", &rules)?;
+    for a in [v4(20, ECHO_PORT), v4(30, ECHO_PORT), v4(40, ECHO_PORT)] {
+        lab.serve_udp(a)?;
+    }
+    lab.serve_udp(SocketAddr::new("2001:db8:ffff::30".parse()?, ECHO_PORT))?;
+    lab.serve_udp(SocketAddr::new(IpAddr::V4(SERVER4), 9105))?;
+    // The site's main table has a default route (via isp2): what `main` traffic takes.
+    lab.gw(&[
+        "ip",
+        "route",
+        "add",
+        "default",
+        "via",
+        "100.64.2.1",
+        "dev",
+        "wan2",
+    ])?;
+    lab.start_agent()?;
+    let homes = lab.greet_clients()?;
+    assert_eq!(homes[&IpAddr::from(client_v4(1))], "isp1");
+    assert_eq!(homes[&IpAddr::from(c3)], "isp1");
+
+    // Unmatched traffic follows the home.
+    assert_eq!(lab.udp_via(1, server(false), None, None)?, "isp1");
+    assert_eq!(lab.udp_via(1, server(true), None, None)?, "isp1");
+    let cases: Vec<(&str, u32, SocketAddr, Option<u16>, Option<u8>)> = vec![
+        ("dst-cidr", 1, v4(20, ECHO_PORT), None, None),
+        ("dst-set", 1, v4(30, ECHO_PORT), None, None),
+        (
+            "dst-set",
+            1,
+            SocketAddr::new("2001:db8:ffff::30".parse()?, ECHO_PORT),
+            None,
+            None,
+        ),
+        (
+            "dport-range",
+            1,
+            SocketAddr::new(IpAddr::V4(SERVER4), 9105),
+            None,
+            None,
+        ),
+        ("sport", 1, server(false), Some(40000), None),
+        ("voice", 1, server(false), None, Some(46)),
+        ("voice", 1, server(true), None, Some(46)),
+        ("src", 3, server(false), None, None),
+    ];
+    for (rule, client, to, sport, dscp) in cases {
+        let before = rule_packets(&lab, rule)?;
+        assert_eq!(
+            lab.udp_via(client, to, sport, dscp)?,
+            "isp2",
+            "rule {rule}: c{client} → {to}"
+        );
+        assert!(
+            rule_packets(&lab, rule)? > before,
+            "rule {rule}'s counter moved"
+        );
+    }
+    // A DSCP other than the rule's: the home.
+    assert_eq!(lab.udp_via(1, server(false), None, Some(10))?, "isp1");
+    let mut tcp = TcpFlow::connect(&lab, 1)?;
+    let seen = tcp.exchange()?;
+    assert_eq!(
+        lab.uplink_of_source(seen).as_deref(),
+        Some("isp2"),
+        "rule tcp"
+    );
+
+    // `main`: unmarked, so the main table's default route (isp2) carries it.
+    let before = rule_packets(&lab, "vpn")?;
+    assert_eq!(lab.udp_via(1, v4(40, ECHO_PORT), None, None)?, "isp2");
+    assert!(rule_packets(&lab, "vpn")? > before);
+    let marks = lab.gw(&["conntrack", "-L", "-d", "203.0.113.40"])?;
+    assert!(
+        marks.contains("mark=0 "),
+        "main traffic carries no uplink mark: {marks}"
+    );
+    Ok(())
+}
+
+/// connection mode: 90 TCP connections from one client over weights 2/1 land about
+/// 60/30, and a long connection keeps its uplink while the others come and go.
+#[test]
+fn connection_mode_spreads_one_clients_connections_by_weight() -> anyhow::Result<()> {
+    let uplinks = vec![
+        UplinkSpec::new("isp1", 2, false),
+        UplinkSpec::new("isp2", 1, false),
+    ];
+    let mut lab = Lab::build("conn", uplinks, 1, 0)?;
+    lab.write_config("10s", "10m", "[dispatch]\nbalance = \"connection\"\n")?;
+    lab.start_agent()?;
+    let mut long = TcpFlow::connect(&lab, 1)?;
+    let long_via = long.exchange()?;
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for _ in 0..90 {
+        let mut c = TcpFlow::connect(&lab, 1)?;
+        let seen = c.exchange()?;
+        *counts
+            .entry(lab.uplink_of_source(seen).expect("an uplink"))
+            .or_default() += 1;
+        assert_eq!(c.exchange()?, seen, "a connection keeps its uplink");
+    }
+    // Binomial(90, 2/3): 60 ± 4.5; 45..=75 fails about once in a thousand runs.
+    let isp1 = counts.get("isp1").copied().unwrap_or(0);
+    assert!(
+        (45..=75).contains(&isp1),
+        "isp1 got {isp1} of 90: {counts:?}"
+    );
+    assert_eq!(long.exchange()?, long_via, "the long connection stayed");
+    Ok(())
+}
+
+/// destination mode: a server always gets the same uplink (also from new flows), 20
+/// servers spread over both, and `explain` names the uplink each one takes.
+#[test]
+fn destination_mode_is_sticky_per_server() -> anyhow::Result<()> {
+    let mut lab = Lab::build("dest", two(), 1, 0)?;
+    let api = lab.api_config()?;
+    lab.write_config(
+        "10s",
+        "10m",
+        &format!("[dispatch]\nbalance = \"destination\"\n{api}"),
+    )?;
+    let servers: Vec<SocketAddr> = (100..120).map(|i| v4(i, ECHO_PORT)).collect();
+    for s in &servers {
+        lab.serve_udp(*s)?;
+    }
+    lab.start_agent()?;
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    let src = client_v4(1).to_string();
+    for s in &servers {
+        let first = lab.udp_via(1, *s, None, None)?;
+        for _ in 0..2 {
+            assert_eq!(lab.udp_via(1, *s, None, None)?, first, "{s} is sticky");
+        }
+        let (code, out, err) = lab.ctl(
+            "view",
+            &[
+                "explain",
+                &src,
+                &s.ip().to_string(),
+                "--proto",
+                "udp",
+                "--dport",
+                "9000",
+                "-o",
+                "json",
+            ],
+        )?;
+        assert_eq!(code, 0, "{err}");
+        let e: serde_json::Value = serde_json::from_str(&out)?;
+        assert_eq!(e["uplink"], first.as_str(), "explain agrees for {s}: {out}");
+        *counts.entry(first).or_default() += 1;
+    }
+    assert_eq!(counts.len(), 2, "20 servers use both uplinks: {counts:?}");
+    Ok(())
+}
+
+/// failover mode takes the first usable uplink in list order, moves on a carrier cut and
+/// comes back; `when_none = "drop"` drops (its counter moves) and "default" falls back.
+#[test]
+fn failover_mode_and_when_none() -> anyhow::Result<()> {
+    let mut lab = Lab::build("fomode", two(), 1, 0)?;
+    let cfg = format!(
+        r#"[failover]
+failback_delay = "1s"
+
+[[policy]]
+name = "voip"
+uplinks = ["isp2", "isp1"]
+balance = "failover"
+
+[[policy]]
+name = "only2"
+uplinks = ["isp2"]
+balance = "failover"
+when_none = "drop"
+
+[[policy]]
+name = "prefer2"
+uplinks = ["isp2"]
+balance = "failover"
+
+[[rule]]
+name = "voip"
+dst = ["203.0.113.50/32"]
+policy = "voip"
+
+[[rule]]
+name = "strict"
+dst = ["203.0.113.51/32"]
+policy = "only2"
+
+[[rule]]
+name = "loose"
+dst = ["203.0.113.52/32"]
+policy = "prefer2"
+"#
+    );
+    lab.write_config("10s", "10m", &cfg)?;
+    for i in 50..=52 {
+        lab.serve_udp(v4(i, ECHO_PORT))?;
+    }
+    lab.start_agent()?;
+    lab.greet_clients()?;
+    for i in 50..=52 {
+        assert_eq!(lab.udp_via(1, v4(i, ECHO_PORT), None, None)?, "isp2");
+    }
+    let voice = UdpStream::start(&lab, 1, false, Duration::from_millis(20))?;
+    lab.carrier("isp2", false)?;
+    lab.wait_for(Duration::from_secs(5), "voip on isp1", || {
+        Ok(lab
+            .send_udp(1, v4(50, ECHO_PORT), None, None, 1)?
+            .is_some_and(|s| lab.uplink_of_source(s).as_deref() == Some("isp1")))
+    })?;
+    // The default policy's own flow (homed on isp1) lost nothing meanwhile.
+    let r = voice.finish()?;
+    assert_eq!(r.received, r.sent, "{r:?}");
+    assert_eq!(
+        lab.udp_via(1, v4(52, ECHO_PORT), None, None)?,
+        "isp1",
+        "when_none = default"
+    );
+    let drops = |lab: &Lab| -> anyhow::Result<u64> {
+        let out = lab.gw(&[
+            "nft",
+            "-j",
+            "list",
+            "chain",
+            "inet",
+            "uplinkd",
+            "policy_only2",
+        ])?;
+        let v: serde_json::Value = serde_json::from_str(&out)?;
+        Ok(v["nftables"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|i| i["rule"]["expr"].as_array().cloned().unwrap_or_default())
+            .filter_map(|e| e["counter"]["packets"].as_u64())
+            .sum())
+    };
+    let before = drops(&lab)?;
+    assert_eq!(
+        lab.send_udp(1, v4(51, ECHO_PORT), None, None, 2)?,
+        None,
+        "dropped"
+    );
+    assert!(drops(&lab)? > before, "by the policy's drop");
+    lab.carrier("isp2", true)?;
+    lab.wait_for(Duration::from_secs(10), "voip back on isp2", || {
+        Ok(lab
+            .send_udp(1, v4(50, ECHO_PORT), None, None, 1)?
+            .is_some_and(|s| lab.uplink_of_source(s).as_deref() == Some("isp2")))
+    })?;
+    assert_eq!(lab.udp_via(1, v4(51, ECHO_PORT), None, None)?, "isp2");
+    Ok(())
+}
+
+/// A reload that adds, removes and reorders rules: a running flow loses nothing and
+/// keeps its uplink; new flows follow the new rules (an `iif` rule among them).
+#[test]
+fn reload_changes_rules_without_loss() -> anyhow::Result<()> {
+    let mut lab = Lab::build("rreload", two(), 1, 0)?;
+    let first = format!(
+        r#"{POLICIES}
+[[rule]]
+name = "a"
+dst = ["203.0.113.20/32"]
+policy = "via2"
+"#
+    );
+    lab.write_config("10s", "10m", &first)?;
+    lab.serve_udp(v4(20, ECHO_PORT))?;
+    lab.start_agent()?;
+    lab.greet_clients()?;
+    assert_eq!(lab.udp_via(1, v4(20, ECHO_PORT), None, None)?, "isp2");
+    assert_eq!(lab.udp_via(1, server(false), None, None)?, "isp1");
+    let flow = UdpStream::start(&lab, 1, false, Duration::from_millis(10))?;
+    let second = format!(
+        r#"{POLICIES}
+[[rule]]
+name = "lan"
+iif = ["br-lan"]
+proto = "udp"
+policy = "via2"
+
+[[rule]]
+name = "b"
+dst = ["203.0.113.20/32"]
+policy = "via1"
+"#
+    );
+    lab.write_config("10s", "10m", &second)?;
+    lab.signal_agent("HUP")?;
+    lab.wait_for(Duration::from_secs(5), "new flows on isp2", || {
+        Ok(lab
+            .send_udp(1, server(false), None, None, 1)?
+            .is_some_and(|s| lab.uplink_of_source(s).as_deref() == Some("isp2")))
+    })?;
+    // `lan` comes first now: it wins over `b` for UDP.
+    assert_eq!(lab.udp_via(1, v4(20, ECHO_PORT), None, None)?, "isp2");
+    let r = flow.finish()?;
+    assert_eq!(r.received, r.sent, "the running flow lost nothing: {r:?}");
+    assert_eq!(
+        r.seen
+            .iter()
+            .filter_map(|s| lab.uplink_of_source(*s))
+            .collect::<Vec<_>>(),
+        ["isp1"],
+        "and kept its uplink"
+    );
+    Ok(())
+}
+
+/// A pin moves all of the client's traffic, rules included.
+#[test]
+fn a_pin_wins_over_rules() -> anyhow::Result<()> {
+    let mut lab = Lab::build("pinrule", two(), 1, 0)?;
+    let api = lab.api_config()?;
+    lab.write_config(
+        "10s",
+        "10m",
+        &format!(
+            "{POLICIES}\n[[rule]]\nname = \"a\"\ndst = [\"203.0.113.20/32\"]\npolicy = \"via2\"\n{api}"
+        ),
+    )?;
+    lab.serve_udp(v4(20, ECHO_PORT))?;
+    lab.start_agent()?;
+    lab.greet_clients()?;
+    assert_eq!(lab.udp_via(1, v4(20, ECHO_PORT), None, None)?, "isp2");
+    let (code, _, err) = lab.ctl("op", &["pin", &client_v4(1).to_string(), "isp1"])?;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(lab.udp_via(1, v4(20, ECHO_PORT), None, None)?, "isp1");
+    let (_, out, _) = lab.ctl(
+        "view",
+        &[
+            "explain",
+            &client_v4(1).to_string(),
+            "203.0.113.20",
+            "-o",
+            "json",
+        ],
+    )?;
+    let e: serde_json::Value = serde_json::from_str(&out)?;
+    assert_eq!(e["uplink"], "isp1", "{out}");
+    assert_eq!(e["policy"], "pin", "{out}");
+    Ok(())
+}
