@@ -165,6 +165,9 @@ pub enum Request {
     Failback(String),
     Reload,
     Events,
+    Policies,
+    Rules,
+    Explain(v1::ExplainRequest),
 }
 
 #[derive(Debug, Clone)]
@@ -259,6 +262,21 @@ async fn call(client: &mut AgentClient<Channel>, req: &Request) -> Result<Value,
                 .await?
                 .into_inner()
         ),
+        Request::Policies => json!(
+            client
+                .list_policies(v1::ListPoliciesRequest {})
+                .await?
+                .into_inner()
+                .policies
+        ),
+        Request::Rules => json!(
+            client
+                .list_rules(v1::ListRulesRequest {})
+                .await?
+                .into_inner()
+                .rules
+        ),
+        Request::Explain(r) => json!(client.explain(r.clone()).await?.into_inner()),
         Request::Reload => json!(
             client
                 .reload_config(v1::ReloadConfigRequest {})

@@ -95,6 +95,30 @@ enum Cmd {
     Failback {
         uplink: String,
     },
+    /// Traffic policies: what each uses now, and why not the others.
+    Policies,
+    /// Rules in order, with the packets each decided.
+    Rules,
+    /// Which rule, policy and uplink a new flow takes now, and why.
+    Explain {
+        /// Client address.
+        src: String,
+        /// Destination address.
+        dst: String,
+        /// tcp, udp, icmp, icmpv6 (default: udp with a port, else any).
+        #[arg(long)]
+        proto: Option<String>,
+        #[arg(long)]
+        sport: Option<u16>,
+        #[arg(long)]
+        dport: Option<u16>,
+        /// DSCP name (ef, af41, cs1, …) or number.
+        #[arg(long)]
+        dscp: Option<String>,
+        /// The LAN interface the flow arrives on.
+        #[arg(long)]
+        iif: Option<String>,
+    },
     /// Reload the agent's configuration.
     Reload,
     /// The event log; --follow keeps streaming.
@@ -256,6 +280,25 @@ fn request_of(cmd: &Cmd) -> Result<fleet::Request> {
         Cmd::Undrain { uplink } => R::Undrain(uplink.clone()),
         Cmd::Failback { uplink } => R::Failback(uplink.clone()),
         Cmd::Reload => R::Reload,
+        Cmd::Policies => R::Policies,
+        Cmd::Rules => R::Rules,
+        Cmd::Explain {
+            src,
+            dst,
+            proto,
+            sport,
+            dport,
+            dscp,
+            iif,
+        } => R::Explain(v1::ExplainRequest {
+            src: ip(src)?,
+            dst: ip(dst)?,
+            proto: proto.clone().unwrap_or_default(),
+            sport: sport.unwrap_or(0).into(),
+            dport: dport.unwrap_or(0).into(),
+            dscp: dscp.clone().unwrap_or_default(),
+            iif: iif.clone().unwrap_or_default(),
+        }),
         Cmd::Events { .. } => R::Events,
         Cmd::Certs { .. } | Cmd::Completion { .. } => unreachable!("handled before"),
     })

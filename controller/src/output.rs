@@ -193,6 +193,73 @@ fn table(v: &Value, wide: bool) {
                 .collect();
             render(&["AT_MS", "KIND", "UPLINK", "MOVED", "WHAT"], rows);
         }
+        Value::Array(items) if items.first().is_some_and(|i| i.get("using").is_some()) => {
+            let mut h = vec!["POLICY", "BALANCE", "STATE", "USING", "WHY_NOT_OTHERS"];
+            if wide {
+                h.extend([
+                    "CANDIDATES",
+                    "MAX_RTT_MS",
+                    "MAX_LOSS",
+                    "MAX_JITTER_MS",
+                    "WHEN_NONE",
+                ]);
+            }
+            let rows = items
+                .iter()
+                .map(|p| {
+                    let mut r = vec![
+                        s(p, "name"),
+                        s(p, "balance"),
+                        s(p, "state"),
+                        s(p, "using"),
+                        p["skipped"]
+                            .as_array()
+                            .map(|a| {
+                                a.iter()
+                                    .filter_map(|x| x.as_str())
+                                    .collect::<Vec<_>>()
+                                    .join("; ")
+                            })
+                            .filter(|x| !x.is_empty())
+                            .unwrap_or_else(|| "-".into()),
+                    ];
+                    if wide {
+                        r.extend([
+                            s(p, "uplinks"),
+                            s(p, "max_rtt_ms"),
+                            s(p, "max_loss"),
+                            s(p, "max_jitter_ms"),
+                            s(p, "when_none"),
+                        ]);
+                    }
+                    r
+                })
+                .collect();
+            render(&h, rows);
+        }
+        Value::Array(items) if items.first().is_some_and(|i| i.get("match").is_some()) => {
+            let rows = items
+                .iter()
+                .map(|r| {
+                    vec![
+                        s(r, "name"),
+                        s(r, "policy"),
+                        s(r, "packets"),
+                        s(r, "bytes"),
+                        s(r, "match"),
+                    ]
+                })
+                .collect();
+            render(&["RULE", "POLICY", "PACKETS", "BYTES", "MATCH"], rows);
+        }
+        Value::Object(map) if map.contains_key("summary") && map.contains_key("steps") => {
+            println!("{}", s(v, "summary"));
+            if wide {
+                for step in map["steps"].as_array().into_iter().flatten() {
+                    println!("  {}", step.as_str().unwrap_or_default());
+                }
+            }
+        }
         Value::Array(items) if items.is_empty() => println!("(none)"),
         Value::Object(map) if map.contains_key("clients_per_uplink") => {
             let per: Vec<String> = map["clients_per_uplink"]

@@ -390,3 +390,38 @@ fn bulk_arrival_is_dispatched_from_events() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// A new client's first flow leaves by the uplink it then keeps: 8 clients arriving one
+/// after another over weights 2/1/1 end 4/2/2, and none changes public address between
+/// its first flow and the flows after its assignment.
+#[test]
+fn a_new_clients_first_flow_keeps_its_uplink() -> anyhow::Result<()> {
+    let mut lab = Lab::build("first", three_uplinks(), 0, 0)?;
+    lab.write_config("10s", "10m", "")?;
+    lab.start_agent()?;
+    let mut homes = BTreeMap::new();
+    for i in 1..=8 {
+        lab.add_client(i, false)?;
+        let ip = IpAddr::from(client_v4(i));
+        let first = lab.probe(i, false, 10)?;
+        lab.wait_for(Duration::from_secs(10), &format!("c{i} assigned"), || {
+            Ok(lab.assignments()?.contains_key(&ip))
+        })?;
+        let later = lab.probe(i, false, 10)?;
+        assert_eq!(
+            later, first,
+            "c{i}: first flow left by {first}, the next one by {later}"
+        );
+        homes.insert(ip, lab.uplink_of_source(later).expect("an uplink"));
+    }
+    assert_eq!(
+        lab.assignments()?,
+        homes,
+        "the kernel path is the assignment"
+    );
+    assert_eq!(
+        counts(&homes),
+        BTreeMap::from([("isp1".into(), 4), ("isp2".into(), 2), ("lte".into(), 2)])
+    );
+    Ok(())
+}

@@ -39,6 +39,9 @@ fn rule_packets(lab: &Lab, name: &str) -> anyhow::Result<u64> {
     Ok(n)
 }
 
+/// Rule, client, destination, source port, DSCP.
+type Case = (&'static str, u32, SocketAddr, Option<u16>, Option<u8>);
+
 const POLICIES: &str = r#"
 [[set]]
 name = "saas"
@@ -106,7 +109,8 @@ dst = ["203.0.113.40/32"]
 policy = "main"
 "#
     );
-    lab.write_config("10s", "10m", &rules)?;
+    let api = lab.api_config()?;
+    lab.write_config("10s", "10m", &format!("{rules}{api}"))?;
     for a in [v4(20, ECHO_PORT), v4(30, ECHO_PORT), v4(40, ECHO_PORT)] {
         lab.serve_udp(a)?;
     }
@@ -131,7 +135,7 @@ policy = "main"
     // Unmatched traffic follows the home.
     assert_eq!(lab.udp_via(1, server(false), None, None)?, "isp1");
     assert_eq!(lab.udp_via(1, server(true), None, None)?, "isp1");
-    let cases: Vec<(&str, u32, SocketAddr, Option<u16>, Option<u8>)> = vec![
+    let cases: Vec<Case> = vec![
         ("dst-cidr", 1, v4(20, ECHO_PORT), None, None),
         ("dst-set", 1, v4(30, ECHO_PORT), None, None),
         (
@@ -270,8 +274,7 @@ fn destination_mode_is_sticky_per_server() -> anyhow::Result<()> {
 #[test]
 fn failover_mode_and_when_none() -> anyhow::Result<()> {
     let mut lab = Lab::build("fomode", two(), 1, 0)?;
-    let cfg = format!(
-        r#"[failover]
+    let cfg = r#"[failover]
 failback_delay = "1s"
 
 [[policy]]
@@ -304,9 +307,8 @@ policy = "only2"
 name = "loose"
 dst = ["203.0.113.52/32"]
 policy = "prefer2"
-"#
-    );
-    lab.write_config("10s", "10m", &cfg)?;
+"#;
+    lab.write_config("10s", "10m", cfg)?;
     for i in 50..=52 {
         lab.serve_udp(v4(i, ECHO_PORT))?;
     }

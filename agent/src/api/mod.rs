@@ -548,6 +548,74 @@ impl agent_server::Agent for AgentService {
         .await
     }
 
+    async fn list_policies(
+        &self,
+        req: Request<v1::ListPoliciesRequest>,
+    ) -> Result<Response<v1::ListPoliciesResponse>, Status> {
+        self.timed("ListPolicies", async move {
+            read(&req)?;
+            let s = self.snapshot();
+            Ok(Response::new(v1::ListPoliciesResponse {
+                policies: view::policies(&s.config, &s.model),
+            }))
+        })
+        .await
+    }
+
+    async fn list_rules(
+        &self,
+        req: Request<v1::ListRulesRequest>,
+    ) -> Result<Response<v1::ListRulesResponse>, Status> {
+        self.timed("ListRules", async move {
+            read(&req)?;
+            let s = self.snapshot();
+            let counters = if s.config.rules.is_empty() {
+                Default::default()
+            } else {
+                self.counters
+                    .rules(Duration::from_secs(1))
+                    .await
+                    .map_err(|e| Status::internal(format!("cannot read the rule counters: {e}")))?
+            };
+            Ok(Response::new(v1::ListRulesResponse {
+                rules: view::rules(&s.config, &counters),
+            }))
+        })
+        .await
+    }
+
+    async fn explain(
+        &self,
+        req: Request<v1::ExplainRequest>,
+    ) -> Result<Response<v1::Explanation>, Status> {
+        self.timed("Explain", async move {
+            read(&req)?;
+            let flow = validate::flow(req.get_ref())?;
+            let s = self.snapshot();
+            // The sets as the dataplane has them: an external set's elements are read
+            // from the kernel, where its filler put them.
+            let mut sets = Vec::new();
+            for set in &s.config.sets {
+                if set.external {
+                    sets.push(self.counters.external_set(&set.name).await.map_err(|e| {
+                        Status::internal(format!("cannot read set {}: {e}", set.name))
+                    })?);
+                } else {
+                    sets.push(
+                        set.v4
+                            .iter()
+                            .map(|n| ipnet::IpNet::V4(*n))
+                            .chain(set.v6.iter().map(|n| ipnet::IpNet::V6(*n)))
+                            .collect(),
+                    );
+                }
+            }
+            let e = crate::plan::policy::explain(&s.config, &s.model, &sets, &flow);
+            Ok(Response::new(view::explanation(e)))
+        })
+        .await
+    }
+
     type WatchEventsStream = EventStream;
 
     async fn watch_events(

@@ -72,6 +72,63 @@ pub fn page(size: u32, token: &str) -> Result<(usize, Option<Mac>), Status> {
     Ok((limit, after))
 }
 
+/// An `Explain` request as a flow.
+pub fn flow(r: &uplink_api::v1::ExplainRequest) -> Result<crate::plan::policy::Flow, Status> {
+    use crate::config::{DSCP_NAMES, Proto};
+    let src = ip("src", &r.src)?;
+    let dst = ip("dst", &r.dst)?;
+    if src.is_ipv4() != dst.is_ipv4() {
+        return Err(Status::invalid_argument(
+            "src and dst must be of one family (both IPv4 or both IPv6)",
+        ));
+    }
+    let port = |field: &str, p: u32| -> Result<Option<u16>, Status> {
+        match p {
+            0 => Ok(None),
+            1..=65535 => Ok(Some(p as u16)),
+            _ => Err(Status::invalid_argument(format!(
+                "{field}: {p} is not a port (1-65535)"
+            ))),
+        }
+    };
+    let sport = port("sport", r.sport)?;
+    let dport = port("dport", r.dport)?;
+    let proto = match r.proto.trim() {
+        "" if sport.is_some() || dport.is_some() => Proto::Udp,
+        "" => Proto::Any,
+        p => Proto::parse(&p.to_ascii_lowercase()).ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "proto: {p:?} is not a protocol; use tcp, udp, icmp or icmpv6"
+            ))
+        })?,
+    };
+    let dscp = match r.dscp.trim().to_ascii_lowercase() {
+        d if d.is_empty() => 0,
+        d => match d.parse::<u8>() {
+            Ok(n) if n <= 63 => n,
+            _ => DSCP_NAMES
+                .iter()
+                .find(|(n, _)| *n == d)
+                .map(|(_, v)| *v)
+                .ok_or_else(|| {
+                    Status::invalid_argument(format!(
+                        "dscp: {d:?} is not a DSCP; use 0-63 or a name such as ef, af41, cs1"
+                    ))
+                })?,
+        },
+    };
+    let iif = r.iif.trim();
+    Ok(crate::plan::policy::Flow {
+        src,
+        dst,
+        proto,
+        sport,
+        dport,
+        dscp,
+        iif: (!iif.is_empty()).then(|| iif.to_string()),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

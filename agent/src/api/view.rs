@@ -177,3 +177,161 @@ fn map_state(s: UplinkState) -> v1::UplinkState {
         UplinkState::Held => v1::UplinkState::Held,
     }
 }
+
+/// The default policy and every `[[policy]]`, with what each uses now and why.
+pub fn policies(config: &Config, model: &Model) -> Vec<v1::Policy> {
+    use crate::config::WhenNone;
+    use crate::model::policy::Outcome;
+    use crate::plan::policy::{Verdict, default_verdict, policy_verdict};
+    let name = |i: usize| config.uplinks[i].name.clone();
+    let one = |pname: String,
+               mode: crate::config::Mode,
+               members: &[usize],
+               sla: Option<(usize, &crate::config::Sla)>,
+               when_none: Option<WhenNone>,
+               (verdict, choice): (Verdict, crate::model::policy::Choice)| {
+        let state = match (&verdict, choice.outcome) {
+            (Verdict::Drop, _) => "drop",
+            (Verdict::Default, _) => "fallback",
+            (_, Outcome::BestEffort) => "best_effort",
+            _ => "met",
+        };
+        let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
+        v1::Policy {
+            name: pname,
+            balance: mode.as_str().into(),
+            uplinks: members.iter().map(|&i| name(i)).collect(),
+            using: choice.using.iter().map(|&i| name(i)).collect(),
+            skipped: choice.skipped.iter().map(|(_, w)| w.clone()).collect(),
+            max_rtt_ms: sla.and_then(|(_, s)| s.max_rtt).map(ms),
+            max_loss: sla.and_then(|(_, s)| s.max_loss),
+            max_jitter_ms: sla.and_then(|(_, s)| s.max_jitter).map(ms),
+            when_none: match when_none {
+                None => String::new(),
+                Some(WhenNone::Default) => "default".into(),
+                Some(WhenNone::Drop) => "drop".into(),
+            },
+            state: state.into(),
+            sla: sla
+                .filter(|(_, s)| s.is_set())
+                .map(|(p, _)| {
+                    members
+                        .iter()
+                        .map(|&i| {
+                            let broken = model
+                                .sla
+                                .get(p)
+                                .and_then(|s| s.get(i))
+                                .and_then(|s| s.broken.clone());
+                            v1::PolicySla {
+                                uplink: name(i),
+                                met: broken.is_none(),
+                                reason: broken.unwrap_or_default(),
+                            }
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+        }
+    };
+    let all: Vec<usize> = (0..config.uplinks.len()).collect();
+    let mut out = vec![one(
+        "default".into(),
+        config.dispatch,
+        &all,
+        None,
+        None,
+        default_verdict(config, model),
+    )];
+    for (p, pc) in config.policies.iter().enumerate() {
+        out.push(one(
+            pc.name.clone(),
+            pc.mode,
+            &pc.uplinks,
+            Some((p, &pc.sla)),
+            Some(pc.when_none),
+            policy_verdict(config, model, p),
+        ));
+    }
+    out
+}
+
+/// The rules in order; `counters` by rule name (packets, bytes).
+pub fn rules(
+    config: &Config,
+    counters: &std::collections::BTreeMap<String, (u64, u64)>,
+) -> Vec<v1::Rule> {
+    use crate::config::{AddrMatch, Proto, Target};
+    let addrs = |list: &[AddrMatch]| {
+        list.iter()
+            .map(|a| match a {
+                AddrMatch::Net(n) => n.to_string(),
+                AddrMatch::Set(s) => format!("@{}", config.sets[*s].name),
+            })
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let ports = |list: &[(u16, u16)]| {
+        list.iter()
+            .map(|(a, b)| {
+                if a == b {
+                    a.to_string()
+                } else {
+                    format!("{a}-{b}")
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    config
+        .rules
+        .iter()
+        .map(|r| {
+            let mut m = Vec::new();
+            if !r.iif.is_empty() {
+                m.push(format!("iif={}", r.iif.join(",")));
+            }
+            if !r.src.is_empty() {
+                m.push(format!("src={}", addrs(&r.src)));
+            }
+            if !r.dst.is_empty() {
+                m.push(format!("dst={}", addrs(&r.dst)));
+            }
+            if r.proto != Proto::Any {
+                m.push(format!("proto={}", r.proto.as_str()));
+            }
+            if !r.sport.is_empty() {
+                m.push(format!("sport={}", ports(&r.sport)));
+            }
+            if !r.dport.is_empty() {
+                m.push(format!("dport={}", ports(&r.dport)));
+            }
+            if !r.dscp.is_empty() {
+                let d: Vec<String> = r.dscp.iter().map(|d| d.to_string()).collect();
+                m.push(format!("dscp={}", d.join(",")));
+            }
+            let (packets, bytes) = counters.get(&r.name).copied().unwrap_or_default();
+            v1::Rule {
+                name: r.name.clone(),
+                r#match: m.join(" "),
+                policy: match r.target {
+                    Target::Main => "main".into(),
+                    Target::Default => "default".into(),
+                    Target::Policy(p) => config.policies[p].name.clone(),
+                },
+                packets,
+                bytes,
+            }
+        })
+        .collect()
+}
+
+pub fn explanation(e: crate::plan::policy::Explanation) -> v1::Explanation {
+    v1::Explanation {
+        rule: e.rule.unwrap_or_default(),
+        policy: e.policy,
+        uplink: e.uplink.unwrap_or_default(),
+        summary: e.summary,
+        steps: e.steps,
+    }
+}

@@ -175,10 +175,14 @@ impl NftStats {
 /// Traffic per interface, as one reading.
 pub type TrafficByInterface = Arc<BTreeMap<String, Traffic>>;
 
+/// Packets and bytes per `[[rule]]`, by name.
+pub type RuleCounters = Arc<BTreeMap<String, (u64, u64)>>;
+
 #[derive(Clone)]
 pub struct Counters {
     driver: NftDriver,
     last: Arc<tokio::sync::Mutex<Option<(std::time::Instant, TrafficByInterface)>>>,
+    rules: Arc<tokio::sync::Mutex<Option<(std::time::Instant, RuleCounters)>>>,
 }
 
 impl Counters {
@@ -186,7 +190,52 @@ impl Counters {
         Counters {
             driver,
             last: Arc::new(tokio::sync::Mutex::new(None)),
+            rules: Arc::new(tokio::sync::Mutex::new(None)),
         }
+    }
+
+    /// The rules' counters, shared and reused like the traffic counters.
+    pub async fn rules(
+        &self,
+        max_age: std::time::Duration,
+    ) -> Result<RuleCounters, DataplaneError> {
+        let mut last = self.rules.lock().await;
+        if let Some((at, r)) = &*last
+            && at.elapsed() <= max_age
+        {
+            return Ok(r.clone());
+        }
+        let r = Arc::new(self.driver.rule_counters().await?);
+        *last = Some((std::time::Instant::now(), r.clone()));
+        Ok(r)
+    }
+
+    /// An external `[[set]]`'s elements as the kernel has them (both families).
+    pub async fn external_set(&self, name: &str) -> Result<Vec<IpNet>, DataplaneError> {
+        let mut out = Vec::new();
+        for v6 in [false, true] {
+            let Some(elems) = self.driver.set_elements(&set_name(name, v6)).await? else {
+                continue;
+            };
+            for e in elems.as_array().into_iter().flatten() {
+                // A plain address, a prefix, or either wrapped with a timeout.
+                let e = if e["elem"].is_object() {
+                    &e["elem"]["val"]
+                } else {
+                    e
+                };
+                let net = match e {
+                    Value::String(a) => a.parse::<IpAddr>().ok().map(IpNet::from),
+                    v => v["prefix"]["addr"]
+                        .as_str()
+                        .and_then(|a| a.parse::<IpAddr>().ok())
+                        .zip(v["prefix"]["len"].as_u64())
+                        .and_then(|(a, l)| IpNet::new(a, l as u8).ok()),
+                };
+                out.extend(net);
+            }
+        }
+        Ok(out)
     }
 
     pub async fn read(
@@ -1435,7 +1484,7 @@ mod tests {
     fn listing_round_trip_matches_signature() {
         // The shape `nft -j list table` prints for uplinkd's own objects.
         let objs = render_structure(&structure());
-        let mut items: Vec<serde_json::Value> = objs.iter().cloned().collect();
+        let mut items: Vec<serde_json::Value> = objs.to_vec();
         let mut maps = verdict_maps("uplinkd");
         maps[0]["map"]["elem"] = serde_json::json!([["10.0.0.1", {"goto": {"target": "home_a"}}]]);
         maps[2]["map"]["elem"] = serde_json::json!([[16777216, {"goto": {"target": "up_a"}}]]);
