@@ -58,6 +58,13 @@ pub struct Metrics {
     /// The uplinks last published, as (name, interface): a scrape maps counters to names
     /// with it, and series of uplinks that left the config are removed.
     uplinks: std::sync::Mutex<Vec<(String, String)>>,
+    policy_sla_met: IntGaugeVec,
+    pub sla_changes: IntCounterVec,
+    rule_packets: IntCounterVec,
+    rule_bytes: IntCounterVec,
+    /// The rules last published and their last nft readings (packets, bytes).
+    rules: std::sync::Mutex<(Vec<String>, HashMap<String, (u64, u64)>)>,
+    moved_on_arrival: IntCounter,
     _build_info: Gauge,
 }
 
@@ -285,6 +292,35 @@ impl Metrics {
             ),
             last: std::sync::Mutex::new(HashMap::new()),
             uplinks: std::sync::Mutex::new(Vec::new()),
+            policy_sla_met: ivec(
+                "policy_sla_met",
+                "1 while the uplink meets the policy's SLA (max_rtt, max_loss, max_jitter), 0 while the policy avoids it; only policies with an SLA",
+                &["policy", "uplink"],
+            ),
+            sla_changes: cvec(
+                "policy_sla_changes_total",
+                "Changes of a policy's SLA verdict on an uplink (each is also a `sla` event)",
+                &["policy", "uplink"],
+            ),
+            rule_packets: cvec(
+                "rule_packets_total",
+                "Packets a [[rule]] decided: each connection's first packet (later ones follow the connection's mark), every packet of a `main` rule",
+                &["rule"],
+            ),
+            rule_bytes: cvec(
+                "rule_bytes_total",
+                "Bytes of the packets counted by uplinkd_rule_packets_total",
+                &["rule"],
+            ),
+            rules: std::sync::Mutex::new((Vec::new(), HashMap::new())),
+            moved_on_arrival: reg(
+                &r,
+                IntCounter::new(
+                    "clients_moved_on_arrival_total",
+                    "New clients placed on another uplink than the one their first packets took (they arrived together; their later flows leave with another address)",
+                )
+                .expect("valid metric"),
+            ),
             _build_info: build_info,
             registry: r,
         })
@@ -357,6 +393,59 @@ impl Metrics {
         self.clients.set(model.clients().len() as i64);
         self.overrides.set(model.overrides.len() as i64);
         self.in_sync.set(in_sync as i64);
+        self.moved_on_arrival.inc_by(
+            model
+                .moved_on_arrival
+                .saturating_sub(self.moved_on_arrival.get()),
+        );
+        // Bounded by the config: rebuilt whole, so a reload's removed policies go.
+        self.policy_sla_met.reset();
+        for (p, pc) in config
+            .policies
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.sla.is_set())
+        {
+            for &u in &pc.uplinks {
+                self.policy_sla_met
+                    .with_label_values(&[pc.name.as_str(), config.uplinks[u].name.as_str()])
+                    .set(model.sla_met(p, u) as i64);
+            }
+        }
+        let mut rules = self.rules.lock().expect("lock");
+        let names: Vec<String> = config.rules.iter().map(|r| r.name.clone()).collect();
+        for gone in rules.0.iter().filter(|n| !names.contains(n)) {
+            let _ = self.rule_packets.remove_label_values(&[gone]);
+            let _ = self.rule_bytes.remove_label_values(&[gone]);
+        }
+        for n in &names {
+            self.rule_packets.with_label_values(&[n]);
+            self.rule_bytes.with_label_values(&[n]);
+        }
+        rules.0 = names;
+    }
+
+    /// Adds what each rule decided since the last reading to its counters.
+    pub fn count_rules(&self, counters: &std::collections::BTreeMap<String, (u64, u64)>) {
+        let mut rules = self.rules.lock().expect("lock");
+        let (names, last) = &mut *rules;
+        for name in names.iter() {
+            let now = counters.get(name).copied().unwrap_or_default();
+            let before = last.insert(name.clone(), now).unwrap_or_default();
+            // A rewritten rules chain starts its counters at 0: count from there.
+            let delta = |n: u64, b: u64| if n >= b { n - b } else { n };
+            self.rule_packets
+                .with_label_values(&[name])
+                .inc_by(delta(now.0, before.0));
+            self.rule_bytes
+                .with_label_values(&[name])
+                .inc_by(delta(now.1, before.1));
+        }
+    }
+
+    /// Whether any rule is configured (a scrape then reads the rule counters).
+    pub fn has_rules(&self) -> bool {
+        !self.rules.lock().expect("lock").0.is_empty()
     }
 
     /// The counters labelled by uplink only.
@@ -490,6 +579,14 @@ pub async fn serve(
                     Ok(traffic) => metrics.count_traffic(&traffic),
                     Err(e) => {
                         tracing::warn!(error = %e, "cannot read the traffic counters for /metrics")
+                    }
+                }
+                if metrics.has_rules() {
+                    match counters.rules(std::time::Duration::from_secs(1)).await {
+                        Ok(r) => metrics.count_rules(&r),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot read the rule counters for /metrics")
+                        }
                     }
                 }
                 (

@@ -458,3 +458,109 @@ fn a_pin_wins_over_rules() -> anyhow::Result<()> {
     assert_eq!(e["policy"], "pin", "{out}");
     Ok(())
 }
+
+/// SLA steering with real added latency (a bulk download through a tbf-limited ISP link
+/// queues the probes): the policy with max_rtt leaves isp1 and comes back once the queue
+/// drains, with `sla` events and the metric; the default policy keeps using isp1.
+#[test]
+fn sla_steering_moves_a_policy_off_a_slow_uplink_and_back() -> anyhow::Result<()> {
+    let mut lab = Lab::build("sla", uplink_tests::probed_uplinks(), 1, 0)?;
+    let api = lab.api_config()?;
+    let cfg = format!(
+        r#"[health]
+stats_window = 10
+
+[[policy]]
+name = "voip"
+uplinks = ["isp1", "isp2"]
+balance = "failover"
+max_rtt = "100ms"
+
+[[rule]]
+name = "voip"
+dst = ["203.0.113.50/32"]
+policy = "voip"
+
+[metrics]
+listen = "127.0.0.1:9477"
+{api}"#
+    );
+    lab.write_config("10s", "10m", &cfg)?;
+    lab.serve_udp(v4(50, ECHO_PORT))?;
+    lab.start_agent()?;
+    lab.greet_clients()?;
+    let voip = v4(50, ECHO_PORT);
+    assert_eq!(lab.udp_via(1, voip, None, None)?, "isp1");
+    lab.shape("isp1", "2mbit")?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    let conn = uplink_tests::in_netns(&lab.ns("c1"), || {
+        std::net::TcpStream::connect((SERVER4, uplink_tests::BULK_PORT))
+    })??;
+    conn.set_read_timeout(Some(Duration::from_millis(500)))?;
+    let reader = std::thread::spawn(move || {
+        use std::io::Read;
+        let mut conn = conn;
+        let mut buf = [0u8; 65536];
+        while !flag.load(std::sync::atomic::Ordering::SeqCst) {
+            if matches!(conn.read(&mut buf), Ok(0)) {
+                break;
+            }
+        }
+    });
+    let result = (|| -> anyhow::Result<()> {
+        lab.wait_for(Duration::from_secs(20), "voip moved to isp2", || {
+            Ok(lab
+                .send_udp(1, voip, None, None, 3)?
+                .is_some_and(|s| lab.uplink_of_source(s).as_deref() == Some("isp2")))
+        })?;
+        let (_, out, _) = lab.ctl("view", &["policies", "-o", "json"])?;
+        let p: serde_json::Value = serde_json::from_str(&out)?;
+        let voip_p = p
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["name"] == "voip")
+            .unwrap();
+        assert_eq!(voip_p["using"], serde_json::json!(["isp2"]), "{out}");
+        assert!(
+            voip_p["skipped"][0]
+                .as_str()
+                .unwrap_or_default()
+                .contains("max_rtt 100ms"),
+            "{out}"
+        );
+        let metrics = lab.gw(&["curl", "-s", "http://127.0.0.1:9477/metrics"])?;
+        assert!(
+            metrics.contains("uplinkd_policy_sla_met{policy=\"voip\",uplink=\"isp1\"} 0"),
+            "{metrics}"
+        );
+        // Only this policy avoids isp1: the default one still places flows there.
+        assert_eq!(lab.udp_via(1, server(false), None, None)?, "isp1");
+        Ok(())
+    })();
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let _ = reader.join();
+    result?;
+    lab.wait_for(Duration::from_secs(20), "voip back on isp1", || {
+        Ok(lab
+            .send_udp(1, voip, None, None, 3)?
+            .is_some_and(|s| lab.uplink_of_source(s).as_deref() == Some("isp1")))
+    })?;
+    let (_, out, _) = lab.ctl("view", &["events", "-o", "json"])?;
+    let events: serde_json::Value = serde_json::from_str(&out)?;
+    let sla: Vec<&str> = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "sla")
+        .map(|e| e["cause"].as_str().unwrap_or_default())
+        .collect();
+    assert!(
+        sla.len() >= 2
+            && sla[0].contains("avoids isp1")
+            && sla.last().unwrap().contains("uses isp1 again"),
+        "{sla:?}"
+    );
+    Ok(())
+}

@@ -607,6 +607,11 @@ impl Agent {
                     .failbacks
                     .with_label_values(&[e.uplink.as_str()])
                     .inc(),
+                EventKind::Sla { policy, .. } => self
+                    .metrics
+                    .sla_changes
+                    .with_label_values(&[policy.as_str(), e.uplink.as_str()])
+                    .inc(),
                 EventKind::State { from, to } if from.usable() != to.usable() => self
                     .metrics
                     .flaps
@@ -685,6 +690,12 @@ impl Agent {
             .store(report.errors.is_empty(), Ordering::SeqCst);
         let mut flush_failed = false;
         if report.errors.is_empty() {
+            // Where a client without an assignment goes now, to tell whether its placement
+            // moves it.
+            self.model.unassigned_to = match &desired.nft.structure.default {
+                crate::plan::Verdict::Clients { unassigned } => Some(unassigned.clone()),
+                _ => None,
+            };
             // Only once the new paths are in the kernel: the flows re-establish on them.
             for i in self.model.take_flushes() {
                 let mark = self.config.dataplane.fwmark(self.config.uplinks[i].mark);
@@ -900,13 +911,14 @@ impl Agent {
                     .observe(rtt.as_secs_f64());
             }
         }
-        let log = self.model.on_round(
+        let mut log = self.model.on_round(
             report.uplink,
             &report.round,
             Instant::now(),
             &self.config.health,
             &self.config.failover,
         );
+        log.extend(self.model.evaluate_sla(&self.config.policies));
         if self.record(log) {
             self.apply(ReadBack::Cache).await;
             self.publish_metrics();
