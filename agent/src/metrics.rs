@@ -20,6 +20,9 @@ use crate::model::failover::FailbackPending;
 
 const STATES: [&str; 5] = ["up", "down", "degraded", "draining", "held"];
 
+/// The configured rule names and each one's last nft reading (packets, bytes).
+type RuleReadings = (Vec<String>, HashMap<String, (u64, u64)>);
+
 pub struct Metrics {
     pub registry: Registry,
     uplink_up: IntGaugeVec,
@@ -63,7 +66,7 @@ pub struct Metrics {
     rule_packets: IntCounterVec,
     rule_bytes: IntCounterVec,
     /// The rules last published and their last nft readings (packets, bytes).
-    rules: std::sync::Mutex<(Vec<String>, HashMap<String, (u64, u64)>)>,
+    rules: std::sync::Mutex<RuleReadings>,
     moved_on_arrival: IntCounter,
     _build_info: Gauge,
 }
