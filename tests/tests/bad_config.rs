@@ -41,6 +41,253 @@ struct Case {
 
 const CASES: &[Case] = &[
     Case {
+        name: "uplink balance is gone",
+        edit: ("weight = 2", "weight = 2\nbalance = \"client\""),
+        line: Some(17),
+        key: "uplink[0].balance",
+        hint: "[dispatch] balance",
+    },
+    Case {
+        name: "dispatch failover",
+        edit: (
+            "gateway = \"100.64.2.1\"\n",
+            "gateway = \"100.64.2.1\"\n\n[dispatch]\nbalance = \"failover\"\n",
+        ),
+        line: Some(24),
+        key: "dispatch.balance",
+        hint: "for a [[policy]]",
+    },
+    Case {
+        name: "unknown policy",
+        edit: (
+            "gateway = \"100.64.2.1\"\n",
+            "gateway = \"100.64.2.1\"\n\n[[rule]]\nname = \"r\"\ndst = [\"198.51.100.0/24\"]\npolicy = \"voip\"\n",
+        ),
+        line: Some(26),
+        key: "rule[0].policy",
+        hint: "use one of: main, default",
+    },
+    Case {
+        name: "unknown uplink in policy",
+        edit: (
+            "gateway = \"100.64.2.1\"\n",
+            "gateway = \"100.64.2.1\"\n\n[[policy]]\nname = \"p\"\nuplinks = [\"isp1\", \"lte\"]\n",
+        ),
+        line: Some(25),
+        key: "policy[0].uplinks[1]",
+        hint: "uplinks are: isp1, isp2",
+    },
+    Case {
+        name: "empty match",
+        edit: (
+            "gateway = \"100.64.2.1\"\n",
+            "gateway = \"100.64.2.1\"\n\n[[policy]]\nname = \"p\"\n\n[[rule]]\nname = \"r\"\npolicy = \"p\"\n",
+        ),
+        line: Some(26),
+        key: "rule[0].name",
+        hint: "at least one of src, dst",
+    },
+    Case {
+        name: "empty list",
+        edit: (
+            "gateway = \"100.64.2.1\"\n",
+            "gateway = \"100.64.2.1\"\n\n[[policy]]\nname = \"p\"\n\n[[rule]]\nname = \"r\"\ndst = []\npolicy = \"p\"\n",
+        ),
+        line: Some(28),
+        key: "rule[0].dst",
+        hint: "an empty list matches nothing",
+    },
+    Case {
+        name: "bad port range",
+        edit: (
+            "gateway = \"100.64.2.1\"\n",
+            "gateway = \"100.64.2.1\"\n\n[[policy]]\nname = \"p\"\n\n[[rule]]\nname = \"r\"\ndport = [\"2000-1000\"]\npolicy = \"p\"\n",
+        ),
+        line: Some(28),
+        key: "rule[0].dport[0]",
+        hint: "the start is above the end",
+    },
+    Case {
+        name: "port out of range",
+        edit: (
+            "gateway = \"100.64.2.1\"\n",
+            "gateway = \"100.64.2.1\"\n\n[[policy]]\nname = \"p\"\n\n[[rule]]\nname = \"r\"\nsport = [70000]\npolicy = \"p\"\n",
+        ),
+        line: Some(28),
+        key: "rule[0].sport[0]",
+        hint: "1-65535",
+    },
+    Case {
+        name: "ports with icmp",
+        edit: (
+            "gateway = \"100.64.2.1\"\n",
+            "gateway = \"100.64.2.1\"\n\n[[policy]]\nname = \"p\"\n\n[[rule]]\nname = \"r\"\nproto = \"icmp\"\ndport = [80]\npolicy = \"p\"\n",
+        ),
+        line: Some(29),
+        key: "rule[0].dport",
+        hint: "ports need proto",
+    },
+    Case {
+        name: "unknown dscp name",
+        edit: (
+            "gateway = \"100.64.2.1\"\n",
+            "gateway = \"100.64.2.1\"\n\n[[policy]]\nname = \"p\"\n\n[[rule]]\nname = \"r\"\ndscp = [\"expedited\"]\npolicy = \"p\"\n",
+        ),
+        line: Some(28),
+        key: "rule[0].dscp[0]",
+        hint: "use 0-63 or one of",
+    },
+    Case {
+        name: "unknown protocol",
+        edit: (
+            "gateway = \"100.64.2.1\"\n",
+            "gateway = \"100.64.2.1\"\n\n[[policy]]\nname = \"p\"\n\n[[rule]]\nname = \"r\"\nproto = \"sctp\"\npolicy = \"p\"\n",
+        ),
+        line: Some(28),
+        key: "rule[0].proto",
+        hint: "use tcp, udp",
+    },
+    Case {
+        name: "duplicate policy name",
+        edit: (
+            "gateway = \"100.64.2.1\"\n",
+            "gateway = \"100.64.2.1\"\n\n[[policy]]\nname = \"p\"\n\n[[policy]]\nname = \"p\"\n",
+        ),
+        line: Some(27),
+        key: "policy[1].name",
+        hint: "duplicate policy name",
+    },
+    Case {
+        name: "duplicate rule name",
+        edit: (
+            "gateway = \"100.64.2.1\"\n",
+            "gateway = \"100.64.2.1\"\n\n[[policy]]\nname = \"p\"\n\n[[rule]]\nname = \"r\"\nproto = \"udp\"\npolicy = \"p\"\n\n[[rule]]\nname = \"r\"\nproto = \"tcp\"\npolicy = \"p\"\n",
+        ),
+        line: Some(32),
+        key: "rule[1].name",
+        hint: "duplicate rule name",
+    },
+    Case {
+        name: "duplicate set name",
+        edit: (
+            "gateway = \"100.64.2.1\"\n",
+            "gateway = \"100.64.2.1\"\n\n[[set]]\nname = \"s\"\n\n[[set]]\nname = \"s\"\n",
+        ),
+        line: Some(27),
+        key: "set[1].name",
+        hint: "duplicate set name",
+    },
+    Case {
+        name: "set used before declared",
+        edit: (
+            "gateway = \"100.64.2.1\"\n",
+            "gateway = \"100.64.2.1\"\n\n[[policy]]\nname = \"p\"\n\n[[rule]]\nname = \"r\"\ndst = [\"@saas\"]\npolicy = \"p\"\n\n[[set]]\nname = \"saas\"\nelements = [\"198.51.100.0/24\"]\n",
+        ),
+        line: Some(28),
+        key: "rule[0].dst[0]",
+        hint: "declare sets above",
+    },
+    Case {
+        name: "unknown set",
+        edit: (
+            "gateway = \"100.64.2.1\"\n",
+            "gateway = \"100.64.2.1\"\n\n[[policy]]\nname = \"p\"\n\n[[rule]]\nname = \"r\"\ndst = [\"@saas\"]\npolicy = \"p\"\n",
+        ),
+        line: Some(28),
+        key: "rule[0].dst[0]",
+        hint: "declared sets: none",
+    },
+    Case {
+        name: "external set with elements",
+        edit: (
+            "gateway = \"100.64.2.1\"\n",
+            "gateway = \"100.64.2.1\"\n\n[[set]]\nname = \"s\"\nexternal = true\nelements = [\"198.51.100.0/24\"]\n",
+        ),
+        line: Some(26),
+        key: "set[0].elements",
+        hint: "an external set is filled by someone else",
+    },
+    Case {
+        name: "bad set element",
+        edit: (
+            "gateway = \"100.64.2.1\"\n",
+            "gateway = \"100.64.2.1\"\n\n[[set]]\nname = \"s\"\nelements = [\"198.51.100.0/33\"]\n",
+        ),
+        line: Some(25),
+        key: "set[0].elements[0]",
+        hint: "use a CIDR",
+    },
+    Case {
+        name: "reserved policy name",
+        edit: (
+            "gateway = \"100.64.2.1\"\n",
+            "gateway = \"100.64.2.1\"\n\n[[policy]]\nname = \"main\"\n",
+        ),
+        line: Some(24),
+        key: "policy[0].name",
+        hint: "is reserved",
+    },
+    Case {
+        name: "loss ratio out of range",
+        edit: (
+            "gateway = \"100.64.2.1\"\n",
+            "gateway = \"100.64.2.1\"\n\n[[policy]]\nname = \"p\"\nmax_loss = 2.0\n",
+        ),
+        line: Some(25),
+        key: "policy[0].max_loss",
+        hint: "ratio from 0.0",
+    },
+    Case {
+        name: "bad max_rtt",
+        edit: (
+            "gateway = \"100.64.2.1\"\n",
+            "gateway = \"100.64.2.1\"\n\n[[policy]]\nname = \"p\"\nmax_rtt = \"fast\"\n",
+        ),
+        line: Some(25),
+        key: "policy[0].max_rtt",
+        hint: "invalid duration",
+    },
+    Case {
+        name: "sla without probes",
+        edit: (
+            "gateway = \"100.64.2.1\"\n",
+            "gateway = \"100.64.2.1\"\n\n[[policy]]\nname = \"p\"\nmax_rtt = \"100ms\"\n",
+        ),
+        line: Some(24),
+        key: "policy[0].max_rtt",
+        hint: "none of this policy",
+    },
+    Case {
+        name: "bad when_none",
+        edit: (
+            "gateway = \"100.64.2.1\"\n",
+            "gateway = \"100.64.2.1\"\n\n[[policy]]\nname = \"p\"\nwhen_none = \"blackhole\"\n",
+        ),
+        line: Some(25),
+        key: "policy[0].when_none",
+        hint: "or \"drop\"",
+    },
+    Case {
+        name: "iif not on the LAN",
+        edit: (
+            "gateway = \"100.64.2.1\"\n",
+            "gateway = \"100.64.2.1\"\n\n[[policy]]\nname = \"p\"\n\n[[rule]]\nname = \"r\"\niif = [\"wan1\"]\npolicy = \"p\"\n",
+        ),
+        line: Some(28),
+        key: "rule[0].iif[0]",
+        hint: "is not a LAN interface",
+    },
+    Case {
+        name: "families that cannot meet",
+        edit: (
+            "gateway = \"100.64.2.1\"\n",
+            "gateway = \"100.64.2.1\"\n\n[[policy]]\nname = \"p\"\n\n[[rule]]\nname = \"r\"\nsrc = [\"192.168.1.0/24\"]\ndst = [\"2001:db8::/32\"]\npolicy = \"p\"\n",
+        ),
+        line: Some(26),
+        key: "rule[0].name",
+        hint: "neither IPv4 nor IPv6",
+    },
+    Case {
         name: "unknown key",
         edit: ("weight = 2", "wieght = 2"),
         line: Some(16),
