@@ -564,3 +564,174 @@ listen = "127.0.0.1:9477"
     );
     Ok(())
 }
+
+/// A minimal DNS A query over UDP from client `i` to `server`; the first A record.
+fn resolve(lab: &Lab, i: u32, server: SocketAddr, name: &str) -> anyhow::Result<Ipv4Addr> {
+    let mut q = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    for label in name.split('.') {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    let s = uplink_tests::in_netns(&lab.ns(&format!("c{i}")), || {
+        std::net::UdpSocket::bind("0.0.0.0:0")
+    })??;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    s.send_to(&q, server)?;
+    let mut buf = [0u8; 512];
+    let n = uplink_tests::retry_eintr(|| s.recv(&mut buf))?;
+    let ancount = u16::from_be_bytes([buf[6], buf[7]]);
+    anyhow::ensure!(
+        buf[3] & 0x0f == 0 && ancount > 0,
+        "no answer for {name}: {:?}",
+        &buf[..n]
+    );
+    // The answer's RDATA is the last four bytes (one A record, no other sections).
+    Ok(Ipv4Addr::new(
+        buf[n - 4],
+        buf[n - 3],
+        buf[n - 2],
+        buf[n - 1],
+    ))
+}
+
+/// Kills a helper process on drop.
+struct Proc(std::process::Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A domain rule with a real dnsmasq as the gateway's resolver: `--nftset` fills the
+/// external set uplinkd created, and the client's next connection to the address it
+/// resolved follows the rule; a reload that rewrites the rules keeps the set's elements.
+#[test]
+fn dnsmasq_nftset_fills_an_external_set() -> anyhow::Result<()> {
+    let mut lab = Lab::build("nftset", two(), 1, 0)?;
+    let api = lab.api_config()?;
+    let cfg = |extra: &str| {
+        format!(
+            r#"{POLICIES}
+[[set]]
+name = "cdn"
+external = true
+
+[[rule]]
+name = "cdn"
+dst = ["@cdn"]
+policy = "via2"
+{extra}{api}"#
+        )
+    };
+    lab.write_config("10s", "10m", &cfg(""))?;
+    lab.serve_udp(v4(60, ECHO_PORT))?;
+    lab.start_agent()?;
+    lab.greet_clients()?;
+    assert_eq!(
+        lab.udp_via(1, v4(60, ECHO_PORT), None, None)?,
+        "isp1",
+        "set empty"
+    );
+    // The "upstream" resolver, and the LAN's resolver that fills the set from its answers.
+    let dir = lab.state_dir().with_file_name("dns");
+    std::fs::create_dir_all(&dir)?;
+    let dnsmasq = |args: &[String]| -> anyhow::Result<Proc> {
+        Ok(Proc(
+            std::process::Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    &lab.ns("gw"),
+                    "dnsmasq",
+                    "--keep-in-foreground",
+                ])
+                .args([
+                    "--no-resolv",
+                    "--no-hosts",
+                    "--bind-interfaces",
+                    "--conf-file=/dev/null",
+                ])
+                .arg(format!(
+                    "--pid-file={}",
+                    dir.join(format!("{}.pid", args.len())).display()
+                ))
+                .args(args)
+                .stderr(std::process::Stdio::null())
+                .spawn()?,
+        ))
+    };
+    let _upstream = dnsmasq(&[
+        "--listen-address=127.0.0.1".into(),
+        "--port=5353".into(),
+        "--address=/cdn.example/203.0.113.60".into(),
+    ])?;
+    let _resolver = dnsmasq(&[
+        "--listen-address=198.19.0.1".into(),
+        "--port=53".into(),
+        "--server=127.0.0.1#5353".into(),
+        "--nftset=/cdn.example/4#inet#uplinkd#cdn_v4,6#inet#uplinkd#cdn_v6".into(),
+    ])?;
+    let dns: SocketAddr = "198.19.0.1:53".parse()?;
+    let mut got = None;
+    lab.wait_for(Duration::from_secs(5), "dnsmasq answers", || {
+        got = resolve(&lab, 1, dns, "cdn.example").ok();
+        Ok(got.is_some())
+    })?;
+    assert_eq!(got, Some(Ipv4Addr::new(203, 0, 113, 60)));
+    let set = lab.gw(&["nft", "list", "set", "inet", "uplinkd", "cdn_v4"])?;
+    assert!(set.contains("203.0.113.60"), "{set}");
+    assert_eq!(
+        lab.udp_via(1, v4(60, ECHO_PORT), None, None)?,
+        "isp2",
+        "follows the rule"
+    );
+    let (_, out, _) = lab.ctl(
+        "view",
+        &[
+            "explain",
+            &client_v4(1).to_string(),
+            "203.0.113.60",
+            "-o",
+            "json",
+        ],
+    )?;
+    let e: serde_json::Value = serde_json::from_str(&out)?;
+    assert_eq!(
+        (e["rule"].as_str(), e["uplink"].as_str()),
+        (Some("cdn"), Some("isp2")),
+        "{out}"
+    );
+    // A reload that rewrites the rules chain leaves the external set's elements alone.
+    lab.write_config(
+        "10s",
+        "10m",
+        &cfg("\n[[rule]]\nname = \"other\"\ndst = [\"203.0.113.61/32\"]\npolicy = \"via1\"\n"),
+    )?;
+    let (code, _, err) = lab.ctl("op", &["reload"])?;
+    assert_eq!(code, 0, "{err}");
+    let (_, rules, _) = lab.ctl("view", &["rules"])?;
+    assert!(rules.contains("other"), "{rules}");
+    let set = lab.gw(&["nft", "list", "set", "inet", "uplinkd", "cdn_v4"])?;
+    assert!(set.contains("203.0.113.60"), "{set}");
+    assert_eq!(lab.udp_via(1, v4(60, ECHO_PORT), None, None)?, "isp2");
+    // So does a whole-table replace (here forced by an element uplinkd did not write).
+    lab.gw(&[
+        "nft",
+        "add element inet uplinkd sticky { 0x7f000000 : accept }",
+    ])?;
+    let mark = lab.log_len();
+    let (code, _, err) = lab.ctl("op", &["reload"])?;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        lab.log_since(mark).contains("replaced_table=true"),
+        "{}",
+        lab.log_since(mark)
+    );
+    let set = lab.gw(&["nft", "list", "set", "inet", "uplinkd", "cdn_v4"])?;
+    assert!(set.contains("203.0.113.60"), "{set}");
+    assert_eq!(lab.udp_via(1, v4(60, ECHO_PORT), None, None)?, "isp2");
+    Ok(())
+}

@@ -41,8 +41,6 @@ const ACCOUNTING: &str = "accounting";
 /// The `[[rule]]`s, in order; ends in the default policy.
 const RULES: &str = "rules";
 const DEFAULT_POLICY: &str = "default";
-/// Comment of a set uplinkd creates but never fills.
-pub const EXTERNAL_SET: &str = "uplinkd:external";
 /// In a rule's comment, before the `[[rule]]`'s name (its counters are summed by name).
 const RULE_TAG: &str = " rule:";
 /// Rule comments start with this, followed by a hash of the rule's expression.
@@ -64,8 +62,8 @@ pub struct Signature {
     chains: BTreeSet<ListChain>,
     maps: BTreeSet<(String, String, String)>,
     rules: Vec<(String, Option<String>)>,
-    /// Name, type, comment (which carries a hash of uplinkd's own elements).
-    sets: BTreeSet<(String, String, Option<String>)>,
+    /// Name and type.
+    sets: BTreeSet<(String, String)>,
 }
 
 impl Signature {
@@ -104,9 +102,8 @@ impl Signature {
         )
     }
 
-    /// Sets to add (new or changed: a changed set is deleted and added again) and sets to
-    /// delete, to turn `self` into `want`. An external set is never replaced for a
-    /// change of comment alone: its elements are someone else's.
+    /// Sets to add (new, or of another type: deleted and added again) and sets to delete,
+    /// to turn `self` into `want`.
     fn set_changes(&self, want: &Signature) -> (BTreeSet<String>, BTreeSet<String>) {
         let mut add = BTreeSet::new();
         let mut del = BTreeSet::new();
@@ -449,11 +446,25 @@ impl NftDriver {
                         &json!({"chain": {"family": "inet", "table": table, "name": c.name}}),
                     ));
                 }
-                let (new_sets, old_sets) = k.signature.set_changes(&want_sig);
                 let mut changed = k.signature.changed_chains(&want_sig);
+                let (mut new_sets, mut old_sets) = k.signature.set_changes(&want_sig);
                 if !new_sets.is_empty() || !old_sets.is_empty() {
                     // Only the rules chain refers to sets: rewritten, it lets go of them.
                     changed.insert(RULES.to_string());
+                }
+                if changed.contains(RULES) {
+                    // The rules chain's signature covers uplinkd's own set elements (nft
+                    // 1.0.6 drops a set's comment given in JSON), so its rewrite replaces
+                    // those sets; external ones keep what their filler put in them.
+                    for set in desired.structure.sets.iter().filter(|x| !x.external) {
+                        for v6 in [false, true] {
+                            let name = set_name(&set.name, v6);
+                            if k.signature.sets.iter().any(|(n, _)| *n == name) {
+                                old_sets.insert(name.clone());
+                            }
+                            new_sets.insert(name);
+                        }
+                    }
                 }
                 stats.rewritten_chains = changed.len();
                 for name in &changed {
@@ -498,12 +509,11 @@ impl NftDriver {
                 // What others put in the external sets survives the replace.
                 let mut kept = Vec::new();
                 if kernel.is_some() || self.read_structure().await?.is_some() {
-                    for set in structure
-                        .iter()
-                        .filter(|o| o["set"]["comment"] == EXTERNAL_SET)
-                        .filter_map(|o| o["set"]["name"].as_str())
+                    let external = desired.structure.sets.iter().filter(|x| x.external);
+                    for set in
+                        external.flat_map(|x| [set_name(&x.name, false), set_name(&x.name, true)])
                     {
-                        if let Some(elem) = self.set_elements(set).await? {
+                        if let Some(elem) = self.set_elements(&set).await? {
                             kept.push(json!({"add": {"element": {"family": "inet", "table": table, "name": set, "elem": elem}}}).to_string());
                         }
                     }
@@ -928,16 +938,16 @@ fn render_structure(s: &NftStructure) -> Vec<Value> {
     out
 }
 
-/// A rule object with its hash comment (and the rule's name, for its counters).
-fn raw_rule(table: &str, chain: &str, expr: Vec<Value>, name: Option<&str>) -> Value {
+/// A rule object with its hash comment, followed by `tag` (a `[[rule]]`'s name, for its
+/// counters).
+fn raw_rule(table: &str, chain: &str, expr: Vec<Value>, tag: Option<&str>) -> Value {
     let body = Value::Array(expr);
     let mut comment = format!(
         "{COMMENT_PREFIX}{:016x}",
         fnv1a(body.to_string().as_bytes())
     );
-    if let Some(n) = name {
-        comment.push_str(RULE_TAG);
-        comment.push_str(n);
+    if let Some(t) = tag {
+        comment.push_str(t);
     }
     json!({"rule": {"family": "inet", "table": table, "chain": chain, "expr": body, "comment": comment}})
 }
@@ -946,8 +956,7 @@ fn set_name(set: &str, v6: bool) -> String {
     format!("{set}_{}", if v6 { "v6" } else { "v4" })
 }
 
-/// Two nft sets per `[[set]]`, one per family. The comment carries a hash of the elements
-/// (or marks the set external), so the signature sees a changed set.
+/// Two nft sets per `[[set]]`, one per family.
 fn render_sets(table: &str, sets: &[SetConfig]) -> Vec<Value> {
     let mut out = Vec::new();
     for set in sets {
@@ -963,12 +972,9 @@ fn render_sets(table: &str, sets: &[SetConfig]) -> Vec<Value> {
                 "name": set_name(&set.name, v6),
                 "type": if v6 { "ipv6_addr" } else { "ipv4_addr" },
             });
-            if set.external {
-                // Plain (no interval flag): what dnsmasq's --nftset adds, address by address.
-                obj["comment"] = json!(EXTERNAL_SET);
-            } else {
-                let body = Value::Array(elems.clone()).to_string();
-                obj["comment"] = json!(format!("{COMMENT_PREFIX}{:016x}", fnv1a(body.as_bytes())));
+            // An external set is plain (no interval flag): what dnsmasq's --nftset adds,
+            // address by address.
+            if !set.external {
                 obj["flags"] = json!(["interval"]);
                 if !elems.is_empty() {
                     obj["elem"] = Value::Array(elems);
@@ -1089,7 +1095,12 @@ fn render_policies(s: &NftStructure) -> Vec<Value> {
                     }
                     expr.push(json!({"counter": null}));
                     expr.push(target(r.target));
-                    out.push(raw_rule(table, RULES, expr, Some(&r.name)));
+                    out.push(raw_rule(
+                        table,
+                        RULES,
+                        expr,
+                        Some(&format!("{RULE_TAG}{}", r.name)),
+                    ));
                 }
             }
         }
@@ -1248,8 +1259,7 @@ fn signature_of_items<'a, 'b: 'a>(items: impl Iterator<Item = &'a ListItem<'b>>)
             sig.rules.push((r.chain.clone(), r.comment.clone()));
         }
         if let Some(s) = &it.set {
-            sig.sets
-                .insert((s.name.clone(), s.key_type.to_string(), s.comment.clone()));
+            sig.sets.insert((s.name.clone(), s.key_type.to_string()));
         }
     }
     sig
@@ -1287,7 +1297,6 @@ struct ListSet {
     name: String,
     #[serde(rename = "type")]
     key_type: Value,
-    comment: Option<String>,
 }
 
 #[derive(Deserialize)]
