@@ -168,6 +168,8 @@ pub enum Request {
     Policies,
     Rules,
     Explain(v1::ExplainRequest),
+    Sets,
+    UpdateSet(v1::UpdateSetRequest),
 }
 
 #[derive(Debug, Clone)]
@@ -277,6 +279,14 @@ async fn call(client: &mut AgentClient<Channel>, req: &Request) -> Result<Value,
                 .rules
         ),
         Request::Explain(r) => json!(client.explain(r.clone()).await?.into_inner()),
+        Request::Sets => json!(
+            client
+                .list_sets(v1::ListSetsRequest {})
+                .await?
+                .into_inner()
+                .sets
+        ),
+        Request::UpdateSet(r) => json!(client.update_set(r.clone()).await?.into_inner()),
         Request::Reload => json!(
             client
                 .reload_config(v1::ReloadConfigRequest {})

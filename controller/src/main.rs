@@ -119,6 +119,13 @@ enum Cmd {
         #[arg(long)]
         iif: Option<String>,
     },
+    /// Named sets and their elements.
+    Sets,
+    /// Add or remove elements of a set (not an external one); kept across restarts.
+    Set {
+        #[command(subcommand)]
+        cmd: SetCmd,
+    },
     /// Reload the agent's configuration.
     Reload,
     /// The event log; --follow keeps streaming.
@@ -134,6 +141,22 @@ enum Cmd {
     /// Shell completion script.
     Completion {
         shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Subcommand)]
+enum SetCmd {
+    /// Add CIDRs or addresses to set NAME.
+    Add {
+        name: String,
+        #[arg(required = true)]
+        elements: Vec<String>,
+    },
+    /// Remove CIDRs or addresses from set NAME.
+    Del {
+        name: String,
+        #[arg(required = true)]
+        elements: Vec<String>,
     },
 }
 
@@ -281,6 +304,33 @@ fn request_of(cmd: &Cmd) -> Result<fleet::Request> {
         Cmd::Failback { uplink } => R::Failback(uplink.clone()),
         Cmd::Reload => R::Reload,
         Cmd::Policies => R::Policies,
+        Cmd::Sets => R::Sets,
+        Cmd::Set { cmd } => {
+            let cidrs = |list: &[String]| -> Result<Vec<String>> {
+                list.iter()
+                    .map(|e| {
+                        let t = e.trim();
+                        t.parse::<ipnet::IpNet>()
+                            .map(|n| n.to_string())
+                            .or_else(|_| t.parse::<std::net::IpAddr>().map(|a| a.to_string()))
+                            .map_err(|_| {
+                                anyhow::anyhow!(
+                                    "{t:?} is not a CIDR or address (e.g. 198.51.100.0/24)"
+                                )
+                            })
+                    })
+                    .collect()
+            };
+            let (set, add, del) = match cmd {
+                SetCmd::Add { name, elements } => (name, cidrs(elements)?, Vec::new()),
+                SetCmd::Del { name, elements } => (name, Vec::new(), cidrs(elements)?),
+            };
+            R::UpdateSet(v1::UpdateSetRequest {
+                set: set.clone(),
+                add,
+                del,
+            })
+        }
         Cmd::Rules => R::Rules,
         Cmd::Explain {
             src,

@@ -252,6 +252,13 @@ fn table(v: &Value, wide: bool) {
                 .collect();
             render(&["RULE", "POLICY", "PACKETS", "BYTES", "MATCH"], rows);
         }
+        Value::Array(items) if items.first().is_some_and(|i| i.get("external").is_some()) => {
+            let rows = items.iter().map(set_row).collect();
+            render(&["SET", "EXTERNAL", "ELEMENTS"], rows);
+        }
+        Value::Object(map) if map.contains_key("external") && map.contains_key("elements") => {
+            render(&["SET", "EXTERNAL", "ELEMENTS"], vec![set_row(v)]);
+        }
         Value::Object(map) if map.contains_key("summary") && map.contains_key("steps") => {
             println!("{}", s(v, "summary"));
             if wide {
@@ -299,6 +306,15 @@ fn table(v: &Value, wide: bool) {
         }
         other => println!("{other}"),
     }
+}
+
+fn set_row(v: &Value) -> Vec<String> {
+    let n = v["elements"].as_array().map_or(0, |a| a.len());
+    let mut elements = s(v, "elements");
+    if n == 0 {
+        elements = "-".into();
+    }
+    vec![s(v, "name"), s(v, "external"), elements]
 }
 
 /// One streamed event.

@@ -735,3 +735,50 @@ policy = "via2"
     assert_eq!(lab.udp_via(1, v4(60, ECHO_PORT), None, None)?, "isp2");
     Ok(())
 }
+
+/// `uplinkctl set add|del` changes a set's elements in the kernel at once, survives a
+/// restart, and refuses an external set.
+#[test]
+fn set_elements_change_through_the_api_and_persist() -> anyhow::Result<()> {
+    let mut lab = Lab::build("setapi", two(), 1, 0)?;
+    let api = lab.api_config()?;
+    lab.write_config(
+        "10s",
+        "10m",
+        &format!(
+            "{POLICIES}\n[[set]]\nname = \"dyn\"\nexternal = true\n\n[[rule]]\nname = \"saas\"\ndst = [\"@saas\"]\npolicy = \"via2\"\n{api}"
+        ),
+    )?;
+    for i in [30, 70] {
+        lab.serve_udp(v4(i, ECHO_PORT))?;
+    }
+    lab.start_agent()?;
+    lab.greet_clients()?;
+    assert_eq!(lab.udp_via(1, v4(30, ECHO_PORT), None, None)?, "isp2");
+    assert_eq!(lab.udp_via(1, v4(70, ECHO_PORT), None, None)?, "isp1");
+    let (code, out, err) = lab.ctl("op", &["set", "add", "saas", "203.0.113.70"])?;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("203.0.113.70/32"), "{out}");
+    let (code, _, err) = lab.ctl("op", &["set", "del", "saas", "203.0.113.30"])?;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(lab.udp_via(1, v4(70, ECHO_PORT), None, None)?, "isp2");
+    assert_eq!(lab.udp_via(1, v4(30, ECHO_PORT), None, None)?, "isp1");
+    let (code, _, err) = lab.ctl("op", &["set", "add", "dyn", "203.0.113.71"])?;
+    assert_ne!(code, 0);
+    assert!(err.contains("external"), "{err}");
+    let (code, _, err) = lab.ctl("view", &["set", "add", "saas", "203.0.113.72"])?;
+    assert_ne!(code, 0);
+    assert!(err.contains("operator"), "{err}");
+    lab.stop_agent("KILL")?;
+    lab.start_agent()?;
+    let (_, out, _) = lab.ctl("view", &["sets", "-o", "json"])?;
+    let sets: serde_json::Value = serde_json::from_str(&out)?;
+    assert_eq!(
+        sets[0]["elements"],
+        serde_json::json!(["203.0.113.70/32", "2001:db8:ffff::30/128"]),
+        "{out}"
+    );
+    assert_eq!(lab.udp_via(1, v4(70, ECHO_PORT), None, None)?, "isp2");
+    assert_eq!(lab.udp_via(1, v4(30, ECHO_PORT), None, None)?, "isp1");
+    Ok(())
+}

@@ -72,6 +72,12 @@ pub enum Command {
         reply: Reply<v1::Uplink>,
     },
     Reload(Reply<u64>),
+    UpdateSet {
+        set: String,
+        add: Vec<ipnet::IpNet>,
+        del: Vec<ipnet::IpNet>,
+        reply: Reply<v1::Set>,
+    },
     Watch(Reply<(Vec<v1::Event>, broadcast::Receiver<v1::Event>)>),
 }
 
@@ -449,6 +455,24 @@ impl AgentService {
         Ok(uplinks)
     }
 
+    /// Every set's elements as the dataplane has them, in config order: an external
+    /// set's are read from the kernel, where its filler put them.
+    async fn sets(&self, s: &snapshot::Snapshot) -> Result<Vec<Vec<ipnet::IpNet>>, Status> {
+        let mut sets = Vec::new();
+        for set in &s.config.sets {
+            if set.external {
+                sets.push(
+                    self.counters.external_set(&set.name).await.map_err(|e| {
+                        Status::internal(format!("cannot read set {}: {e}", set.name))
+                    })?,
+                );
+            } else {
+                sets.push(s.model.set_elements(set));
+            }
+        }
+        Ok(sets)
+    }
+
     async fn one_with_traffic(&self, u: v1::Uplink) -> Result<Response<v1::Uplink>, Status> {
         let mut v = self
             .with_traffic(vec![u])
@@ -592,26 +616,59 @@ impl agent_server::Agent for AgentService {
             read(&req)?;
             let flow = validate::flow(req.get_ref())?;
             let s = self.snapshot();
-            // The sets as the dataplane has them: an external set's elements are read
-            // from the kernel, where its filler put them.
-            let mut sets = Vec::new();
-            for set in &s.config.sets {
-                if set.external {
-                    sets.push(self.counters.external_set(&set.name).await.map_err(|e| {
-                        Status::internal(format!("cannot read set {}: {e}", set.name))
-                    })?);
-                } else {
-                    sets.push(
-                        set.v4
-                            .iter()
-                            .map(|n| ipnet::IpNet::V4(*n))
-                            .chain(set.v6.iter().map(|n| ipnet::IpNet::V6(*n)))
-                            .collect(),
-                    );
-                }
-            }
+            let sets = self.sets(&s).await?;
             let e = crate::plan::policy::explain(&s.config, &s.model, &sets, &flow);
             Ok(Response::new(view::explanation(e)))
+        })
+        .await
+    }
+
+    async fn list_sets(
+        &self,
+        req: Request<v1::ListSetsRequest>,
+    ) -> Result<Response<v1::ListSetsResponse>, Status> {
+        self.timed("ListSets", async move {
+            read(&req)?;
+            let s = self.snapshot();
+            let elements = self.sets(&s).await?;
+            Ok(Response::new(v1::ListSetsResponse {
+                sets: s
+                    .config
+                    .sets
+                    .iter()
+                    .zip(elements)
+                    .map(|(c, e)| view::set(c, &e))
+                    .collect(),
+            }))
+        })
+        .await
+    }
+
+    async fn update_set(
+        &self,
+        req: Request<v1::UpdateSetRequest>,
+    ) -> Result<Response<v1::Set>, Status> {
+        self.timed("UpdateSet", async move {
+            let who = write(&req, "UpdateSet")?;
+            let r = req.into_inner();
+            let set = validate::non_empty("set", &r.set)?;
+            let add = validate::cidrs("add", &r.add)?;
+            let del = validate::cidrs("del", &r.del)?;
+            if add.is_empty() && del.is_empty() {
+                return Err(Status::invalid_argument(
+                    "nothing to change: give elements to add or del",
+                ));
+            }
+            tracing::info!(caller = %who, %set, ?add, ?del, "UpdateSet");
+            let v = self
+                .ask(|reply| Command::UpdateSet {
+                    set,
+                    add,
+                    del,
+                    reply,
+                })
+                .await?;
+            Ok(Response::new(v))
         })
         .await
     }

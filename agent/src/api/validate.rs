@@ -129,6 +129,29 @@ pub fn flow(r: &uplink_api::v1::ExplainRequest) -> Result<crate::plan::policy::F
     })
 }
 
+/// CIDRs or addresses (a bare address is a host prefix).
+pub fn cidrs(field: &str, list: &[String]) -> Result<Vec<ipnet::IpNet>, Status> {
+    if list.len() > crate::config::MAX_SET_ELEMENTS {
+        return Err(Status::invalid_argument(format!(
+            "{field}: at most {} elements per call",
+            crate::config::MAX_SET_ELEMENTS
+        )));
+    }
+    list.iter()
+        .map(|s| {
+            let t = s.trim();
+            t.parse::<ipnet::IpNet>()
+                .or_else(|_| t.parse::<IpAddr>().map(ipnet::IpNet::from))
+                .map(|n| n.trunc())
+                .map_err(|_| {
+                    Status::invalid_argument(format!(
+                        "{field}: {t:?} is not a CIDR or address (e.g. 198.51.100.0/24, 2001:db8::1)"
+                    ))
+                })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

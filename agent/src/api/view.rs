@@ -157,6 +157,7 @@ pub fn event(e: &LogEntry) -> v1::Event {
         EventKind::Undrain => "undrain",
         EventKind::Reload => "reload",
         EventKind::Sla { .. } => "sla",
+        EventKind::Set => "set",
     };
     v1::Event {
         at_ms: e.at,
@@ -333,5 +334,13 @@ pub fn explanation(e: crate::plan::policy::Explanation) -> v1::Explanation {
         uplink: e.uplink.unwrap_or_default(),
         summary: e.summary,
         steps: e.steps,
+    }
+}
+
+pub fn set(c: &crate::config::SetConfig, elements: &[ipnet::IpNet]) -> v1::Set {
+    v1::Set {
+        name: c.name.clone(),
+        elements: elements.iter().map(|n| n.to_string()).collect(),
+        external: c.external,
     }
 }

@@ -61,6 +61,15 @@ impl Agent {
                 let r = self.reload().await.map_err(ApiError::FailedPrecondition);
                 let _ = reply.send(r);
             }
+            Command::UpdateSet {
+                set,
+                add,
+                del,
+                reply,
+            } => {
+                let r = self.update_set(&set, &add, &del).await;
+                let _ = reply.send(r);
+            }
             Command::Watch(reply) => {
                 let history = self.events.recent().map(view::event).collect();
                 let _ = reply.send(Ok((history, self.event_tx.subscribe())));
@@ -120,6 +129,33 @@ impl Agent {
             }
         }
         Ok(self.uplink_view(i))
+    }
+
+    async fn update_set(
+        &mut self,
+        name: &str,
+        add: &[ipnet::IpNet],
+        del: &[ipnet::IpNet],
+    ) -> Result<v1::Set, ApiError> {
+        let config = self.config.clone();
+        let Some(set) = config.sets.iter().find(|s| s.name == name) else {
+            let known: Vec<&str> = config.sets.iter().map(|s| s.name.as_str()).collect();
+            return Err(ApiError::NotFound(format!(
+                "unknown set {name:?}; this gateway has: {}",
+                if known.is_empty() {
+                    "none".to_string()
+                } else {
+                    known.join(", ")
+                }
+            )));
+        };
+        let entry = self
+            .model
+            .edit_set(set, add, del)
+            .map_err(ApiError::FailedPrecondition)?;
+        self.record(vec![entry]);
+        self.apply_for_api().await?;
+        Ok(view::set(set, &self.model.set_elements(set)))
     }
 
     /// An uplink as the API shows it, without traffic counters (the API reads those).

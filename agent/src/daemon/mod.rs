@@ -201,7 +201,10 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
         Err(e) => return Err(e.into()),
     }
     match state.load_decisions() {
-        Ok(Some(saved)) => model.restore_decisions(saved),
+        Ok(Some(saved)) => {
+            model.restore_decisions(saved);
+            model.keep_set_edits(&config.sets);
+        }
         Ok(None) => {}
         Err(e @ (StateError::Corrupt { .. } | StateError::Version { .. })) => {
             let aside = state.set_aside_decisions(now_millis())?;
@@ -986,6 +989,7 @@ impl Agent {
         let old = std::mem::replace(&mut self.model, Model::new(&new));
         // Uplinks that stay keep their health, so a reload does not reset a failover.
         self.model.keep_runtime(&old);
+        self.model.keep_set_edits(&new.sets);
         let reassigned = self.model.restore(clients);
         self.config = Arc::new(new);
         self.links.clear();

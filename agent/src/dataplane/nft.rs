@@ -1105,11 +1105,15 @@ fn render_policies(s: &NftStructure) -> Vec<Value> {
             }
         }
     }
+    // The last rule's signature also covers the elements of uplinkd's own sets: a change
+    // of elements rewrites the rules chain, and with it those sets.
+    let own: Vec<&SetConfig> = s.sets.iter().filter(|x| !x.external).collect();
+    let digest = format!(" sets:{:016x}", fnv1a(format!("{own:?}").as_bytes()));
     out.push(raw_rule(
         table,
         RULES,
         vec![goto(&policy_chain(DEFAULT_POLICY))],
-        None,
+        (!own.is_empty()).then_some(digest.as_str()),
     ));
     for p in &s.policies {
         for e in verdict_rules(&p.verdict) {
@@ -1510,5 +1514,21 @@ mod tests {
             adopted_homes(&k, |_| true)[&"10.0.0.1".parse::<IpAddr>().unwrap()],
             "a"
         );
+    }
+
+    #[test]
+    fn a_change_of_set_elements_rewrites_the_rules_chain() {
+        let mut s = structure();
+        s.sets.push(SetConfig {
+            name: "saas".into(),
+            v4: vec!["203.0.113.30/32".parse().unwrap()],
+            v6: vec![],
+            external: false,
+        });
+        let a = signature_of(&render_structure(&s));
+        s.sets[0].v4.push("203.0.113.70/32".parse().unwrap());
+        let b = signature_of(&render_structure(&s));
+        assert!(a.compatible(&b));
+        assert_eq!(a.changed_chains(&b), BTreeSet::from([RULES.to_string()]));
     }
 }

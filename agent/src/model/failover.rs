@@ -30,6 +30,8 @@ pub enum EventKind {
     Drain,
     Undrain,
     Reload,
+    /// An operator changed a set's elements through the API.
+    Set,
     /// A policy's SLA verdict on the uplink changed (`met`: it uses the uplink again).
     Sla {
         policy: String,
@@ -76,6 +78,7 @@ impl fmt::Display for LogEntry {
             | EventKind::Drain
             | EventKind::Undrain
             | EventKind::Reload
+            | EventKind::Set
             | EventKind::Sla { .. } => write!(f, "{}", self.cause),
         }
     }
@@ -196,6 +199,7 @@ impl Model {
             }
         }
         self.all_down = old.all_down;
+        self.set_edits = old.set_edits.clone();
         self.overrides = old
             .overrides
             .iter()

@@ -246,6 +246,8 @@ pub struct Model {
     /// arrived together, and each placement changes the next): their later flows leave
     /// with another public address.
     pub moved_on_arrival: u64,
+    /// Operators' edits of `[[set]]` elements, by set name.
+    pub set_edits: BTreeMap<String, policy::SetEdits>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -284,6 +286,7 @@ impl Model {
             sla: Vec::new(),
             unassigned_to: None,
             moved_on_arrival: 0,
+            set_edits: BTreeMap::new(),
         }
     }
 
@@ -578,6 +581,7 @@ impl Model {
                 })
                 .collect(),
             overrides: self.overrides.clone(),
+            sets: self.set_edits.clone(),
         }
     }
 
@@ -608,6 +612,8 @@ impl Model {
             .into_iter()
             .filter(|(_, o)| self.uplink(&o.uplink).is_some())
             .collect();
+        // Filtered against the config by the caller (`keep_set_edits`).
+        self.set_edits = saved.sets;
     }
 
     fn insert(&mut self, c: Client) {

@@ -65,6 +65,9 @@ const DECISIONS_FILE: &str = "decisions.json";
 pub struct Decisions {
     pub uplinks: BTreeMap<String, UplinkRuntime>,
     pub overrides: BTreeMap<IpAddr, Override>,
+    /// Elements added to and removed from `[[set]]`s through the API, by set name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub sets: BTreeMap<String, super::policy::SetEdits>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -358,6 +361,13 @@ mod tests {
                 },
             )]),
             overrides: pins,
+            sets: BTreeMap::from([(
+                "saas".to_string(),
+                crate::model::policy::SetEdits {
+                    added: ["198.51.100.7/32".parse().unwrap()].into(),
+                    removed: Default::default(),
+                },
+            )]),
         };
         sf.write_clients(&imbl::OrdMap::unit(c.mac, c.clone()))
             .unwrap();

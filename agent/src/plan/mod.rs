@@ -162,7 +162,7 @@ pub fn plan(config: &Config, model: &Model) -> Desired {
         mask: dp.fwmark_mask,
         lan_interfaces: config.lan.interfaces.clone(),
         uplinks,
-        sets: config.sets.clone(),
+        sets: config.sets.iter().map(|s| model.effective_set(s)).collect(),
         rules: config.rules.clone(),
         policies: (0..config.policies.len())
             .map(|p| NftPolicy {
