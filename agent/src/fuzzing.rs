@@ -62,7 +62,7 @@ pub fn grpc_request(data: &[u8]) {
     let Some((kind, body)) = data.split_first() else {
         return;
     };
-    match kind % 4 {
+    match kind % 6 {
         0 => {
             if let Ok(r) = v1::SetOverrideRequest::decode(body) {
                 let _ = validate::ip("client", &r.client);
@@ -81,9 +81,21 @@ pub fn grpc_request(data: &[u8]) {
                 let _ = validate::non_empty("client", &r.client);
             }
         }
-        _ => {
+        3 => {
             if let Ok(r) = v1::ClearOverrideRequest::decode(body) {
                 let _ = validate::ip("client", &r.client);
+            }
+        }
+        4 => {
+            if let Ok(r) = v1::ExplainRequest::decode(body) {
+                let _ = validate::flow(&r);
+            }
+        }
+        _ => {
+            if let Ok(r) = v1::UpdateSetRequest::decode(body) {
+                let _ = validate::non_empty("set", &r.set);
+                let _ = validate::cidrs("add", &r.add);
+                let _ = validate::cidrs("del", &r.del);
             }
         }
     }

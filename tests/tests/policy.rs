@@ -782,3 +782,59 @@ fn set_elements_change_through_the_api_and_persist() -> anyhow::Result<()> {
     assert_eq!(lab.udp_via(1, v4(30, ECHO_PORT), None, None)?, "isp1");
     Ok(())
 }
+
+/// Per-policy failover on a silent failure (probes stop coming back, the link stays up):
+/// the policy's flows move to its next uplink, their old conntrack entries go (the same
+/// socket is answered through isp1), another uplink's flow loses nothing; and back.
+#[test]
+fn a_policy_fails_over_and_back_on_a_silent_failure() -> anyhow::Result<()> {
+    let mut lab = Lab::build("polsilent", uplink_tests::probed_uplinks(), 1, 0)?;
+    let cfg = r#"[failover]
+failback_delay = "1s"
+
+[[policy]]
+name = "voip"
+uplinks = ["isp2", "isp1"]
+balance = "failover"
+
+[[rule]]
+name = "voip"
+dst = ["203.0.113.50/32"]
+policy = "voip"
+"#;
+    lab.write_config("10s", "10m", cfg)?;
+    lab.serve_udp(v4(50, ECHO_PORT))?;
+    lab.start_agent()?;
+    lab.greet_clients()?;
+    let voip = v4(50, ECHO_PORT);
+    // One socket: one flow, first through isp2.
+    let sock = uplink_tests::in_netns(&lab.ns("c1"), || std::net::UdpSocket::bind("0.0.0.0:0"))??;
+    sock.connect(voip)?;
+    sock.set_read_timeout(Some(Duration::from_millis(300)))?;
+    let via = |sock: &std::net::UdpSocket| -> Option<String> {
+        let mut buf = [0u8; 512];
+        sock.send(b"rtp").ok()?;
+        let n = uplink_tests::retry_eintr(|| sock.recv(&mut buf)).ok()?;
+        let text = String::from_utf8_lossy(&buf[..n]).to_string();
+        lab.uplink_of_source(text.split(' ').next()?.parse().ok()?)
+    };
+    assert_eq!(via(&sock).as_deref(), Some("isp2"));
+    let other = UdpStream::start(&lab, 1, false, Duration::from_millis(10))?;
+    lab.upstream_loss("isp2", 100)?;
+    lab.wait_for(Duration::from_secs(10), "the voip flow on isp1", || {
+        Ok(via(&sock).as_deref() == Some("isp1"))
+    })?;
+    let r = other.finish()?;
+    assert_eq!(r.received, r.sent, "isp1's flow lost nothing: {r:?}");
+    lab.upstream_loss("isp2", 0)?;
+    lab.wait_for(
+        Duration::from_secs(15),
+        "new voip flows back on isp2",
+        || {
+            Ok(lab
+                .send_udp(1, voip, None, None, 1)?
+                .is_some_and(|s| lab.uplink_of_source(s).as_deref() == Some("isp2")))
+        },
+    )?;
+    Ok(())
+}
