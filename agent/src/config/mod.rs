@@ -40,8 +40,8 @@ pub struct Config {
     pub dispatch: Mode,
     pub sets: Vec<SetConfig>,
     pub policies: Vec<PolicyConfig>,
-    /// In order; the first match wins.
-    pub rules: Vec<RuleConfig>,
+    /// In order; the first match wins. Shared with every plan (up to 4,096 of them).
+    pub rules: std::sync::Arc<Vec<RuleConfig>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -894,7 +894,7 @@ impl Validator<'_> {
             dispatch: p.dispatch,
             sets: p.sets,
             policies: p.policies,
-            rules: p.rules,
+            rules: std::sync::Arc::new(p.rules),
         })
     }
 

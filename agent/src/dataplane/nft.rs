@@ -252,11 +252,16 @@ impl Counters {
     }
 }
 
+/// The structure last rendered, its objects and their signature: rendering and signing
+/// thousands of rules on every apply would cost milliseconds for nothing.
+type Rendered = Arc<(NftStructure, Vec<Value>, Signature)>;
+
 #[derive(Clone)]
 pub struct NftDriver {
     nft: PathBuf,
     table: String,
     timeout: std::time::Duration,
+    rendered: Arc<std::sync::Mutex<Option<Rendered>>>,
 }
 
 impl NftDriver {
@@ -265,6 +270,7 @@ impl NftDriver {
             nft: nft.to_owned(),
             table: table.to_owned(),
             timeout,
+            rendered: Arc::new(std::sync::Mutex::new(None)),
         }
     }
 
@@ -296,6 +302,20 @@ impl NftDriver {
             }
             Err(e) => Err(e),
         }
+    }
+
+    fn render(&self, s: &NftStructure) -> Rendered {
+        let mut last = self.rendered.lock().expect("lock");
+        if let Some(r) = &*last
+            && r.0 == *s
+        {
+            return r.clone();
+        }
+        let objs = render_structure(s);
+        let sig = signature_of(&objs);
+        let r = Arc::new((s.clone(), objs, sig));
+        *last = Some(r.clone());
+        r
     }
 
     /// An external set's elements as nft lists them; `None` when the set does not exist.
@@ -425,8 +445,9 @@ impl NftDriver {
         desired: &NftDesired,
         kernel: &mut Option<KernelNft>,
     ) -> Result<NftStats, DataplaneError> {
-        let structure = render_structure(&desired.structure);
-        let want_sig = signature_of(&structure);
+        let rendered = self.render(&desired.structure);
+        let (_, structure, want_sig) = &*rendered;
+        let want_sig = want_sig.clone();
         let mut batch: Vec<String> = Vec::new();
         let mut stats = NftStats::default();
         let table = self.table.as_str();
@@ -1016,7 +1037,7 @@ fn render_policies(s: &NftStructure) -> Vec<Value> {
         Target::Default => goto(&policy_chain(DEFAULT_POLICY)),
         Target::Policy(p) => goto(&policy_chain(&s.policies[p].name)),
     };
-    for r in &s.rules {
+    for r in s.rules.iter() {
         for v6 in [false, true] {
             if !(if v6 { r.v6 } else { r.v4 }) {
                 continue;
@@ -1433,7 +1454,7 @@ mod tests {
                 home: None,
             }],
             sets: Vec::new(),
-            rules: Vec::new(),
+            rules: Arc::new(Vec::new()),
             policies: Vec::new(),
             default: Verdict::Clients {
                 unassigned: "a".into(),

@@ -40,7 +40,7 @@ pub struct NftStructure {
     /// Named sets, in config order (`<name>_v4`, `<name>_v6` in nft).
     pub sets: Vec<SetConfig>,
     /// In order, first match wins; each targets a policy by config index.
-    pub rules: Vec<RuleConfig>,
+    pub rules: Arc<Vec<RuleConfig>>,
     /// Policy chains, in config order.
     pub policies: Vec<NftPolicy>,
     /// What traffic no rule matches gets.

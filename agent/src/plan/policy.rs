@@ -190,7 +190,7 @@ pub fn explain(config: &Config, model: &Model, sets: &[Vec<IpNet>], flow: &Flow)
     }
     let mut rule = None;
     let mut target = Target::Default;
-    for r in &config.rules {
+    for r in config.rules.iter() {
         match rule_matches(r, &config.sets, sets, flow) {
             Ok(()) => {
                 steps.push(format!("rule {} matches", r.name));
