@@ -21,9 +21,10 @@ fn v4(last: u8, port: u16) -> SocketAddr {
     SocketAddr::new(IpAddr::V4(Ipv4Addr::new(203, 0, 113, last)), port)
 }
 
-/// Packets counted by the nft rules of `[[rule]]` `name`.
+/// Packets counted in `[[rule]]` `name`'s own chain.
 fn rule_packets(lab: &Lab, name: &str) -> anyhow::Result<u64> {
-    let out = lab.gw(&["nft", "-j", "list", "chain", "inet", "uplinkd", "rules"])?;
+    let chain = format!("rule_{name}");
+    let out = lab.gw(&["nft", "-j", "list", "chain", "inet", "uplinkd", &chain])?;
     let v: serde_json::Value = serde_json::from_str(&out)?;
     let mut n = 0;
     for item in v["nftables"].as_array().into_iter().flatten() {

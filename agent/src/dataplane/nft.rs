@@ -345,8 +345,9 @@ impl NftDriver {
 
     /// Packets and bytes each `[[rule]]` decided, by rule name.
     pub async fn rule_counters(&self) -> Result<BTreeMap<String, (u64, u64)>, DataplaneError> {
+        // Terse: the client maps' elements are left out, whatever their number.
         let out = self
-            .run(&["-j", "list", "chain", "inet", &self.table, RULES], None)
+            .run(&["-t", "-j", "list", "table", "inet", &self.table], None)
             .await?;
         let v: Value =
             serde_json::from_str(&out).map_err(|e| DataplaneError::NftOutput(e.to_string()))?;
@@ -729,6 +730,9 @@ fn render_structure(s: &NftStructure) -> Vec<Value> {
         objs.push(NfListObject::Chain(chain(&policy_chain(&p.name))));
     }
     objs.push(NfListObject::Chain(chain(RULES)));
+    for r in s.rules.iter() {
+        objs.push(NfListObject::Chain(chain(&rule_chain(&r.name))));
+    }
     objs.push(NfListObject::Chain(Chain {
         _type: Some(NfChainType::Filter),
         hook: Some(NfHook::Prerouting),
@@ -1027,8 +1031,122 @@ fn goto(chain: &str) -> Value {
     json!({"goto": {"target": chain}})
 }
 
-/// The rules chain (each `[[rule]]` once per family it can match, and per combination of
-/// address alternatives), the policy chains and the default policy's chain.
+/// What a `[[rule]]` matches on, when it is one kind of literal: consecutive rules of one
+/// shape become one verdict-map lookup instead of one nft rule each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    Linear,
+    Dst,
+    Src,
+    Ports { sport: bool },
+    Dscp,
+    Iif,
+}
+
+fn shape(r: &crate::config::RuleConfig) -> Shape {
+    use crate::config::Proto;
+    let literal = |l: &[AddrMatch]| l.iter().all(|a| matches!(a, AddrMatch::Net(_)));
+    let plain = r.proto == Proto::Any && r.sport.is_empty() && r.dport.is_empty();
+    let rest_empty = r.dscp.is_empty() && r.iif.is_empty();
+    match (r.src.is_empty(), r.dst.is_empty(), plain, rest_empty) {
+        (true, false, true, true) if literal(&r.dst) => Shape::Dst,
+        (false, true, true, true) if literal(&r.src) => Shape::Src,
+        (true, true, false, true)
+            if matches!(r.proto, Proto::Any | Proto::Tcp | Proto::Udp)
+                && (r.sport.is_empty() != r.dport.is_empty()) =>
+        {
+            Shape::Ports {
+                sport: !r.sport.is_empty(),
+            }
+        }
+        (true, true, true, false) if r.iif.is_empty() => Shape::Dscp,
+        (true, true, true, false) if r.dscp.is_empty() => Shape::Iif,
+        _ => Shape::Linear,
+    }
+}
+
+/// One map key of a shaped rule.
+#[derive(Debug, Clone, PartialEq)]
+enum Key {
+    Net(IpNet),
+    Port {
+        proto: &'static str,
+        lo: u16,
+        hi: u16,
+    },
+    Dscp(u8),
+    Iif(String),
+}
+
+impl Key {
+    /// Whether one packet could match both (nft refuses overlapping map keys, and the
+    /// first rule must win).
+    fn overlaps(&self, o: &Key) -> bool {
+        match (self, o) {
+            (Key::Net(a), Key::Net(b)) => a.contains(&b.network()) || b.contains(&a.network()),
+            (
+                Key::Port { proto, lo, hi },
+                Key::Port {
+                    proto: p2,
+                    lo: l2,
+                    hi: h2,
+                },
+            ) => proto == p2 && lo <= h2 && l2 <= hi,
+            (a, b) => a == b,
+        }
+    }
+
+    fn value(&self) -> Value {
+        match self {
+            Key::Net(n) => prefix(*n),
+            Key::Port { proto, lo, hi } if lo == hi => json!({"concat": [proto, lo]}),
+            Key::Port { proto, lo, hi } => json!({"concat": [proto, {"range": [lo, hi]}]}),
+            Key::Dscp(d) => json!(d),
+            Key::Iif(i) => json!(i),
+        }
+    }
+}
+
+fn keys(r: &crate::config::RuleConfig, shape: Shape) -> Vec<Key> {
+    use crate::config::Proto;
+    let nets = |l: &[AddrMatch]| {
+        l.iter()
+            .filter_map(|a| match a {
+                AddrMatch::Net(n) => Some(Key::Net(*n)),
+                AddrMatch::Set(_) => None,
+            })
+            .collect()
+    };
+    match shape {
+        Shape::Dst => nets(&r.dst),
+        Shape::Src => nets(&r.src),
+        Shape::Ports { sport } => {
+            let protos: &[&'static str] = match r.proto {
+                Proto::Tcp => &["tcp"],
+                Proto::Udp => &["udp"],
+                _ => &["tcp", "udp"],
+            };
+            let ports = if sport { &r.sport } else { &r.dport };
+            protos
+                .iter()
+                .flat_map(|p| ports.iter().map(|&(lo, hi)| Key::Port { proto: p, lo, hi }))
+                .collect()
+        }
+        Shape::Dscp => r.dscp.iter().map(|d| Key::Dscp(*d)).collect(),
+        Shape::Iif => r.iif.iter().map(|i| Key::Iif(i.clone())).collect(),
+        Shape::Linear => Vec::new(),
+    }
+}
+
+pub fn rule_chain(rule: &str) -> String {
+    format!("rule_{rule}")
+}
+
+/// The rules chain, each `[[rule]]`'s own chain (its counter and verdict), the policy
+/// chains and the default policy's chain. Consecutive rules of one shape (destination
+/// CIDRs only, source CIDRs only, ports only, DSCP only, LAN interfaces only) become one
+/// verdict-map lookup, as long as no packet could match two of them; any other rule is
+/// one nft rule per family it can match (and per combination of address alternatives).
 fn render_policies(s: &NftStructure) -> Vec<Value> {
     let table = s.table.as_str();
     let mut out = Vec::new();
@@ -1037,94 +1155,80 @@ fn render_policies(s: &NftStructure) -> Vec<Value> {
         Target::Default => goto(&policy_chain(DEFAULT_POLICY)),
         Target::Policy(p) => goto(&policy_chain(&s.policies[p].name)),
     };
-    for r in s.rules.iter() {
-        for v6 in [false, true] {
-            if !(if v6 { r.v6 } else { r.v4 }) {
-                continue;
-            }
-            let ip = if v6 { "ip6" } else { "ip" };
-            // One alternative per address list: the literal prefixes as one anonymous set,
-            // and each named set on its own (nft cannot OR a set reference with literals).
-            let alternatives = |list: &[AddrMatch]| -> Vec<Option<Value>> {
-                if list.is_empty() {
-                    return vec![None];
-                }
-                let nets: Vec<Value> = list
-                    .iter()
-                    .filter_map(|a| match a {
-                        AddrMatch::Net(n) if n.addr().is_ipv6() == v6 => Some(prefix(*n)),
-                        _ => None,
-                    })
-                    .collect();
-                let mut alts = Vec::new();
-                if !nets.is_empty() {
-                    alts.push(Some(json!({"set": nets})));
-                }
-                for a in list {
-                    if let AddrMatch::Set(i) = a {
-                        alts.push(Some(json!(format!("@{}", set_name(&s.sets[*i].name, v6)))));
-                    }
-                }
-                alts
-            };
-            for src in alternatives(&r.src) {
-                for dst in alternatives(&r.dst) {
-                    let mut expr = vec![matches(
-                        json!({"meta": {"key": "nfproto"}}),
-                        json!(if v6 { "ipv6" } else { "ipv4" }),
-                    )];
-                    if !r.iif.is_empty() {
-                        expr.push(matches(
-                            json!({"meta": {"key": "iifname"}}),
-                            json!({"set": r.iif}),
-                        ));
-                    }
-                    if let Some(src) = &src {
-                        expr.push(matches(payload(ip, "saddr"), src.clone()));
-                    }
-                    if let Some(dst) = &dst {
-                        expr.push(matches(payload(ip, "daddr"), dst.clone()));
-                    }
-                    match r.proto.number() {
-                        Some(n) => {
-                            expr.push(matches(json!({"meta": {"key": "l4proto"}}), json!(n)))
-                        }
-                        None if !r.sport.is_empty() || !r.dport.is_empty() => expr.push(matches(
-                            json!({"meta": {"key": "l4proto"}}),
-                            json!({"set": [6, 17]}),
-                        )),
-                        None => {}
-                    }
-                    for (field, ports) in [("sport", &r.sport), ("dport", &r.dport)] {
-                        if ports.is_empty() {
-                            continue;
-                        }
-                        let items: Vec<Value> = ports
-                            .iter()
-                            .map(|&(a, b)| {
-                                if a == b {
-                                    json!(a)
-                                } else {
-                                    json!({"range": [a, b]})
-                                }
-                            })
-                            .collect();
-                        expr.push(matches(payload("th", field), json!({"set": items})));
-                    }
-                    if !r.dscp.is_empty() {
-                        expr.push(matches(payload(ip, "dscp"), json!({"set": r.dscp})));
-                    }
-                    expr.push(json!({"counter": null}));
-                    expr.push(target(r.target));
-                    out.push(raw_rule(
-                        table,
-                        RULES,
-                        expr,
-                        Some(&format!("{RULE_TAG}{}", r.name)),
-                    ));
-                }
-            }
+    let mut i = 0;
+    let rules = &s.rules;
+    while i < rules.len() {
+        let sh = shape(&rules[i]);
+        if sh == Shape::Linear {
+            out.extend(linear_rule(s, &rules[i]));
+            i += 1;
+            continue;
         }
+        // The run of rules of this shape whose keys no earlier one in the run overlaps.
+        let mut group: Vec<(Key, &str)> = Vec::new();
+        while i < rules.len() && shape(&rules[i]) == sh {
+            let k = keys(&rules[i], sh);
+            if k.iter().any(|k| group.iter().any(|(g, _)| g.overlaps(k))) {
+                break;
+            }
+            group.extend(k.into_iter().map(|k| (k, rules[i].name.as_str())));
+            i += 1;
+        }
+        let vmap = |key: Value, elems: Vec<&(Key, &str)>| {
+            let items: Vec<Value> = elems
+                .iter()
+                .map(|(k, name)| json!([k.value(), goto(&rule_chain(name))]))
+                .collect();
+            vec![json!({"vmap": {"key": key, "data": {"set": items}}})]
+        };
+        let by_family = |v6: bool| {
+            group
+                .iter()
+                .filter(|(k, _)| matches!(k, Key::Net(n) if n.addr().is_ipv6() == v6))
+                .collect::<Vec<_>>()
+        };
+        let mut lookups: Vec<Vec<Value>> = Vec::new();
+        match sh {
+            Shape::Dst | Shape::Src => {
+                let field = if sh == Shape::Dst { "daddr" } else { "saddr" };
+                for (v6, ip) in [(false, "ip"), (true, "ip6")] {
+                    let elems = by_family(v6);
+                    if !elems.is_empty() {
+                        lookups.push(vmap(payload(ip, field), elems));
+                    }
+                }
+            }
+            Shape::Ports { sport } => {
+                let field = if sport { "sport" } else { "dport" };
+                lookups.push(vmap(
+                    json!({"concat": [{"meta": {"key": "l4proto"}}, payload("th", field)]}),
+                    group.iter().collect(),
+                ));
+            }
+            Shape::Dscp => {
+                for ip in ["ip", "ip6"] {
+                    lookups.push(vmap(payload(ip, "dscp"), group.iter().collect()));
+                }
+            }
+            Shape::Iif => {
+                lookups.push(vmap(
+                    json!({"meta": {"key": "iifname"}}),
+                    group.iter().collect(),
+                ));
+            }
+            Shape::Linear => unreachable!("handled above"),
+        }
+        for l in lookups {
+            out.push(raw_rule(table, RULES, l, None));
+        }
+    }
+    for r in rules.iter() {
+        out.push(raw_rule(
+            table,
+            &rule_chain(&r.name),
+            vec![json!({"counter": null}), target(r.target)],
+            Some(&format!("{RULE_TAG}{}", r.name)),
+        ));
     }
     // The last rule's signature also covers the elements of uplinkd's own sets: a change
     // of elements rewrites the rules chain, and with it those sets.
@@ -1143,6 +1247,92 @@ fn render_policies(s: &NftStructure) -> Vec<Value> {
     }
     for e in verdict_rules(&s.default) {
         out.push(raw_rule(table, &policy_chain(DEFAULT_POLICY), e, None));
+    }
+    out
+}
+
+/// A rule nft cannot look up in a map: one nft rule per family it can match (and per
+/// combination of address alternatives), each `goto rule_<name>`.
+fn linear_rule(s: &NftStructure, r: &crate::config::RuleConfig) -> Vec<Value> {
+    let mut out = Vec::new();
+    for v6 in [false, true] {
+        if !(if v6 { r.v6 } else { r.v4 }) {
+            continue;
+        }
+        let ip = if v6 { "ip6" } else { "ip" };
+        // One alternative per address list: the literal prefixes as one anonymous set,
+        // and each named set on its own (nft cannot OR a set reference with literals).
+        let alternatives = |list: &[AddrMatch]| -> Vec<Option<Value>> {
+            if list.is_empty() {
+                return vec![None];
+            }
+            let nets: Vec<Value> = list
+                .iter()
+                .filter_map(|a| match a {
+                    AddrMatch::Net(n) if n.addr().is_ipv6() == v6 => Some(prefix(*n)),
+                    _ => None,
+                })
+                .collect();
+            let mut alts = Vec::new();
+            if !nets.is_empty() {
+                alts.push(Some(json!({"set": nets})));
+            }
+            for a in list {
+                if let AddrMatch::Set(i) = a {
+                    alts.push(Some(json!(format!("@{}", set_name(&s.sets[*i].name, v6)))));
+                }
+            }
+            alts
+        };
+        for src in alternatives(&r.src) {
+            for dst in alternatives(&r.dst) {
+                let mut expr = vec![matches(
+                    json!({"meta": {"key": "nfproto"}}),
+                    json!(if v6 { "ipv6" } else { "ipv4" }),
+                )];
+                if !r.iif.is_empty() {
+                    expr.push(matches(
+                        json!({"meta": {"key": "iifname"}}),
+                        json!({"set": r.iif}),
+                    ));
+                }
+                if let Some(src) = &src {
+                    expr.push(matches(payload(ip, "saddr"), src.clone()));
+                }
+                if let Some(dst) = &dst {
+                    expr.push(matches(payload(ip, "daddr"), dst.clone()));
+                }
+                match r.proto.number() {
+                    Some(n) => expr.push(matches(json!({"meta": {"key": "l4proto"}}), json!(n))),
+                    None if !r.sport.is_empty() || !r.dport.is_empty() => expr.push(matches(
+                        json!({"meta": {"key": "l4proto"}}),
+                        json!({"set": [6, 17]}),
+                    )),
+                    None => {}
+                }
+                for (field, ports) in [("sport", &r.sport), ("dport", &r.dport)] {
+                    if ports.is_empty() {
+                        continue;
+                    }
+                    let items: Vec<Value> = ports
+                        .iter()
+                        .map(|&(a, b)| {
+                            if a == b {
+                                json!(a)
+                            } else {
+                                json!({"range": [a, b]})
+                            }
+                        })
+                        .collect();
+                    expr.push(matches(payload("th", field), json!({"set": items})));
+                }
+                if !r.dscp.is_empty() {
+                    expr.push(matches(payload(ip, "dscp"), json!({"set": r.dscp})));
+                }
+                expr.push(goto(&rule_chain(&r.name)));
+                out.push(raw_rule(&s.table, RULES, expr, None));
+            }
+        }
     }
     out
 }
@@ -1551,5 +1741,56 @@ mod tests {
         let b = signature_of(&render_structure(&s));
         assert!(a.compatible(&b));
         assert_eq!(a.changed_chains(&b), BTreeSet::from([RULES.to_string()]));
+    }
+
+    fn rule(name: &str, text: &str) -> crate::config::RuleConfig {
+        let cfg = format!(
+            "[lan]\ninterfaces = [\"lan0\"]\n[[uplink]]\nname = \"a\"\ninterface = \"wan0\"\n[[policy]]\nname = \"p\"\n[[rule]]\nname = \"{name}\"\n{text}\npolicy = \"p\"\n"
+        );
+        let c = crate::config::Config::parse(Path::new("t"), &cfg).unwrap();
+        c.rules[0].clone()
+    }
+
+    /// Lookups in the rules chain: vmaps and linear rules, in order.
+    fn lookups(rules: Vec<crate::config::RuleConfig>) -> Vec<String> {
+        let mut s = structure();
+        s.policies = vec![crate::plan::NftPolicy {
+            name: "p".into(),
+            verdict: Verdict::Uplink("a".into()),
+        }];
+        s.rules = Arc::new(rules);
+        render_policies(&s)
+            .iter()
+            .filter(|o| o["rule"]["chain"] == RULES)
+            .map(|o| {
+                let e = &o["rule"]["expr"][0];
+                match e["vmap"]["data"]["set"].as_array() {
+                    Some(items) => format!("vmap{}", items.len()),
+                    None if e["goto"].is_object() => "default".into(),
+                    None => "linear".into(),
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn rules_of_one_shape_share_a_map_unless_they_overlap() {
+        let dst = |n: &str, net: &str| rule(n, &format!("dst = [\"{net}\"]"));
+        // Three destination rules, one map; a ports rule, a map of its own.
+        assert_eq!(
+            lookups(vec![
+                dst("a", "198.51.100.1"),
+                dst("b", "198.51.100.2"),
+                dst("c", "198.51.100.0/30"),
+                rule("d", "proto = \"udp\"\ndport = [5060, \"10000-20000\"]"),
+            ]),
+            ["vmap2", "vmap1", "vmap2", "default"],
+            "c overlaps a and b: it starts a new map so that they still win"
+        );
+        // Several fields: one nft rule per family it can match.
+        assert_eq!(
+            lookups(vec![rule("e", "dst = [\"198.51.100.9\"]\nproto = \"tcp\"")]),
+            ["linear", "default"]
+        );
     }
 }

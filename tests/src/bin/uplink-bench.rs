@@ -14,6 +14,10 @@
 //!     Dispatch latency and the carrier-cut gap at 50k clients, idle and then while the API
 //!     and the listeners are abused (2,000 watchers, a full listing in a loop, 2,000 idle
 //!     connections per port, 300 scrapes/s); reports both and their ratio.
+//!   uplink-bench rules [--clients 100000] [--seconds 3] [--runs 3]
+//!     Forwarding rate of packets that go the whole way through the classification, with
+//!     0, 10, 100 and 1,000 rules, next to the seed's one mark rule per client; and the
+//!     time to apply 1,000 rules.
 //!   uplink-bench soak [--seconds 3600] [--clients 10000] [--churn 1000] [--failover-every 60]
 //!     A gateway under churn, periodic failovers, a scrape a second and event watchers;
 //!     reports the slope of RSS, descriptors and tasks and the loss on a healthy uplink.
@@ -89,13 +93,19 @@ fn main() -> Result<()> {
             },
             &machine,
         ),
+        Some("rules") => rules_bench(
+            arg(&args, "--clients", 100_000)? as u32,
+            arg(&args, "--seconds", 3)?,
+            arg(&args, "--runs", 3)?,
+            &machine,
+        ),
         Some("gap") => gap(
             args.get(1).map(String::as_str).unwrap_or("carrier"),
             arg(&args, "--trials", 20)?,
             &machine,
         ),
         _ => bail!(
-            "usage: uplink-bench dispatch [--clients N] [--interval-ms M] [--runs R] | startup [--clients N] [--runs R] | failover [--clients N] [--trials T] | gap carrier|silent [--trials T] | fleet [--max N] [--runs R] | pin [--pins N] | ctflush [--flows 2000] [--runs 3] | abuse [--clients 50000] [--dispatch 300] [--trials 10] | soak [--seconds 3600] [--clients 10000] [--churn 1000] [--failover-every 60] [--watchers 20] [--warmup 60]"
+            "usage: uplink-bench dispatch [--clients N] [--interval-ms M] [--runs R] | startup [--clients N] [--runs R] | failover [--clients N] [--trials T] | gap carrier|silent [--trials T] | fleet [--max N] [--runs R] | pin [--pins N] | ctflush [--flows 2000] [--runs 3] | abuse [--clients 50000] [--dispatch 300] [--trials 10] | rules [--clients 100000] [--seconds 3] [--runs 3] | soak [--seconds 3600] [--clients 10000] [--churn 1000] [--failover-every 60] [--watchers 20] [--warmup 60]"
         ),
     }
 }
@@ -820,5 +830,185 @@ fn ctflush(flows: u32, runs: u64, machine: &str) -> Result<()> {
         }
         summary(&format!("{name}: delete {flows} entries"), &mut took);
     }
+    Ok(())
+}
+
+/// `[[policy]]` and `n` rules none of the benchmark's packets match, so every packet is
+/// checked against all of them. The mix of a site's rules, in blocks as an operator
+/// writes them: 40 % destination CIDRs, 30 % ports, 20 % source CIDRs, 10 % with several
+/// fields (destination, protocol and port: a rule nft cannot merge into a map).
+fn policy_config(n: u32) -> String {
+    let mut c = String::from(
+        "\n[[policy]]\nname = \"p\"\nuplinks = [\"isp2\", \"isp1\"]\nbalance = \"failover\"\n",
+    );
+    let (dst, ports, src) = (n * 4 / 10, n * 3 / 10, n * 2 / 10);
+    for i in 0..n {
+        let m = if i < dst {
+            format!("dst = [\"100.65.{}.{}/32\"]", i / 256, i % 256)
+        } else if i < dst + ports {
+            format!("proto = \"udp\"\ndport = [{}]", 20000 + i)
+        } else if i < dst + ports + src {
+            format!("src = [\"100.66.{}.{}/32\"]", i / 256, i % 256)
+        } else {
+            format!(
+                "dst = [\"100.67.{}.{}/32\"]\nproto = \"tcp\"\ndport = [443]",
+                i / 256,
+                i % 256
+            )
+        };
+        c += &format!("\n[[rule]]\nname = \"r{i}\"\n{m}\npolicy = \"p\"\n");
+    }
+    c
+}
+
+/// Forwarded packets per second from one LAN sender, counted where the ISP drops them.
+fn forwarding_rate(gw: &Gw, snd: &Netns, seconds: u64) -> Result<f64> {
+    let count = || -> Result<u64> {
+        let out = gw
+            .peer
+            .exec(&["nft", "-j", "list", "chain", "inet", "sink", "c"])?;
+        let v: serde_json::Value = serde_json::from_str(&out)?;
+        Ok(v["nftables"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|i| i["rule"]["expr"].as_array().cloned().unwrap_or_default())
+            .filter_map(|e| e["counter"]["packets"].as_u64())
+            .sum())
+    };
+    let sock = uplink_tests::in_netns(&snd.0, || std::net::UdpSocket::bind("0.0.0.0:0"))??;
+    sock.connect("203.0.113.10:9999")?;
+    let until = Instant::now() + Duration::from_secs(seconds);
+    let before = count()?;
+    let t0 = Instant::now();
+    while Instant::now() < until {
+        for _ in 0..1000 {
+            // A full queue drops: the rate counted at the ISP is what got through.
+            let _ = sock.send(b"uplink-bench rules");
+        }
+    }
+    let t = t0.elapsed().as_secs_f64();
+    std::thread::sleep(Duration::from_millis(200));
+    Ok((count()? - before) as f64 / t)
+}
+
+/// Per-packet cost of the classification: the forwarding rate of packets that each go the
+/// whole way through it (untracked, so no connection mark short-cuts it), with `clients`
+/// clients and 0..1000 rules, next to the seed's one mark rule per client.
+fn rules_bench(clients: u32, seconds: u64, runs: u64, machine: &str) -> Result<()> {
+    println!(
+        "per-packet classification: {clients} clients, one sender (client #{}), untracked UDP",
+        clients / 2
+    );
+    println!("machine: {machine}; agent {}", uplinkd_bin().display());
+    let gw = Gw::new("brl")?;
+    gw.ns.exec(&[
+        "sysctl",
+        "-qw",
+        "net.ipv4.ip_forward=1",
+        "net.ipv4.conf.all.rp_filter=0",
+        "net.ipv4.conf.default.rp_filter=0",
+    ])?;
+    gw.peer
+        .exec(&["ip", "addr", "add", "100.64.1.1/24", "dev", "cpe"])?;
+    gw.peer
+        .exec(&["ip", "addr", "add", "100.64.2.1/24", "dev", "cpe2"])?;
+    gw.peer.exec(&["nft", "add table inet sink { chain c { type filter hook prerouting priority -300; udp dport 9999 counter drop; }; }"])?;
+    gw.add_neighbours(0..clients)?;
+    // The sender: a real host on the LAN with the address of the middle client.
+    let snd = Netns::new("brs")?;
+    gw.ns.exec(&[
+        "ip", "link", "add", "lansnd", "type", "veth", "peer", "name", "eth0", "netns", &snd.0,
+    ])?;
+    gw.ns
+        .exec(&["ip", "link", "set", "lansnd", "master", "br-lan", "up"])?;
+    let me = client_ip(clients / 2);
+    snd.exec(&["ip", "link", "set", "lo", "up"])?;
+    snd.exec(&["ip", "link", "set", "eth0", "up"])?;
+    snd.exec(&["ip", "addr", "add", &format!("{me}/15"), "dev", "eth0"])?;
+    snd.exec(&["ip", "route", "add", "default", "via", "198.18.0.1"])?;
+    gw.ns.exec(&["nft", "add table inet bench_raw { chain c { type filter hook prerouting priority -300; udp dport 9999 notrack; }; }"])?;
+    let base = std::fs::read_to_string(gw.dir.join("uplinkd.toml"))?;
+    let mut rows: Vec<(String, f64, Vec<f64>)> = Vec::new();
+    let (child, _, rx) = gw.start_agent()?;
+    wait_line(&rx, "initial apply done", Duration::from_secs(120))?;
+    for n in [0u32, 10, 100, 1000] {
+        std::fs::write(
+            gw.dir.join("uplinkd.toml"),
+            format!("{base}{}", policy_config(n)),
+        )?;
+        uplink_tests::signal_child(&child, "HUP")?;
+        let (_, line) = wait_line(&rx, "config reloaded", Duration::from_secs(120))?;
+        let _ = line;
+        let mut rates = Vec::new();
+        for _ in 0..runs {
+            rates.push(forwarding_rate(&gw, &snd, seconds)?);
+        }
+        let m = median(&mut rates);
+        println!("uplinkd, {n} rules: median {m:.0} packets/s {rates:.0?}");
+        rows.push((format!("uplinkd, {n} rules"), m, rates));
+    }
+    // Rule application: the reload from 0 to 1,000 rules, as one transaction.
+    std::fs::write(gw.dir.join("uplinkd.toml"), &base)?;
+    uplink_tests::signal_child(&child, "HUP")?;
+    wait_line(&rx, "config reloaded", Duration::from_secs(60))?;
+    std::fs::write(
+        gw.dir.join("uplinkd.toml"),
+        format!("{base}{}", policy_config(1000)),
+    )?;
+    std::thread::sleep(Duration::from_millis(500));
+    while rx.try_recv().is_ok() {}
+    let t = Instant::now();
+    uplink_tests::signal_child(&child, "HUP")?;
+    let (at, applied) = wait_line(&rx, "applied full=true", Duration::from_secs(60))?;
+    let us: f64 = applied
+        .split("elapsed_us=")
+        .nth(1)
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(f64::NAN);
+    println!(
+        "applying 1,000 rules (reload, one nft transaction): {:.1} ms in the agent's apply, {:.1} ms from SIGHUP",
+        us / 1000.0,
+        at.duration_since(t).as_secs_f64() * 1000.0
+    );
+    stop(child)?;
+    // The seed: uplinkd's routing stays, its table goes; one mark rule per client.
+    gw.ns.exec(&["nft", "delete", "table", "inet", "uplinkd"])?;
+    let script = gw.dir.join("seed.nft");
+    {
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&script)?);
+        writeln!(f, "add table ip seed")?;
+        writeln!(
+            f,
+            "add chain ip seed pre {{ type filter hook prerouting priority -150; }}"
+        )?;
+        for i in 0..clients {
+            let mark = if i % 2 == 0 { 0x0100_0000 } else { 0x0200_0000 };
+            writeln!(
+                f,
+                "add rule ip seed pre ip saddr {} meta mark set {mark:#x}",
+                client_ip(i)
+            )?;
+        }
+    }
+    let t = Instant::now();
+    gw.ns
+        .exec(&["nft", "-f", script.to_str().expect("utf-8")])?;
+    println!(
+        "seed chain of {clients} rules loaded in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    let mut rates = Vec::new();
+    for _ in 0..runs {
+        rates.push(forwarding_rate(&gw, &snd, seconds)?);
+    }
+    let m = median(&mut rates);
+    println!("seed, one rule per client: median {m:.0} packets/s {rates:.0?}");
+    let zero = rows[0].1;
+    for (what, m, _) in &rows {
+        println!("{what}: {:.2}× the 0-rule rate", m / zero);
+    }
+    println!("seed: {:.4}× the 0-rule rate", m / zero);
     Ok(())
 }
