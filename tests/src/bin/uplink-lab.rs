@@ -4,21 +4,49 @@
 //! by, as the internet host saw it, and what uplinkd reported, until Ctrl-C; then removes
 //! everything it made.
 //!
+//! A traffic policy steers a VoIP-like flow (c1, UDP to port 10000 every 20 ms) by a rule:
+//! policy `voip` prefers isp2 and fails over to isp1 (and avoids an uplink slower than
+//! 150 ms). The table shows where that flow leaves now and what `uplinkctl explain` says.
+//!
 //! Type commands while it runs: `cut UPLINK` (carrier loss), `silent UPLINK` (the ISP drops
-//! what it forwards, link up), `restore UPLINK`, `ctl ARGS` (uplinkctl as an operator, e.g.
-//! `ctl pin 198.19.0.11 lte`, `ctl drain isp1`, `ctl events`), `table`, `quit`. `--demo`
-//! runs a carrier cut and a silent failure with their recoveries by itself; `--once` prints
-//! one table.
+//! what it forwards, link up), `restore UPLINK`, `explain SRC DST [--proto P] [--dport N]
+//! ...`, `ctl ARGS` (uplinkctl as an operator, e.g. `ctl pin 198.19.0.11 lte`, `ctl drain
+//! isp1`, `ctl events`, `ctl policies`), `table`, `quit`. `--demo` runs a carrier cut and a
+//! silent failure with their recoveries by itself; `--once` prints one table.
 
-use std::sync::Arc;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use uplink_tests::{Lab, UplinkSpec, client_v4, client_v6};
+use uplink_tests::{Lab, SERVER4, UplinkSpec, client_v4, client_v6};
 
 const UPLINKS: [&str; 3] = ["isp1", "isp2", "lte"];
+/// Where the VoIP-like flow goes: the rule `voip` matches its port.
+const VOIP_PORT: u16 = 10000;
+const POLICY: &str = r#"
+[[policy]]
+name = "voip"
+uplinks = ["isp2", "isp1"]
+balance = "failover"
+max_rtt = "150ms"
+
+[[rule]]
+name = "voip"
+proto = "udp"
+dport = ["10000-20000"]
+policy = "voip"
+"#;
+
+/// The VoIP-like flow: datagrams sent and answered, and the uplink of the last answer.
+#[derive(Default)]
+struct Voip {
+    sent: u64,
+    answered: u64,
+    via: String,
+}
 
 fn main() -> Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
@@ -40,8 +68,9 @@ fn main() -> Result<()> {
     lab.write_config(
         "10s",
         "10m",
-        &format!("[failover]\nfailback_delay = \"5s\"\n{api}"),
+        &format!("[failover]\nfailback_delay = \"5s\"\n{POLICY}{api}"),
     )?;
+    lab.serve_udp(SocketAddr::new(IpAddr::V4(SERVER4), VOIP_PORT))?;
     eprintln!(
         "starting uplinkd in {} (config {}, log {})",
         lab.ns("gw"),
@@ -70,23 +99,54 @@ fn main() -> Result<()> {
             }
         }
     }
+    let voip = start_voip(&lab, stop.clone())?;
     std::thread::sleep(Duration::from_millis(1500));
-    print_table(&lab)?;
+    print_table(&lab, &voip)?;
     if once {
         return Ok(());
     }
     if demo {
-        run_demo(&lab, &stop)?;
+        run_demo(&lab, &voip, &stop)?;
     } else {
-        interactive(&lab, &stop)?;
+        interactive(&lab, &voip, &stop)?;
     }
     eprintln!("tearing down {}-*", lab.prefix);
     Ok(())
 }
 
-fn interactive(lab: &Lab, stop: &AtomicBool) -> Result<()> {
+/// c1 sends a datagram every 20 ms from one socket (one flow, as an RTP stream is).
+fn start_voip(lab: &Lab, stop: Arc<AtomicBool>) -> Result<Arc<Mutex<Voip>>> {
+    let sock = uplink_tests::in_netns(&lab.ns("c1"), || std::net::UdpSocket::bind("0.0.0.0:0"))??;
+    sock.connect(SocketAddr::new(IpAddr::V4(SERVER4), VOIP_PORT))?;
+    sock.set_read_timeout(Some(Duration::from_millis(100)))?;
+    let state = Arc::new(Mutex::new(Voip::default()));
+    let (shared, sources) = (state.clone(), lab.uplinks.clone());
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 512];
+        while !stop.load(Ordering::SeqCst) {
+            let next = Instant::now() + Duration::from_millis(20);
+            let _ = sock.send(b"rtp");
+            shared.lock().expect("lock").sent += 1;
+            if let Ok(n) = uplink_tests::retry_eintr(|| sock.recv(&mut buf)) {
+                let seen = String::from_utf8_lossy(&buf[..n]);
+                let ip: Option<IpAddr> = seen.split(' ').next().and_then(|s| s.parse().ok());
+                let via = (1..=sources.len())
+                    .find(|&k| Some(uplink_tests::uplink_source(k, false)) == ip)
+                    .map(|k| sources[k - 1].name.clone())
+                    .unwrap_or_else(|| "?".into());
+                let mut v = shared.lock().expect("lock");
+                v.answered += 1;
+                v.via = via;
+            }
+            std::thread::sleep(next.saturating_duration_since(Instant::now()));
+        }
+    });
+    Ok(state)
+}
+
+fn interactive(lab: &Lab, voip: &Mutex<Voip>, stop: &AtomicBool) -> Result<()> {
     eprintln!(
-        "commands: cut UPLINK | silent UPLINK | restore UPLINK | table | quit   (uplinks: {})",
+        "commands: cut UPLINK | silent UPLINK | restore UPLINK | explain SRC DST [--proto P] [--dport N] | ctl ARGS | table | quit   (uplinks: {})",
         UPLINKS.join(", ")
     );
     let (tx, rx) = mpsc::channel::<String>();
@@ -104,6 +164,15 @@ fn interactive(lab: &Lab, stop: &AtomicBool) -> Result<()> {
                 let words: Vec<&str> = line.split_whitespace().collect();
                 match words.as_slice() {
                     ["quit" | "exit"] => break,
+                    ["explain", args @ ..] => {
+                        let mut a = vec!["explain"];
+                        a.extend_from_slice(args);
+                        a.extend(["--iif", "br-lan", "-o", "wide"]);
+                        let (_, out, err) = lab.ctl("view", &a)?;
+                        print!("{out}");
+                        eprint!("{err}");
+                        continue;
+                    }
                     ["ctl", args @ ..] => {
                         let (code, out, err) = lab.ctl("op", args)?;
                         print!("{out}");
@@ -126,11 +195,11 @@ fn interactive(lab: &Lab, stop: &AtomicBool) -> Result<()> {
                         continue;
                     }
                 }
-                print_table(lab)?;
+                print_table(lab, voip)?;
                 next_table = Instant::now() + Duration::from_secs(5);
             }
             Err(mpsc::RecvTimeoutError::Timeout) if Instant::now() >= next_table => {
-                print_table(lab)?;
+                print_table(lab, voip)?;
                 next_table = Instant::now() + Duration::from_secs(5);
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {}
@@ -154,10 +223,12 @@ fn act(lab: &Lab, cmd: &str, uplink: &str) -> Result<()> {
     }
 }
 
-fn run_demo(lab: &Lab, stop: &AtomicBool) -> Result<()> {
-    let steps: [(&str, &str, u64); 4] = [
+fn run_demo(lab: &Lab, voip: &Mutex<Voip>, stop: &AtomicBool) -> Result<()> {
+    let steps: [(&str, &str, u64); 6] = [
         ("cut", "isp1", 2),
         ("restore", "isp1", 8),
+        ("cut", "isp2", 2),
+        ("restore", "isp2", 8),
         ("silent", "isp2", 3),
         ("restore", "isp2", 8),
     ];
@@ -167,12 +238,12 @@ fn run_demo(lab: &Lab, stop: &AtomicBool) -> Result<()> {
         }
         act(lab, cmd, uplink)?;
         std::thread::sleep(Duration::from_secs(wait));
-        print_table(lab)?;
+        print_table(lab, voip)?;
     }
     Ok(())
 }
 
-fn print_table(lab: &Lab) -> Result<()> {
+fn print_table(lab: &Lab, voip: &Mutex<Voip>) -> Result<()> {
     let assigned = lab.assignments().unwrap_or_default();
     println!(
         "\n{:<8} {:<22} {:<10} {:<22} {:<10}",
@@ -203,6 +274,34 @@ fn print_table(lab: &Lab) -> Result<()> {
             );
         }
     }
+    {
+        let v = voip.lock().expect("lock");
+        println!(
+            "voip flow c1 → {SERVER4}:{VOIP_PORT}/udp (one socket, every 20 ms): leaves via {}, {} of {} answered",
+            if v.via.is_empty() { "-" } else { &v.via },
+            v.answered,
+            v.sent
+        );
+    }
+    let c1 = client_v4(1).to_string();
+    let port = VOIP_PORT.to_string();
+    let explain = [
+        "explain",
+        &c1,
+        "203.0.113.10",
+        "--proto",
+        "udp",
+        "--dport",
+        &port,
+        "--iif",
+        "br-lan",
+    ];
+    if let Ok((0, out, _)) = lab.ctl("view", &explain) {
+        println!(
+            "uplinkctl explain {c1} 203.0.113.10 --proto udp --dport {port}: {}",
+            out.trim()
+        );
+    }
     // What uplinkd said about its uplinks lately.
     let log = lab.log_tail(400);
     let events: Vec<&str> = log
@@ -212,6 +311,7 @@ fn print_table(lab: &Lab) -> Result<()> {
                 || l.contains("failover of")
                 || l.contains("failback to")
                 || l.contains("ALL UPLINKS")
+                || l.contains("policy ")
         })
         .collect();
     if !events.is_empty() {
