@@ -3,6 +3,7 @@
 //!   uplink-bench dispatch [--clients 1000] [--interval-ms 5] [--runs 3]
 //!     Neighbour entry added → client map element committed in the kernel, per client, as
 //!     seen by `nft monitor` (external to the agent). Reports p50/p90/p99/max per run.
+//!     `--rules N` (dispatch, failover): with a policy and N rules in the config.
 //!   uplink-bench startup [--clients 10000] [--runs 3]
 //!     Agent start with N clients already in the neighbour table: cold (empty kernel) and
 //!     warm restart (adopting the table and state file). Wall time from spawn to the first
@@ -52,6 +53,7 @@ fn main() -> Result<()> {
             arg(&args, "--clients", 1000)? as u32,
             arg(&args, "--interval-ms", 5)?,
             arg(&args, "--runs", 3)?,
+            arg(&args, "--rules", 0)? as u32,
             &machine,
         ),
         Some("startup") => startup(
@@ -62,6 +64,7 @@ fn main() -> Result<()> {
         Some("failover") => failover(
             arg(&args, "--clients", 100_000)? as u32,
             arg(&args, "--trials", 5)?,
+            arg(&args, "--rules", 0)? as u32,
             &machine,
         ),
         Some("fleet") => fleet_status(
@@ -105,7 +108,7 @@ fn main() -> Result<()> {
             &machine,
         ),
         _ => bail!(
-            "usage: uplink-bench dispatch [--clients N] [--interval-ms M] [--runs R] | startup [--clients N] [--runs R] | failover [--clients N] [--trials T] | gap carrier|silent [--trials T] | fleet [--max N] [--runs R] | pin [--pins N] | ctflush [--flows 2000] [--runs 3] | abuse [--clients 50000] [--dispatch 300] [--trials 10] | rules [--clients 100000] [--seconds 3] [--runs 3] | soak [--seconds 3600] [--clients 10000] [--churn 1000] [--failover-every 60] [--watchers 20] [--warmup 60]"
+            "usage: uplink-bench dispatch [--clients N] [--interval-ms M] [--runs R] [--rules N] | startup [--clients N] [--runs R] | failover [--clients N] [--trials T] [--rules N] | gap carrier|silent [--trials T] | fleet [--max N] [--runs R] | pin [--pins N] | ctflush [--flows 2000] [--runs 3] | abuse [--clients 50000] [--dispatch 300] [--trials 10] | rules [--clients 100000] [--seconds 3] [--runs 3] | soak [--seconds 3600] [--clients 10000] [--churn 1000] [--failover-every 60] [--watchers 20] [--warmup 60]"
         ),
     }
 }
@@ -177,6 +180,17 @@ impl Gw {
             ),
         )?;
         Ok(Gw { ns, peer, dir })
+    }
+
+    /// Appends a policy and `n` rules to the agent's config (`--rules N`).
+    fn add_rules(&self, n: u32) -> Result<()> {
+        if n > 0 {
+            let path = self.dir.join("uplinkd.toml");
+            let base = std::fs::read_to_string(&path)?;
+            std::fs::write(&path, format!("{base}{}", policy_config(n)))?;
+            println!("with a policy and {n} rules");
+        }
+        Ok(())
     }
 
     fn add_neighbours(&self, range: std::ops::Range<u32>) -> Result<()> {
@@ -281,7 +295,7 @@ fn median(v: &mut [f64]) -> f64 {
     percentile(v, 50.0)
 }
 
-fn dispatch(clients: u32, interval_ms: u64, runs: u64, machine: &str) -> Result<()> {
+fn dispatch(clients: u32, interval_ms: u64, runs: u64, rules: u32, machine: &str) -> Result<()> {
     println!(
         "dispatch latency: neighbour added -> client4 element committed (nft monitor), {clients} clients, one every {interval_ms} ms"
     );
@@ -290,6 +304,7 @@ fn dispatch(clients: u32, interval_ms: u64, runs: u64, machine: &str) -> Result<
     let mut p99s = Vec::new();
     for run in 1..=runs {
         let gw = Gw::new("bd")?;
+        gw.add_rules(rules)?;
         let (child, _, rx) = gw.start_agent()?;
         wait_line(&rx, "initial apply done", Duration::from_secs(30))?;
         let mut monitor = Command::new("ip")
@@ -448,13 +463,14 @@ fn summary(name: &str, v: &mut [f64]) {
 /// Time from detection (the agent logs the state change) to the failover in the kernel
 /// (the apply that rewrote the home chain) and to the dead uplink's flows deleted, with
 /// `clients` neighbours of which half are on the uplink that dies.
-fn failover(clients: u32, trials: u64, machine: &str) -> Result<()> {
+fn failover(clients: u32, trials: u64, rules: u32, machine: &str) -> Result<()> {
     println!(
         "failover of {} clients off one uplink (carrier cut), {trials} trials",
         clients / 2
     );
     println!("machine: {machine}; agent {}", uplinkd_bin().display());
     let gw = Gw::new("bf")?;
+    gw.add_rules(rules)?;
     gw.add_neighbours(0..clients)?;
     let (child, _, rx) = gw.start_agent()?;
     wait_line(&rx, "initial apply done", Duration::from_secs(120))?;
