@@ -275,6 +275,7 @@ fn destination_mode_is_sticky_per_server() -> anyhow::Result<()> {
 #[test]
 fn failover_mode_and_when_none() -> anyhow::Result<()> {
     let mut lab = Lab::build("fomode", two(), 1, 0)?;
+    let api = lab.api_config()?;
     let cfg = r#"[failover]
 failback_delay = "1s"
 
@@ -309,7 +310,7 @@ name = "loose"
 dst = ["203.0.113.52/32"]
 policy = "prefer2"
 "#;
-    lab.write_config("10s", "10m", cfg)?;
+    lab.write_config("10s", "10m", &format!("{cfg}{api}"))?;
     for i in 50..=52 {
         lab.serve_udp(v4(i, ECHO_PORT))?;
     }
@@ -325,6 +326,25 @@ policy = "prefer2"
             .send_udp(1, v4(50, ECHO_PORT), None, None, 1)?
             .is_some_and(|s| lab.uplink_of_source(s).as_deref() == Some("isp1")))
     })?;
+    let (_, out, _) = lab.ctl(
+        "view",
+        &[
+            "explain",
+            &client_v4(1).to_string(),
+            "203.0.113.50",
+            "-o",
+            "json",
+        ],
+    )?;
+    let e: serde_json::Value = serde_json::from_str(&out)?;
+    assert_eq!(e["uplink"], "isp1", "{out}");
+    assert!(
+        e["summary"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("isp2 is down"),
+        "{out}"
+    );
     // The default policy's own flow (homed on isp1) lost nothing meanwhile.
     let r = voice.finish()?;
     assert_eq!(r.received, r.sent, "{r:?}");

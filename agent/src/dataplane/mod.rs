@@ -162,7 +162,10 @@ impl Dataplane {
         } else if read == ReadBack::Structure {
             match self.nft.read_structure().await {
                 Ok(Some(k)) => match &mut self.nft_cache {
-                    Some(cache) => cache.signature = k.signature,
+                    Some(cache) => {
+                        cache.signature = k.signature;
+                        cache.unassigned = k.unassigned;
+                    }
                     // The table appeared behind our back: read it all.
                     None => match self.nft.read().await {
                         Ok(k) => self.nft_cache = k,
@@ -174,7 +177,11 @@ impl Dataplane {
             }
         }
         if report.errors.is_empty() {
-            match self.nft.apply(&desired.nft, &mut self.nft_cache).await {
+            match self
+                .nft
+                .apply(&desired.nft, &mut self.nft_cache, full)
+                .await
+            {
                 Ok(s) => {
                     report.nft = s;
                     self.table_known_absent = false;

@@ -41,6 +41,10 @@ const ACCOUNTING: &str = "accounting";
 /// The `[[rule]]`s, in order; ends in the default policy.
 const RULES: &str = "rules";
 const DEFAULT_POLICY: &str = "default";
+/// Where a client without an assignment yet goes: one `goto home_<uplink>`, rewritten as
+/// clients are placed. A chain of its own, without set lookups, so that its rewrite stays
+/// a small transaction (and `nft monitor` keeps following the maps).
+const UNASSIGNED: &str = "unassigned";
 /// In a rule's comment, before the `[[rule]]`'s name (its counters are summed by name).
 const RULE_TAG: &str = " rule:";
 /// Rule comments start with this, followed by a hash of the rule's expression.
@@ -53,7 +57,24 @@ pub const FALLBACK_SEED: u32 = 0;
 pub struct KernelNft {
     pub signature: Signature,
     pub elements: BTreeMap<ElemKey, Arc<str>>,
+    pub unassigned: Unassigned,
 }
+
+/// The `unassigned` chain, outside the signature: a placement inserts a new first rule
+/// (an add costs the kernel ~4 ms, replacing a rule ~16 ms), and the stale ones behind it
+/// are dropped together now and then.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Unassigned {
+    /// The first rule's target (the one packets take).
+    pub target: Option<String>,
+    pub rules: usize,
+}
+
+/// Stale rules the `unassigned` chain may hold before it is rewritten; it is also
+/// rewritten on every resync (`tidy`), off the path of a placement.
+const MAX_UNASSIGNED_RULES: usize = 256;
+/// In the `unassigned` rule's comment, before its target.
+const TARGET_TAG: &str = " to:";
 
 /// What identifies the table's structure: chains with their hooks, maps with their
 /// types, and each chain's rules in order (by comment).
@@ -441,15 +462,22 @@ impl NftDriver {
 
     /// Brings the kernel to `desired`, given what the kernel has (`None`: no table), and
     /// updates `kernel` to match. On error `kernel` is cleared, forcing a read-back.
+    /// `tidy`: also drop the `unassigned` chain's stale rules.
     pub async fn apply(
         &self,
         desired: &NftDesired,
         kernel: &mut Option<KernelNft>,
+        tidy: bool,
     ) -> Result<NftStats, DataplaneError> {
         let rendered = self.render(&desired.structure);
         let (_, structure, want_sig) = &*rendered;
         let want_sig = want_sig.clone();
         let mut batch: Vec<String> = Vec::new();
+        let want_un = match &desired.structure.default {
+            Verdict::Clients { unassigned } => Some(home_chain(unassigned)),
+            _ => None,
+        };
+        let mut new_un = None;
         let mut stats = NftStats::default();
         let table = self.table.as_str();
         let add = |o: &Value| json!({ "add": o }).to_string();
@@ -510,15 +538,44 @@ impl NftDriver {
                     batch.push(add(o));
                 }
                 let (adds, dels) = diff_elements(&desired.elements, &k.elements);
+                let mut elems: Vec<String> = Vec::new();
                 stats.added = adds.len();
                 stats.deleted = dels.len();
                 // Deletes first: a changed value is a delete and an add of the same key.
-                push_elements(&mut batch, table, &dels, false);
-                push_elements(&mut batch, table, &adds, true);
+                push_elements(&mut elems, table, &dels, false);
+                push_elements(&mut elems, table, &adds, true);
                 changed_keys = Some((
                     dels.iter().map(|(key, _)| *key).collect(),
                     adds.iter().map(|(key, _)| *key).collect(),
                 ));
+                // A placement changes where the next new client goes: a new first rule in
+                // the same transaction as the elements (adds only, cheap); the stale rules
+                // behind it go in one rewrite every MAX_UNASSIGNED_RULES placements.
+                let un = &k.unassigned;
+                let chain =
+                    || json!({"chain": {"family": "inet", "table": table, "name": UNASSIGNED}});
+                let clean = un.rules == want_un.is_some() as usize;
+                let current = want_un == un.target && (clean || (want_un.is_some() && !tidy));
+                match &want_un {
+                    _ if current => {}
+                    Some(w) if un.rules < MAX_UNASSIGNED_RULES && !tidy => {
+                        let rule = unassigned_rule(table, w);
+                        elems.push(json!({ "insert": rule }).to_string());
+                        new_un = Some(Unassigned {
+                            target: Some(w.clone()),
+                            rules: un.rules + 1,
+                        });
+                    }
+                    w => {
+                        batch.push(json!({ "flush": chain() }).to_string());
+                        batch.extend(w.iter().map(|w| add(&unassigned_rule(table, w))));
+                        new_un = Some(Unassigned {
+                            target: w.clone(),
+                            rules: w.is_some() as usize,
+                        });
+                    }
+                }
+                batch.append(&mut elems);
                 for name in &old_chains {
                     let c = json!({"chain": {"family": "inet", "table": table, "name": name}});
                     batch.push(json!({ "flush": c }).to_string());
@@ -574,6 +631,9 @@ impl NftDriver {
         match (kernel, changed_keys) {
             (Some(k), Some((dels, adds))) => {
                 k.signature = want_sig;
+                if let Some(u) = new_un {
+                    k.unassigned = u;
+                }
                 for key in dels {
                     k.elements.remove(&key);
                 }
@@ -585,6 +645,10 @@ impl NftDriver {
                 *kernel = Some(KernelNft {
                     signature: want_sig,
                     elements: desired.elements.clone(),
+                    unassigned: Unassigned {
+                        rules: want_un.is_some() as usize,
+                        target: want_un,
+                    },
                 })
             }
         }
@@ -725,6 +789,7 @@ fn render_structure(s: &NftStructure) -> Vec<Value> {
         objs.push(NfListObject::Chain(chain(&up_chain(&u.name))));
         objs.push(NfListObject::Chain(chain(&home_chain(&u.name))));
     }
+    objs.push(NfListObject::Chain(chain(UNASSIGNED)));
     objs.push(NfListObject::Chain(chain(&policy_chain(DEFAULT_POLICY))));
     for p in &s.policies {
         objs.push(NfListObject::Chain(chain(&policy_chain(&p.name))));
@@ -1248,7 +1313,21 @@ fn render_policies(s: &NftStructure) -> Vec<Value> {
     for e in verdict_rules(&s.default) {
         out.push(raw_rule(table, &policy_chain(DEFAULT_POLICY), e, None));
     }
+    // A client without an assignment yet goes where the next assignment will put it, so
+    // its first flow and its later ones leave alike.
+    if let Verdict::Clients { unassigned } = &s.default {
+        out.push(unassigned_rule(table, &home_chain(unassigned)));
+    }
     out
+}
+
+fn unassigned_rule(table: &str, target: &str) -> Value {
+    raw_rule(
+        table,
+        UNASSIGNED,
+        vec![goto(target)],
+        Some(&format!("{TARGET_TAG}{target}")),
+    )
 }
 
 /// A rule nft cannot look up in a map: one nft rule per family it can match (and per
@@ -1343,16 +1422,14 @@ fn verdict_rules(v: &Verdict) -> Vec<Vec<Value>> {
         Verdict::Uplink(u) => vec![vec![goto(&up_chain(u))]],
         Verdict::Default => vec![vec![goto(&policy_chain(DEFAULT_POLICY))]],
         Verdict::Drop => vec![vec![json!({"counter": null}), json!({"drop": null})]],
-        Verdict::Clients { unassigned } => vec![
+        Verdict::Clients { .. } => vec![
             vec![
                 json!({"vmap": {"key": payload("ip", "saddr"), "data": format!("@{MAP_CLIENT4}")}}),
             ],
             vec![
                 json!({"vmap": {"key": payload("ip6", "saddr"), "data": format!("@{MAP_CLIENT6}")}}),
             ],
-            // A client without an assignment yet goes where the next assignment will put
-            // it, so its first flow and its later ones leave alike.
-            vec![goto(&home_chain(unassigned))],
+            vec![goto(UNASSIGNED)],
         ],
         Verdict::Spread { key, buckets } => {
             let map = json!({"set": buckets
@@ -1470,7 +1547,9 @@ fn signature_of_items<'a, 'b: 'a>(items: impl Iterator<Item = &'a ListItem<'b>>)
             sig.maps
                 .insert((m.name.clone(), m.key_type.to_string(), m.map.to_string()));
         }
-        if let Some(r) = &it.rule {
+        if let Some(r) = &it.rule
+            && r.chain != UNASSIGNED
+        {
             sig.rules.push((r.chain.clone(), r.comment.clone()));
         }
         if let Some(s) = &it.set {
@@ -1555,6 +1634,22 @@ pub fn parse_listing(json: &str) -> Result<KernelNft, DataplaneError> {
     let listing: Listing =
         serde_json::from_str(json).map_err(|e| DataplaneError::NftOutput(e.to_string()))?;
     let mut signature = signature_of_items(listing.nftables.iter());
+    let mut unassigned = Unassigned::default();
+    for r in listing
+        .nftables
+        .iter()
+        .filter_map(|i| i.rule.as_ref())
+        .filter(|r| r.chain == UNASSIGNED)
+    {
+        if unassigned.rules == 0 {
+            unassigned.target = r
+                .comment
+                .as_deref()
+                .and_then(|c| c.split_once(TARGET_TAG))
+                .map(|(_, t)| t.to_string());
+        }
+        unassigned.rules += 1;
+    }
     let mut elements = BTreeMap::new();
     // Chain names repeat across elements: share one allocation per target.
     let mut targets: BTreeMap<String, Arc<str>> = BTreeMap::new();
@@ -1598,6 +1693,7 @@ pub fn parse_listing(json: &str) -> Result<KernelNft, DataplaneError> {
     Ok(KernelNft {
         signature,
         elements,
+        unassigned,
     })
 }
 
