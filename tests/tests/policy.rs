@@ -400,6 +400,15 @@ fn reload_changes_rules_without_loss() -> anyhow::Result<()> {
 name = "a"
 dst = ["203.0.113.20/32"]
 policy = "via2"
+
+[[policy]]
+name = "gone"
+uplinks = ["isp2"]
+
+[[rule]]
+name = "a2"
+dst = ["203.0.113.21/32"]
+policy = "gone"
 "#
     );
     lab.write_config("10s", "10m", &first)?;
@@ -432,6 +441,14 @@ policy = "via1"
     })?;
     // `lan` comes first now: it wins over `b` for UDP.
     assert_eq!(lab.udp_via(1, v4(20, ECHO_PORT), None, None)?, "isp2");
+    // The reload's apply went through at the first attempt (removing a rule that sat in
+    // a verdict map once failed with EBUSY and only a retry fixed it).
+    let metrics = lab.gw(&["curl", "-s", "http://127.0.0.1:9477/metrics"])?;
+    assert!(
+        metrics.lines().any(|l| l == "uplinkd_apply_errors_total 0"),
+        "{}",
+        lab.log_tail(20)
+    );
     let r = flow.finish()?;
     assert_eq!(r.received, r.sent, "the running flow lost nothing: {r:?}");
     assert_eq!(

@@ -576,10 +576,15 @@ impl NftDriver {
                     }
                 }
                 batch.append(&mut elems);
+                // Chains no longer used, last, all emptied before any is deleted: they may
+                // refer to each other (a rule's chain to its policy's), and the kernel
+                // refuses to delete a chain still referred to (EBUSY).
+                let c = |name: &String| json!({"chain": {"family": "inet", "table": table, "name": name}});
                 for name in &old_chains {
-                    let c = json!({"chain": {"family": "inet", "table": table, "name": name}});
-                    batch.push(json!({ "flush": c }).to_string());
-                    batch.push(json!({ "delete": c }).to_string());
+                    batch.push(json!({ "flush": c(name) }).to_string());
+                }
+                for name in &old_chains {
+                    batch.push(json!({ "delete": c(name) }).to_string());
                 }
             }
             _ => {
