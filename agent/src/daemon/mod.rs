@@ -459,7 +459,7 @@ impl Agent {
                                     .lan_refused
                                     .with_label_values(&[limit.key()])
                                     .inc();
-                                self.lan_refusals.warn(|n| warn!(%ip, %mac, refused = n, limit = limit.key(), "LAN limit reached: address not tracked (its traffic follows the hash fallback); raise the limit if this LAN really is that large"));
+                                self.lan_refusals.warn(|n| warn!(%ip, %mac, refused = n, limit = limit.key(), "LAN limit reached: address not tracked (its traffic goes where the next new client would); raise the limit if this LAN really is that large"));
                                 false
                             }
                             Change::None => false,

@@ -325,16 +325,22 @@ impl NftDriver {
         }
     }
 
+    /// The structure's objects and signature, without the `unassigned` chain's rule (it
+    /// changes with every placement and is applied on its own).
     fn render(&self, s: &NftStructure) -> Rendered {
+        let mut key = s.clone();
+        if let Verdict::Clients { unassigned } = &mut key.default {
+            unassigned.clear();
+        }
         let mut last = self.rendered.lock().expect("lock");
         if let Some(r) = &*last
-            && r.0 == *s
+            && r.0 == key
         {
             return r.clone();
         }
-        let objs = render_structure(s);
+        let objs = render_structure(&key);
         let sig = signature_of(&objs);
-        let r = Arc::new((s.clone(), objs, sig));
+        let r = Arc::new((key, objs, sig));
         *last = Some(r.clone());
         r
     }
@@ -615,6 +621,7 @@ impl NftDriver {
                         .map(|m| json!({ "add": m }).to_string()),
                 );
                 batch.extend(objs.map(add));
+                batch.extend(want_un.iter().map(|w| add(&unassigned_rule(table, w))));
                 batch.extend(kept);
                 let all: Vec<(ElemKey, &str)> =
                     desired.elements.iter().map(|(k, v)| (*k, &**v)).collect();
@@ -1320,7 +1327,9 @@ fn render_policies(s: &NftStructure) -> Vec<Value> {
     }
     // A client without an assignment yet goes where the next assignment will put it, so
     // its first flow and its later ones leave alike.
-    if let Verdict::Clients { unassigned } = &s.default {
+    if let Verdict::Clients { unassigned } = &s.default
+        && !unassigned.is_empty()
+    {
         out.push(unassigned_rule(table, &home_chain(unassigned)));
     }
     out

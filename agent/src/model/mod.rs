@@ -197,8 +197,9 @@ pub enum Change {
     None,
     /// Client maps changed.
     Clients,
-    /// Not taken: a LAN limit is reached. The address is left to the nft hash fallback,
-    /// so its traffic still flows; nothing already tracked changes.
+    /// Not taken: a LAN limit is reached. The address is left to the `unassigned` verdict
+    /// (where the next new client goes), so its traffic still flows; nothing already
+    /// tracked changes.
     Refused(Limit),
 }
 
