@@ -607,15 +607,7 @@ impl Lab {
             });
         }
         for addr in [server(false), server(true)] {
-            let sock = in_netns(inet, move || UdpSocket::bind(addr))??;
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 2048];
-                while let Ok((n, from)) = retry_eintr(|| sock.recv_from(&mut buf)) {
-                    let mut reply = format!("{} ", from.ip()).into_bytes();
-                    reply.extend_from_slice(&buf[..n]);
-                    let _ = sock.send_to(&reply, from);
-                }
-            });
+            udp_echo(in_netns(inet, move || UdpSocket::bind(addr))??);
         }
         Ok(())
     }
@@ -629,15 +621,7 @@ impl Lab {
             &inet,
             &[format!("addr add {}/{prefix} dev lo nodad", addr.ip())],
         );
-        let sock = in_netns(&inet, move || UdpSocket::bind(addr))??;
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 2048];
-            while let Ok((n, from)) = retry_eintr(|| sock.recv_from(&mut buf)) {
-                let mut reply = format!("{} ", from.ip()).into_bytes();
-                reply.extend_from_slice(&buf[..n]);
-                let _ = sock.send_to(&reply, from);
-            }
-        });
+        udp_echo(in_netns(&inet, move || UdpSocket::bind(addr))??);
         Ok(())
     }
 
@@ -1166,6 +1150,33 @@ impl TcpFlow {
             .parse()
             .with_context(|| format!("bad TCP echo {line:?}"))
     }
+}
+
+/// Answers every datagram on `sock` with "<source seen> <payload>", in a thread.
+fn udp_echo(sock: UdpSocket) {
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = retry_eintr(|| sock.recv_from(&mut buf)) {
+            let mut reply = format!("{} ", from.ip()).into_bytes();
+            reply.extend_from_slice(&buf[..n]);
+            let _ = sock.send_to(&reply, from);
+        }
+    });
+}
+
+/// Packets counted by every counter of nft chain `family table chain` in namespace `ns`.
+pub fn nft_chain_packets(ns: &str, family: &str, table: &str, chain: &str) -> Result<u64> {
+    let out = sh(&[
+        "ip", "netns", "exec", ns, "nft", "-j", "list", "chain", family, table, chain,
+    ])?;
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    Ok(v["nftables"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|i| i["rule"]["expr"].as_array().cloned().unwrap_or_default())
+        .filter_map(|e| e["counter"]["packets"].as_u64())
+        .sum())
 }
 
 /// A bare namespace, deleted on drop.

@@ -23,21 +23,7 @@ fn v4(last: u8, port: u16) -> SocketAddr {
 
 /// Packets counted in `[[rule]]` `name`'s own chain.
 fn rule_packets(lab: &Lab, name: &str) -> anyhow::Result<u64> {
-    let chain = format!("rule_{name}");
-    let out = lab.gw(&["nft", "-j", "list", "chain", "inet", "uplinkd", &chain])?;
-    let v: serde_json::Value = serde_json::from_str(&out)?;
-    let mut n = 0;
-    for item in v["nftables"].as_array().into_iter().flatten() {
-        if item["rule"]["comment"]
-            .as_str()
-            .is_some_and(|c| c.ends_with(&format!(" rule:{name}")))
-        {
-            for e in item["rule"]["expr"].as_array().into_iter().flatten() {
-                n += e["counter"]["packets"].as_u64().unwrap_or(0);
-            }
-        }
-    }
-    Ok(n)
+    uplink_tests::nft_chain_packets(&lab.ns("gw"), "inet", "uplinkd", &format!("rule_{name}"))
 }
 
 /// Rule, client, destination, source port, DSCP.
@@ -353,24 +339,8 @@ policy = "prefer2"
         "isp1",
         "when_none = default"
     );
-    let drops = |lab: &Lab| -> anyhow::Result<u64> {
-        let out = lab.gw(&[
-            "nft",
-            "-j",
-            "list",
-            "chain",
-            "inet",
-            "uplinkd",
-            "policy_only2",
-        ])?;
-        let v: serde_json::Value = serde_json::from_str(&out)?;
-        Ok(v["nftables"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .flat_map(|i| i["rule"]["expr"].as_array().cloned().unwrap_or_default())
-            .filter_map(|e| e["counter"]["packets"].as_u64())
-            .sum())
+    let drops = |lab: &Lab| {
+        uplink_tests::nft_chain_packets(&lab.ns("gw"), "inet", "uplinkd", "policy_only2")
     };
     let before = drops(&lab)?;
     assert_eq!(

@@ -596,16 +596,15 @@ impl NftDriver {
             _ => {
                 stats.replaced_table = true;
                 stats.added = desired.elements.len();
-                // What others put in the external sets survives the replace.
+                // What others put in the external sets survives the replace (a set or
+                // table not there yet has nothing to keep).
                 let mut kept = Vec::new();
-                if kernel.is_some() || self.read_structure().await?.is_some() {
-                    let external = desired.structure.sets.iter().filter(|x| x.external);
-                    for set in
-                        external.flat_map(|x| [set_name(&x.name, false), set_name(&x.name, true)])
-                    {
-                        if let Some(elem) = self.set_elements(&set).await? {
-                            kept.push(json!({"add": {"element": {"family": "inet", "table": table, "name": set, "elem": elem}}}).to_string());
-                        }
+                let external = desired.structure.sets.iter().filter(|x| x.external);
+                for set in
+                    external.flat_map(|x| [set_name(&x.name, false), set_name(&x.name, true)])
+                {
+                    if let Some(elem) = self.set_elements(&set).await? {
+                        kept.push(json!({"add": {"element": {"family": "inet", "table": table, "name": set, "elem": elem}}}).to_string());
                     }
                 }
                 let t = json!({"table": {"family": "inet", "name": table}});

@@ -2,7 +2,6 @@
 //! drains, failback, SLA), and each policy's SLA verdict per uplink, with hysteresis.
 
 use std::collections::BTreeSet;
-use std::fmt::Write;
 use std::time::Duration;
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
@@ -362,14 +361,12 @@ pub fn judge(sla: &Sla, stats: &crate::health::stats::Stats, was_broken: bool) -
         add(format!("jitter {} > max_jitter {}", ms(j), ms(max)));
     }
     if why.is_empty() {
-        return None;
+        None
+    } else if was_broken {
+        Some(format!("still {why}"))
+    } else {
+        Some(why)
     }
-    if was_broken {
-        let mut s = String::from("still ");
-        let _ = write!(s, "{why}");
-        return Some(s);
-    }
-    Some(why)
 }
 
 #[cfg(test)]

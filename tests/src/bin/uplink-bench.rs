@@ -896,19 +896,7 @@ fn reload(child: &Child, rx: &Lines) -> Result<Vec<(Instant, String)>> {
 
 /// Forwarded packets per second from one LAN sender, counted where the ISP drops them.
 fn forwarding_rate(gw: &Gw, snd: &Netns, seconds: u64) -> Result<f64> {
-    let count = || -> Result<u64> {
-        let out = gw
-            .peer
-            .exec(&["nft", "-j", "list", "chain", "inet", "sink", "c"])?;
-        let v: serde_json::Value = serde_json::from_str(&out)?;
-        Ok(v["nftables"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .flat_map(|i| i["rule"]["expr"].as_array().cloned().unwrap_or_default())
-            .filter_map(|e| e["counter"]["packets"].as_u64())
-            .sum())
-    };
+    let count = || uplink_tests::nft_chain_packets(&gw.peer.0, "inet", "sink", "c");
     let sock = uplink_tests::in_netns(&snd.0, || std::net::UdpSocket::bind("0.0.0.0:0"))??;
     sock.connect("203.0.113.10:9999")?;
     let until = Instant::now() + Duration::from_secs(seconds);
