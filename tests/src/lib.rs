@@ -1274,7 +1274,7 @@ impl Fleet {
             fs::write(
                 &config,
                 format!(
-                    "[agent]\nname = \"gw-{i:03}\"\nstate_dir = \"{}\"\n[lan]\ninterfaces = [\"br-lan\"]\n[[uplink]]\nname = \"isp1\"\ninterface = \"wan1\"\ngateway = \"100.64.1.1\"\n[[uplink]]\nname = \"isp2\"\ninterface = \"wan2\"\ngateway = \"100.64.2.1\"\n[api]\nlisten = \"{ip}:7443\"\nca = \"{d}/ca.crt\"\ncert = \"{d}/gw.crt\"\nkey = \"{d}/gw.key\"\n",
+                    "[agent]\nname = \"gw-{i:03}\"\nstate_dir = \"{}\"\n[lan]\ninterfaces = [\"br-lan\"]\n[[uplink]]\nname = \"isp1\"\ninterface = \"wan1\"\ngateway = \"100.64.1.1\"\n[[uplink]]\nname = \"isp2\"\ninterface = \"wan2\"\ngateway = \"100.64.2.1\"\n[[set]]\nname = \"saas\"\n[api]\nlisten = \"{ip}:7443\"\nca = \"{d}/ca.crt\"\ncert = \"{d}/gw.crt\"\nkey = \"{d}/gw.key\"\n",
                     state.display()
                 ),
             )?;

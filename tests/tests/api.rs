@@ -527,6 +527,32 @@ fn fleet_status_with_one_unreachable_gateway() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `uplinkctl set add` across a fleet: every agent has the element in its kernel set and
+/// lists it.
+#[test]
+fn set_elements_change_across_a_fleet() -> anyhow::Result<()> {
+    let fleet = uplink_tests::Fleet::build("fleetset", 3)?;
+    let (code, out, err) = fleet.ctl(&["set", "add", "saas", "198.51.100.7", "-o", "json"])?;
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    assert_eq!(v.as_array().map(|a| a.len()), Some(3), "{out}");
+    for gw in &fleet.gateways {
+        let set = gw.exec(&["nft", "list", "set", "inet", "uplinkd", "saas_v4"])?;
+        assert!(set.contains("198.51.100.7"), "{}: {set}", gw.0);
+    }
+    let (code, out, _) = fleet.ctl(&["sets", "-o", "json"])?;
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    for g in v.as_array().unwrap() {
+        assert_eq!(
+            g["result"][0]["elements"],
+            serde_json::json!(["198.51.100.7/32"]),
+            "{out}"
+        );
+    }
+    Ok(())
+}
+
 /// Test 6: ReloadConfig adds a third uplink without loss on the other two; a broken
 /// config is rejected with its error and the old one stays.
 #[test]

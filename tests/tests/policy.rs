@@ -187,7 +187,12 @@ fn connection_mode_spreads_one_clients_connections_by_weight() -> anyhow::Result
         UplinkSpec::new("isp2", 1, false),
     ];
     let mut lab = Lab::build("conn", uplinks, 1, 0)?;
-    lab.write_config("10s", "10m", "[dispatch]\nbalance = \"connection\"\n")?;
+    let api = lab.api_config()?;
+    lab.write_config(
+        "10s",
+        "10m",
+        &format!("[dispatch]\nbalance = \"connection\"\n{api}"),
+    )?;
     lab.start_agent()?;
     let mut long = TcpFlow::connect(&lab, 1)?;
     let long_via = long.exchange()?;
@@ -207,6 +212,25 @@ fn connection_mode_spreads_one_clients_connections_by_weight() -> anyhow::Result
         "isp1 got {isp1} of 90: {counts:?}"
     );
     assert_eq!(long.exchange()?, long_via, "the long connection stayed");
+    // explain names the draw, not one uplink: both, by weight.
+    let (_, out, _) = lab.ctl(
+        "view",
+        &[
+            "explain",
+            &client_v4(1).to_string(),
+            "203.0.113.10",
+            "--proto",
+            "tcp",
+            "-o",
+            "json",
+        ],
+    )?;
+    let e: serde_json::Value = serde_json::from_str(&out)?;
+    let summary = e["summary"].as_str().unwrap_or_default();
+    assert!(
+        e["uplink"] == "" && summary.contains("isp1 2/3") && summary.contains("isp2 1/3"),
+        "{out}"
+    );
     Ok(())
 }
 
