@@ -212,6 +212,21 @@ fn connection_mode_spreads_one_clients_connections_by_weight() -> anyhow::Result
         "isp1 got {isp1} of 90: {counts:?}"
     );
     assert_eq!(long.exchange()?, long_via, "the long connection stayed");
+    // The client's view and the metrics say it uses both uplinks.
+    let (_, out, _) = lab.ctl("view", &["clients", "-o", "json"])?;
+    let c: serde_json::Value = serde_json::from_str(&out)?;
+    assert_eq!(
+        (c[0]["current_uplink"].as_str(), c[0]["reason"].as_str()),
+        (Some("isp1,isp2"), Some("policy")),
+        "{out}"
+    );
+    let metrics = lab.gw(&["curl", "-s", "http://127.0.0.1:9477/metrics"])?;
+    for u in ["isp1", "isp2"] {
+        assert!(
+            metrics.contains(&format!("uplinkd_uplink_clients{{uplink=\"{u}\"}} 1")),
+            "{metrics}"
+        );
+    }
     // explain names the draw, not one uplink: both, by weight.
     let (_, out, _) = lab.ctl(
         "view",

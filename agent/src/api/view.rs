@@ -68,6 +68,12 @@ pub fn current(config: &Config, model: &Model, c: &Client) -> (String, v1::Assig
     let Some(i) = model.uplinks.iter().position(|u| u.name == steer) else {
         return (c.home.clone(), v1::AssignmentReason::Auto);
     };
+    if pinned.is_none()
+        && let Some(using) = spread_by_policy(config, model)
+    {
+        let names: Vec<&str> = using.iter().map(|&u| model.uplinks[u].name.as_str()).collect();
+        return (names.join(","), v1::AssignmentReason::Policy);
+    }
     let reason = if pinned.is_some() {
         v1::AssignmentReason::Override
     } else {
@@ -98,7 +104,8 @@ pub fn current(config: &Config, model: &Model, c: &Client) -> (String, v1::Assig
 }
 
 /// Clients per uplink by the uplink their new connections use now (failovers, drains and
-/// pins applied), in config order. Only clients whose home does not serve them directly,
+/// pins applied), in config order; with a default policy that spreads connections, a
+/// client counts on every uplink it draws from. Only clients whose home does not serve them directly,
 /// or who are pinned, are hashed; the rest count where they are homed.
 pub fn carried(config: &Config, model: &Model) -> Vec<usize> {
     let mut out = vec![0; model.uplinks.len()];
@@ -106,11 +113,18 @@ pub fn carried(config: &Config, model: &Model) -> Vec<usize> {
         .map(|i| model.home_target(i) == HomeTarget::Direct)
         .collect();
     let index = |name: &str| model.uplinks.iter().position(|u| u.name == name);
+    let spread = spread_by_policy(config, model);
     for c in model.clients().values() {
         let pinned = !model.overrides.is_empty()
             && c.addresses
                 .keys()
                 .any(|ip| model.overrides.contains_key(ip));
+        if !pinned && let Some(using) = &spread {
+            for &u in using {
+                out[u] += 1;
+            }
+            continue;
+        }
         let home = index(&c.home);
         let now = match home {
             Some(i) if direct[i] && !pinned => Some(i),
@@ -121,6 +135,27 @@ pub fn carried(config: &Config, model: &Model) -> Vec<usize> {
         }
     }
     out
+}
+
+/// The uplinks the default policy draws new connections from, when it spreads them per
+/// connection or per destination rather than per client (`None` in client mode).
+fn spread_by_policy(config: &Config, model: &Model) -> Option<Vec<usize>> {
+    use crate::plan::policy::{Verdict, default_verdict};
+    if config.dispatch == crate::config::Mode::Client {
+        return None;
+    }
+    match default_verdict(config, model).0 {
+        Verdict::Spread { buckets, .. } => {
+            let mut using: Vec<usize> = buckets
+                .iter()
+                .filter_map(|b| model.uplinks.iter().position(|u| u.name == *b))
+                .collect();
+            using.sort_unstable();
+            using.dedup();
+            Some(using)
+        }
+        _ => None,
+    }
 }
 
 pub fn client(config: &Config, model: &Model, c: &Client) -> v1::Client {
