@@ -280,7 +280,7 @@ impl Metrics {
             ),
             lan_refused: cvec(
                 "lan_neighbours_refused_total",
-                "Neighbour events not tracked because a LAN limit was reached (their traffic goes where the next new client would)",
+                "Neighbour events not tracked because a LAN limit was reached (their traffic is hashed over the surviving uplinks)",
                 &["limit"],
             ),
             save_errors: cvec(

@@ -549,6 +549,21 @@ fn a_lan_flood_is_bounded_and_existing_clients_keep_their_uplinks() -> anyhow::R
         let i = u32::from(v4.octets()[3]) - 10;
         assert_eq!(&via(&lab, i)?, home, "{ip} kept its uplink");
     }
+    // No placement will come while the LAN is full: a new host's first packets are hashed
+    // over the uplinks (`overflow`), not all sent to one of them, and it is answered.
+    let unassigned = lab.gw(&["nft", "list", "chain", "inet", "uplinkd", "unassigned"])?;
+    let first = unassigned
+        .lines()
+        .find(|l| l.contains("goto"))
+        .unwrap_or_default();
+    assert!(first.contains("goto overflow"), "{unassigned}");
+    let overflow = lab.gw(&["nft", "list", "chain", "inet", "uplinkd", "overflow"])?;
+    assert!(
+        overflow.contains("goto up_isp1") && overflow.contains("goto up_isp2"),
+        "{overflow}"
+    );
+    lab.add_client(3, false)?;
+    lab.probe(3, false, 10)?;
     let map = lab.kernel_map("client6")?;
     let one_mac = map
         .keys()

@@ -71,7 +71,10 @@ pub fn current(config: &Config, model: &Model, c: &Client) -> (String, v1::Assig
     if pinned.is_none()
         && let Some(using) = spread_by_policy(config, model)
     {
-        let names: Vec<&str> = using.iter().map(|&u| model.uplinks[u].name.as_str()).collect();
+        let names: Vec<&str> = using
+            .iter()
+            .map(|&u| model.uplinks[u].name.as_str())
+            .collect();
         return (names.join(","), v1::AssignmentReason::Policy);
     }
     let reason = if pinned.is_some() {

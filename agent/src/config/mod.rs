@@ -170,9 +170,9 @@ pub struct LanConfig {
     pub interfaces: Vec<String>,
     pub prefixes: Vec<IpNet>,
     pub client_idle_timeout: Duration,
-    /// Clients (MACs) tracked at most; more are left to the `unassigned` verdict and counted.
+    /// Clients (MACs) tracked at most; more are hashed over the survivors and counted.
     pub max_clients: usize,
-    /// Addresses per client at most; more are left to the `unassigned` verdict and counted.
+    /// Addresses per client at most; more are hashed over the survivors and counted.
     pub max_addresses_per_client: usize,
 }
 

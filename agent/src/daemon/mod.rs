@@ -459,7 +459,7 @@ impl Agent {
                                     .lan_refused
                                     .with_label_values(&[limit.key()])
                                     .inc();
-                                self.lan_refusals.warn(|n| warn!(%ip, %mac, refused = n, limit = limit.key(), "LAN limit reached: address not tracked (its traffic goes where the next new client would); raise the limit if this LAN really is that large"));
+                                self.lan_refusals.warn(|n| warn!(%ip, %mac, refused = n, limit = limit.key(), "LAN limit reached: address not tracked (its traffic is hashed over the surviving uplinks); raise the limit if this LAN really is that large"));
                                 false
                             }
                             Change::None => false,
@@ -696,7 +696,7 @@ impl Agent {
             // Where a client without an assignment goes now, to tell whether its placement
             // moves it.
             self.model.unassigned_to = match &desired.nft.structure.default {
-                crate::plan::Verdict::Clients { unassigned } => Some(unassigned.clone()),
+                crate::plan::Verdict::Clients { unassigned } => unassigned.clone(),
                 _ => None,
             };
             // Only once the new paths are in the kernel: the flows re-establish on them.

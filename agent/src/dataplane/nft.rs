@@ -45,6 +45,8 @@ const DEFAULT_POLICY: &str = "default";
 /// clients are placed. A chain of its own, without set lookups, so that its rewrite stays
 /// a small transaction (and `nft monitor` keeps following the maps).
 const UNASSIGNED: &str = "unassigned";
+/// Addresses uplinkd does not track (`lan.max_clients` reached), hashed over the survivors.
+const OVERFLOW: &str = "overflow";
 /// In a rule's comment, before the `[[rule]]`'s name (its counters are summed by name).
 const RULE_TAG: &str = " rule:";
 /// Rule comments start with this, followed by a hash of the rule's expression.
@@ -330,7 +332,7 @@ impl NftDriver {
     fn render(&self, s: &NftStructure) -> Rendered {
         let mut key = s.clone();
         if let Verdict::Clients { unassigned } = &mut key.default {
-            unassigned.clear();
+            *unassigned = Some(String::new());
         }
         let mut last = self.rendered.lock().expect("lock");
         if let Some(r) = &*last
@@ -480,7 +482,11 @@ impl NftDriver {
         let want_sig = want_sig.clone();
         let mut batch: Vec<String> = Vec::new();
         let want_un = match &desired.structure.default {
-            Verdict::Clients { unassigned } => Some(home_chain(unassigned)),
+            Verdict::Clients { unassigned } => Some(
+                unassigned
+                    .as_deref()
+                    .map_or_else(|| OVERFLOW.to_string(), home_chain),
+            ),
             _ => None,
         };
         let mut new_un = None;
@@ -801,6 +807,7 @@ fn render_structure(s: &NftStructure) -> Vec<Value> {
         objs.push(NfListObject::Chain(chain(&home_chain(&u.name))));
     }
     objs.push(NfListObject::Chain(chain(UNASSIGNED)));
+    objs.push(NfListObject::Chain(chain(OVERFLOW)));
     objs.push(NfListObject::Chain(chain(&policy_chain(DEFAULT_POLICY))));
     for p in &s.policies {
         objs.push(NfListObject::Chain(chain(&policy_chain(&p.name))));
@@ -1326,10 +1333,22 @@ fn render_policies(s: &NftStructure) -> Vec<Value> {
     }
     // A client without an assignment yet goes where the next assignment will put it, so
     // its first flow and its later ones leave alike.
-    if let Verdict::Clients { unassigned } = &s.default
-        && !unassigned.is_empty()
+    if let Verdict::Clients {
+        unassigned: Some(next),
+    } = &s.default
+        && !next.is_empty()
     {
-        out.push(unassigned_rule(table, &home_chain(unassigned)));
+        out.push(unassigned_rule(table, &home_chain(next)));
+    }
+    for r in hash_rules(&s.overflow) {
+        out.push(raw_rule(
+            table,
+            OVERFLOW,
+            r.iter()
+                .map(|st| serde_json::to_value(st).expect("statement serializes"))
+                .collect(),
+            None,
+        ));
     }
     out
 }
@@ -1756,8 +1775,9 @@ mod tests {
             rules: Arc::new(Vec::new()),
             policies: Vec::new(),
             default: Verdict::Clients {
-                unassigned: "a".into(),
+                unassigned: Some("a".into()),
             },
+            overflow: vec!["a".into()],
         }
     }
 

@@ -198,8 +198,8 @@ pub enum Change {
     /// Client maps changed.
     Clients,
     /// Not taken: a LAN limit is reached. The address is left to the `unassigned` verdict
-    /// (where the next new client goes), so its traffic still flows; nothing already
-    /// tracked changes.
+    /// (a hash over the survivors while the LAN is full), so its traffic still flows;
+    /// nothing already tracked changes.
     Refused(Limit),
 }
 

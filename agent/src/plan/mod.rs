@@ -45,6 +45,9 @@ pub struct NftStructure {
     pub policies: Vec<NftPolicy>,
     /// What traffic no rule matches gets.
     pub default: Verdict,
+    /// Hash buckets (uplink names, by weight) for addresses uplinkd does not track
+    /// (`lan.max_clients` reached): the survivors, or the first tier when none survives.
+    pub overflow: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -171,6 +174,7 @@ pub fn plan(config: &Config, model: &Model) -> Desired {
             })
             .collect(),
         default: policy::default_verdict(config, model).0,
+        overflow: overflow_buckets(config, model),
     };
     let client_mode = matches!(structure.default, Verdict::Clients { .. });
 
@@ -294,6 +298,19 @@ pub fn plan(config: &Config, model: &Model) -> Desired {
         rules,
         routes,
     }
+}
+
+/// Where untracked addresses are hashed: over the survivors; with none, over the tier new
+/// clients are placed in (nothing better exists).
+pub fn overflow_buckets(config: &Config, model: &Model) -> Vec<String> {
+    let mut to = model.survivors(None);
+    if to.is_empty() {
+        let tier = config.uplinks.iter().map(|u| u.tier).min().unwrap_or(1);
+        to = (0..config.uplinks.len())
+            .filter(|&i| config.uplinks[i].tier == tier)
+            .collect();
+    }
+    spread(config, &to)
 }
 
 /// Hash buckets over the configured uplinks `idx`, by weight.
@@ -515,7 +532,7 @@ interface = "ppp0"
         assert_eq!(
             d.nft.structure.default,
             Verdict::Clients {
-                unassigned: "b".into()
+                unassigned: Some("b".into())
             }
         );
     }
@@ -567,7 +584,7 @@ interface = "ppp0"
         assert_eq!(
             d.nft.structure.default,
             Verdict::Clients {
-                unassigned: "b".into()
+                unassigned: Some("b".into())
             }
         );
     }

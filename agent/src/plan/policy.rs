@@ -22,10 +22,12 @@ pub enum Verdict {
         key: SpreadKey,
         buckets: Vec<String>,
     },
-    /// The client maps (each client's home), then `goto home_<unassigned>` for clients
-    /// without an assignment yet: where the next assignment will put them.
+    /// The client maps (each client's home), then, for clients without an assignment
+    /// yet, `goto home_<unassigned>`: where the next assignment will put them. `None`
+    /// while the LAN is at `lan.max_clients` (no assignment will come): a hash of the
+    /// address over the survivors (`overflow`).
     Clients {
-        unassigned: String,
+        unassigned: Option<String>,
     },
     /// The default policy's chain.
     Default,
@@ -92,7 +94,7 @@ fn verdict_for(
     let verdict = match mode {
         Mode::Failover => Verdict::Uplink(name(using[0])),
         Mode::Client if when_none.is_none() => Verdict::Clients {
-            unassigned: model.next_home(),
+            unassigned: (model.clients().len() < config.lan.max_clients).then(|| model.next_home()),
         },
         Mode::Connection => Verdict::Spread {
             key: SpreadKey::Random,
@@ -259,13 +261,23 @@ pub fn explain(config: &Config, model: &Model, sets: &[Vec<IpNet>], flow: &Flow)
                     Some(to)
                 }
             }
-            None => {
-                steps.push(format!(
-                    "client mode: {} has no assignment yet; its first flows take {unassigned}, where it will be placed",
-                    flow.src
-                ));
-                Some(unassigned.clone())
-            }
+            None => match unassigned {
+                Some(next) => {
+                    steps.push(format!(
+                        "client mode: {} has no assignment yet; its first flows take {next}, where it will be placed",
+                        flow.src
+                    ));
+                    Some(next.clone())
+                }
+                None => {
+                    let b = super::overflow_buckets(config, model);
+                    notes.push(format!(
+                        "{} is not tracked (lan.max_clients reached): hashed over the survivors",
+                        flow.src
+                    ));
+                    Some(b[bucket(&addr_bytes(flow.src), b.len())].clone())
+                }
+            },
         },
         Verdict::Spread { key, buckets } => Some(match key {
             SpreadKey::Random => {
