@@ -990,6 +990,8 @@ impl Agent {
         // Uplinks that stay keep their health, so a reload does not reset a failover.
         self.model.keep_runtime(&old);
         self.model.keep_set_edits(&new.sets);
+        self.model
+            .keep_sla(&old, &self.config.policies, &new.policies);
         let reassigned = self.model.restore(clients);
         self.config = Arc::new(new);
         self.links.clear();

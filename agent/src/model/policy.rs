@@ -156,6 +156,33 @@ impl Model {
         })
     }
 
+    /// Carries SLA verdicts over a reload, by policy and uplink name, so that a reload
+    /// neither forgets that a policy avoids an uplink nor logs it again.
+    pub fn keep_sla(
+        &mut self,
+        old: &Model,
+        old_policies: &[PolicyConfig],
+        policies: &[PolicyConfig],
+    ) {
+        self.sla = policies
+            .iter()
+            .map(|p| {
+                let before = old_policies.iter().position(|o| o.name == p.name);
+                self.uplinks
+                    .iter()
+                    .map(|u| {
+                        before
+                            .and_then(|o| {
+                                let i = old.uplinks.iter().position(|x| x.name == u.name)?;
+                                old.sla.get(o)?.get(i).cloned()
+                            })
+                            .unwrap_or_default()
+                    })
+                    .collect()
+            })
+            .collect();
+    }
+
     /// Keeps only the edits of sets `sets` still declares as uplinkd's own.
     pub fn keep_set_edits(&mut self, sets: &[SetConfig]) {
         self.set_edits
@@ -416,5 +443,37 @@ mod tests {
                 .unwrap()
                 .starts_with("loss 50.0%")
         );
+    }
+
+    #[test]
+    fn a_reload_keeps_sla_verdicts_by_name() {
+        let cfg = |policies: &str| {
+            crate::config::Config::parse(
+                std::path::Path::new("t"),
+                &format!(
+                    "[lan]\ninterfaces = [\"lan0\"]\n[[uplink]]\nname = \"a\"\ninterface = \"wan0\"\nprobes = [\"icmp:192.0.2.1\"]\n[[uplink]]\nname = \"b\"\ninterface = \"wan1\"\nprobes = [\"icmp:192.0.2.1\"]\n{policies}"
+                ),
+            )
+            .unwrap()
+        };
+        let p = |n: &str| format!("[[policy]]\nname = \"{n}\"\nmax_rtt = \"100ms\"\n");
+        let old_cfg = cfg(&format!("{}{}", p("voip"), p("video")));
+        let mut old = Model::new(&old_cfg);
+        old.sla = vec![
+            vec![
+                SlaState::default(),
+                SlaState {
+                    broken: Some("rtt".into()),
+                },
+            ],
+            vec![SlaState::default(); 2],
+        ];
+        // The policies swap places and one is new: verdicts follow the names.
+        let new_cfg = cfg(&format!("{}{}{}", p("video"), p("voip"), p("new")));
+        let mut m = Model::new(&new_cfg);
+        m.keep_sla(&old, &old_cfg.policies, &new_cfg.policies);
+        assert!(m.sla_met(0, 1), "video met");
+        assert!(!m.sla_met(1, 1), "voip still avoids b");
+        assert!(m.sla_met(2, 1), "a new policy starts met");
     }
 }
