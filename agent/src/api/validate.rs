@@ -74,7 +74,7 @@ pub fn page(size: u32, token: &str) -> Result<(usize, Option<Mac>), Status> {
 
 /// An `Explain` request as a flow.
 pub fn flow(r: &uplink_api::v1::ExplainRequest) -> Result<crate::plan::policy::Flow, Status> {
-    use crate::config::{DSCP_NAMES, Proto};
+    use crate::config::Proto;
     let src = ip("src", &r.src)?;
     let dst = ip("dst", &r.dst)?;
     if src.is_ipv4() != dst.is_ipv4() {
@@ -106,15 +106,11 @@ pub fn flow(r: &uplink_api::v1::ExplainRequest) -> Result<crate::plan::policy::F
         d if d.is_empty() => 0,
         d => match d.parse::<u8>() {
             Ok(n) if n <= 63 => n,
-            _ => DSCP_NAMES
-                .iter()
-                .find(|(n, _)| *n == d)
-                .map(|(_, v)| *v)
-                .ok_or_else(|| {
-                    Status::invalid_argument(format!(
-                        "dscp: {d:?} is not a DSCP; use 0-63 or a name such as ef, af41, cs1"
-                    ))
-                })?,
+            _ => crate::config::dscp_by_name(&d).ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "dscp: {d:?} is not a DSCP; use 0-63 or a name such as ef, af41, cs1"
+                ))
+            })?,
         },
     };
     let iif = r.iif.trim();
@@ -139,15 +135,12 @@ pub fn cidrs(field: &str, list: &[String]) -> Result<Vec<ipnet::IpNet>, Status> 
     }
     list.iter()
         .map(|s| {
-            let t = s.trim();
-            t.parse::<ipnet::IpNet>()
-                .or_else(|_| t.parse::<IpAddr>().map(ipnet::IpNet::from))
-                .map(|n| n.trunc())
-                .map_err(|_| {
-                    Status::invalid_argument(format!(
-                        "{field}: {t:?} is not a CIDR or address (e.g. 198.51.100.0/24, 2001:db8::1)"
-                    ))
-                })
+            crate::config::parse_net(s).ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "{field}: {:?} is not a CIDR or address (e.g. 198.51.100.0/24, 2001:db8::1)",
+                    s.trim()
+                ))
+            })
         })
         .collect()
 }

@@ -15,7 +15,7 @@ use toml::Spanned;
 mod policy;
 pub use policy::{
     AddrMatch, DSCP_NAMES, MAX_SET_ELEMENTS, Mode, PolicyConfig, Proto, RuleConfig, SetConfig, Sla,
-    Target, WhenNone,
+    Target, WhenNone, dscp_by_name, parse_net,
 };
 use policy::{RawDispatch, RawPolicy, RawRule, RawSet};
 

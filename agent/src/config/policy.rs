@@ -705,20 +705,30 @@ impl Validator<'_> {
 
     fn cidr(&self, key: &str, v: &Spanned<String>) -> Result<IpNet, ConfigError> {
         let text = v.get_ref().trim();
-        let net = text
-            .parse::<IpNet>()
-            .or_else(|_| text.parse::<std::net::IpAddr>().map(IpNet::from))
-            .map_err(|_| {
-                self.err(
-                    Some(v.span()),
-                    key,
-                    format!(
-                        "invalid address {text:?}; use a CIDR (\"198.51.100.0/24\", \"2001:db8::/48\"), an address, or \"@set\""
-                    ),
-                )
-            })?;
-        Ok(net.trunc())
+        parse_net(text).ok_or_else(|| {
+            self.err(
+                Some(v.span()),
+                key,
+                format!(
+                    "invalid address {text:?}; use a CIDR (\"198.51.100.0/24\", \"2001:db8::/48\"), an address, or \"@set\""
+                ),
+            )
+        })
     }
+}
+
+/// A CIDR or a bare address (a host prefix), truncated to its network.
+pub fn parse_net(text: &str) -> Option<IpNet> {
+    let text = text.trim();
+    text.parse::<IpNet>()
+        .or_else(|_| text.parse::<std::net::IpAddr>().map(IpNet::from))
+        .ok()
+        .map(|n| n.trunc())
+}
+
+/// A DSCP code point by name (`ef`, `af41`, `cs1`, …).
+pub fn dscp_by_name(name: &str) -> Option<u8> {
+    DSCP_NAMES.iter().find(|(n, _)| *n == name).map(|(_, v)| *v)
 }
 
 fn port_range(p: &RawPort) -> Result<(u16, u16), String> {
@@ -756,17 +766,13 @@ fn dscp_value(d: &RawDscp) -> Result<u8, String> {
             if let Ok(n) = t.parse::<i64>() {
                 return dscp_value(&RawDscp::Number(n));
             }
-            DSCP_NAMES
-                .iter()
-                .find(|(n, _)| *n == t)
-                .map(|(_, v)| *v)
-                .ok_or_else(|| {
-                    let names: Vec<&str> = DSCP_NAMES.iter().map(|(n, _)| *n).collect();
-                    format!(
-                        "unknown DSCP name {t:?}; use 0-63 or one of {}",
-                        names.join(", ")
-                    )
-                })
+            dscp_by_name(&t).ok_or_else(|| {
+                let names: Vec<&str> = DSCP_NAMES.iter().map(|(n, _)| *n).collect();
+                format!(
+                    "unknown DSCP name {t:?}; use 0-63 or one of {}",
+                    names.join(", ")
+                )
+            })
         }
     }
 }
