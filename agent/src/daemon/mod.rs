@@ -695,8 +695,8 @@ impl Agent {
         if report.errors.is_empty() {
             // Where a client without an assignment goes now, to tell whether its placement
             // moves it.
-            self.model.unassigned_to = match &desired.nft.structure.default {
-                crate::plan::Verdict::Clients { unassigned } => unassigned.clone(),
+            self.model.unassigned_to = match &desired.nft.unassigned {
+                Some(crate::plan::Unassigned::Next(u)) => Some(u.clone()),
                 _ => None,
             };
             // Only once the new paths are in the kernel: the flows re-establish on them.

@@ -29,7 +29,7 @@ use tokio::io::AsyncWriteExt;
 use crate::config::{AddrMatch, SetConfig, Target};
 use crate::plan::{
     ElemKey, MAP_CLIENT4, MAP_CLIENT6, MAP_PIN4, MAP_PIN6, MAP_STICKY, NftDesired, NftStructure,
-    SpreadKey, Verdict, home_chain, policy_chain, up_chain,
+    SpreadKey, Unassigned, Verdict, home_chain, policy_chain, up_chain,
 };
 
 use super::DataplaneError;
@@ -59,14 +59,14 @@ pub const FALLBACK_SEED: u32 = 0;
 pub struct KernelNft {
     pub signature: Signature,
     pub elements: BTreeMap<ElemKey, Arc<str>>,
-    pub unassigned: Unassigned,
+    pub unassigned: UnassignedChain,
 }
 
 /// The `unassigned` chain, outside the signature: a placement inserts a new first rule
 /// (an add costs the kernel ~4 ms, replacing a rule ~16 ms), and the stale ones behind it
 /// are dropped together now and then.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Unassigned {
+pub struct UnassignedChain {
     /// The first rule's target (the one packets take).
     pub target: Option<String>,
     pub rules: usize,
@@ -327,22 +327,16 @@ impl NftDriver {
         }
     }
 
-    /// The structure's objects and signature, without the `unassigned` chain's rule (it
-    /// changes with every placement and is applied on its own).
     fn render(&self, s: &NftStructure) -> Rendered {
-        let mut key = s.clone();
-        if let Verdict::Clients { unassigned } = &mut key.default {
-            *unassigned = Some(String::new());
-        }
         let mut last = self.rendered.lock().expect("lock");
         if let Some(r) = &*last
-            && r.0 == key
+            && r.0 == *s
         {
             return r.clone();
         }
-        let objs = render_structure(&key);
+        let objs = render_structure(s);
         let sig = signature_of(&objs);
-        let r = Arc::new((key, objs, sig));
+        let r = Arc::new((s.clone(), objs, sig));
         *last = Some(r.clone());
         r
     }
@@ -481,14 +475,10 @@ impl NftDriver {
         let (_, structure, want_sig) = &*rendered;
         let want_sig = want_sig.clone();
         let mut batch: Vec<String> = Vec::new();
-        let want_un = match &desired.structure.default {
-            Verdict::Clients { unassigned } => Some(
-                unassigned
-                    .as_deref()
-                    .map_or_else(|| OVERFLOW.to_string(), home_chain),
-            ),
-            _ => None,
-        };
+        let want_un = desired.unassigned.as_ref().map(|u| match u {
+            Unassigned::Next(uplink) => home_chain(uplink),
+            Unassigned::Overflow => OVERFLOW.to_string(),
+        });
         let mut new_un = None;
         let mut stats = NftStats::default();
         let table = self.table.as_str();
@@ -573,7 +563,7 @@ impl NftDriver {
                     Some(w) if un.rules < MAX_UNASSIGNED_RULES && !tidy => {
                         let rule = unassigned_rule(table, w);
                         elems.push(json!({ "insert": rule }).to_string());
-                        new_un = Some(Unassigned {
+                        new_un = Some(UnassignedChain {
                             target: Some(w.clone()),
                             rules: un.rules + 1,
                         });
@@ -581,7 +571,7 @@ impl NftDriver {
                     w => {
                         batch.push(json!({ "flush": chain() }).to_string());
                         batch.extend(w.iter().map(|w| add(&unassigned_rule(table, w))));
-                        new_un = Some(Unassigned {
+                        new_un = Some(UnassignedChain {
                             target: w.clone(),
                             rules: w.is_some() as usize,
                         });
@@ -662,7 +652,7 @@ impl NftDriver {
                 *kernel = Some(KernelNft {
                     signature: want_sig,
                     elements: desired.elements.clone(),
-                    unassigned: Unassigned {
+                    unassigned: UnassignedChain {
                         rules: want_un.is_some() as usize,
                         target: want_un,
                     },
@@ -1331,15 +1321,6 @@ fn render_policies(s: &NftStructure) -> Vec<Value> {
     for e in verdict_rules(&s.default) {
         out.push(raw_rule(table, &policy_chain(DEFAULT_POLICY), e, None));
     }
-    // A client without an assignment yet goes where the next assignment will put it, so
-    // its first flow and its later ones leave alike.
-    if let Verdict::Clients {
-        unassigned: Some(next),
-    } = &s.default
-        && !next.is_empty()
-    {
-        out.push(unassigned_rule(table, &home_chain(next)));
-    }
     for r in hash_rules(&s.overflow) {
         out.push(raw_rule(
             table,
@@ -1454,7 +1435,7 @@ fn verdict_rules(v: &Verdict) -> Vec<Vec<Value>> {
         Verdict::Uplink(u) => vec![vec![goto(&up_chain(u))]],
         Verdict::Default => vec![vec![goto(&policy_chain(DEFAULT_POLICY))]],
         Verdict::Drop => vec![vec![json!({"counter": null}), json!({"drop": null})]],
-        Verdict::Clients { .. } => vec![
+        Verdict::Clients => vec![
             vec![
                 json!({"vmap": {"key": payload("ip", "saddr"), "data": format!("@{MAP_CLIENT4}")}}),
             ],
@@ -1666,7 +1647,7 @@ pub fn parse_listing(json: &str) -> Result<KernelNft, DataplaneError> {
     let listing: Listing =
         serde_json::from_str(json).map_err(|e| DataplaneError::NftOutput(e.to_string()))?;
     let mut signature = signature_of_items(listing.nftables.iter());
-    let mut unassigned = Unassigned::default();
+    let mut unassigned = UnassignedChain::default();
     for r in listing
         .nftables
         .iter()
@@ -1774,9 +1755,7 @@ mod tests {
             sets: Vec::new(),
             rules: Arc::new(Vec::new()),
             policies: Vec::new(),
-            default: Verdict::Clients {
-                unassigned: Some("a".into()),
-            },
+            default: Verdict::Clients,
             overflow: vec!["a".into()],
         }
     }

@@ -10,7 +10,7 @@ use crate::model::Model;
 use crate::model::failover::HomeTarget;
 
 pub mod policy;
-pub use policy::{NftPolicy, SpreadKey, Verdict};
+pub use policy::{NftPolicy, SpreadKey, Unassigned, Verdict};
 
 /// Largest number of hash buckets the new-client fallback uses.
 const MAX_FALLBACK_BUCKETS: u32 = 64;
@@ -27,6 +27,9 @@ pub struct NftDesired {
     pub structure: NftStructure,
     /// Map element → the chain it jumps to. The key's kind names the map.
     pub elements: BTreeMap<ElemKey, Arc<str>>,
+    /// Where a client without an assignment yet goes (client mode only). It changes with
+    /// every placement, so it is kept out of the structure and applied on its own.
+    pub unassigned: Option<Unassigned>,
 }
 
 /// Everything in the nft table except map elements. When the kernel's copy differs, the
@@ -176,7 +179,8 @@ pub fn plan(config: &Config, model: &Model) -> Desired {
         default: policy::default_verdict(config, model).0,
         overflow: overflow_buckets(config, model),
     };
-    let client_mode = matches!(structure.default, Verdict::Clients { .. });
+    let client_mode = structure.default == Verdict::Clients;
+    let unassigned = client_mode.then(|| policy::unassigned(config, model));
 
     let mut elements = BTreeMap::new();
     // A connection keeps its uplink only while that uplink is usable.
@@ -294,6 +298,7 @@ pub fn plan(config: &Config, model: &Model) -> Desired {
         nft: NftDesired {
             structure,
             elements,
+            unassigned,
         },
         rules,
         routes,
@@ -529,12 +534,7 @@ interface = "ppp0"
         );
         assert_eq!(&*d.nft.elements[&ElemKey::Mark(0x0200_0000)], "up_b");
         // The next client goes to b (a has one client at weight 2, b none).
-        assert_eq!(
-            d.nft.structure.default,
-            Verdict::Clients {
-                unassigned: Some("b".into())
-            }
-        );
+        assert_eq!(d.nft.unassigned, Some(Unassigned::Next("b".into())));
     }
 
     fn links_up(c: &Config, m: &mut Model) {
@@ -581,12 +581,7 @@ interface = "ppp0"
             !d.nft.elements.contains_key(&ElemKey::Mark(0x0100_0000)),
             "dead uplink's flows are not sticky"
         );
-        assert_eq!(
-            d.nft.structure.default,
-            Verdict::Clients {
-                unassigned: Some("b".into())
-            }
-        );
+        assert_eq!(d.nft.unassigned, Some(Unassigned::Next("b".into())));
     }
 
     #[test]

@@ -23,12 +23,8 @@ pub enum Verdict {
         buckets: Vec<String>,
     },
     /// The client maps (each client's home), then, for clients without an assignment
-    /// yet, `goto home_<unassigned>`: where the next assignment will put them. `None`
-    /// while the LAN is at `lan.max_clients` (no assignment will come): a hash of the
-    /// address over the survivors (`overflow`).
-    Clients {
-        unassigned: Option<String>,
-    },
+    /// yet, `goto unassigned` (see `Unassigned`).
+    Clients,
     /// The default policy's chain.
     Default,
     Drop,
@@ -93,9 +89,7 @@ fn verdict_for(
     let name = |i: usize| config.uplinks[i].name.clone();
     let verdict = match mode {
         Mode::Failover => Verdict::Uplink(name(using[0])),
-        Mode::Client if when_none.is_none() => Verdict::Clients {
-            unassigned: (model.clients().len() < config.lan.max_clients).then(|| model.next_home()),
-        },
+        Mode::Client if when_none.is_none() => Verdict::Clients,
         Mode::Connection => Verdict::Spread {
             key: SpreadKey::Random,
             buckets: spread(config, &using),
@@ -126,6 +120,25 @@ fn verdict_for(
         }
     };
     (verdict, choice)
+}
+
+/// Where the default policy in client mode sends a client without an assignment yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unassigned {
+    /// `home_<uplink>`: where the next assignment will put it, so its first flow and its
+    /// later ones leave alike.
+    Next(String),
+    /// The LAN is at `lan.max_clients` and no assignment will come: a hash of the address
+    /// over the survivors (`overflow`).
+    Overflow,
+}
+
+pub fn unassigned(config: &Config, model: &Model) -> Unassigned {
+    if model.clients().len() < config.lan.max_clients {
+        Unassigned::Next(model.next_home())
+    } else {
+        Unassigned::Overflow
+    }
 }
 
 /// One new flow's fields, for `explain`.
@@ -245,7 +258,7 @@ pub fn explain(config: &Config, model: &Model, sets: &[Vec<IpNet>], flow: &Flow)
             None
         }
         Verdict::Uplink(u) => Some(u.clone()),
-        Verdict::Clients { unassigned } => match model.client_by_addr(&flow.src) {
+        Verdict::Clients => match model.client_by_addr(&flow.src) {
             Some(c) => {
                 let i = config
                     .uplinks
@@ -261,15 +274,15 @@ pub fn explain(config: &Config, model: &Model, sets: &[Vec<IpNet>], flow: &Flow)
                     Some(to)
                 }
             }
-            None => match unassigned {
-                Some(next) => {
+            None => match unassigned(config, model) {
+                Unassigned::Next(next) => {
                     steps.push(format!(
                         "client mode: {} has no assignment yet; its first flows take {next}, where it will be placed",
                         flow.src
                     ));
-                    Some(next.clone())
+                    Some(next)
                 }
-                None => {
+                Unassigned::Overflow => {
                     let b = super::overflow_buckets(config, model);
                     notes.push(format!(
                         "{} is not tracked (lan.max_clients reached): hashed over the survivors",
