@@ -8,7 +8,6 @@ use crate::config::Config;
 use crate::health::UplinkState;
 use crate::model::failover::{EventKind, FailbackPending, HomeTarget, LogEntry};
 use crate::model::{Client, Model};
-use crate::plan::{jhash_bucket, spread};
 
 pub fn state(model: &Model, i: usize) -> v1::UplinkState {
     let u = &model.uplinks[i];
@@ -85,25 +84,21 @@ pub fn current(config: &Config, model: &Model, c: &Client) -> (String, v1::Assig
     if pinned.is_some() && model.pin_direct(i) {
         return (steer.to_string(), reason);
     }
-    match model.home_target(i) {
-        HomeTarget::Direct => (steer.to_string(), reason),
-        HomeTarget::Spread(to) => {
-            let buckets = spread(config, &to);
-            // nft hashes each address; the first IPv4 address stands for the client.
-            let ip = c
-                .addresses
-                .keys()
-                .find(|ip| ip.is_ipv4())
-                .or_else(|| c.addresses.keys().next())
-                .copied()
-                .unwrap_or(IpAddr::from([0, 0, 0, 0]));
-            let name = buckets
-                .get(jhash_bucket(ip, buckets.len()))
-                .cloned()
-                .unwrap_or_else(|| steer.to_string());
-            (name, v1::AssignmentReason::Failover)
-        }
+    if model.home_target(i).is_direct() {
+        return (steer.to_string(), reason);
     }
+    // nft hashes each address; the first IPv4 address stands for the client.
+    let ip = c
+        .addresses
+        .keys()
+        .find(|ip| ip.is_ipv4())
+        .or_else(|| c.addresses.keys().next())
+        .copied()
+        .unwrap_or(IpAddr::from([0, 0, 0, 0]));
+    (
+        crate::plan::policy::home_spread(config, model, i, ip),
+        v1::AssignmentReason::Failover,
+    )
 }
 
 /// Clients per uplink by the uplink their new connections use now (failovers, drains and

@@ -16,8 +16,7 @@ use std::sync::Arc;
 
 use ipnet::IpNet;
 use nftables::expr::{
-    BinaryOperation, CT, Expression, JHash, Meta, MetaKey, NamedExpression, Payload, PayloadField,
-    SetItem,
+    BinaryOperation, CT, Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField, SetItem,
 };
 use nftables::schema::{Chain, NfListObject, Rule, Table};
 use nftables::stmt::{JumpTarget, Mangle, Match, Operator, Statement, VerdictMap};
@@ -887,18 +886,15 @@ fn render_structure(s: &NftStructure) -> Vec<Value> {
             ],
         ));
         // The indirection failover rewrites: one rule, whatever the number of clients.
-        match &u.home {
-            None => objs.push(rule(
+        // Failed over, it holds the spread, rendered with the policies'
+        // (`render_policies`).
+        if u.home.is_none() {
+            objs.push(rule(
                 &home_chain(&u.name),
                 vec![Statement::Goto(JumpTarget {
                     target: Cow::Owned(up_chain(&u.name)),
                 })],
-            )),
-            Some(buckets) => {
-                for r in hash_rules(buckets) {
-                    objs.push(rule(&home_chain(&u.name), r));
-                }
-            }
+            ));
         }
     }
 
@@ -1321,15 +1317,20 @@ fn render_policies(s: &NftStructure) -> Vec<Value> {
     for e in verdict_rules(&s.default) {
         out.push(raw_rule(table, &policy_chain(DEFAULT_POLICY), e, None));
     }
-    for r in hash_rules(&s.overflow) {
-        out.push(raw_rule(
-            table,
-            OVERFLOW,
-            r.iter()
-                .map(|st| serde_json::to_value(st).expect("statement serializes"))
-                .collect(),
-            None,
-        ));
+    // A failed-over uplink's clients, and addresses uplinkd does not track, are hashed
+    // by source address, as a client-mode policy is.
+    let homes = s
+        .uplinks
+        .iter()
+        .filter_map(|u| Some((home_chain(&u.name), u.home.clone()?)));
+    for (chain, buckets) in homes.chain([(OVERFLOW.to_string(), s.overflow.clone())]) {
+        let spread = Verdict::Spread {
+            key: SpreadKey::Source,
+            buckets,
+        };
+        for e in verdict_rules(&spread) {
+            out.push(raw_rule(table, &chain, e, None));
+        }
     }
     out
 }
@@ -1476,54 +1477,6 @@ fn verdict_rules(v: &Verdict) -> Vec<Vec<Value>> {
             }
         }
     }
-}
-
-/// `jhash saddr mod N vmap { i: goto up_<bucket i> }` for IPv4 and IPv6: a stable spread
-/// of clients over uplinks, each listed in proportion to its weight.
-fn hash_rules(buckets: &[String]) -> Vec<Vec<Statement<'static>>> {
-    if buckets.is_empty() {
-        return Vec::new();
-    }
-    let mut out = Vec::new();
-    for (proto, nfproto) in [("ip", "ipv4"), ("ip6", "ipv6")] {
-        let items = buckets
-            .iter()
-            .enumerate()
-            .map(|(i, name)| {
-                SetItem::Mapping(
-                    Expression::Number(i as u32),
-                    Expression::Verdict(nftables::expr::Verdict::Goto(JumpTarget {
-                        target: Cow::Owned(up_chain(name)),
-                    })),
-                )
-            })
-            .collect();
-        let saddr = Expression::Named(NamedExpression::Payload(Payload::PayloadField(
-            PayloadField {
-                protocol: Cow::Borrowed(proto),
-                field: Cow::Borrowed("saddr"),
-            },
-        )));
-        out.push(vec![
-            Statement::Match(Match {
-                left: Expression::Named(NamedExpression::Meta(Meta {
-                    key: MetaKey::Nfproto,
-                })),
-                right: Expression::String(Cow::Borrowed(nfproto)),
-                op: Operator::EQ,
-            }),
-            Statement::VerdictMap(VerdictMap {
-                key: Expression::Named(NamedExpression::JHash(JHash {
-                    hash_mod: buckets.len() as u32,
-                    offset: None,
-                    expr: Box::new(saddr),
-                    seed: Some(FALLBACK_SEED),
-                })),
-                data: Expression::Named(NamedExpression::Set(items)),
-            }),
-        ]);
-    }
-    out
 }
 
 /// Verdict maps, which the `nftables` crate's schema cannot express (its set types have no

@@ -351,16 +351,25 @@ fn gcd(a: u32, b: u32) -> u32 {
 /// address bytes (network order), scaled into `0..n` as `nft_jhash_eval` does. Used to tell
 /// which uplink a hashed (unassigned or failed-over) client is on.
 pub fn jhash_bucket(ip: IpAddr, n: usize) -> usize {
-    let bytes: Vec<u8> = match ip {
+    key_bucket(&addr_bytes(ip), n)
+}
+
+/// The bucket nft's `jhash <key> mod n seed 0` picks for a key of several fields
+/// (`saddr . daddr`): the fields' bytes, one after the other.
+pub fn key_bucket(key: &[u8], n: usize) -> usize {
+    ((jhash(key, 0) as u64 * n as u64) >> 32) as usize
+}
+
+/// An address's bytes in network order, as nft hashes them.
+pub fn addr_bytes(ip: IpAddr) -> Vec<u8> {
+    match ip {
         IpAddr::V4(a) => a.octets().to_vec(),
         IpAddr::V6(a) => a.octets().to_vec(),
-    };
-    let h = jhash(&bytes, 0);
-    ((h as u64 * n as u64) >> 32) as usize
+    }
 }
 
 /// Bob Jenkins' lookup3 as Linux's `include/linux/jhash.h` has it (little-endian words).
-pub(crate) fn jhash(key: &[u8], initval: u32) -> u32 {
+fn jhash(key: &[u8], initval: u32) -> u32 {
     let mix = |a: &mut u32, b: &mut u32, c: &mut u32| {
         *a = a.wrapping_sub(*c);
         *a ^= c.rotate_left(4);

@@ -6,7 +6,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use super::{jhash, spread};
+use super::{addr_bytes, jhash_bucket, key_bucket, spread};
 use crate::config::{AddrMatch, Config, Mode, Proto, RuleConfig, SetConfig, Target, WhenNone};
 use crate::model::Model;
 use crate::model::policy::{Choice, Outcome};
@@ -288,7 +288,7 @@ pub fn explain(config: &Config, model: &Model, sets: &[Vec<IpNet>], flow: &Flow)
                         "{} is not tracked (lan.max_clients reached): hashed over the survivors",
                         flow.src
                     ));
-                    Some(b[bucket(&addr_bytes(flow.src), b.len())].clone())
+                    Some(b[jhash_bucket(flow.src, b.len())].clone())
                 }
             },
         },
@@ -317,14 +317,14 @@ pub fn explain(config: &Config, model: &Model, sets: &[Vec<IpNet>], flow: &Flow)
                     steps,
                 };
             }
-            SpreadKey::Source => buckets[bucket(&addr_bytes(flow.src), buckets.len())].clone(),
+            SpreadKey::Source => buckets[jhash_bucket(flow.src, buckets.len())].clone(),
             SpreadKey::Destination => {
                 if flow.src.is_ipv4() != flow.dst.is_ipv4() {
                     notes.push("source and destination families differ".into());
                 }
                 let mut key = addr_bytes(flow.src);
                 key.extend(addr_bytes(flow.dst));
-                buckets[bucket(&key, buckets.len())].clone()
+                buckets[key_bucket(&key, buckets.len())].clone()
             }
         }),
         Verdict::Default => unreachable!("resolved above"),
@@ -357,27 +357,16 @@ fn dedup(v: &[String]) -> Vec<String> {
     out
 }
 
-/// Where a failed-over home's `jhash saddr` spread sends `src`.
-fn home_spread(config: &Config, model: &Model, i: usize, src: IpAddr) -> String {
+/// Where uplink `i`'s home chain sends `src`: the uplink itself, or (failed over) where
+/// its `jhash saddr` spread over the survivors puts the address.
+pub fn home_spread(config: &Config, model: &Model, i: usize, src: IpAddr) -> String {
     match model.home_target(i) {
         crate::model::failover::HomeTarget::Direct => config.uplinks[i].name.clone(),
         crate::model::failover::HomeTarget::Spread(to) => {
             let b = spread(config, &to);
-            b[bucket(&addr_bytes(src), b.len())].clone()
+            b[jhash_bucket(src, b.len())].clone()
         }
     }
-}
-
-fn addr_bytes(ip: IpAddr) -> Vec<u8> {
-    match ip {
-        IpAddr::V4(a) => a.octets().to_vec(),
-        IpAddr::V6(a) => a.octets().to_vec(),
-    }
-}
-
-/// The bucket nft's `jhash <key> mod n seed 0` picks (see `jhash_bucket`).
-fn bucket(key: &[u8], n: usize) -> usize {
-    ((jhash(key, 0) as u64 * n as u64) >> 32) as usize
 }
 
 fn rule_matches(
