@@ -77,12 +77,13 @@ impl Snapshot {
         };
         let mut out: Vec<v1::Client> = Vec::new();
         let mut next = None;
+        let spread = view::spread_by_policy(&self.config, &self.model);
         for (_, c) in self
             .model
             .clients()
             .range((start, std::ops::Bound::Unbounded))
         {
-            let v = view::client(&self.config, &self.model, c);
+            let v = view::client(&self.config, &self.model, spread.as_deref(), c);
             if uplink.is_some_and(|u| v.home_uplink != u && v.current_uplink != u) {
                 continue;
             }
@@ -107,7 +108,10 @@ impl Snapshot {
             }
         };
         found
-            .map(|c| view::client(&self.config, &self.model, c))
+            .map(|c| {
+                let spread = view::spread_by_policy(&self.config, &self.model);
+                view::client(&self.config, &self.model, spread.as_deref(), c)
+            })
             .ok_or_else(|| ApiError::NotFound(format!("no client {key} on this gateway")))
     }
 

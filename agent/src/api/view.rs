@@ -60,15 +60,21 @@ pub fn uplink(config: &Config, model: &Model, carried: &[usize], i: usize) -> v1
     }
 }
 
-/// The uplink a client's new connections use now, and why.
-pub fn current(config: &Config, model: &Model, c: &Client) -> (String, v1::AssignmentReason) {
+/// The uplink a client's new connections use now, and why. `spread`: the default
+/// policy's `spread_by_policy`, computed once by the caller for all its clients.
+pub fn current(
+    config: &Config,
+    model: &Model,
+    spread: Option<&[usize]>,
+    c: &Client,
+) -> (String, v1::AssignmentReason) {
     let pinned = c.addresses.keys().find_map(|ip| model.overrides.get(ip));
     let steer = pinned.map(|o| o.uplink.as_str()).unwrap_or(c.home.as_str());
     let Some(i) = model.uplinks.iter().position(|u| u.name == steer) else {
         return (c.home.clone(), v1::AssignmentReason::Auto);
     };
     if pinned.is_none()
-        && let Some(using) = spread_by_policy(config, model)
+        && let Some(using) = spread
     {
         let names: Vec<&str> = using
             .iter()
@@ -126,7 +132,7 @@ pub fn carried(config: &Config, model: &Model) -> Vec<usize> {
         let home = index(&c.home);
         let now = match home {
             Some(i) if direct[i] && !pinned => Some(i),
-            _ => index(&current(config, model, c).0),
+            _ => index(&current(config, model, spread.as_deref(), c).0),
         };
         if let Some(i) = now {
             out[i] += 1;
@@ -137,7 +143,7 @@ pub fn carried(config: &Config, model: &Model) -> Vec<usize> {
 
 /// The uplinks the default policy draws new connections from, when it spreads them per
 /// connection or per destination rather than per client (`None` in client mode).
-fn spread_by_policy(config: &Config, model: &Model) -> Option<Vec<usize>> {
+pub fn spread_by_policy(config: &Config, model: &Model) -> Option<Vec<usize>> {
     use crate::plan::policy::{Verdict, default_verdict};
     if config.dispatch == crate::config::Mode::Client {
         return None;
@@ -156,8 +162,8 @@ fn spread_by_policy(config: &Config, model: &Model) -> Option<Vec<usize>> {
     }
 }
 
-pub fn client(config: &Config, model: &Model, c: &Client) -> v1::Client {
-    let (current_uplink, reason) = current(config, model, c);
+pub fn client(config: &Config, model: &Model, spread: Option<&[usize]>, c: &Client) -> v1::Client {
+    let (current_uplink, reason) = current(config, model, spread, c);
     v1::Client {
         mac: c.mac.to_string(),
         addresses: c.addresses.keys().map(|ip| ip.to_string()).collect(),
