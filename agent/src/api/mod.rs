@@ -459,7 +459,7 @@ impl AgentService {
     /// set's are read from the kernel, where its filler put them.
     async fn sets(&self, s: &snapshot::Snapshot) -> Result<Vec<Vec<ipnet::IpNet>>, Status> {
         let mut sets = Vec::new();
-        for set in &s.config.sets {
+        for set in s.config.sets.iter() {
             if set.external {
                 sets.push(
                     self.counters.external_set(&set.name).await.map_err(|e| {

@@ -38,7 +38,8 @@ pub struct Config {
     pub uplinks: Vec<UplinkConfig>,
     /// Mode of the default policy: what traffic no rule matches gets.
     pub dispatch: Mode,
-    pub sets: Vec<SetConfig>,
+    /// Shared with every plan while no set is edited through the API.
+    pub sets: std::sync::Arc<Vec<SetConfig>>,
     pub policies: Vec<PolicyConfig>,
     /// In order; the first match wins. Shared with every plan (up to 4,096 of them).
     pub rules: std::sync::Arc<Vec<RuleConfig>>,
@@ -892,7 +893,7 @@ impl Validator<'_> {
             metrics,
             uplinks,
             dispatch: p.dispatch,
-            sets: p.sets,
+            sets: std::sync::Arc::new(p.sets),
             policies: p.policies,
             rules: std::sync::Arc::new(p.rules),
         })

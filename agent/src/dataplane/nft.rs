@@ -1705,7 +1705,7 @@ mod tests {
                 masquerade: true,
                 home: None,
             }],
-            sets: Vec::new(),
+            sets: Arc::new(Vec::new()),
             rules: Arc::new(Vec::new()),
             policies: Vec::new(),
             default: Verdict::Clients,
@@ -1791,14 +1791,16 @@ mod tests {
     #[test]
     fn a_change_of_set_elements_rewrites_the_rules_chain() {
         let mut s = structure();
-        s.sets.push(SetConfig {
+        Arc::make_mut(&mut s.sets).push(SetConfig {
             name: "saas".into(),
             v4: vec!["203.0.113.30/32".parse().unwrap()],
             v6: vec![],
             external: false,
         });
         let a = signature_of(&render_structure(&s));
-        s.sets[0].v4.push("203.0.113.70/32".parse().unwrap());
+        Arc::make_mut(&mut s.sets)[0]
+            .v4
+            .push("203.0.113.70/32".parse().unwrap());
         let b = signature_of(&render_structure(&s));
         assert!(a.compatible(&b));
         assert_eq!(a.changed_chains(&b), BTreeSet::from([RULES.to_string()]));

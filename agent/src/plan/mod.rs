@@ -41,7 +41,7 @@ pub struct NftStructure {
     pub lan_interfaces: Vec<String>,
     pub uplinks: Vec<NftUplink>,
     /// Named sets, in config order (`<name>_v4`, `<name>_v6` in nft).
-    pub sets: Vec<SetConfig>,
+    pub sets: Arc<Vec<SetConfig>>,
     /// In order, first match wins; each targets a policy by config index.
     pub rules: Arc<Vec<RuleConfig>>,
     /// Policy chains, in config order.
@@ -168,7 +168,12 @@ pub fn plan(config: &Config, model: &Model) -> Desired {
         mask: dp.fwmark_mask,
         lan_interfaces: config.lan.interfaces.clone(),
         uplinks,
-        sets: config.sets.iter().map(|s| model.effective_set(s)).collect(),
+        // Sets can hold tens of thousands of elements: shared unless edited.
+        sets: if model.set_edits.is_empty() {
+            config.sets.clone()
+        } else {
+            Arc::new(config.sets.iter().map(|s| model.effective_set(s)).collect())
+        },
         rules: config.rules.clone(),
         policies: (0..config.policies.len())
             .map(|p| NftPolicy {
