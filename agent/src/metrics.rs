@@ -3,6 +3,7 @@
 //! gauges when the model changes (at most a second late); a scrape reads the nft traffic
 //! counters itself and never waits on the loop.
 
+use crate::model::nexthop::Hop;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -32,6 +33,7 @@ pub struct Metrics {
     uplink_serving: IntGaugeVec,
     uplink_failback_in: GaugeVec,
     uplink_weight: IntGaugeVec,
+    uplink_gateway_known: IntGaugeVec,
     pub probe_rtt: HistogramVec,
     probe_loss: GaugeVec,
     tx_bytes: IntCounterVec,
@@ -147,6 +149,11 @@ impl Metrics {
                 .expect("valid metric"),
             ),
             uplink_weight: ivec("uplink_weight", "Configured weight", &["uplink"]),
+            uplink_gateway_known: ivec(
+                "uplink_gateway_known",
+                "1 while the uplink has a next hop for the family (configured, or learned for gateway = \"auto\"), else 0",
+                &["uplink", "family"],
+            ),
             probe_rtt: reg(
                 &r,
                 HistogramVec::new(
@@ -383,6 +390,14 @@ impl Metrics {
             self.uplink_weight
                 .with_label_values(&[name])
                 .set(c.weight as i64);
+            let (hop4, hop6) = model.hops(config, i);
+            for (family, hop, carried) in [("ipv4", hop4, true), ("ipv6", hop6, c.ipv6)] {
+                if carried {
+                    self.uplink_gateway_known
+                        .with_label_values(&[name, family])
+                        .set((hop != Hop::Unknown) as i64);
+                }
+            }
             if !c.probes.is_empty() {
                 self.probe_loss
                     .with_label_values(&[name])
@@ -478,6 +493,9 @@ impl Metrics {
         }
         for s in STATES {
             let _ = self.uplink_state.remove_label_values(&[name, s]);
+        }
+        for family in ["ipv4", "ipv6"] {
+            let _ = self.uplink_gateway_known.remove_label_values(&[name, family]);
         }
         for v in [&self.probe_loss, &self.uplink_failback_in] {
             let _ = v.remove_label_values(&[name]);

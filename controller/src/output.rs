@@ -57,8 +57,8 @@ fn failure_text(f: &Failure) -> String {
 
 fn s(v: &Value, k: &str) -> String {
     match &v[k] {
-        Value::String(x) => x.clone(),
-        Value::Null => "-".into(),
+        Value::String(x) if !x.is_empty() => x.clone(),
+        Value::String(_) | Value::Null => "-".into(),
         Value::Number(n) => n
             .as_f64()
             .map(|f| {
@@ -118,9 +118,17 @@ fn table(v: &Value, wide: bool) {
                 "RTT_MS",
                 "LOSS",
                 "JITTER_MS",
+                "GATEWAY",
             ];
             if wide {
-                h.extend(["INTERFACE", "FWMARK", "TABLE", "SERVING"]);
+                h.extend([
+                    "INTERFACE",
+                    "FWMARK",
+                    "TABLE",
+                    "SERVING",
+                    "GATEWAY6",
+                    "ADDRESSES",
+                ]);
             }
             let rows = items
                 .iter()
@@ -131,6 +139,8 @@ fn table(v: &Value, wide: bool) {
                         state += &format!(", failback in {}s", ms.div_ceil(1000));
                     } else if u["failback_manual"].as_bool() == Some(true) {
                         state += ", awaiting failback";
+                    } else if let Some(why) = u["down_reason"].as_str().filter(|w| !w.is_empty()) {
+                        state += &format!(": {why}");
                     }
                     let mut r = vec![
                         s(u, "name"),
@@ -141,6 +151,7 @@ fn table(v: &Value, wide: bool) {
                         s(u, "rtt_ms"),
                         s(u, "loss_ratio"),
                         s(u, "jitter_ms"),
+                        s(u, "gateway"),
                     ];
                     if wide {
                         r.extend([
@@ -148,6 +159,8 @@ fn table(v: &Value, wide: bool) {
                             format!("{:#x}", u["fwmark"].as_u64().unwrap_or(0)),
                             s(u, "table"),
                             s(u, "serving"),
+                            s(u, "gateway6"),
+                            s(u, "addresses"),
                         ]);
                     }
                     r

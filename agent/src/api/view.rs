@@ -1,5 +1,6 @@
 //! The model as the API shows it.
 
+use crate::model::nexthop::Hop;
 use std::net::IpAddr;
 
 use uplink_api::v1;
@@ -57,6 +58,22 @@ pub fn uplink(config: &Config, model: &Model, carried: &[usize], i: usize) -> v1
         },
         failback_manual: pending == FailbackPending::Manual,
         clients_carried: carried.get(i).copied().unwrap_or(0) as u64,
+        down_reason: m.health.down_reason().unwrap_or_default(),
+        gateway: hop_text(model.hops(config, i).0),
+        gateway6: if c.ipv6 {
+            hop_text(model.hops(config, i).1)
+        } else {
+            String::new()
+        },
+        addresses: m.addrs.iter().map(|a| a.to_string()).collect(),
+    }
+}
+
+fn hop_text(h: Hop) -> String {
+    match h {
+        Hop::Via(g) => g.to_string(),
+        Hop::Device => "dev".to_string(),
+        Hop::Unknown => String::new(),
     }
 }
 

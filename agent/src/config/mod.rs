@@ -43,6 +43,8 @@ pub struct Config {
     pub policies: Vec<PolicyConfig>,
     /// In order; the first match wins. Shared with every plan (up to 4,096 of them).
     pub rules: std::sync::Arc<Vec<RuleConfig>>,
+    /// The gateway's own outbound traffic (`[local] policy`).
+    pub local: LocalPolicy,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -234,8 +236,8 @@ pub struct UplinkConfig {
     pub name: String,
     pub interface: String,
     /// `None` on point-to-point links: route by device only.
-    pub gateway: Option<Ipv4Addr>,
-    pub gateway6: Option<Ipv6Addr>,
+    pub gateway: Option<NextHop<Ipv4Addr>>,
+    pub gateway6: Option<NextHop<Ipv6Addr>>,
     /// Whether the uplink carries IPv6 (a default route in its table).
     pub ipv6: bool,
     pub weight: u32,
@@ -254,6 +256,35 @@ impl UplinkConfig {
     pub fn point_to_point(&self) -> bool {
         self.gateway.is_none()
     }
+}
+
+/// An uplink's next hop: written in the config, or learned from the kernel's default
+/// routes on its interface (`"auto"`: DHCP, router adverts, PPP and LTE scripts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NextHop<A> {
+    Static(A),
+    Auto,
+}
+
+impl<A: Copy> NextHop<A> {
+    pub fn fixed(&self) -> Option<A> {
+        match self {
+            NextHop::Static(a) => Some(*a),
+            NextHop::Auto => None,
+        }
+    }
+}
+
+/// Where the gateway's own outbound traffic goes (`[local] policy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LocalPolicy {
+    /// The main routing table decides, as without uplinkd.
+    #[default]
+    Main,
+    /// The default policy's uplinks, each new connection drawn by weight.
+    Default,
+    /// A `[[policy]]`, by config index.
+    Policy(usize),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -308,6 +339,14 @@ struct RawConfig {
     policy: Vec<Spanned<RawPolicy>>,
     #[serde(default)]
     rule: Vec<Spanned<RawRule>>,
+    #[serde(default)]
+    local: RawLocal,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLocal {
+    policy: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -660,26 +699,28 @@ impl Validator<'_> {
             }
             let gateway = match &u.gateway {
                 None => None,
-                Some(g) => Some(g.get_ref().trim().parse::<Ipv4Addr>().map_err(|_| {
+                Some(g) if g.get_ref().trim() == "auto" => Some(NextHop::Auto),
+                Some(g) => Some(NextHop::Static(g.get_ref().trim().parse::<Ipv4Addr>().map_err(|_| {
                     self.err(
                         Some(g.span()),
                         key("gateway"),
                         format!(
-                            "invalid IPv4 address {:?}; omit the key on point-to-point links",
+                            "invalid IPv4 address {:?}; use an address, \"auto\" (learned from the default route on the interface: DHCP, PPP), or omit the key on point-to-point links",
                             g.get_ref()
                         ),
                     )
-                })?),
+                })?)),
             };
             let gateway6 = match &u.gateway6 {
                 None => None,
-                Some(g) => Some(g.get_ref().trim().parse::<Ipv6Addr>().map_err(|_| {
+                Some(g) if g.get_ref().trim() == "auto" => Some(NextHop::Auto),
+                Some(g) => Some(NextHop::Static(g.get_ref().trim().parse::<Ipv6Addr>().map_err(|_| {
                     self.err(
                         Some(g.span()),
                         key("gateway6"),
-                        format!("invalid IPv6 address {:?}", g.get_ref()),
+                        format!("invalid IPv6 address {:?}; use an address or \"auto\" (learned from router adverts)", g.get_ref()),
                     )
-                })?),
+                })?)),
             };
             let weight = match &u.weight {
                 None => 1,
@@ -883,6 +924,25 @@ impl Validator<'_> {
             &uplinks,
             &lan.interfaces,
         )?;
+        let local = match raw.local.policy {
+            None => LocalPolicy::Main,
+            Some(v) => match v.get_ref().trim() {
+                "main" => LocalPolicy::Main,
+                "default" => LocalPolicy::Default,
+                name => match p.policies.iter().position(|x| x.name == name) {
+                    Some(i) => LocalPolicy::Policy(i),
+                    None => {
+                        let mut valid = vec!["\"main\"".to_string(), "\"default\"".to_string()];
+                        valid.extend(p.policies.iter().map(|x| format!("{:?}", x.name)));
+                        return Err(self.err(
+                            Some(v.span()),
+                            "local.policy",
+                            format!("unknown policy {name:?}; use one of {}", valid.join(", ")),
+                        ));
+                    }
+                },
+            },
+        };
         Ok(Config {
             agent,
             lan,
@@ -896,6 +956,7 @@ impl Validator<'_> {
             sets: std::sync::Arc::new(p.sets),
             policies: p.policies,
             rules: std::sync::Arc::new(p.rules),
+            local,
         })
     }
 

@@ -128,6 +128,9 @@ pub struct Agent {
     adopt: BTreeMap<IpAddr, String>,
     state_dirty: bool,
     needs_retry: bool,
+    /// An uplink's address or link went away: the kernel deletes the IPv4 routes that
+    /// depended on it without a netlink event, so the learned next hops are read again.
+    routes_stale: bool,
     /// State changes, failovers and failbacks; the API streams them.
     pub events: EventLog,
     probers: HashMap<usize, (ProbeSpec, JoinHandle<()>)>,
@@ -238,6 +241,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
         adopt,
         state_dirty: true,
         needs_retry: false,
+        routes_stale: false,
         events: EventLog::default(),
         probers: HashMap::new(),
         probe_tx,
@@ -346,15 +350,20 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
                 };
                 let received = Instant::now();
                 let mut overrun = ev == Event::Overrun;
-                let mut links = matches!(ev, Event::Link { .. } | Event::LinkGone { .. } | Event::Addr { .. });
+                let mut links = matches!(ev, Event::Link { .. } | Event::LinkGone { .. } | Event::Addr { .. } | Event::Route { .. });
                 let mut dirty = agent.on_event(ev);
                 // Coalesce whatever else is queued into the same apply.
                 let mut n = 1usize;
                 while let Ok(ev) = events.try_recv() {
                     overrun |= ev == Event::Overrun;
-                    links |= matches!(ev, Event::Link { .. } | Event::LinkGone { .. } | Event::Addr { .. });
+                    links |= matches!(ev, Event::Link { .. } | Event::LinkGone { .. } | Event::Addr { .. } | Event::Route { .. });
                     dirty |= agent.on_event(ev);
                     n += 1;
+                }
+                if agent.routes_stale {
+                    if let Err(e) = agent.read_routes().await {
+                        warn!(error = %e, "cannot re-read default routes after an address or link went away; the next resync will");
+                    }
                 }
                 if links {
                     dirty |= agent.links_changed();
@@ -477,6 +486,7 @@ impl Agent {
                 admin_up,
                 carrier,
             } => {
+                self.routes_stale |= !admin_up && self.is_uplink(&name);
                 if let Some(old) = self.links.insert(ifindex, name.clone())
                     && old != name
                 {
@@ -495,6 +505,7 @@ impl Agent {
             Event::LinkGone { ifindex } => match self.links.remove(&ifindex) {
                 Some(name) => {
                     self.model.clear_addrs(&name);
+                    self.model.clear_routes(&name);
                     self.model.set_link(&name, LinkState::default())
                 }
                 None => false,
@@ -506,10 +517,29 @@ impl Agent {
             } => match self.links.get(&ifindex) {
                 Some(name) => {
                     let name = name.clone();
+                    self.routes_stale |= !present && self.is_uplink(&name);
                     self.model.set_addr(&name, addr, present)
                 }
                 None => false,
             },
+            Event::Route {
+                ifindex,
+                route,
+                protocol,
+                present,
+            } => {
+                let dp = &self.config.dataplane;
+                if protocol == dp.route_protocol || dp.owned_tables().contains(&route.table) {
+                    return false;
+                }
+                match self.links.get(&ifindex) {
+                    Some(name) => {
+                        let name = name.clone();
+                        self.model.set_route(&name, route, present)
+                    }
+                    None => false,
+                }
+            }
             Event::Overrun => false,
         }
     }
@@ -551,6 +581,7 @@ impl Agent {
         for e in addrs {
             self.on_event(e);
         }
+        self.read_routes().await?;
         let mut present = HashMap::new();
         let handle = self.handle.clone();
         discover::dump_neighbours(&handle, |e| {
@@ -570,6 +601,23 @@ impl Agent {
         })
         .await?;
         self.model.reconcile_present(&present, now_millis());
+        Ok(())
+    }
+
+    fn is_uplink(&self, interface: &str) -> bool {
+        self.config.uplinks.iter().any(|u| u.interface == interface)
+    }
+
+    /// Re-reads the default routes the learned next hops come from.
+    async fn read_routes(&mut self) -> Result<(), discover::DiscoverError> {
+        self.routes_stale = false;
+        let routes = discover::dump_routes(&self.handle).await?;
+        for u in self.model.uplinks.clone() {
+            self.model.clear_routes(&u.interface);
+        }
+        for e in routes {
+            self.on_event(e);
+        }
         Ok(())
     }
 

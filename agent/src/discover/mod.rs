@@ -9,6 +9,9 @@ use netlink_packet_route::AddressFamily;
 use netlink_packet_route::RouteNetlinkMessage;
 use netlink_packet_route::address::{AddressAttribute, AddressMessage};
 use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
+use netlink_packet_route::route::{
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteType,
+};
 use netlink_packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState,
 };
@@ -18,6 +21,7 @@ use rtnetlink::{Handle, MulticastGroup};
 use tokio::sync::mpsc;
 
 use crate::model::Mac;
+use crate::model::nexthop::LearnedRoute;
 
 /// Bulk arrivals (thousands of neighbours at once) must not overflow the event socket.
 const EVENT_SOCKET_BUFFER: usize = 32 << 20;
@@ -44,6 +48,14 @@ pub enum Event {
     },
     LinkGone {
         ifindex: u32,
+    },
+    /// A default route through an interface (single next hop), in any table.
+    Route {
+        ifindex: u32,
+        route: LearnedRoute,
+        /// Its rtm protocol: uplinkd's own routes are not learned.
+        protocol: u8,
+        present: bool,
     },
     /// The kernel dropped events (socket buffer overrun): re-dump everything.
     Overrun,
@@ -86,6 +98,8 @@ pub fn subscribe() -> Result<mpsc::UnboundedReceiver<Event>, DiscoverError> {
         MulticastGroup::Neigh,
         MulticastGroup::Ipv4Ifaddr,
         MulticastGroup::Ipv6Ifaddr,
+        MulticastGroup::Ipv4Route,
+        MulticastGroup::Ipv6Route,
     ])?;
     force_rx_buffer(conn.socket_mut().socket_mut(), EVENT_SOCKET_BUFFER)?;
     tokio::spawn(conn);
@@ -110,6 +124,12 @@ pub fn subscribe() -> Result<mpsc::UnboundedReceiver<Event>, DiscoverError> {
                 }
                 NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelAddress(m)) => {
                     addr_event(&m, false)
+                }
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewRoute(m)) => {
+                    route_event(&m, true)
+                }
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelRoute(m)) => {
+                    route_event(&m, false)
                 }
                 NetlinkPayload::Overrun(_) => Some(Event::Overrun),
                 _ => None,
@@ -196,6 +216,60 @@ fn addr_event(m: &AddressMessage, present: bool) -> Option<Event> {
     Some(Event::Addr {
         ifindex: m.header.index,
         addr,
+        present,
+    })
+}
+
+/// Every default route of both families, in every table.
+pub async fn dump_routes(handle: &Handle) -> Result<Vec<Event>, DiscoverError> {
+    let mut out = Vec::new();
+    for af in [AddressFamily::Inet, AddressFamily::Inet6] {
+        let mut req = RouteMessage::default();
+        req.header.address_family = af;
+        req.header.table = RouteHeader::RT_TABLE_UNSPEC;
+        let mut s = handle.route().get(req).execute();
+        while let Some(m) = s.try_next().await.map_err(|source| DiscoverError::Dump {
+            what: "routes",
+            source,
+        })? {
+            out.extend(route_event(&m, true));
+        }
+    }
+    Ok(out)
+}
+
+/// A default unicast route with one next hop; anything else is not a next hop to learn
+/// (multipath routes included: their hops are not one uplink's).
+fn route_event(m: &RouteMessage, present: bool) -> Option<Event> {
+    if m.header.destination_prefix_length != 0 || m.header.kind != RouteType::Unicast {
+        return None;
+    }
+    let v6 = match m.header.address_family {
+        AddressFamily::Inet => false,
+        AddressFamily::Inet6 => true,
+        _ => return None,
+    };
+    let mut table = m.header.table as u32;
+    let (mut oif, mut gateway, mut metric) = (None, None, 0);
+    for a in &m.attributes {
+        match a {
+            RouteAttribute::Table(t) => table = *t,
+            RouteAttribute::Oif(i) => oif = Some(*i),
+            RouteAttribute::Priority(p) => metric = *p,
+            RouteAttribute::Gateway(RouteAddress::Inet(g)) => gateway = Some(IpAddr::V4(*g)),
+            RouteAttribute::Gateway(RouteAddress::Inet6(g)) => gateway = Some(IpAddr::V6(*g)),
+            _ => {}
+        }
+    }
+    Some(Event::Route {
+        ifindex: oif?,
+        route: LearnedRoute {
+            v6,
+            table,
+            metric,
+            gateway,
+        },
+        protocol: m.header.protocol.into(),
         present,
     })
 }

@@ -46,6 +46,8 @@ pub enum LinkProblem {
     AdminDown,
     NoCarrier,
     NoAddress,
+    /// `gateway = "auto"` and no default route on the interface yet.
+    NoGateway,
 }
 
 impl fmt::Display for LinkProblem {
@@ -55,6 +57,9 @@ impl fmt::Display for LinkProblem {
             LinkProblem::AdminDown => "interface admin down",
             LinkProblem::NoCarrier => "carrier lost",
             LinkProblem::NoAddress => "no address on interface",
+            LinkProblem::NoGateway => {
+                "no gateway yet (waiting for DHCP, or a default route on the interface)"
+            }
         })
     }
 }
@@ -142,6 +147,21 @@ impl Health {
     /// A flap hold saved before a restart goes on for `left`.
     pub fn hold_for(&mut self, left: std::time::Duration, now: Instant) {
         self.held_until = Some(now + left);
+    }
+
+    /// Why the uplink carries no traffic, in words; `None` while it may.
+    pub fn down_reason(&self) -> Option<String> {
+        if self.state.usable() {
+            None
+        } else if self.held_until.is_some() {
+            Some("held down: it changed state too often (failover.max_flaps)".to_string())
+        } else if let Err(p) = self.link {
+            Some(p.to_string())
+        } else if self.goods > 0 {
+            Some(format!("{} good probe rounds; waiting for health.up_after", self.goods))
+        } else {
+            Some(format!("{} failed probe rounds", self.fails))
+        }
     }
 
     /// The link layer changed (exists, admin up, carrier, address).

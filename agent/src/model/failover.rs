@@ -154,6 +154,10 @@ impl Uplink {
             Err(LinkProblem::AdminDown)
         } else if !self.link.carrier {
             Err(LinkProblem::NoCarrier)
+        } else if self.auto_gateway && self.learned(false).is_none() {
+            // Before NoAddress: a DHCP uplink has neither until its lease, and what it
+            // waits for is the lease.
+            Err(LinkProblem::NoGateway)
         } else if self.addrs.is_empty() {
             Err(LinkProblem::NoAddress)
         } else {
@@ -190,6 +194,7 @@ impl Model {
             {
                 u.link = o.link;
                 u.addrs = o.addrs.clone();
+                u.learned = o.learned.clone();
                 u.health = o.health.clone();
                 u.serving = o.serving;
                 u.usable_since = o.usable_since;

@@ -4,6 +4,7 @@
 pub mod assign;
 pub mod failover;
 pub mod mac;
+pub mod nexthop;
 pub mod policy;
 pub mod state_file;
 
@@ -62,6 +63,10 @@ pub struct Uplink {
     pub drained: bool,
     /// Held down for flapping until then (Unix milliseconds), for the decisions file.
     pub held_until: Option<Millis>,
+    /// `gateway = "auto"`: without a learned IPv4 next hop the uplink is down.
+    pub auto_gateway: bool,
+    /// Default routes on the interface in tables uplinkd does not own.
+    pub learned: Vec<nexthop::LearnedRoute>,
 }
 
 impl Uplink {
@@ -86,6 +91,8 @@ impl Uplink {
             needs_flush: false,
             drained: false,
             held_until: None,
+            auto_gateway: false,
+            learned: Vec::new(),
         }
     }
 
@@ -265,8 +272,9 @@ impl Model {
             uplinks: config
                 .uplinks
                 .iter()
-                .map(|u| {
-                    Uplink::new(
+                .map(|u| Uplink {
+                    auto_gateway: u.gateway == Some(crate::config::NextHop::Auto),
+                    ..Uplink::new(
                         &u.name,
                         &u.interface,
                         u.weight,

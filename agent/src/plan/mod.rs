@@ -8,6 +8,7 @@ use std::sync::Arc;
 use crate::config::{Config, RuleConfig, SetConfig};
 use crate::model::Model;
 use crate::model::failover::HomeTarget;
+use crate::model::nexthop::Hop;
 
 pub mod policy;
 pub use policy::{NftPolicy, SpreadKey, Unassigned, Verdict};
@@ -245,7 +246,7 @@ pub fn plan(config: &Config, model: &Model) -> Desired {
             action: RuleAction::MainSpecific,
         });
     }
-    for (u, m) in config.uplinks.iter().zip(&model.uplinks) {
+    for (i, (u, m)) in config.uplinks.iter().zip(&model.uplinks).enumerate() {
         let fw = RuleAction::FwMark {
             mark: dp.fwmark(u.mark),
             mask: dp.fwmark_mask,
@@ -283,17 +284,21 @@ pub fn plan(config: &Config, model: &Model) -> Desired {
         let Some(oif) = m.link.ifindex.filter(|_| m.link.admin_up) else {
             continue;
         };
-        routes.insert(RouteSpec {
-            table: u.table,
-            family: Family::V4,
-            gateway: u.gateway.map(IpAddr::V4),
-            oif,
-        });
-        if u.ipv6 {
+        let (hop4, hop6) = model.hops(config, i);
+        let families = [(Family::V4, hop4, true), (Family::V6, hop6, u.ipv6)];
+        for (family, hop, wanted) in families {
+            let gateway = match hop {
+                _ if !wanted => continue,
+                // `auto` with nothing learned: no route, and the uplink is down (IPv4) or
+                // carries no IPv6.
+                Hop::Unknown => continue,
+                Hop::Device => None,
+                Hop::Via(g) => Some(g),
+            };
             routes.insert(RouteSpec {
                 table: u.table,
-                family: Family::V6,
-                gateway: u.gateway6.map(IpAddr::V6),
+                family,
+                gateway,
                 oif,
             });
         }

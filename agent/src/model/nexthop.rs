@@ -1,0 +1,156 @@
+//! Next hops learned from the kernel (`gateway = "auto"`, `gateway6 = "auto"`): the default
+//! routes that the system's DHCP client, the kernel's router-advert handling or a PPP/LTE
+//! script put on an uplink's interface, in any table uplinkd does not own.
+
+use std::net::IpAddr;
+
+use super::{Model, Uplink};
+use crate::config::{Config, NextHop};
+
+/// A default route on an uplink's interface, as the kernel has it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct LearnedRoute {
+    pub v6: bool,
+    pub table: u32,
+    /// The route's priority (metric); with several, the lowest wins.
+    pub metric: u32,
+    /// `None`: a route by device (point-to-point, `default dev ppp0`).
+    pub gateway: Option<IpAddr>,
+}
+
+impl LearnedRoute {
+    /// Two routes are the same kernel object when family, table and metric agree (the
+    /// destination is always the default).
+    fn same_slot(&self, other: &LearnedRoute) -> bool {
+        self.v6 == other.v6 && self.table == other.table && self.metric == other.metric
+    }
+}
+
+/// Where an uplink's default route points, for the plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hop {
+    /// Through this gateway.
+    Via(IpAddr),
+    /// By device only.
+    Device,
+    /// `auto` and nothing learned yet: no route.
+    Unknown,
+}
+
+impl Uplink {
+    /// The learned next hop of one family: the lowest metric wins, then the lowest table.
+    pub fn learned(&self, v6: bool) -> Option<Option<IpAddr>> {
+        self.learned
+            .iter()
+            .filter(|r| r.v6 == v6)
+            .min_by_key(|r| (r.metric, r.table))
+            .map(|r| r.gateway)
+    }
+}
+
+/// The next hop of an uplink's family from its config and what was learned.
+pub fn hop<A: Into<IpAddr> + Copy>(configured: Option<NextHop<A>>, u: &Uplink, v6: bool) -> Hop {
+    match configured {
+        None => Hop::Device,
+        Some(NextHop::Static(a)) => Hop::Via(a.into()),
+        Some(NextHop::Auto) => match u.learned(v6) {
+            None => Hop::Unknown,
+            Some(None) => Hop::Device,
+            Some(Some(g)) => Hop::Via(g),
+        },
+    }
+}
+
+impl Model {
+    /// A default route appeared on or left `interface`; returns whether an uplink's
+    /// learned next hop changed.
+    pub fn set_route(&mut self, interface: &str, route: LearnedRoute, present: bool) -> bool {
+        let mut changed = false;
+        for u in self.uplinks.iter_mut().filter(|u| u.interface == interface) {
+            let before = (u.learned(false), u.learned(true));
+            u.learned.retain(|r| !r.same_slot(&route));
+            if present {
+                u.learned.push(route);
+                u.learned.sort();
+            }
+            changed |= before != (u.learned(false), u.learned(true));
+        }
+        changed
+    }
+
+    pub fn clear_routes(&mut self, interface: &str) {
+        for u in self.uplinks.iter_mut().filter(|u| u.interface == interface) {
+            u.learned.clear();
+        }
+    }
+
+    /// The IPv4 and IPv6 next hops of uplink `i`.
+    pub fn hops(&self, config: &Config, i: usize) -> (Hop, Hop) {
+        let (c, u) = (&config.uplinks[i], &self.uplinks[i]);
+        (hop(c.gateway, u, false), hop(c.gateway6, u, true))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(table: u32, metric: u32, gw: &str) -> LearnedRoute {
+        LearnedRoute {
+            v6: false,
+            table,
+            metric,
+            gateway: Some(gw.parse().unwrap()),
+        }
+    }
+
+    fn model() -> (Config, Model) {
+        let text = "[lan]\ninterfaces=[\"lan0\"]\n[[uplink]]\nname=\"cable\"\ninterface=\"wan1\"\ngateway=\"auto\"\n";
+        let config = Config::parse(std::path::Path::new("t.toml"), text).unwrap();
+        let model = Model::new(&config);
+        (config, model)
+    }
+
+    #[test]
+    fn lowest_metric_wins_and_a_replaced_route_is_one_slot() {
+        let (config, mut m) = model();
+        assert_eq!(m.hops(&config, 0).0, Hop::Unknown);
+        assert!(m.set_route("wan1", route(254, 100, "100.64.1.1"), true));
+        assert!(m.set_route("wan1", route(100, 10, "100.64.9.1"), true));
+        assert_eq!(m.hops(&config, 0).0, Hop::Via("100.64.9.1".parse().unwrap()));
+        // The DHCP client replaces its route in table 100: same slot, new gateway.
+        assert!(m.set_route("wan1", route(100, 10, "100.64.7.1"), true));
+        assert_eq!(m.uplinks[0].learned.len(), 2);
+        assert_eq!(m.hops(&config, 0).0, Hop::Via("100.64.7.1".parse().unwrap()));
+        // Another interface's route changes nothing here.
+        assert!(!m.set_route("wan2", route(100, 1, "100.64.5.1"), true));
+        assert!(m.set_route("wan1", route(100, 10, "100.64.7.1"), false));
+        assert_eq!(m.hops(&config, 0).0, Hop::Via("100.64.1.1".parse().unwrap()));
+        // Gone: the uplink has no gateway again, and says so.
+        m.set_link(
+            "wan1",
+            crate::model::LinkState {
+                ifindex: Some(3),
+                admin_up: true,
+                carrier: true,
+            },
+        );
+        assert!(m.set_route("wan1", route(254, 100, "100.64.1.1"), false));
+        assert_eq!(m.hops(&config, 0).0, Hop::Unknown);
+        assert_eq!(
+            m.uplinks[0].link_problem(),
+            Err(crate::health::LinkProblem::NoGateway)
+        );
+    }
+
+    #[test]
+    fn a_device_route_is_a_point_to_point_hop() {
+        let (config, mut m) = model();
+        let dev = LearnedRoute {
+            gateway: None,
+            ..route(254, 0, "0.0.0.0")
+        };
+        m.set_route("wan1", dev, true);
+        assert_eq!(m.hops(&config, 0).0, Hop::Device);
+    }
+}
