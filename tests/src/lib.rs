@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 pub mod abuse;
+pub mod dhcp;
 pub mod soak;
 
 pub const ECHO_PORT: u16 = 9000;
@@ -745,6 +746,19 @@ impl Lab {
             || Ok(self.assignments()?.len() == want),
         )?;
         self.assignments()
+    }
+
+    /// The agent's Prometheus metrics on `127.0.0.1:port`, series → value.
+    pub fn scrape(&self, port: u16) -> Result<BTreeMap<String, f64>> {
+        let text = self.gw(&["curl", "-sf", &format!("http://127.0.0.1:{port}/metrics")])?;
+        Ok(text
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| {
+                let (k, v) = l.rsplit_once(' ')?;
+                Some((k.to_string(), v.parse().ok()?))
+            })
+            .collect())
     }
 
     /// The uplink whose NAT address the internet host saw.

@@ -1,0 +1,170 @@
+//! Dynamic uplinks with real DHCP software: dnsmasq as the ISP's server, udhcpc and
+//! dhclient as the gateway's clients (with the test's own scripts). `gateway = "auto"`
+//! learns the next hop from the default route the client installs.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Duration;
+
+use uplink_tests::dhcp::{ClientKind, RouteTable, router};
+use uplink_tests::{Lab, UplinkSpec, client_v4};
+
+fn uplinks() -> Vec<UplinkSpec> {
+    let probe = "probes = [\"icmp:203.0.113.10\"]";
+    vec![
+        UplinkSpec::new("isp1", 1, false).with(probe),
+        UplinkSpec::new("isp2", 1, false).with(probe),
+    ]
+}
+
+/// The lab's config with isp2 on `gateway = "auto"`.
+fn write_config(lab: &Lab, extra: &str) -> anyhow::Result<()> {
+    let api = lab.api_config()?;
+    lab.write_config(
+        "10s",
+        "10m",
+        &format!("[failover]\nfailback_delay = \"0s\"\n{extra}{api}"),
+    )?;
+    let cfg = std::fs::read_to_string(lab.config_path())?
+        .replace("gateway = \"100.64.2.1\"", "gateway = \"auto\"");
+    std::fs::write(lab.config_path(), cfg)?;
+    Ok(())
+}
+
+/// The `uplinks` table row of `name`.
+fn uplink_row(lab: &Lab, name: &str) -> anyhow::Result<String> {
+    let (code, out, err) = lab.ctl("view", &["uplinks"])?;
+    anyhow::ensure!(code == 0, "uplinkctl uplinks: {err}");
+    Ok(out
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(name))
+        .unwrap_or_default()
+        .to_string())
+}
+
+fn seen(lab: &Lab, client: u32) -> anyhow::Result<Ipv4Addr> {
+    match lab.probe(client, false, 20)? {
+        IpAddr::V4(a) => Ok(a),
+        other => anyhow::bail!("unexpected source {other}"),
+    }
+}
+
+/// Scenarios 2 and 3: the lease arrives after uplinkd starts (until then the uplink is
+/// down, and says why), then the ISP renumbers (new subnet, new gateway) and a forced
+/// renew moves the traffic to the new address with no restart. The client (udhcpc) puts
+/// its default route in the main table, as DHCP clients do by default: LAN traffic still
+/// follows uplinkd's rules.
+#[test]
+fn lease_after_start_and_renumbering_with_udhcpc() -> anyhow::Result<()> {
+    let mut lab = Lab::build("dhcpren", uplinks(), 1, 0)?;
+    lab.dhcp_uplink(2)?;
+    write_config(&lab, "")?;
+    lab.start_agent()?;
+    // No lease yet: down, with the reason in the CLI and the metric.
+    lab.wait_for(Duration::from_secs(10), "isp2 waiting for DHCP", || {
+        Ok(uplink_row(&lab, "isp2")?.contains("no gateway yet"))
+    })?;
+    let m = lab.scrape(9477)?;
+    assert_eq!(
+        m.get("uplinkd_uplink_gateway_known{family=\"ipv4\",uplink=\"isp2\"}"),
+        Some(&0.0),
+        "{m:?}"
+    );
+    lab.greet_clients()?;
+    assert_eq!(
+        lab.uplink_of_source(lab.probe(1, false, 10)?).as_deref(),
+        Some("isp1")
+    );
+
+    let _server = lab.dhcp_server(2, 2, "2m", "")?;
+    let client = lab.dhcp_client(2, ClientKind::Udhcpc, RouteTable::Main)?;
+    lab.wait_for(
+        Duration::from_secs(20),
+        "isp2 up with its learned gateway",
+        || {
+            let row = uplink_row(&lab, "isp2")?;
+            Ok(row.contains(" up ") && row.contains("100.64.2.1"))
+        },
+    )
+    .map_err(|e| anyhow::anyhow!("{e}\n--- udhcpc ---\n{}", lab.dhcp_log(2)))?;
+    let lease = lab.wan_addr(2)?.expect("a lease");
+    // The main table has a default route now (udhcpc's script put it there); a new client
+    // is still placed by uplinkd and leaves by its uplink.
+    assert!(
+        lab.gw(&["ip", "route", "show", "default"])?
+            .contains("wan2")
+    );
+    lab.add_client(2, false)?;
+    let homes = lab.greet_clients()?;
+    assert_eq!(
+        homes.get(&IpAddr::from(client_v4(2))).map(String::as_str),
+        Some("isp2")
+    );
+    assert_eq!(seen(&lab, 2)?, lease);
+    assert_eq!(
+        lab.uplink_of_source(lab.probe(1, false, 10)?).as_deref(),
+        Some("isp1")
+    );
+
+    // Renumbering: the ISP moves to 100.64.12.0/24 behind 100.64.12.1, and NAKs the old
+    // address at the renew that udhcpc is told to do.
+    let flow = lab.client_socket(2, false)?;
+    let echo = |s: &std::net::UdpSocket| -> anyhow::Result<Option<String>> {
+        let mut buf = [0u8; 512];
+        s.send(b"same flow")?;
+        Ok(uplink_tests::retry_eintr(|| s.recv(&mut buf))
+            .ok()
+            .map(|n| {
+                String::from_utf8_lossy(&buf[..n])
+                    .split(' ')
+                    .next()
+                    .unwrap_or_default()
+                    .to_string()
+            }))
+    };
+    assert_eq!(echo(&flow)?, Some(lease.to_string()));
+    drop(_server);
+    let _server = lab.dhcp_server(2, 12, "2m", "")?;
+    client.signal("USR1")?;
+    lab.wait_for(Duration::from_secs(20), "a lease in 100.64.12.0/24", || {
+        Ok(lab.wan_addr(2)?.is_some_and(|a| a.octets()[2] == 12))
+    })
+    .map_err(|e| anyhow::anyhow!("{e}\n--- udhcpc ---\n{}", lab.dhcp_log(2)))?;
+    let renumbered = lab.wan_addr(2)?.expect("renumbered");
+    uplink_tests::sh(&[
+        "ip",
+        "-n",
+        &lab.ns("isp2"),
+        "addr",
+        "del",
+        "100.64.2.1/24",
+        "dev",
+        "cpe",
+    ])?;
+    // udhcpc drops the NAKed address before it asks again, so isp2 was down in between
+    // and the running flow went to isp1 (failovers never break a flow); it is answered,
+    // and never again from the old address.
+    let now = echo(&flow)?;
+    assert!(now.is_some() && now != Some(lease.to_string()), "{now:?}");
+    lab.wait_for(
+        Duration::from_secs(10),
+        "new flows on the new address",
+        || Ok(seen(&lab, 2)? == renumbered),
+    )?;
+    assert_eq!(
+        lab.uplink_of_source(lab.probe(1, false, 10)?).as_deref(),
+        Some("isp1")
+    );
+    let row = uplink_row(&lab, "isp2")?;
+    assert!(row.contains(&router(12).to_string()), "{row}");
+    // The `from` rule followed the address.
+    let rules = lab.gw(&["ip", "rule", "show"])?;
+    assert!(
+        rules.contains(&format!("from {renumbered} lookup")),
+        "{rules}"
+    );
+    assert!(!rules.contains(&format!("from {lease} lookup")), "{rules}");
+    // No restart happened, and no apply failed.
+    let m = lab.scrape(9477)?;
+    assert_eq!(m.get("uplinkd_apply_errors_total"), Some(&0.0));
+    Ok(())
+}
