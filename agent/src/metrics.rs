@@ -495,7 +495,9 @@ impl Metrics {
             let _ = self.uplink_state.remove_label_values(&[name, s]);
         }
         for family in ["ipv4", "ipv6"] {
-            let _ = self.uplink_gateway_known.remove_label_values(&[name, family]);
+            let _ = self
+                .uplink_gateway_known
+                .remove_label_values(&[name, family]);
         }
         for v in [&self.probe_loss, &self.uplink_failback_in] {
             let _ = v.remove_label_values(&[name]);

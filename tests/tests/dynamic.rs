@@ -168,3 +168,56 @@ fn lease_after_start_and_renumbering_with_udhcpc() -> anyhow::Result<()> {
     assert_eq!(m.get("uplinkd_apply_errors_total"), Some(&0.0));
     Ok(())
 }
+
+/// Scenarios 1 and 4 with dhclient, its route in a table of the operator's (100) that
+/// uplinkd reads but does not own, so the main table stays without a default route: the
+/// lease is there before uplinkd starts; then the server goes away until the lease
+/// expires (dnsmasq's shortest lease is 2 minutes) and the uplink goes down with its
+/// clients moved; the server returns and the uplink comes back with them.
+#[test]
+fn lease_at_start_lost_at_expiry_and_back_with_dhclient() -> anyhow::Result<()> {
+    let mut lab = Lab::build("dhcplost", uplinks(), 2, 0)?;
+    lab.dhcp_uplink(2)?;
+    write_config(&lab, "")?;
+    let server = lab.dhcp_server(2, 2, "2m", "")?;
+    let _client = lab.dhcp_client(2, ClientKind::Dhclient, RouteTable::Table(100))?;
+    lab.wait_for(Duration::from_secs(20), "a lease on wan2", || {
+        Ok(lab.wan_addr(2)?.is_some())
+    })
+    .map_err(|e| anyhow::anyhow!("{e}\n--- dhclient ---\n{}", lab.dhcp_log(2)))?;
+    let lease = lab.wan_addr(2)?.expect("a lease");
+    assert!(
+        !lab.gw(&["ip", "route", "show", "table", "main"])?
+            .contains("default")
+    );
+    lab.start_agent()?;
+    let homes = lab.greet_clients()?;
+    let on2 = (1..=2)
+        .find(|&i| homes.get(&IpAddr::from(client_v4(i))).map(String::as_str) == Some("isp2"))
+        .expect("a client on isp2 (the lease was there at start)");
+    assert_eq!(seen(&lab, on2)?, lease);
+    assert!(uplink_row(&lab, "isp2")?.contains("100.64.2.1"));
+
+    drop(server);
+    lab.wait_for(
+        Duration::from_secs(150),
+        "isp2 down at the lease's expiry",
+        || Ok(uplink_row(&lab, "isp2")?.contains("no gateway yet")),
+    )
+    .map_err(|e| anyhow::anyhow!("{e}\n--- dhclient ---\n{}", lab.dhcp_log(2)))?;
+    assert_eq!(
+        lab.uplink_of_source(lab.probe(on2, false, 20)?).as_deref(),
+        Some("isp1")
+    );
+
+    let _server = lab.dhcp_server(2, 2, "2m", "")?;
+    lab.wait_for(Duration::from_secs(30), "isp2 back", || {
+        Ok(uplink_row(&lab, "isp2")?.contains(" up "))
+    })
+    .map_err(|e| anyhow::anyhow!("{e}\n--- dhclient ---\n{}", lab.dhcp_log(2)))?;
+    let lease = lab.wan_addr(2)?.expect("a lease again");
+    lab.wait_for(Duration::from_secs(10), "the client back on isp2", || {
+        Ok(seen(&lab, on2)? == lease)
+    })?;
+    Ok(())
+}

@@ -360,10 +360,10 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
                     dirty |= agent.on_event(ev);
                     n += 1;
                 }
-                if agent.routes_stale {
-                    if let Err(e) = agent.read_routes().await {
-                        warn!(error = %e, "cannot re-read default routes after an address or link went away; the next resync will");
-                    }
+                if agent.routes_stale
+                    && let Err(e) = agent.read_routes().await
+                {
+                    warn!(error = %e, "cannot re-read default routes after an address or link went away; the next resync will");
                 }
                 if links {
                     dirty |= agent.links_changed();

@@ -67,6 +67,7 @@ impl NetlinkDriver {
                 let mut proto = None;
                 let (mut mark, mut mask, mut table, mut suppress, mut source) =
                     (None, None, msg.header.table as u32, None, None);
+                let mut iif = None;
                 for a in &msg.attributes {
                     match a {
                         RuleAttribute::Priority(p) => priority = *p,
@@ -75,6 +76,7 @@ impl NetlinkDriver {
                         RuleAttribute::FwMask(m) => mask = Some(*m),
                         RuleAttribute::Table(t) => table = *t,
                         RuleAttribute::Source(a) => source = Some(*a),
+                        RuleAttribute::Iifname(n) => iif = Some(n.as_str()),
                         // The kernel reports "unset" as u32::MAX.
                         RuleAttribute::SuppressPrefixLen(s) if *s != u32::MAX => {
                             suppress = Some(*s)
@@ -87,18 +89,19 @@ impl NetlinkDriver {
                 }
                 let host_len = if family == Family::V4 { 32 } else { 128 };
                 let plain = msg.header.dst_len == 0 && msg.header.action == NlRuleAction::ToTable;
-                let action = match (mark, suppress, source) {
-                    (None, Some(0), None) if table == RouteHeader::RT_TABLE_MAIN as u32 => {
+                let action = match (mark, suppress, source, iif) {
+                    (None, Some(0), None, None) if table == RouteHeader::RT_TABLE_MAIN as u32 => {
                         Some(RuleAction::MainSpecific)
                     }
-                    (Some(mark), None, None) => Some(RuleAction::FwMark {
+                    (Some(mark), None, None, None) => Some(RuleAction::FwMark {
                         mark,
                         mask: mask.unwrap_or(u32::MAX),
                         table,
                     }),
-                    (None, None, Some(addr)) if msg.header.src_len == host_len => {
+                    (None, None, Some(addr), None) if msg.header.src_len == host_len => {
                         Some(RuleAction::FromAddr { addr, table })
                     }
+                    (None, None, None, Some("lo")) => Some(RuleAction::Local { table }),
                     _ => None,
                 };
                 let plain = plain && (source.is_some() || msg.header.src_len == 0);
@@ -201,7 +204,7 @@ impl NetlinkDriver {
         let mut req = match spec.action {
             RuleAction::MainSpecific => req.table_id(RouteHeader::RT_TABLE_MAIN as u32),
             RuleAction::FwMark { mark, table, .. } => req.table_id(table).fw_mark(mark),
-            RuleAction::FromAddr { table, .. } => req.table_id(table),
+            RuleAction::FromAddr { table, .. } | RuleAction::Local { table } => req.table_id(table),
         };
         let msg = req.message_mut();
         msg.attributes
@@ -213,6 +216,7 @@ impl NetlinkDriver {
                 msg.header.src_len = if addr.is_ipv4() { 32 } else { 128 };
                 msg.attributes.push(RuleAttribute::Source(addr));
             }
+            RuleAction::Local { .. } => msg.attributes.push(RuleAttribute::Iifname("lo".into())),
         }
         match spec.family {
             Family::V4 => req.v4().execute().await,

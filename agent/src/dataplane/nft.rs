@@ -46,6 +46,10 @@ const DEFAULT_POLICY: &str = "default";
 const UNASSIGNED: &str = "unassigned";
 /// Addresses uplinkd does not track (`lan.max_clients` reached), hashed over the survivors.
 const OVERFLOW: &str = "overflow";
+/// The gateway's own outbound traffic (`[local] policy`): a route-type output chain.
+const OUTPUT: &str = "output";
+/// The default policy's spread for the gateway's own connections.
+const LOCAL: &str = "local";
 /// In a rule's comment, before the `[[rule]]`'s name (its counters are summed by name).
 const RULE_TAG: &str = " rule:";
 /// Rule comments start with this, followed by a hash of the rule's expression.
@@ -819,6 +823,19 @@ fn render_structure(s: &NftStructure) -> Vec<Value> {
         policy: Some(NfChainPolicy::Accept),
         ..chain(ACCOUNTING)
     }));
+    if let Some(local) = &s.local {
+        if matches!(local, crate::plan::LocalVerdict::Spread(_)) {
+            objs.push(NfListObject::Chain(chain(LOCAL)));
+        }
+        // A route chain: a changed mark makes the kernel look the route up again.
+        objs.push(NfListObject::Chain(Chain {
+            _type: Some(NfChainType::Route),
+            hook: Some(NfHook::Output),
+            prio: Some(-150),
+            policy: Some(NfChainPolicy::Accept),
+            ..chain(OUTPUT)
+        }));
+    }
     objs.push(NfListObject::Chain(Chain {
         _type: Some(NfChainType::NAT),
         hook: Some(NfHook::Postrouting),
@@ -1317,6 +1334,9 @@ fn render_policies(s: &NftStructure) -> Vec<Value> {
     for e in verdict_rules(&s.default) {
         out.push(raw_rule(table, &policy_chain(DEFAULT_POLICY), e, None));
     }
+    if let Some(local) = &s.local {
+        out.extend(render_local(s, local));
+    }
     // A failed-over uplink's clients, and addresses uplinkd does not track, are hashed
     // by source address, as a client-mode policy is.
     let homes = s
@@ -1330,6 +1350,63 @@ fn render_policies(s: &NftStructure) -> Vec<Value> {
         };
         for e in verdict_rules(&spread) {
             out.push(raw_rule(table, &chain, e, None));
+        }
+    }
+    out
+}
+
+/// The output chain: the gateway's own new connections that the first route lookup sent
+/// to an uplink get the `[local]` policy's mark, and keep it as the LAN's do. Marked
+/// packets (the agent's probes, bound to their uplink with SO_MARK, and anything an
+/// operator marked) and traffic to the LAN or loopback are left alone.
+fn render_local(s: &NftStructure, local: &crate::plan::LocalVerdict) -> Vec<Value> {
+    let table = s.table.as_str();
+    let ct = |key: &str| json!({"ct": {"key": key}});
+    let masked = |left: Value| json!({"&": [left, s.mask]});
+    let uplinks: Vec<Value> = s.uplinks.iter().map(|u| json!(u.interface)).collect();
+    let mut out = vec![
+        raw_rule(
+            table,
+            OUTPUT,
+            vec![
+                json!({"match": {"op": "!=", "left": masked(json!({"meta": {"key": "mark"}})), "right": 0}}),
+                json!({"return": null}),
+            ],
+            None,
+        ),
+        raw_rule(
+            table,
+            OUTPUT,
+            vec![
+                json!({"match": {"op": "!=", "left": {"meta": {"key": "oifname"}}, "right": {"set": uplinks}}}),
+                json!({"return": null}),
+            ],
+            None,
+        ),
+        raw_rule(
+            table,
+            OUTPUT,
+            vec![json!({"vmap": {"key": masked(ct("mark")), "data": format!("@{MAP_STICKY}")}})],
+            None,
+        ),
+        // A connection that was open before (no mark) keeps its route: re-marking it
+        // mid-flow would change its source address.
+        raw_rule(
+            table,
+            OUTPUT,
+            vec![
+                json!({"match": {"op": "in", "left": ct("state"), "right": "new"}}),
+                goto(&match local {
+                    crate::plan::LocalVerdict::Policy(p) => policy_chain(p),
+                    crate::plan::LocalVerdict::Spread(_) => LOCAL.to_string(),
+                }),
+            ],
+            None,
+        ),
+    ];
+    if let crate::plan::LocalVerdict::Spread(v) = local {
+        for e in verdict_rules(v) {
+            out.push(raw_rule(table, LOCAL, e, None));
         }
     }
     out
@@ -1710,6 +1787,7 @@ mod tests {
             policies: Vec::new(),
             default: Verdict::Clients,
             overflow: vec!["a".into()],
+            local: None,
         }
     }
 

@@ -158,7 +158,10 @@ impl Health {
         } else if let Err(p) = self.link {
             Some(p.to_string())
         } else if self.goods > 0 {
-            Some(format!("{} good probe rounds; waiting for health.up_after", self.goods))
+            Some(format!(
+                "{} good probe rounds; waiting for health.up_after",
+                self.goods
+            ))
         } else {
             Some(format!("{} failed probe rounds", self.fails))
         }

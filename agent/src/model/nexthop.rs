@@ -117,15 +117,24 @@ mod tests {
         assert_eq!(m.hops(&config, 0).0, Hop::Unknown);
         assert!(m.set_route("wan1", route(254, 100, "100.64.1.1"), true));
         assert!(m.set_route("wan1", route(100, 10, "100.64.9.1"), true));
-        assert_eq!(m.hops(&config, 0).0, Hop::Via("100.64.9.1".parse().unwrap()));
+        assert_eq!(
+            m.hops(&config, 0).0,
+            Hop::Via("100.64.9.1".parse().unwrap())
+        );
         // The DHCP client replaces its route in table 100: same slot, new gateway.
         assert!(m.set_route("wan1", route(100, 10, "100.64.7.1"), true));
         assert_eq!(m.uplinks[0].learned.len(), 2);
-        assert_eq!(m.hops(&config, 0).0, Hop::Via("100.64.7.1".parse().unwrap()));
+        assert_eq!(
+            m.hops(&config, 0).0,
+            Hop::Via("100.64.7.1".parse().unwrap())
+        );
         // Another interface's route changes nothing here.
         assert!(!m.set_route("wan2", route(100, 1, "100.64.5.1"), true));
         assert!(m.set_route("wan1", route(100, 10, "100.64.7.1"), false));
-        assert_eq!(m.hops(&config, 0).0, Hop::Via("100.64.1.1".parse().unwrap()));
+        assert_eq!(
+            m.hops(&config, 0).0,
+            Hop::Via("100.64.1.1".parse().unwrap())
+        );
         // Gone: the uplink has no gateway again, and says so.
         m.set_link(
             "wan1",

@@ -52,6 +52,19 @@ pub struct NftStructure {
     /// Hash buckets (uplink names, by weight) for addresses uplinkd does not track
     /// (`lan.max_clients` reached): the survivors, or the first tier when none survives.
     pub overflow: Vec<String>,
+    /// The gateway's own new connections (`[local] policy`): an output-hook chain that
+    /// jumps here. `None` leaves them to the main table.
+    pub local: Option<LocalVerdict>,
+}
+
+/// Where the output chain sends the gateway's own new connections.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LocalVerdict {
+    /// `goto policy_<name>`: a `[[policy]]`'s chain, shared with the LAN's traffic.
+    Policy(String),
+    /// The default policy's uplinks, each new connection drawn by weight (the gateway is
+    /// one host: spreading its connections is what the client mode would not do).
+    Spread(Verdict),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -128,6 +141,10 @@ pub enum RuleAction {
     FwMark { mark: u32, mask: u32, table: u32 },
     /// `from addr lookup table`: traffic from an uplink's own address leaves through it.
     FromAddr { addr: IpAddr, table: u32 },
+    /// `iif lo lookup table`: the first route lookup of the gateway's own traffic (before
+    /// the output chain marks it) finds the `[local]` policy's first uplink, so a socket
+    /// gets a route and a source address at all while main has no default route.
+    Local { table: u32 },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -184,6 +201,7 @@ pub fn plan(config: &Config, model: &Model) -> Desired {
             .collect(),
         default: policy::default_verdict(config, model).0,
         overflow: overflow_buckets(config, model),
+        local: policy::local_verdict(config, model),
     };
     let client_mode = structure.default == Verdict::Clients;
     let unassigned = client_mode.then(|| policy::unassigned(config, model));
@@ -300,6 +318,20 @@ pub fn plan(config: &Config, model: &Model) -> Desired {
                 family,
                 gateway,
                 oif,
+            });
+        }
+    }
+
+    if let Some(i) = policy::local_first(config, model) {
+        let table = config.uplinks[i].table;
+        for family in [Family::V4, Family::V6] {
+            if family == Family::V6 && !config.uplinks[i].ipv6 {
+                continue;
+            }
+            rules.insert(RuleSpec {
+                family,
+                priority: dp.rule_priority + 3,
+                action: RuleAction::Local { table },
             });
         }
     }

@@ -7,7 +7,9 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 
 use super::{addr_bytes, jhash_bucket, key_bucket, spread};
-use crate::config::{AddrMatch, Config, Mode, Proto, RuleConfig, SetConfig, Target, WhenNone};
+use crate::config::{
+    AddrMatch, Config, LocalPolicy, Mode, Proto, RuleConfig, SetConfig, Target, WhenNone,
+};
 use crate::model::Model;
 use crate::model::policy::{Choice, Outcome};
 
@@ -120,6 +122,45 @@ fn verdict_for(
         }
     };
     (verdict, choice)
+}
+
+/// The output chain's verdict for the gateway's own new connections.
+pub fn local_verdict(config: &Config, model: &Model) -> Option<super::LocalVerdict> {
+    match config.local {
+        LocalPolicy::Main => None,
+        LocalPolicy::Policy(p) => {
+            Some(super::LocalVerdict::Policy(config.policies[p].name.clone()))
+        }
+        LocalPolicy::Default => {
+            let all: Vec<usize> = (0..config.uplinks.len()).collect();
+            let mode = match config.dispatch {
+                Mode::Client => Mode::Connection,
+                m => m,
+            };
+            Some(super::LocalVerdict::Spread(
+                verdict_for(config, model, &all, mode, None, None).0,
+            ))
+        }
+    }
+}
+
+/// The uplink whose table answers the first route lookup of the gateway's own traffic:
+/// the `[local]` policy's first choice (any uplink of its first tier while none is usable).
+pub fn local_first(config: &Config, model: &Model) -> Option<usize> {
+    let (members, sla, spread): (Vec<usize>, Option<usize>, bool) = match config.local {
+        LocalPolicy::Main => return None,
+        LocalPolicy::Default => ((0..config.uplinks.len()).collect(), None, true),
+        LocalPolicy::Policy(p) => {
+            let pc = &config.policies[p];
+            (
+                pc.uplinks.clone(),
+                pc.sla.is_set().then_some(p),
+                pc.mode != Mode::Failover,
+            )
+        }
+    };
+    let choice = model.choose(&members, sla, spread);
+    choice.using.first().or(members.first()).copied()
 }
 
 /// Where the default policy in client mode sends a client without an assignment yet.

@@ -1,0 +1,108 @@
+//! `[local] policy`: the gateway's own outbound traffic (a DNS forwarder, NTP, updates)
+//! in the seed's design, where the main table has no default route. Its connections get a
+//! route and the policy's uplink, and fail over and back like the LAN's, while uplinkd's
+//! own probes stay on their uplink.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
+use std::time::Duration;
+
+use uplink_tests::{Lab, SERVER4, TCP_ECHO_PORT, in_netns, probed_uplinks, server};
+
+/// A UDP socket of the gateway itself, aimed at the internet host.
+fn gateway_socket(lab: &Lab) -> anyhow::Result<std::io::Result<UdpSocket>> {
+    in_netns(&lab.ns("gw"), || {
+        let s = UdpSocket::bind("0.0.0.0:0")?;
+        s.connect(server(false))?;
+        s.set_read_timeout(Some(Duration::from_millis(300)))?;
+        Ok(s)
+    })
+}
+
+/// The source the internet host saw for one datagram of `s`'s flow, if answered.
+fn echo(s: &UdpSocket) -> anyhow::Result<Option<IpAddr>> {
+    let mut buf = [0u8; 512];
+    for _ in 0..5 {
+        s.send(b"from the gateway")?;
+        if let Ok(n) = uplink_tests::retry_eintr(|| s.recv(&mut buf)) {
+            let text = String::from_utf8_lossy(&buf[..n]);
+            return Ok(text.split(' ').next().and_then(|a| a.parse().ok()));
+        }
+    }
+    Ok(None)
+}
+
+/// A TCP connection of the gateway itself to the echo server: the source it saw.
+fn tcp_source(lab: &Lab) -> anyhow::Result<IpAddr> {
+    let conn = in_netns(&lab.ns("gw"), || {
+        TcpStream::connect_timeout(
+            &SocketAddr::new(IpAddr::V4(SERVER4), TCP_ECHO_PORT),
+            Duration::from_secs(2),
+        )
+    })??;
+    conn.set_read_timeout(Some(Duration::from_secs(2)))?;
+    (&conn).write_all(b"hello\n")?;
+    let mut line = String::new();
+    BufReader::new(&conn).read_line(&mut line)?;
+    Ok(line.split(' ').next().unwrap_or_default().parse()?)
+}
+
+#[test]
+fn the_gateways_own_traffic_follows_its_policy_and_fails_over() -> anyhow::Result<()> {
+    let mut lab = Lab::build("local", probed_uplinks(), 0, 0)?;
+    // Without uplinkd the gateway cannot reach the internet: no default route in main.
+    assert!(
+        gateway_socket(&lab)?.and_then(|s| s.send(b"x")).is_err(),
+        "the lab's main table has no default route"
+    );
+    lab.write_config(
+        "10s",
+        "10m",
+        r#"[failover]
+failback_delay = "0s"
+
+[[policy]]
+name = "own"
+uplinks = ["isp2", "isp1"]
+balance = "failover"
+
+[local]
+policy = "own"
+"#,
+    )?;
+    lab.start_agent()?;
+    let src = |lab: &Lab, s: &UdpSocket| -> anyhow::Result<Option<String>> {
+        Ok(echo(s)?.and_then(|a| lab.uplink_of_source(a)))
+    };
+    let udp = gateway_socket(&lab)??;
+    assert_eq!(src(&lab, &udp)?.as_deref(), Some("isp2"));
+    assert_eq!(
+        lab.uplink_of_source(tcp_source(&lab)?).as_deref(),
+        Some("isp2")
+    );
+
+    // isp2 fails silently: only its own probes can tell (were they steered by the
+    // output chain like the gateway's other traffic, they would leave by isp1 and keep
+    // isp2 up). The same socket's flow moves to isp1, and so do new connections.
+    lab.upstream_loss("isp2", 100)?;
+    lab.wait_for(
+        Duration::from_secs(10),
+        "the gateway's flow via isp1",
+        || Ok(src(&lab, &udp)?.as_deref() == Some("isp1")),
+    )?;
+    assert_eq!(
+        lab.uplink_of_source(tcp_source(&lab)?).as_deref(),
+        Some("isp1")
+    );
+    assert!(lab.log_tail(50).contains("uplink isp2 up -> down"));
+
+    lab.upstream_loss("isp2", 0)?;
+    lab.wait_for(
+        Duration::from_secs(15),
+        "new connections back on isp2",
+        || Ok(lab.uplink_of_source(tcp_source(&lab)?).as_deref() == Some("isp2")),
+    )?;
+    // The running flow stays where it is: failback never breaks a flow.
+    assert_eq!(src(&lab, &udp)?.as_deref(), Some("isp1"));
+    Ok(())
+}
