@@ -541,6 +541,40 @@ const CASES: &[Case] = &[
         hint: "expected `netlink` or `tool`",
     },
     Case {
+        name: "bad gateway",
+        edit: ("gateway = \"100.64.2.1\"", "gateway = \"dhcp\""),
+        line: Some(21),
+        key: "uplink[1].gateway",
+        hint: "\"auto\" (learned from the default route",
+    },
+    Case {
+        name: "bad gateway6",
+        edit: ("gateway6 = \"2001:db8:100:1::1\"", "gateway6 = \"ra\""),
+        line: Some(15),
+        key: "uplink[0].gateway6",
+        hint: "\"auto\" (learned from router adverts)",
+    },
+    Case {
+        name: "unknown local policy",
+        edit: (
+            "gateway = \"100.64.2.1\"\n",
+            "gateway = \"100.64.2.1\"\n\n[[policy]]\nname = \"own\"\n\n[local]\npolicy = \"mine\"\n",
+        ),
+        line: Some(27),
+        key: "local.policy",
+        hint: "use one of \"main\", \"default\", \"own\"",
+    },
+    Case {
+        name: "unknown local key",
+        edit: (
+            "gateway = \"100.64.2.1\"\n",
+            "gateway = \"100.64.2.1\"\n\n[local]\nuplink = \"isp1\"\n",
+        ),
+        line: Some(24),
+        key: "uplink",
+        hint: "expected `policy`",
+    },
+    Case {
         name: "no uplinks",
         edit: ("", "[lan]\ninterfaces = [\"br-lan\"]\n"),
         line: None,
