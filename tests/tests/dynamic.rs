@@ -221,3 +221,134 @@ fn lease_at_start_lost_at_expiry_and_back_with_dhclient() -> anyhow::Result<()> 
     })?;
     Ok(())
 }
+
+/// Scenario 6: `gateway6 = "auto"` follows the router adverts of a real dnsmasq
+/// (`enable-ra`). Without a router, the uplink's IPv6 connections leave by another uplink
+/// (its IPv4 stays); a router appears and IPv6 uses it; the router changes (the first one
+/// withdraws with lifetime 0, another appears); the last one withdraws and IPv6 moves
+/// away again. uplinkd warns while the kernel would ignore the adverts (accept_ra).
+#[test]
+fn router_adverts_appear_change_and_withdraw() -> anyhow::Result<()> {
+    let mut lab = Lab::build("ra", uplinks(), 2, 2)?;
+    let api = lab.api_config()?;
+    lab.write_config(
+        "10s",
+        "10m",
+        &format!("[failover]\nfailback_delay = \"0s\"\n{api}"),
+    )?;
+    let cfg = std::fs::read_to_string(lab.config_path())?
+        .replace("gateway6 = \"2001:db8:100:2::1\"", "gateway6 = \"auto\"");
+    std::fs::write(lab.config_path(), cfg)?;
+    let isp2 = lab.ns("isp2");
+    let link_local = |addr: &str| -> anyhow::Result<()> {
+        uplink_tests::sh(&[
+            "ip", "-n", &isp2, "-6", "addr", "flush", "dev", "cpe", "scope", "link",
+        ])?;
+        uplink_tests::sh(&[
+            "ip",
+            "-n",
+            &isp2,
+            "addr",
+            "add",
+            &format!("{addr}/64"),
+            "dev",
+            "cpe",
+            "nodad",
+        ])?;
+        Ok(())
+    };
+    link_local("fe80::a")?;
+    lab.start_agent()?;
+    assert!(
+        lab.log_tail(50).contains("net.ipv6.conf.wan2.accept_ra=2"),
+        "{}",
+        lab.log_tail(20)
+    );
+    let gw = lab.ns("gw");
+    lab.sysctl(
+        &gw,
+        &[
+            "net.ipv6.conf.wan2.accept_ra=2",
+            "net.ipv6.conf.wan2.autoconf=0",
+        ],
+    )?;
+    let homes = lab.greet_clients()?;
+    let on2 = (1..=2)
+        .find(|&i| homes.get(&IpAddr::from(client_v4(i))).map(String::as_str) == Some("isp2"))
+        .expect("a client on isp2");
+    let v6_via = |lab: &Lab| -> anyhow::Result<Option<String>> {
+        Ok(lab.uplink_of_source(lab.probe(on2, true, 10)?))
+    };
+    let gateway6 = |lab: &Lab| -> anyhow::Result<String> {
+        let (_, out, _) = lab.ctl("view", &["-o", "json", "uplinks"])?;
+        let v: serde_json::Value = serde_json::from_str(&out)?;
+        Ok(v.as_array()
+            .and_then(|a| a.iter().find(|u| u["name"] == "isp2"))
+            .and_then(|u| u["gateway6"].as_str())
+            .unwrap_or_default()
+            .to_string())
+    };
+    // No router yet: IPv6 by isp1, IPv4 by isp2.
+    assert_eq!(gateway6(&lab)?, "");
+    assert_eq!(v6_via(&lab)?.as_deref(), Some("isp1"));
+    assert_eq!(
+        lab.uplink_of_source(lab.probe(on2, false, 10)?).as_deref(),
+        Some("isp2")
+    );
+    let ra = |lifetime: u32| {
+        lab.dhcp_server(
+            2,
+            2,
+            "2m",
+            &format!(
+                "enable-ra\ndhcp-range=::,constructor:cpe,ra-only,64\nra-param=cpe,4,{lifetime}\n"
+            ),
+        )
+    };
+    // A router appears.
+    let adverts = ra(600)?;
+    lab.wait_for(Duration::from_secs(20), "the router learned", || {
+        Ok(gateway6(&lab)? == "fe80::a")
+    })?;
+    lab.wait_for(Duration::from_secs(10), "IPv6 by isp2", || {
+        Ok(v6_via(&lab)?.as_deref() == Some("isp2"))
+    })?;
+    // It withdraws (lifetime 0) and another takes over.
+    drop(adverts);
+    let withdraw = ra(0)?;
+    lab.wait_for(Duration::from_secs(20), "fe80::a withdrawn", || {
+        Ok(gateway6(&lab)?.is_empty())
+    })?;
+    assert_eq!(v6_via(&lab)?.as_deref(), Some("isp1"));
+    drop(withdraw);
+    link_local("fe80::b")?;
+    let adverts = ra(600)?;
+    lab.wait_for(Duration::from_secs(20), "the new router learned", || {
+        Ok(gateway6(&lab)? == "fe80::b")
+    })?;
+    lab.wait_for(Duration::from_secs(10), "IPv6 by isp2 again", || {
+        Ok(v6_via(&lab)?.as_deref() == Some("isp2"))
+    })?;
+    // The last router withdraws: IPv6 leaves by isp1, IPv4 stays on isp2.
+    drop(adverts);
+    let _withdraw = ra(0)?;
+    lab.wait_for(Duration::from_secs(20), "fe80::b withdrawn", || {
+        Ok(gateway6(&lab)?.is_empty())
+    })?;
+    assert_eq!(v6_via(&lab)?.as_deref(), Some("isp1"));
+    assert_eq!(
+        lab.uplink_of_source(lab.probe(on2, false, 10)?).as_deref(),
+        Some("isp2")
+    );
+    // Each change was an event.
+    let (_, events, _) = lab.ctl("view", &["events"])?;
+    for what in [
+        "isp2 learned its IPv6 gateway fe80::a",
+        "isp2 lost its IPv6 gateway fe80::a",
+        "isp2 learned its IPv6 gateway fe80::b",
+        "isp2 lost its IPv6 gateway fe80::b",
+    ] {
+        assert!(events.contains(what), "{what}:\n{events}");
+    }
+    Ok(())
+}

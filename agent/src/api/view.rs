@@ -214,6 +214,7 @@ pub fn event(e: &LogEntry) -> v1::Event {
         EventKind::Reload => "reload",
         EventKind::Sla { .. } => "sla",
         EventKind::Set => "set",
+        EventKind::Gateway => "gateway",
     };
     v1::Event {
         at_ms: e.at,

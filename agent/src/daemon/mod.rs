@@ -26,6 +26,7 @@ use crate::discover::{self, Event};
 use crate::health::probe::{self, ProbeSpec};
 use crate::metrics::{self, Metrics};
 use crate::model::failover::{EventKind, EventLog, LogEntry};
+use crate::model::nexthop::Hop;
 use crate::model::state_file::{Decisions, StateError, StateFile};
 use crate::model::{Change, LinkState, Model, now_millis};
 use crate::plan::plan;
@@ -131,6 +132,10 @@ pub struct Agent {
     /// An uplink's address or link went away: the kernel deletes the IPv4 routes that
     /// depended on it without a netlink event, so the learned next hops are read again.
     routes_stale: bool,
+    /// The next hops at the last look, to log what changed.
+    hops: Vec<(Hop, Hop)>,
+    /// Uplinks already warned about `accept_ra`, by interface.
+    ra_warned: std::collections::HashSet<String>,
     /// State changes, failovers and failbacks; the API streams them.
     pub events: EventLog,
     probers: HashMap<usize, (ProbeSpec, JoinHandle<()>)>,
@@ -230,6 +235,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
     // restored one would make the start's mutations copy every client once.
     let model_for_api = Model::new(&config_arc);
     let started = Instant::now();
+    let hops = model.all_hops(&config_arc);
     let mut agent = Agent {
         config: config_arc.clone(),
         config_path,
@@ -242,6 +248,8 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
         state_dirty: true,
         needs_retry: false,
         routes_stale: false,
+        hops,
+        ra_warned: Default::default(),
         events: EventLog::default(),
         probers: HashMap::new(),
         probe_tx,
@@ -527,6 +535,7 @@ impl Agent {
                 route,
                 protocol,
                 present,
+                replace,
             } => {
                 let dp = &self.config.dataplane;
                 if protocol == dp.route_protocol || dp.owned_tables().contains(&route.table) {
@@ -535,7 +544,7 @@ impl Agent {
                 match self.links.get(&ifindex) {
                     Some(name) => {
                         let name = name.clone();
-                        self.model.set_route(&name, route, present)
+                        self.model.set_route(&name, route, present, replace)
                     }
                     None => false,
                 }
@@ -623,9 +632,14 @@ impl Agent {
 
     /// Links or addresses changed: re-evaluate link health and the probers.
     fn links_changed(&mut self) -> bool {
-        let log =
-            self.model
-                .refresh_links(Instant::now(), &self.config.health, &self.config.failover);
+        let mut log = self.model.hop_events(&self.config, &self.hops);
+        self.hops = self.model.all_hops(&self.config);
+        self.warn_accept_ra();
+        log.extend(self.model.refresh_links(
+            Instant::now(),
+            &self.config.health,
+            &self.config.failover,
+        ));
         self.reconcile_probers();
         // Routes and rules follow links even without a state change.
         self.record(log);
@@ -1006,6 +1020,26 @@ impl Agent {
 
     /// At start and on reload: a LAN bridge whose MAC follows its ports breaks clients for
     /// seconds whenever a port is added, which looks like uplinkd losing traffic.
+    /// Once per interface: `gateway6 = "auto"` on an uplink whose kernel ignores router
+    /// adverts (forwarding on, `accept_ra` not 2) would never learn a router.
+    fn warn_accept_ra(&mut self) {
+        for u in &self.config.uplinks {
+            if u.gateway6 != Some(crate::config::NextHop::Auto)
+                || self.ra_warned.contains(&u.interface)
+            {
+                continue;
+            }
+            if discover::accepts_router_adverts(&u.interface) == Some(false) {
+                self.ra_warned.insert(u.interface.clone());
+                warn!(
+                    uplink = %u.name,
+                    "gateway6 = \"auto\" but the kernel ignores router adverts on {i} while it forwards: set net.ipv6.conf.{i}.accept_ra=2 (sysctl), or no IPv6 router is ever learned",
+                    i = u.interface
+                );
+            }
+        }
+    }
+
     fn warn_floating_bridge_macs(&self) {
         for i in discover::bridges_with_floating_mac(&self.config.lan.interfaces) {
             warn!(

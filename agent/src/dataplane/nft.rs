@@ -888,6 +888,21 @@ fn render_structure(s: &NftStructure) -> Vec<Value> {
     };
 
     for u in &s.uplinks {
+        if let Some(to) = &u.v6_detour {
+            objs.push(rule(
+                &up_chain(&u.name),
+                vec![
+                    Statement::Match(Match {
+                        left: meta(MetaKey::Nfproto),
+                        right: Expression::String(Cow::Borrowed("ipv6")),
+                        op: Operator::EQ,
+                    }),
+                    Statement::Goto(JumpTarget {
+                        target: Cow::Owned(up_chain(to)),
+                    }),
+                ],
+            ));
+        }
         // Only the owned mark bits change; foreign bits pass through.
         objs.push(rule(
             &up_chain(&u.name),
@@ -1781,6 +1796,7 @@ mod tests {
                 fwmark: 0x0100_0000,
                 masquerade: true,
                 home: None,
+                v6_detour: None,
             }],
             sets: Arc::new(Vec::new()),
             rules: Arc::new(Vec::new()),
@@ -1830,6 +1846,7 @@ mod tests {
             fwmark: 0x0200_0000,
             masquerade: true,
             home: None,
+            v6_detour: None,
         });
         let sig4 = signature_of(&render_structure(&s4));
         assert!(base.compatible(&sig4));

@@ -23,6 +23,8 @@ use tokio::sync::mpsc;
 use crate::model::Mac;
 use crate::model::nexthop::LearnedRoute;
 
+const NLM_F_REPLACE: u16 = 0x100;
+
 /// Bulk arrivals (thousands of neighbours at once) must not overflow the event socket.
 const EVENT_SOCKET_BUFFER: usize = 32 << 20;
 
@@ -56,6 +58,8 @@ pub enum Event {
         /// Its rtm protocol: uplinkd's own routes are not learned.
         protocol: u8,
         present: bool,
+        /// NLM_F_REPLACE: it replaced whatever route held its slot (table and metric).
+        replace: bool,
     },
     /// The kernel dropped events (socket buffer overrun): re-dump everything.
     Overrun,
@@ -77,6 +81,19 @@ pub fn bridges_with_floating_mac(interfaces: &[String]) -> Vec<&str> {
         })
         .map(String::as_str)
         .collect()
+}
+
+/// Whether the kernel takes router adverts on `interface` while it forwards: with IPv6
+/// forwarding on, `accept_ra` must be 2, or no router (and no `gateway6 = "auto"`) is ever
+/// learned. `None` when the interface or its sysctls do not exist (yet).
+pub fn accepts_router_adverts(interface: &str) -> Option<bool> {
+    let read = |key: &str| {
+        std::fs::read_to_string(format!("/proc/sys/net/ipv6/conf/{interface}/{key}"))
+            .ok()
+            .and_then(|v| v.trim().parse::<u32>().ok())
+    };
+    let (accept, forwarding) = (read("accept_ra")?, read("forwarding")?);
+    Some(accept == 2 || (accept == 1 && forwarding == 0))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -126,10 +143,10 @@ pub fn subscribe() -> Result<mpsc::UnboundedReceiver<Event>, DiscoverError> {
                     addr_event(&m, false)
                 }
                 NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewRoute(m)) => {
-                    route_event(&m, true)
+                    route_event(&m, true, msg.header.flags & NLM_F_REPLACE != 0)
                 }
                 NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelRoute(m)) => {
-                    route_event(&m, false)
+                    route_event(&m, false, false)
                 }
                 NetlinkPayload::Overrun(_) => Some(Event::Overrun),
                 _ => None,
@@ -232,7 +249,7 @@ pub async fn dump_routes(handle: &Handle) -> Result<Vec<Event>, DiscoverError> {
             what: "routes",
             source,
         })? {
-            out.extend(route_event(&m, true));
+            out.extend(route_event(&m, true, false));
         }
     }
     Ok(out)
@@ -240,7 +257,7 @@ pub async fn dump_routes(handle: &Handle) -> Result<Vec<Event>, DiscoverError> {
 
 /// A default unicast route with one next hop; anything else is not a next hop to learn
 /// (multipath routes included: their hops are not one uplink's).
-fn route_event(m: &RouteMessage, present: bool) -> Option<Event> {
+fn route_event(m: &RouteMessage, present: bool, replace: bool) -> Option<Event> {
     if m.header.destination_prefix_length != 0 || m.header.kind != RouteType::Unicast {
         return None;
     }
@@ -271,6 +288,7 @@ fn route_event(m: &RouteMessage, present: bool) -> Option<Event> {
         },
         protocol: m.header.protocol.into(),
         present,
+        replace,
     })
 }
 

@@ -37,6 +37,8 @@ pub enum EventKind {
         policy: String,
         met: bool,
     },
+    /// A learned next hop (`gateway = "auto"`) appeared, changed or went away.
+    Gateway,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -79,7 +81,8 @@ impl fmt::Display for LogEntry {
             | EventKind::Undrain
             | EventKind::Reload
             | EventKind::Set
-            | EventKind::Sla { .. } => write!(f, "{}", self.cause),
+            | EventKind::Sla { .. }
+            | EventKind::Gateway => write!(f, "{}", self.cause),
         }
     }
 }

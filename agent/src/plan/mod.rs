@@ -76,6 +76,9 @@ pub struct NftUplink {
     /// Where `home_<name>` sends the uplink's clients: to `up_<name>`, or (failed over)
     /// hashed over these uplinks' `up_` chains, each listed in proportion to its weight.
     pub home: Option<Vec<String>>,
+    /// While the uplink has no IPv6 next hop (router advert withdrawn), `up_<name>` sends
+    /// IPv6 connections to this uplink's `up_` chain instead.
+    pub v6_detour: Option<String>,
 }
 
 /// A map element key; the variant decides the map.
@@ -179,6 +182,9 @@ pub fn plan(config: &Config, model: &Model) -> Desired {
                 HomeTarget::Direct => None,
                 HomeTarget::Spread(to) => Some(buckets(&to)),
             },
+            v6_detour: model
+                .v6_detour(config, i)
+                .map(|j| config.uplinks[j].name.clone()),
         })
         .collect();
     let structure = NftStructure {
