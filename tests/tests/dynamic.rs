@@ -352,3 +352,102 @@ fn router_adverts_appear_change_and_withdraw() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Scenario 8: a redial-like address change on a point-to-point uplink (as PPP or an LTE
+/// modem gives): the established flow that was NATed to the old address is deleted and
+/// re-establishes at once from the new one (the seed's `ip_dynaddr`), the `from` rule and
+/// the probes follow, and a flow on the other uplink is untouched.
+#[test]
+fn a_redial_moves_the_flow_to_the_new_address_and_leaves_the_other_uplink_alone()
+-> anyhow::Result<()> {
+    let probe = "probes = [\"icmp:203.0.113.10\"]";
+    let ups = vec![
+        UplinkSpec::new("isp1", 1, false).with(probe),
+        UplinkSpec::new("lte", 1, true).with(probe),
+    ];
+    let mut lab = Lab::build("redial", ups, 2, 0)?;
+    lab.write_config("10s", "10m", "")?;
+    lab.start_agent()?;
+    let homes = lab.greet_clients()?;
+    let on = |u: &str| {
+        (1..=2)
+            .find(|&i| homes.get(&IpAddr::from(client_v4(i))).map(String::as_str) == Some(u))
+            .expect("a client on each uplink")
+    };
+    let (c1, c2) = (on("isp1"), on("lte"));
+    let other = uplink_tests::UdpStream::start(&lab, c1, false, Duration::from_millis(20))?;
+    let flow = lab.client_socket(c2, false)?;
+    let echo = |s: &std::net::UdpSocket| -> anyhow::Result<Option<IpAddr>> {
+        let mut buf = [0u8; 512];
+        s.send(b"same flow")?;
+        Ok(uplink_tests::retry_eintr(|| s.recv(&mut buf))
+            .ok()
+            .and_then(|n| {
+                String::from_utf8_lossy(&buf[..n])
+                    .split(' ')
+                    .next()?
+                    .parse()
+                    .ok()
+            }))
+    };
+    let old: IpAddr = "100.64.2.2".parse()?;
+    let new: IpAddr = "100.64.2.7".parse()?;
+    assert_eq!(echo(&flow)?, Some(old));
+    // The redial: the old address goes, a new one comes on the same link.
+    uplink_tests::sh(&[
+        "ip",
+        "-n",
+        &lab.ns("isp2"),
+        "route",
+        "add",
+        "100.64.2.7/32",
+        "dev",
+        "cpe",
+    ])?;
+    lab.gw(&[
+        "ip",
+        "addr",
+        "del",
+        "100.64.2.2/32",
+        "peer",
+        "100.64.2.1",
+        "dev",
+        "wan2",
+    ])?;
+    lab.gw(&[
+        "ip",
+        "addr",
+        "add",
+        "100.64.2.7/32",
+        "peer",
+        "100.64.2.1",
+        "dev",
+        "wan2",
+    ])?;
+    lab.wait_for(
+        Duration::from_secs(10),
+        "the flow from the new address",
+        || Ok(echo(&flow)? == Some(new)),
+    )?;
+    let rules = lab.gw(&["ip", "rule", "show"])?;
+    assert!(rules.contains("from 100.64.2.7 lookup"), "{rules}");
+    assert!(!rules.contains("from 100.64.2.2 lookup"), "{rules}");
+    // The probes rebound to the new source: lte is up, and the conntrack table has lte's
+    // echo requests from the new address only.
+    let ct = lab.gw(&["conntrack", "-L", "-p", "icmp"])?;
+    assert!(!ct.contains("src=100.64.2.2 "), "{ct}");
+    let r = other.finish()?;
+    assert_eq!(r.seen, vec![uplink_tests::uplink_source(1, false)]);
+    assert!(
+        r.sent > 10 && r.received == r.sent,
+        "isp1's flow lost {} of {}",
+        r.sent - r.received,
+        r.sent
+    );
+    assert!(
+        !lab.log_tail(100).contains("lte up -> down"),
+        "{}",
+        lab.log_tail(30)
+    );
+    Ok(())
+}

@@ -50,6 +50,15 @@ impl Conntrack {
         }
     }
 
+    /// Deletes the entries whose replies go to `addr`: flows masqueraded to an address
+    /// the uplink no longer has. Always the tool (ctnetlink's filtered flush cannot select
+    /// by address); a missing tool is an error that names it.
+    pub async fn delete_reply_dst(&self, addr: std::net::IpAddr) -> Result<usize, DataplaneError> {
+        let family = if addr.is_ipv4() { "ipv4" } else { "ipv6" };
+        self.run(&["-D", "-f", family, "--reply-dst", &addr.to_string()])
+            .await
+    }
+
     async fn delete_mark_tool(&self, mark: u32, mask: u32) -> Result<usize, DataplaneError> {
         let filter = format!("{mark:#x}/{mask:#x}");
         let mut total = 0;

@@ -141,6 +141,14 @@ impl Dataplane {
         self.conntrack.delete_mark(mark, self.mask).await
     }
 
+    /// Deletes the conntrack entries NATed to `addr` (their replies are addressed to it).
+    pub async fn flush_conntrack_nat(
+        &self,
+        addr: std::net::IpAddr,
+    ) -> Result<usize, DataplaneError> {
+        self.conntrack.delete_reply_dst(addr).await
+    }
+
     /// Reads the kernel's nft state (for adoption at start) and keeps it as the cache.
     pub async fn read_nft(&mut self) -> Result<Option<&KernelNft>, DataplaneError> {
         self.nft_cache = self.nft.read().await?;

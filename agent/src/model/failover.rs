@@ -178,9 +178,13 @@ impl Model {
             if present && !has {
                 u.addrs.push(addr);
                 u.addrs.sort();
+                // Back before its flows were deleted (a script that flushes and re-adds
+                // the same lease): they are alive.
+                u.gone_addrs.retain(|a| *a != addr);
                 changed = true;
             } else if !present && has {
                 u.addrs.retain(|a| *a != addr);
+                u.gone_addrs.push(addr);
                 changed = true;
             }
         }
@@ -529,6 +533,17 @@ impl Model {
 
     /// Uplinks whose conntrack entries must be deleted now: dead, and their traffic has
     /// somewhere else to go. Clears the mark.
+    /// Addresses that left their uplink and did not come back, by uplink: their NATed
+    /// flows are deleted now (the kernel's masquerade does it for plain addresses, but not
+    /// for a point-to-point one, whose peer it compares instead).
+    pub fn take_gone_addrs(&mut self) -> Vec<(usize, IpAddr)> {
+        let mut out = Vec::new();
+        for (i, u) in self.uplinks.iter_mut().enumerate() {
+            out.extend(u.gone_addrs.drain(..).map(|a| (i, a)));
+        }
+        out
+    }
+
     pub fn take_flushes(&mut self) -> Vec<usize> {
         let due: Vec<usize> = (0..self.uplinks.len())
             .filter(|&i| {

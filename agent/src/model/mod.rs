@@ -67,6 +67,9 @@ pub struct Uplink {
     pub auto_gateway: bool,
     /// Default routes on the interface in tables uplinkd does not own.
     pub learned: Vec<nexthop::LearnedRoute>,
+    /// Addresses that left the interface (a redial, a renumbering): the flows NATed to
+    /// them are dead and must be deleted, once the new paths are in the kernel.
+    pub gone_addrs: Vec<IpAddr>,
 }
 
 impl Uplink {
@@ -93,6 +96,7 @@ impl Uplink {
             held_until: None,
             auto_gateway: false,
             learned: Vec::new(),
+            gone_addrs: Vec::new(),
         }
     }
 
