@@ -439,7 +439,7 @@ fn a_redial_moves_the_flow_to_the_new_address_and_leaves_the_other_uplink_alone(
     let r = other.finish()?;
     assert_eq!(r.seen, vec![uplink_tests::uplink_source(1, false)]);
     assert!(
-        r.sent > 10 && r.received == r.sent,
+        r.sent > 0 && r.received == r.sent,
         "isp1's flow lost {} of {}",
         r.sent - r.received,
         r.sent
