@@ -1167,7 +1167,7 @@ impl TcpFlow {
 }
 
 /// Answers every datagram on `sock` with "<source seen> <payload>", in a thread.
-fn udp_echo(sock: UdpSocket) {
+pub fn udp_echo(sock: UdpSocket) {
     std::thread::spawn(move || {
         let mut buf = [0u8; 2048];
         while let Ok((n, from)) = retry_eintr(|| sock.recv_from(&mut buf)) {

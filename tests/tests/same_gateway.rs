@@ -26,8 +26,10 @@ fn identical_modems(lab: &Lab) -> anyhow::Result<()> {
             "cpe",
         ])?;
         nft("delete table inet isp_guard")?;
+        // Outbound: the modem's NAT. Inbound: its "exposed host" forward to the gateway.
         nft(&format!(
-            "add table ip modem {{ chain post {{ type nat hook postrouting priority 100; oifname \"net\" ip saddr 192.168.1.0/24 snat to 100.64.{k}.2; }}; }}"
+            "add table ip modem {{ chain post {{ type nat hook postrouting priority 100; oifname \"net\" ip saddr 192.168.1.0/24 snat to 100.64.{k}.2; }}; chain pre {{ type nat hook prerouting priority -100; iifname \"net\" ip daddr 100.64.{k}.2 dnat to 192.168.1.{}; }}; }}",
+            k + 1
         ))?;
         lab.gw(&["ip", "-4", "addr", "flush", "dev", &format!("wan{k}")])?;
         lab.gw(&[
@@ -83,5 +85,39 @@ fn two_modems_with_one_address_dispatch_fail_over_and_back() -> anyhow::Result<(
     lab.wait_for(Duration::from_secs(15), "c2 back on isp2", || {
         Ok(via(&lab, c2)? == "isp2")
     })?;
+
+    // Inbound symmetry by device: a port forward on the gateway (the operator's own nft
+    // table) to a LAN host, reached through each modem. Each answer must leave by the
+    // modem its request came in by: through the other one it would come back from the
+    // other public address, and the internet host's connected socket would not take it.
+    lab.gw(&[
+        "nft",
+        &format!(
+            "add table ip portfwd {{ chain pre {{ type nat hook prerouting priority -100; iifname {{ \"wan1\", \"wan2\" }} udp dport 7000 dnat to {}:7000; }}; }}",
+            client_v4(c1)
+        ),
+    ])?;
+    let echo = uplink_tests::in_netns(&lab.ns(&format!("c{c1}")), || {
+        std::net::UdpSocket::bind("0.0.0.0:7000")
+    })??;
+    uplink_tests::udp_echo(echo);
+    for k in [1u8, 2, 1, 2] {
+        let to = std::net::SocketAddr::from(([100, 64, k, 2], 7000));
+        let s = uplink_tests::in_netns(&lab.ns("inet"), move || -> std::io::Result<_> {
+            let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
+            s.connect(to)?;
+            s.set_read_timeout(Some(Duration::from_millis(500)))?;
+            Ok(s)
+        })??;
+        let mut buf = [0u8; 256];
+        let answered = (0..5).any(|_| {
+            s.send(b"inbound").is_ok() && uplink_tests::retry_eintr(|| s.recv(&mut buf)).is_ok()
+        });
+        assert!(
+            answered,
+            "no answer through modem {k}\n{}",
+            lab.post_mortem()
+        );
+    }
     Ok(())
 }
