@@ -53,6 +53,10 @@ pub enum ClientKind {
     Dhclient,
 }
 
+fn routes_log(dir: &std::path::Path) -> PathBuf {
+    dir.join("routes.log")
+}
+
 /// The subnet an ISP hands out: `100.64.<net>.0/24`, its router `.1`, leases `.50`–`.99`.
 pub fn router(net: u8) -> Ipv4Addr {
     Ipv4Addr::new(100, 64, net, 1)
@@ -91,7 +95,7 @@ impl Lab {
         fs::write(
             &conf,
             format!(
-                "port=0\ninterface=cpe\nbind-interfaces\nuser=root\ndhcp-authoritative\n\
+                "port=0\ninterface=cpe\nbind-interfaces\nuser=root\ndhcp-authoritative\nno-ping\n\
                  dhcp-range=100.64.{net}.50,100.64.{net}.99,255.255.255.0,{lease}\n\
                  dhcp-option=option:router,{}\ndhcp-leasefile={}\npid-file={}\n{extra}",
                 router(net),
@@ -116,6 +120,7 @@ impl Lab {
         let dir = self.dir.join(format!("dhcp-wan{k}"));
         fs::create_dir_all(&dir)?;
         let t = table.arg();
+        let routes = routes_log(&dir).display().to_string();
         let script = dir.join("script");
         let body = match kind {
             ClientKind::Udhcpc => format!(
@@ -130,7 +135,8 @@ case "$1" in
       ip -4 addr flush dev "$interface"
       ip addr add "$ip/$mask" dev "$interface"
     fi
-    ip route replace default via "${{router%% *}}" dev "$interface" {t} ;;
+    ip route replace default via "${{router%% *}}" dev "$interface" {t}
+    date +%s.%N >> "{routes}" ;;
 esac
 exit 0
 "#
@@ -147,7 +153,8 @@ case "$reason" in
     fi
     ip -4 -o addr show dev "$interface" | grep -q " $new_ip_address/" ||
       ip addr add "$new_ip_address/$new_subnet_mask" dev "$interface"
-    ip route replace default via "${{new_routers%% *}}" dev "$interface" {t} ;;
+    ip route replace default via "${{new_routers%% *}}" dev "$interface" {t}
+    date +%s.%N >> "{routes}" ;;
   EXPIRE|FAIL|RELEASE|STOP)
     ip -4 addr flush dev "$interface"
     ip -4 route del default dev "$interface" {t} 2>/dev/null ;;
@@ -206,6 +213,15 @@ exit 0
             .nth(1)
             .and_then(|a| a.split('/').next())
             .and_then(|a| a.parse().ok()))
+    }
+
+    /// When the client's script installed each default route (Unix seconds), oldest first.
+    pub fn route_times(&self, k: usize) -> Vec<f64> {
+        fs::read_to_string(routes_log(&self.dir.join(format!("dhcp-wan{k}"))))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
     }
 
     /// Where a client's log and scripts live, for failure messages.

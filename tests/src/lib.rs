@@ -763,9 +763,7 @@ impl Lab {
 
     /// The uplink whose NAT address the internet host saw.
     pub fn uplink_of_source(&self, seen: IpAddr) -> Option<String> {
-        (1..=self.uplinks.len())
-            .find(|k| seen == uplink_source(*k, false) || seen == uplink_source(*k, true))
-            .map(|k| self.uplinks[k - 1].name.clone())
+        uplink_by_address(&self.ns("gw"), &self.uplinks, seen)
     }
 
     pub fn config_path(&self) -> PathBuf {
@@ -1054,6 +1052,23 @@ pub fn uplink_source(k: usize, v6: bool) -> IpAddr {
     } else {
         IpAddr::V4(Ipv4Addr::new(100, 64, k as u8, 2))
     }
+}
+
+/// The uplink whose address `seen` is: a lab's static one, or else whatever address
+/// `wan<k>` has now (a DHCP lease, a renumbering, a redial).
+pub fn uplink_by_address(gw_ns: &str, uplinks: &[UplinkSpec], seen: IpAddr) -> Option<String> {
+    if let Some(k) = (1..=uplinks.len())
+        .find(|k| seen == uplink_source(*k, false) || seen == uplink_source(*k, true))
+    {
+        return Some(uplinks[k - 1].name.clone());
+    }
+    let out = sh(&["ip", "-n", gw_ns, "-o", "addr", "show"]).ok()?;
+    out.lines().find_map(|line| {
+        let w: Vec<&str> = line.split_whitespace().collect();
+        let addr: IpAddr = w.get(3)?.split('/').next()?.parse().ok()?;
+        let k: usize = w.get(1)?.strip_prefix("wan")?.parse().ok()?;
+        (addr == seen).then(|| uplinks.get(k.checked_sub(1)?).map(|u| u.name.clone()))?
+    })
 }
 
 pub fn server(v6: bool) -> SocketAddr {

@@ -717,6 +717,7 @@ impl Agent {
                 quorum: u.probe_quorum as usize,
                 interval: self.config.health.interval,
                 timeout: self.config.health.timeout,
+                hops: self.model.hops(&self.config, i),
             });
             if self.probers.get(&i).map(|(s, _)| s) == want.as_ref() {
                 continue;

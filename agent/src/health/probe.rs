@@ -32,6 +32,10 @@ pub struct ProbeSpec {
     pub quorum: usize,
     pub interval: Duration,
     pub timeout: Duration,
+    /// The uplink's next hops (IPv4, IPv6). Not used by the probes, which leave by the
+    /// uplink's mark and table; a change restarts them, so a round starts the moment a
+    /// learned gateway appears instead of finishing one that had no route.
+    pub hops: (crate::model::nexthop::Hop, crate::model::nexthop::Hop),
 }
 
 #[derive(Debug)]

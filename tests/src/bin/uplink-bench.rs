@@ -19,6 +19,11 @@
 //!     Forwarding rate of packets that go the whole way through the classification, with
 //!     0, 10, 100 and 1,000 rules, next to the seed's one mark rule per client; and the
 //!     time to apply 1,000 rules.
+//!   uplink-bench lease [--trials 20]
+//!     A DHCP uplink (dnsmasq in the ISP, udhcpc on the gateway, `gateway = "auto"`): time
+//!     from the default route the client installs to a client's new flow answered through
+//!     the uplink, for a new lease (after the lease was lost) and for a renumbering (new
+//!     subnet and gateway, forced renew).
 //!   uplink-bench soak [--seconds 3600] [--clients 10000] [--churn 1000] [--failover-every 60]
 //!     A gateway under churn, periodic failovers, a scrape a second and event watchers;
 //!     reports the slope of RSS, descriptors and tasks and the loss on a healthy uplink.
@@ -102,13 +107,14 @@ fn main() -> Result<()> {
             arg(&args, "--runs", 3)?,
             &machine,
         ),
+        Some("lease") => lease(arg(&args, "--trials", 20)?, &machine),
         Some("gap") => gap(
             args.get(1).map(String::as_str).unwrap_or("carrier"),
             arg(&args, "--trials", 20)?,
             &machine,
         ),
         _ => bail!(
-            "usage: uplink-bench dispatch [--clients N] [--interval-ms M] [--runs R] [--rules N] | startup [--clients N] [--runs R] | failover [--clients N] [--trials T] [--rules N] | gap carrier|silent [--trials T] | fleet [--max N] [--runs R] | pin [--pins N] | ctflush [--flows 2000] [--runs 3] | abuse [--clients 50000] [--dispatch 300] [--trials 10] | rules [--clients 100000] [--seconds 3] [--runs 3] | soak [--seconds 3600] [--clients 10000] [--churn 1000] [--failover-every 60] [--watchers 20] [--warmup 60]"
+            "usage: uplink-bench dispatch [--clients N] [--interval-ms M] [--runs R] [--rules N] | startup [--clients N] [--runs R] | failover [--clients N] [--trials T] [--rules N] | gap carrier|silent [--trials T] | lease [--trials T] | fleet [--max N] [--runs R] | pin [--pins N] | ctflush [--flows 2000] [--runs 3] | abuse [--clients 50000] [--dispatch 300] [--trials 10] | rules [--clients 100000] [--seconds 3] [--runs 3] | soak [--seconds 3600] [--clients 10000] [--churn 1000] [--failover-every 60] [--watchers 20] [--warmup 60]"
         ),
     }
 }
@@ -563,6 +569,111 @@ fn gap(kind: &str, trials: u64, machine: &str) -> Result<()> {
         })?;
     }
     summary(&format!("{kind} gap"), &mut gaps);
+    Ok(())
+}
+
+/// New lease and renumbering on a DHCP uplink: from the route the client's script installs
+/// (its own timestamp) to the first answer, from the new address, to a new flow of a client
+/// homed on that uplink (a datagram every 5 ms).
+fn lease(trials: u64, machine: &str) -> Result<()> {
+    use uplink_tests::Lab;
+    use uplink_tests::dhcp::{ClientKind, RouteTable};
+    println!(
+        "DHCP uplink: route installed -> traffic on the new address, default health settings (interval 200 ms, up_after 5), {trials} trials each"
+    );
+    println!("machine: {machine}; agent {}", uplinkd_bin().display());
+    let mut lab = Lab::build("lease", uplink_tests::probed_uplinks(), 2, 0)?;
+    lab.dhcp_uplink(2)?;
+    lab.write_config(
+        "10s",
+        "10m",
+        "[failover]\nfailback_delay = \"0s\"\nmax_flaps = 1000\n",
+    )?;
+    let cfg = std::fs::read_to_string(lab.config_path())?
+        .replace("gateway = \"100.64.2.1\"", "gateway = \"auto\"");
+    std::fs::write(lab.config_path(), cfg)?;
+    let mut net = 2u8;
+    let mut server = lab.dhcp_server(2, net, "1h", "")?;
+    let mut client = lab.dhcp_client(2, ClientKind::Udhcpc, RouteTable::Table(100))?;
+    lab.wait_for(Duration::from_secs(30), "a lease", || {
+        Ok(lab.wan_addr(2)?.is_some())
+    })?;
+    lab.start_agent()?;
+    let homes = lab.greet_clients()?;
+    let on2 = (1..=2)
+        .find(|&i| {
+            homes
+                .get(&uplink_tests::client_v4(i).into())
+                .map(String::as_str)
+                == Some("isp2")
+        })
+        .context("a client on isp2")?;
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or_default()
+    };
+    // New flows every 5 ms until one is answered from `want`; when it was.
+    let answered_from = |want: Ipv4Addr| -> Result<f64> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            let s = lab.client_socket(on2, false)?;
+            s.set_read_timeout(Some(Duration::from_millis(5)))?;
+            let _ = s.send(b"lease");
+            let mut buf = [0u8; 256];
+            if let Ok(n) = s.recv(&mut buf) {
+                let seen = String::from_utf8_lossy(&buf[..n]);
+                if seen.split(' ').next() == Some(want.to_string().as_str()) {
+                    return Ok(now());
+                }
+            }
+        }
+        bail!("no answer from {want} within 30 s\n{}", lab.log_tail(20))
+    };
+    let (mut fresh, mut renumber) = (Vec::new(), Vec::new());
+    for trial in 1..=trials {
+        // The lease is lost: the client goes, its address and route with it.
+        drop(client);
+        lab.gw(&["ip", "-4", "addr", "flush", "dev", "wan2"])?;
+        let _ = lab.gw(&["ip", "route", "del", "default", "table", "100"]);
+        lab.wait_for(Duration::from_secs(10), "isp2 down", || {
+            Ok(lab.scrape(9477)?.get("uplinkd_uplink_up{uplink=\"isp2\"}") == Some(&0.0))
+        })?;
+        let routes = lab.route_times(2).len();
+        client = lab.dhcp_client(2, ClientKind::Udhcpc, RouteTable::Table(100))?;
+        lab.wait_for(Duration::from_secs(30), "a new lease", || {
+            Ok(lab.route_times(2).len() > routes)
+        })?;
+        let addr = lab.wan_addr(2)?.context("leased")?;
+        let t1 = answered_from(addr)?;
+        let t0 = lab.route_times(2)[routes];
+        let a = (t1 - t0) * 1000.0;
+        // Renumbering: the ISP moves to the other subnet; the client renews at once.
+        net = if net == 2 { 12 } else { 2 };
+        let routes = lab.route_times(2).len();
+        drop(server);
+        server = lab.dhcp_server(2, net, "1h", "")?;
+        client.signal("USR1")?;
+        lab.wait_for(Duration::from_secs(30), "the renumbered lease", || {
+            Ok(lab.wan_addr(2)?.is_some_and(|a| a.octets()[2] == net)
+                && lab.route_times(2).len() > routes)
+        })?;
+        let addr = lab.wan_addr(2)?.context("renumbered")?;
+        let t1 = answered_from(addr)?;
+        let t0 = *lab.route_times(2).last().context("route time")?;
+        let b = (t1 - t0) * 1000.0;
+        println!("trial {trial}: new lease {a:.0} ms, renumbering {b:.0} ms");
+        fresh.push(a);
+        renumber.push(b);
+    }
+    drop(client);
+    drop(server);
+    summary("new lease (route installed) -> traffic", &mut fresh);
+    summary(
+        "renumbering (new route installed) -> traffic on the new address",
+        &mut renumber,
+    );
     Ok(())
 }
 

@@ -8,8 +8,11 @@
 //! policy `voip` prefers isp2 and fails over to isp1 (and avoids an uplink slower than
 //! 150 ms). The table shows where that flow leaves now and what `uplinkctl explain` says.
 //!
+//! isp2 is on DHCP (dnsmasq in the ISP, udhcpc on the gateway, `gateway = "auto"`).
+//!
 //! Type commands while it runs: `cut UPLINK` (carrier loss), `silent UPLINK` (the ISP drops
-//! what it forwards, link up), `restore UPLINK`, `explain SRC DST [--proto P] [--dport N]
+//! what it forwards, link up), `restore UPLINK`, `renumber isp2` (the ISP moves to another
+//! subnet and gateway; the client renews), `explain SRC DST [--proto P] [--dport N]
 //! ...`, `ctl ARGS` (uplinkctl as an operator, e.g. `ctl pin 198.19.0.11 lte`, `ctl drain
 //! isp1`, `ctl events`, `ctl policies`), `table`, `quit`. `--demo` runs a carrier cut and a
 //! silent failure with their recoveries by itself; `--once` prints one table.
@@ -21,6 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
+use uplink_tests::dhcp::{ClientKind, RouteTable};
 use uplink_tests::{Lab, SERVER4, UplinkSpec, client_v4, client_v6};
 
 const UPLINKS: [&str; 3] = ["isp1", "isp2", "lte"];
@@ -39,6 +43,38 @@ proto = "udp"
 dport = ["10000-20000"]
 policy = "voip"
 "#;
+
+/// isp2's DHCP server (replaced at a renumbering) and the gateway's client.
+struct Dhcp {
+    server: Mutex<uplink_tests::dhcp::Proc>,
+    client: uplink_tests::dhcp::Proc,
+    /// The subnet the ISP hands out now: `100.64.<net>.0/24`.
+    net: Mutex<u8>,
+}
+
+impl Dhcp {
+    /// The ISP moves to another subnet (and gateway) and NAKs the old lease at the renew
+    /// that the client is told to do; returns the old and the new address.
+    fn renumber(&self, lab: &Lab) -> Result<String> {
+        let before = lab.wan_addr(2)?;
+        let mut net = self.net.lock().expect("lock");
+        *net = if *net == 2 { 12 } else { 2 };
+        let started = Instant::now();
+        *self.server.lock().expect("lock") = lab.dhcp_server(2, *net, "1h", "")?;
+        self.client.signal("USR1")?;
+        let want = *net;
+        lab.wait_for(Duration::from_secs(30), "the new lease", || {
+            Ok(lab.wan_addr(2)?.is_some_and(|a| a.octets()[2] == want))
+        })?;
+        Ok(format!(
+            "isp2 renumbered: {} -> {} (gateway {}), leased after {} ms",
+            before.map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
+            lab.wan_addr(2)?.map(|a| a.to_string()).unwrap_or_default(),
+            uplink_tests::dhcp::router(want),
+            started.elapsed().as_millis()
+        ))
+    }
+}
 
 /// The VoIP-like flow: datagrams sent and answered, and the uplink of the last answer.
 #[derive(Default)]
@@ -70,6 +106,22 @@ fn main() -> Result<()> {
         "10m",
         &format!("[failover]\nfailback_delay = \"5s\"\n{POLICY}{api}"),
     )?;
+    // isp2 is a cable line on DHCP: dnsmasq in the ISP, udhcpc on the gateway (its script
+    // puts the default route in table 100, which uplinkd reads and does not own).
+    let cfg = std::fs::read_to_string(lab.config_path())?
+        .replace("gateway = \"100.64.2.1\"", "gateway = \"auto\"");
+    std::fs::write(lab.config_path(), cfg)?;
+    lab.dhcp_uplink(2)?;
+    let dhcp = Dhcp {
+        server: Mutex::new(lab.dhcp_server(2, 2, "1h", "")?),
+        client: lab.dhcp_client(2, ClientKind::Udhcpc, RouteTable::Table(100))?,
+        net: Mutex::new(2),
+    };
+    eprintln!("isp2: waiting for a DHCP lease (dnsmasq in the ISP, udhcpc on the gateway)...");
+    lab.wait_for(Duration::from_secs(30), "a DHCP lease on wan2", || {
+        Ok(lab.wan_addr(2)?.is_some())
+    })?;
+    eprintln!("isp2: leased {}", lab.wan_addr(2)?.expect("leased"));
     lab.serve_udp(SocketAddr::new(IpAddr::V4(SERVER4), VOIP_PORT))?;
     eprintln!(
         "starting uplinkd in {} (config {}, log {})",
@@ -106,9 +158,9 @@ fn main() -> Result<()> {
         return Ok(());
     }
     if demo {
-        run_demo(&lab, &voip, &stop)?;
+        run_demo(&lab, &voip, &dhcp, &stop)?;
     } else {
-        interactive(&lab, &voip, &stop)?;
+        interactive(&lab, &voip, &dhcp, &stop)?;
     }
     eprintln!("tearing down {}-*", lab.prefix);
     Ok(())
@@ -120,9 +172,10 @@ fn start_voip(lab: &Lab, stop: Arc<AtomicBool>) -> Result<Arc<Mutex<Voip>>> {
     sock.connect(SocketAddr::new(IpAddr::V4(SERVER4), VOIP_PORT))?;
     sock.set_read_timeout(Some(Duration::from_millis(100)))?;
     let state = Arc::new(Mutex::new(Voip::default()));
-    let (shared, sources) = (state.clone(), lab.uplinks.clone());
+    let (shared, sources, gw) = (state.clone(), lab.uplinks.clone(), lab.ns("gw"));
     std::thread::spawn(move || {
         let mut buf = [0u8; 512];
+        let mut last: (Option<IpAddr>, String) = (None, String::new());
         while !stop.load(Ordering::SeqCst) {
             let next = Instant::now() + Duration::from_millis(20);
             let _ = sock.send(b"rtp");
@@ -130,10 +183,13 @@ fn start_voip(lab: &Lab, stop: Arc<AtomicBool>) -> Result<Arc<Mutex<Voip>>> {
             if let Ok(n) = uplink_tests::retry_eintr(|| sock.recv(&mut buf)) {
                 let seen = String::from_utf8_lossy(&buf[..n]);
                 let ip: Option<IpAddr> = seen.split(' ').next().and_then(|s| s.parse().ok());
-                let via = (1..=sources.len())
-                    .find(|&k| Some(uplink_tests::uplink_source(k, false)) == ip)
-                    .map(|k| sources[k - 1].name.clone())
-                    .unwrap_or_else(|| "?".into());
+                if ip != last.0 {
+                    let via = ip
+                        .and_then(|ip| uplink_tests::uplink_by_address(&gw, &sources, ip))
+                        .unwrap_or_else(|| "?".into());
+                    last = (ip, via);
+                }
+                let via = last.1.clone();
                 let mut v = shared.lock().expect("lock");
                 v.answered += 1;
                 v.via = via;
@@ -144,9 +200,9 @@ fn start_voip(lab: &Lab, stop: Arc<AtomicBool>) -> Result<Arc<Mutex<Voip>>> {
     Ok(state)
 }
 
-fn interactive(lab: &Lab, voip: &Mutex<Voip>, stop: &AtomicBool) -> Result<()> {
+fn interactive(lab: &Lab, voip: &Mutex<Voip>, dhcp: &Dhcp, stop: &AtomicBool) -> Result<()> {
     eprintln!(
-        "commands: cut UPLINK | silent UPLINK | restore UPLINK | explain SRC DST [--proto P] [--dport N] | ctl ARGS | table | quit   (uplinks: {})",
+        "commands: cut UPLINK | silent UPLINK | restore UPLINK | renumber isp2 | explain SRC DST [--proto P] [--dport N] | ctl ARGS | table | quit   (uplinks: {})",
         UPLINKS.join(", ")
     );
     let (tx, rx) = mpsc::channel::<String>();
@@ -183,13 +239,22 @@ fn interactive(lab: &Lab, voip: &Mutex<Voip>, stop: &AtomicBool) -> Result<()> {
                         std::thread::sleep(Duration::from_millis(300));
                     }
                     ["table"] | [] => {}
+                    ["renumber", "isp2"] => {
+                        println!("\n>>> renumber isp2");
+                        match dhcp.renumber(lab) {
+                            Ok(what) => println!("{what}"),
+                            Err(e) => eprintln!("renumbering failed: {e}"),
+                        }
+                        // The uplink passes its probes on the new address first.
+                        std::thread::sleep(Duration::from_millis(1500));
+                    }
                     [cmd @ ("cut" | "silent" | "restore"), uplink] if UPLINKS.contains(uplink) => {
                         act(lab, cmd, uplink)?;
                         std::thread::sleep(Duration::from_millis(1500));
                     }
                     _ => {
                         eprintln!(
-                            "unknown command {line:?}; commands: cut UPLINK | silent UPLINK | restore UPLINK | table | quit (uplinks: {})",
+                            "unknown command {line:?}; commands: cut UPLINK | silent UPLINK | restore UPLINK | renumber isp2 | explain SRC DST ... | ctl ARGS | table | quit (uplinks: {})",
                             UPLINKS.join(", ")
                         );
                         continue;
@@ -223,7 +288,7 @@ fn act(lab: &Lab, cmd: &str, uplink: &str) -> Result<()> {
     }
 }
 
-fn run_demo(lab: &Lab, voip: &Mutex<Voip>, stop: &AtomicBool) -> Result<()> {
+fn run_demo(lab: &Lab, voip: &Mutex<Voip>, dhcp: &Dhcp, stop: &AtomicBool) -> Result<()> {
     let steps: [(&str, &str, u64); 6] = [
         ("cut", "isp1", 2),
         ("restore", "isp1", 8),
@@ -238,6 +303,12 @@ fn run_demo(lab: &Lab, voip: &Mutex<Voip>, stop: &AtomicBool) -> Result<()> {
         }
         act(lab, cmd, uplink)?;
         std::thread::sleep(Duration::from_secs(wait));
+        print_table(lab, voip)?;
+    }
+    if !stop.load(Ordering::SeqCst) {
+        println!("\n>>> renumber isp2");
+        println!("{}", dhcp.renumber(lab)?);
+        std::thread::sleep(Duration::from_secs(3));
         print_table(lab, voip)?;
     }
     Ok(())
@@ -312,6 +383,8 @@ fn print_table(lab: &Lab, voip: &Mutex<Voip>) -> Result<()> {
                 || l.contains("failback to")
                 || l.contains("ALL UPLINKS")
                 || l.contains("policy ")
+                || l.contains(" gateway ")
+                || l.contains("NATed to it")
         })
         .collect();
     if !events.is_empty() {
