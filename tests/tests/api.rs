@@ -464,23 +464,22 @@ fn golden_uplinks_output() -> anyhow::Result<()> {
     assert_eq!(code, 0, "{err}");
     assert_eq!(
         table,
-        "UPLINK  STATE  TIER  WEIGHT  CLIENTS  RTT_MS  LOSS  JITTER_MS\n\
-         isp1    up     1     1       0        -       -     -\n\
-         isp2    up     1     1       0        -       -     -\n"
+        "UPLINK  STATE  TIER  WEIGHT  CLIENTS  RTT_MS  LOSS  JITTER_MS  GATEWAY\n\
+         isp1    up     1     1       0        -       -     -          100.64.1.1\n\
+         isp2    up     1     1       0        -       -     -          100.64.2.1\n"
     );
     let (_, wide, _) = lab.ctl("view", &["uplinks", "-o", "wide"])?;
     assert!(
-        wide.lines()
-            .nth(1)
-            .unwrap()
-            .ends_with("wan1       0x1000000  1001   true"),
+        wide.lines().nth(1).unwrap().ends_with(
+            "wan1       0x1000000  1001   true     2001:db8:100:1::1  100.64.1.2,2001:db8:100:1::2"
+        ),
         "{wide}"
     );
     let (_, json, _) = lab.ctl("view", &["uplinks", "-o", "json"])?;
     let v: serde_json::Value = serde_json::from_str(&json)?;
     assert_eq!(
         v[0],
-        serde_json::json!({"name": "isp1", "interface": "wan1", "weight": 1, "tier": 1, "state": "up", "balance": "client", "fwmark": 16777216, "table": 1001, "clients": 0, "rtt_ms": null, "loss_ratio": null, "jitter_ms": null, "serving": true, "tx_bytes": 0, "tx_packets": 0, "rx_bytes": 0, "rx_packets": 0, "failback_in_ms": null, "failback_manual": false, "clients_carried": 0})
+        serde_json::json!({"name": "isp1", "interface": "wan1", "weight": 1, "tier": 1, "state": "up", "balance": "client", "fwmark": 16777216, "table": 1001, "clients": 0, "rtt_ms": null, "loss_ratio": null, "jitter_ms": null, "serving": true, "tx_bytes": 0, "tx_packets": 0, "rx_bytes": 0, "rx_packets": 0, "failback_in_ms": null, "failback_manual": false, "clients_carried": 0, "down_reason": "", "gateway": "100.64.1.1", "gateway6": "2001:db8:100:1::1", "addresses": ["100.64.1.2", "2001:db8:100:1::2"]})
     );
     Ok(())
 }

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
+use uplink_tests::dhcp::Proc;
 
 use uplink_tests::{
     ECHO_PORT, Lab, SERVER4, TCP_ECHO_PORT, TcpFlow, UdpStream, UplinkSpec, client_v4, server,
@@ -643,15 +644,6 @@ fn resolve(lab: &Lab, i: u32, server: SocketAddr, name: &str) -> anyhow::Result<
 }
 
 /// Kills a helper process on drop.
-struct Proc(std::process::Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// A domain rule with a real dnsmasq as the gateway's resolver: `--nftset` fills the
 /// external set uplinkd created, and the client's next connection to the address it
 /// resolved follows the rule; a reload that rewrites the rules keeps the set's elements.
