@@ -108,6 +108,8 @@ fn lease_after_start_and_renumbering_with_udhcpc() -> anyhow::Result<()> {
     // Renumbering: the ISP moves to 100.64.12.0/24 behind 100.64.12.1, and NAKs the old
     // address at the renew that udhcpc is told to do.
     let flow = lab.client_socket(2, false)?;
+    // c1's flow on isp1 runs through it all.
+    let other = uplink_tests::UdpStream::start(&lab, 1, false, Duration::from_millis(20))?;
     let echo = |s: &std::net::UdpSocket| -> anyhow::Result<Option<String>> {
         let mut buf = [0u8; 512];
         s.send(b"same flow")?;
@@ -163,6 +165,14 @@ fn lease_after_start_and_renumbering_with_udhcpc() -> anyhow::Result<()> {
         "{rules}"
     );
     assert!(!rules.contains(&format!("from {lease} lookup")), "{rules}");
+    let r = other.finish()?;
+    assert_eq!(r.seen, vec![uplink_tests::uplink_source(1, false)]);
+    assert!(
+        r.sent > 0 && r.received == r.sent,
+        "isp1's flow lost {} of {}",
+        r.sent - r.received,
+        r.sent
+    );
     // No restart happened, and no apply failed.
     let m = lab.scrape(9477)?;
     assert_eq!(m.get("uplinkd_apply_errors_total"), Some(&0.0));
