@@ -949,8 +949,14 @@ impl Lab {
         );
         show("gw neighbours", self.gw(&["ip", "neigh"]));
         show("gw links", self.gw(&["ip", "-br", "link"]));
+        show("gw addresses", self.gw(&["ip", "-br", "addr"]));
         for k in 1..=self.uplinks.len() {
             let isp = self.ns(&format!("isp{k}"));
+            show(
+                &format!("isp{k} addresses and neighbours"),
+                sh(&["ip", "-n", &isp, "-br", "addr"])
+                    .and_then(|a| Ok(a + &sh(&["ip", "-n", &isp, "neigh"])?)),
+            );
             show(
                 &format!("isp{k} spoof guard"),
                 sh(&[

@@ -385,6 +385,9 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
                     debug!(events = n, latency_us = received.elapsed().as_micros() as u64, "dispatched");
                 }
                 if links {
+                    // After the apply: a prober (re)started for a new address or gateway
+                    // finds its route in the kernel from its first round.
+                    agent.reconcile_probers();
                     // Uplink states may have changed: the gauges follow now, not in a second.
                     agent.publish_metrics();
                 }
@@ -640,7 +643,6 @@ impl Agent {
             &self.config.health,
             &self.config.failover,
         ));
-        self.reconcile_probers();
         // Routes and rules follow links even without a state change.
         self.record(log);
         true
@@ -701,24 +703,29 @@ impl Agent {
             .zip(&self.model.uplinks)
             .enumerate()
         {
-            let want = (!u.probes.is_empty() && m.link.ifindex.is_some()).then(|| ProbeSpec {
-                uplink: i,
-                interface: u.interface.clone(),
-                fwmark: self.config.dataplane.fwmark(u.mark),
-                src4: m.addrs.iter().find_map(|a| match a {
-                    IpAddr::V4(a) => Some(*a),
-                    _ => None,
-                }),
-                src6: m.addrs.iter().find_map(|a| match a {
-                    IpAddr::V6(a) => Some(*a),
-                    _ => None,
-                }),
-                targets: u.probes.clone(),
-                quorum: u.probe_quorum as usize,
-                interval: self.config.health.interval,
-                timeout: self.config.health.timeout,
-                hops: self.model.hops(&self.config, i),
-            });
+            // Without an IPv4 next hop (`auto`, nothing learned yet) there is no route to
+            // probe through: a socket bound to the device would ARP for the target itself.
+            let hops = self.model.hops(&self.config, i);
+            let routed = hops.0 != Hop::Unknown;
+            let want =
+                (!u.probes.is_empty() && m.link.ifindex.is_some() && routed).then(|| ProbeSpec {
+                    uplink: i,
+                    interface: u.interface.clone(),
+                    fwmark: self.config.dataplane.fwmark(u.mark),
+                    src4: m.addrs.iter().find_map(|a| match a {
+                        IpAddr::V4(a) => Some(*a),
+                        _ => None,
+                    }),
+                    src6: m.addrs.iter().find_map(|a| match a {
+                        IpAddr::V6(a) => Some(*a),
+                        _ => None,
+                    }),
+                    targets: u.probes.clone(),
+                    quorum: u.probe_quorum as usize,
+                    interval: self.config.health.interval,
+                    timeout: self.config.health.timeout,
+                    hops,
+                });
             if self.probers.get(&i).map(|(s, _)| s) == want.as_ref() {
                 continue;
             }
@@ -1106,6 +1113,7 @@ impl Agent {
         self.links_changed();
         self.state_dirty = true;
         self.apply(ReadBack::Full).await;
+        self.reconcile_probers();
         self.save_state();
         self.publish_metrics();
         self.generation += 1;

@@ -180,7 +180,10 @@ impl Health {
         }
         let was_ok = self.link.is_ok();
         self.link = link;
-        if was_ok && link.is_err() && self.probing {
+        // No prober runs while an `auto` gateway is unknown: the probes must confirm the
+        // path once one is learned, also when the agent started without one.
+        let unprobed = link == Err(LinkProblem::NoGateway);
+        if (was_ok || unprobed) && link.is_err() && self.probing {
             // After the link returns, probes must confirm it before it carries traffic:
             // a link that is up is not yet a path that works.
             self.probes_ok = false;
@@ -395,6 +398,28 @@ mod tests {
         assert_eq!(
             (t.to, t.cause.as_str()),
             (UplinkState::Down, "carrier lost")
+        );
+    }
+
+    #[test]
+    fn a_gateway_learned_after_start_waits_for_the_probes() {
+        let (h, f) = cfg();
+        let t0 = Instant::now();
+        let mut x = Health::new(true, 50, t0);
+        x.on_link(Err(LinkProblem::NoGateway), t0, &h, &f);
+        assert_eq!(
+            x.down_reason().as_deref(),
+            Some("no gateway yet (waiting for DHCP, or a default route on the interface)")
+        );
+        // The lease: the link is fine, but no prober ran without a route.
+        assert!(x.on_link(Ok(()), t0, &h, &f).is_none());
+        assert_eq!(x.state(), UplinkState::Down);
+        for _ in 0..4 {
+            assert!(x.on_round(&round(true), t0, &h, &f).is_none());
+        }
+        assert_eq!(
+            x.on_round(&round(true), t0, &h, &f).unwrap().to,
+            UplinkState::Up
         );
     }
 

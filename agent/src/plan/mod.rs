@@ -328,16 +328,14 @@ pub fn plan(config: &Config, model: &Model) -> Desired {
         }
     }
 
-    if let Some(i) = policy::local_first(config, model) {
-        let table = config.uplinks[i].table;
-        for family in [Family::V4, Family::V6] {
-            if family == Family::V6 && !config.uplinks[i].ipv6 {
-                continue;
-            }
+    for family in [Family::V4, Family::V6] {
+        if let Some(i) = policy::local_first(config, model, family == Family::V6) {
             rules.insert(RuleSpec {
                 family,
                 priority: dp.rule_priority + 3,
-                action: RuleAction::Local { table },
+                action: RuleAction::Local {
+                    table: config.uplinks[i].table,
+                },
             });
         }
     }

@@ -144,9 +144,10 @@ pub fn local_verdict(config: &Config, model: &Model) -> Option<super::LocalVerdi
     }
 }
 
-/// The uplink whose table answers the first route lookup of the gateway's own traffic:
-/// the `[local]` policy's first choice (any uplink of its first tier while none is usable).
-pub fn local_first(config: &Config, model: &Model) -> Option<usize> {
+/// The uplink whose table answers the first route lookup of the gateway's own traffic of
+/// one family: the `[local]` policy's first choice among the candidates that carry the
+/// family (its first candidate while none is usable).
+pub fn local_first(config: &Config, model: &Model, v6: bool) -> Option<usize> {
     let (members, sla, spread): (Vec<usize>, Option<usize>, bool) = match config.local {
         LocalPolicy::Main => return None,
         LocalPolicy::Default => ((0..config.uplinks.len()).collect(), None, true),
@@ -159,6 +160,10 @@ pub fn local_first(config: &Config, model: &Model) -> Option<usize> {
             )
         }
     };
+    let members: Vec<usize> = members
+        .into_iter()
+        .filter(|&i| !v6 || config.uplinks[i].ipv6)
+        .collect();
     let choice = model.choose(&members, sla, spread);
     choice.using.first().or(members.first()).copied()
 }

@@ -614,12 +614,17 @@ fn lease(trials: u64, machine: &str) -> Result<()> {
             .map(|d| d.as_secs_f64())
             .unwrap_or_default()
     };
-    // New flows every 5 ms until one is answered from `want`; when it was.
+    // New flows every 10 ms until one is answered from `want`; when it was. Each is a new
+    // conntrack entry that stays (sticky to the uplink it took) for 30 to 120 s: the ones
+    // made while the uplink was still down go before the next measurement, or a reused
+    // source port would follow its old entry to the other uplink.
+    let on2_addr = uplink_tests::client_v4(on2).to_string();
+    let forget_flows = || lab.gw(&["conntrack", "-D", "-p", "udp", "-s", &on2_addr]);
     let answered_from = |want: Ipv4Addr| -> Result<f64> {
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             let s = lab.client_socket(on2, false)?;
-            s.set_read_timeout(Some(Duration::from_millis(5)))?;
+            s.set_read_timeout(Some(Duration::from_millis(10)))?;
             let _ = s.send(b"lease");
             let mut buf = [0u8; 256];
             if let Ok(n) = s.recv(&mut buf) {
@@ -629,7 +634,12 @@ fn lease(trials: u64, machine: &str) -> Result<()> {
                 }
             }
         }
-        bail!("no answer from {want} within 30 s\n{}", lab.log_tail(20))
+        bail!(
+            "no answer from {want} within 30 s\n{}\n{}\n--- udhcpc ---\n{}",
+            lab.log_tail(20),
+            lab.post_mortem(),
+            lab.dhcp_log(2)
+        )
     };
     let (mut fresh, mut renumber) = (Vec::new(), Vec::new());
     for trial in 1..=trials {
@@ -640,6 +650,7 @@ fn lease(trials: u64, machine: &str) -> Result<()> {
         lab.wait_for(Duration::from_secs(10), "isp2 down", || {
             Ok(lab.scrape(9477)?.get("uplinkd_uplink_up{uplink=\"isp2\"}") == Some(&0.0))
         })?;
+        let _ = forget_flows();
         let routes = lab.route_times(2).len();
         client = lab.dhcp_client(2, ClientKind::Udhcpc, RouteTable::Table(100))?;
         lab.wait_for(Duration::from_secs(30), "a new lease", || {
@@ -651,6 +662,7 @@ fn lease(trials: u64, machine: &str) -> Result<()> {
         let a = (t1 - t0) * 1000.0;
         // Renumbering: the ISP moves to the other subnet; the client renews at once.
         net = if net == 2 { 12 } else { 2 };
+        let _ = forget_flows();
         let routes = lab.route_times(2).len();
         drop(server);
         server = lab.dhcp_server(2, net, "1h", "")?;
