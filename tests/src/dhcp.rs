@@ -1,9 +1,9 @@
-//! Dynamic uplinks in the lab: a real dnsmasq as an ISP's DHCP server (and router-advert
-//! source), and real DHCP clients in the gateway namespace whose scripts are the test's
+//! Real peer software in the lab: dnsmasq as an ISP's DHCP server (and router-advert
+//! source) or as a resolver, a minimal DNS client, and real DHCP clients in the gateway namespace whose scripts are the test's
 //! own (they touch only the uplink's address and default route, never the host's files).
 
 use std::fs;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -77,6 +77,58 @@ impl Lab {
             "delete table inet isp_guard",
         ])?;
         Ok(())
+    }
+
+    /// Starts a dnsmasq as a resolver in namespace `ns` (no config file, no resolv.conf,
+    /// no hosts file; its pid file in the lab's directory), with `args`.
+    pub fn resolver(&self, ns: &str, args: &[&str]) -> Result<Proc> {
+        let pid = self
+            .dir
+            .join(format!("dnsmasq-{}.pid", self.dir.read_dir()?.count()));
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns, "dnsmasq", "--keep-in-foreground"])
+            .args([
+                "--no-resolv",
+                "--no-hosts",
+                "--bind-interfaces",
+                "--conf-file=/dev/null",
+            ])
+            .arg(format!("--pid-file={}", pid.display()))
+            .args(args)
+            .stderr(Stdio::null())
+            .spawn()
+            .context("dnsmasq (Debian dnsmasq-base) must be installed")?;
+        Ok(Proc(child))
+    }
+
+    /// A minimal DNS A query over UDP from client `i` to `server`; the first A record.
+    pub fn resolve(&self, i: u32, server: SocketAddr, name: &str) -> Result<Ipv4Addr> {
+        let mut q = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+        for label in name.split('.') {
+            q.push(label.len() as u8);
+            q.extend_from_slice(label.as_bytes());
+        }
+        q.extend_from_slice(&[0, 0, 1, 0, 1]);
+        let s = crate::in_netns(&self.ns(&format!("c{i}")), || {
+            std::net::UdpSocket::bind("0.0.0.0:0")
+        })??;
+        s.set_read_timeout(Some(std::time::Duration::from_secs(2)))?;
+        s.send_to(&q, server)?;
+        let mut buf = [0u8; 512];
+        let n = crate::retry_eintr(|| s.recv(&mut buf))?;
+        let ancount = u16::from_be_bytes([buf[6], buf[7]]);
+        anyhow::ensure!(
+            buf[3] & 0x0f == 0 && ancount > 0,
+            "no answer for {name}: {:?}",
+            &buf[..n]
+        );
+        // The answer's RDATA is the last four bytes (one A record, no other sections).
+        Ok(Ipv4Addr::new(
+            buf[n - 4],
+            buf[n - 3],
+            buf[n - 2],
+            buf[n - 1],
+        ))
     }
 
     /// Starts dnsmasq in ISP `k` handing out `100.64.<net>.0/24` with leases of `lease`

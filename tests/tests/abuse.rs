@@ -26,18 +26,6 @@ fn api_lab(tag: &str, uplinks: Vec<UplinkSpec>, clients: u32, extra: &str) -> an
     Ok(lab)
 }
 
-fn scrape(lab: &Lab, port: u16) -> anyhow::Result<BTreeMap<String, f64>> {
-    let text = lab.gw(&["curl", "-sf", &format!("http://127.0.0.1:{port}/metrics")])?;
-    Ok(text
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (k, v) = l.rsplit_once(' ')?;
-            Some((k.to_string(), v.parse().ok()?))
-        })
-        .collect())
-}
-
 /// The first client whose home is `uplink`.
 fn client_on(homes: &BTreeMap<IpAddr, String>, uplink: &str) -> u32 {
     (1..=8)
@@ -198,7 +186,7 @@ fn listeners_are_bounded_and_metrics_are_not_on_the_wan() -> anyhow::Result<()> 
         "http://100.64.1.2:9477/metrics",
     ]);
     assert!(from_wan.is_err(), "metrics answered the WAN: {from_wan:?}");
-    assert!(scrape(&lab, 9477)?.contains_key("uplinkd_in_sync"));
+    assert!(lab.scrape(9477)?.contains_key("uplinkd_in_sync"));
 
     let before = lab.agent_fds()?;
     let (closed_m, open_m) = idle_connections(&lab, 9477, 1100)?;
@@ -215,7 +203,7 @@ fn listeners_are_bounded_and_metrics_are_not_on_the_wan() -> anyhow::Result<()> 
     );
     assert!(closed_a >= 1000, "API closed {closed_a} of 1100 at once");
     // Everybody else is still served while that address holds its connections.
-    assert!(scrape(&lab, 9477)?.contains_key("uplinkd_in_sync"));
+    assert!(lab.scrape(9477)?.contains_key("uplinkd_in_sync"));
     let (code, _, err) = lab.ctl("view", &["status"])?;
     assert_eq!(code, 0, "an operator gets in during the flood: {err}");
 
@@ -228,11 +216,12 @@ fn listeners_are_bounded_and_metrics_are_not_on_the_wan() -> anyhow::Result<()> 
     drop(open_m);
     drop(open_a);
     lab.wait_for(Duration::from_secs(10), "a scrape after the flood", || {
-        Ok(scrape(&lab, 9477)?
+        Ok(lab
+            .scrape(9477)?
             .get("uplinkd_listener_connections_refused_total{listener=\"metrics\"}")
             .is_some_and(|n| *n >= 1000.0))
     })?;
-    let m = scrape(&lab, 9477)?;
+    let m = lab.scrape(9477)?;
     assert!(
         m["uplinkd_listener_connections_refused_total{listener=\"api\"}"] >= 1000.0,
         "{m:?}"
@@ -269,12 +258,12 @@ fn client_metrics_tell_who_is_on_each_uplink_now() -> anyhow::Result<()> {
         Duration::from_secs(5),
         "carried counts after the failover",
         || {
-            let m = scrape(&lab, 9477)?;
+            let m = lab.scrape(9477)?;
             Ok(m["uplinkd_uplink_clients{uplink=\"isp2\"}"] == 0.0
                 && m["uplinkd_uplink_clients{uplink=\"isp1\"}"] == 2.0)
         },
     )?;
-    let m = scrape(&lab, 9477)?;
+    let m = lab.scrape(9477)?;
     assert_eq!(m["uplinkd_uplink_clients_homed{uplink=\"isp2\"}"], 1.0);
     assert_eq!(m["uplinkd_uplink_clients_homed{uplink=\"isp1\"}"], 1.0);
     assert_eq!(m["uplinkd_uplink_serving{uplink=\"isp2\"}"], 0.0);
@@ -375,7 +364,7 @@ fn a_pin_takes_effect_while_its_uplink_waits_for_failback() -> anyhow::Result<()
         .ok_or_else(|| anyhow::anyhow!("{ip} not listed:\n{out}"))?;
     let cols: Vec<&str> = line.split_whitespace().collect();
     assert_eq!(cols[cols.len() - 2..], ["isp1", "override"], "{line}");
-    let m = scrape(&lab, 9477)?;
+    let m = lab.scrape(9477)?;
     assert!(
         m["uplinkd_uplink_failback_in_seconds{uplink=\"isp1\"}"] > 60.0,
         "{m:?}"
@@ -535,7 +524,7 @@ fn a_lan_flood_is_bounded_and_existing_clients_keep_their_uplinks() -> anyhow::R
     std::fs::write(&file, batch)?;
     lab.gw(&["ip", "-batch", file.to_str().unwrap()])?;
     lab.wait_for(Duration::from_secs(20), "the limits to be reached", || {
-        let m = scrape(&lab, 9477)?;
+        let m = lab.scrape(9477)?;
         Ok(m.get("uplinkd_clients") == Some(&1000.0)
             && m.get("uplinkd_lan_neighbours_refused_total{limit=\"lan.max_clients\"}")
                 .is_some_and(|n| *n >= 4000.0)
@@ -638,7 +627,8 @@ fn a_failed_conntrack_deletion_is_retried() -> anyhow::Result<()> {
     std::fs::write(&broken, "")?;
     lab.carrier("isp2", false)?;
     lab.wait_for(Duration::from_secs(10), "the failed deletion", || {
-        Ok(scrape(&lab, 9477)?
+        Ok(lab
+            .scrape(9477)?
             .get("uplinkd_conntrack_flush_errors_total{uplink=\"isp2\"}")
             .is_some_and(|n| *n >= 1.0))
     })?;
@@ -719,7 +709,8 @@ fn a_read_only_state_dir_is_reported_and_retried() -> anyhow::Result<()> {
     lab.add_client(2, false)?;
     assert!(via(&lab, 2).is_ok(), "routing goes on");
     lab.wait_for(Duration::from_secs(10), "the save error", || {
-        Ok(scrape(&lab, 9477)?
+        Ok(lab
+            .scrape(9477)?
             .get("uplinkd_state_save_errors_total{file=\"state.json\"}")
             .is_some_and(|n| *n >= 1.0))
     })?;
@@ -761,11 +752,11 @@ fn ipv6_traffic_does_not_excuse_a_dead_ipv4_path() -> anyhow::Result<()> {
     lab.wait_for(
         Duration::from_secs(15),
         "isp1 down on its IPv4 probes",
-        || Ok(scrape(&lab, 9477)?.get("uplinkd_uplink_up{uplink=\"isp1\"}") == Some(&0.0)),
+        || Ok(lab.scrape(9477)?.get("uplinkd_uplink_up{uplink=\"isp1\"}") == Some(&0.0)),
     )?;
     let r = stream.finish()?;
     assert!(r.received > 0, "IPv6 replies flowed meanwhile: {r:?}");
-    let m = scrape(&lab, 9477)?;
+    let m = lab.scrape(9477)?;
     assert_eq!(
         m["uplinkd_uplink_probe_rounds_lost_while_forwarding_total{uplink=\"isp1\"}"], 0.0,
         "no IPv4 round was excused by IPv6 traffic"
@@ -779,12 +770,15 @@ fn ipv6_traffic_does_not_excuse_a_dead_ipv4_path() -> anyhow::Result<()> {
 fn a_renamed_uplink_leaves_no_stale_series() -> anyhow::Result<()> {
     let lab = api_lab("stale", two_uplinks(), 1, "")?;
     lab.greet_clients()?;
-    assert!(scrape(&lab, 9477)?.contains_key("uplinkd_uplink_up{uplink=\"isp2\"}"));
+    assert!(
+        lab.scrape(9477)?
+            .contains_key("uplinkd_uplink_up{uplink=\"isp2\"}")
+    );
     let text = std::fs::read_to_string(lab.config_path())?.replace("\"isp2\"", "\"backup\"");
     std::fs::write(lab.config_path(), text)?;
     let (code, _, err) = lab.ctl("op", &["reload"])?;
     assert_eq!(code, 0, "{err}");
-    let m = scrape(&lab, 9477)?;
+    let m = lab.scrape(9477)?;
     assert!(
         m.contains_key("uplinkd_uplink_up{uplink=\"backup\"}"),
         "{m:?}"
@@ -835,7 +829,8 @@ fn a_full_state_dir_is_reported_and_retried() -> anyhow::Result<()> {
     lab.add_client(2, false)?;
     assert!(via(&lab, 2).is_ok(), "routing goes on");
     lab.wait_for(Duration::from_secs(10), "the save error", || {
-        Ok(scrape(&lab, 9477)?
+        Ok(lab
+            .scrape(9477)?
             .get("uplinkd_state_save_errors_total{file=\"state.json\"}")
             .is_some_and(|n| *n >= 1.0))
     })?;
@@ -888,7 +883,7 @@ fn probes_wait_for_the_first_apply() -> anyhow::Result<()> {
         Duration::from_secs(10),
         "probe answers on both uplinks",
         || {
-            let m = scrape(&lab, 9477)?;
+            let m = lab.scrape(9477)?;
             Ok(["isp1", "isp2"].iter().all(|u| {
                 m.get(&format!(
                     "uplinkd_uplink_probe_rtt_seconds_count{{uplink=\"{u}\"}}"
@@ -897,7 +892,7 @@ fn probes_wait_for_the_first_apply() -> anyhow::Result<()> {
             }))
         },
     )?;
-    let m = scrape(&lab, 9477)?;
+    let m = lab.scrape(9477)?;
     for u in ["isp1", "isp2"] {
         assert_eq!(
             m[&format!("uplinkd_uplink_up{{uplink=\"{u}\"}}")],

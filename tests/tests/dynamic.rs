@@ -267,7 +267,6 @@ fn router_adverts_appear_change_and_withdraw() -> anyhow::Result<()> {
         ])?;
         Ok(())
     };
-    link_local("fe80::a")?;
     lab.start_agent()?;
     assert!(
         lab.log_tail(50).contains("net.ipv6.conf.wan2.accept_ra=2"),
@@ -315,37 +314,32 @@ fn router_adverts_appear_change_and_withdraw() -> anyhow::Result<()> {
             ),
         )
     };
-    // A router appears.
-    let adverts = ra(600)?;
-    lab.wait_for(Duration::from_secs(20), "the router learned", || {
-        Ok(gateway6(&lab)? == "fe80::a")
-    })?;
-    lab.wait_for(Duration::from_secs(10), "IPv6 by isp2", || {
-        Ok(v6_via(&lab)?.as_deref() == Some("isp2"))
-    })?;
-    // It withdraws (lifetime 0) and another takes over.
-    drop(adverts);
-    let withdraw = ra(0)?;
-    lab.wait_for(Duration::from_secs(20), "fe80::a withdrawn", || {
-        Ok(gateway6(&lab)?.is_empty())
-    })?;
-    assert_eq!(v6_via(&lab)?.as_deref(), Some("isp1"));
-    drop(withdraw);
-    link_local("fe80::b")?;
-    let adverts = ra(600)?;
-    lab.wait_for(Duration::from_secs(20), "the new router learned", || {
-        Ok(gateway6(&lab)? == "fe80::b")
-    })?;
-    lab.wait_for(Duration::from_secs(10), "IPv6 by isp2 again", || {
-        Ok(v6_via(&lab)?.as_deref() == Some("isp2"))
-    })?;
-    // The last router withdraws: IPv6 leaves by isp1, IPv4 stays on isp2.
-    drop(adverts);
-    let _withdraw = ra(0)?;
-    lab.wait_for(Duration::from_secs(20), "fe80::b withdrawn", || {
-        Ok(gateway6(&lab)?.is_empty())
-    })?;
-    assert_eq!(v6_via(&lab)?.as_deref(), Some("isp1"));
+    // A router (the ISP side's link-local address) advertises: learned, IPv6 by isp2.
+    let appears = |router: &str| -> anyhow::Result<uplink_tests::dhcp::Proc> {
+        link_local(router)?;
+        let adverts = ra(600)?;
+        lab.wait_for(Duration::from_secs(20), "the router learned", || {
+            Ok(gateway6(&lab)? == router)
+        })?;
+        lab.wait_for(Duration::from_secs(10), "IPv6 by isp2", || {
+            Ok(v6_via(&lab)?.as_deref() == Some("isp2"))
+        })?;
+        Ok(adverts)
+    };
+    // It withdraws (router lifetime 0): forgotten, IPv6 by isp1.
+    let withdraws = |adverts: uplink_tests::dhcp::Proc| -> anyhow::Result<()> {
+        drop(adverts);
+        let _withdraw = ra(0)?;
+        lab.wait_for(Duration::from_secs(20), "the router withdrawn", || {
+            Ok(gateway6(&lab)?.is_empty())
+        })?;
+        assert_eq!(v6_via(&lab)?.as_deref(), Some("isp1"));
+        Ok(())
+    };
+    // A router appears, withdraws and another takes over, which withdraws too.
+    withdraws(appears("fe80::a")?)?;
+    withdraws(appears("fe80::b")?)?;
+    // IPv4 stayed on isp2 all along.
     assert_eq!(
         lab.uplink_of_source(lab.probe(on2, false, 10)?).as_deref(),
         Some("isp2")

@@ -7,7 +7,6 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
 use std::time::Duration;
 
-use uplink_tests::dhcp::Proc;
 use uplink_tests::{Lab, SERVER4, TCP_ECHO_PORT, in_netns, probed_uplinks, server};
 
 /// A UDP socket of the gateway itself, aimed at the internet host.
@@ -116,59 +115,24 @@ fn a_dns_forwarder_on_the_gateway_resolves_through_the_local_policy() -> anyhow:
     let mut lab = Lab::build("localdns", uplink_tests::two_uplinks(), 1, 0)?;
     lab.write_config("10s", "10m", "[local]\npolicy = \"default\"\n")?;
     lab.start_agent()?;
-    let dir = lab.dir.join("dns");
-    std::fs::create_dir_all(&dir)?;
-    let dnsmasq = |ns: &str, args: &[&str]| -> anyhow::Result<Proc> {
-        Ok(Proc(
-            std::process::Command::new("ip")
-                .args(["netns", "exec", ns, "dnsmasq", "--keep-in-foreground"])
-                .args([
-                    "--no-resolv",
-                    "--no-hosts",
-                    "--bind-interfaces",
-                    "--conf-file=/dev/null",
-                ])
-                .arg(format!(
-                    "--pid-file={}",
-                    dir.join(format!("{ns}.pid")).display()
-                ))
-                .args(args)
-                .stderr(std::process::Stdio::null())
-                .spawn()?,
-        ))
-    };
     // The "ISP resolver" on the internet host, and the gateway's forwarder for the LAN.
-    let _upstream = dnsmasq(
+    let _upstream = lab.resolver(
         &lab.ns("inet"),
         &[
             "--listen-address=203.0.113.10",
             "--address=/example.test/198.51.100.7",
         ],
     )?;
-    let _forwarder = dnsmasq(
+    let _forwarder = lab.resolver(
         &lab.ns("gw"),
         &["--listen-address=198.19.0.1", "--server=203.0.113.10"],
     )?;
-    let query = in_netns(&lab.ns("c1"), || -> std::io::Result<Option<Vec<u8>>> {
-        let s = UdpSocket::bind("0.0.0.0:0")?;
-        s.connect("198.19.0.1:53")?;
-        s.set_read_timeout(Some(Duration::from_millis(500)))?;
-        // example.test IN A, recursion desired.
-        let mut q = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
-        q.extend_from_slice(b"\x07example\x04test\x00\x00\x01\x00\x01");
-        let mut buf = [0u8; 512];
-        for _ in 0..10 {
-            s.send(&q)?;
-            if let Ok(n) = uplink_tests::retry_eintr(|| s.recv(&mut buf)) {
-                return Ok(Some(buf[..n].to_vec()));
-            }
-        }
-        Ok(None)
-    })??
-    .expect("the gateway's forwarder answered");
-    // NOERROR, one answer, the upstream's address.
-    assert_eq!(query[3] & 0x0f, 0, "rcode: {query:?}");
-    assert_eq!(u16::from_be_bytes([query[6], query[7]]), 1, "{query:?}");
-    assert_eq!(query[query.len() - 4..], [198, 51, 100, 7]);
+    let dns: SocketAddr = "198.19.0.1:53".parse()?;
+    let mut got = None;
+    lab.wait_for(Duration::from_secs(5), "the forwarder answers", || {
+        got = lab.resolve(1, dns, "example.test").ok();
+        Ok(got.is_some())
+    })?;
+    assert_eq!(got, Some(std::net::Ipv4Addr::new(198, 51, 100, 7)));
     Ok(())
 }

@@ -1,24 +1,11 @@
 //! /metrics tells the truth: scraped in the namespace lab around real traffic and a real
 //! failover.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use uplink_tests::{Lab, UdpStream, UplinkSpec};
 
 /// Sample values by their full series name (`name{labels}`).
-fn scrape(lab: &Lab) -> anyhow::Result<BTreeMap<String, f64>> {
-    let text = lab.gw(&["curl", "-s", "http://127.0.0.1:9477/metrics"])?;
-    Ok(text
-        .lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .filter_map(|l| {
-            l.rsplit_once(' ')
-                .and_then(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
-        })
-        .collect())
-}
-
 #[test]
 fn metrics_after_traffic_and_a_failover() -> anyhow::Result<()> {
     let probe = "probes = [\"icmp:203.0.113.10\"]";
@@ -39,7 +26,7 @@ fn metrics_after_traffic_and_a_failover() -> anyhow::Result<()> {
         .collect();
     assert_eq!(on_isp1.len(), 2);
 
-    let m = scrape(&lab)?;
+    let m = lab.scrape(9477)?;
     assert_eq!(m["uplinkd_uplink_clients{uplink=\"isp1\"}"], 2.0);
     assert_eq!(m["uplinkd_uplink_clients{uplink=\"isp2\"}"], 1.0);
     assert_eq!(m["uplinkd_uplink_weight{uplink=\"isp1\"}"], 2.0);
@@ -54,7 +41,7 @@ fn metrics_after_traffic_and_a_failover() -> anyhow::Result<()> {
     let stream = UdpStream::start(&lab, on_isp1[0], false, Duration::from_millis(5))?;
     std::thread::sleep(Duration::from_millis(600));
     let r = stream.finish()?;
-    let m = scrape(&lab)?;
+    let m = lab.scrape(9477)?;
     let (tx, rx) = (
         m["uplinkd_uplink_transmit_bytes_total{uplink=\"isp1\"}"] - tx0,
         m["uplinkd_uplink_receive_bytes_total{uplink=\"isp1\"}"] - rx0,
@@ -71,7 +58,7 @@ fn metrics_after_traffic_and_a_failover() -> anyhow::Result<()> {
     lab.wait_for(Duration::from_secs(5), "failover", || {
         Ok(lab.log_tail(30).contains("failover of isp1"))
     })?;
-    let m = scrape(&lab)?;
+    let m = lab.scrape(9477)?;
     assert_eq!(m["uplinkd_uplink_up{uplink=\"isp1\"}"], 0.0);
     assert_eq!(
         m["uplinkd_uplink_state{state=\"down\",uplink=\"isp1\"}"],

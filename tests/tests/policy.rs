@@ -5,7 +5,6 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
-use uplink_tests::dhcp::Proc;
 
 use uplink_tests::{
     ECHO_PORT, Lab, SERVER4, TCP_ECHO_PORT, TcpFlow, UdpStream, UplinkSpec, client_v4, server,
@@ -613,37 +612,6 @@ listen = "127.0.0.1:9477"
     Ok(())
 }
 
-/// A minimal DNS A query over UDP from client `i` to `server`; the first A record.
-fn resolve(lab: &Lab, i: u32, server: SocketAddr, name: &str) -> anyhow::Result<Ipv4Addr> {
-    let mut q = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
-    for label in name.split('.') {
-        q.push(label.len() as u8);
-        q.extend_from_slice(label.as_bytes());
-    }
-    q.extend_from_slice(&[0, 0, 1, 0, 1]);
-    let s = uplink_tests::in_netns(&lab.ns(&format!("c{i}")), || {
-        std::net::UdpSocket::bind("0.0.0.0:0")
-    })??;
-    s.set_read_timeout(Some(Duration::from_secs(2)))?;
-    s.send_to(&q, server)?;
-    let mut buf = [0u8; 512];
-    let n = uplink_tests::retry_eintr(|| s.recv(&mut buf))?;
-    let ancount = u16::from_be_bytes([buf[6], buf[7]]);
-    anyhow::ensure!(
-        buf[3] & 0x0f == 0 && ancount > 0,
-        "no answer for {name}: {:?}",
-        &buf[..n]
-    );
-    // The answer's RDATA is the last four bytes (one A record, no other sections).
-    Ok(Ipv4Addr::new(
-        buf[n - 4],
-        buf[n - 3],
-        buf[n - 2],
-        buf[n - 1],
-    ))
-}
-
-/// Kills a helper process on drop.
 /// A domain rule with a real dnsmasq as the gateway's resolver: `--nftset` fills the
 /// external set uplinkd created, and the client's next connection to the address it
 /// resolved follows the rule; a reload that rewrites the rules keeps the set's elements.
@@ -675,48 +643,28 @@ policy = "via2"
         "set empty"
     );
     // The "upstream" resolver, and the LAN's resolver that fills the set from its answers.
-    let dir = lab.state_dir().with_file_name("dns");
-    std::fs::create_dir_all(&dir)?;
-    let dnsmasq = |args: &[String]| -> anyhow::Result<Proc> {
-        Ok(Proc(
-            std::process::Command::new("ip")
-                .args([
-                    "netns",
-                    "exec",
-                    &lab.ns("gw"),
-                    "dnsmasq",
-                    "--keep-in-foreground",
-                ])
-                .args([
-                    "--no-resolv",
-                    "--no-hosts",
-                    "--bind-interfaces",
-                    "--conf-file=/dev/null",
-                ])
-                .arg(format!(
-                    "--pid-file={}",
-                    dir.join(format!("{}.pid", args.len())).display()
-                ))
-                .args(args)
-                .stderr(std::process::Stdio::null())
-                .spawn()?,
-        ))
-    };
-    let _upstream = dnsmasq(&[
-        "--listen-address=127.0.0.1".into(),
-        "--port=5353".into(),
-        "--address=/cdn.example/203.0.113.60".into(),
-    ])?;
-    let _resolver = dnsmasq(&[
-        "--listen-address=198.19.0.1".into(),
-        "--port=53".into(),
-        "--server=127.0.0.1#5353".into(),
-        "--nftset=/cdn.example/4#inet#uplinkd#cdn_v4,6#inet#uplinkd#cdn_v6".into(),
-    ])?;
+    let gw = lab.ns("gw");
+    let _upstream = lab.resolver(
+        &gw,
+        &[
+            "--listen-address=127.0.0.1",
+            "--port=5353",
+            "--address=/cdn.example/203.0.113.60",
+        ],
+    )?;
+    let _resolver = lab.resolver(
+        &gw,
+        &[
+            "--listen-address=198.19.0.1",
+            "--port=53",
+            "--server=127.0.0.1#5353",
+            "--nftset=/cdn.example/4#inet#uplinkd#cdn_v4,6#inet#uplinkd#cdn_v6",
+        ],
+    )?;
     let dns: SocketAddr = "198.19.0.1:53".parse()?;
     let mut got = None;
     lab.wait_for(Duration::from_secs(5), "dnsmasq answers", || {
-        got = resolve(&lab, 1, dns, "cdn.example").ok();
+        got = lab.resolve(1, dns, "cdn.example").ok();
         Ok(got.is_some())
     })?;
     assert_eq!(got, Some(Ipv4Addr::new(203, 0, 113, 60)));
