@@ -799,6 +799,14 @@ impl Lab {
         Ok(())
     }
 
+    /// Replaces `from` with `to` in the written config (e.g. a gateway by `"auto"`).
+    pub fn edit_config(&self, from: &str, to: &str) -> Result<()> {
+        let text = fs::read_to_string(self.config_path())?;
+        anyhow::ensure!(text.contains(from), "the config has no {from:?}");
+        fs::write(self.config_path(), text.replace(from, to))?;
+        Ok(())
+    }
+
     /// Makes a CA and certificates (agent for 127.0.0.1, operator `op`, viewer `view`) in
     /// `dir/certs` with uplinkctl, and returns the `[api]` config table for the agent.
     pub fn api_config(&self) -> Result<String> {
@@ -1075,6 +1083,20 @@ pub fn uplink_by_address(gw_ns: &str, uplinks: &[UplinkSpec], seen: IpAddr) -> O
         let k: usize = w.get(1)?.strip_prefix("wan")?.parse().ok()?;
         (addr == seen).then(|| uplinks.get(k.checked_sub(1)?).map(|u| u.name.clone()))?
     })
+}
+
+/// Sends on `s` (a socket connected to an echo server) up to `tries` times until answered;
+/// the source address the far end saw, or `None` when nothing came back.
+pub fn echo_source(s: &UdpSocket, tries: u32) -> Result<Option<IpAddr>> {
+    let mut buf = [0u8; 512];
+    for _ in 0..tries {
+        s.send(b"echo")?;
+        if let Ok(n) = retry_eintr(|| s.recv(&mut buf)) {
+            let text = String::from_utf8_lossy(&buf[..n]);
+            return Ok(text.split(' ').next().and_then(|a| a.parse().ok()));
+        }
+    }
+    Ok(None)
 }
 
 pub fn server(v6: bool) -> SocketAddr {

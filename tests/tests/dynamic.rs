@@ -16,18 +16,23 @@ fn uplinks() -> Vec<UplinkSpec> {
     ]
 }
 
-/// The lab's config with isp2 on `gateway = "auto"`.
-fn write_config(lab: &Lab, extra: &str) -> anyhow::Result<()> {
+/// The lab's config with the API, failback at once, and isp2's `key` learned (`"auto"`).
+fn write_config(lab: &Lab, key: &str) -> anyhow::Result<()> {
     let api = lab.api_config()?;
     lab.write_config(
         "10s",
         "10m",
-        &format!("[failover]\nfailback_delay = \"0s\"\n{extra}{api}"),
+        &format!("[failover]\nfailback_delay = \"0s\"\n{api}"),
     )?;
-    let cfg = std::fs::read_to_string(lab.config_path())?
-        .replace("gateway = \"100.64.2.1\"", "gateway = \"auto\"");
-    std::fs::write(lab.config_path(), cfg)?;
-    Ok(())
+    let value = if key == "gateway" {
+        "100.64.2.1"
+    } else {
+        "2001:db8:100:2::1"
+    };
+    lab.edit_config(
+        &format!("{key} = \"{value}\""),
+        &format!("{key} = \"auto\""),
+    )
 }
 
 /// The `uplinks` table row of `name`.
@@ -57,7 +62,7 @@ fn seen(lab: &Lab, client: u32) -> anyhow::Result<Ipv4Addr> {
 fn lease_after_start_and_renumbering_with_udhcpc() -> anyhow::Result<()> {
     let mut lab = Lab::build("dhcpren", uplinks(), 1, 0)?;
     lab.dhcp_uplink(2)?;
-    write_config(&lab, "")?;
+    write_config(&lab, "gateway")?;
     lab.start_agent()?;
     // No lease yet: down, with the reason in the CLI and the metric.
     lab.wait_for(Duration::from_secs(10), "isp2 waiting for DHCP", || {
@@ -111,17 +116,7 @@ fn lease_after_start_and_renumbering_with_udhcpc() -> anyhow::Result<()> {
     // c1's flow on isp1 runs through it all.
     let other = uplink_tests::UdpStream::start(&lab, 1, false, Duration::from_millis(20))?;
     let echo = |s: &std::net::UdpSocket| -> anyhow::Result<Option<String>> {
-        let mut buf = [0u8; 512];
-        s.send(b"same flow")?;
-        Ok(uplink_tests::retry_eintr(|| s.recv(&mut buf))
-            .ok()
-            .map(|n| {
-                String::from_utf8_lossy(&buf[..n])
-                    .split(' ')
-                    .next()
-                    .unwrap_or_default()
-                    .to_string()
-            }))
+        Ok(uplink_tests::echo_source(s, 1)?.map(|a| a.to_string()))
     };
     assert_eq!(echo(&flow)?, Some(lease.to_string()));
     drop(_server);
@@ -188,7 +183,7 @@ fn lease_after_start_and_renumbering_with_udhcpc() -> anyhow::Result<()> {
 fn lease_at_start_lost_at_expiry_and_back_with_dhclient() -> anyhow::Result<()> {
     let mut lab = Lab::build("dhcplost", uplinks(), 2, 0)?;
     lab.dhcp_uplink(2)?;
-    write_config(&lab, "")?;
+    write_config(&lab, "gateway")?;
     let server = lab.dhcp_server(2, 2, "2m", "")?;
     let _client = lab.dhcp_client(2, ClientKind::Dhclient, RouteTable::Table(100))?;
     lab.wait_for(Duration::from_secs(20), "a lease on wan2", || {
@@ -240,15 +235,7 @@ fn lease_at_start_lost_at_expiry_and_back_with_dhclient() -> anyhow::Result<()> 
 #[test]
 fn router_adverts_appear_change_and_withdraw() -> anyhow::Result<()> {
     let mut lab = Lab::build("ra", uplinks(), 2, 2)?;
-    let api = lab.api_config()?;
-    lab.write_config(
-        "10s",
-        "10m",
-        &format!("[failover]\nfailback_delay = \"0s\"\n{api}"),
-    )?;
-    let cfg = std::fs::read_to_string(lab.config_path())?
-        .replace("gateway6 = \"2001:db8:100:2::1\"", "gateway6 = \"auto\"");
-    std::fs::write(lab.config_path(), cfg)?;
+    write_config(&lab, "gateway6")?;
     let isp2 = lab.ns("isp2");
     let link_local = |addr: &str| -> anyhow::Result<()> {
         uplink_tests::sh(&[
@@ -381,19 +368,7 @@ fn a_redial_moves_the_flow_to_the_new_address_and_leaves_the_other_uplink_alone(
     let (c1, c2) = (on("isp1"), on("lte"));
     let other = uplink_tests::UdpStream::start(&lab, c1, false, Duration::from_millis(20))?;
     let flow = lab.client_socket(c2, false)?;
-    let echo = |s: &std::net::UdpSocket| -> anyhow::Result<Option<IpAddr>> {
-        let mut buf = [0u8; 512];
-        s.send(b"same flow")?;
-        Ok(uplink_tests::retry_eintr(|| s.recv(&mut buf))
-            .ok()
-            .and_then(|n| {
-                String::from_utf8_lossy(&buf[..n])
-                    .split(' ')
-                    .next()?
-                    .parse()
-                    .ok()
-            }))
-    };
+    let echo = |s: &std::net::UdpSocket| uplink_tests::echo_source(s, 1);
     let old: IpAddr = "100.64.2.2".parse()?;
     let new: IpAddr = "100.64.2.7".parse()?;
     assert_eq!(echo(&flow)?, Some(old));

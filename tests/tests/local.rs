@@ -19,19 +19,6 @@ fn gateway_socket(lab: &Lab) -> anyhow::Result<std::io::Result<UdpSocket>> {
     })
 }
 
-/// The source the internet host saw for one datagram of `s`'s flow, if answered.
-fn echo(s: &UdpSocket) -> anyhow::Result<Option<IpAddr>> {
-    let mut buf = [0u8; 512];
-    for _ in 0..5 {
-        s.send(b"from the gateway")?;
-        if let Ok(n) = uplink_tests::retry_eintr(|| s.recv(&mut buf)) {
-            let text = String::from_utf8_lossy(&buf[..n]);
-            return Ok(text.split(' ').next().and_then(|a| a.parse().ok()));
-        }
-    }
-    Ok(None)
-}
-
 /// A TCP connection of the gateway itself to the echo server: the source it saw.
 fn tcp_source(lab: &Lab) -> anyhow::Result<IpAddr> {
     let conn = in_netns(&lab.ns("gw"), || {
@@ -72,7 +59,7 @@ policy = "own"
     )?;
     lab.start_agent()?;
     let src = |lab: &Lab, s: &UdpSocket| -> anyhow::Result<Option<String>> {
-        Ok(echo(s)?.and_then(|a| lab.uplink_of_source(a)))
+        Ok(uplink_tests::echo_source(s, 5)?.and_then(|a| lab.uplink_of_source(a)))
     };
     let udp = gateway_socket(&lab)??;
     assert_eq!(src(&lab, &udp)?.as_deref(), Some("isp2"));

@@ -589,9 +589,7 @@ fn lease(trials: u64, machine: &str) -> Result<()> {
         "10m",
         "[failover]\nfailback_delay = \"0s\"\nmax_flaps = 1000\n",
     )?;
-    let cfg = std::fs::read_to_string(lab.config_path())?
-        .replace("gateway = \"100.64.2.1\"", "gateway = \"auto\"");
-    std::fs::write(lab.config_path(), cfg)?;
+    lab.edit_config("gateway = \"100.64.2.1\"", "gateway = \"auto\"")?;
     let mut net = 2u8;
     let mut server = lab.dhcp_server(2, net, "1h", "")?;
     let mut client = lab.dhcp_client(2, ClientKind::Udhcpc, RouteTable::Table(100))?;

@@ -108,9 +108,7 @@ fn main() -> Result<()> {
     )?;
     // isp2 is a cable line on DHCP: dnsmasq in the ISP, udhcpc on the gateway (its script
     // puts the default route in table 100, which uplinkd reads and does not own).
-    let cfg = std::fs::read_to_string(lab.config_path())?
-        .replace("gateway = \"100.64.2.1\"", "gateway = \"auto\"");
-    std::fs::write(lab.config_path(), cfg)?;
+    lab.edit_config("gateway = \"100.64.2.1\"", "gateway = \"auto\"")?;
     lab.dhcp_uplink(2)?;
     let dhcp = Dhcp {
         server: Mutex::new(lab.dhcp_server(2, 2, "1h", "")?),
