@@ -8,37 +8,47 @@ pub mod v1 {
     pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("uplink_descriptor");
 }
 
-/// Enum fields by name in JSON/YAML ("up", not 1).
-mod ser {
+/// Enum values by name ("up", not 1), for JSON/YAML and tables.
+pub mod names {
     use super::v1::{AssignmentReason, BalanceMode, UplinkState};
-    use serde::Serializer;
 
     fn name(s: &str, prefix: &str) -> String {
         s.strip_prefix(prefix).unwrap_or(s).to_ascii_lowercase()
     }
 
+    pub fn uplink_state(v: i32) -> String {
+        UplinkState::try_from(v)
+            .map(|e| name(e.as_str_name(), "UPLINK_STATE_"))
+            .unwrap_or_else(|_| v.to_string())
+    }
+
+    pub fn balance(v: i32) -> String {
+        BalanceMode::try_from(v)
+            .map(|e| name(e.as_str_name(), "BALANCE_MODE_"))
+            .unwrap_or_else(|_| v.to_string())
+    }
+
+    pub fn reason(v: i32) -> String {
+        AssignmentReason::try_from(v)
+            .map(|e| name(e.as_str_name(), "ASSIGNMENT_REASON_"))
+            .unwrap_or_else(|_| v.to_string())
+    }
+}
+
+/// Enum fields by name in JSON/YAML.
+mod ser {
+    use serde::Serializer;
+
     pub fn uplink_state<S: Serializer>(v: &i32, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(
-            &UplinkState::try_from(*v)
-                .map(|e| name(e.as_str_name(), "UPLINK_STATE_"))
-                .unwrap_or_else(|_| v.to_string()),
-        )
+        s.serialize_str(&super::names::uplink_state(*v))
     }
 
     pub fn balance<S: Serializer>(v: &i32, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(
-            &BalanceMode::try_from(*v)
-                .map(|e| name(e.as_str_name(), "BALANCE_MODE_"))
-                .unwrap_or_else(|_| v.to_string()),
-        )
+        s.serialize_str(&super::names::balance(*v))
     }
 
     pub fn reason<S: Serializer>(v: &i32, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(
-            &AssignmentReason::try_from(*v)
-                .map(|e| name(e.as_str_name(), "ASSIGNMENT_REASON_"))
-                .unwrap_or_else(|_| v.to_string()),
-        )
+        s.serialize_str(&super::names::reason(*v))
     }
 }
 

@@ -8,9 +8,10 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use futures::StreamExt;
 use serde::Deserialize;
-use serde_json::{Value, json};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use uplink_api::v1::{self, agent_client::AgentClient};
+
+use crate::answer::Answer;
 
 #[derive(Debug, Clone)]
 pub struct Target {
@@ -182,7 +183,7 @@ pub enum Failure {
 
 pub struct GatewayResult {
     pub target: Target,
-    pub result: Result<Value, Failure>,
+    pub result: Result<Answer, Failure>,
 }
 
 fn status_failure(s: tonic::Status) -> Failure {
@@ -204,20 +205,20 @@ fn status_failure(s: tonic::Status) -> Failure {
     }
 }
 
-async fn call(client: &mut AgentClient<Channel>, req: &Request) -> Result<Value, tonic::Status> {
+async fn call(client: &mut AgentClient<Channel>, req: &Request) -> Result<Answer, tonic::Status> {
     Ok(match req {
-        Request::Status => json!(
+        Request::Status => Answer::Status(
             client
                 .get_status(v1::GetStatusRequest {})
                 .await?
-                .into_inner()
+                .into_inner(),
         ),
-        Request::Uplinks => json!(
+        Request::Uplinks => Answer::Uplinks(
             client
                 .list_uplinks(v1::ListUplinksRequest {})
                 .await?
                 .into_inner()
-                .uplinks
+                .uplinks,
         ),
         Request::Clients(uplink) => {
             let mut all = Vec::new();
@@ -237,61 +238,61 @@ async fn call(client: &mut AgentClient<Channel>, req: &Request) -> Result<Value,
                 }
                 token = r.next_page_token;
             }
-            json!(all)
+            Answer::Clients(all)
         }
-        Request::Pin(r) => json!(client.set_override(r.clone()).await?.into_inner()),
+        Request::Pin(r) => Answer::Pinned(client.set_override(r.clone()).await?.into_inner()),
         Request::Unpin(ip) => {
             client
                 .clear_override(v1::ClearOverrideRequest { client: ip.clone() })
                 .await?;
-            json!({"unpinned": ip})
+            Answer::Unpinned(ip.clone())
         }
-        Request::Drain(u) => json!(
+        Request::Drain(u) => Answer::Uplink(
             client
                 .drain_uplink(v1::UplinkRequest { uplink: u.clone() })
                 .await?
-                .into_inner()
+                .into_inner(),
         ),
-        Request::Undrain(u) => json!(
+        Request::Undrain(u) => Answer::Uplink(
             client
                 .undrain_uplink(v1::UplinkRequest { uplink: u.clone() })
                 .await?
-                .into_inner()
+                .into_inner(),
         ),
-        Request::Failback(u) => json!(
+        Request::Failback(u) => Answer::Uplink(
             client
                 .failback(v1::UplinkRequest { uplink: u.clone() })
                 .await?
-                .into_inner()
+                .into_inner(),
         ),
-        Request::Policies => json!(
+        Request::Policies => Answer::Policies(
             client
                 .list_policies(v1::ListPoliciesRequest {})
                 .await?
                 .into_inner()
-                .policies
+                .policies,
         ),
-        Request::Rules => json!(
+        Request::Rules => Answer::Rules(
             client
                 .list_rules(v1::ListRulesRequest {})
                 .await?
                 .into_inner()
-                .rules
+                .rules,
         ),
-        Request::Explain(r) => json!(client.explain(r.clone()).await?.into_inner()),
-        Request::Sets => json!(
+        Request::Explain(r) => Answer::Explanation(client.explain(r.clone()).await?.into_inner()),
+        Request::Sets => Answer::Sets(
             client
                 .list_sets(v1::ListSetsRequest {})
                 .await?
                 .into_inner()
-                .sets
+                .sets,
         ),
-        Request::UpdateSet(r) => json!(client.update_set(r.clone()).await?.into_inner()),
-        Request::Reload => json!(
+        Request::UpdateSet(r) => Answer::Set(client.update_set(r.clone()).await?.into_inner()),
+        Request::Reload => Answer::Reloaded(
             client
                 .reload_config(v1::ReloadConfigRequest {})
                 .await?
-                .into_inner()
+                .into_inner(),
         ),
         Request::Events => {
             // History only: the stream's first part, until it goes quiet.
@@ -306,7 +307,7 @@ async fn call(client: &mut AgentClient<Channel>, req: &Request) -> Result<Value,
             {
                 events.push(e);
             }
-            json!(events)
+            Answer::Events(events)
         }
     })
 }

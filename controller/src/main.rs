@@ -4,9 +4,11 @@
 //! set of bit flags, as Ansible's: 2 = some gateway returned an error, 4 = some gateway
 //! was unreachable (0 = all succeeded).
 
+mod answer;
 mod certs;
 mod fleet;
 mod output;
+mod when;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -484,6 +484,71 @@ fn golden_uplinks_output() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Golden output of the writes: each answers with its read command's view or one line;
+/// times read as people read them in tables and stay machine values in JSON.
+#[test]
+fn golden_write_answers() -> anyhow::Result<()> {
+    let lab = api_lab("goldenw", 1, "")?;
+    lab.greet_clients()?;
+    let c1 = uplink_tests::client_v4(1).to_string();
+    // drain answers with the `uplinks` view of that uplink: same columns, hex mark.
+    let (code, drained, err) = lab.ctl("op", &["drain", "isp2", "-o", "wide"])?;
+    assert_eq!(code, 0, "{err}");
+    let (_, listed, _) = lab.ctl("view", &["uplinks", "-o", "wide"])?;
+    let header = listed.lines().next().unwrap();
+    assert_eq!(drained.lines().next(), Some(header), "{drained}");
+    let row = listed.lines().find(|l| l.starts_with("isp2")).unwrap();
+    assert_eq!(drained.lines().nth(1), Some(row), "{drained}");
+    assert!(
+        row.contains("draining") && row.contains("0x2000000"),
+        "{row}"
+    );
+    // pin answers with one line and a deadline people read.
+    let (code, pinned, err) = lab.ctl("op", &["pin", &c1, "isp1", "--for", "30s"])?;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        pinned.starts_with(&format!("pinned {c1} to isp1 until 20"))
+            && pinned.trim_end().ends_with("(in 30s)"),
+        "{pinned}"
+    );
+    let (_, json, _) = lab.ctl("op", &["pin", &c1, "isp1", "--for", "30s", "-o", "json"])?;
+    let v: serde_json::Value = serde_json::from_str(&json)?;
+    assert!(
+        v["expires_at_ms"]
+            .as_u64()
+            .is_some_and(|ms| ms > 1_700_000_000_000),
+        "{v}"
+    );
+    let (_, unpinned, _) = lab.ctl("op", &["unpin", &c1])?;
+    assert_eq!(unpinned, format!("unpinned {c1}\n"));
+    let (_, reloaded, _) = lab.ctl("op", &["reload"])?;
+    assert!(
+        reloaded.starts_with("config reloaded (generation "),
+        "{reloaded}"
+    );
+    // events: "WHEN" is relative ("now", "12s ago"), local RFC 3339 with -o wide.
+    let (_, events, _) = lab.ctl("view", &["events"])?;
+    assert!(events.starts_with("WHEN  "), "{events}");
+    let drain = events.lines().find(|l| l.contains("drain")).unwrap();
+    assert!(
+        drain.starts_with("now ") || drain.contains(" ago "),
+        "{drain}"
+    );
+    let (_, wide, _) = lab.ctl("view", &["events", "-o", "wide"])?;
+    let stamp = wide
+        .lines()
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap();
+    assert!(
+        stamp.starts_with("20") && stamp.contains('T') && stamp.len() == 25,
+        "{stamp}"
+    );
+    Ok(())
+}
+
 /// Test 9: a fleet of 5 agents plus one unreachable address: 5 results and 1 error, exit
 /// code 4, within the timeout plus a small margin; a selector picks the right subset.
 #[test]
