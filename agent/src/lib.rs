@@ -12,6 +12,7 @@ pub mod dataplane;
 pub mod discover;
 pub mod fuzzing;
 pub mod health;
+pub mod init;
 pub mod lock;
 pub mod metrics;
 pub mod model;

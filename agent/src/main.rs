@@ -36,10 +36,23 @@ enum Command {
     },
     /// Remove everything uplinkd owns in the kernel (nft table, ip rules, routes).
     Cleanup,
+    /// Write a starter config from what the kernel shows now (LAN, uplinks and their
+    /// gateways, free rule and table ranges), each choice explained; changes nothing.
+    Init {
+        /// Write it to this file instead of stdout (refused if the file exists).
+        #[arg(long)]
+        write: Option<PathBuf>,
+        /// Replace an existing file.
+        #[arg(long, requires = "write")]
+        force: bool,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Init { write, force }) = &cli.command {
+        return init(write.as_deref(), *force);
+    }
     let path = match &cli.command {
         Some(Command::CheckConfig { path: Some(p) }) => p.clone(),
         _ => cli.config.clone(),
@@ -78,6 +91,70 @@ fn main() -> ExitCode {
     code
 }
 
+/// `uplinkd init`: needs no config (it writes one) and only reads the kernel.
+fn init(write: Option<&std::path::Path>, force: bool) -> ExitCode {
+    if let Some(p) = write
+        && p.exists()
+        && !force
+    {
+        eprintln!(
+            "error: {} exists; uplinkd init does not overwrite it (--force replaces it)",
+            p.display()
+        );
+        return ExitCode::from(2);
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let facts = runtime.block_on(async {
+        let (conn, handle, _) = rtnetlink::new_connection()?;
+        tokio::spawn(conn);
+        uplinkd::init::gather(&handle)
+            .await
+            .map_err(std::io::Error::other)
+    });
+    let text = match facts {
+        Ok(f) => uplinkd::init::render(&f, &uplinkd::config::DataplaneConfig::defaults()),
+        Err(e) => {
+            eprintln!("error: cannot read the kernel's links and routes: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match write {
+        None => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Some(p) => {
+            // Beside the target, then renamed: a half-written config never exists.
+            let tmp = p.with_extension("toml.tmp");
+            let done = std::fs::write(&tmp, &text).and_then(|()| std::fs::rename(&tmp, p));
+            match done {
+                Ok(()) => {
+                    eprintln!(
+                        "wrote {}; check it with: uplinkd check-config {}",
+                        p.display(),
+                        p.display()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    let _ = std::fs::remove_file(&tmp);
+                    eprintln!("error: cannot write {}: {e}", p.display());
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
 fn run(
     command: Command,
     config: Config,
@@ -101,6 +178,7 @@ fn run(
                 ExitCode::FAILURE
             }
         },
+        Command::Init { .. } => unreachable!("handled before the config is read"),
         Command::Cleanup => match runtime.block_on(uplinkd::daemon::cleanup(&config)) {
             Ok(errors) if errors.is_empty() => ExitCode::SUCCESS,
             Ok(errors) => {

@@ -219,6 +219,16 @@ impl DataplaneConfig {
     pub fn owned_priorities(&self) -> std::ops::RangeInclusive<u32> {
         self.rule_priority..=self.rule_priority + RULE_PRIORITY_BAND - 1
     }
+
+    /// The defaults, as a config without a `[dataplane]` table gets them.
+    pub fn defaults() -> DataplaneConfig {
+        let v = Validator {
+            path: Path::new("(defaults)"),
+            text: "",
+        };
+        v.dataplane(RawDataplane::default())
+            .expect("the defaults are valid")
+    }
 }
 
 /// How a dead uplink's conntrack entries are deleted.
