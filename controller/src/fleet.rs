@@ -96,6 +96,7 @@ fn check_address(a: &str) -> Result<()> {
     Ok(())
 }
 
+#[derive(Clone)]
 pub struct Credentials {
     tls: ClientTlsConfig,
 }
@@ -354,32 +355,93 @@ pub fn exit_code(results: &[GatewayResult]) -> u8 {
 }
 
 /// `events --follow` against one gateway: history, then live events until interrupted.
+/// `events --follow`: every gateway's stream, merged, each line tagged with its gateway
+/// when there are several. A gateway that goes away (a restart) is reconnected, and both
+/// are said on stderr; the history it sends again is not printed twice. One `--gateway`
+/// that cannot be reached at first is an error (exit code 4), as for any command.
 pub async fn follow_events(
-    t: &Target,
+    targets: &[Target],
     creds: &Credentials,
     timeout: Duration,
     out: crate::Output,
 ) -> Result<u8> {
-    let mut client = match creds.connect(t, timeout).await {
-        Ok(c) => c,
-        Err(Failure::Unreachable(e) | Failure::Error(e)) => {
-            eprintln!("{}: unreachable: {e}", t.name);
-            return Ok(4);
-        }
-    };
-    let mut stream = match client.watch_events(v1::WatchEventsRequest {}).await {
-        Ok(s) => s.into_inner(),
-        Err(s) => {
-            eprintln!("{}: {:?}: {}", t.name, s.code(), s.message());
-            return Ok(2);
-        }
-    };
-    while let Some(e) = stream
-        .message()
-        .await
-        .map_err(|s| anyhow::anyhow!("{}: stream ended: {}", t.name, s.message()))?
+    if let [t] = targets
+        && let Err(Failure::Unreachable(e) | Failure::Error(e)) = creds.connect(t, timeout).await
     {
-        crate::output::event_line(&e, out);
+        eprintln!("{}: unreachable: {e}", t.name);
+        return Ok(4);
+    }
+    let tagged = targets.len() > 1;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    for t in targets {
+        tokio::spawn(watch(t.clone(), creds.clone(), timeout, tx.clone()));
+    }
+    drop(tx);
+    while let Some((gateway, e)) = rx.recv().await {
+        crate::output::event_line(&e, out, tagged.then_some(gateway.as_str()));
     }
     Ok(0)
+}
+
+/// One gateway's events, forever: connect, stream, and on any end reconnect with backoff
+/// (1 s doubling to 10 s).
+async fn watch(
+    t: Target,
+    creds: Credentials,
+    timeout: Duration,
+    tx: tokio::sync::mpsc::UnboundedSender<(String, v1::Event)>,
+) {
+    let mut backoff = Duration::from_secs(1);
+    let mut connected_before = false;
+    let mut announced_down = false;
+    // Already printed: the newest time, and the events at that very millisecond.
+    let mut last_at = 0u64;
+    let mut at_last: Vec<v1::Event> = Vec::new();
+    loop {
+        let stream = match creds.connect(&t, timeout).await {
+            Ok(mut c) => c
+                .watch_events(v1::WatchEventsRequest {})
+                .await
+                .map(|s| s.into_inner())
+                .map_err(|s| format!("{:?}: {}", s.code(), s.message())),
+            Err(Failure::Unreachable(e) | Failure::Error(e)) => Err(e),
+        };
+        match stream {
+            Ok(mut stream) => {
+                if connected_before {
+                    eprintln!("{}: reconnected", t.name);
+                }
+                connected_before = true;
+                announced_down = false;
+                backoff = Duration::from_secs(1);
+                let ended = loop {
+                    match stream.message().await {
+                        Ok(Some(e)) => {
+                            if e.at_ms < last_at || (e.at_ms == last_at && at_last.contains(&e)) {
+                                continue;
+                            }
+                            if e.at_ms > last_at {
+                                last_at = e.at_ms;
+                                at_last.clear();
+                            }
+                            at_last.push(e.clone());
+                            if tx.send((t.name.clone(), e)).is_err() {
+                                return;
+                            }
+                        }
+                        Ok(None) => break "the stream ended".to_string(),
+                        Err(s) => break s.message().to_string(),
+                    }
+                };
+                eprintln!("{}: disconnected ({ended}); reconnecting", t.name);
+            }
+            Err(e) if !announced_down => {
+                eprintln!("{}: unreachable ({e}); retrying", t.name);
+                announced_down = true;
+            }
+            Err(_) => {}
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
 }

@@ -267,8 +267,8 @@ fn run(cli: Cli) -> Result<u8> {
         .build()
         .context("cannot start the runtime")?;
     runtime.block_on(async {
-        if let (Cmd::Events { follow: true }, [target]) = (&cli.command, targets.as_slice()) {
-            return fleet::follow_events(target, &creds, cli.timeout, cli.output).await;
+        if let Cmd::Events { follow: true } = &cli.command {
+            return fleet::follow_events(&targets, &creds, cli.timeout, cli.output).await;
         }
         let results = fleet::fan_out(&targets, &creds, &request, cli.parallel, cli.timeout).await;
         output::print(&results, cli.output, cli.gateway.is_some());

@@ -62,17 +62,29 @@ fn failure_text(f: &Failure) -> String {
 }
 
 /// One streamed event: local time in tables (a live stream has no "ago"), machine values in
-/// JSON and YAML.
-pub fn event_line(e: &v1::Event, out: Output) {
+/// JSON and YAML; `gateway` tags it when several gateways stream together.
+pub fn event_line(e: &v1::Event, out: Output, gateway: Option<&str>) {
+    let tagged = |v: Value| match gateway {
+        Some(g) => {
+            let mut v = v;
+            v["gateway"] = Value::String(g.to_string());
+            v
+        }
+        None => v,
+    };
+    let v = || tagged(serde_json::to_value(e).unwrap_or_default());
     match out {
-        Output::Json => println!("{}", serde_json::to_string(e).unwrap_or_default()),
-        Output::Yaml => print!("---\n{}", serde_yaml::to_string(e).unwrap_or_default()),
-        _ => println!(
-            "{}  {:<10} {:<8} {}",
-            when::local(e.at_ms),
-            e.kind,
-            e.uplink,
-            e.cause
-        ),
+        Output::Json => println!("{}", serde_json::to_string(&v()).unwrap_or_default()),
+        Output::Yaml => print!("---\n{}", serde_yaml::to_string(&v()).unwrap_or_default()),
+        _ => {
+            let tag = gateway.map(|g| format!("{g}  ")).unwrap_or_default();
+            println!(
+                "{tag}{}  {:<10} {:<8} {}",
+                when::local(e.at_ms),
+                e.kind,
+                e.uplink,
+                e.cause
+            )
+        }
     }
 }

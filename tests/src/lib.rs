@@ -1335,39 +1335,60 @@ impl Fleet {
                     state.display()
                 ),
             )?;
-            let log = fs::File::create(fleet.dir.join(format!("gw{i}.log")))?;
-            let child = Command::new("ip")
-                .args(["netns", "exec", &gw.0])
-                .arg(uplinkd_bin())
-                .arg("--config")
-                .arg(&config)
-                .stdout(log.try_clone()?)
-                .stderr(log)
-                .dies_with_spawner()
-                .spawn()?;
-            fleet.agents.push(child);
             fleet.gateways.push(gw);
+            let child = fleet.spawn_agent(i)?;
+            fleet.agents.push(child);
             inventory += &format!(
                 "[[gateway]]\nname = \"gw-{i:03}\"\naddress = \"{ip}:7443\"\nlabels = {{ site = \"{}\" }}\n\n",
                 if i % 2 == 0 { "even" } else { "odd" }
             );
         }
         fs::write(fleet.dir.join("inventory.toml"), inventory)?;
-        // Every agent logs when its API serves.
-        let deadline = Instant::now() + Duration::from_secs(30);
         for i in 0..n {
-            while !fs::read_to_string(fleet.dir.join(format!("gw{i}.log")))?.contains("API serving")
-            {
-                if Instant::now() > deadline {
-                    bail!(
-                        "agent {i} did not start: {}",
-                        fs::read_to_string(fleet.dir.join(format!("gw{i}.log")))?
-                    );
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            fleet.wait_serving(i, 1)?;
         }
         Ok(fleet)
+    }
+
+    /// Starts gateway `i`'s agent (its log appended to).
+    fn spawn_agent(&self, i: usize) -> Result<Child> {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("gw{i}.log")))?;
+        Ok(Command::new("ip")
+            .args(["netns", "exec", &self.gateways[i].0])
+            .arg(uplinkd_bin())
+            .arg("--config")
+            .arg(self.dir.join(format!("gw{i}.toml")))
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .dies_with_spawner()
+            .spawn()?)
+    }
+
+    /// Waits until gateway `i`'s log says its API serves for the `nth` time.
+    fn wait_serving(&self, i: usize, nth: usize) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let log = || fs::read_to_string(self.dir.join(format!("gw{i}.log")));
+        while log()?.matches("API serving").count() < nth {
+            if Instant::now() > deadline {
+                bail!("agent {i} did not start: {}", log()?);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    /// Stops gateway `i`'s agent (SIGTERM) and starts it again; waits until it serves.
+    pub fn restart(&mut self, i: usize) -> Result<()> {
+        signal_child(&self.agents[i], "TERM")?;
+        self.agents[i].wait()?;
+        let started = fs::read_to_string(self.dir.join(format!("gw{i}.log")))?
+            .matches("API serving")
+            .count();
+        self.agents[i] = self.spawn_agent(i)?;
+        self.wait_serving(i, started + 1)
     }
 
     /// Adds an unreachable gateway (an address nobody has) to the inventory.
