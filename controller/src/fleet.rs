@@ -342,6 +342,93 @@ pub async fn fan_out(
     results
 }
 
+/// How a write rolls over a fleet: `batch` gateways at a time, `pause` between batches,
+/// stopping at the first failure when `stop_on_error`.
+pub struct Rolling {
+    pub batch: usize,
+    pub pause: Duration,
+    pub stop_on_error: bool,
+}
+
+impl Request {
+    /// Writes change a gateway; only they roll.
+    pub fn is_write(&self) -> bool {
+        matches!(
+            self,
+            Request::Pin(_)
+                | Request::Unpin(_)
+                | Request::Drain(_)
+                | Request::Undrain(_)
+                | Request::Failback(_)
+                | Request::Reload
+                | Request::UpdateSet(_)
+        )
+    }
+}
+
+/// A gateway is healthy after its step when it answers and its dataplane is in sync (the
+/// step's change is in the kernel); it has `timeout` to get there.
+async fn healthy(t: &Target, creds: &Credentials, timeout: Duration) -> Result<(), Failure> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let mut client = creds.connect(t, timeout).await?;
+        let status = client
+            .get_status(v1::GetStatusRequest {})
+            .await
+            .map_err(status_failure)?
+            .into_inner();
+        if status.in_sync {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(Failure::Error(format!(
+                "after the step its dataplane is not in sync with its config (for {}); see its log",
+                humantime::format_duration(timeout)
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Applies `req` batch by batch (in inventory order), checking each gateway's health after
+/// its step; `on_batch` sees each batch's results as they come. Returns every result (a
+/// failed health check is that gateway's failure) and the gateways never reached.
+pub async fn roll(
+    targets: &[Target],
+    creds: &Credentials,
+    req: &Request,
+    rolling: &Rolling,
+    timeout: Duration,
+    mut on_batch: impl FnMut(usize, &[GatewayResult]),
+) -> (Vec<GatewayResult>, Vec<Target>) {
+    let mut done = Vec::new();
+    let batches: Vec<&[Target]> = targets.chunks(rolling.batch.max(1)).collect();
+    for (n, batch) in batches.iter().enumerate() {
+        if n > 0 && !rolling.pause.is_zero() {
+            tokio::time::sleep(rolling.pause).await;
+        }
+        let mut results = fan_out(batch, creds, req, batch.len(), timeout).await;
+        for r in &mut results {
+            if r.result.is_ok()
+                && let Err(f) = healthy(&r.target, creds, timeout).await
+            {
+                r.result = Err(f);
+            }
+        }
+        on_batch(n, &results);
+        let failed = results.iter().any(|r| r.result.is_err());
+        done.extend(results);
+        if failed && rolling.stop_on_error {
+            let rest = batches[n + 1..]
+                .iter()
+                .flat_map(|b| b.iter().cloned())
+                .collect();
+            return (done, rest);
+        }
+    }
+    (done, Vec::new())
+}
+
 pub fn exit_code(results: &[GatewayResult]) -> u8 {
     let mut code = 0;
     for r in results {

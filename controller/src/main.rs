@@ -51,6 +51,18 @@ struct Cli {
     /// Deadline per gateway, e.g. "5s".
     #[arg(long, global = true, default_value = "5s", value_parser = parse_duration)]
     timeout: Duration,
+    /// Apply a write batch by batch, checking each gateway's health after its step.
+    #[arg(long, global = true)]
+    rolling: bool,
+    /// Gateways per batch of a rolling write.
+    #[arg(long, global = true, requires = "rolling", value_parser = clap::value_parser!(u32).range(1..))]
+    batch: Option<u32>,
+    /// Wait between the batches of a rolling write, e.g. "30s".
+    #[arg(long, global = true, requires = "rolling", value_parser = parse_duration)]
+    pause: Option<Duration>,
+    /// Stop a rolling write at the first gateway that fails its step or its health check.
+    #[arg(long, global = true, requires = "rolling")]
+    stop_on_error: bool,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -262,6 +274,11 @@ fn run(cli: Cli) -> Result<u8> {
     let creds =
         fleet::Credentials::load(cli.ca.as_deref(), cli.cert.as_deref(), cli.key.as_deref())?;
     let request = request_of(&cli.command)?;
+    if cli.rolling && !request.is_write() {
+        anyhow::bail!(
+            "--rolling applies to writes (drain, undrain, failback, pin, unpin, reload, set add|del); this command only reads"
+        );
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -270,10 +287,69 @@ fn run(cli: Cli) -> Result<u8> {
         if let Cmd::Events { follow: true } = &cli.command {
             return fleet::follow_events(&targets, &creds, cli.timeout, cli.output).await;
         }
+        if cli.rolling {
+            return rolling(&cli, &targets, &creds, &request).await;
+        }
         let results = fleet::fan_out(&targets, &creds, &request, cli.parallel, cli.timeout).await;
         output::print(&results, cli.output, cli.gateway.is_some());
         Ok(fleet::exit_code(&results))
     })
+}
+
+/// A write, batch by batch: each batch's results as it finishes, then a summary of what
+/// was done where.
+async fn rolling(
+    cli: &Cli,
+    targets: &[fleet::Target],
+    creds: &fleet::Credentials,
+    request: &fleet::Request,
+) -> Result<u8> {
+    let plan = fleet::Rolling {
+        batch: cli.batch.unwrap_or(1) as usize,
+        pause: cli.pause.unwrap_or_default(),
+        stop_on_error: cli.stop_on_error,
+    };
+    let batches = targets.len().div_ceil(plan.batch);
+    let (results, untouched) = fleet::roll(targets, creds, request, &plan, cli.timeout, |n, r| {
+        let names: Vec<&str> = r.iter().map(|r| r.target.name.as_str()).collect();
+        eprintln!(
+            "rolling: batch {} of {batches}: {}",
+            n + 1,
+            names.join(", ")
+        );
+        output::print(r, cli.output, false);
+    })
+    .await;
+    let done: Vec<&str> = results
+        .iter()
+        .filter(|r| r.result.is_ok())
+        .map(|r| r.target.name.as_str())
+        .collect();
+    let failed: Vec<&str> = results
+        .iter()
+        .filter(|r| r.result.is_err())
+        .map(|r| r.target.name.as_str())
+        .collect();
+    let list = |v: &[&str]| {
+        if v.is_empty() {
+            "none".to_string()
+        } else {
+            v.join(", ")
+        }
+    };
+    eprintln!(
+        "rolling: done on {}; failed on {}",
+        list(&done),
+        list(&failed)
+    );
+    if !untouched.is_empty() {
+        let names: Vec<&str> = untouched.iter().map(|t| t.name.as_str()).collect();
+        eprintln!(
+            "rolling: stopped at the first failure (--stop-on-error); not done on {}",
+            names.join(", ")
+        );
+    }
+    Ok(fleet::exit_code(&results))
 }
 
 /// The RPC a command makes; validated before any gateway is contacted.

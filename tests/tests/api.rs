@@ -838,3 +838,53 @@ fn fleet_events_follow_merges_and_reconnects() -> anyhow::Result<()> {
     let _ = follow.wait();
     Ok(())
 }
+
+/// A rolling reload across 4 real agents, one of which has a broken config: batch by
+/// batch, stopping at it with a summary; the gateway after it is untouched. Without
+/// --stop-on-error the roll goes on past it. Exit codes as for any fleet command.
+#[test]
+fn rolling_reload_stops_at_the_first_failure() -> anyhow::Result<()> {
+    let fleet = uplink_tests::Fleet::build("froll", 4)?;
+    std::fs::write(fleet.dir.join("gw2.toml"), "[lan\nbroken")?;
+    let generation = |gw: &str| -> anyhow::Result<u64> {
+        let (_, out, _) = fleet.ctl(&["-o", "json", "status"])?;
+        let v: serde_json::Value = serde_json::from_str(&out)?;
+        Ok(v.as_array()
+            .and_then(|a| a.iter().find(|g| g["gateway"] == gw))
+            .and_then(|g| g["result"]["config_generation"].as_u64())
+            .unwrap_or_default())
+    };
+    let (code, out, err) =
+        fleet.ctl(&["reload", "--rolling", "--batch", "1", "--stop-on-error"])?;
+    assert_eq!(code, 2, "{out}{err}");
+    for want in [
+        "rolling: batch 1 of 4: gw-000",
+        "rolling: batch 3 of 4: gw-002",
+        "gw-002: FailedPrecondition: reload rejected",
+        "rolling: done on gw-000, gw-001; failed on gw-002",
+        "not done on gw-003",
+    ] {
+        assert!(err.contains(want), "missing {want:?}:\n{err}");
+    }
+    assert!(!err.contains("batch 4 of 4"), "{err}");
+    assert!(out.contains("config reloaded (generation 2)"), "{out}");
+    assert_eq!((generation("gw-001")?, generation("gw-003")?), (2, 1));
+
+    // Without --stop-on-error, two at a time: it goes on past the broken one.
+    let (code, _, err) = fleet.ctl(&["reload", "--rolling", "--batch", "2", "--pause", "100ms"])?;
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("rolling: batch 2 of 2: gw-002, gw-003"),
+        "{err}"
+    );
+    assert!(
+        err.contains("rolling: done on gw-000, gw-001, gw-003; failed on gw-002"),
+        "{err}"
+    );
+    assert_eq!(generation("gw-003")?, 2);
+    // A read does not roll.
+    let (code, _, err) = fleet.ctl(&["uplinks", "--rolling"])?;
+    assert_eq!(code, 1);
+    assert!(err.contains("--rolling applies to writes"), "{err}");
+    Ok(())
+}
