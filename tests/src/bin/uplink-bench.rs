@@ -24,6 +24,10 @@
 //!     from the default route the client installs to a client's new flow answered through
 //!     the uplink, for a new lease (after the lease was lost) and for a renumbering (new
 //!     subnet and gateway, forced renew).
+//!   uplink-bench idle [--seconds 60]
+//!     One idle agent (the lab: 3 uplinks, 6 clients, no traffic): its CPU (share of one
+//!     core, from /proc/PID/stat) and RSS over the window, with the default probes on the 3
+//!     uplinks and without probes.
 //!   uplink-bench soak [--seconds 3600] [--clients 10000] [--churn 1000] [--failover-every 60]
 //!     A gateway under churn, periodic failovers, a scrape a second and event watchers;
 //!     reports the slope of RSS, descriptors and tasks and the loss on a healthy uplink.
@@ -108,13 +112,14 @@ fn main() -> Result<()> {
             &machine,
         ),
         Some("lease") => lease(arg(&args, "--trials", 20)?, &machine),
+        Some("idle") => idle(arg(&args, "--seconds", 60)?, &machine),
         Some("gap") => gap(
             args.get(1).map(String::as_str).unwrap_or("carrier"),
             arg(&args, "--trials", 20)?,
             &machine,
         ),
         _ => bail!(
-            "usage: uplink-bench dispatch [--clients N] [--interval-ms M] [--runs R] [--rules N] | startup [--clients N] [--runs R] | failover [--clients N] [--trials T] [--rules N] | gap carrier|silent [--trials T] | lease [--trials T] | fleet [--max N] [--runs R] | pin [--pins N] | ctflush [--flows 2000] [--runs 3] | abuse [--clients 50000] [--dispatch 300] [--trials 10] | rules [--clients 100000] [--seconds 3] [--runs 3] | soak [--seconds 3600] [--clients 10000] [--churn 1000] [--failover-every 60] [--watchers 20] [--warmup 60]"
+            "usage: uplink-bench dispatch [--clients N] [--interval-ms M] [--runs R] [--rules N] | startup [--clients N] [--runs R] | failover [--clients N] [--trials T] [--rules N] | gap carrier|silent [--trials T] | lease [--trials T] | idle [--seconds S] | fleet [--max N] [--runs R] | pin [--pins N] | ctflush [--flows 2000] [--runs 3] | abuse [--clients 50000] [--dispatch 300] [--trials 10] | rules [--clients 100000] [--seconds 3] [--runs 3] | soak [--seconds 3600] [--clients 10000] [--churn 1000] [--failover-every 60] [--watchers 20] [--warmup 60]"
         ),
     }
 }
@@ -569,6 +574,63 @@ fn gap(kind: &str, trials: u64, machine: &str) -> Result<()> {
         })?;
     }
     summary(&format!("{kind} gap"), &mut gaps);
+    Ok(())
+}
+
+/// CPU ticks (user + system) of a process so far.
+fn cpu_ticks(pid: u32) -> Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let rest = stat.rsplit_once(')').context("stat")?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Ok(f.get(11).context("utime")?.parse::<u64>()? + f.get(12).context("stime")?.parse::<u64>()?)
+}
+
+fn rss_mb(pid: u32) -> Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .context("VmRSS")?
+        .parse()?;
+    Ok(kb / 1024.0)
+}
+
+/// An idle agent's cost: CPU share of one core and RSS, with and without probes.
+fn idle(seconds: u64, machine: &str) -> Result<()> {
+    use uplink_tests::{Lab, UplinkSpec};
+    println!("idle agent (3 uplinks, 6 clients, no traffic), {seconds} s per case");
+    println!("machine: {machine}; agent {}", uplinkd_bin().display());
+    // /proc counts in USER_HZ, 100 on every Linux ABI.
+    let hz = 100.0;
+    for probes in [true, false] {
+        let probe = if probes { "probes = [\"icmp:203.0.113.10\"]" } else { "" };
+        let ups = vec![
+            UplinkSpec::new("isp1", 2, false).with(probe),
+            UplinkSpec::new("isp2", 1, false).with(probe),
+            UplinkSpec::new("lte", 1, true).with(probe),
+        ];
+        let mut lab = Lab::build("idle", ups, 6, 3)?;
+        lab.write_config("10s", "10m", "")?;
+        lab.start_agent()?;
+        lab.greet_clients()?;
+        // Let the start's work settle before measuring.
+        std::thread::sleep(Duration::from_secs(5));
+        let pid = lab.agent_pid().context("agent pid")?;
+        let (t0, c0) = (Instant::now(), cpu_ticks(pid)?);
+        std::thread::sleep(Duration::from_secs(seconds));
+        let cpu = (cpu_ticks(pid)? - c0) as f64 / hz / t0.elapsed().as_secs_f64() * 100.0;
+        println!(
+            "{}: CPU {cpu:.3} % of one core, RSS {:.1} MB",
+            if probes {
+                "default probes (1 target per uplink, every 200 ms) on 3 uplinks"
+            } else {
+                "no probes"
+            },
+            rss_mb(pid)?
+        );
+    }
     Ok(())
 }
 
