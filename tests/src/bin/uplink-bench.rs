@@ -605,7 +605,11 @@ fn idle(seconds: u64, machine: &str) -> Result<()> {
     // /proc counts in USER_HZ, 100 on every Linux ABI.
     let hz = 100.0;
     for probes in [true, false] {
-        let probe = if probes { "probes = [\"icmp:203.0.113.10\"]" } else { "" };
+        let probe = if probes {
+            "probes = [\"icmp:203.0.113.10\"]"
+        } else {
+            ""
+        };
         let ups = vec![
             UplinkSpec::new("isp1", 2, false).with(probe),
             UplinkSpec::new("isp2", 1, false).with(probe),
