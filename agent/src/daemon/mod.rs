@@ -770,21 +770,25 @@ impl Agent {
                 _ => None,
             };
             // Only once the new paths are in the kernel: the flows re-establish on them.
+            // Beside the loop: the tool runs up to `command_timeout`, and nothing waits for it.
             for (i, addr) in self.model.take_gone_addrs() {
-                let uplink = &self.config.uplinks[i].name;
-                match self.dataplane.flush_conntrack_nat(addr).await {
-                    Ok(n) => {
-                        info!(%uplink, %addr, flows = n, "address left the uplink; deleted the flows NATed to it")
+                let uplink = self.config.uplinks[i].name.clone();
+                let (conntrack, metrics) = (self.dataplane.conntrack(), self.metrics.clone());
+                tokio::spawn(async move {
+                    match conntrack.delete_reply_dst(addr).await {
+                        Ok(n) => {
+                            info!(%uplink, %addr, flows = n, "address left the uplink; deleted the flows NATed to it")
+                        }
+                        Err(e) => {
+                            // Not retried: the entries time out, as without uplinkd.
+                            error!(%uplink, %addr, error = %e, "cannot delete the flows NATed to the uplink's old address; they hang until their conntrack timeout");
+                            metrics
+                                .flush_errors
+                                .with_label_values(&[uplink.as_str()])
+                                .inc();
+                        }
                     }
-                    Err(e) => {
-                        // Not retried: the entries time out, as they would without uplinkd.
-                        error!(%uplink, %addr, error = %e, "cannot delete the flows NATed to the uplink's old address; they hang until their conntrack timeout");
-                        self.metrics
-                            .flush_errors
-                            .with_label_values(&[uplink.as_str()])
-                            .inc();
-                    }
-                }
+                });
             }
             for i in self.model.take_flushes() {
                 let mark = self.config.dataplane.fwmark(self.config.uplinks[i].mark);

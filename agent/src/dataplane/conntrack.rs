@@ -11,6 +11,7 @@ use std::time::Duration;
 use super::DataplaneError;
 pub use crate::config::ConntrackFlush;
 
+#[derive(Clone)]
 pub struct Conntrack {
     bin: PathBuf,
     timeout: Duration,

@@ -141,12 +141,9 @@ impl Dataplane {
         self.conntrack.delete_mark(mark, self.mask).await
     }
 
-    /// Deletes the conntrack entries NATed to `addr` (their replies are addressed to it).
-    pub async fn flush_conntrack_nat(
-        &self,
-        addr: std::net::IpAddr,
-    ) -> Result<usize, DataplaneError> {
-        self.conntrack.delete_reply_dst(addr).await
+    /// The conntrack deleter, for work that runs beside the loop.
+    pub fn conntrack(&self) -> conntrack::Conntrack {
+        self.conntrack.clone()
     }
 
     /// Reads the kernel's nft state (for adoption at start) and keeps it as the cache.
