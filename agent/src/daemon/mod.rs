@@ -1046,8 +1046,6 @@ impl Agent {
         );
     }
 
-    /// At start and on reload: a LAN bridge whose MAC follows its ports breaks clients for
-    /// seconds whenever a port is added, which looks like uplinkd losing traffic.
     /// Once per interface: `gateway6 = "auto"` on an uplink whose kernel ignores router
     /// adverts (forwarding on, `accept_ra` not 2) would never learn a router.
     fn warn_accept_ra(&mut self) {
@@ -1068,6 +1066,8 @@ impl Agent {
         }
     }
 
+    /// At start and on reload: a LAN bridge whose MAC follows its ports breaks clients for
+    /// seconds whenever a port is added, which looks like uplinkd losing traffic.
     fn warn_floating_bridge_macs(&self) {
         for i in discover::bridges_with_floating_mac(&self.config.lan.interfaces) {
             warn!(
