@@ -7,11 +7,8 @@ use std::net::IpAddr;
 
 use futures::TryStreamExt;
 use netlink_packet_route::AddressFamily;
-use netlink_packet_route::address::AddressAttribute;
 use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo};
-use netlink_packet_route::route::{
-    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteType,
-};
+use netlink_packet_route::route::{RouteHeader, RouteMessage, RouteProtocol};
 use netlink_packet_route::rule::RuleAttribute;
 use rtnetlink::{Handle, IpVersion};
 
@@ -43,17 +40,7 @@ pub struct Iface {
     pub addrs: Vec<(IpAddr, u8, Option<IpAddr>)>,
 }
 
-/// A route, as far as `init` looks at routes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Route {
-    pub oif: Option<u32>,
-    pub default: bool,
-    pub v6: bool,
-    pub gateway: Option<IpAddr>,
-    pub metric: u32,
-    pub table: u32,
-    pub protocol: u8,
-}
+pub use crate::discover::RouteFields as Route;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rule {
@@ -131,20 +118,8 @@ pub async fn gather(handle: &Handle) -> Result<Facts, InitError> {
         .await
         .map_err(dump("addresses"))?;
     for m in addrs {
-        let (mut local, mut address) = (None, None);
-        for a in &m.attributes {
-            match a {
-                AddressAttribute::Local(ip) => local = Some(*ip),
-                AddressAttribute::Address(ip) => address = Some(*ip),
-                _ => {}
-            }
-        }
-        // On point-to-point addresses IFA_LOCAL is ours and IFA_ADDRESS the peer.
-        let (ip, peer) = match (local, address) {
-            (Some(l), Some(a)) if l != a => (l, Some(a)),
-            (Some(l), _) => (l, None),
-            (None, Some(a)) => (a, None),
-            (None, None) => continue,
+        let Some((ip, peer)) = crate::discover::addr_fields(&m) else {
+            continue;
         };
         if let IpAddr::V6(a) = ip
             && a.is_unicast_link_local()
@@ -166,33 +141,11 @@ pub async fn gather(handle: &Handle) -> Result<Facts, InitError> {
             .try_collect()
             .await
             .map_err(dump("routes"))?;
-        for m in msgs {
-            if m.header.kind != RouteType::Unicast {
-                continue;
-            }
-            let mut r = Route {
-                oif: None,
-                default: m.header.destination_prefix_length == 0,
-                v6: af == AddressFamily::Inet6,
-                gateway: None,
-                metric: 0,
-                table: m.header.table as u32,
-                protocol: m.header.protocol.into(),
-            };
-            for a in &m.attributes {
-                match a {
-                    RouteAttribute::Table(t) => r.table = *t,
-                    RouteAttribute::Oif(i) => r.oif = Some(*i),
-                    RouteAttribute::Priority(p) => r.metric = *p,
-                    RouteAttribute::Gateway(RouteAddress::Inet(g)) => r.gateway = Some((*g).into()),
-                    RouteAttribute::Gateway(RouteAddress::Inet6(g)) => {
-                        r.gateway = Some((*g).into())
-                    }
-                    _ => {}
-                }
-            }
-            facts.routes.push(r);
-        }
+        facts.routes.extend(
+            msgs.iter()
+                .filter_map(crate::discover::route_fields)
+                .filter(|r| r.unicast),
+        );
     }
     for (v6, version) in [(false, IpVersion::V4), (true, IpVersion::V6)] {
         let msgs: Vec<_> = handle
@@ -563,6 +516,7 @@ mod tests {
                 Route {
                     oif: Some(3),
                     default: true,
+                    unicast: true,
                     v6: false,
                     gateway: Some("100.64.1.1".parse().unwrap()),
                     metric: 100,
@@ -572,6 +526,7 @@ mod tests {
                 Route {
                     oif: Some(4),
                     default: true,
+                    unicast: true,
                     v6: false,
                     gateway: Some("100.64.2.1".parse().unwrap()),
                     metric: 200,

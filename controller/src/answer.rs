@@ -2,12 +2,15 @@
 //! types (so a field's meaning, not the shape of its JSON, picks the layout); JSON and YAML
 //! serialize them as they are, with machine values (Unix milliseconds, marks as numbers).
 
-use serde_json::{Value, json};
+use serde_json::Value;
 use uplink_api::names;
 use uplink_api::v1;
 
 use crate::when;
 
+/// JSON and YAML are the wrapped type itself (untagged).
+#[derive(serde::Serialize)]
+#[serde(untagged)]
 pub enum Answer {
     Status(v1::AgentStatus),
     Uplinks(Vec<v1::Uplink>),
@@ -15,7 +18,9 @@ pub enum Answer {
     Uplink(v1::Uplink),
     Clients(Vec<v1::Client>),
     Pinned(v1::Override),
-    Unpinned(String),
+    Unpinned {
+        unpinned: String,
+    },
     Events(Vec<v1::Event>),
     Policies(Vec<v1::Policy>),
     Rules(Vec<v1::Rule>),
@@ -29,21 +34,7 @@ pub enum Answer {
 impl Answer {
     /// The machine form, for JSON and YAML.
     pub fn json(&self) -> Value {
-        match self {
-            Answer::Status(x) => json!(x),
-            Answer::Uplinks(x) => json!(x),
-            Answer::Uplink(x) => json!(x),
-            Answer::Clients(x) => json!(x),
-            Answer::Pinned(x) => json!(x),
-            Answer::Unpinned(ip) => json!({"unpinned": ip}),
-            Answer::Events(x) => json!(x),
-            Answer::Policies(x) => json!(x),
-            Answer::Rules(x) => json!(x),
-            Answer::Explanation(x) => json!(x),
-            Answer::Sets(x) => json!(x),
-            Answer::Set(x) => json!(x),
-            Answer::Reloaded(x) => json!(x),
-        }
+        serde_json::to_value(self).unwrap_or_default()
     }
 
     /// The human form: an aligned table, or one confirmation line for a write that has no
@@ -66,7 +57,7 @@ impl Answer {
                 };
                 format!("pinned {} to {} {until}\n", o.client, o.uplink)
             }
-            Answer::Unpinned(ip) => format!("unpinned {ip}\n"),
+            Answer::Unpinned { unpinned } => format!("unpinned {unpinned}\n"),
             Answer::Events(e) => events(e, wide, now),
             Answer::Policies(p) => policies(p, wide),
             Answer::Rules(r) => render(

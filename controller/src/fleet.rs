@@ -246,7 +246,9 @@ async fn call(client: &mut AgentClient<Channel>, req: &Request) -> Result<Answer
             client
                 .clear_override(v1::ClearOverrideRequest { client: ip.clone() })
                 .await?;
-            Answer::Unpinned(ip.clone())
+            Answer::Unpinned {
+                unpinned: ip.clone(),
+            }
         }
         Request::Drain(u) => Answer::Uplink(
             client

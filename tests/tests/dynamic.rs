@@ -35,6 +35,20 @@ fn write_config(lab: &Lab, key: &str) -> anyhow::Result<()> {
     )
 }
 
+/// A flow on isp1 that ran through a change of another uplink: every datagram answered,
+/// all from isp1's address.
+fn isp1_flow_untouched(flow: uplink_tests::UdpStream) -> anyhow::Result<()> {
+    let r = flow.finish()?;
+    assert_eq!(r.seen, vec![uplink_tests::uplink_source(1, false)]);
+    assert!(
+        r.sent > 0 && r.received == r.sent,
+        "isp1's flow lost {} of {}",
+        r.sent - r.received,
+        r.sent
+    );
+    Ok(())
+}
+
 /// The `uplinks` table row of `name`.
 fn uplink_row(lab: &Lab, name: &str) -> anyhow::Result<String> {
     let (code, out, err) = lab.ctl("view", &["uplinks"])?;
@@ -160,14 +174,7 @@ fn lease_after_start_and_renumbering_with_udhcpc() -> anyhow::Result<()> {
         "{rules}"
     );
     assert!(!rules.contains(&format!("from {lease} lookup")), "{rules}");
-    let r = other.finish()?;
-    assert_eq!(r.seen, vec![uplink_tests::uplink_source(1, false)]);
-    assert!(
-        r.sent > 0 && r.received == r.sent,
-        "isp1's flow lost {} of {}",
-        r.sent - r.received,
-        r.sent
-    );
+    isp1_flow_untouched(other)?;
     // No restart happened, and no apply failed.
     let m = lab.scrape(9477)?;
     assert_eq!(m.get("uplinkd_apply_errors_total"), Some(&0.0));
@@ -415,14 +422,7 @@ fn a_redial_moves_the_flow_to_the_new_address_and_leaves_the_other_uplink_alone(
     // echo requests from the new address only.
     let ct = lab.gw(&["conntrack", "-L", "-p", "icmp"])?;
     assert!(!ct.contains("src=100.64.2.2 "), "{ct}");
-    let r = other.finish()?;
-    assert_eq!(r.seen, vec![uplink_tests::uplink_source(1, false)]);
-    assert!(
-        r.sent > 0 && r.received == r.sent,
-        "isp1's flow lost {} of {}",
-        r.sent - r.received,
-        r.sent
-    );
+    isp1_flow_untouched(other)?;
     assert!(
         !lab.log_tail(100).contains("lte up -> down"),
         "{}",

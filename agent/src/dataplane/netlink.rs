@@ -8,9 +8,7 @@ use std::ops::RangeInclusive;
 
 use futures::TryStreamExt;
 use netlink_packet_route::AddressFamily;
-use netlink_packet_route::route::{
-    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
-};
+use netlink_packet_route::route::{RouteHeader, RouteMessage, RouteProtocol, RouteScope};
 use netlink_packet_route::rule::{RuleAction as NlRuleAction, RuleAttribute, RuleMessage};
 use rtnetlink::{Handle, IpVersion, RouteMessageBuilder};
 
@@ -136,38 +134,18 @@ impl NetlinkDriver {
                 .await
                 .map_err(|e| DataplaneError::netlink("dump routes", e))?
             {
-                if u8::from(msg.header.protocol) != self.protocol {
+                let Some(r) = crate::discover::route_fields(&msg) else {
+                    continue;
+                };
+                if r.protocol != self.protocol || !self.tables.contains(&r.table) {
                     continue;
                 }
-                let mut table = msg.header.table as u32;
-                let (mut gateway, mut oif) = (None, None);
-                for a in &msg.attributes {
-                    match a {
-                        RouteAttribute::Table(t) => table = *t,
-                        RouteAttribute::Gateway(RouteAddress::Inet(g)) => {
-                            gateway = Some(IpAddr::V4(*g))
-                        }
-                        RouteAttribute::Gateway(RouteAddress::Inet6(g)) => {
-                            gateway = Some(IpAddr::V6(*g))
-                        }
-                        RouteAttribute::Oif(i) => oif = Some(*i),
-                        _ => {}
-                    }
-                }
-                if !self.tables.contains(&table) {
-                    continue;
-                }
-                let spec = oif
-                    .filter(|_| {
-                        msg.header.destination_prefix_length == 0
-                            && msg.header.kind == RouteType::Unicast
-                    })
-                    .map(|oif| RouteSpec {
-                        table,
-                        family,
-                        gateway,
-                        oif,
-                    });
+                let spec = r.oif.filter(|_| r.default).map(|oif| RouteSpec {
+                    table: r.table,
+                    family,
+                    gateway: r.gateway,
+                    oif,
+                });
                 out.push(Owned { spec, message: msg });
             }
         }

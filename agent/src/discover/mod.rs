@@ -213,18 +213,26 @@ pub async fn dump_addrs(handle: &Handle) -> Result<Vec<Event>, DiscoverError> {
     Ok(msgs.iter().filter_map(|m| addr_event(m, true)).collect())
 }
 
+/// An address message's own address and, on a point-to-point address, its peer: there
+/// IFA_LOCAL is ours and IFA_ADDRESS the peer.
+pub fn addr_fields(m: &AddressMessage) -> Option<(IpAddr, Option<IpAddr>)> {
+    let (mut local, mut address) = (None, None);
+    for a in &m.attributes {
+        match a {
+            AddressAttribute::Local(ip) => local = Some(*ip),
+            AddressAttribute::Address(ip) => address = Some(*ip),
+            _ => {}
+        }
+    }
+    match (local, address) {
+        (Some(l), Some(a)) if l != a => Some((l, Some(a))),
+        (Some(l), _) => Some((l, None)),
+        (None, a) => a.map(|a| (a, None)),
+    }
+}
+
 fn addr_event(m: &AddressMessage, present: bool) -> Option<Event> {
-    // On point-to-point links IFA_ADDRESS is the peer; IFA_LOCAL is ours.
-    let local = m.attributes.iter().find_map(|a| match a {
-        AddressAttribute::Local(ip) => Some(*ip),
-        _ => None,
-    });
-    let addr = local.or_else(|| {
-        m.attributes.iter().find_map(|a| match a {
-            AddressAttribute::Address(ip) => Some(*ip),
-            _ => None,
-        })
-    })?;
+    let (addr, _) = addr_fields(m)?;
     if let IpAddr::V6(a) = addr
         && a.is_unicast_link_local()
     {
@@ -255,38 +263,66 @@ pub async fn dump_routes(handle: &Handle) -> Result<Vec<Event>, DiscoverError> {
     Ok(out)
 }
 
-/// A default unicast route with one next hop; anything else is not a next hop to learn
-/// (multipath routes included: their hops are not one uplink's).
-fn route_event(m: &RouteMessage, present: bool, replace: bool) -> Option<Event> {
-    if m.header.destination_prefix_length != 0 || m.header.kind != RouteType::Unicast {
-        return None;
-    }
+/// What uplinkd reads of a route message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteFields {
+    pub v6: bool,
+    pub table: u32,
+    pub oif: Option<u32>,
+    /// The route's priority.
+    pub metric: u32,
+    /// `None`: by device.
+    pub gateway: Option<IpAddr>,
+    /// A unicast route to 0.0.0.0/0 or ::/0.
+    pub default: bool,
+    pub unicast: bool,
+    pub protocol: u8,
+}
+
+/// The fields of an IPv4 or IPv6 route (`None` for other families).
+pub fn route_fields(m: &RouteMessage) -> Option<RouteFields> {
     let v6 = match m.header.address_family {
         AddressFamily::Inet => false,
         AddressFamily::Inet6 => true,
         _ => return None,
     };
-    let mut table = m.header.table as u32;
-    let (mut oif, mut gateway, mut metric) = (None, None, 0);
+    let unicast = m.header.kind == RouteType::Unicast;
+    let mut r = RouteFields {
+        v6,
+        table: m.header.table as u32,
+        oif: None,
+        metric: 0,
+        gateway: None,
+        default: unicast && m.header.destination_prefix_length == 0,
+        unicast,
+        protocol: m.header.protocol.into(),
+    };
     for a in &m.attributes {
         match a {
-            RouteAttribute::Table(t) => table = *t,
-            RouteAttribute::Oif(i) => oif = Some(*i),
-            RouteAttribute::Priority(p) => metric = *p,
-            RouteAttribute::Gateway(RouteAddress::Inet(g)) => gateway = Some(IpAddr::V4(*g)),
-            RouteAttribute::Gateway(RouteAddress::Inet6(g)) => gateway = Some(IpAddr::V6(*g)),
+            RouteAttribute::Table(t) => r.table = *t,
+            RouteAttribute::Oif(i) => r.oif = Some(*i),
+            RouteAttribute::Priority(p) => r.metric = *p,
+            RouteAttribute::Gateway(RouteAddress::Inet(g)) => r.gateway = Some(IpAddr::V4(*g)),
+            RouteAttribute::Gateway(RouteAddress::Inet6(g)) => r.gateway = Some(IpAddr::V6(*g)),
             _ => {}
         }
     }
+    Some(r)
+}
+
+/// A default unicast route with one next hop; anything else is not a next hop to learn
+/// (multipath routes included: their hops are not one uplink's).
+fn route_event(m: &RouteMessage, present: bool, replace: bool) -> Option<Event> {
+    let r = route_fields(m).filter(|r| r.default)?;
     Some(Event::Route {
-        ifindex: oif?,
+        ifindex: r.oif?,
         route: LearnedRoute {
-            v6,
-            table,
-            metric,
-            gateway,
+            v6: r.v6,
+            table: r.table,
+            metric: r.metric,
+            gateway: r.gateway,
         },
-        protocol: m.header.protocol.into(),
+        protocol: r.protocol,
         present,
         replace,
     })
