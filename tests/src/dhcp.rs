@@ -82,9 +82,10 @@ impl Lab {
     /// Starts a dnsmasq as a resolver in namespace `ns` (no config file, no resolv.conf,
     /// no hosts file; its pid file in the lab's directory), with `args`.
     pub fn resolver(&self, ns: &str, args: &[&str]) -> Result<Proc> {
-        let pid = self
-            .dir
-            .join(format!("dnsmasq-{}.pid", self.dir.read_dir()?.count()));
+        // Each its own pid file, also when two start before either has written one.
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let pid = self.dir.join(format!("dnsmasq-resolver-{n}.pid"));
         let child = Command::new("ip")
             .args(["netns", "exec", ns, "dnsmasq", "--keep-in-foreground"])
             .args([
