@@ -809,9 +809,10 @@ impl Agent {
             }
         }
         self.metrics_dirty = true;
-        self.publish_snapshot();
-        // After the kernel change, so its fsync never delays a failover.
+        // After the kernel change, so its fsync never delays a failover; before the
+        // snapshot, so a state the API has shown survives a crash right after.
         self.save_decisions();
+        self.publish_snapshot();
         self.heartbeat.set_stuck(
             report
                 .errors
