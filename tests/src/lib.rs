@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 pub mod abuse;
+pub mod container;
 pub mod dhcp;
 pub mod soak;
 
@@ -70,6 +71,8 @@ pub struct Lab {
     agent: Option<Child>,
     /// Extra environment for the agent process.
     pub agent_env: Vec<(String, String)>,
+    /// Run the agent from an image's root filesystem, as the DaemonSet does.
+    pub container: Option<container::Container>,
 }
 
 /// Runs a command, failing with its stderr.
@@ -326,6 +329,7 @@ impl Lab {
             namespaces: Vec::new(),
             agent: None,
             agent_env: Vec::new(),
+            container: None,
         };
         lab.build_core()?;
         for i in 1..=clients {
@@ -843,11 +847,18 @@ impl Lab {
             .unwrap_or_default()
             .matches("initial apply done")
             .count();
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.ns("gw")])
-            .arg(uplinkd_bin())
-            .arg("--config")
-            .arg(self.config_path())
+        let mut cmd = match &self.container {
+            Some(c) => c.command(&self.ns("gw"))?,
+            None => {
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", &self.ns("gw")])
+                    .arg(uplinkd_bin())
+                    .arg("--config")
+                    .arg(self.config_path());
+                cmd
+            }
+        };
+        let child = cmd
             .env(
                 "RUST_LOG",
                 std::env::var("UPLINKD_LOG").unwrap_or_else(|_| "info".into()),
