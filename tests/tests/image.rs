@@ -98,8 +98,7 @@ fn the_image_runs_with_the_daemonsets_privileges() -> anyhow::Result<()> {
     let root_opts = mountinfo
         .lines()
         .map(|l| l.split_whitespace().collect::<Vec<_>>())
-        .filter(|f| f.get(4) == Some(&"/"))
-        .last()
+        .rfind(|f| f.get(4) == Some(&"/"))
         .map(|f| f[5].to_string())
         .context("no root mount")?;
     assert!(root_opts.split(',').any(|o| o == "ro"), "root {root_opts}");
