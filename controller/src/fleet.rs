@@ -323,21 +323,27 @@ pub async fn fan_out(
     timeout: Duration,
 ) -> Vec<GatewayResult> {
     let mut results: Vec<GatewayResult> = futures::stream::iter(targets.iter().cloned())
-        .map(|t| async move {
-            let work = async {
-                let mut client = creds.connect(&t, timeout).await?;
-                call(&mut client, req).await.map_err(status_failure)
-            };
-            let result = match tokio::time::timeout(timeout, work).await {
-                Ok(r) => r,
-                Err(_) => Err(Failure::Unreachable(format!(
-                    "no answer within {}",
-                    humantime::format_duration(timeout)
-                ))),
-            };
-            GatewayResult { target: t, result }
+        .map(|t| {
+            let (creds, req) = (creds.clone(), req.clone());
+            // A task per gateway, so that the TLS handshakes run on every core rather than
+            // all inside this one future (a fleet of 1,000 is mostly handshakes).
+            tokio::spawn(async move {
+                let work = async {
+                    let mut client = creds.connect(&t, timeout).await?;
+                    call(&mut client, &req).await.map_err(status_failure)
+                };
+                let result = match tokio::time::timeout(timeout, work).await {
+                    Ok(r) => r,
+                    Err(_) => Err(Failure::Unreachable(format!(
+                        "no answer within {}",
+                        humantime::format_duration(timeout)
+                    ))),
+                };
+                GatewayResult { target: t, result }
+            })
         })
         .buffer_unordered(parallel.max(1))
+        .map(|joined| joined.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic())))
         .collect()
         .await;
     results.sort_by(|a, b| a.target.name.cmp(&b.target.name));

@@ -1274,8 +1274,12 @@ impl Drop for Netns {
     }
 }
 
-/// Many agents, each in its own gateway namespace, reachable from one management
-/// namespace over a bridge (198.18.250.0/24); for uplinkctl's fleet commands.
+/// Many agents (up to 1,000), each in its own gateway namespace, reachable from one
+/// management namespace over a bridge (198.18.248.0/22); for uplinkctl's fleet commands.
+///
+/// The kernel's neighbour table is global (`gc_thresh3` = 1,024 entries across all
+/// namespaces), and a fleet needs two entries per gateway: both ends get permanent entries,
+/// which the limit does not count, from the fixed MAC addresses.
 pub struct Fleet {
     pub mgmt: Netns,
     pub gateways: Vec<Netns>,
@@ -1284,8 +1288,16 @@ pub struct Fleet {
 }
 
 impl Fleet {
+    pub const MAX: usize = 1000;
+    const MGMT_MAC: &str = "02:00:00:00:fa:01";
+
+    /// Gateway `i`'s management address (from 198.18.248.10).
+    pub fn address(i: usize) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 248, 10)) + i as u32)
+    }
+
     pub fn build(tag: &str, n: usize) -> Result<Fleet> {
-        assert!(n <= 200);
+        assert!(n <= Self::MAX, "at most {} gateways", Self::MAX);
         let mgmt = Netns::new(&format!("{tag}m"))?;
         let dir = std::env::temp_dir().join(&mgmt.0);
         let _ = fs::remove_dir_all(&dir);
@@ -1295,9 +1307,9 @@ impl Fleet {
             &[
                 "link set lo up".into(),
                 // Fixed, as the lab's LAN bridge: adding gateways must not change its MAC.
-                "link add br0 address 02:00:00:00:fa:01 type bridge".into(),
+                format!("link add br0 address {} type bridge", Self::MGMT_MAC),
                 "link set br0 up".into(),
-                "addr add 198.18.250.1/24 dev br0".into(),
+                "addr add 198.18.248.1/22 dev br0".into(),
             ],
         )?;
         let certs = dir.join("certs");
@@ -1305,7 +1317,7 @@ impl Fleet {
         let (ctl, d) = (ctl.to_str().expect("utf-8"), certs.to_str().expect("utf-8"));
         sh(&[ctl, "certs", "init", "--dir", d])?;
         let mut issue = vec![ctl, "certs", "issue", "--dir", d, "--agent", "gw"];
-        let ips: Vec<String> = (0..n).map(|i| format!("198.18.250.{}", 10 + i)).collect();
+        let ips: Vec<String> = (0..n).map(|i| Self::address(i).to_string()).collect();
         for ip in &ips {
             issue.extend(["--san", ip.as_str()]);
         }
@@ -1320,20 +1332,27 @@ impl Fleet {
         let mut inventory = String::new();
         for (i, ip) in ips.iter().enumerate() {
             let gw = Netns::new(&format!("{tag}g{i}"))?;
+            let mac = format!("02:00:c6:12:{:02x}:{:02x}", i >> 8, i & 0xff);
             ip_batch(
                 &fleet.mgmt.0,
                 &[
                     format!("link add m{i} type veth peer name mgmt netns {}", gw.0),
                     format!("link set m{i} master br0"),
                     format!("link set m{i} up"),
+                    format!("neigh replace {ip} lladdr {mac} dev br0 nud permanent"),
                 ],
             )?;
             ip_batch(
                 &gw.0,
                 &[
                     "link set lo up".into(),
+                    format!("link set mgmt address {mac}"),
                     "link set mgmt up".into(),
-                    format!("addr add {ip}/24 dev mgmt"),
+                    format!("addr add {ip}/22 dev mgmt"),
+                    format!(
+                        "neigh replace 198.18.248.1 lladdr {} dev mgmt nud permanent",
+                        Self::MGMT_MAC
+                    ),
                     "link add br-lan type bridge".into(),
                 ],
             )?;
@@ -1405,7 +1424,7 @@ impl Fleet {
     /// Adds an unreachable gateway (an address nobody has) to the inventory.
     pub fn add_unreachable(&self) -> Result<()> {
         let mut inv = fs::read_to_string(self.dir.join("inventory.toml"))?;
-        inv += "[[gateway]]\nname = \"gw-dead\"\naddress = \"198.18.250.254:7443\"\nlabels = { site = \"dead\" }\n";
+        inv += "[[gateway]]\nname = \"gw-dead\"\naddress = \"198.18.251.254:7443\"\nlabels = { site = \"dead\" }\n";
         fs::write(self.dir.join("inventory.toml"), inv)?;
         Ok(())
     }

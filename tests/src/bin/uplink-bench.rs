@@ -77,8 +77,9 @@ fn main() -> Result<()> {
             &machine,
         ),
         Some("fleet") => fleet_status(
-            arg(&args, "--max", 200)? as usize,
+            arg(&args, "--max", 1000)? as usize,
             arg(&args, "--runs", 3)?,
+            arg(&args, "--idle-seconds", 30)?,
             &machine,
         ),
         Some("pin") => pin_rtt(arg(&args, "--pins", 200)? as u32, &machine),
@@ -119,7 +120,7 @@ fn main() -> Result<()> {
             &machine,
         ),
         _ => bail!(
-            "usage: uplink-bench dispatch [--clients N] [--interval-ms M] [--runs R] [--rules N] | startup [--clients N] [--runs R] | failover [--clients N] [--trials T] [--rules N] | gap carrier|silent [--trials T] | lease [--trials T] | idle [--seconds S] | fleet [--max N] [--runs R] | pin [--pins N] | ctflush [--flows 2000] [--runs 3] | abuse [--clients 50000] [--dispatch 300] [--trials 10] | rules [--clients 100000] [--seconds 3] [--runs 3] | soak [--seconds 3600] [--clients 10000] [--churn 1000] [--failover-every 60] [--watchers 20] [--warmup 60]"
+            "usage: uplink-bench dispatch [--clients N] [--interval-ms M] [--runs R] [--rules N] | startup [--clients N] [--runs R] | failover [--clients N] [--trials T] [--rules N] | gap carrier|silent [--trials T] | lease [--trials T] | idle [--seconds S] | fleet [--max 1000] [--runs R] [--idle-seconds 30] | pin [--pins N] | ctflush [--flows 2000] [--runs 3] | abuse [--clients 50000] [--dispatch 300] [--trials 10] | rules [--clients 100000] [--seconds 3] [--runs 3] | soak [--seconds 3600] [--clients 10000] [--churn 1000] [--failover-every 60] [--watchers 20] [--warmup 60]"
         ),
     }
 }
@@ -756,16 +757,61 @@ fn lease(trials: u64, machine: &str) -> Result<()> {
 /// `uplinkctl --inventory … status` across fleets of 10 … `max` real agents, each in its
 /// own gateway namespace: wall time of the whole command (process start, one mTLS
 /// connection and one RPC per gateway, output).
-fn fleet_status(max: usize, runs: u64, machine: &str) -> Result<()> {
+///
+/// With every agent of the fleet running (idle: no uplink has a link, so nothing probes),
+/// first their own cost over `idle_seconds`: CPU per agent and RSS.
+fn fleet_status(max: usize, runs: u64, idle_seconds: u64, machine: &str) -> Result<()> {
     println!("fleet status over real agents (uplinkctl --parallel 32), {runs} runs per size");
     println!("machine: {machine}; agent {}", uplinkd_bin().display());
+    let t = Instant::now();
     let fleet = uplink_tests::Fleet::build("bfl", max)?;
+    println!("{max} agents started in {:.0} s", t.elapsed().as_secs_f64());
+    if idle_seconds > 0 {
+        // Past the start-up's own work.
+        std::thread::sleep(Duration::from_secs(5));
+        let pids: Vec<u32> = fleet.agents.iter().map(|c| c.id()).collect();
+        let before = pids
+            .iter()
+            .map(|&p| cpu_ticks(p))
+            .collect::<Result<Vec<_>>>()?;
+        let t = Instant::now();
+        std::thread::sleep(Duration::from_secs(idle_seconds));
+        let after = pids
+            .iter()
+            .map(|&p| cpu_ticks(p))
+            .collect::<Result<Vec<_>>>()?;
+        let secs = t.elapsed().as_secs_f64();
+        // /proc counts in USER_HZ, 100 on every Linux ABI.
+        let mut cpu: Vec<f64> = before
+            .iter()
+            .zip(&after)
+            .map(|(b, a)| (a - b) as f64 / 100.0 / secs * 100.0)
+            .collect();
+        cpu.sort_by(|a, b| a.total_cmp(b));
+        let mut rss = pids
+            .iter()
+            .map(|&p| rss_mb(p))
+            .collect::<Result<Vec<_>>>()?;
+        rss.sort_by(|a, b| a.total_cmp(b));
+        println!(
+            "idle, {max} agents over {idle_seconds} s: CPU all agents {:.1} % of a core, per agent mean {:.3} % (max {:.3} %); RSS per agent median {:.1} MB (max {:.1} MB), total {:.0} MB",
+            cpu.iter().sum::<f64>(),
+            cpu.iter().sum::<f64>() / cpu.len() as f64,
+            cpu[cpu.len() - 1],
+            percentile(&rss, 50.0),
+            rss[rss.len() - 1],
+            rss.iter().sum::<f64>()
+        );
+    }
     let inventory = std::fs::read_to_string(fleet.dir.join("inventory.toml"))?;
     let entries: Vec<&str> = inventory
         .split("[[gateway]]")
         .filter(|e| !e.trim().is_empty())
         .collect();
-    for n in [10, 50, 100, 200].into_iter().filter(|n| *n <= max) {
+    for n in [10, 50, 100, 200, 500, 1000]
+        .into_iter()
+        .filter(|n| *n <= max)
+    {
         let sub: String = entries[..n]
             .iter()
             .map(|e| format!("[[gateway]]{e}"))
@@ -829,18 +875,18 @@ fn pin_rtt(pins: u32, machine: &str) -> Result<()> {
         .enable_all()
         .build()?;
     let mut rtts = rt.block_on(async {
-        let tls = uplink_tests::client_tls(&certs, "op", "198.18.250.10")?;
+        let tls = uplink_tests::client_tls(&certs, "op", "198.18.248.10")?;
         // The management namespace holds the route to the agent: connect from a thread in it.
         let mgmt = fleet.mgmt.0.clone();
         let std_stream =
-            uplink_tests::in_netns(&mgmt, || std::net::TcpStream::connect("198.18.250.10:7443"))??;
+            uplink_tests::in_netns(&mgmt, || std::net::TcpStream::connect("198.18.248.10:7443"))??;
         drop(std_stream);
         let channel = {
             let file = std::fs::File::open(format!("/run/netns/{mgmt}"))?;
             // Enter the namespace on this (current-thread runtime) thread for the connect.
             use std::os::fd::AsFd;
             nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)?;
-            tonic::transport::Endpoint::from_static("https://198.18.250.10:7443")
+            tonic::transport::Endpoint::from_static("https://198.18.248.10:7443")
                 .tls_config(tls)?
                 .connect()
                 .await?
