@@ -765,6 +765,12 @@ impl Lab {
             .collect())
     }
 
+    /// The HTTP status code of `url`, fetched from the gateway's namespace ("000" when
+    /// nothing answers).
+    pub fn http_status(&self, url: &str) -> Result<String> {
+        self.gw(&["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", url])
+    }
+
     /// The uplink whose NAT address the internet host saw.
     pub fn uplink_of_source(&self, seen: IpAddr) -> Option<String> {
         uplink_by_address(&self.ns("gw"), &self.uplinks, seen)

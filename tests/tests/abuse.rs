@@ -446,17 +446,7 @@ fn a_hung_nft_times_out_and_the_apply_is_retried() -> anyhow::Result<()> {
     )?;
     lab.start_agent()?;
     lab.greet_clients()?;
-    let healthz = |lab: &Lab| {
-        lab.gw(&[
-            "curl",
-            "-s",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "http://127.0.0.1:7444/healthz",
-        ])
-    };
+    let healthz = |lab: &Lab| lab.http_status("http://127.0.0.1:7444/healthz");
     assert_eq!(healthz(&lab)?, "200");
     std::fs::write(&hang, "")?;
     lab.add_client(2, false)?;

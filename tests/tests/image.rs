@@ -18,19 +18,6 @@ fn daemonset() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes/daemonset.yaml")
 }
 
-/// The status line of `curl` for an endpoint of the agent's health listener.
-fn http_status(lab: &Lab, path: &str) -> anyhow::Result<String> {
-    lab.gw(&[
-        "curl",
-        "-s",
-        "-o",
-        "/dev/null",
-        "-w",
-        "%{http_code}",
-        &format!("http://127.0.0.1:7444{path}"),
-    ])
-}
-
 #[test]
 #[ignore = "needs the image's root filesystem: bash .ci/image"]
 fn the_image_runs_with_the_daemonsets_privileges() -> anyhow::Result<()> {
@@ -109,9 +96,9 @@ fn the_image_runs_with_the_daemonsets_privileges() -> anyhow::Result<()> {
     );
 
     lab.wait_for(Duration::from_secs(10), "/readyz 200", || {
-        Ok(http_status(&lab, "/readyz")? == "200")
+        Ok(lab.http_status("http://127.0.0.1:7444/readyz")? == "200")
     })?;
-    assert_eq!(http_status(&lab, "/healthz")?, "200");
+    assert_eq!(lab.http_status("http://127.0.0.1:7444/healthz")?, "200");
 
     // Dispatch: each client leaves by the uplink it was assigned.
     let homes = lab.greet_clients()?;
@@ -150,6 +137,6 @@ fn the_image_runs_with_the_daemonsets_privileges() -> anyhow::Result<()> {
     lab.wait_for(Duration::from_secs(10), "isp2 back up", || {
         Ok(lab.scrape(9477)?.get("uplinkd_uplink_up{uplink=\"isp2\"}") == Some(&1.0))
     })?;
-    assert_eq!(http_status(&lab, "/readyz")?, "200");
+    assert_eq!(lab.http_status("http://127.0.0.1:7444/readyz")?, "200");
     Ok(())
 }
