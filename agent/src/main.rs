@@ -64,16 +64,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
+    let runtime = match start_runtime(tokio::runtime::Builder::new_multi_thread().worker_threads(2))
     {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: cannot start runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     let _rt = runtime.enter();
     let telemetry = match uplinkd::telemetry::init(
@@ -91,6 +85,16 @@ fn main() -> ExitCode {
     code
 }
 
+/// The tokio runtime, or the exit code after saying why it cannot start.
+fn start_runtime(
+    builder: &mut tokio::runtime::Builder,
+) -> Result<tokio::runtime::Runtime, ExitCode> {
+    builder.enable_all().build().map_err(|e| {
+        eprintln!("error: cannot start runtime: {e}");
+        ExitCode::FAILURE
+    })
+}
+
 /// `uplinkd init`: needs no config (it writes one) and only reads the kernel.
 fn init(write: Option<&std::path::Path>, force: bool) -> ExitCode {
     if let Some(p) = write
@@ -103,15 +107,9 @@ fn init(write: Option<&std::path::Path>, force: bool) -> ExitCode {
         );
         return ExitCode::from(2);
     }
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match start_runtime(&mut tokio::runtime::Builder::new_current_thread()) {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: cannot start runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     let facts = runtime.block_on(async {
         let (conn, handle, _) = rtnetlink::new_connection()?;
