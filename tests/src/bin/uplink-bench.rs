@@ -283,15 +283,20 @@ fn stop(mut child: Child) -> Result<()> {
     Ok(())
 }
 
-fn peak_rss_mb(pid: u32) -> Result<f64> {
+/// A memory figure of /proc/PID/status in MB: "VmRSS" (now) or "VmHWM" (peak).
+fn status_mb(pid: u32, field: &str) -> Result<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let kb: f64 = status
         .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .context("VmHWM")?
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next())
+        .context(field.to_string())?
         .parse()?;
     Ok(kb / 1024.0)
+}
+
+fn peak_rss_mb(pid: u32) -> Result<f64> {
+    status_mb(pid, "VmHWM")
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -588,14 +593,7 @@ fn cpu_ticks(pid: u32) -> Result<u64> {
 }
 
 fn rss_mb(pid: u32) -> Result<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kb: f64 = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .context("VmRSS")?
-        .parse()?;
-    Ok(kb / 1024.0)
+    status_mb(pid, "VmRSS")
 }
 
 /// An idle agent's cost: CPU share of one core and RSS, with and without probes.
