@@ -55,8 +55,10 @@ fn metrics_after_traffic_and_a_failover() -> anyhow::Result<()> {
     assert!(m["uplinkd_dispatch_latency_seconds_count"] > 0.0);
 
     lab.carrier("isp1", false)?;
-    lab.wait_for(Duration::from_secs(5), "failover", || {
-        Ok(lab.log_tail(30).contains("failover of isp1"))
+    // The gauges are published after the failover's apply, a moment after its log line
+    // (the counters move at the log line): wait on a gauge.
+    lab.wait_for(Duration::from_secs(5), "failover in the metrics", || {
+        Ok(lab.scrape(9477)?.get("uplinkd_uplink_up{uplink=\"isp1\"}") == Some(&0.0))
     })?;
     let m = lab.scrape(9477)?;
     assert_eq!(m["uplinkd_uplink_up{uplink=\"isp1\"}"], 0.0);
