@@ -64,6 +64,7 @@ pub struct Metrics {
     /// with it, and series of uplinks that left the config are removed.
     uplinks: std::sync::Mutex<Vec<(String, String)>>,
     policy_sla_met: IntGaugeVec,
+    config_refused: IntGaugeVec,
     pub sla_changes: IntCounterVec,
     rule_packets: IntCounterVec,
     rule_bytes: IntCounterVec,
@@ -307,6 +308,11 @@ impl Metrics {
                 "1 while the uplink meets the policy's SLA (max_rtt, max_loss, max_jitter), 0 while the policy avoids it; only policies with an SLA",
                 &["policy", "uplink"],
             ),
+            config_refused: ivec(
+                "config_refused",
+                "1 for each part of the config (a rule, a set's elements) the kernel refused: it is left out of the dataplane until it changes",
+                &["part"],
+            ),
             sla_changes: cvec(
                 "policy_sla_changes_total",
                 "Changes of a policy's SLA verdict on an uplink (each is also a `sla` event)",
@@ -337,6 +343,14 @@ impl Metrics {
     }
 
     /// Publishes the model's gauges; `carried` is clients per uplink by current use.
+    /// The parts of the config the kernel refuses now, as `rule NAME` / `set NAME`.
+    pub fn set_refused(&self, parts: &[String]) {
+        self.config_refused.reset();
+        for p in parts {
+            self.config_refused.with_label_values(&[p.as_str()]).set(1);
+        }
+    }
+
     pub fn publish(&self, config: &Config, model: &Model, carried: &[usize], in_sync: bool) {
         let now = std::time::Instant::now();
         let mut known = self.uplinks.lock().expect("lock");

@@ -147,7 +147,7 @@ fn status(s: &v1::AgentStatus) -> String {
         .iter()
         .map(|(k, v)| format!("{k}={v}"))
         .collect();
-    render(
+    let mut out = render(
         &[
             "NAME",
             "VERSION",
@@ -168,7 +168,12 @@ fn status(s: &v1::AgentStatus) -> String {
             s.config_generation.to_string(),
             s.in_sync.to_string(),
         ]],
-    )
+    );
+    // What the operator asked for and does not have: said below the table, in full.
+    for r in &s.refused {
+        out += &format!("refused by the kernel, left out: {r}\n");
+    }
+    out
 }
 
 fn uplinks(items: &[v1::Uplink], wide: bool) -> String {

@@ -385,6 +385,12 @@ async fn healthy(t: &Target, creds: &Credentials, timeout: Duration) -> Result<(
             .await
             .map_err(status_failure)?
             .into_inner();
+        if !status.refused.is_empty() {
+            return Err(Failure::Error(format!(
+                "after the step the kernel refuses part of its config: {}",
+                status.refused.join("; ")
+            )));
+        }
         if status.in_sync {
             return Ok(());
         }

@@ -182,7 +182,7 @@ pub async fn serve(
             key: "api.health_listen",
             source,
         })?;
-    tokio::spawn(serve_health(health, ready, heartbeat));
+    tokio::spawn(serve_health(health, ready, heartbeat, snapshot.clone()));
 
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let incoming = async_stream_of_tls(grpc, acceptor, metrics.clone());
@@ -326,7 +326,12 @@ impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Limited<T> {
     }
 }
 
-async fn serve_health(listener: TcpListener, ready: Arc<AtomicBool>, heartbeat: Arc<Heartbeat>) {
+async fn serve_health(
+    listener: TcpListener,
+    ready: Arc<AtomicBool>,
+    heartbeat: Arc<Heartbeat>,
+    snapshot: tokio::sync::watch::Receiver<Arc<snapshot::Snapshot>>,
+) {
     use axum::http::StatusCode;
     use axum::routing::get;
     let app = axum::Router::new()
@@ -346,11 +351,23 @@ async fn serve_health(listener: TcpListener, ready: Arc<AtomicBool>, heartbeat: 
             "/readyz",
             get(move || {
                 let ready = ready.clone();
+                let refused = snapshot.borrow().refused.clone();
                 async move {
-                    if ready.load(Ordering::SeqCst) {
-                        (StatusCode::OK, "ready\n")
+                    // A config the kernel partly refuses runs without that part: not what
+                    // the operator asked for, so a rollout must not go on as if it were.
+                    if !refused.is_empty() {
+                        let mut text = "the kernel refuses part of the config:\n".to_string();
+                        for r in refused.iter() {
+                            text += &format!("  {r}\n");
+                        }
+                        (StatusCode::SERVICE_UNAVAILABLE, text)
+                    } else if ready.load(Ordering::SeqCst) {
+                        (StatusCode::OK, "ready\n".to_string())
                     } else {
-                        (StatusCode::SERVICE_UNAVAILABLE, "not in sync yet\n")
+                        (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "not in sync yet\n".to_string(),
+                        )
                     }
                 }
             }),

@@ -18,6 +18,8 @@ pub struct Snapshot {
     pub model: Model,
     pub generation: u64,
     pub in_sync: bool,
+    /// Parts of the config the kernel refused, with its words.
+    pub refused: Arc<Vec<String>>,
     pub started: Instant,
 }
 
@@ -47,6 +49,7 @@ impl Snapshot {
             config_generation: self.generation,
             in_sync: self.in_sync,
             overrides: self.model.overrides.len() as u64,
+            refused: self.refused.to_vec(),
         }
     }
 

@@ -215,6 +215,7 @@ pub fn event(e: &LogEntry) -> v1::Event {
         EventKind::Sla { .. } => "sla",
         EventKind::Set => "set",
         EventKind::Gateway => "gateway",
+        EventKind::Refused => "refused",
     };
     v1::Event {
         at_ms: e.at,

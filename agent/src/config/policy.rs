@@ -552,7 +552,7 @@ impl Validator<'_> {
                         out.push(AddrMatch::Net(self.cidr(&kk, a)?));
                     }
                 }
-                Ok(out)
+                Ok(merge_nets(out))
             };
             let src = addrs("src", &r.src)?;
             let dst = addrs("dst", &r.dst)?;
@@ -586,14 +586,16 @@ impl Validator<'_> {
                         ),
                     ));
                 }
-                list.get_ref()
+                let ranges = list
+                    .get_ref()
                     .iter()
                     .enumerate()
                     .map(|(j, p)| {
                         port_range(p.get_ref())
                             .map_err(|m| self.err(Some(p.span()), key(&format!("{k}[{j}]")), m))
                     })
-                    .collect()
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(merge_ports(ranges))
             };
             let sport = ports("sport", &r.sport)?;
             let dport = ports("dport", &r.dport)?;
@@ -624,7 +626,9 @@ impl Validator<'_> {
                             ),
                         ));
                     }
-                    iif.push(name);
+                    if !iif.contains(&name) {
+                        iif.push(name);
+                    }
                 }
             }
             if src.is_empty()
@@ -715,6 +719,42 @@ impl Validator<'_> {
             )
         })
     }
+}
+
+/// A rule's literal prefixes merged (nested and adjacent ones): the kernel refuses an
+/// interval set or map whose elements overlap ("conflicting intervals specified"), and a
+/// rule matching any of them matches their union. Set references keep their place.
+fn merge_nets(list: Vec<AddrMatch>) -> Vec<AddrMatch> {
+    let (mut v4, mut v6, mut out) = (Vec::new(), Vec::new(), Vec::new());
+    for a in list {
+        match a {
+            AddrMatch::Net(IpNet::V4(n)) => v4.push(n),
+            AddrMatch::Net(IpNet::V6(n)) => v6.push(n),
+            AddrMatch::Set(i) => {
+                if !out.contains(&AddrMatch::Set(i)) {
+                    out.push(AddrMatch::Set(i));
+                }
+            }
+        }
+    }
+    let nets = Ipv4Net::aggregate(&v4)
+        .into_iter()
+        .map(IpNet::V4)
+        .chain(Ipv6Net::aggregate(&v6).into_iter().map(IpNet::V6));
+    nets.map(AddrMatch::Net).chain(out).collect()
+}
+
+/// Port ranges merged where they overlap or touch, in order, for the same reason.
+fn merge_ports(mut ranges: Vec<(u16, u16)>) -> Vec<(u16, u16)> {
+    ranges.sort_unstable();
+    let mut out: Vec<(u16, u16)> = Vec::with_capacity(ranges.len());
+    for (lo, hi) in ranges {
+        match out.last_mut() {
+            Some(last) if u32::from(lo) <= u32::from(last.1) + 1 => last.1 = last.1.max(hi),
+            _ => out.push((lo, hi)),
+        }
+    }
+    out
 }
 
 /// A CIDR or a bare address (a host prefix), truncated to its network.

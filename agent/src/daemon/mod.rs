@@ -174,6 +174,8 @@ pub struct Agent {
     save_errors: metrics::RateLimitedWarning,
     /// Neighbours refused by a LAN limit, reported at a bounded rate.
     lan_refusals: metrics::RateLimitedWarning,
+    /// Parts of the config the kernel refuses (`rule NAME: why`), as last reported.
+    refused: Arc<Vec<String>>,
 }
 
 /// Connects to the kernel, adopts its state, and runs until SIGTERM/SIGINT. The dataplane
@@ -272,12 +274,14 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
             model: model_for_api,
             generation: 1,
             in_sync: false,
+            refused: Arc::new(Vec::new()),
             started,
         })),
         saving: None,
         saved_at: None,
         save_errors: metrics::RateLimitedWarning::default(),
         lan_refusals: metrics::RateLimitedWarning::default(),
+        refused: Arc::new(Vec::new()),
     };
     let (cmd_tx, mut cmd_rx) = mpsc::channel(256);
     // Listeners are bound and TLS is loaded before the first kernel write: a port clash or
@@ -808,6 +812,7 @@ impl Agent {
                 }
             }
         }
+        self.note_refused(&report.refused);
         self.metrics_dirty = true;
         // After the kernel change, so its fsync never delays a failover; before the
         // snapshot, so a state the API has shown survives a crash right after.
@@ -847,6 +852,33 @@ impl Agent {
             );
         }
         report
+    }
+
+    /// Reports the parts of the config the kernel refuses when they change: an event for
+    /// each new one (the dataplane logged it), the metric, and what the API and `/readyz`
+    /// show.
+    fn note_refused(&mut self, refused: &[crate::dataplane::nft::Refused]) {
+        let now: Vec<String> = refused.iter().map(ToString::to_string).collect();
+        if *self.refused == now {
+            return;
+        }
+        let log = now
+            .iter()
+            .filter(|r| !self.refused.contains(r))
+            .map(|r| LogEntry {
+                at: now_millis(),
+                uplink: String::new(),
+                kind: EventKind::Refused,
+                cause: format!(
+                    "the kernel refuses {r}; left out of the dataplane until it changes"
+                ),
+                clients_moved: 0,
+            })
+            .collect();
+        self.record(log);
+        let parts: Vec<String> = refused.iter().map(|r| r.part.to_string()).collect();
+        self.metrics.set_refused(&parts);
+        self.refused = Arc::new(now);
     }
 
     /// Writes the client assignments beside the loop when they changed: at most one write
@@ -1027,6 +1059,7 @@ impl Agent {
                 model: self.model.clone(),
                 generation: self.generation,
                 in_sync: self.in_sync.load(Ordering::SeqCst),
+                refused: self.refused.clone(),
                 started: self.started,
             }));
     }

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use crate::config::Config;
 use crate::plan::{Desired, RouteSpec, RuleSpec};
 use netlink::{NetlinkDriver, NetlinkStats};
-use nft::{KernelNft, NftDriver, NftStats};
+use nft::{KernelNft, NftDriver, NftStats, Part, Refused};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
@@ -68,6 +68,9 @@ pub struct ApplyReport {
     pub rules: NetlinkStats,
     pub routes: NetlinkStats,
     pub errors: Vec<DataplaneError>,
+    /// Parts of the config the kernel refuses, left out of the table (all of them, not
+    /// only the ones this apply found).
+    pub refused: Vec<Refused>,
 }
 
 impl ApplyReport {
@@ -88,6 +91,9 @@ pub struct Dataplane {
     /// Rules and routes last applied without error; a change or a resync re-reads them.
     applied: Option<(BTreeSet<RuleSpec>, BTreeSet<RouteSpec>)>,
     table_known_absent: bool,
+    /// Parts the kernel refused, with a fingerprint of what each was then: a part is
+    /// tried again once the operator changes it (or it goes).
+    refused: Vec<(Refused, u64)>,
 }
 
 /// What `apply` reads back from the kernel before it diffs.
@@ -121,6 +127,7 @@ impl Dataplane {
             nft_cache: None,
             applied: None,
             table_known_absent: false,
+            refused: Vec::new(),
         }
     }
 
@@ -182,11 +189,42 @@ impl Dataplane {
             }
         }
         if report.errors.is_empty() {
-            match self
+            let wanted = &desired.nft.structure;
+            self.refused
+                .retain(|(r, print)| fingerprint(wanted, &r.part) == Some(*print));
+            let mut structure = self.leaving_out_refused(wanted);
+            let mut result = self
                 .nft
-                .apply(&desired.nft, &mut self.nft_cache, full)
-                .await
-            {
+                .apply(&desired.nft, &structure, &mut self.nft_cache, full)
+                .await;
+            // The kernel refused the transaction (and kept the table it had): whatever
+            // parts of the config it refuses are left out, so the rest (every client's
+            // route) still goes in, at start-up too.
+            if let Err(DataplaneError::Nft { .. }) = &result {
+                match self.nft.find_refused(&structure).await {
+                    Ok(found) if !found.is_empty() => {
+                        for r in found {
+                            let print = fingerprint(wanted, &r.part).unwrap_or_default();
+                            tracing::error!(part = %r.part, error = %r.error, "the kernel refuses this part of the config; it is left out of the dataplane until it changes");
+                            self.refused.push((r, print));
+                        }
+                        structure = self.leaving_out_refused(wanted);
+                        self.nft_cache = None;
+                        result = match self.nft.read().await {
+                            Ok(k) => {
+                                self.nft_cache = k;
+                                self.nft
+                                    .apply(&desired.nft, &structure, &mut self.nft_cache, full)
+                                    .await
+                            }
+                            Err(e) => Err(e),
+                        };
+                    }
+                    Ok(_) => {}
+                    Err(e) => report.errors.push(e),
+                }
+            }
+            match result {
                 Ok(s) => {
                     report.nft = s;
                     self.table_known_absent = false;
@@ -194,6 +232,7 @@ impl Dataplane {
                 Err(e) => report.errors.push(e),
             }
         }
+        report.refused = self.refused.iter().map(|(r, _)| r.clone()).collect();
         let same = self
             .applied
             .as_ref()
@@ -212,6 +251,18 @@ impl Dataplane {
         report
     }
 
+    /// The structure to render: `wanted` less the refused parts (itself when none).
+    fn leaving_out_refused<'a>(
+        &self,
+        wanted: &'a crate::plan::NftStructure,
+    ) -> std::borrow::Cow<'a, crate::plan::NftStructure> {
+        if self.refused.is_empty() {
+            return std::borrow::Cow::Borrowed(wanted);
+        }
+        let parts: Vec<Part> = self.refused.iter().map(|(r, _)| r.part.clone()).collect();
+        std::borrow::Cow::Owned(nft::without(wanted, &parts))
+    }
+
     /// Removes the nft table, rules and routes uplinkd owns, and nothing else.
     pub async fn remove_all(&mut self) -> (bool, NetlinkStats, Vec<DataplaneError>) {
         let mut errors = Vec::new();
@@ -228,4 +279,17 @@ impl Dataplane {
         self.applied = None;
         (table, stats, errors)
     }
+}
+
+/// What a part of `s` is now, as a number that changes when the part does; `None` when
+/// `s` has no such part any more.
+fn fingerprint(s: &crate::plan::NftStructure, part: &Part) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let text = match part {
+        Part::Rule(n) => format!("{:?}", s.rules.iter().find(|r| &r.name == n)?),
+        Part::Set(n) => format!("{:?}", s.sets.iter().find(|x| &x.name == n)?),
+    };
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    text.hash(&mut h);
+    Some(h.finish())
 }

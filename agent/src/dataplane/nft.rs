@@ -465,17 +465,19 @@ impl NftDriver {
         Ok(true)
     }
 
-    /// Brings the kernel to `desired`, given what the kernel has (`None`: no table), and
-    /// updates `kernel` to match. On error `kernel` is cleared, forcing a read-back.
+    /// Brings the kernel to `desired` with `structure` (the desired one, less what the
+    /// kernel refused), given what the kernel has (`None`: no table), and updates `kernel`
+    /// to match. On error `kernel` is cleared, forcing a read-back.
     /// `tidy`: also drop the `unassigned` chain's stale rules.
     pub async fn apply(
         &self,
         desired: &NftDesired,
+        structure: &NftStructure,
         kernel: &mut Option<KernelNft>,
         tidy: bool,
     ) -> Result<NftStats, DataplaneError> {
-        let rendered = self.render(&desired.structure);
-        let (_, structure, want_sig) = &*rendered;
+        let rendered = self.render(structure);
+        let (_, objs, want_sig) = &*rendered;
         let want_sig = want_sig.clone();
         let mut batch: Vec<String> = Vec::new();
         let want_un = desired.unassigned.as_ref().map(|u| match u {
@@ -511,7 +513,7 @@ impl NftDriver {
                     // The rules chain's signature covers uplinkd's own set elements (nft
                     // 1.0.6 drops a set's comment given in JSON), so its rewrite replaces
                     // those sets; external ones keep what their filler put in them.
-                    for set in desired.structure.sets.iter().filter(|x| !x.external) {
+                    for set in structure.sets.iter().filter(|x| !x.external) {
                         for v6 in [false, true] {
                             let name = set_name(&set.name, v6);
                             if k.signature.sets.iter().any(|(n, _)| *n == name) {
@@ -528,14 +530,14 @@ impl NftDriver {
                 for name in &old_sets {
                     batch.push(json!({"delete": {"set": {"family": "inet", "table": table, "name": name}}}).to_string());
                 }
-                for o in structure.iter().filter(|o| {
+                for o in objs.iter().filter(|o| {
                     o["set"]["name"]
                         .as_str()
                         .is_some_and(|n| new_sets.contains(n))
                 }) {
                     batch.push(add(o));
                 }
-                for o in structure.iter().filter(|o| {
+                for o in objs.iter().filter(|o| {
                     o["rule"]["chain"]
                         .as_str()
                         .is_some_and(|c| changed.contains(c))
@@ -598,7 +600,7 @@ impl NftDriver {
                 // What others put in the external sets survives the replace (a set or
                 // table not there yet has nothing to keep).
                 let mut kept = Vec::new();
-                let external = desired.structure.sets.iter().filter(|x| x.external);
+                let external = structure.sets.iter().filter(|x| x.external);
                 for set in
                     external.flat_map(|x| [set_name(&x.name, false), set_name(&x.name, true)])
                 {
@@ -606,20 +608,7 @@ impl NftDriver {
                         kept.push(json!({"add": {"element": {"family": "inet", "table": table, "name": set, "elem": elem}}}).to_string());
                     }
                 }
-                let t = json!({"table": {"family": "inet", "name": table}});
-                // add-then-delete makes the delete valid whether or not the table exists.
-                batch.push(json!({ "add": t }).to_string());
-                batch.push(json!({ "delete": t }).to_string());
-                let mut objs = structure.iter();
-                batch.extend(objs.next().map(add));
-                // Maps right after the table: the rules and elements that follow use them.
-                batch.extend(
-                    verdict_maps(table)
-                        .into_iter()
-                        .map(|m| json!({ "add": m }).to_string()),
-                );
-                batch.extend(objs.map(add));
-                batch.extend(want_un.iter().map(|w| add(&unassigned_rule(table, w))));
+                batch = replace_batch(table, objs, want_un.as_deref());
                 batch.extend(kept);
                 let all: Vec<(ElemKey, &str)> =
                     desired.elements.iter().map(|(k, v)| (*k, &**v)).collect();
@@ -663,6 +652,59 @@ impl NftDriver {
             }
         }
         Ok(stats)
+    }
+
+    /// Whether the kernel would take `s` as a new table (`nft --check`: nothing is
+    /// committed). Map elements are left out: they are addresses uplinkd made itself.
+    pub async fn check_structure(&self, s: &NftStructure) -> Result<(), DataplaneError> {
+        self.run(
+            &["-c", "-j", "-f", "-"],
+            Some(table_payload(s).into_bytes()),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// The `[[rule]]`s and `[[set]]`s of `s` that the kernel refuses, each with the
+    /// kernel's words, found by checking halves (no guessing from the error text): a part
+    /// is refused when a table with it alone of all the parts is. Empty when the table
+    /// without any part is refused too, or no single part is to blame.
+    pub async fn find_refused(&self, s: &NftStructure) -> Result<Vec<Refused>, DataplaneError> {
+        let parts = parts_of(s);
+        let only = |keep: &[Part]| {
+            let drop: Vec<Part> = parts
+                .iter()
+                .filter(|p| !keep.contains(p))
+                .cloned()
+                .collect();
+            without(s, &drop)
+        };
+        let refused = |r: Result<(), DataplaneError>| match r {
+            Ok(()) => Ok(None),
+            Err(DataplaneError::Nft { stderr, .. }) => Ok(Some(stderr)),
+            Err(e) => Err(e),
+        };
+        if parts.is_empty() || refused(self.check_structure(&only(&[])).await)?.is_some() {
+            return Ok(Vec::new());
+        }
+        let mut found = Vec::new();
+        let mut todo = vec![parts.clone()];
+        while let Some(group) = todo.pop() {
+            let Some(error) = refused(self.check_structure(&only(&group)).await)? else {
+                continue;
+            };
+            if let [part] = group.as_slice() {
+                found.push(Refused {
+                    part: part.clone(),
+                    error,
+                });
+            } else {
+                let (a, b) = group.split_at(group.len() / 2);
+                todo.push(b.to_vec());
+                todo.push(a.to_vec());
+            }
+        }
+        Ok(found)
     }
 
     async fn run(&self, args: &[&str], stdin: Option<Vec<u8>>) -> Result<String, DataplaneError> {
@@ -717,6 +759,96 @@ impl NftDriver {
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
+}
+
+/// The transaction that creates `s` as a new table, map elements left out: what
+/// `check_structure` hands `nft --check`, and what the differential test checks.
+pub fn table_payload(s: &NftStructure) -> String {
+    let batch = replace_batch(&s.table, &render_structure(s), None);
+    format!("{{\"nftables\":[{}]}}", batch.join(","))
+}
+
+/// A table replaced in one transaction: created if missing and deleted (so that the
+/// delete is valid either way), then the structure in creation order.
+fn replace_batch(table: &str, structure: &[Value], unassigned: Option<&str>) -> Vec<String> {
+    let add = |o: &Value| json!({ "add": o }).to_string();
+    let t = json!({"table": {"family": "inet", "name": table}});
+    let mut batch = vec![add(&t), json!({ "delete": t }).to_string()];
+    let mut objs = structure.iter();
+    batch.extend(objs.next().map(add));
+    // Maps right after the table: the rules and elements that follow use them.
+    batch.extend(verdict_maps(table).iter().map(add));
+    batch.extend(objs.map(add));
+    batch.extend(unassigned.map(|w| add(&unassigned_rule(table, w))));
+    batch
+}
+
+/// A piece of the operator's config the kernel may refuse on its own.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Part {
+    Rule(String),
+    /// A `[[set]]`'s elements (the set stays, empty).
+    Set(String),
+}
+
+impl std::fmt::Display for Part {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Part::Rule(n) => write!(f, "rule {n}"),
+            Part::Set(n) => write!(f, "set {n}"),
+        }
+    }
+}
+
+/// A part the kernel refused, with its words.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    pub part: Part,
+    pub error: String,
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.part, self.error)
+    }
+}
+
+/// The parts of `s` that can be left out one by one: every rule, and the sets that carry
+/// elements of uplinkd's (an external set's are its filler's).
+pub fn parts_of(s: &NftStructure) -> Vec<Part> {
+    let rules = s.rules.iter().map(|r| Part::Rule(r.name.clone()));
+    let sets = s
+        .sets
+        .iter()
+        .filter(|x| !x.external && (!x.v4.is_empty() || !x.v6.is_empty()))
+        .map(|x| Part::Set(x.name.clone()));
+    rules.chain(sets).collect()
+}
+
+/// `s` without the rules named in `drop`, and with the sets named there empty.
+pub fn without(s: &NftStructure, drop: &[Part]) -> NftStructure {
+    let mut out = s.clone();
+    out.rules = Arc::new(
+        s.rules
+            .iter()
+            .filter(|r| !drop.contains(&Part::Rule(r.name.clone())))
+            .cloned()
+            .collect(),
+    );
+    out.sets = Arc::new(
+        s.sets
+            .iter()
+            .map(|x| {
+                let mut x = x.clone();
+                if drop.contains(&Part::Set(x.name.clone())) {
+                    x.v4.clear();
+                    x.v6.clear();
+                }
+                x
+            })
+            .collect(),
+    );
+    out
 }
 
 /// Map elements with the chain they jump to.

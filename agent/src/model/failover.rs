@@ -39,6 +39,8 @@ pub enum EventKind {
     },
     /// A learned next hop (`gateway = "auto"`) appeared, changed or went away.
     Gateway,
+    /// The kernel refused a part of the config (a rule, a set's elements): it is left out.
+    Refused,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -82,7 +84,8 @@ impl fmt::Display for LogEntry {
             | EventKind::Reload
             | EventKind::Set
             | EventKind::Sla { .. }
-            | EventKind::Gateway => write!(f, "{}", self.cause),
+            | EventKind::Gateway
+            | EventKind::Refused => write!(f, "{}", self.cause),
         }
     }
 }
