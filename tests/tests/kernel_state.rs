@@ -235,6 +235,35 @@ fn foreign_state_survives_everything() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `uplinkd cleanup` beside a running agent (the package's prerm on a node whose pod runs
+/// uplinkd) took no lock and deleted the agent's table: it now refuses, naming the agent's
+/// pid, and the agent's clients keep their routes.
+#[test]
+fn cleanup_refuses_while_an_agent_runs() -> anyhow::Result<()> {
+    let mut lab = Lab::build("cleanlock", two_uplinks(), 1, 0)?;
+    lab.write_config("10s", "10m", "")?;
+    lab.start_agent()?;
+    let pid = lab.agent_pid().expect("running");
+    let (code, _, err) = uplink_tests::outcome(
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &lab.ns("gw")])
+            .arg(uplink_tests::uplinkd_bin())
+            .arg("--config")
+            .arg(lab.config_path())
+            .arg("cleanup"),
+    )?;
+    assert_ne!(code, 0, "cleanup beside a running agent fails: {err}");
+    assert!(
+        err.contains(&format!("another uplinkd (pid {pid})")),
+        "names the agent: {err}"
+    );
+    assert!(lab.gw(&["nft", "list", "tables"])?.contains("inet uplinkd"));
+    assert!(lab.gw(&["ip", "rule", "show"])?.contains("proto 171"));
+    let seen = lab.probe(1, false, 10)?;
+    assert!(lab.uplink_of_source(seen).is_some(), "c1 still routed: {seen}");
+    Ok(())
+}
+
 fn recreate_wan2(lab: &Lab) -> anyhow::Result<()> {
     let (gw, isp2) = (lab.ns("gw"), lab.ns("isp2"));
     uplink_tests::sh(&[

@@ -1170,6 +1170,9 @@ impl Agent {
 
 /// `uplinkd cleanup`: removes exactly what uplinkd owns. The state file is kept.
 pub async fn cleanup(config: &Config) -> Result<Vec<String>, AgentError> {
+    // The agent's own locks: a running agent (a DaemonSet pod while the package is
+    // removed) keeps its dataplane, and cleanup says which process holds it.
+    let _locks = crate::lock::acquire(&config.agent.state_dir, &config.dataplane.nft_table)?;
     let (conn, handle, _) =
         rtnetlink::new_connection_with_strict_check().map_err(discover::DiscoverError::Socket)?;
     tokio::spawn(conn);
