@@ -260,7 +260,10 @@ fn cleanup_refuses_while_an_agent_runs() -> anyhow::Result<()> {
     assert!(lab.gw(&["nft", "list", "tables"])?.contains("inet uplinkd"));
     assert!(lab.gw(&["ip", "rule", "show"])?.contains("proto 171"));
     let seen = lab.probe(1, false, 10)?;
-    assert!(lab.uplink_of_source(seen).is_some(), "c1 still routed: {seen}");
+    assert!(
+        lab.uplink_of_source(seen).is_some(),
+        "c1 still routed: {seen}"
+    );
     Ok(())
 }
 

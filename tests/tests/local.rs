@@ -123,3 +123,37 @@ fn a_dns_forwarder_on_the_gateway_resolves_through_the_local_policy() -> anyhow:
     assert_eq!(got, Some(std::net::Ipv4Addr::new(198, 51, 100, 7)));
     Ok(())
 }
+
+/// A reload that adds `[local]` created the output chain without its hook (a regular
+/// chain that no packet enters) until the next structure resync: the gateway's own
+/// traffic takes the policy's uplink right after the reload.
+#[test]
+fn a_reload_that_adds_local_hooks_the_output_chain() -> anyhow::Result<()> {
+    let mut lab = Lab::build("localre", probed_uplinks(), 0, 0)?;
+    let api = lab.api_config()?;
+    let policy = r#"
+[[policy]]
+name = "own"
+uplinks = ["isp2", "isp1"]
+balance = "failover"
+"#;
+    // The structure resync (resync_interval) would repair the chain: far away.
+    lab.write_config("10m", "10m", &format!("{policy}{api}"))?;
+    lab.start_agent()?;
+    lab.edit_config(policy, &format!("{policy}\n[local]\npolicy = \"own\"\n"))?;
+    let (code, _, err) = lab.ctl("op", &["reload"])?;
+    assert_eq!(code, 0, "{err}");
+    let chain = lab.gw(&["nft", "-j", "list", "chain", "inet", "uplinkd", "output"])?;
+    assert!(
+        chain.contains("\"hook\": \"output\"") || chain.contains("\"hook\":\"output\""),
+        "{chain}"
+    );
+    let udp = gateway_socket(&lab)??;
+    let seen = uplink_tests::echo_source(&udp, 5)?.and_then(|a| lab.uplink_of_source(a));
+    assert_eq!(seen.as_deref(), Some("isp2"));
+    assert_eq!(
+        lab.uplink_of_source(tcp_source(&lab)?).as_deref(),
+        Some("isp2")
+    );
+    Ok(())
+}

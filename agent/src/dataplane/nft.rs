@@ -497,11 +497,15 @@ impl NftDriver {
                 // flushed chains refilled, element changes, and last the chains and sets
                 // no longer wanted, emptied first. The table, its NAT chain and
                 // established flows are never touched.
+                // New chains as rendered, with their type, hook and priority: a base chain
+                // (the output chain `[local]` adds) without its hook would see no packet.
                 let (new_chains, old_chains) = k.signature.chain_changes(&want_sig);
                 for c in &new_chains {
-                    batch.push(add(
-                        &json!({"chain": {"family": "inet", "table": table, "name": c.name}}),
-                    ));
+                    batch.extend(
+                        objs.iter()
+                            .filter(|o| o["chain"]["name"].as_str() == Some(c.name.as_str()))
+                            .map(add),
+                    );
                 }
                 let mut changed = k.signature.changed_chains(&want_sig);
                 let (mut new_sets, mut old_sets) = k.signature.set_changes(&want_sig);
