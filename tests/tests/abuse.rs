@@ -979,3 +979,43 @@ fn event_streams_are_capped() -> anyhow::Result<()> {
         })
     })?
 }
+
+/// Probes took isp2 down (silent upstream); a reload removed its `probes`; the path healed.
+/// The reload kept the old health wholesale, probe verdict included, with no prober left
+/// to lift it: isp2 stayed down for ever. Without probes the link alone judges it.
+#[test]
+fn a_reload_that_removes_an_uplinks_probes_lifts_their_verdict() -> anyhow::Result<()> {
+    let lab = api_lab(
+        "reprobe",
+        probed_uplinks(),
+        0,
+        "[metrics]\nlisten = \"127.0.0.1:9477\"\n",
+    )?;
+    let up = |lab: &Lab| -> anyhow::Result<Option<f64>> {
+        Ok(lab
+            .scrape(9477)?
+            .get("uplinkd_uplink_up{uplink=\"isp2\"}")
+            .copied())
+    };
+    lab.upstream_loss("isp2", 100)?;
+    lab.wait_for(Duration::from_secs(15), "isp2 down on its probes", || {
+        Ok(up(&lab)? == Some(0.0))
+    })?;
+    lab.upstream_loss("isp2", 0)?;
+    let text = std::fs::read_to_string(lab.config_path())?;
+    let (before, after) = text
+        .split_once("name = \"isp2\"")
+        .expect("isp2 in the config");
+    let after = after.replacen("probes = [\"icmp:203.0.113.10\"]", "", 1);
+    std::fs::write(lab.config_path(), format!("{before}name = \"isp2\"{after}"))?;
+    let (code, _, err) = lab.ctl("op", &["reload"])?;
+    assert_eq!(code, 0, "{err}");
+    // The reload answers after its apply: the verdict is already taken.
+    assert_eq!(up(&lab)?, Some(1.0), "isp2 is judged by its link");
+    let (_, events, _) = lab.ctl("view", &["events"])?;
+    assert!(
+        events.contains("probes removed by a reload"),
+        "the state change says why: {events}"
+    );
+    Ok(())
+}

@@ -1131,13 +1131,17 @@ impl Agent {
         }
         let clients = self.model.clients().values().cloned().collect();
         let old = std::mem::replace(&mut self.model, Model::new(&new));
-        // Uplinks that stay keep their health, so a reload does not reset a failover.
-        self.model.keep_runtime(&old);
+        // Uplinks that stay keep their health, so a reload does not reset a failover; new
+        // probe settings take effect now.
+        let log = self
+            .model
+            .keep_runtime(&old, Instant::now(), &new.health, &new.failover);
         self.model.keep_set_edits(&new.sets);
         self.model
             .keep_sla(&old, &self.config.policies, &new.policies);
         let reassigned = self.model.restore(clients);
         self.config = Arc::new(new);
+        self.record(log);
         self.links.clear();
         // Indexed by uplink position, which a reload may change.
         self.forwarded.clear();

@@ -144,6 +144,39 @@ impl Health {
         self.state
     }
 
+    /// A reload changed the uplink's probe settings: probes added or removed, the stats
+    /// window, the thresholds in `h`. The verdict is taken again under the new settings;
+    /// without probes, only the link judges (a probe verdict of the old config would hold
+    /// the uplink down with nothing left to lift it).
+    pub fn reconfigure(
+        &mut self,
+        probing: bool,
+        stats_window: usize,
+        now: Instant,
+        h: &HealthConfig,
+        f: &FailoverConfig,
+    ) -> Option<Transition> {
+        let was = self.probing;
+        self.probing = probing;
+        self.stats.resize(stats_window);
+        if was && !probing {
+            self.probes_ok = true;
+            self.fails = 0;
+            self.goods = 0;
+            self.excused = 0;
+        }
+        let cause = match (was, probing) {
+            (true, false) => "probes removed by a reload; the link alone judges it",
+            (false, true) => "probes added by a reload",
+            _ => "health settings changed by a reload",
+        };
+        self.evaluate(now, cause.to_string(), h, f)
+    }
+
+    pub fn probing(&self) -> bool {
+        self.probing
+    }
+
     /// A flap hold saved before a restart goes on for `left`.
     pub fn hold_for(&mut self, left: std::time::Duration, now: Instant) {
         self.held_until = Some(now + left);
@@ -420,6 +453,36 @@ mod tests {
         assert_eq!(
             x.on_round(&round(true), t0, &h, &f).unwrap().to,
             UplinkState::Up
+        );
+    }
+
+    #[test]
+    fn a_reload_that_removes_the_probes_lifts_their_verdict() {
+        let (h, f) = cfg();
+        let t0 = Instant::now();
+        let mut x = Health::new(true, 50, t0);
+        x.on_link(Ok(()), t0, &h, &f);
+        for _ in 0..3 {
+            x.on_round(&round(false), t0, &h, &f);
+        }
+        assert_eq!(x.state(), UplinkState::Down);
+        // The same probes: the verdict stands.
+        assert!(x.reconfigure(true, 50, t0, &h, &f).is_none());
+        assert_eq!(x.state(), UplinkState::Down);
+        let t = x.reconfigure(false, 50, t0, &h, &f).expect("a transition");
+        assert_eq!(
+            (t.to, t.cause.as_str()),
+            (
+                UplinkState::Up,
+                "probes removed by a reload; the link alone judges it"
+            )
+        );
+        // And the link still does.
+        assert_eq!(
+            x.on_link(Err(LinkProblem::NoCarrier), t0, &h, &f)
+                .unwrap()
+                .to,
+            UplinkState::Down
         );
     }
 

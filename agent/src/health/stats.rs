@@ -29,6 +29,14 @@ impl Stats {
         self.window
     }
 
+    /// A new window (a reload changed `stats_window`): the newest samples stay.
+    pub fn resize(&mut self, window: usize) {
+        self.window = window.max(1);
+        while self.samples.len() > self.window {
+            self.samples.pop_front();
+        }
+    }
+
     pub fn samples(&self) -> usize {
         self.samples.len()
     }

@@ -195,8 +195,16 @@ impl Model {
     }
 
     /// Carries link facts and health of uplinks (by name) over from a previous model.
-    pub fn keep_runtime(&mut self, old: &Model) {
-        for u in &mut self.uplinks {
+    /// Returns the state changes the new health settings cause.
+    pub fn keep_runtime(
+        &mut self,
+        old: &Model,
+        now: Instant,
+        h: &HealthConfig,
+        f: &FailoverConfig,
+    ) -> Vec<LogEntry> {
+        let mut transitions = Vec::new();
+        for (i, u) in self.uplinks.iter_mut().enumerate() {
             if let Some(o) = old
                 .uplinks
                 .iter()
@@ -205,7 +213,14 @@ impl Model {
                 u.link = o.link;
                 u.addrs = o.addrs.clone();
                 u.learned = o.learned.clone();
-                u.health = o.health.clone();
+                // The new config's probe settings over the old verdict and samples.
+                let fresh = std::mem::replace(&mut u.health, o.health.clone());
+                if let Some(t) =
+                    u.health
+                        .reconfigure(fresh.probing(), fresh.stats.window(), now, h, f)
+                {
+                    transitions.push((i, t));
+                }
                 u.serving = o.serving;
                 u.usable_since = o.usable_since;
                 u.needs_flush = o.needs_flush;
@@ -221,6 +236,7 @@ impl Model {
             .filter(|(_, o)| self.uplinks.iter().any(|u| u.name == o.uplink))
             .map(|(ip, o)| (*ip, o.clone()))
             .collect();
+        self.settle(transitions, now, f)
     }
 
     pub fn clear_addrs(&mut self, interface: &str) {
