@@ -430,3 +430,48 @@ fn a_redial_moves_the_flow_to_the_new_address_and_leaves_the_other_uplink_alone(
     );
     Ok(())
 }
+
+/// A DHCP uplink whose lease and default route are in place before uplinkd starts must not
+/// be judged down at start ("no gateway yet" before the routes were read): with the
+/// default failback_delay its clients would sit on the tier-2 backup for 30 s after
+/// every restart. A restart moves no traffic.
+#[test]
+fn a_lease_in_place_at_start_moves_no_traffic() -> anyhow::Result<()> {
+    let probe = "probes = [\"icmp:203.0.113.10\"]";
+    let uplinks = vec![
+        UplinkSpec::new("isp1", 1, false),
+        UplinkSpec::new("lte", 1, false)
+            .with(probe)
+            .with("tier = 2"),
+    ];
+    let mut lab = Lab::build("dhcpstart", uplinks, 1, 0)?;
+    lab.dhcp_uplink(1)?;
+    let api = lab.api_config()?;
+    // Failback after the default 30 s: a start that judged isp1 down would show.
+    lab.write_config("10s", "10m", &api)?;
+    lab.edit_config("gateway = \"100.64.1.1\"", "gateway = \"auto\"")?;
+    let _server = lab.dhcp_server(1, 1, "2m", "")?;
+    let _client = lab.dhcp_client(1, ClientKind::Udhcpc, RouteTable::Main)?;
+    lab.wait_for(Duration::from_secs(20), "a lease on wan1", || {
+        Ok(lab.wan_addr(1)?.is_some()
+            && lab
+                .gw(&["ip", "route", "show", "default"])?
+                .contains("wan1"))
+    })
+    .map_err(|e| anyhow::anyhow!("{e}\n--- udhcpc ---\n{}", lab.dhcp_log(1)))?;
+    let lease = lab.wan_addr(1)?.expect("a lease");
+    for restart in 0..2 {
+        lab.start_agent()?;
+        if restart == 0 {
+            lab.greet_clients()?;
+        }
+        assert_eq!(seen(&lab, 1)?, lease, "c1 leaves by isp1 (start {restart})");
+        let (_, events, _) = lab.ctl("view", &["events"])?;
+        assert!(
+            !events.contains("failover of isp1") && !events.contains("isp1 up -> down"),
+            "start {restart}: {events}"
+        );
+        lab.stop_agent("TERM")?;
+    }
+    Ok(())
+}
