@@ -522,6 +522,7 @@ mod tests {
                     metric: 100,
                     table: 254,
                     protocol: RTPROT_BOOT,
+                    dst: None,
                 },
                 Route {
                     oif: Some(4),
@@ -532,6 +533,7 @@ mod tests {
                     metric: 200,
                     table: 254,
                     protocol: 16,
+                    dst: None,
                 },
             ],
             rules: vec![Rule {

@@ -45,6 +45,7 @@ pub struct Metrics {
     pub flaps: IntCounterVec,
     pub lost_while_forwarding: IntCounterVec,
     clients: IntGauge,
+    routed_clients: IntGauge,
     overrides: IntGauge,
     pub dispatch_latency: Histogram,
     pub apply_duration: Histogram,
@@ -220,6 +221,14 @@ impl Metrics {
             clients: reg(
                 &r,
                 IntGauge::new("clients", "Clients known to the agent").expect("valid metric"),
+            ),
+            routed_clients: reg(
+                &r,
+                IntGauge::new(
+                    "routed_clients",
+                    "Clients that are hosts behind a router on the LAN (counted in clients too)",
+                )
+                .expect("valid metric"),
             ),
             overrides: reg(
                 &r,
@@ -423,6 +432,7 @@ impl Metrics {
             }
         }
         self.clients.set(model.clients().len() as i64);
+        self.routed_clients.set(model.routed_clients() as i64);
         self.overrides.set(model.overrides.len() as i64);
         self.in_sync.set(in_sync as i64);
         self.moved_on_arrival.inc_by(

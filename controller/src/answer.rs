@@ -253,7 +253,11 @@ fn clients(items: &[v1::Client], wide: bool, now: u64) -> String {
                 }
             };
             let mut r = vec![
-                c.mac.clone(),
+                if c.via.is_empty() {
+                    c.mac.clone()
+                } else {
+                    format!("via {}", c.via)
+                },
                 list(&c.addresses),
                 c.home_uplink.clone(),
                 c.current_uplink.clone(),

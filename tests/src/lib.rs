@@ -564,6 +564,43 @@ impl Lab {
         Ok(())
     }
 
+    /// Client `i` becomes a router on the LAN with `hosts` hosts behind it
+    /// (10.20.0.1 ..= 10.20.0.<hosts>, addresses of its own loopback: their packets reach
+    /// the gateway from the router's MAC, as a routed subnet's do), and the gateway routes
+    /// 10.20.0.0/24 through it.
+    pub fn add_lan_router(&mut self, i: u32, hosts: u8) -> Result<Vec<IpAddr>> {
+        self.add_client(i, false)?;
+        let ns = self.ns(&format!("c{i}"));
+        let addrs: Vec<IpAddr> = (1..=hosts)
+            .map(|h| IpAddr::V4(Ipv4Addr::new(10, 20, 0, h)))
+            .collect();
+        let cmds: Vec<String> = addrs
+            .iter()
+            .map(|a| format!("addr add {a}/32 dev lo"))
+            .collect();
+        ip_batch(&ns, &cmds)?;
+        ip_batch(
+            &self.ns("gw"),
+            &[format!(
+                "route add 10.20.0.0/24 via {} dev {LAN_IF}",
+                client_v4(i)
+            )],
+        )?;
+        Ok(addrs)
+    }
+
+    /// A new UDP flow from `src` in client `i`'s namespace to the echo server: the source
+    /// address the internet host saw (`None`: unanswered after `tries`).
+    pub fn echo_from(&self, i: u32, src: IpAddr, tries: u32) -> Result<Option<IpAddr>> {
+        let s = in_netns(&self.ns(&format!("c{i}")), move || {
+            let s = UdpSocket::bind(SocketAddr::new(src, 0))?;
+            s.connect(server(src.is_ipv6()))?;
+            s.set_read_timeout(Some(Duration::from_millis(300)))?;
+            Ok::<_, std::io::Error>(s)
+        })??;
+        echo_source(&s, tries)
+    }
+
     /// Removes a client's namespace and its LAN port.
     pub fn remove_client(&mut self, i: u32) -> Result<()> {
         let ns = self.ns(&format!("c{i}"));

@@ -157,3 +157,79 @@ balance = "failover"
     );
     Ok(())
 }
+
+/// `[local]` re-steered sockets bound to an uplink: a UDP socket bound to isp1's address
+/// left by isp2, masqueraded (VPN endpoints, SIP trunks, `curl --interface` broke). A
+/// socket bound to an uplink's address or device leaves by that uplink, with its own
+/// address; unbound ones still follow the policy.
+#[test]
+fn sockets_bound_to_an_uplink_leave_by_it() -> anyhow::Result<()> {
+    let mut lab = Lab::build("localbind", probed_uplinks(), 0, 0)?;
+    lab.write_config(
+        "10s",
+        "10m",
+        r#"
+[[policy]]
+name = "own"
+uplinks = ["isp2", "isp1"]
+balance = "failover"
+
+[local]
+policy = "own"
+"#,
+    )?;
+    lab.start_agent()?;
+    let isp1: IpAddr = "100.64.1.2".parse()?;
+    let bound = |bind: Option<IpAddr>, device: Option<&'static str>| -> anyhow::Result<UdpSocket> {
+        in_netns(&lab.ns("gw"), move || {
+            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
+            if let Some(d) = device {
+                s.bind_device(Some(d.as_bytes()))?;
+            }
+            let any = SocketAddr::new(bind.unwrap_or(IpAddr::from([0, 0, 0, 0])), 0);
+            s.bind(&any.into())?;
+            s.connect(&server(false).into())?;
+            s.set_read_timeout(Some(Duration::from_millis(300)))?;
+            Ok::<_, std::io::Error>(UdpSocket::from(s))
+        })?
+        .map_err(Into::into)
+    };
+    let seen = |s: &UdpSocket| uplink_tests::echo_source(s, 5);
+    assert_eq!(
+        seen(&bound(None, None)?)?,
+        Some("100.64.2.2".parse()?),
+        "unbound: the policy's isp2"
+    );
+    assert_eq!(
+        seen(&bound(Some(isp1), None)?)?,
+        Some(isp1),
+        "bound to isp1's address"
+    );
+    assert_eq!(
+        seen(&bound(None, Some("wan1"))?)?,
+        Some(isp1),
+        "bound to wan1"
+    );
+    // TCP too (curl --interface ADDR): the source the server saw is isp1's.
+    let conn = in_netns(&lab.ns("gw"), move || -> std::io::Result<TcpStream> {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        s.bind(&SocketAddr::new(isp1, 0).into())?;
+        s.connect_timeout(
+            &SocketAddr::new(IpAddr::V4(SERVER4), TCP_ECHO_PORT).into(),
+            Duration::from_secs(2),
+        )?;
+        Ok(s.into())
+    })??;
+    conn.set_read_timeout(Some(Duration::from_secs(2)))?;
+    (&conn).write_all(b"hello\n")?;
+    let mut line = String::new();
+    BufReader::new(&conn).read_line(&mut line)?;
+    assert_eq!(
+        line.split(' ')
+            .next()
+            .unwrap_or_default()
+            .parse::<IpAddr>()?,
+        isp1
+    );
+    Ok(())
+}

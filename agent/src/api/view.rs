@@ -182,7 +182,12 @@ pub fn spread_by_policy(config: &Config, model: &Model) -> Option<Vec<usize>> {
 pub fn client(config: &Config, model: &Model, spread: Option<&[usize]>, c: &Client) -> v1::Client {
     let (current_uplink, reason) = current(config, model, spread, c);
     v1::Client {
-        mac: c.mac.to_string(),
+        mac: if c.mac.is_routed() {
+            String::new()
+        } else {
+            c.mac.to_string()
+        },
+        via: model.via(c),
         addresses: c.addresses.keys().map(|ip| ip.to_string()).collect(),
         home_uplink: c.home.clone(),
         current_uplink,

@@ -177,7 +177,14 @@ pub struct LanConfig {
     pub max_clients: usize,
     /// Addresses per client at most; more are hashed over the survivors and counted.
     pub max_addresses_per_client: usize,
+    /// Prefixes behind routers on the LAN whose hosts are clients of their own
+    /// (`lan.routed`); `None`: the kernel's routes via LAN interfaces say.
+    pub routed: Option<Vec<IpNet>>,
 }
+
+/// Group 0 is what `log group` means without a number, and low numbers are what other
+/// tools (ulogd) are configured with: uplinkd's default stays clear of both.
+const DEFAULT_NFLOG_GROUP: i64 = 4623;
 
 /// What uplinkd owns in the kernel. Everything outside these bounds is never touched.
 #[derive(Debug, Clone, PartialEq)]
@@ -199,6 +206,9 @@ pub struct DataplaneConfig {
     /// An `nft` or `conntrack` run that takes longer is killed and retried with backoff.
     pub command_timeout: Duration,
     pub conntrack_flush: ConntrackFlush,
+    /// The NFLOG group the first packet of an unplaced host behind a LAN router is
+    /// logged to (uplinkd reads it to place the host).
+    pub nflog_group: u16,
 }
 
 impl DataplaneConfig {
@@ -419,6 +429,7 @@ struct RawLan {
     interfaces: Spanned<Vec<Spanned<String>>>,
     #[serde(default)]
     prefixes: Vec<Spanned<String>>,
+    routed: Option<Vec<Spanned<String>>>,
     client_idle_timeout: Option<Spanned<String>>,
     max_clients: Option<Spanned<i64>>,
     max_addresses_per_client: Option<Spanned<i64>>,
@@ -436,6 +447,7 @@ struct RawDataplane {
     conntrack: Option<PathBuf>,
     command_timeout: Option<Spanned<String>>,
     conntrack_flush: Option<ConntrackFlush>,
+    nflog_group: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -627,9 +639,33 @@ impl Validator<'_> {
             })?;
             prefixes.push(net.trunc());
         }
+        let routed = match &lan_raw.routed {
+            None => None,
+            Some(list) => {
+                let mut nets = Vec::new();
+                for (i, p) in list.iter().enumerate() {
+                    let key = format!("lan.routed[{i}]");
+                    let net = policy::parse_net(p.get_ref())
+                        .filter(|n| n.prefix_len() > 0)
+                        .ok_or_else(|| {
+                            self.err(
+                                Some(p.span()),
+                                &key,
+                                format!(
+                                    "invalid prefix {:?}; use the CIDR a LAN router routes, e.g. \"10.20.0.0/24\" or \"2001:db8:20::/48\" (not a default route)",
+                                    p.get_ref()
+                                ),
+                            )
+                        })?;
+                    nets.push(net);
+                }
+                Some(IpNet::aggregate(&nets))
+            }
+        };
         let lan = LanConfig {
             interfaces: lan_ifs,
             prefixes,
+            routed,
             client_idle_timeout: self.duration(
                 "lan.client_idle_timeout",
                 lan_raw.client_idle_timeout,
@@ -1167,6 +1203,12 @@ impl Validator<'_> {
                 Duration::from_secs(10),
             )?,
             conntrack_flush: raw.conntrack_flush.unwrap_or(ConntrackFlush::Netlink),
+            nflog_group: self.int(
+                "dataplane.nflog_group",
+                raw.nflog_group.as_ref(),
+                DEFAULT_NFLOG_GROUP,
+                1..=65535,
+            )? as u16,
         };
         if let Some(b) = raw.table_base {
             let v = *b.get_ref();

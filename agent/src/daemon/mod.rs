@@ -50,6 +50,8 @@ pub enum AgentError {
     Metrics(String),
     #[error(transparent)]
     Lock(#[from] crate::lock::LockError),
+    #[error(transparent)]
+    Routed(#[from] discover::routed::RoutedError),
     #[error("cannot start the API runtime: {0}")]
     Runtime(std::io::Error),
 }
@@ -155,6 +157,8 @@ pub struct Agent {
     /// Reads nft counters beside the loop (passive health).
     counters: nft::Counters,
     passive_tx: mpsc::Sender<PassiveReading>,
+    /// Hosts behind LAN routers active lately, read beside the loop at each resync.
+    activity_tx: mpsc::Sender<std::collections::HashSet<IpAddr>>,
     /// `/healthz` reads it: the loop beats on every turn.
     heartbeat: Arc<api::Heartbeat>,
     /// When a failed apply is retried next, and the wait after that.
@@ -229,6 +233,9 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
         None => BTreeMap::new(),
     };
     let mut events = discover::subscribe()?;
+    // Bound before the first apply renders the rules that log to it.
+    let mut routed_rx = discover::routed::listen(config.dataplane.nflog_group)?;
+    let (activity_tx, mut activity_rx) = mpsc::channel(4);
     let (probe_tx, mut probe_rx) = mpsc::channel(1024);
     let (passive_tx, mut passive_rx) = mpsc::channel(1024);
     let counters = dataplane.counter_reader();
@@ -264,6 +271,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
         forwarded: HashMap::new(),
         counters,
         passive_tx,
+        activity_tx,
         heartbeat: Arc::new(api::Heartbeat::new()),
         retry_at: None,
         retry_backoff: RETRY_MIN,
@@ -398,7 +406,22 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
             }
             Some(report) = probe_rx.recv() => agent.on_probe_report(report).await,
             Some(reading) = passive_rx.recv() => agent.on_passive_reading(reading).await,
+            Some(s) = routed_rx.recv() => {
+                // Coalesce a burst of new hosts into one apply.
+                let mut dirty = agent.on_routed(s);
+                while let Ok(s) = routed_rx.try_recv() {
+                    dirty |= agent.on_routed(s);
+                }
+                if dirty {
+                    agent.apply(ReadBack::Cache).await;
+                }
+            }
+            Some(active) = activity_rx.recv() => {
+                agent.model.routed_activity(&active, now_millis());
+                agent.state_dirty = true;
+            }
             () = &mut resync => {
+                agent.read_routed_activity();
                 agent.resync_and_apply(ReadBack::Structure).await;
                 resync.as_mut().reset(tokio::time::Instant::now() + jittered(agent.config.agent.resync_interval));
             }
@@ -556,8 +579,60 @@ impl Agent {
                     None => false,
                 }
             }
+            Event::PrefixRoute {
+                ifindex,
+                dst,
+                gateway,
+                protocol,
+                present,
+            } => {
+                let lan = self
+                    .links
+                    .get(&ifindex)
+                    .is_some_and(|n| self.config.lan.interfaces.contains(n));
+                lan && protocol != self.config.dataplane.route_protocol
+                    && self.model.set_lan_route(dst, gateway, present)
+            }
             Event::Overrun => false,
         }
+    }
+
+    /// A host behind a LAN router opened a connection without an assignment; returns
+    /// whether the plan changes.
+    fn on_routed(&mut self, s: discover::routed::Sighting) -> bool {
+        match self.model.routed_present(s.ip, s.router, now_millis()) {
+            Change::Clients => {
+                self.state_dirty = true;
+                true
+            }
+            Change::Refused(limit) => {
+                self.metrics
+                    .lan_refused
+                    .with_label_values(&[limit.key()])
+                    .inc();
+                self.lan_refusals.warn(|n| warn!(ip = %s.ip, refused = n, limit = limit.key(), "LAN limit reached: host behind a LAN router not tracked (its traffic is hashed over the surviving uplinks); raise the limit if this LAN really is that large"));
+                false
+            }
+            Change::None => false,
+        }
+    }
+
+    /// Reads which routed hosts were active lately, beside the loop (an `nft` run).
+    fn read_routed_activity(&self) {
+        if self.model.routed_prefixes().is_empty() {
+            return;
+        }
+        let (reader, tx) = (self.counters.clone(), self.activity_tx.clone());
+        tokio::spawn(async move {
+            match reader.routed_seen().await {
+                Ok(active) => {
+                    let _ = tx.send(active).await;
+                }
+                Err(e) => {
+                    warn!(error = %e, "cannot read the activity of hosts behind LAN routers; they keep their uplinks meanwhile")
+                }
+            }
+        });
     }
 
     /// Resync: re-read the inputs and the kernel (`read` says how much), repair drift.
@@ -631,6 +706,7 @@ impl Agent {
         for u in self.model.uplinks.clone() {
             self.model.clear_routes(&u.interface);
         }
+        self.model.clear_lan_routes();
         for e in routes {
             self.on_event(e);
         }

@@ -12,7 +12,7 @@ use netlink_packet_route::route::{RouteHeader, RouteMessage, RouteProtocol, Rout
 use netlink_packet_route::rule::{RuleAction as NlRuleAction, RuleAttribute, RuleMessage};
 use rtnetlink::{Handle, IpVersion, RouteMessageBuilder};
 
-use crate::plan::{Family, RouteSpec, RuleAction, RuleSpec};
+use crate::plan::{Family, IfName, RouteSpec, RuleAction, RuleSpec};
 
 use super::DataplaneError;
 
@@ -65,7 +65,7 @@ impl NetlinkDriver {
                 let mut proto = None;
                 let (mut mark, mut mask, mut table, mut suppress, mut source) =
                     (None, None, msg.header.table as u32, None, None);
-                let mut iif = None;
+                let (mut iif, mut oif) = (None, None);
                 for a in &msg.attributes {
                     match a {
                         RuleAttribute::Priority(p) => priority = *p,
@@ -75,6 +75,7 @@ impl NetlinkDriver {
                         RuleAttribute::Table(t) => table = *t,
                         RuleAttribute::Source(a) => source = Some(*a),
                         RuleAttribute::Iifname(n) => iif = Some(n.as_str()),
+                        RuleAttribute::Oifname(n) => oif = IfName::new(n),
                         // The kernel reports "unset" as u32::MAX.
                         RuleAttribute::SuppressPrefixLen(s) if *s != u32::MAX => {
                             suppress = Some(*s)
@@ -87,19 +88,24 @@ impl NetlinkDriver {
                 }
                 let host_len = if family == Family::V4 { 32 } else { 128 };
                 let plain = msg.header.dst_len == 0 && msg.header.action == NlRuleAction::ToTable;
-                let action = match (mark, suppress, source, iif) {
-                    (None, Some(0), None, None) if table == RouteHeader::RT_TABLE_MAIN as u32 => {
+                let action = match (mark, suppress, source, iif, oif) {
+                    (None, Some(0), None, None, None)
+                        if table == RouteHeader::RT_TABLE_MAIN as u32 =>
+                    {
                         Some(RuleAction::MainSpecific)
                     }
-                    (Some(mark), None, None, None) => Some(RuleAction::FwMark {
+                    (Some(mark), None, None, None, None) => Some(RuleAction::FwMark {
                         mark,
                         mask: mask.unwrap_or(u32::MAX),
                         table,
                     }),
-                    (None, None, Some(addr), None) if msg.header.src_len == host_len => {
+                    (None, None, Some(addr), None, None) if msg.header.src_len == host_len => {
                         Some(RuleAction::FromAddr { addr, table })
                     }
-                    (None, None, None, Some("lo")) => Some(RuleAction::Local { table }),
+                    (None, None, None, Some("lo"), None) => Some(RuleAction::Local { table }),
+                    (None, None, None, None, Some(ifname)) => {
+                        Some(RuleAction::Oif { ifname, table })
+                    }
                     _ => None,
                 };
                 let plain = plain && (source.is_some() || msg.header.src_len == 0);
@@ -182,7 +188,9 @@ impl NetlinkDriver {
         let mut req = match spec.action {
             RuleAction::MainSpecific => req.table_id(RouteHeader::RT_TABLE_MAIN as u32),
             RuleAction::FwMark { mark, table, .. } => req.table_id(table).fw_mark(mark),
-            RuleAction::FromAddr { table, .. } | RuleAction::Local { table } => req.table_id(table),
+            RuleAction::FromAddr { table, .. }
+            | RuleAction::Local { table }
+            | RuleAction::Oif { table, .. } => req.table_id(table),
         };
         let msg = req.message_mut();
         msg.attributes
@@ -195,6 +203,9 @@ impl NetlinkDriver {
                 msg.attributes.push(RuleAttribute::Source(addr));
             }
             RuleAction::Local { .. } => msg.attributes.push(RuleAttribute::Iifname("lo".into())),
+            RuleAction::Oif { ifname, .. } => msg
+                .attributes
+                .push(RuleAttribute::Oifname(ifname.as_str().into())),
         }
         match spec.family {
             Family::V4 => req.v4().execute().await,

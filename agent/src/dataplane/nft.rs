@@ -235,9 +235,26 @@ impl Counters {
 
     /// An external `[[set]]`'s elements as the kernel has them (both families).
     pub async fn external_set(&self, name: &str) -> Result<Vec<IpNet>, DataplaneError> {
+        self.set_nets(&[set_name(name, false), set_name(name, true)])
+            .await
+    }
+
+    /// The hosts behind LAN routers that opened a connection within the idle timeout.
+    pub async fn routed_seen(&self) -> Result<std::collections::HashSet<IpAddr>, DataplaneError> {
+        let sets = ROUTED_SEEN.map(String::from);
+        Ok(self
+            .set_nets(&sets)
+            .await?
+            .iter()
+            .map(IpNet::addr)
+            .collect())
+    }
+
+    /// The elements of these sets of uplinkd's table; a set that does not exist has none.
+    async fn set_nets(&self, sets: &[String]) -> Result<Vec<IpNet>, DataplaneError> {
         let mut out = Vec::new();
-        for v6 in [false, true] {
-            let Some(elems) = self.driver.set_elements(&set_name(name, v6)).await? else {
+        for set in sets {
+            let Some(elems) = self.driver.set_elements(set).await? else {
                 continue;
             };
             for e in elems.as_array().into_iter().flatten() {
@@ -1190,10 +1207,20 @@ fn render_structure(s: &NftStructure) -> Vec<Value> {
     }
     let mut out = vec![table];
     out.extend(render_sets(&s.table, &s.sets));
-    let (chains, rules): (Vec<_>, Vec<_>) = objs
+    out.extend(routed_sets(&s.table));
+    let (chains, mut rules): (Vec<_>, Vec<_>) = objs
         .iter()
         .map(|o| serde_json::to_value(o).expect("object serializes"))
         .partition(|v| v.get("rule").is_none());
+    // A new connection of a placed host behind a LAN router marks it active: right after
+    // the sticky lookup, which established connections do not pass.
+    let sticky = rules
+        .iter()
+        .position(|r| r["rule"]["chain"] == PREROUTING && r.to_string().contains(MAP_STICKY))
+        .expect("the sticky lookup is rendered");
+    for (i, r) in routed_rules(s, RoutedStep::Seen).into_iter().enumerate() {
+        rules.insert(sticky + 1 + i, r);
+    }
     out.extend(chains);
     out.extend(rules);
     out.extend(render_policies(s));
@@ -1212,6 +1239,79 @@ fn raw_rule(table: &str, chain: &str, expr: Vec<Value>, tag: Option<&str>) -> Va
         comment.push_str(t);
     }
     json!({"rule": {"family": "inet", "table": table, "chain": chain, "expr": body, "comment": comment}})
+}
+
+/// Hosts behind LAN routers logged lately (no second log before this passes) and placed
+/// ones active lately, per family. No `[[set]]` renders to these names (theirs end in
+/// `_v4`/`_v6`).
+const ROUTED_NEW: [&str; 2] = ["routed_new4", "routed_new6"];
+const ROUTED_SEEN: [&str; 2] = ["routed_seen4", "routed_seen6"];
+/// How long a logged, still unplaced host waits before its next packet is logged again.
+const ROUTED_RELOG_SECS: u64 = 2;
+/// Hosts each dynamic set holds at most (the kernel refuses more; they are logged again).
+const ROUTED_SET_SIZE: u32 = 65_536;
+
+/// The dynamic sets of hosts behind LAN routers (fixed, whatever the prefixes).
+fn routed_sets(table: &str) -> Vec<Value> {
+    [ROUTED_NEW, ROUTED_SEEN]
+        .into_iter()
+        .flat_map(|names| {
+            names
+                .into_iter()
+                .zip(["ipv4_addr", "ipv6_addr"])
+                .map(|(name, t)| {
+                    json!({"set": {"family": "inet", "table": table, "name": name, "type": t,
+                    "flags": ["timeout"], "size": ROUTED_SET_SIZE}})
+                })
+        })
+        .collect()
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum RoutedStep {
+    /// Log an unplaced host (once per `ROUTED_RELOG_SECS`).
+    New,
+    /// Mark a host's new connection (its activity, for idle expiry).
+    Seen,
+}
+
+/// One rule per family with routed prefixes; none without.
+fn routed_rules(s: &NftStructure, step: RoutedStep) -> Vec<Value> {
+    let mut out = Vec::new();
+    for (i, (ip, v6)) in [("ip", false), ("ip6", true)].into_iter().enumerate() {
+        let nets: Vec<Value> = s
+            .routed
+            .iter()
+            .filter(|n| n.addr().is_ipv6() == v6)
+            .map(|n| prefix(*n))
+            .collect();
+        if nets.is_empty() {
+            continue;
+        }
+        let src = payload(ip, "saddr");
+        let mut expr = vec![matches(src.clone(), json!({"set": nets}))];
+        let elem = |set: &str, op: &str, timeout: u64| json!({"set": {"op": op, "elem": {"elem": {"val": src.clone(), "timeout": timeout}}, "set": format!("@{set}")}});
+        match step {
+            RoutedStep::New => {
+                expr.push(json!({"match": {"op": "!=", "left": src.clone(), "right": format!("@{}", ROUTED_NEW[i])}}));
+                expr.push(elem(ROUTED_NEW[i], "add", ROUTED_RELOG_SECS));
+                expr.push(json!({"log": {"group": s.nflog_group, "snaplen": 40}}));
+            }
+            RoutedStep::Seen => {
+                expr.push(elem(
+                    ROUTED_SEEN[i],
+                    "update",
+                    s.routed_idle.as_secs().max(1),
+                ));
+            }
+        }
+        let chain = match step {
+            RoutedStep::New => policy_chain(DEFAULT_POLICY),
+            RoutedStep::Seen => PREROUTING.to_string(),
+        };
+        out.push(raw_rule(&s.table, &chain, expr, None));
+    }
+    out
 }
 
 fn set_name(set: &str, v6: bool) -> String {
@@ -1482,7 +1582,18 @@ fn render_policies(s: &NftStructure) -> Vec<Value> {
             out.push(raw_rule(table, &policy_chain(&p.name), e, None));
         }
     }
-    for e in verdict_rules(&s.default) {
+    let mut default = verdict_rules(&s.default);
+    if s.default == Verdict::Clients {
+        // Before the unassigned verdict: an unplaced host behind a LAN router says so.
+        let at = default.len() - 1;
+        for (i, r) in routed_rules(s, RoutedStep::New).into_iter().enumerate() {
+            default.insert(
+                at + i,
+                r["rule"]["expr"].as_array().cloned().unwrap_or_default(),
+            );
+        }
+    }
+    for e in default {
         out.push(raw_rule(table, &policy_chain(DEFAULT_POLICY), e, None));
     }
     if let Some(local) = &s.local {
@@ -1515,6 +1626,27 @@ fn render_local(s: &NftStructure, local: &crate::plan::LocalVerdict) -> Vec<Valu
     let ct = |key: &str| json!({"ct": {"key": key}});
     let masked = |left: Value| json!({"&": [left, s.mask]});
     let uplinks: Vec<Value> = s.uplinks.iter().map(|u| json!(u.interface)).collect();
+    // A socket bound to an uplink's address (a VPN endpoint, a SIP trunk, `curl
+    // --interface ADDR`) was routed by its `from` rule: it keeps that uplink.
+    let bound = [("ip", false), ("ip6", true)].map(|(ip, v6)| {
+        let addrs: Vec<Value> = s
+            .local_bound
+            .iter()
+            .filter(|a| a.is_ipv6() == v6)
+            .map(|a| json!(a.to_string()))
+            .collect();
+        (!addrs.is_empty()).then(|| {
+            raw_rule(
+                table,
+                OUTPUT,
+                vec![
+                    matches(payload(ip, "saddr"), json!({"set": addrs})),
+                    json!({"return": null}),
+                ],
+                None,
+            )
+        })
+    });
     let mut out = vec![
         raw_rule(
             table,
@@ -1540,6 +1672,9 @@ fn render_local(s: &NftStructure, local: &crate::plan::LocalVerdict) -> Vec<Valu
             vec![json!({"vmap": {"key": masked(ct("mark")), "data": format!("@{MAP_STICKY}")}})],
             None,
         ),
+    ];
+    out.extend(bound.into_iter().flatten());
+    out.extend([
         // A connection that was open before (no mark) keeps its route: re-marking it
         // mid-flow would change its source address.
         raw_rule(
@@ -1554,7 +1689,7 @@ fn render_local(s: &NftStructure, local: &crate::plan::LocalVerdict) -> Vec<Valu
             ],
             None,
         ),
-    ];
+    ]);
     if let crate::plan::LocalVerdict::Spread(v) = local {
         for e in verdict_rules(v) {
             out.push(raw_rule(table, LOCAL, e, None));
@@ -1940,6 +2075,10 @@ mod tests {
             default: Verdict::Clients,
             overflow: vec!["a".into()],
             local: None,
+            local_bound: Vec::new(),
+            routed: Vec::new(),
+            routed_idle: std::time::Duration::from_secs(600),
+            nflog_group: 4623,
         }
     }
 

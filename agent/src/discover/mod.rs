@@ -2,6 +2,8 @@
 //! live events in between. No polling stands in for events.
 
 use std::net::IpAddr;
+
+use ipnet::IpNet;
 use std::path::Path;
 
 use futures::{StreamExt, TryStreamExt};
@@ -19,6 +21,8 @@ use rtnetlink::packet_core::NetlinkPayload;
 use rtnetlink::sys::AsyncSocket;
 use rtnetlink::{Handle, MulticastGroup};
 use tokio::sync::mpsc;
+
+pub mod routed;
 
 use crate::model::Mac;
 use crate::model::nexthop::LearnedRoute;
@@ -60,6 +64,15 @@ pub enum Event {
         present: bool,
         /// NLM_F_REPLACE: it replaced whatever route held its slot (table and metric).
         replace: bool,
+    },
+    /// A route to a prefix through a gateway in the main table: on a LAN interface, the
+    /// prefix is behind a router on the LAN and its hosts are clients.
+    PrefixRoute {
+        ifindex: u32,
+        dst: IpNet,
+        gateway: IpAddr,
+        protocol: u8,
+        present: bool,
     },
     /// The kernel dropped events (socket buffer overrun): re-dump everything.
     Overrun,
@@ -245,7 +258,8 @@ fn addr_event(m: &AddressMessage, present: bool) -> Option<Event> {
     })
 }
 
-/// Every default route of both families, in every table.
+/// Every default route of both families, in every table, and the prefix routes through a
+/// gateway in main.
 pub async fn dump_routes(handle: &Handle) -> Result<Vec<Event>, DiscoverError> {
     let mut out = Vec::new();
     for af in [AddressFamily::Inet, AddressFamily::Inet6] {
@@ -277,6 +291,8 @@ pub struct RouteFields {
     pub default: bool,
     pub unicast: bool,
     pub protocol: u8,
+    /// The destination prefix (`None` for the default route).
+    pub dst: Option<IpNet>,
 }
 
 /// The fields of an IPv4 or IPv6 route (`None` for other families).
@@ -296,9 +312,17 @@ pub fn route_fields(m: &RouteMessage) -> Option<RouteFields> {
         default: unicast && m.header.destination_prefix_length == 0,
         unicast,
         protocol: m.header.protocol.into(),
+        dst: None,
     };
+    let len = m.header.destination_prefix_length;
     for a in &m.attributes {
         match a {
+            RouteAttribute::Destination(RouteAddress::Inet(d)) if len > 0 => {
+                r.dst = IpNet::new(IpAddr::V4(*d), len).ok()
+            }
+            RouteAttribute::Destination(RouteAddress::Inet6(d)) if len > 0 => {
+                r.dst = IpNet::new(IpAddr::V6(*d), len).ok()
+            }
             RouteAttribute::Table(t) => r.table = *t,
             RouteAttribute::Oif(i) => r.oif = Some(*i),
             RouteAttribute::Priority(p) => r.metric = *p,
@@ -313,7 +337,24 @@ pub fn route_fields(m: &RouteMessage) -> Option<RouteFields> {
 /// A default unicast route with one next hop; anything else is not a next hop to learn
 /// (multipath routes included: their hops are not one uplink's).
 fn route_event(m: &RouteMessage, present: bool, replace: bool) -> Option<Event> {
-    let r = route_fields(m).filter(|r| r.default)?;
+    let r = route_fields(m)?;
+    if !r.default {
+        // A prefix through a gateway, in main: maybe a router on the LAN.
+        return match (r.dst, r.gateway, r.oif) {
+            (Some(dst), Some(gateway), Some(ifindex))
+                if r.unicast && r.table == u32::from(RouteHeader::RT_TABLE_MAIN) =>
+            {
+                Some(Event::PrefixRoute {
+                    ifindex,
+                    dst: dst.trunc(),
+                    gateway,
+                    protocol: r.protocol,
+                    present,
+                })
+            }
+            _ => None,
+        };
+    }
     Some(Event::Route {
         ifindex: r.oif?,
         route: LearnedRoute {

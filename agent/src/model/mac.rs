@@ -7,6 +7,33 @@ use std::str::FromStr;
 pub struct Mac(pub [u8; 6]);
 
 impl Mac {
+    /// The key of a host behind a router on the LAN, which has no MAC of its own on the
+    /// LAN: its IPv4 address, or a hash of its IPv6 address, behind a first byte with the
+    /// group bit set, which no station's address has.
+    pub fn routed(ip: std::net::IpAddr) -> Mac {
+        let tail: [u8; 5] = match ip {
+            std::net::IpAddr::V4(a) => {
+                let o = a.octets();
+                [0, o[0], o[1], o[2], o[3]]
+            }
+            std::net::IpAddr::V6(a) => {
+                // FNV-1a over the address, folded to 39 bits (the first bit marks IPv6).
+                let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+                for b in a.octets() {
+                    h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+                }
+                let b = h.to_be_bytes();
+                [0x80 | (b[3] & 0x7f), b[4], b[5], b[6], b[7]]
+            }
+        };
+        Mac([0x03, tail[0], tail[1], tail[2], tail[3], tail[4]])
+    }
+
+    /// Whether this is a routed host's key (`routed`), not a station's address.
+    pub fn is_routed(&self) -> bool {
+        self.0[0] & 0x01 != 0
+    }
+
     pub fn from_slice(b: &[u8]) -> Option<Mac> {
         <[u8; 6]>::try_from(b)
             .ok()

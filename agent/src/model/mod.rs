@@ -124,6 +124,9 @@ pub struct Client {
     pub home: String,
     pub first_seen: Millis,
     pub addresses: AddrMap,
+    /// A host behind a router on the LAN (`mac` is then its `Mac::routed` key): the
+    /// router's MAC.
+    pub via: Option<Mac>,
 }
 
 /// A client's addresses: a sorted small vector. Most clients have one to three addresses,
@@ -260,6 +263,12 @@ pub struct Model {
     pub moved_on_arrival: u64,
     /// Operators' edits of `[[set]]` elements, by set name.
     pub set_edits: BTreeMap<String, policy::SetEdits>,
+    /// `lan.routed`, when set.
+    routed_config: Option<Vec<IpNet>>,
+    /// Routes through a gateway on a LAN interface: prefix → router.
+    lan_routes: BTreeMap<IpNet, IpAddr>,
+    /// How many clients are hosts behind LAN routers (kept, as `counts` is).
+    routed_clients: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -300,6 +309,9 @@ impl Model {
             unassigned_to: None,
             moved_on_arrival: 0,
             set_edits: BTreeMap::new(),
+            routed_config: config.lan.routed.clone(),
+            lan_routes: BTreeMap::new(),
+            routed_clients: 0,
         }
     }
 
@@ -340,6 +352,11 @@ impl Model {
 
     pub fn clients(&self) -> &imbl::OrdMap<Mac, Client> {
         &self.clients
+    }
+
+    /// How many clients are hosts behind LAN routers.
+    pub fn routed_clients(&self) -> usize {
+        self.routed_clients
     }
 
     /// Client counts per uplink, in config order.
@@ -383,6 +400,7 @@ impl Model {
         if let Some(i) = self.uplink_index(&c.home) {
             self.counts[i] += 1;
         }
+        self.routed_clients += c.mac.is_routed() as usize;
         self.clients.insert(c.mac, c);
     }
 
@@ -391,6 +409,7 @@ impl Model {
         if let Some(i) = self.uplink_index(&c.home) {
             self.counts[i] -= 1;
         }
+        self.routed_clients -= c.mac.is_routed() as usize;
         Some(c)
     }
 
@@ -404,9 +423,122 @@ impl Model {
         now: Millis,
         adopt: Option<&str>,
     ) -> Change {
-        if !self.wants(ip) {
+        // A group address is no station's (and is the key space of routed hosts).
+        if !self.wants(ip) || mac.is_routed() {
             return Change::None;
         }
+        self.place(ip, mac, now, adopt)
+    }
+
+    /// A host behind a router on the LAN (`router`: the router's MAC) opened a
+    /// connection without an assignment: it is a client of its own, placed as a
+    /// neighbour is. Addresses outside the routed prefixes are left to neighbour
+    /// discovery.
+    pub fn routed_present(&mut self, ip: IpAddr, router: Option<Mac>, now: Millis) -> Change {
+        if !self.wants(ip) || !self.routed_prefixes().iter().any(|p| p.contains(&ip)) {
+            return Change::None;
+        }
+        let key = Mac::routed(ip);
+        let change = self.place(ip, key, now, None);
+        if router.is_some()
+            && let Some(c) = self.clients.get_mut(&key)
+            && c.via != router
+        {
+            c.via = router;
+        }
+        change
+    }
+
+    /// The routed hosts that opened a connection lately (`active`, read from the
+    /// dataplane) are present as of `now`; the others are gone, and expire as gone
+    /// neighbours do.
+    pub fn routed_activity(&mut self, active: &std::collections::HashSet<IpAddr>, now: Millis) {
+        let routed: Vec<(IpAddr, Mac)> = self
+            .by_addr
+            .iter()
+            .filter(|(_, m)| m.is_routed())
+            .map(|(ip, m)| (*ip, *m))
+            .collect();
+        for (ip, key) in routed {
+            if active.contains(&ip) {
+                let stale = self
+                    .clients
+                    .get(&key)
+                    .and_then(|c| c.addresses.get(&ip))
+                    .is_none_or(|a| {
+                        !a.present || now.saturating_sub(a.last_seen) >= LAST_SEEN_GRANULARITY
+                    });
+                if stale && let Some(c) = self.clients.get_mut(&key) {
+                    c.addresses.insert(
+                        ip,
+                        Address {
+                            present: true,
+                            last_seen: now,
+                        },
+                    );
+                }
+            } else {
+                self.neighbour_gone(ip, now);
+            }
+        }
+    }
+
+    /// The prefixes whose hosts are routed clients: `lan.routed`, or else the kernel's
+    /// routes through a gateway on a LAN interface.
+    pub fn routed_prefixes(&self) -> Vec<IpNet> {
+        match &self.routed_config {
+            Some(list) => list.clone(),
+            None => IpNet::aggregate(&self.lan_routes.keys().copied().collect()),
+        }
+    }
+
+    /// A route to `dst` through `gateway` on a LAN interface appeared or went away;
+    /// returns whether the routed prefixes changed.
+    pub fn set_lan_route(&mut self, dst: IpNet, gateway: IpAddr, present: bool) -> bool {
+        let before = self.routed_prefixes();
+        if present {
+            self.lan_routes.insert(dst, gateway);
+        } else if self.lan_routes.get(&dst) == Some(&gateway) {
+            self.lan_routes.remove(&dst);
+        }
+        before != self.routed_prefixes()
+    }
+
+    pub fn clear_lan_routes(&mut self) {
+        self.lan_routes.clear();
+    }
+
+    /// The router a routed prefix containing `ip` goes through, as the kernel's route
+    /// says (configured prefixes without a route have none).
+    pub fn router_of(&self, ip: IpAddr) -> Option<(IpNet, IpAddr)> {
+        self.lan_routes
+            .iter()
+            .filter(|(n, _)| n.contains(&ip))
+            .max_by_key(|(n, _)| n.prefix_len())
+            .map(|(n, g)| (*n, *g))
+    }
+
+    /// The router a routed host comes through: its address (the route to the host's
+    /// prefix) and its MAC, as far as known; empty for a neighbour.
+    pub fn via(&self, c: &Client) -> String {
+        if !c.mac.is_routed() {
+            return String::new();
+        }
+        let router = c
+            .addresses
+            .keys()
+            .find_map(|ip| self.router_of(*ip))
+            .map(|(_, gw)| gw.to_string());
+        match (router, c.via) {
+            (Some(r), Some(m)) => format!("{r} ({m})"),
+            (Some(r), None) => r,
+            (None, Some(m)) => m.to_string(),
+            (None, None) => "a LAN router".to_string(),
+        }
+    }
+
+    /// Tracks `ip` for client `mac` (a neighbour, or a routed host's key).
+    fn place(&mut self, ip: IpAddr, mac: Mac, now: Millis, adopt: Option<&str>) -> Change {
         // Limits first, so that a refusal changes nothing already tracked.
         let known = self.by_addr.get(&ip).is_some_and(|m| *m == mac);
         if !known {
@@ -444,6 +576,7 @@ impl Model {
                 home,
                 first_seen: now,
                 addresses: AddrMap::default(),
+                via: None,
             });
             change = Change::Clients;
         }
@@ -489,12 +622,13 @@ impl Model {
     }
 
     /// Addresses not in `present` (a fresh neighbour dump) are marked gone as of `now`.
+    /// Routed hosts are never neighbours: their activity says (`routed_activity`).
     pub fn reconcile_present(&mut self, present: &HashMap<IpAddr, Mac>, now: Millis) {
         let gone: Vec<IpAddr> = self
             .by_addr
-            .keys()
-            .filter(|ip| !present.contains_key(ip))
-            .copied()
+            .iter()
+            .filter(|(ip, m)| !m.is_routed() && !present.contains_key(ip))
+            .map(|(ip, _)| *ip)
             .collect();
         for ip in gone {
             self.neighbour_gone(ip, now);
@@ -700,6 +834,7 @@ mod tests {
     fn saved(m: u8, n: u8, home: &str) -> Client {
         Client {
             mac: mac(m),
+            via: None,
             home: home.into(),
             first_seen: 0,
             addresses: [(
@@ -856,5 +991,51 @@ mod tests {
                 .unwrap()
                 .present
         );
+    }
+
+    #[test]
+    fn routed_hosts_are_placed_only_inside_routed_prefixes_and_expire_when_inactive() {
+        let mut m = model(&[2, 1]);
+        let router = Some(mac(9));
+        assert_eq!(
+            m.routed_present(ip("10.20.0.5"), router, 0),
+            Change::None,
+            "no routed prefix yet"
+        );
+        assert!(m.set_lan_route("10.20.0.0/24".parse().unwrap(), ip("10.0.0.254"), true));
+        for n in 1..=6 {
+            let h = ip(&format!("10.20.0.{n}"));
+            assert_eq!(m.routed_present(h, router, 0), Change::Clients);
+        }
+        assert_eq!(m.counts(), &[4, 2], "least-loaded by weight, as neighbours");
+        assert_eq!(m.routed_clients(), 6);
+        let c = m.client_by_addr(&ip("10.20.0.1")).unwrap();
+        assert!(c.mac.is_routed() && c.via == router);
+        assert_eq!(m.via(c), format!("10.0.0.254 ({})", mac(9)));
+        // A neighbour dump never lists them: they stay present.
+        m.reconcile_present(&HashMap::new(), 1);
+        assert!(m.expire(600_001, Duration::from_secs(600)).is_empty());
+        // The activity read: 10.20.0.1 opened a connection lately, the others did not.
+        let active = std::collections::HashSet::from([ip("10.20.0.1")]);
+        m.routed_activity(&active, 1_000);
+        let released = m.expire(601_000, Duration::from_secs(600));
+        assert_eq!(released.len(), 5);
+        assert_eq!(m.routed_clients(), 1);
+        // A station's MAC never has the group bit; one that does is no neighbour.
+        assert_eq!(
+            m.neighbour_present(ip("10.0.0.9"), Mac::routed(ip("10.20.0.9")), 0, None),
+            Change::None
+        );
+    }
+
+    #[test]
+    fn routed_keys_are_unique_per_ipv4_address_and_marked() {
+        let a = Mac::routed(ip("10.20.0.1"));
+        assert_ne!(a, Mac::routed(ip("10.20.0.2")));
+        assert_ne!(
+            Mac::routed(ip("2001:db8:20::1")),
+            Mac::routed(ip("2001:db8:20::2"))
+        );
+        assert!(a.is_routed() && !mac(1).is_routed());
     }
 }

@@ -118,6 +118,7 @@ impl From<ClientDoc> for ClientIn {
             home: c.home,
             first_seen: c.first_seen,
             addresses,
+            via: c.via,
         })
     }
 }
@@ -129,6 +130,9 @@ struct ClientDoc {
     home: String,
     first_seen: Millis,
     addresses: Vec<AddressDoc>,
+    /// A host behind a LAN router: the router's MAC.
+    #[serde(default)]
+    via: Option<Mac>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -167,8 +171,11 @@ impl Serialize for ClientOut<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeStruct;
         let c = self.0;
-        let mut st = s.serialize_struct("Client", 4)?;
+        let mut st = s.serialize_struct("Client", 5)?;
         st.serialize_field("mac", &c.mac)?;
+        if let Some(via) = &c.via {
+            st.serialize_field("via", via)?;
+        }
         st.serialize_field("home", &c.home)?;
         st.serialize_field("first_seen", &c.first_seen)?;
         let addrs: Vec<AddressDoc> = c
@@ -330,8 +337,10 @@ mod tests {
         let dir = tmpdir("rt");
         let sf = StateFile::new(&dir);
         assert!(sf.load().unwrap().is_none());
+        // A host behind a LAN router: its router's MAC persists too.
         let c = Client {
-            mac: Mac([2, 0, 0, 0, 0, 1]),
+            mac: Mac::routed("10.0.0.1".parse().unwrap()),
+            via: Some(Mac([2, 0, 0, 0, 0, 9])),
             home: "isp1".into(),
             first_seen: 5,
             addresses: [(

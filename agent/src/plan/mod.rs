@@ -55,6 +55,16 @@ pub struct NftStructure {
     /// The gateway's own new connections (`[local] policy`): an output-hook chain that
     /// jumps here. `None` leaves them to the main table.
     pub local: Option<LocalVerdict>,
+    /// Prefixes behind routers on the LAN: an unplaced host in one is logged to
+    /// `nflog_group` (once per host every `ROUTED_RELOG`), and a placed one's new
+    /// connections mark it active for `routed_idle`.
+    pub routed: Vec<ipnet::IpNet>,
+    pub routed_idle: std::time::Duration,
+    pub nflog_group: u16,
+    /// Addresses of the uplinks the first route lookup of the gateway's own traffic does
+    /// not pick: a packet from one was sent by a socket bound to it, and leaves by its
+    /// uplink unmarked.
+    pub local_bound: Vec<IpAddr>,
 }
 
 /// Where the output chain sends the gateway's own new connections.
@@ -148,6 +158,36 @@ pub enum RuleAction {
     /// the output chain marks it) finds the `[local]` policy's first uplink, so a socket
     /// gets a route and a source address at all while main has no default route.
     Local { table: u32 },
+    /// `oif IFNAME lookup table`: a socket bound to an uplink's device (SO_BINDTODEVICE,
+    /// `curl --interface wan1`) is routed through that uplink's table, whatever its mark.
+    Oif { ifname: IfName, table: u32 },
+}
+
+/// An interface name as the kernel keeps it (at most 15 bytes), kept inline so that rule
+/// specs stay plain values.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct IfName([u8; 16]);
+
+impl IfName {
+    /// `None` for a name the kernel could not have (validated names always fit).
+    pub fn new(name: &str) -> Option<IfName> {
+        let mut b = [0u8; 16];
+        (name.len() < 16 && !name.is_empty()).then(|| {
+            b[..name.len()].copy_from_slice(name.as_bytes());
+            IfName(b)
+        })
+    }
+
+    pub fn as_str(&self) -> &str {
+        let end = self.0.iter().position(|&c| c == 0).unwrap_or(16);
+        std::str::from_utf8(&self.0[..end]).unwrap_or_default()
+    }
+}
+
+impl std::fmt::Debug for IfName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.as_str())
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -208,6 +248,10 @@ pub fn plan(config: &Config, model: &Model) -> Desired {
         default: policy::default_verdict(config, model).0,
         overflow: overflow_buckets(config, model),
         local: policy::local_verdict(config, model),
+        local_bound: local_bound(config, model),
+        routed: model.routed_prefixes(),
+        routed_idle: config.lan.client_idle_timeout,
+        nflog_group: dp.nflog_group,
     };
     let client_mode = structure.default == Verdict::Clients;
     let unassigned = client_mode.then(|| policy::unassigned(config, model));
@@ -303,6 +347,21 @@ pub fn plan(config: &Config, model: &Model) -> Desired {
                 },
             });
         }
+        // A socket bound to the uplink's device: its table, before any mark is looked at.
+        if let Some(ifname) = IfName::new(&u.interface) {
+            for family in [Family::V4, Family::V6] {
+                if family == Family::V4 || u.ipv6 {
+                    rules.insert(RuleSpec {
+                        family,
+                        priority: dp.rule_priority + 2,
+                        action: RuleAction::Oif {
+                            ifname,
+                            table: u.table,
+                        },
+                    });
+                }
+            }
+        }
         // The kernel refuses routes through a missing or admin-down device; they are added
         // when the link event arrives.
         let Some(oif) = m.link.ifindex.filter(|_| m.link.admin_up) else {
@@ -349,6 +408,36 @@ pub fn plan(config: &Config, model: &Model) -> Desired {
         rules,
         routes,
     }
+}
+
+/// The uplink addresses an unbound socket of the gateway does not get from its first route
+/// lookup (that is the `[local]` policy's first uplink's, per family); empty without
+/// `[local]`. Only usable uplinks': a connected socket keeps the source its first packet
+/// got, so after a failover the dead uplink's address is what the moved flows carry (a
+/// socket really bound there has no path anyway).
+fn local_bound(config: &Config, model: &Model) -> Vec<IpAddr> {
+    if config.local == crate::config::LocalPolicy::Main {
+        return Vec::new();
+    }
+    let first = [
+        policy::local_first(config, model, false),
+        policy::local_first(config, model, true),
+    ];
+    let mut out: Vec<IpAddr> = model
+        .uplinks
+        .iter()
+        .enumerate()
+        .filter(|(_, u)| u.usable())
+        .flat_map(|(i, u)| {
+            u.addrs
+                .iter()
+                .filter(move |a| first[a.is_ipv6() as usize] != Some(i))
+                .copied()
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
 }
 
 /// Where untracked addresses are hashed: over the survivors; with none, over the tier new
@@ -522,8 +611,9 @@ interface = "ppp0"
     fn rules_exist_without_links_routes_only_with_up_links() {
         let (c, mut m) = setup();
         let d = plan(&c, &m);
-        // main-specific ×2 families, fwmark v4 ×2, fwmark v6 for the p2p link.
-        assert_eq!(d.rules.len(), 5);
+        // main-specific ×2 families, fwmark v4 ×2, fwmark v6 for the p2p link, and as
+        // many `oif` rules (device-bound sockets).
+        assert_eq!(d.rules.len(), 8);
         assert!(d.routes.is_empty());
         m.set_link(
             "ppp0",

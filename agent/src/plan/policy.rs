@@ -220,6 +220,26 @@ pub struct Explanation {
 /// and external sets as read from the kernel), in config order.
 pub fn explain(config: &Config, model: &Model, sets: &[Vec<IpNet>], flow: &Flow) -> Explanation {
     let mut steps = Vec::new();
+    if let Some(c) = model
+        .client_by_addr(&flow.src)
+        .filter(|c| c.mac.is_routed())
+    {
+        steps.push(format!(
+            "{} is a host behind the LAN router {}, a client of its own (home {})",
+            flow.src,
+            model.via(c),
+            c.home
+        ));
+    } else if let Some(p) = model
+        .routed_prefixes()
+        .into_iter()
+        .find(|p| p.contains(&flow.src))
+    {
+        steps.push(format!(
+            "{} is behind a LAN router (routed prefix {p}) and not placed yet: its first connection places it",
+            flow.src
+        ));
+    }
     // A connection already open keeps its uplink; explain speaks of new ones.
     if let Some((o, i)) = model.overrides.get(&flow.src).and_then(|o| {
         model
