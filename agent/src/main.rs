@@ -131,9 +131,11 @@ fn init(write: Option<&std::path::Path>, force: bool) -> ExitCode {
             ExitCode::SUCCESS
         }
         Some(p) => {
-            // Beside the target, then renamed: a half-written config never exists.
+            // Beside the target, then renamed: a half-written config never exists. Created
+            // afresh (a link or a left-over file in its place is refused, not followed) with
+            // the conffile's mode, 0600, whatever the umask.
             let tmp = p.with_extension("toml.tmp");
-            let done = std::fs::write(&tmp, &text).and_then(|()| std::fs::rename(&tmp, p));
+            let done = write_new(&tmp, text.as_bytes()).and_then(|()| std::fs::rename(&tmp, p));
             match done {
                 Ok(()) => {
                     eprintln!(
@@ -151,6 +153,20 @@ fn init(write: Option<&std::path::Path>, force: bool) -> ExitCode {
             }
         }
     }
+}
+
+/// Writes a file that must not exist yet, mode 0600, and syncs it.
+fn write_new(path: &std::path::Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)?;
+    f.write_all(data)?;
+    f.sync_all()
 }
 
 fn run(

@@ -182,7 +182,10 @@ fn uplinks(items: &[v1::Uplink], wide: bool) -> String {
         "STATE",
         "TIER",
         "WEIGHT",
-        "CLIENTS",
+        // Homed: clients whose home it is (they return after a failover); carried: the
+        // clients whose new connections use it now.
+        "HOMED",
+        "CARRIED",
         "RTT_MS",
         "LOSS",
         "JITTER_MS",
@@ -216,6 +219,7 @@ fn uplinks(items: &[v1::Uplink], wide: bool) -> String {
                 u.tier.to_string(),
                 u.weight.to_string(),
                 u.clients.to_string(),
+                u.clients_carried.to_string(),
                 opt(u.rtt_ms),
                 opt(u.loss_ratio),
                 opt(u.jitter_ms),

@@ -466,11 +466,29 @@ pub async fn follow_events(
     timeout: Duration,
     out: crate::Output,
 ) -> Result<u8> {
-    if let [t] = targets
-        && let Err(Failure::Unreachable(e) | Failure::Error(e)) = creds.connect(t, timeout).await
-    {
-        eprintln!("{}: unreachable: {e}", t.name);
-        return Ok(4);
+    // A first request, not just a connection: TLS 1.3 refuses a client certificate only
+    // after the client's side of the handshake, so a rejected certificate shows here (and
+    // would otherwise be retried for ever).
+    if let [t] = targets {
+        let first = match creds.connect(t, timeout).await {
+            Ok(mut c) => c
+                .get_status(v1::GetStatusRequest {})
+                .await
+                .map(|_| ())
+                .map_err(status_failure),
+            Err(f) => Err(f),
+        };
+        match first {
+            Ok(()) => {}
+            Err(Failure::Unreachable(e)) => {
+                eprintln!("{}: unreachable: {e}", t.name);
+                return Ok(4);
+            }
+            Err(Failure::Error(e)) => {
+                eprintln!("{}: {e}", t.name);
+                return Ok(2);
+            }
+        }
     }
     let tagged = targets.len() > 1;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();

@@ -94,6 +94,18 @@ fn handshakes_without_a_valid_client_certificate_are_refused() -> anyhow::Result
     for who in ["intruder", "old"] {
         let (code, _, err) = lab.ctl(who, &["status"])?;
         assert_eq!(code, 4, "{who}: {err}");
+        // `events --follow` retried a rejected certificate for ever: it exits as the
+        // others do (the outer timeout only bounds the test if it did not).
+        let follow = uplink_tests::uplinkctl_in(&lab.ns("gw"), &certs, &certs.join("ca.crt"), who);
+        let (code, _, err) = uplink_tests::outcome(
+            std::process::Command::new("timeout")
+                .arg("30")
+                .arg(follow.get_program())
+                .args(follow.get_args())
+                .args(["--gateway", "127.0.0.1:7443", "events", "--follow"]),
+        )?;
+        assert_eq!(code, 4, "{who}: events --follow: {err}");
+        assert!(err.contains("certificate was rejected"), "{who}: {err}");
     }
     // The server logs a refusal after the client has seen it: wait for both lines.
     // Both CAs are called "uplink CA": the foreign one fails on its signature.
@@ -464,9 +476,9 @@ fn golden_uplinks_output() -> anyhow::Result<()> {
     assert_eq!(code, 0, "{err}");
     assert_eq!(
         table,
-        "UPLINK  STATE  TIER  WEIGHT  CLIENTS  RTT_MS  LOSS  JITTER_MS  GATEWAY\n\
-         isp1    up     1     1       0        -       -     -          100.64.1.1\n\
-         isp2    up     1     1       0        -       -     -          100.64.2.1\n"
+        "UPLINK  STATE  TIER  WEIGHT  HOMED  CARRIED  RTT_MS  LOSS  JITTER_MS  GATEWAY\n\
+         isp1    up     1     1       0      0        -       -     -          100.64.1.1\n\
+         isp2    up     1     1       0      0        -       -     -          100.64.2.1\n"
     );
     let (_, wide, _) = lab.ctl("view", &["uplinks", "-o", "wide"])?;
     assert!(

@@ -503,6 +503,26 @@ const CASES: &[Case] = &[
         hint: "between 1 and 1000000",
     },
     Case {
+        name: "routed default route",
+        edit: (
+            "client_idle_timeout = \"10m\"",
+            "client_idle_timeout = \"10m\"\nrouted = [\"10.20.0.0/24\", \"0.0.0.0/0\"]",
+        ),
+        line: Some(10),
+        key: "lan.routed[1]",
+        hint: "not a default route",
+    },
+    Case {
+        name: "nflog group out of range",
+        edit: (
+            "gateway = \"100.64.2.1\"\n",
+            "gateway = \"100.64.2.1\"\n\n[dataplane]\nnflog_group = 70000\n",
+        ),
+        line: Some(24),
+        key: "dataplane.nflog_group",
+        hint: "between 1 and 65535",
+    },
+    Case {
         name: "too many addresses per client",
         edit: (
             "client_idle_timeout = \"10m\"",

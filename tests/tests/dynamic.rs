@@ -475,3 +475,33 @@ fn a_lease_in_place_at_start_moves_no_traffic() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// `gateway6 = "auto"` without a router yet: the uplink's IPv6 probes can only fail, and
+/// they counted against its IPv4 health: with a quorum of all its probes the whole uplink
+/// went down though its IPv4 works. Its IPv4 is judged by the IPv4 probes alone meanwhile.
+#[test]
+fn no_ipv6_router_yet_leaves_ipv4_health_to_the_ipv4_probes() -> anyhow::Result<()> {
+    let both = "probes = [\"icmp:203.0.113.10\", \"icmp:2001:db8:ffff::10\"]\nprobe_quorum = 2";
+    let ups = vec![
+        UplinkSpec::new("isp1", 1, false),
+        UplinkSpec::new("isp2", 1, false).with(both),
+    ];
+    let mut lab = Lab::build("ra6probe", ups, 2, 0)?;
+    write_config(&lab, "gateway6")?;
+    lab.start_agent()?;
+    // Long enough for down_after (3 rounds of 200 ms) many times over: still up, carrying.
+    let homes = lab.greet_clients()?;
+    let on2 = (1..=2)
+        .find(|&i| homes.get(&IpAddr::from(client_v4(i))).map(String::as_str) == Some("isp2"))
+        .expect("a client on isp2");
+    for _ in 0..10 {
+        let row = uplink_row(&lab, "isp2")?;
+        assert!(
+            row.contains(" up "),
+            "isp2 stays up on its IPv4 probe: {row}"
+        );
+        assert_eq!(seen(&lab, on2)?, Ipv4Addr::new(100, 64, 2, 2));
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    Ok(())
+}

@@ -138,3 +138,43 @@ fn init_writes_a_config_that_runs_the_lab() -> anyhow::Result<()> {
     )?;
     Ok(())
 }
+
+/// `init --write --force` over the packaged 0600 conffile wrote its temporary file with
+/// `fs::write`: it followed a link planted in its place and took its mode from the umask,
+/// leaving a 0644 config. Now the file is created afresh, 0600, and a link is refused.
+#[test]
+fn init_write_keeps_the_conffile_private_and_follows_no_link() -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let lab = Lab::build("initmode", vec![UplinkSpec::new("isp1", 1, false)], 0, 0)?;
+    let conf = lab.dir.join("uplinkd.toml");
+    std::fs::write(&conf, "# the packaged example\n")?;
+    std::fs::set_permissions(&conf, std::fs::Permissions::from_mode(0o600))?;
+    let path = conf.to_str().expect("utf-8");
+    // A umask that would make a fresh file 0644.
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "umask 022; exec ip netns exec {} {} init --write {path} --force",
+            lab.ns("gw"),
+            uplinkd_bin().display()
+        ))
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mode = std::fs::metadata(&conf)?.permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the config stays 0600");
+    assert!(std::fs::read_to_string(&conf)?.contains("[[uplink]]"));
+
+    // A link where the temporary file goes: refused, its target untouched.
+    let victim = lab.dir.join("victim");
+    std::fs::write(&victim, "keep\n")?;
+    std::os::unix::fs::symlink(&victim, conf.with_extension("toml.tmp"))?;
+    let (ok, _, err) = init(&lab, &["--write", path, "--force"])?;
+    assert!(!ok, "refused: {err}");
+    assert!(err.contains("cannot write"), "{err}");
+    assert_eq!(std::fs::read_to_string(&victim)?, "keep\n");
+    Ok(())
+}

@@ -327,7 +327,10 @@ fn sighup_reload_adds_an_uplink_and_rejects_a_bad_config() -> anyhow::Result<()>
     }
     assert_eq!(
         lab.uplink_of_source(lab.probe(5, false, 10)?).as_deref(),
-        Some("lte")
+        Some("lte"),
+        "{}\n{}",
+        lab.log_tail(30),
+        lab.post_mortem()
     );
 
     std::fs::write(lab.config_path(), full.replace("weight = 1", "weight = 0"))?;

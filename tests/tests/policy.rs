@@ -825,3 +825,119 @@ policy = "voip"
     )?;
     Ok(())
 }
+
+/// A `[[set]]` that a reload turns from listed elements into `external = true` kept its
+/// listed elements in the kernel for ever (the set was not recreated), so traffic to them
+/// still matched. The set is created anew, empty for its filler.
+#[test]
+fn a_set_turned_external_by_reload_drops_its_listed_elements() -> anyhow::Result<()> {
+    let mut lab = Lab::build("setext", two(), 1, 0)?;
+    let listed = "elements = [\"203.0.113.30\"]";
+    let rules = format!(
+        "{POLICIES}\n[[set]]\nname = \"moved\"\n{listed}\n\n[[rule]]\nname = \"moved\"\ndst = [\"@moved\"]\npolicy = \"via2\"\n"
+    );
+    let api = lab.api_config()?;
+    lab.write_config("10s", "10m", &format!("{rules}{api}"))?;
+    lab.serve_udp(v4(30, ECHO_PORT))?;
+    lab.start_agent()?;
+    lab.greet_clients()?;
+    assert_eq!(lab.udp_via(1, v4(30, ECHO_PORT), None, None)?, "isp2");
+    lab.edit_config(listed, "external = true")?;
+    let (code, _, err) = lab.ctl("op", &["reload"])?;
+    assert_eq!(code, 0, "{err}");
+    let set = lab.gw(&["nft", "-j", "list", "set", "inet", "uplinkd", "moved_v4"])?;
+    assert!(!set.contains("203.0.113.30"), "{set}");
+    assert_eq!(
+        lab.udp_via(1, v4(30, ECHO_PORT), None, None)?,
+        "isp1",
+        "no longer matched"
+    );
+    Ok(())
+}
+
+/// A set listed with IPv4 elements only compiled its rules for IPv4: an IPv6 element added
+/// through the API (`uplinkctl set add`) was accepted and matched nothing. Rules using a
+/// set now match both families.
+#[test]
+fn an_api_added_element_of_the_other_family_matches() -> anyhow::Result<()> {
+    let mut lab = Lab::build("setfam", two(), 1, 1)?;
+    let api = lab.api_config()?;
+    lab.write_config(
+        "10s",
+        "10m",
+        &format!(
+            "{POLICIES}\n[[rule]]\nname = \"saas\"\ndst = [\"@saas\"]\npolicy = \"via2\"\n{api}"
+        )
+        .replace(
+            "\"203.0.113.30\", \"2001:db8:ffff::30\"",
+            "\"203.0.113.30\"",
+        ),
+    )?;
+    let v6 = SocketAddr::new("2001:db8:ffff::31".parse()?, ECHO_PORT);
+    lab.serve_udp(v6)?;
+    lab.start_agent()?;
+    lab.greet_clients()?;
+    assert_eq!(
+        lab.udp_via(1, v6, None, None)?,
+        "isp1",
+        "not in the set yet"
+    );
+    let (code, _, err) = lab.ctl("op", &["set", "add", "saas", "2001:db8:ffff::31"])?;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        lab.udp_via(1, v6, None, None)?,
+        "isp2",
+        "the rule matches it now"
+    );
+    Ok(())
+}
+
+/// Flows of a `policy = "main"` rule were classified on every packet (nothing marked
+/// them): a reload that removed the rule sent the running flow out of the client's home
+/// uplink with its old NAT source, and the ISP dropped it. Established connections are no
+/// longer classified: the flow stays on main, new ones take the home.
+#[test]
+fn a_running_main_flow_survives_the_removal_of_its_rule() -> anyhow::Result<()> {
+    let mut lab = Lab::build("mainflow", two(), 1, 0)?;
+    let rule = "\n[[rule]]\nname = \"vpn\"\ndst = [\"203.0.113.40/32\"]\npolicy = \"main\"\n";
+    let api = lab.api_config()?;
+    lab.write_config("10s", "10m", &format!("{rule}{api}"))?;
+    lab.serve_udp(v4(40, ECHO_PORT))?;
+    // main's default route: isp2; the client's home is isp1.
+    lab.gw(&[
+        "ip",
+        "route",
+        "add",
+        "default",
+        "via",
+        "100.64.2.1",
+        "dev",
+        "wan2",
+    ])?;
+    lab.start_agent()?;
+    lab.greet_clients()?;
+    let flow = uplink_tests::in_netns(&lab.ns("c1"), || {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
+        s.connect(v4(40, ECHO_PORT))?;
+        s.set_read_timeout(Some(Duration::from_millis(300)))?;
+        Ok::<_, std::io::Error>(s)
+    })??;
+    let seen = |s: &std::net::UdpSocket| -> anyhow::Result<Option<String>> {
+        Ok(uplink_tests::echo_source(s, 5)?.and_then(|a| lab.uplink_of_source(a)))
+    };
+    assert_eq!(seen(&flow)?.as_deref(), Some("isp2"), "main's route");
+    lab.edit_config(rule, "")?;
+    let (code, _, err) = lab.ctl("op", &["reload"])?;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        seen(&flow)?.as_deref(),
+        Some("isp2"),
+        "the running flow stays where it started"
+    );
+    assert_eq!(
+        lab.udp_via(1, v4(40, ECHO_PORT), None, None)?,
+        "isp1",
+        "a new flow takes the home"
+    );
+    Ok(())
+}

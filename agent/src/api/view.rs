@@ -38,12 +38,17 @@ pub fn uplink(config: &Config, model: &Model, carried: &[usize], i: usize) -> v1
         fwmark: config.dataplane.fwmark(c.mark),
         table: c.table,
         clients: model.counts()[i] as u64,
-        rtt_ms: probing
+        // RTT and jitter of a path that answers now; none while its rounds fail.
+        rtt_ms: m
+            .health
+            .answering()
             .then(|| stats.median_rtt())
             .flatten()
             .map(|d| d.as_secs_f64() * 1000.0),
         loss_ratio: (probing && stats.samples() > 0).then(|| stats.loss()),
-        jitter_ms: probing
+        jitter_ms: m
+            .health
+            .answering()
             .then(|| stats.jitter())
             .flatten()
             .map(|d| d.as_secs_f64() * 1000.0),

@@ -661,19 +661,14 @@ impl Validator<'_> {
                     }
                 },
             };
-            // A family is possible when every address list allows it.
+            // A family is possible when every address list allows it. A set allows both:
+            // the API (`uplinkctl set add`) and an external set's filler may add either
+            // family later, and a rule compiled for one would ignore the other silently.
             let allows = |list: &[AddrMatch], v6: bool| {
                 list.is_empty()
                     || list.iter().any(|a| match a {
                         AddrMatch::Net(n) => n.addr().is_ipv6() == v6,
-                        AddrMatch::Set(s) => {
-                            sets[*s].external
-                                || if v6 {
-                                    !sets[*s].v6.is_empty()
-                                } else {
-                                    !sets[*s].v4.is_empty()
-                                }
-                        }
+                        AddrMatch::Set(_) => true,
                     })
             };
             let v4 = proto != Proto::Icmpv6 && allows(&src, false) && allows(&dst, false);
@@ -682,7 +677,7 @@ impl Validator<'_> {
                 return Err(self.err(
                     Some(span),
                     key("name"),
-                    "the rule can match no packet: its src, dst and proto allow neither IPv4 nor IPv6 (e.g. IPv4 src with IPv6 dst, or an empty set)",
+                    "the rule can match no packet: its src, dst and proto allow neither IPv4 nor IPv6 (e.g. IPv4 src with IPv6 dst)",
                 ));
             }
             rules.push(RuleConfig {

@@ -640,7 +640,12 @@ impl Agent {
         if let Err(e) = self.resync_inputs().await {
             warn!(error = %e, "resync dump failed");
         }
+        // What the dump repaired (a link, address or route event lost to an overrun) is
+        // judged too: health agrees with the facts after every resync, not only the plan.
+        self.links_changed();
         self.apply(read).await;
+        self.reconcile_probers();
+        self.publish_metrics();
     }
 
     /// Re-reads links and neighbours from the kernel, so a lost event is repaired.
@@ -787,8 +792,16 @@ impl Agent {
             // probe through: a socket bound to the device would ARP for the target itself.
             let hops = self.model.hops(&self.config, i);
             let routed = hops.0 != Hop::Unknown;
+            // While the uplink has no IPv6 router (`gateway6 = "auto"` before an advert),
+            // its IPv6 probes would only fail: the uplink's IPv4 is judged by its IPv4
+            // probes alone (its IPv6 connections detour meanwhile).
+            let mut targets = u.probes.clone();
+            if hops.1 == Hop::Unknown && targets.iter().any(|p| p.addr().is_ipv4()) {
+                targets.retain(|p| p.addr().is_ipv4());
+            }
+            let quorum = (u.probe_quorum as usize).min(targets.len());
             let want =
-                (!u.probes.is_empty() && m.link.ifindex.is_some() && routed).then(|| ProbeSpec {
+                (!targets.is_empty() && m.link.ifindex.is_some() && routed).then(|| ProbeSpec {
                     uplink: i,
                     interface: u.interface.clone(),
                     fwmark: self.config.dataplane.fwmark(u.mark),
@@ -800,8 +813,8 @@ impl Agent {
                         IpAddr::V6(a) => Some(*a),
                         _ => None,
                     }),
-                    targets: u.probes.clone(),
-                    quorum: u.probe_quorum as usize,
+                    targets,
+                    quorum,
                     interval: self.config.health.interval,
                     timeout: self.config.health.timeout,
                     hops,
@@ -1072,8 +1085,13 @@ impl Agent {
                 .health
                 .timeout
                 .max(2 * self.config.health.interval);
-            let probes = &self.config.uplinks[report.uplink].probes;
-            let failed: std::collections::BTreeSet<bool> = probes
+            // The targets the round probed (IPv6 ones are left out while there is no IPv6
+            // router), in the round's order.
+            let Some((spec, _)) = self.probers.get(&report.uplink) else {
+                return;
+            };
+            let failed: std::collections::BTreeSet<bool> = spec
+                .targets
                 .iter()
                 .zip(&report.round.rtts)
                 .filter(|(_, rtt)| rtt.is_none())
@@ -1209,15 +1227,13 @@ impl Agent {
         let old = std::mem::replace(&mut self.model, Model::new(&new));
         // Uplinks that stay keep their health, so a reload does not reset a failover; new
         // probe settings take effect now.
-        let log = self
-            .model
+        self.model
             .keep_runtime(&old, Instant::now(), &new.health, &new.failover);
         self.model.keep_set_edits(&new.sets);
         self.model
             .keep_sla(&old, &self.config.policies, &new.policies);
         let reassigned = self.model.restore(clients);
         self.config = Arc::new(new);
-        self.record(log);
         self.links.clear();
         // Indexed by uplink position, which a reload may change.
         self.forwarded.clear();

@@ -1137,6 +1137,27 @@ fn render_structure(s: &NftStructure) -> Vec<Value> {
             data: Expression::String(Cow::Owned(format!("@{MAP_STICKY}"))),
         })],
     ));
+    // Only new connections are classified: one past the sticky lookup without an uplink
+    // mark went by the main table (a `main` rule, or open before uplinkd) and stays
+    // there; re-marking it mid-flow would send it out of another uplink with its old NAT
+    // source when a rule or a set changes.
+    objs.push(rule(
+        PREROUTING,
+        vec![
+            Statement::Match(Match {
+                left: Expression::Named(NamedExpression::CT(CT {
+                    key: Cow::Borrowed("state"),
+                    ..CT::default()
+                })),
+                right: Expression::List(vec![
+                    Expression::String(Cow::Borrowed("established")),
+                    Expression::String(Cow::Borrowed("related")),
+                ]),
+                op: Operator::IN,
+            }),
+            Statement::Accept(None),
+        ],
+    ));
     for (proto, map) in [("ip", MAP_PIN4), ("ip6", MAP_PIN6)] {
         objs.push(rule(
             PREROUTING,
@@ -1213,13 +1234,13 @@ fn render_structure(s: &NftStructure) -> Vec<Value> {
         .map(|o| serde_json::to_value(o).expect("object serializes"))
         .partition(|v| v.get("rule").is_none());
     // A new connection of a placed host behind a LAN router marks it active: right after
-    // the sticky lookup, which established connections do not pass.
-    let sticky = rules
+    // the sticky lookup and the guard that established connections stop at.
+    let guard = rules
         .iter()
-        .position(|r| r["rule"]["chain"] == PREROUTING && r.to_string().contains(MAP_STICKY))
-        .expect("the sticky lookup is rendered");
+        .position(|r| r["rule"]["chain"] == PREROUTING && r.to_string().contains("established"))
+        .expect("the established-connection guard is rendered");
     for (i, r) in routed_rules(s, RoutedStep::Seen).into_iter().enumerate() {
-        rules.insert(sticky + 1 + i, r);
+        rules.insert(guard + 1 + i, r);
     }
     out.extend(chains);
     out.extend(rules);
@@ -1882,7 +1903,14 @@ fn signature_of_items<'a, 'b: 'a>(items: impl Iterator<Item = &'a ListItem<'b>>)
             sig.rules.push((r.chain.clone(), r.comment.clone()));
         }
         if let Some(s) = &it.set {
-            sig.sets.insert((s.name.clone(), s.key_type.to_string()));
+            // The flags too: a `[[set]]` turned external (plain, filled by someone else)
+            // is a new set, not the old one with uplinkd's stale elements left in it.
+            let mut flags: Vec<&str> = s.flags.iter().map(String::as_str).collect();
+            flags.sort_unstable();
+            sig.sets.insert((
+                s.name.clone(),
+                format!("{} {}", s.key_type, flags.join(",")),
+            ));
         }
     }
     sig
@@ -1920,6 +1948,9 @@ struct ListSet {
     name: String,
     #[serde(rename = "type")]
     key_type: Value,
+    /// nft lists only some flags (`interval`, `timeout`; not `dynamic`), alike for ours.
+    #[serde(default)]
+    flags: Vec<String>,
 }
 
 #[derive(Deserialize)]

@@ -177,6 +177,12 @@ impl Health {
         self.probing
     }
 
+    /// The probes answer now: the latest round was good. While rounds fail, the window's
+    /// RTT and jitter describe a path that no longer answers.
+    pub fn answering(&self) -> bool {
+        self.probing && self.fails == 0
+    }
+
     /// A flap hold saved before a restart goes on for `left`.
     pub fn hold_for(&mut self, left: std::time::Duration, now: Instant) {
         self.held_until = Some(now + left);

@@ -41,6 +41,11 @@ impl Stats {
         self.samples.len()
     }
 
+    /// Lost probes in the window.
+    pub fn lost(&self) -> usize {
+        self.samples.iter().filter(|s| s.is_none()).count()
+    }
+
     /// Lost probes over all probes in the window (0 when empty).
     pub fn loss(&self) -> f64 {
         if self.samples.is_empty() {

@@ -195,15 +195,15 @@ impl Model {
     }
 
     /// Carries link facts and health of uplinks (by name) over from a previous model.
-    /// Returns the state changes the new health settings cause.
+    /// The state changes the new health settings cause are settled by the next
+    /// `refresh_links`, once the reload has read the links (new uplinks included).
     pub fn keep_runtime(
         &mut self,
         old: &Model,
         now: Instant,
         h: &HealthConfig,
         f: &FailoverConfig,
-    ) -> Vec<LogEntry> {
-        let mut transitions = Vec::new();
+    ) {
         for (i, u) in self.uplinks.iter_mut().enumerate() {
             if let Some(o) = old
                 .uplinks
@@ -219,7 +219,7 @@ impl Model {
                     u.health
                         .reconfigure(fresh.probing(), fresh.stats.window(), now, h, f)
                 {
-                    transitions.push((i, t));
+                    self.reconfigured.push((i, t));
                 }
                 u.serving = o.serving;
                 u.usable_since = o.usable_since;
@@ -236,7 +236,6 @@ impl Model {
             .filter(|(_, o)| self.uplinks.iter().any(|u| u.name == o.uplink))
             .map(|(ip, o)| (*ip, o.clone()))
             .collect();
-        self.settle(transitions, now, f)
     }
 
     pub fn clear_addrs(&mut self, interface: &str) {
@@ -252,7 +251,7 @@ impl Model {
         h: &HealthConfig,
         f: &FailoverConfig,
     ) -> Vec<LogEntry> {
-        let mut transitions = Vec::new();
+        let mut transitions = std::mem::take(&mut self.reconfigured);
         for (i, u) in self.uplinks.iter_mut().enumerate() {
             let link = u.link_problem();
             if let Some(t) = u.health.on_link(link, now, h, f) {

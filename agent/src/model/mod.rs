@@ -269,6 +269,9 @@ pub struct Model {
     lan_routes: BTreeMap<IpNet, IpAddr>,
     /// How many clients are hosts behind LAN routers (kept, as `counts` is).
     routed_clients: usize,
+    /// State changes a reload's new health settings caused (`keep_runtime`), settled by
+    /// the next `refresh_links`.
+    reconfigured: Vec<(usize, crate::health::Transition)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -312,6 +315,7 @@ impl Model {
             routed_config: config.lan.routed.clone(),
             lan_routes: BTreeMap::new(),
             routed_clients: 0,
+            reconfigured: Vec::new(),
         }
     }
 

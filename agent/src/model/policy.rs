@@ -362,7 +362,13 @@ pub fn judge(sla: &Sla, stats: &crate::health::stats::Stats, was_broken: bool) -
         }
         why.push_str(&s);
     };
-    if let Some(max) = sla.max_loss {
+    // A loss ratio needs more samples than an RTT (one lost probe of five is 20 %), and one
+    // lost probe is never a trend.
+    let loss_samples = (stats.window() / 2).max(MIN_SAMPLES).min(stats.window());
+    if let Some(max) = sla.max_loss
+        && stats.samples() >= loss_samples
+        && stats.lost() >= 2
+    {
         let loss = stats.loss();
         if loss > scale(max, RECOVER_LOSS) {
             add(format!(
@@ -381,11 +387,15 @@ pub fn judge(sla: &Sla, stats: &crate::health::stats::Stats, was_broken: bool) -
             _ => {}
         }
     }
-    if let Some(max) = sla.max_jitter
-        && let Some(j) = stats.jitter()
-        && j.as_secs_f64() > scale(max.as_secs_f64(), RECOVER_RTT)
-    {
-        add(format!("jitter {} > max_jitter {}", ms(j), ms(max)));
+    if let Some(max) = sla.max_jitter {
+        match stats.jitter() {
+            Some(j) if j.as_secs_f64() > scale(max.as_secs_f64(), RECOVER_RTT) => {
+                add(format!("jitter {} > max_jitter {}", ms(j), ms(max)))
+            }
+            // Enough probes sent and fewer than two answered: nothing meets a jitter SLA.
+            None => add("fewer than two probes answered".into()),
+            _ => {}
+        }
     }
     if why.is_empty() {
         None
@@ -428,6 +438,35 @@ mod tests {
         assert!(judge(&sla, &stats(&[Some(100); 6]), true).is_none());
         // Too few probes: no verdict change.
         assert!(judge(&sla, &stats(&[Some(500); 2]), false).is_none());
+    }
+
+    #[test]
+    fn jitter_needs_two_answers_and_one_loss_is_no_trend() {
+        let jitter = Sla {
+            max_rtt: None,
+            max_loss: None,
+            max_jitter: Some(Duration::from_millis(30)),
+        };
+        let one = stats(&[None, None, None, None, Some(10), None]);
+        assert_eq!(
+            judge(&jitter, &one, false).as_deref(),
+            Some("fewer than two probes answered")
+        );
+        let loss = Sla {
+            max_rtt: None,
+            max_loss: Some(0.02),
+            max_jitter: None,
+        };
+        // One lost probe of five (20 %) is no verdict, nor is one in a full window.
+        let early = stats(&[Some(10), None, Some(10), Some(10), Some(10)]);
+        assert!(judge(&loss, &early, false).is_none());
+        let mut full = Stats::new(50);
+        for i in 0..50 {
+            full.push((i != 7).then_some(Duration::from_millis(10)));
+        }
+        assert!(judge(&loss, &full, false).is_none());
+        full.push(None);
+        assert!(judge(&loss, &full, false).unwrap().starts_with("loss 4.0%"));
     }
 
     #[test]
