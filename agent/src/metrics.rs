@@ -352,6 +352,12 @@ impl Metrics {
     }
 
     /// Publishes the model's gauges; `carried` is clients per uplink by current use.
+    /// One uplink's probe loss over its window, after each round (the other gauges follow
+    /// model changes; this one moves with every round).
+    pub fn set_probe_loss(&self, uplink: &str, loss: f64) {
+        self.probe_loss.with_label_values(&[uplink]).set(loss);
+    }
+
     /// The parts of the config the kernel refuses now, as `rule NAME` / `set NAME`.
     pub fn set_refused(&self, parts: &[String]) {
         self.config_refused.reset();

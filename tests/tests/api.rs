@@ -844,8 +844,14 @@ fn fleet_events_follow_merges_and_reconnects() -> anyhow::Result<()> {
     // Each event once: the other streams were not disturbed, and gw-001's new agent has
     // only its new reload to tell.
     assert_eq!((reloads("gw-000"), reloads("gw-002")), (1, 1));
-    std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(reloads("gw-001"), 2, "{}", lines.lock().unwrap().join("\n"));
+    // A marker: one more reload of gw-001, its new agent's generation 3. One gateway's
+    // stream arrives in order, so a history printed twice would be in before it.
+    let (code, _, err) = fleet.ctl(&["-l", "site=odd", "reload"])?;
+    assert_eq!(code, 0, "{err}");
+    wait("the marker reload", &|l: &str| {
+        l.starts_with("gw-001  ") && l.contains("(generation 3)")
+    })?;
+    assert_eq!(reloads("gw-001"), 3, "{}", lines.lock().unwrap().join("\n"));
     let _ = follow.kill();
     let _ = follow.wait();
     Ok(())

@@ -43,3 +43,47 @@ fn each_client_leaves_via_its_assigned_uplink() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// Twelve clients whose first packets arrive together: they are placed 6/3/3 by weight
+/// 2/1/1, every client's first flow is answered, and every later connection leaves by the
+/// persisted home. (Which first flows left elsewhere than home varies from run to run:
+/// `uplinkd_clients_moved_on_arrival_total` estimates it, see the README.)
+#[test]
+fn simultaneous_arrivals_are_placed_by_weight_and_counted() -> anyhow::Result<()> {
+    let mut lab = Lab::build("arrive", three_uplinks(), 12, 0)?;
+    lab.write_config("10s", "10m", "")?;
+    lab.start_agent()?;
+    let firsts: Vec<(u32, std::net::IpAddr)> = std::thread::scope(|s| {
+        let lab = &lab;
+        let handles: Vec<_> = (1..=12)
+            .map(|i| s.spawn(move || lab.probe(i, false, 10).map(|seen| (i, seen))))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("no panic"))
+            .collect::<anyhow::Result<Vec<_>>>()
+    })?;
+    lab.wait_for(std::time::Duration::from_secs(10), "12 assignments", || {
+        Ok(lab.assignments()?.len() == 12)
+    })?;
+    let homes = lab.assignments()?;
+    let mut count = std::collections::BTreeMap::<&str, usize>::new();
+    for h in homes.values() {
+        *count.entry(h.as_str()).or_default() += 1;
+    }
+    assert_eq!(
+        count,
+        std::collections::BTreeMap::from([("isp1", 6), ("isp2", 3), ("lte", 3)])
+    );
+    for (i, first) in firsts {
+        assert!(lab.uplink_of_source(first).is_some(), "c{i}: {first}");
+        let home = &homes[&client_v4(i).into()];
+        let later = lab.probe(i, false, 10)?;
+        assert_eq!(
+            lab.uplink_of_source(later).as_ref(),
+            Some(home),
+            "c{i}'s later flows follow its home"
+        );
+    }
+    Ok(())
+}

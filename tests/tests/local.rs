@@ -81,7 +81,13 @@ policy = "own"
         lab.uplink_of_source(tcp_source(&lab)?).as_deref(),
         Some("isp1")
     );
-    assert!(lab.log_tail(50).contains("uplink isp2 up -> down"));
+    assert_eq!(
+        lab.scrape(9477)?
+            .get("uplinkd_uplink_up{uplink=\"isp2\"}")
+            .copied(),
+        Some(0.0),
+        "isp2 is down, on its own probes"
+    );
 
     lab.upstream_loss("isp2", 0)?;
     lab.wait_for(

@@ -205,3 +205,35 @@ fn routed_prefixes_from_config_and_the_client_cap() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// An address beyond `lan.max_addresses_per_client` took the next placement's uplink
+/// (all of one host's extra addresses on one uplink) while the log said "hashed over the
+/// surviving uplinks". It is hashed now: its own element goes to the `overflow` chain, and
+/// its traffic flows.
+#[test]
+fn an_address_beyond_a_clients_limit_is_hashed() -> anyhow::Result<()> {
+    let mut lab = Lab::build("addrcap", three(), 1, 1)?;
+    lab.write_config("10s", "10m", "")?;
+    lab.edit_config("[lan]\n", "[lan]\nmax_addresses_per_client = 1\n")?;
+    lab.start_agent()?;
+    // Its IPv4 address first: the client's one tracked address.
+    let v4 = lab.probe(1, false, 10)?;
+    lab.wait_for(Duration::from_secs(10), "c1 assigned", || {
+        Ok(lab.assignments()?.len() == 1)
+    })?;
+    let v6 = lab.probe(1, true, 10)?;
+    assert!(lab.uplink_of_source(v4).is_some() && lab.uplink_of_source(v6).is_some());
+    let c6 = IpAddr::from(uplink_tests::client_v6(1));
+    lab.wait_for(Duration::from_secs(10), "c1's IPv6 address hashed", || {
+        Ok(lab.kernel_map("client6")?.get(&c6).map(String::as_str) == Some("overflow"))
+    })?;
+    assert_eq!(
+        lab.kernel_map("client4")?
+            .get(&IpAddr::from(uplink_tests::client_v4(1)))
+            .map(String::as_str),
+        Some("home_isp1")
+    );
+    let seen = lab.probe(1, true, 10)?;
+    assert!(lab.uplink_of_source(seen).is_some(), "answered via {seen}");
+    Ok(())
+}

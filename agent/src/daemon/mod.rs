@@ -496,18 +496,19 @@ impl Agent {
                 match mac {
                     Some(mac) => {
                         let adopt = self.adopt.get(&ip).map(String::as_str);
-                        match self.model.neighbour_present(ip, mac, now, adopt) {
+                        let change = self.model.neighbour_present(ip, mac, now, adopt);
+                        match change {
                             Change::Clients => {
                                 self.state_dirty = true;
                                 true
                             }
-                            Change::Refused(limit) => {
+                            Change::Refused(limit) | Change::Hashed(limit) => {
                                 self.metrics
                                     .lan_refused
                                     .with_label_values(&[limit.key()])
                                     .inc();
                                 self.lan_refusals.warn(|n| warn!(%ip, %mac, refused = n, limit = limit.key(), "LAN limit reached: address not tracked (its traffic is hashed over the surviving uplinks); raise the limit if this LAN really is that large"));
-                                false
+                                matches!(change, Change::Hashed(_))
                             }
                             Change::None => false,
                         }
@@ -605,7 +606,7 @@ impl Agent {
                 self.state_dirty = true;
                 true
             }
-            Change::Refused(limit) => {
+            Change::Refused(limit) | Change::Hashed(limit) => {
                 self.metrics
                     .lan_refused
                     .with_label_values(&[limit.key()])
@@ -1139,6 +1140,12 @@ impl Agent {
             &self.config.failover,
         );
         log.extend(self.model.evaluate_sla(&self.config.policies));
+        if let (Some(u), Some(m)) = (
+            self.config.uplinks.get(report.uplink),
+            self.model.uplinks.get(report.uplink),
+        ) {
+            self.metrics.set_probe_loss(&u.name, m.health.stats.loss());
+        }
         if self.record(log) {
             self.apply(ReadBack::Cache).await;
             self.publish_metrics();

@@ -215,6 +215,9 @@ pub enum Change {
     /// (a hash over the survivors while the LAN is full), so its traffic still flows;
     /// nothing already tracked changes.
     Refused(Limit),
+    /// Not taken as a client's address (`lan.max_addresses_per_client`), but newly hashed
+    /// over the survivors by weight: its own map element goes to `overflow`.
+    Hashed(Limit),
 }
 
 /// The LAN limits that bound the agent's memory whatever the LAN announces.
@@ -269,6 +272,10 @@ pub struct Model {
     lan_routes: BTreeMap<IpNet, IpAddr>,
     /// How many clients are hosts behind LAN routers (kept, as `counts` is).
     routed_clients: usize,
+    /// Addresses refused by `lan.max_addresses_per_client`, hashed over the survivors
+    /// (their elements go to `overflow`), with when they were last seen; at most
+    /// `lan.max_clients`, released after the idle timeout.
+    hashed: imbl::OrdMap<IpAddr, Millis>,
     /// State changes a reload's new health settings caused (`keep_runtime`), settled by
     /// the next `refresh_links`.
     reconfigured: Vec<(usize, crate::health::Transition)>,
@@ -316,6 +323,7 @@ impl Model {
             lan_routes: BTreeMap::new(),
             routed_clients: 0,
             reconfigured: Vec::new(),
+            hashed: imbl::OrdMap::new(),
         }
     }
 
@@ -551,7 +559,23 @@ impl Model {
                     return Change::Refused(Limit::Clients);
                 }
                 Some(c) if c.addresses.len() >= self.max_addresses => {
-                    return Change::Refused(Limit::AddressesPerClient);
+                    // Not the next placement's uplink (one client's thousand addresses
+                    // would all land there): hashed over the survivors by weight.
+                    let limit = Limit::AddressesPerClient;
+                    return match self.hashed.get(&ip) {
+                        Some(seen) if now.saturating_sub(*seen) < LAST_SEEN_GRANULARITY => {
+                            Change::Refused(limit)
+                        }
+                        Some(_) => {
+                            self.hashed.insert(ip, now);
+                            Change::Refused(limit)
+                        }
+                        None if self.hashed.len() < self.max_clients => {
+                            self.hashed.insert(ip, now);
+                            Change::Hashed(limit)
+                        }
+                        None => Change::Refused(limit),
+                    };
                 }
                 _ => {}
             }
@@ -643,6 +667,15 @@ impl Model {
     /// Returns the released clients.
     pub fn expire(&mut self, now: Millis, idle: Duration) -> Vec<Client> {
         let idle = idle.as_millis() as u64;
+        let stale: Vec<IpAddr> = self
+            .hashed
+            .iter()
+            .filter(|(_, seen)| now.saturating_sub(**seen) >= idle)
+            .map(|(ip, _)| *ip)
+            .collect();
+        for ip in stale {
+            self.hashed.remove(&ip);
+        }
         let mut expired = Vec::new();
         for c in self.clients.values() {
             for (ip, a) in c.addresses.iter() {
@@ -802,6 +835,11 @@ impl Model {
     }
 
     /// Every mapped address with its client's home uplink.
+    /// Addresses hashed over the survivors (refused by `lan.max_addresses_per_client`).
+    pub fn hashed_addresses(&self) -> impl Iterator<Item = &IpAddr> {
+        self.hashed.keys()
+    }
+
     pub fn addresses(&self) -> impl Iterator<Item = (IpAddr, &str)> {
         self.clients
             .values()
@@ -934,10 +972,16 @@ mod tests {
         let mut m = Model::new(&Config::parse(Path::new("t"), &text).unwrap());
         m.neighbour_present(ip("10.0.0.1"), mac(1), 0, None);
         m.neighbour_present(ip("10.0.0.2"), mac(1), 0, None);
+        // Beyond a client's limit an address is hashed over the survivors (once).
         assert_eq!(
             m.neighbour_present(ip("10.0.0.3"), mac(1), 0, None),
+            Change::Hashed(Limit::AddressesPerClient)
+        );
+        assert_eq!(
+            m.neighbour_present(ip("10.0.0.3"), mac(1), 1, None),
             Change::Refused(Limit::AddressesPerClient)
         );
+        assert_eq!(m.hashed_addresses().collect::<Vec<_>>(), [&ip("10.0.0.3")]);
         // A known address of a full client is still refreshed.
         assert_eq!(
             m.neighbour_present(ip("10.0.0.2"), mac(1), 5, None),

@@ -286,6 +286,15 @@ pub fn plan(config: &Config, model: &Model) -> Desired {
         };
         elements.insert(key, target.clone());
     }
+    // Addresses beyond a client's limit: hashed over the survivors by weight.
+    let overflow: Arc<str> = Arc::from("overflow");
+    for ip in model.hashed_addresses().filter(|_| client_mode) {
+        let key = match ip {
+            IpAddr::V4(a) => ElemKey::V4(*a),
+            IpAddr::V6(a) => ElemKey::V6(*a),
+        };
+        elements.entry(key).or_insert_with(|| overflow.clone());
+    }
     for (ip, o) in &model.overrides {
         let Some(i) = model.uplinks.iter().position(|u| u.name == o.uplink) else {
             continue;

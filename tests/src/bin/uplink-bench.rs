@@ -63,6 +63,7 @@ fn main() -> Result<()> {
             arg(&args, "--interval-ms", 5)?,
             arg(&args, "--runs", 3)?,
             arg(&args, "--rules", 0)? as u32,
+            arg(&args, "--held", 0)? as u32,
             &machine,
         ),
         Some("startup") => startup(
@@ -312,18 +313,30 @@ fn median(v: &mut [f64]) -> f64 {
     percentile(v, 50.0)
 }
 
-fn dispatch(clients: u32, interval_ms: u64, runs: u64, rules: u32, machine: &str) -> Result<()> {
+fn dispatch(
+    clients: u32,
+    interval_ms: u64,
+    runs: u64,
+    rules: u32,
+    held: u32,
+    machine: &str,
+) -> Result<()> {
     println!(
-        "dispatch latency: neighbour added -> client4 element committed (nft monitor), {clients} clients, one every {interval_ms} ms"
+        "dispatch latency: neighbour added -> client4 element committed (nft monitor), {clients} clients, one every {interval_ms} ms, {held} clients held before"
     );
     println!("machine: {machine}; agent {}", uplinkd_bin().display());
     let mut p50s = Vec::new();
     let mut p99s = Vec::new();
+    let mut cpus = Vec::new();
     for run in 1..=runs {
         let gw = Gw::new("bd")?;
         gw.add_rules(rules)?;
+        gw.add_neighbours(0..held)?;
         let (child, _, rx) = gw.start_agent()?;
-        wait_line(&rx, "initial apply done", Duration::from_secs(30))?;
+        wait_line(&rx, "initial apply done", Duration::from_secs(120))?;
+        // The agent's own CPU and its finished `nft` children's, from here to the last
+        // commit: the cost of the events, whatever the number of clients already held.
+        let cpu0 = cpu_ticks_with_children(child.id())?;
         let mut monitor = Command::new("ip")
             .args(["netns", "exec", &gw.ns.0, "nft", "monitor", "elements"])
             .stdout(Stdio::piped())
@@ -344,7 +357,7 @@ fn dispatch(clients: u32, interval_ms: u64, runs: u64, rules: u32, machine: &str
             .spawn()?;
         let mut stdin = batch.stdin.take().expect("piped");
         let mut sent: HashMap<std::net::IpAddr, Instant> = HashMap::new();
-        for i in 0..clients {
+        for i in held..held + clients {
             let ip = client_ip(i);
             sent.insert(ip.into(), Instant::now());
             writeln!(
@@ -363,6 +376,10 @@ fn dispatch(clients: u32, interval_ms: u64, runs: u64, rules: u32, machine: &str
             &mut sent,
             Duration::from_secs(10),
         );
+        let cpu_ms = (cpu_ticks_with_children(child.id())? - cpu0) as f64 * 1000.0
+            / CLOCK_TICKS
+            / f64::from(clients);
+        cpus.push(cpu_ms);
         let _ = monitor.kill();
         let _ = monitor.wait();
         stop(child)?;
@@ -376,7 +393,9 @@ fn dispatch(clients: u32, interval_ms: u64, runs: u64, rules: u32, machine: &str
             percentile(&lat, 99.0),
             lat[lat.len() - 1],
         );
-        println!("run {run}: p50 {p50:.2} ms  p90 {p90:.2} ms  p99 {p99:.2} ms  max {max:.2} ms");
+        println!(
+            "run {run}: p50 {p50:.2} ms  p90 {p90:.2} ms  p99 {p99:.2} ms  max {max:.2} ms  CPU per event {cpu_ms:.2} ms"
+        );
         p50s.push(p50);
         p99s.push(p99);
     }
@@ -389,9 +408,10 @@ fn dispatch(clients: u32, interval_ms: u64, runs: u64, rules: u32, machine: &str
         p99s.iter().cloned().fold(0.0, f64::max),
     );
     println!(
-        "median over {runs} runs: p50 {:.2} ms (range {lo50:.2}-{hi50:.2}), p99 {:.2} ms (range {lo99:.2}-{hi99:.2})",
+        "median over {runs} runs: p50 {:.2} ms (range {lo50:.2}-{hi50:.2}), p99 {:.2} ms (range {lo99:.2}-{hi99:.2}), CPU per event {:.2} ms {cpus:.2?}",
         median(&mut p50s),
-        median(&mut p99s)
+        median(&mut p99s),
+        median(&mut cpus)
     );
     Ok(())
 }
@@ -592,6 +612,21 @@ fn cpu_ticks(pid: u32) -> Result<u64> {
     Ok(f.get(11).context("utime")?.parse::<u64>()? + f.get(12).context("stime")?.parse::<u64>()?)
 }
 
+/// CPU ticks of a process and of its children it has waited for (its `nft` runs).
+fn cpu_ticks_with_children(pid: u32) -> Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let rest = stat.rsplit_once(')').context("stat")?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let mut total = 0;
+    for i in 11..=14 {
+        total += f.get(i).context("cpu times")?.parse::<u64>()?;
+    }
+    Ok(total)
+}
+
+/// Clock ticks per second in /proc (USER_HZ: 100 on Linux, whatever the kernel's HZ).
+const CLOCK_TICKS: f64 = 100.0;
+
 fn rss_mb(pid: u32) -> Result<f64> {
     status_mb(pid, "VmRSS")
 }
@@ -602,7 +637,6 @@ fn idle(seconds: u64, machine: &str) -> Result<()> {
     println!("idle agent (3 uplinks, 6 clients, no traffic), {seconds} s per case");
     println!("machine: {machine}; agent {}", uplinkd_bin().display());
     // /proc counts in USER_HZ, 100 on every Linux ABI.
-    let hz = 100.0;
     for probes in [true, false] {
         let probe = if probes {
             "probes = [\"icmp:203.0.113.10\"]"
@@ -623,7 +657,7 @@ fn idle(seconds: u64, machine: &str) -> Result<()> {
         let pid = lab.agent_pid().context("agent pid")?;
         let (t0, c0) = (Instant::now(), cpu_ticks(pid)?);
         std::thread::sleep(Duration::from_secs(seconds));
-        let cpu = (cpu_ticks(pid)? - c0) as f64 / hz / t0.elapsed().as_secs_f64() * 100.0;
+        let cpu = (cpu_ticks(pid)? - c0) as f64 / CLOCK_TICKS / t0.elapsed().as_secs_f64() * 100.0;
         println!(
             "{}: CPU {cpu:.3} % of one core, RSS {:.1} MB",
             if probes {
