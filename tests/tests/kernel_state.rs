@@ -12,6 +12,10 @@ fn client_on(lab: &Lab, uplink: &str) -> anyhow::Result<u32> {
         .ok_or_else(|| anyhow::anyhow!("no client on {uplink}: {assigned:?}"))
 }
 
+/// What the drift test compares across resyncs: nft rules (chain, handle), ip rules,
+/// routes, and the number of client elements.
+type KernelView = (Vec<(String, u64)>, String, String, usize);
+
 /// Test 5: deleting the table, one rule and one route is each repaired within the resync
 /// interval, and traffic flows again.
 #[test]
@@ -25,7 +29,7 @@ fn drift_is_repaired_within_resync_interval() -> anyhow::Result<()> {
     // elements): after the first one (it drops the stale rules the placements left in
     // `unassigned`, by design), two more happen (the apply count moves), and every nft
     // rule keeps its handle, the ip rules, routes and elements stay as they were.
-    let kernel = || -> anyhow::Result<(Vec<(String, u64)>, String, String, usize)> {
+    let kernel = || -> anyhow::Result<KernelView> {
         let v: serde_json::Value = serde_json::from_str(
             &lab.gw(&["nft", "-j", "-a", "list", "table", "inet", "uplinkd"])?,
         )?;
