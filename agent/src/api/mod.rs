@@ -479,9 +479,13 @@ impl AgentService {
         for set in s.config.sets.iter() {
             if set.external {
                 sets.push(
-                    self.counters.external_set(&set.name).await.map_err(|e| {
-                        Status::internal(format!("cannot read set {}: {e}", set.name))
-                    })?,
+                    self.counters
+                        .external_set(&set.name)
+                        .await
+                        .map_err(|e| {
+                            Status::internal(format!("cannot read set {}: {e}", set.name))
+                        })?
+                        .to_vec(),
                 );
             } else {
                 sets.push(s.model.set_elements(set));

@@ -206,7 +206,15 @@ pub struct Counters {
     driver: NftDriver,
     last: Arc<tokio::sync::Mutex<Option<(std::time::Instant, TrafficByInterface)>>>,
     rules: Arc<tokio::sync::Mutex<Option<(std::time::Instant, RuleCounters)>>>,
+    /// External sets' elements by set name, reused for a second as the counters are: a
+    /// viewer calling `explain` in a loop costs at most two `nft` runs a second per set.
+    external: Arc<tokio::sync::Mutex<ExternalSets>>,
 }
+
+type ExternalSets = BTreeMap<String, (std::time::Instant, Arc<Vec<IpNet>>)>;
+
+/// How long an external set's reading is reused.
+const EXTERNAL_SET_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Counters {
     pub fn new(driver: NftDriver) -> Counters {
@@ -214,6 +222,7 @@ impl Counters {
             driver,
             last: Arc::new(tokio::sync::Mutex::new(None)),
             rules: Arc::new(tokio::sync::Mutex::new(None)),
+            external: Arc::new(tokio::sync::Mutex::new(BTreeMap::new())),
         }
     }
 
@@ -233,10 +242,22 @@ impl Counters {
         Ok(r)
     }
 
-    /// An external `[[set]]`'s elements as the kernel has them (both families).
-    pub async fn external_set(&self, name: &str) -> Result<Vec<IpNet>, DataplaneError> {
-        self.set_nets(&[set_name(name, false), set_name(name, true)])
-            .await
+    /// An external `[[set]]`'s elements as the kernel has them (both families), shared
+    /// by concurrent readers and reused for `EXTERNAL_SET_MAX_AGE`.
+    pub async fn external_set(&self, name: &str) -> Result<Arc<Vec<IpNet>>, DataplaneError> {
+        // Held across the read: who comes meanwhile gets this reading.
+        let mut cache = self.external.lock().await;
+        if let Some((at, v)) = cache.get(name)
+            && at.elapsed() <= EXTERNAL_SET_MAX_AGE
+        {
+            return Ok(v.clone());
+        }
+        let v = Arc::new(
+            self.set_nets(&[set_name(name, false), set_name(name, true)])
+                .await?,
+        );
+        cache.insert(name.to_string(), (std::time::Instant::now(), v.clone()));
+        Ok(v)
     }
 
     /// The hosts behind LAN routers that opened a connection within the idle timeout.
