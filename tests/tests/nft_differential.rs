@@ -183,11 +183,11 @@ fn random_edits(d: &mut Dice, config: &Config, model: &mut Model) {
         let add: Vec<IpNet> = (0..1 + d.below(4))
             .map(|_| uplinkd::config::parse_net(d.pick::<&str>(NETS)).expect("a pool prefix"))
             .collect();
-        let _ = model.edit_set(set, &add, &[]);
+        let _ = model.edit_set(&config.sets, set, &add, &[]);
         let present = model.set_elements(set);
         if !present.is_empty() && d.chance(30) {
             let del = [present[d.below(present.len())]];
-            let _ = model.edit_set(set, &[], &del);
+            let _ = model.edit_set(&config.sets, set, &[], &del);
         }
     }
 }

@@ -151,7 +151,7 @@ impl Agent {
         };
         let entry = self
             .model
-            .edit_set(set, add, del)
+            .edit_set(&config.sets, set, add, del)
             .map_err(ApiError::FailedPrecondition)?;
         self.record(vec![entry]);
         self.apply_for_api().await?;

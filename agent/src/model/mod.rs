@@ -266,6 +266,9 @@ pub struct Model {
     pub moved_on_arrival: u64,
     /// Operators' edits of `[[set]]` elements, by set name.
     pub set_edits: BTreeMap<String, policy::SetEdits>,
+    /// The configured sets with those edits applied, rebuilt when they change
+    /// (`keep_set_edits`, `edit_set`), so that a placement does not copy them.
+    edited_sets: Option<std::sync::Arc<Vec<crate::config::SetConfig>>>,
     /// `lan.routed`, when set.
     routed_config: Option<Vec<IpNet>>,
     /// Routes through a gateway on a LAN interface: prefix → router.
@@ -319,6 +322,7 @@ impl Model {
             unassigned_to: None,
             moved_on_arrival: 0,
             set_edits: BTreeMap::new(),
+            edited_sets: None,
             routed_config: config.lan.routed.clone(),
             lan_routes: BTreeMap::new(),
             routed_clients: 0,

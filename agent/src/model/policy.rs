@@ -102,8 +102,11 @@ impl Model {
 
     /// Adds and removes elements of a set (operator edits through the API); returns the
     /// event, or why not.
+    /// `sets`: every configured set (the plan's copy of the edited ones is rebuilt here, not
+    /// at every placement).
     pub fn edit_set(
         &mut self,
+        sets: &[SetConfig],
         set: &SetConfig,
         add: &[IpNet],
         del: &[IpNet],
@@ -142,6 +145,7 @@ impl Model {
         if e.added.is_empty() && e.removed.is_empty() {
             self.set_edits.remove(&set.name);
         }
+        self.refresh_sets(sets);
         let what: Vec<String> = add
             .iter()
             .map(|n| format!("+{n}"))
@@ -187,6 +191,19 @@ impl Model {
     pub fn keep_set_edits(&mut self, sets: &[SetConfig]) {
         self.set_edits
             .retain(|name, _| sets.iter().any(|s| s.name == *name && !s.external));
+        self.refresh_sets(sets);
+    }
+
+    /// Rebuilds the sets as the plan renders them (`None` without edits: the config's).
+    fn refresh_sets(&mut self, sets: &[SetConfig]) {
+        self.edited_sets = (!self.set_edits.is_empty())
+            .then(|| std::sync::Arc::new(sets.iter().map(|s| self.effective_set(s)).collect()));
+    }
+
+    /// The sets with the API's edits applied, kept since the last edit or reload; `None`
+    /// when no set is edited.
+    pub fn edited_sets(&self) -> Option<&std::sync::Arc<Vec<SetConfig>>> {
+        self.edited_sets.as_ref()
     }
 
     /// Re-judges every policy's SLA on every uplink from the probe statistics; returns an

@@ -233,10 +233,11 @@ pub fn plan(config: &Config, model: &Model) -> Desired {
         lan_interfaces: config.lan.interfaces.clone(),
         uplinks,
         // Sets can hold tens of thousands of elements: shared unless edited.
-        sets: if model.set_edits.is_empty() {
-            config.sets.clone()
-        } else {
-            Arc::new(config.sets.iter().map(|s| model.effective_set(s)).collect())
+        sets: match model.edited_sets() {
+            Some(s) => s.clone(),
+            None if model.set_edits.is_empty() => config.sets.clone(),
+            // Edits not rebuilt yet (a model restored without `keep_set_edits`).
+            None => Arc::new(config.sets.iter().map(|s| model.effective_set(s)).collect()),
         },
         rules: config.rules.clone(),
         policies: (0..config.policies.len())
