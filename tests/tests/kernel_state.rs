@@ -462,3 +462,55 @@ fn a_deleted_element_is_repaired_by_the_full_resync() -> anyhow::Result<()> {
     })?;
     Ok(())
 }
+
+/// A resync repaired the plan from a fresh dump but not health: a carrier loss whose event
+/// the kernel dropped (the agent's socket overran) left the uplink up, its clients on a
+/// dead link, until some later event. The agent is stopped, a flood of neighbour events
+/// on an unrelated interface fills its socket, isp1's carrier goes, and the agent resumes:
+/// the overrun's resync judges isp1 down from the dump.
+#[test]
+fn health_agrees_with_the_kernel_after_an_overrun() -> anyhow::Result<()> {
+    let mut lab = Lab::build("overrun", two_uplinks(), 0, 0)?;
+    lab.write_config("10m", "10m", "")?;
+    lab.start_agent()?;
+    let up = |lab: &Lab| -> anyhow::Result<Option<f64>> {
+        Ok(lab
+            .scrape(9477)?
+            .get("uplinkd_uplink_up{uplink=\"isp1\"}")
+            .copied())
+    };
+    assert_eq!(up(&lab)?, Some(1.0));
+    // No dummy driver on these machines: a veth pair stands in for an unrelated link.
+    lab.gw(&[
+        "ip", "link", "add", "flood0", "type", "veth", "peer", "name", "flood1",
+    ])?;
+    lab.gw(&["ip", "link", "set", "flood0", "up"])?;
+    lab.gw(&["ip", "link", "set", "flood1", "up"])?;
+    lab.signal_agent("STOP")?;
+    // 150,000 neighbour events: more than the agent's socket buffer holds (32 MB forced,
+    // which the kernel doubles, at about 700 bytes an event).
+    let batch = lab.dir.join("flood.batch");
+    let mut text = String::new();
+    for i in 0..150_000u32 {
+        let b = i.to_be_bytes();
+        text += &format!(
+            "neigh add 100.{}.{}.{} lladdr 02:99:00:{:02x}:{:02x}:{:02x} dev flood0 nud permanent\n",
+            80 + b[1],
+            b[2],
+            b[3],
+            b[1],
+            b[2],
+            b[3]
+        );
+    }
+    std::fs::write(&batch, text)?;
+    lab.gw(&["ip", "-batch", batch.to_str().expect("utf-8")])?;
+    lab.carrier("isp1", false)?;
+    lab.signal_agent("CONT")?;
+    lab.wait_for(
+        Duration::from_secs(20),
+        "isp1 down after the overrun's resync",
+        || Ok(up(&lab)? == Some(0.0)),
+    )?;
+    Ok(())
+}

@@ -334,9 +334,9 @@ fn dispatch(
         gw.add_neighbours(0..held)?;
         let (child, _, rx) = gw.start_agent()?;
         wait_line(&rx, "initial apply done", Duration::from_secs(120))?;
-        // The agent's own CPU and its finished `nft` children's, from here to the last
-        // commit: the cost of the events, whatever the number of clients already held.
-        let cpu0 = cpu_ticks_with_children(child.id())?;
+        // The agent's own CPU and its finished `nft` children's, from the first measured
+        // event to the last commit: the cost of the events, whatever the number of
+        // clients already held.
         let mut monitor = Command::new("ip")
             .args(["netns", "exec", &gw.ns.0, "nft", "monitor", "elements"])
             .stdout(Stdio::piped())
@@ -350,12 +350,40 @@ fn dispatch(
                 }
             }
         });
-        std::thread::sleep(Duration::from_millis(300));
         let mut batch = Command::new("ip")
             .args(["-n", &gw.ns.0, "-batch", "-"])
             .stdin(Stdio::piped())
             .spawn()?;
         let mut stdin = batch.stdin.take().expect("piped");
+        // The monitor is ready once it reports a placement (with a large map, nft reads it
+        // whole before it follows): clients beyond the measured ones, one every 2 s, until
+        // one shows.
+        let mut ready = false;
+        for extra in 0..30 {
+            let i = held + clients + extra;
+            writeln!(
+                stdin,
+                "neigh add {} lladdr {} dev br-lan nud reachable",
+                client_ip(i),
+                client_mac(i)
+            )?;
+            stdin.flush()?;
+            let mut first = HashMap::from([(client_ip(i).into(), Instant::now())]);
+            let seen = uplink_tests::abuse::commit_latencies(
+                &mrx,
+                "client4",
+                &mut first,
+                Duration::from_secs(2),
+            );
+            if !seen.is_empty() {
+                ready = true;
+                break;
+            }
+        }
+        if !ready {
+            bail!("run {run}: the monitor showed no placement within 60 s");
+        }
+        let cpu0 = cpu_ticks_with_children(child.id())?;
         let mut sent: HashMap<std::net::IpAddr, Instant> = HashMap::new();
         for i in held..held + clients {
             let ip = client_ip(i);
@@ -1144,13 +1172,30 @@ fn policy_config(n: u32) -> String {
 
 /// SIGHUP, then the agent's lines up to "config reloaded" (after any left unread).
 fn reload(child: &Child, rx: &Lines) -> Result<Vec<(Instant, String)>> {
-    while rx.try_recv().is_ok() {}
+    // What came before the signal is kept only to explain a failure.
+    let mut before: Vec<(Instant, String)> = Vec::new();
+    while let Ok(l) = rx.try_recv() {
+        before.push(l);
+    }
     uplink_tests::signal_child(child, "HUP")?;
-    let mut lines = Vec::new();
+    let mut lines: Vec<(Instant, String)> = Vec::new();
     loop {
         let (t, line) = rx
             .recv_timeout(Duration::from_secs(120))
-            .context("no \"config reloaded\" from uplinkd within 120 s")?;
+            .with_context(|| {
+                let tail: Vec<&str> = before
+                    .iter()
+                    .chain(&lines)
+                    .rev()
+                    .take(10)
+                    .map(|(_, l)| l.as_str())
+                    .collect();
+                let state = std::fs::read_to_string(format!("/proc/{}/status", child.id()))
+                    .ok()
+                    .and_then(|s| s.lines().find(|l| l.starts_with("State:")).map(str::to_string))
+                    .unwrap_or_else(|| "gone".into());
+                format!("no \"config reloaded\" from uplinkd within 120 s (process {}: {state}); its last lines:\n{}", child.id(), tail.join("\n"))
+            })?;
         let done = line.contains("config reloaded reassigned");
         lines.push((t, line));
         if done {
@@ -1200,7 +1245,6 @@ fn rules_bench(clients: u32, seconds: u64, runs: u64, machine: &str) -> Result<(
     gw.peer
         .exec(&["ip", "addr", "add", "100.64.2.1/24", "dev", "cpe2"])?;
     gw.peer.exec(&["nft", "add table inet sink { chain c { type filter hook prerouting priority -300; udp dport 9999 counter drop; }; }"])?;
-    gw.add_neighbours(0..clients)?;
     // The sender: a real host on the LAN with the address of the middle client.
     let snd = Netns::new("brs")?;
     gw.ns.exec(&[
@@ -1208,6 +1252,10 @@ fn rules_bench(clients: u32, seconds: u64, runs: u64, machine: &str) -> Result<(
     ])?;
     gw.ns
         .exec(&["ip", "link", "set", "lansnd", "master", "br-lan", "up"])?;
+    // After the port: a bridge without a fixed MAC takes its new port's, and a changed
+    // address flushes the neighbour table, permanent entries included (the clients were
+    // gone before the agent started, and the map it was measured with was empty).
+    gw.add_neighbours(0..clients)?;
     let me = client_ip(clients / 2);
     snd.exec(&["ip", "link", "set", "lo", "up"])?;
     snd.exec(&["ip", "link", "set", "eth0", "up"])?;
@@ -1217,7 +1265,10 @@ fn rules_bench(clients: u32, seconds: u64, runs: u64, machine: &str) -> Result<(
     let base = std::fs::read_to_string(gw.dir.join("uplinkd.toml"))?;
     let mut rows: Vec<(String, f64, Vec<f64>)> = Vec::new();
     let (child, _, rx) = gw.start_agent()?;
-    wait_line(&rx, "initial apply done", Duration::from_secs(120))?;
+    let (_, started) = wait_line(&rx, "initial apply done", Duration::from_secs(120))?;
+    if !started.contains(&format!("clients={clients}")) {
+        bail!("the agent does not hold the {clients} clients: {started}");
+    }
     for n in [0u32, 10, 100, 1000] {
         std::fs::write(
             gw.dir.join("uplinkd.toml"),
@@ -1257,8 +1308,21 @@ fn rules_bench(clients: u32, seconds: u64, runs: u64, machine: &str) -> Result<(
         at.duration_since(t).as_secs_f64() * 1000.0
     );
     stop(child)?;
-    // The seed: uplinkd's routing stays, its table goes; one mark rule per client.
     gw.ns.exec(&["nft", "delete", "table", "inet", "uplinkd"])?;
+    // Bare: the same routing with one mark rule for every packet, no classification at
+    // all: the floor the rows above are held against.
+    gw.ns.exec(&[
+        "nft",
+        "add table ip bare { chain pre { type filter hook prerouting priority -150; meta mark set 0x01000000; }; }",
+    ])?;
+    let mut bare = Vec::new();
+    for _ in 0..runs {
+        bare.push(forwarding_rate(&gw, &snd, seconds)?);
+    }
+    let bare_m = median(&mut bare);
+    println!("bare (one mark rule, no classification): median {bare_m:.0} packets/s {bare:.0?}");
+    gw.ns.exec(&["nft", "delete", "table", "ip", "bare"])?;
+    // The seed: uplinkd's routing stays, its table goes; one mark rule per client.
     let script = gw.dir.join("seed.nft");
     {
         let mut f = std::io::BufWriter::new(std::fs::File::create(&script)?);
@@ -1291,7 +1355,11 @@ fn rules_bench(clients: u32, seconds: u64, runs: u64, machine: &str) -> Result<(
     println!("seed, one rule per client: median {m:.0} packets/s {rates:.0?}");
     let zero = rows[0].1;
     for (what, m, _) in &rows {
-        println!("{what}: {:.2}× the 0-rule rate", m / zero);
+        println!(
+            "{what}: {:.2}× the 0-rule rate, {:.2}× bare",
+            m / zero,
+            m / bare_m
+        );
     }
     println!("seed: {:.4}× the 0-rule rate", m / zero);
     Ok(())
