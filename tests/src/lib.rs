@@ -249,6 +249,11 @@ pub fn probed_uplinks() -> Vec<UplinkSpec> {
     ]
 }
 
+/// An address of the internet host in 203.0.113.0/24 (`serve_udp` answers there too).
+pub fn internet_v4(last: u8, port: u16) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::new(203, 0, 113, last)), port)
+}
+
 pub fn two_uplinks() -> Vec<UplinkSpec> {
     vec![
         UplinkSpec::new("isp1", 1, false),

@@ -10,16 +10,7 @@ use uplink_tests::{
     ECHO_PORT, Lab, SERVER4, TCP_ECHO_PORT, TcpFlow, UdpStream, UplinkSpec, client_v4, server,
 };
 
-fn two() -> Vec<UplinkSpec> {
-    vec![
-        UplinkSpec::new("isp1", 1, false),
-        UplinkSpec::new("isp2", 1, false),
-    ]
-}
-
-fn v4(last: u8, port: u16) -> SocketAddr {
-    SocketAddr::new(IpAddr::V4(Ipv4Addr::new(203, 0, 113, last)), port)
-}
+use uplink_tests::{internet_v4 as v4, two_uplinks as two};
 
 /// Packets counted in `[[rule]]` `name`'s own chain.
 fn rule_packets(lab: &Lab, name: &str) -> anyhow::Result<u64> {

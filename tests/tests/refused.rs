@@ -3,20 +3,11 @@
 //! checking halves, left out, and named in the log, the events, `uplinkctl status`,
 //! `/readyz` and a metric, at start-up and on reload alike.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 
-use uplink_tests::{ECHO_PORT, Lab, SERVER4, UplinkSpec, server};
+use uplink_tests::{ECHO_PORT, Lab, SERVER4, server};
 
-fn two() -> Vec<UplinkSpec> {
-    vec![
-        UplinkSpec::new("isp1", 1, false),
-        UplinkSpec::new("isp2", 1, false),
-    ]
-}
-
-fn v4(last: u8, port: u16) -> SocketAddr {
-    SocketAddr::new(IpAddr::V4(Ipv4Addr::new(203, 0, 113, last)), port)
-}
+use uplink_tests::{internet_v4 as v4, two_uplinks as two};
 
 const VIA2: &str = r#"
 [[policy]]

@@ -503,11 +503,7 @@ impl Agent {
                                 true
                             }
                             Change::Refused(limit) | Change::Hashed(limit) => {
-                                self.metrics
-                                    .lan_refused
-                                    .with_label_values(&[limit.key()])
-                                    .inc();
-                                self.lan_refusals.warn(|n| warn!(%ip, %mac, refused = n, limit = limit.key(), "LAN limit reached: address not tracked (its traffic is hashed over the surviving uplinks); raise the limit if this LAN really is that large"));
+                                self.lan_refused(ip, limit);
                                 matches!(change, Change::Hashed(_))
                             }
                             Change::None => false,
@@ -607,15 +603,21 @@ impl Agent {
                 true
             }
             Change::Refused(limit) | Change::Hashed(limit) => {
-                self.metrics
-                    .lan_refused
-                    .with_label_values(&[limit.key()])
-                    .inc();
-                self.lan_refusals.warn(|n| warn!(ip = %s.ip, refused = n, limit = limit.key(), "LAN limit reached: host behind a LAN router not tracked (its traffic is hashed over the surviving uplinks); raise the limit if this LAN really is that large"));
+                self.lan_refused(s.ip, limit);
                 false
             }
             Change::None => false,
         }
+    }
+
+    /// An address a LAN limit keeps untracked (a neighbour, or a host behind a LAN
+    /// router): counted, and said at a bounded rate.
+    fn lan_refused(&mut self, ip: IpAddr, limit: crate::model::Limit) {
+        self.metrics
+            .lan_refused
+            .with_label_values(&[limit.key()])
+            .inc();
+        self.lan_refusals.warn(|n| warn!(%ip, refused = n, limit = limit.key(), "LAN limit reached: address not tracked (its traffic is hashed over the surviving uplinks); raise the limit if this LAN really is that large"));
     }
 
     /// Reads which routed hosts were active lately, beside the loop (an `nft` run).
