@@ -1626,7 +1626,20 @@ fn render_policies(s: &NftStructure) -> Vec<Value> {
     }
     let mut default = verdict_rules(&s.default);
     if s.default == Verdict::Clients {
-        // Before the unassigned verdict: an unplaced host behind a LAN router says so.
+        // Before the unassigned verdict: an untracked address of a client at its address
+        // cap is hashed over the survivors; an unplaced host behind a LAN router says so.
+        let at = default.len() - 1;
+        if !s.capped.is_empty() {
+            let macs: Vec<Value> = s.capped.iter().map(|m| json!(m.to_string())).collect();
+            default.insert(
+                at,
+                vec![
+                    matches(payload("ether", "saddr"), json!({"set": macs})),
+                    json!({"counter": null}),
+                    goto(OVERFLOW),
+                ],
+            );
+        }
         let at = default.len() - 1;
         for (i, r) in routed_rules(s, RoutedStep::New).into_iter().enumerate() {
             default.insert(
@@ -2128,6 +2141,7 @@ mod tests {
             overflow: vec!["a".into()],
             local: None,
             local_bound: Vec::new(),
+            capped: Vec::new(),
             routed: Vec::new(),
             routed_idle: std::time::Duration::from_secs(600),
             nflog_group: 4623,

@@ -215,8 +215,9 @@ pub enum Change {
     /// (a hash over the survivors while the LAN is full), so its traffic still flows;
     /// nothing already tracked changes.
     Refused(Limit),
-    /// Not taken as a client's address (`lan.max_addresses_per_client`), but newly hashed
-    /// over the survivors by weight: its own map element goes to `overflow`.
+    /// Not taken as a client's address (`lan.max_addresses_per_client`), and the client
+    /// is newly at its cap: its further addresses are hashed over the survivors by weight
+    /// (one rule element for its MAC, whatever their number).
     Hashed(Limit),
 }
 
@@ -275,10 +276,9 @@ pub struct Model {
     lan_routes: BTreeMap<IpNet, IpAddr>,
     /// How many clients are hosts behind LAN routers (kept, as `counts` is).
     routed_clients: usize,
-    /// Addresses refused by `lan.max_addresses_per_client`, hashed over the survivors
-    /// (their elements go to `overflow`), with when they were last seen; at most
-    /// `lan.max_clients`, released after the idle timeout.
-    hashed: imbl::OrdMap<IpAddr, Millis>,
+    /// Clients that announced more addresses than `lan.max_addresses_per_client`: their
+    /// untracked addresses are hashed over the survivors (`ether saddr` → `overflow`).
+    capped: imbl::OrdSet<Mac>,
     /// State changes a reload's new health settings caused (`keep_runtime`), settled by
     /// the next `refresh_links`.
     reconfigured: Vec<(usize, crate::health::Transition)>,
@@ -327,7 +327,7 @@ impl Model {
             lan_routes: BTreeMap::new(),
             routed_clients: 0,
             reconfigured: Vec::new(),
-            hashed: imbl::OrdMap::new(),
+            capped: imbl::OrdSet::new(),
         }
     }
 
@@ -422,6 +422,7 @@ impl Model {
 
     fn drop_client(&mut self, mac: Mac) -> Option<Client> {
         let c = self.clients.remove(&mac)?;
+        self.capped.remove(&mac);
         if let Some(i) = self.uplink_index(&c.home) {
             self.counts[i] -= 1;
         }
@@ -563,22 +564,12 @@ impl Model {
                     return Change::Refused(Limit::Clients);
                 }
                 Some(c) if c.addresses.len() >= self.max_addresses => {
-                    // Not the next placement's uplink (one client's thousand addresses
-                    // would all land there): hashed over the survivors by weight.
+                    // Not the next placement's uplink (one host's thousand addresses would
+                    // all land there): hashed over the survivors by weight, by its MAC.
                     let limit = Limit::AddressesPerClient;
-                    return match self.hashed.get(&ip) {
-                        Some(seen) if now.saturating_sub(*seen) < LAST_SEEN_GRANULARITY => {
-                            Change::Refused(limit)
-                        }
-                        Some(_) => {
-                            self.hashed.insert(ip, now);
-                            Change::Refused(limit)
-                        }
-                        None if self.hashed.len() < self.max_clients => {
-                            self.hashed.insert(ip, now);
-                            Change::Hashed(limit)
-                        }
-                        None => Change::Refused(limit),
+                    return match self.capped.insert(mac) {
+                        None => Change::Hashed(limit),
+                        Some(_) => Change::Refused(limit),
                     };
                 }
                 _ => {}
@@ -671,15 +662,6 @@ impl Model {
     /// Returns the released clients.
     pub fn expire(&mut self, now: Millis, idle: Duration) -> Vec<Client> {
         let idle = idle.as_millis() as u64;
-        let stale: Vec<IpAddr> = self
-            .hashed
-            .iter()
-            .filter(|(_, seen)| now.saturating_sub(**seen) >= idle)
-            .map(|(ip, _)| *ip)
-            .collect();
-        for ip in stale {
-            self.hashed.remove(&ip);
-        }
         let mut expired = Vec::new();
         for c in self.clients.values() {
             for (ip, a) in c.addresses.iter() {
@@ -702,6 +684,8 @@ impl Model {
         self.by_addr.remove(&ip);
         let client = self.clients.get_mut(&mac)?;
         client.addresses.remove(&ip);
+        // Below its cap again: a further address is tracked, not hashed.
+        self.capped.remove(&mac);
         if client.addresses.is_empty() {
             self.drop_client(mac)
         } else {
@@ -839,9 +823,10 @@ impl Model {
     }
 
     /// Every mapped address with its client's home uplink.
-    /// Addresses hashed over the survivors (refused by `lan.max_addresses_per_client`).
-    pub fn hashed_addresses(&self) -> impl Iterator<Item = &IpAddr> {
-        self.hashed.keys()
+    /// Clients at their address cap, whose further addresses are hashed over the
+    /// survivors.
+    pub fn capped_clients(&self) -> impl Iterator<Item = &Mac> {
+        self.capped.iter()
     }
 
     pub fn addresses(&self) -> impl Iterator<Item = (IpAddr, &str)> {
@@ -985,7 +970,7 @@ mod tests {
             m.neighbour_present(ip("10.0.0.3"), mac(1), 1, None),
             Change::Refused(Limit::AddressesPerClient)
         );
-        assert_eq!(m.hashed_addresses().collect::<Vec<_>>(), [&ip("10.0.0.3")]);
+        assert_eq!(m.capped_clients().collect::<Vec<_>>(), [&mac(1)]);
         // A known address of a full client is still refreshed.
         assert_eq!(
             m.neighbour_present(ip("10.0.0.2"), mac(1), 5, None),

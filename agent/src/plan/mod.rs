@@ -55,6 +55,9 @@ pub struct NftStructure {
     /// The gateway's own new connections (`[local] policy`): an output-hook chain that
     /// jumps here. `None` leaves them to the main table.
     pub local: Option<LocalVerdict>,
+    /// Clients at `lan.max_addresses_per_client`: their further (untracked) addresses are
+    /// hashed over the survivors, by the client's MAC.
+    pub capped: Vec<crate::model::Mac>,
     /// Prefixes behind routers on the LAN: an unplaced host in one is logged to
     /// `nflog_group` (once per host every `ROUTED_RELOG`), and a placed one's new
     /// connections mark it active for `routed_idle`.
@@ -250,6 +253,7 @@ pub fn plan(config: &Config, model: &Model) -> Desired {
         overflow: overflow_buckets(config, model),
         local: policy::local_verdict(config, model),
         local_bound: local_bound(config, model),
+        capped: model.capped_clients().copied().collect(),
         routed: model.routed_prefixes(),
         routed_idle: config.lan.client_idle_timeout,
         nflog_group: dp.nflog_group,
@@ -286,15 +290,6 @@ pub fn plan(config: &Config, model: &Model) -> Desired {
             IpAddr::V6(a) => ElemKey::V6(a),
         };
         elements.insert(key, target.clone());
-    }
-    // Addresses beyond a client's limit: hashed over the survivors by weight.
-    let overflow: Arc<str> = Arc::from("overflow");
-    for ip in model.hashed_addresses().filter(|_| client_mode) {
-        let key = match ip {
-            IpAddr::V4(a) => ElemKey::V4(*a),
-            IpAddr::V6(a) => ElemKey::V6(*a),
-        };
-        elements.entry(key).or_insert_with(|| overflow.clone());
     }
     for (ip, o) in &model.overrides {
         let Some(i) = model.uplinks.iter().position(|u| u.name == o.uplink) else {
