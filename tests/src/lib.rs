@@ -807,6 +807,15 @@ impl Lab {
             .collect())
     }
 
+    /// `uplinkd_uplink_up` of one uplink from the agent's default metrics port (1 usable,
+    /// 0 not; `None` before the agent publishes it).
+    pub fn uplink_up(&self, uplink: &str) -> Result<Option<f64>> {
+        Ok(self
+            .scrape(9477)?
+            .get(&format!("uplinkd_uplink_up{{uplink=\"{uplink}\"}}"))
+            .copied())
+    }
+
     /// The HTTP status code of `url`, fetched from the gateway's namespace ("000" when
     /// nothing answers).
     pub fn http_status(&self, url: &str) -> Result<String> {

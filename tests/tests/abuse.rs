@@ -991,15 +991,9 @@ fn a_reload_that_removes_an_uplinks_probes_lifts_their_verdict() -> anyhow::Resu
         0,
         "[metrics]\nlisten = \"127.0.0.1:9477\"\n",
     )?;
-    let up = |lab: &Lab| -> anyhow::Result<Option<f64>> {
-        Ok(lab
-            .scrape(9477)?
-            .get("uplinkd_uplink_up{uplink=\"isp2\"}")
-            .copied())
-    };
     lab.upstream_loss("isp2", 100)?;
     lab.wait_for(Duration::from_secs(15), "isp2 down on its probes", || {
-        Ok(up(&lab)? == Some(0.0))
+        Ok(lab.uplink_up("isp2")? == Some(0.0))
     })?;
     lab.upstream_loss("isp2", 0)?;
     let text = std::fs::read_to_string(lab.config_path())?;
@@ -1011,7 +1005,11 @@ fn a_reload_that_removes_an_uplinks_probes_lifts_their_verdict() -> anyhow::Resu
     let (code, _, err) = lab.ctl("op", &["reload"])?;
     assert_eq!(code, 0, "{err}");
     // The reload answers after its apply: the verdict is already taken.
-    assert_eq!(up(&lab)?, Some(1.0), "isp2 is judged by its link");
+    assert_eq!(
+        lab.uplink_up("isp2")?,
+        Some(1.0),
+        "isp2 is judged by its link"
+    );
     let (_, events, _) = lab.ctl("view", &["events"])?;
     assert!(
         events.contains("probes removed by a reload"),

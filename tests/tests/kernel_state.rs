@@ -473,13 +473,7 @@ fn health_agrees_with_the_kernel_after_an_overrun() -> anyhow::Result<()> {
     let mut lab = Lab::build("overrun", two_uplinks(), 0, 0)?;
     lab.write_config("10m", "10m", "")?;
     lab.start_agent()?;
-    let up = |lab: &Lab| -> anyhow::Result<Option<f64>> {
-        Ok(lab
-            .scrape(9477)?
-            .get("uplinkd_uplink_up{uplink=\"isp1\"}")
-            .copied())
-    };
-    assert_eq!(up(&lab)?, Some(1.0));
+    assert_eq!(lab.uplink_up("isp1")?, Some(1.0));
     // No dummy driver on these machines: a veth pair stands in for an unrelated link.
     lab.gw(&[
         "ip", "link", "add", "flood0", "type", "veth", "peer", "name", "flood1",
@@ -510,7 +504,7 @@ fn health_agrees_with_the_kernel_after_an_overrun() -> anyhow::Result<()> {
     lab.wait_for(
         Duration::from_secs(20),
         "isp1 down after the overrun's resync",
-        || Ok(up(&lab)? == Some(0.0)),
+        || Ok(lab.uplink_up("isp1")? == Some(0.0)),
     )?;
     Ok(())
 }

@@ -82,9 +82,7 @@ policy = "own"
         Some("isp1")
     );
     assert_eq!(
-        lab.scrape(9477)?
-            .get("uplinkd_uplink_up{uplink=\"isp2\"}")
-            .copied(),
+        lab.uplink_up("isp2")?,
         Some(0.0),
         "isp2 is down, on its own probes"
     );

@@ -77,9 +77,7 @@ fn two_modems_with_one_address_dispatch_fail_over_and_back() -> anyhow::Result<(
     })?;
     assert_eq!(via(&lab, c1)?, "isp1", "isp1 kept its client");
     assert_eq!(
-        lab.scrape(9477)?
-            .get("uplinkd_uplink_up{uplink=\"isp2\"}")
-            .copied(),
+        lab.uplink_up("isp2")?,
         Some(0.0),
         "isp2 is down, on its own probes"
     );
