@@ -140,6 +140,15 @@ pub fn carried(config: &Config, model: &Model) -> Vec<usize> {
         .collect();
     let index = |name: &str| model.uplinks.iter().position(|u| u.name == name);
     let spread = spread_by_policy(config, model);
+    // Every client where it is homed: the kept counts, without a walk over the LAN (one
+    // per event at 100k clients). Failovers, pins and spreading policies walk.
+    let homed = model.counts();
+    if spread.is_none()
+        && model.overrides.is_empty()
+        && (0..out.len()).all(|i| direct[i] || homed[i] == 0)
+    {
+        return homed.to_vec();
+    }
     for c in model.clients().values() {
         let pinned = !model.overrides.is_empty()
             && c.addresses

@@ -28,8 +28,8 @@ use crate::metrics::{self, Metrics};
 use crate::model::failover::{EventKind, EventLog, LogEntry};
 use crate::model::nexthop::Hop;
 use crate::model::state_file::{Decisions, StateError, StateFile};
-use crate::model::{Change, LinkState, Model, now_millis};
-use crate::plan::plan;
+use crate::model::{Change, LinkState, Model, Touched, now_millis};
+use crate::plan::plan_touched;
 
 /// How often idle clients are released, state is saved and failed applies are retried.
 const HOUSEKEEPING: Duration = Duration::from_secs(1);
@@ -180,6 +180,8 @@ pub struct Agent {
     lan_refusals: metrics::RateLimitedWarning,
     /// Parts of the config the kernel refuses (`rule NAME: why`), as last reported.
     refused: Arc<Vec<String>>,
+    /// Whether the last apply's default policy read the client maps (`None`: none yet).
+    client_mode: Option<bool>,
 }
 
 /// Connects to the kernel, adopts its state, and runs until SIGTERM/SIGINT. The dataplane
@@ -290,6 +292,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
         save_errors: metrics::RateLimitedWarning::default(),
         lan_refusals: metrics::RateLimitedWarning::default(),
         refused: Arc::new(Vec::new()),
+        client_mode: None,
     };
     let (cmd_tx, mut cmd_rx) = mpsc::channel(256);
     // Listeners are bound and TLS is loaded before the first kernel write: a port clash or
@@ -847,8 +850,27 @@ impl Agent {
 
     async fn apply_traced(&mut self, read: ReadBack) -> ApplyReport {
         let started = Instant::now();
-        let desired = plan(&self.config, &self.model);
+        // Only the addresses that changed since the last apply, while the dataplane's copy
+        // of the kernel stands in for the rest; a resync plans whole.
+        let touched = match self.model.take_touched() {
+            t if self.dataplane.takes_increment(read) => t,
+            _ => Touched::All,
+        };
+        let mut desired = plan_touched(&self.config, &self.model, &touched);
+        // The default policy left or took up client mode: every address's element goes or
+        // comes.
+        let client_mode = desired.nft.unassigned.is_some();
+        if desired.nft.changed.is_some() && self.client_mode != Some(client_mode) {
+            desired = plan_touched(&self.config, &self.model, &Touched::All);
+        }
         let report = self.dataplane.apply(&desired, read).await;
+        if report.errors.is_empty() {
+            self.client_mode = Some(client_mode);
+        } else {
+            // What the failed apply was to send is not in the kernel: the next one looks
+            // at everything.
+            self.model.touch_all();
+        }
         self.metrics
             .apply_duration
             .observe(started.elapsed().as_secs_f64());

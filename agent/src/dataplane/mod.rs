@@ -46,6 +46,10 @@ pub enum DataplaneError {
         command: String,
         after: std::time::Duration,
     },
+    #[error(
+        "an incremental plan reached the dataplane without its copy of the kernel's maps; planning whole"
+    )]
+    NeedsWholePlan,
     #[error("netlink: {context}: {source}")]
     Netlink {
         context: String,
@@ -158,6 +162,12 @@ impl Dataplane {
         self.nft_cache = self.nft.read().await?;
         self.table_known_absent = self.nft_cache.is_none();
         Ok(self.nft_cache.as_ref())
+    }
+
+    /// Whether an incremental plan can be applied with `read`: the cache of the kernel's
+    /// maps stands in for the client addresses it does not name.
+    pub fn takes_increment(&self, read: ReadBack) -> bool {
+        read == ReadBack::Cache && self.nft_cache.is_some()
     }
 
     /// Applies `desired` after reading back what `read` says; map elements come from the

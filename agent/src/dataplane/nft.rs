@@ -527,7 +527,9 @@ impl NftDriver {
         let table = self.table.as_str();
         let add = |o: &Value| json!({ "add": o }).to_string();
         // Element keys this batch deletes and adds, to update the cache on success.
-        let mut changed_keys: Option<(Vec<ElemKey>, Vec<ElemKey>)> = None;
+        let mut changed_keys: Option<(ElemChanges, ElemChanges)> = None;
+        // What a replace put in the maps, to become the cache on success.
+        let mut whole_set: Option<BTreeMap<ElemKey, Arc<str>>> = None;
         match kernel.as_ref() {
             Some(k) if k.signature.compatible(&want_sig) => {
                 // In place, one transaction: new chains, then chains whose rules differ
@@ -586,17 +588,14 @@ impl NftDriver {
                 }) {
                     batch.push(add(o));
                 }
-                let (adds, dels) = diff_elements(&desired.elements, &k.elements);
+                let (adds, dels) = diff_desired(desired, &k.elements);
                 let mut elems: Vec<String> = Vec::new();
                 stats.added = adds.len();
                 stats.deleted = dels.len();
                 // Deletes first: a changed value is a delete and an add of the same key.
                 push_elements(&mut elems, table, &dels, false);
                 push_elements(&mut elems, table, &adds, true);
-                changed_keys = Some((
-                    dels.iter().map(|(key, _)| *key).collect(),
-                    adds.iter().map(|(key, _)| *key).collect(),
-                ));
+                changed_keys = Some((dels, adds));
                 // A placement changes where the next new client goes: a new first rule in
                 // the same transaction as the elements (adds only, cheap); the stale rules
                 // behind it go in one rewrite every MAX_UNASSIGNED_RULES placements.
@@ -637,8 +636,15 @@ impl NftDriver {
                 }
             }
             _ => {
+                // An incremental plan names only what changed: the rest comes from the
+                // cache of what the kernel has.
+                let whole = match (&desired.changed, kernel.as_ref()) {
+                    (None, _) => Cow::Borrowed(&desired.elements),
+                    (Some(changed), Some(k)) => Cow::Owned(whole_elements(desired, changed, k)),
+                    (Some(_), None) => return Err(DataplaneError::NeedsWholePlan),
+                };
                 stats.replaced_table = true;
-                stats.added = desired.elements.len();
+                stats.added = whole.len();
                 // What others put in the external sets survives the replace (a set or
                 // table not there yet has nothing to keep).
                 let mut kept = Vec::new();
@@ -652,9 +658,10 @@ impl NftDriver {
                 }
                 batch = replace_batch(table, objs, want_un.as_deref());
                 batch.extend(kept);
-                let all: Vec<(ElemKey, &str)> =
-                    desired.elements.iter().map(|(k, v)| (*k, &**v)).collect();
+                let all: Vec<(ElemKey, Arc<str>)> =
+                    whole.iter().map(|(k, v)| (*k, v.clone())).collect();
                 push_elements(&mut batch, table, &all, true);
+                whole_set = Some(whole.into_owned());
             }
         }
         if batch.is_empty() {
@@ -675,17 +682,17 @@ impl NftDriver {
                 if let Some(u) = new_un {
                     k.unassigned = u;
                 }
-                for key in dels {
+                for (key, _) in dels {
                     k.elements.remove(&key);
                 }
-                for key in adds {
-                    k.elements.insert(key, desired.elements[&key].clone());
+                for (key, target) in adds {
+                    k.elements.insert(key, target);
                 }
             }
             (kernel, _) => {
                 *kernel = Some(KernelNft {
                     signature: want_sig,
-                    elements: desired.elements.clone(),
+                    elements: whole_set.unwrap_or_default(),
                     unassigned: UnassignedChain {
                         rules: want_un.is_some() as usize,
                         target: want_un,
@@ -894,37 +901,89 @@ pub fn without(s: &NftStructure, drop: &[Part]) -> NftStructure {
 }
 
 /// Map elements with the chain they jump to.
-pub type ElemChanges<'a> = Vec<(ElemKey, &'a str)>;
+pub type ElemChanges = Vec<(ElemKey, Arc<str>)>;
 
 /// Adds and deletes that turn `have` into `want`, in key order.
-pub fn diff_elements<'a>(
-    want: &'a BTreeMap<ElemKey, Arc<str>>,
-    have: &'a BTreeMap<ElemKey, Arc<str>>,
-) -> (ElemChanges<'a>, ElemChanges<'a>) {
+pub fn diff_elements(
+    want: &BTreeMap<ElemKey, Arc<str>>,
+    have: &BTreeMap<ElemKey, Arc<str>>,
+) -> (ElemChanges, ElemChanges) {
     let mut adds = Vec::new();
     let mut dels = Vec::new();
     for (k, v) in want {
         match have.get(k) {
             Some(h) if h == v => {}
             Some(h) => {
-                dels.push((*k, &**h));
-                adds.push((*k, &**v));
+                dels.push((*k, h.clone()));
+                adds.push((*k, v.clone()));
             }
-            None => adds.push((*k, &**v)),
+            None => adds.push((*k, v.clone())),
         }
     }
     for (k, h) in have {
         if !want.contains_key(k) {
-            dels.push((*k, &**h));
+            dels.push((*k, h.clone()));
         }
     }
     (adds, dels)
 }
 
+/// The first key that is not a client address: sticky marks and pins sort after them.
+const FIRST_OTHER: ElemKey = ElemKey::Mark(0);
+
+/// Adds and deletes that bring `have` to `desired`: a whole plan is diffed whole; an
+/// incremental one looks only at the client addresses it names (and at the few other
+/// elements), so its cost does not grow with the LAN.
+pub fn diff_desired(
+    desired: &NftDesired,
+    have: &BTreeMap<ElemKey, Arc<str>>,
+) -> (ElemChanges, ElemChanges) {
+    let Some(changed) = &desired.changed else {
+        return diff_elements(&desired.elements, have);
+    };
+    let others: BTreeMap<ElemKey, Arc<str>> = have
+        .range(FIRST_OTHER..)
+        .map(|(k, v)| (*k, v.clone()))
+        .collect();
+    let (mut adds, mut dels) = diff_elements(&desired.elements, &others);
+    for (k, want) in changed {
+        match (have.get(k), want) {
+            (Some(h), Some(w)) if h == w => {}
+            (h, w) => {
+                dels.extend(h.map(|h| (*k, h.clone())));
+                adds.extend(w.as_ref().map(|w| (*k, w.clone())));
+            }
+        }
+    }
+    (adds, dels)
+}
+
+/// Every element an incremental plan wants, from the kernel's copy `k` (its client
+/// addresses, changed as `changed` says) and the plan's other elements.
+fn whole_elements(
+    desired: &NftDesired,
+    changed: &[(ElemKey, Option<Arc<str>>)],
+    k: &KernelNft,
+) -> BTreeMap<ElemKey, Arc<str>> {
+    let mut whole: BTreeMap<ElemKey, Arc<str>> = k
+        .elements
+        .range(..FIRST_OTHER)
+        .map(|(k, v)| (*k, v.clone()))
+        .collect();
+    for (key, want) in changed {
+        match want {
+            Some(w) => whole.insert(*key, w.clone()),
+            None => whole.remove(key),
+        };
+    }
+    whole.extend(desired.elements.iter().map(|(k, v)| (*k, v.clone())));
+    whole
+}
+
 /// Element commands are written straight to JSON: at 100k clients the crate's expression
 /// tree would cost tens of megabytes for what is a flat list. Keys are addresses and
 /// numbers, chain names are validated `[A-Za-z0-9_-]`, so nothing needs escaping.
-fn push_elements(batch: &mut Vec<String>, table: &str, elems: &[(ElemKey, &str)], add: bool) {
+fn push_elements(batch: &mut Vec<String>, table: &str, elems: &[(ElemKey, Arc<str>)], add: bool) {
     use std::fmt::Write;
     for map in [MAP_CLIENT4, MAP_CLIENT6, MAP_STICKY, MAP_PIN4, MAP_PIN6] {
         let mut items = String::new();
@@ -2158,8 +2217,8 @@ mod tests {
         let want = BTreeMap::from([(k1, a.clone()), (k2, b.clone())]);
         let have = BTreeMap::from([(k1, b.clone()), (k3, a.clone())]);
         let (adds, dels) = diff_elements(&want, &have);
-        assert_eq!(adds, vec![(k1, "home_a"), (k2, "home_b")]);
-        assert_eq!(dels, vec![(k1, "home_b"), (k3, "home_a")]);
+        assert_eq!(adds, vec![(k1, a.clone()), (k2, b.clone())]);
+        assert_eq!(dels, vec![(k1, b), (k3, a)]);
         assert_eq!(diff_elements(&want, &want), (vec![], vec![]));
     }
 

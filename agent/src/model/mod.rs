@@ -282,7 +282,26 @@ pub struct Model {
     /// State changes a reload's new health settings caused (`keep_runtime`), settled by
     /// the next `refresh_links`.
     reconfigured: Vec<(usize, crate::health::Transition)>,
+    /// Addresses whose map element (address → home) may have changed since the last
+    /// `take_touched`: an apply sends only these to the kernel.
+    touched: Touched,
+    /// Addresses that went away, by when: expiry reads the oldest instead of walking every
+    /// client. An entry is a hint, checked against the address when it comes due (the
+    /// address may be back, or gone again since).
+    gone: imbl::OrdSet<(Millis, IpAddr)>,
 }
+
+/// The client addresses an incremental apply must look at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Touched {
+    /// Every one (a start, a restore, more changes than a delta is worth).
+    All,
+    Some(std::collections::HashSet<IpAddr>),
+}
+
+/// Beyond this many touched addresses a full plan costs less than a delta (and the
+/// journal stays small in every snapshot the API holds).
+const TOUCHED_MAX: usize = 4096;
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -328,6 +347,8 @@ impl Model {
             routed_clients: 0,
             reconfigured: Vec::new(),
             capped: imbl::OrdSet::new(),
+            touched: Touched::All,
+            gone: imbl::OrdSet::new(),
         }
     }
 
@@ -625,7 +646,9 @@ impl Model {
             Some(_) => {}
             None => change = Change::Clients,
         }
-        self.by_addr.insert(ip, mac);
+        if self.by_addr.insert(ip, mac) != Some(mac) {
+            self.touch(ip);
+        }
         change
     }
 
@@ -641,6 +664,7 @@ impl Model {
         {
             addr.present = false;
             addr.last_seen = now;
+            self.gone.insert((now, ip));
         }
     }
 
@@ -662,17 +686,21 @@ impl Model {
     /// Returns the released clients.
     pub fn expire(&mut self, now: Millis, idle: Duration) -> Vec<Client> {
         let idle = idle.as_millis() as u64;
-        let mut expired = Vec::new();
-        for c in self.clients.values() {
-            for (ip, a) in c.addresses.iter() {
-                if !a.present && now.saturating_sub(a.last_seen) >= idle {
-                    expired.push((c.mac, *ip));
-                }
-            }
-        }
         let mut released = Vec::new();
-        for (mac, ip) in expired {
-            if let Some(c) = self.remove_address(mac, ip) {
+        while let Some(&(at, ip)) = self.gone.get_min() {
+            if now.saturating_sub(at) < idle {
+                break;
+            }
+            self.gone.remove(&(at, ip));
+            let Some(&mac) = self.by_addr.get(&ip) else {
+                continue;
+            };
+            let still_gone = self
+                .clients
+                .get(&mac)
+                .and_then(|c| c.addresses.get(&ip))
+                .is_some_and(|a| !a.present && a.last_seen == at);
+            if still_gone && let Some(c) = self.remove_address(mac, ip) {
                 released.push(c);
             }
         }
@@ -682,6 +710,7 @@ impl Model {
     /// Removes one address; returns the client if that was its last one.
     fn remove_address(&mut self, mac: Mac, ip: IpAddr) -> Option<Client> {
         self.by_addr.remove(&ip);
+        self.touch(ip);
         let client = self.clients.get_mut(&mac)?;
         client.addresses.remove(&ip);
         // Below its cap again: a further address is tracked, not hashed.
@@ -789,7 +818,13 @@ impl Model {
     }
 
     fn insert(&mut self, c: Client) {
+        for (ip, a) in c.addresses.iter() {
+            if !a.present {
+                self.gone.insert((a.last_seen, *ip));
+            }
+        }
         for ip in c.addresses.keys() {
+            self.touch(*ip);
             if let Some(old) = self.by_addr.insert(*ip, c.mac)
                 && old != c.mac
                 && let Some(prev) = self.clients.get_mut(&old)
@@ -801,6 +836,27 @@ impl Model {
             }
         }
         self.add_client(c);
+    }
+
+    fn touch(&mut self, ip: IpAddr) {
+        if let Touched::Some(set) = &mut self.touched {
+            if set.len() < TOUCHED_MAX {
+                set.insert(ip);
+            } else {
+                self.touched = Touched::All;
+            }
+        }
+    }
+
+    /// The addresses touched since the last call; the journal starts afresh.
+    pub fn take_touched(&mut self) -> Touched {
+        std::mem::replace(&mut self.touched, Touched::Some(Default::default()))
+    }
+
+    /// The next apply looks at every address (the last one failed, or its plan was not
+    /// incremental).
+    pub fn touch_all(&mut self) {
+        self.touched = Touched::All;
     }
 
     /// Drops overrides past their deadline; returns the addresses.

@@ -6,9 +6,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
 use crate::config::{Config, RuleConfig, SetConfig};
-use crate::model::Model;
 use crate::model::failover::HomeTarget;
 use crate::model::nexthop::Hop;
+use crate::model::{Model, Touched};
 
 pub mod policy;
 pub use policy::{NftPolicy, SpreadKey, Unassigned, Verdict};
@@ -26,8 +26,14 @@ pub struct Desired {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NftDesired {
     pub structure: NftStructure,
-    /// Map element → the chain it jumps to. The key's kind names the map.
+    /// Map element → the chain it jumps to. The key's kind names the map. In an
+    /// incremental plan (`changed`), only the few elements that are not client addresses
+    /// (sticky marks, pins).
     pub elements: BTreeMap<ElemKey, Arc<str>>,
+    /// An incremental plan: the client addresses that may have changed since the last
+    /// apply, each with its element now (`None`: it has none). The others are as the
+    /// kernel has them.
+    pub changed: Option<Vec<(ElemKey, Option<Arc<str>>)>>,
     /// Where a client without an assignment yet goes (client mode only). It changes with
     /// every placement, so it is kept out of the structure and applied on its own.
     pub unassigned: Option<Unassigned>,
@@ -209,7 +215,15 @@ pub struct RouteSpec {
     pub oif: u32,
 }
 
+/// The whole desired state, every client address included.
 pub fn plan(config: &Config, model: &Model) -> Desired {
+    plan_touched(config, model, &Touched::All)
+}
+
+/// The desired state with only the `touched` client addresses (an incremental plan
+/// unless every one is): what an event costs then does not grow with the LAN. The rest of
+/// the table, the rules and the routes are whole, and small.
+pub fn plan_touched(config: &Config, model: &Model, touched: &Touched) -> Desired {
     let dp = &config.dataplane;
     let buckets = |idx: &[usize]| spread(config, idx);
     let uplinks = config
@@ -280,17 +294,33 @@ pub fn plan(config: &Config, model: &Model) -> Desired {
         .iter()
         .map(|u| (u.name.as_str(), Arc::from(home_chain(&u.name))))
         .collect();
+    let client_key = |ip: IpAddr| match ip {
+        IpAddr::V4(a) => ElemKey::V4(a),
+        IpAddr::V6(a) => ElemKey::V6(a),
+    };
     // Only the client mode of the default policy reads the client maps.
-    for (ip, home) in model.addresses().filter(|_| client_mode) {
-        let Some(target) = homes.get(home) else {
-            continue;
-        };
-        let key = match ip {
-            IpAddr::V4(a) => ElemKey::V4(a),
-            IpAddr::V6(a) => ElemKey::V6(a),
-        };
-        elements.insert(key, target.clone());
-    }
+    let changed = match touched {
+        Touched::All => {
+            for (ip, home) in model.addresses().filter(|_| client_mode) {
+                if let Some(target) = homes.get(home) {
+                    elements.insert(client_key(ip), target.clone());
+                }
+            }
+            None
+        }
+        Touched::Some(ips) => Some(
+            ips.iter()
+                .map(|ip| {
+                    let target = model
+                        .client_by_addr(ip)
+                        .filter(|_| client_mode)
+                        .and_then(|c| homes.get(c.home.as_str()))
+                        .cloned();
+                    (client_key(*ip), target)
+                })
+                .collect(),
+        ),
+    };
     for (ip, o) in &model.overrides {
         let Some(i) = model.uplinks.iter().position(|u| u.name == o.uplink) else {
             continue;
@@ -408,6 +438,7 @@ pub fn plan(config: &Config, model: &Model) -> Desired {
         nft: NftDesired {
             structure,
             elements,
+            changed,
             unassigned,
         },
         rules,
@@ -732,6 +763,60 @@ interface = "ppp0"
             "dead uplink's flows are not sticky"
         );
         assert_eq!(d.nft.unassigned, Some(Unassigned::Next("b".into())));
+    }
+
+    /// An incremental plan applied to what the previous whole plan put in the maps gives
+    /// what a whole plan gives now, whatever the LAN did in between: arrivals, departures,
+    /// expiries, an address that moves to another host, the cap on addresses.
+    #[test]
+    fn increments_add_up_to_the_whole_plan() {
+        let text = CFG.replacen(
+            "interfaces = [\"lan0\"]",
+            "interfaces = [\"lan0\"]\nmax_clients = 40\nmax_addresses_per_client = 3",
+            1,
+        );
+        let c = Config::parse(Path::new("t"), &text).unwrap();
+        let mut m = Model::new(&c);
+        links_up(&c, &mut m);
+        let mut kernel = plan(&c, &m).nft.elements;
+        m.take_touched();
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        for step in 0..2000u64 {
+            let ip: IpAddr = match next(2) {
+                0 => format!("10.0.0.{}", next(60) + 1).parse().unwrap(),
+                _ => format!("2001:db8::{:x}", next(60) + 1).parse().unwrap(),
+            };
+            let mac = Mac([2, 0, 0, 0, 0, next(50) as u8]);
+            match next(4) {
+                0 | 1 => {
+                    m.neighbour_present(ip, mac, step, None);
+                }
+                2 => m.neighbour_gone(ip, step),
+                _ => {
+                    m.expire(step, std::time::Duration::from_millis(5));
+                    // Expiry reads its index, not every client: none overdue is left.
+                    let mut addrs = m.clients().values().flat_map(|c| c.addresses.values());
+                    assert!(addrs.all(|a| a.present || step - a.last_seen < 5));
+                }
+            }
+            let delta = plan_touched(&c, &m, &m.clone().take_touched());
+            m.take_touched();
+            for (k, want) in delta.nft.changed.expect("incremental") {
+                match want {
+                    Some(w) => kernel.insert(k, w),
+                    None => kernel.remove(&k),
+                };
+            }
+            kernel.retain(|k, _| matches!(k, ElemKey::V4(_) | ElemKey::V6(_)));
+            kernel.extend(delta.nft.elements);
+            assert_eq!(kernel, plan(&c, &m).nft.elements, "step {step}");
+        }
     }
 
     #[test]
