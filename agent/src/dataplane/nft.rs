@@ -3,9 +3,13 @@
 //! transaction.
 //!
 //! Structure (chains, rules, maps) is compared by signature: every rule carries a comment
-//! with a hash of its own expression, so a deleted, added or changed rule shows up. When the
-//! structure differs, the whole table is replaced, elements included, in one transaction:
-//! packets see the old table or the new one, never a mix. Otherwise only map elements move.
+//! with a hash of its own expression, so a deleted, added or changed rule shows up. Chains
+//! whose rules differ are flushed and refilled in place, with the element changes, in one
+//! transaction; only when the maps or hooks themselves differ (the table was deleted or
+//! edited by hand) is the whole table replaced, elements included, still in one
+//! transaction: packets see the old table or the new one, never a mix. Element changes
+//! come from a whole plan diffed against the cache of the kernel's maps, or from an
+//! incremental plan that names only the client addresses an event touched.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};

@@ -40,7 +40,8 @@ pub struct NftDesired {
 }
 
 /// Everything in the nft table except map elements. When the kernel's copy differs, the
-/// whole table is replaced in one transaction.
+/// chains that differ are rewritten in one transaction (the whole table only when its maps
+/// or hooks differ).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NftStructure {
     pub table: String,
