@@ -1064,20 +1064,33 @@ impl Lab {
         sh(&full)
     }
 
-    /// Elements of one of uplinkd's client maps in the kernel: address → chain.
-    pub fn kernel_map(&self, map: &str) -> Result<BTreeMap<IpAddr, String>> {
-        let out = self.gw(&["nft", "-j", "list", "map", "inet", "uplinkd", map])?;
-        let v: serde_json::Value = serde_json::from_str(&out)?;
-        let mut m = BTreeMap::new();
-        for item in v["nftables"].as_array().into_iter().flatten() {
-            for e in item["map"]["elem"].as_array().into_iter().flatten() {
-                if let (Some(ip), Some(t)) = (e[0].as_str(), e[1]["goto"]["target"].as_str()) {
-                    m.insert(ip.parse()?, t.to_string());
-                }
+    /// The client addresses uplinkd put in the kernel for one family (`"client4"` or
+    /// `"client6"`): address → its home chain.
+    pub fn kernel_map(&self, family: &str) -> Result<BTreeMap<IpAddr, String>> {
+        kernel_clients(&self.ns("gw"), family)
+    }
+}
+
+/// The client addresses of `family` (`"client4"`, `"client6"`) in uplinkd's table in
+/// namespace `ns`, from its per-uplink sets `client4.<uplink>`: address → `home_<uplink>`.
+pub fn kernel_clients(ns: &str, family: &str) -> Result<BTreeMap<IpAddr, String>> {
+    let out = sh(&["ip", "netns", "exec", ns, "nft", "-j", "list", "table", "inet", "uplinkd"])?;
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    let mut m = BTreeMap::new();
+    for item in v["nftables"].as_array().into_iter().flatten() {
+        let Some(uplink) = item["set"]["name"]
+            .as_str()
+            .and_then(|n| n.strip_prefix(family)?.strip_prefix('.'))
+        else {
+            continue;
+        };
+        for e in item["set"]["elem"].as_array().into_iter().flatten() {
+            if let Some(ip) = e.as_str() {
+                m.insert(ip.parse()?, format!("home_{uplink}"));
             }
         }
-        Ok(m)
     }
+    Ok(m)
 }
 
 impl Drop for Lab {

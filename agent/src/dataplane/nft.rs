@@ -32,7 +32,7 @@ use tokio::io::AsyncWriteExt;
 use crate::config::{AddrMatch, SetConfig, Target};
 use crate::plan::{
     ElemKey, MAP_CLIENT4, MAP_CLIENT6, MAP_PIN4, MAP_PIN6, MAP_STICKY, NftDesired, NftStructure,
-    SpreadKey, Unassigned, Verdict, home_chain, policy_chain, up_chain,
+    SpreadKey, Unassigned, Verdict, client_set, home_chain, policy_chain, up_chain,
 };
 
 use super::DataplaneError;
@@ -596,8 +596,14 @@ impl NftDriver {
                 let mut elems: Vec<String> = Vec::new();
                 stats.added = adds.len();
                 stats.deleted = dels.len();
+                // A removed uplink's client sets go whole, their elements with them.
+                let in_kept_sets: ElemChanges = dels
+                    .iter()
+                    .filter(|(key, target)| !old_sets.contains(key.container(target).as_ref()))
+                    .cloned()
+                    .collect();
                 // Deletes first: a changed value is a delete and an add of the same key.
-                push_elements(&mut elems, table, &dels, false);
+                push_elements(&mut elems, table, &in_kept_sets, false);
                 push_elements(&mut elems, table, &adds, true);
                 changed_keys = Some((dels, adds));
                 // A placement changes where the next new client goes: a new first rule in
@@ -989,26 +995,30 @@ fn whole_elements(
 /// numbers, chain names are validated `[A-Za-z0-9_-]`, so nothing needs escaping.
 fn push_elements(batch: &mut Vec<String>, table: &str, elems: &[(ElemKey, Arc<str>)], add: bool) {
     use std::fmt::Write;
-    for map in [MAP_CLIENT4, MAP_CLIENT6, MAP_STICKY, MAP_PIN4, MAP_PIN6] {
-        let mut items = String::new();
-        for (k, target) in elems.iter().filter(|(k, _)| k.map() == map) {
-            if !items.is_empty() {
-                items.push(',');
-            }
-            let _ = match k {
-                ElemKey::V4(a) | ElemKey::Pin4(a) => write!(items, "[\"{a}\","),
-                ElemKey::V6(a) | ElemKey::Pin6(a) => write!(items, "[\"{a}\","),
-                ElemKey::Mark(m) => write!(items, "[{m},"),
-            };
+    // One command per map or set, in a fixed order.
+    let mut by_container: BTreeMap<Cow<'static, str>, String> = BTreeMap::new();
+    for (k, target) in elems {
+        let items = by_container.entry(k.container(target)).or_default();
+        if !items.is_empty() {
+            items.push(',');
+        }
+        let _ = match k {
+            ElemKey::V4(a) => write!(items, "\"{a}\""),
+            ElemKey::V6(a) => write!(items, "\"{a}\""),
+            ElemKey::Pin4(a) => write!(items, "[\"{a}\","),
+            ElemKey::Pin6(a) => write!(items, "[\"{a}\","),
+            ElemKey::Mark(m) => write!(items, "[{m},"),
+        };
+        if !k.is_client() {
             let _ = write!(items, "{{\"goto\":{{\"target\":\"{target}\"}}}}]");
         }
-        if items.is_empty() {
-            continue;
-        }
-        let verb = if add { "add" } else { "delete" };
+    }
+    let verb = if add { "add" } else { "delete" };
+    for (name, items) in by_container {
         batch.push(format!(
-            "{{\"{verb}\":{{\"element\":{{\"family\":\"inet\",\"table\":{},\"name\":\"{map}\",\"elem\":[{items}]}}}}}}",
-            serde_json::Value::from(table)
+            "{{\"{verb}\":{{\"element\":{{\"family\":\"inet\",\"table\":{},\"name\":{},\"elem\":[{items}]}}}}}}",
+            serde_json::Value::from(table),
+            serde_json::Value::from(name.as_ref())
         ));
     }
 }
@@ -1311,6 +1321,7 @@ fn render_structure(s: &NftStructure) -> Vec<Value> {
         ));
     }
     let mut out = vec![table];
+    out.extend(client_sets(&s.table, &s.uplinks));
     out.extend(render_sets(&s.table, &s.sets));
     out.extend(routed_sets(&s.table));
     let (chains, mut rules): (Vec<_>, Vec<_>) = objs
@@ -1421,6 +1432,22 @@ fn routed_rules(s: &NftStructure, step: RoutedStep) -> Vec<Value> {
 
 fn set_name(set: &str, v6: bool) -> String {
     format!("{set}_{}", if v6 { "v6" } else { "v4" })
+}
+
+/// Per uplink and family, the plain set of the client addresses homed on it.
+fn client_sets(table: &str, uplinks: &[crate::plan::NftUplink]) -> Vec<Value> {
+    uplinks
+        .iter()
+        .flat_map(|u| [false, true].map(|v6| (u, v6)))
+        .map(|(u, v6)| {
+            json!({"set": {
+                "family": "inet",
+                "table": table,
+                "name": client_set(&u.name, v6),
+                "type": if v6 { "ipv6_addr" } else { "ipv4_addr" },
+            }})
+        })
+        .collect()
 }
 
 /// Two nft sets per `[[set]]`, one per family.
@@ -1683,11 +1710,11 @@ fn render_policies(s: &NftStructure) -> Vec<Value> {
         (!own.is_empty()).then_some(digest.as_str()),
     ));
     for p in &s.policies {
-        for e in verdict_rules(&p.verdict) {
+        for e in verdict_rules(&p.verdict, &s.uplinks) {
             out.push(raw_rule(table, &policy_chain(&p.name), e, None));
         }
     }
-    let mut default = verdict_rules(&s.default);
+    let mut default = verdict_rules(&s.default, &s.uplinks);
     if s.default == Verdict::Clients {
         // Before the unassigned verdict: an untracked address of a client at its address
         // cap is hashed over the survivors; an unplaced host behind a LAN router says so.
@@ -1728,7 +1755,7 @@ fn render_policies(s: &NftStructure) -> Vec<Value> {
             key: SpreadKey::Source,
             buckets,
         };
-        for e in verdict_rules(&spread) {
+        for e in verdict_rules(&spread, &[]) {
             out.push(raw_rule(table, &chain, e, None));
         }
     }
@@ -1809,7 +1836,7 @@ fn render_local(s: &NftStructure, local: &crate::plan::LocalVerdict) -> Vec<Valu
         ),
     ]);
     if let crate::plan::LocalVerdict::Spread(v) = local {
-        for e in verdict_rules(v) {
+        for e in verdict_rules(v, &s.uplinks) {
             out.push(raw_rule(table, LOCAL, e, None));
         }
     }
@@ -1911,21 +1938,28 @@ fn linear_rule(s: &NftStructure, r: &crate::config::RuleConfig) -> Vec<Value> {
     out
 }
 
-/// A policy chain's rules.
-fn verdict_rules(v: &Verdict) -> Vec<Vec<Value>> {
+/// A policy chain's rules; `uplinks` names the client sets a client-mode verdict looks
+/// in (a client is in one of them).
+fn verdict_rules(v: &Verdict, uplinks: &[crate::plan::NftUplink]) -> Vec<Vec<Value>> {
     match v {
         Verdict::Uplink(u) => vec![vec![goto(&up_chain(u))]],
         Verdict::Default => vec![vec![goto(&policy_chain(DEFAULT_POLICY))]],
         Verdict::Drop => vec![vec![json!({"counter": null}), json!({"drop": null})]],
-        Verdict::Clients => vec![
-            vec![
-                json!({"vmap": {"key": payload("ip", "saddr"), "data": format!("@{MAP_CLIENT4}")}}),
-            ],
-            vec![
-                json!({"vmap": {"key": payload("ip6", "saddr"), "data": format!("@{MAP_CLIENT6}")}}),
-            ],
-            vec![goto(UNASSIGNED)],
-        ],
+        Verdict::Clients => [("ip", false), ("ip6", true)]
+            .into_iter()
+            .flat_map(|(ip, v6)| {
+                uplinks.iter().map(move |u| {
+                    vec![
+                        matches(
+                            payload(ip, "saddr"),
+                            json!(format!("@{}", client_set(&u.name, v6))),
+                        ),
+                        goto(&home_chain(&u.name)),
+                    ]
+                })
+            })
+            .chain([vec![goto(UNASSIGNED)]])
+            .collect(),
         Verdict::Spread { key, buckets } => {
             let map = json!({"set": buckets
                 .iter()
@@ -1963,7 +1997,7 @@ fn verdict_rules(v: &Verdict) -> Vec<Vec<Value>> {
 /// Verdict maps, which the `nftables` crate's schema cannot express (its set types have no
 /// `verdict`), are written as raw JSON and spliced into the batch after the table.
 fn verdict_maps(table: &str) -> Vec<serde_json::Value> {
-    [(MAP_CLIENT4, "ipv4_addr"), (MAP_CLIENT6, "ipv6_addr"), (MAP_STICKY, "mark"), (MAP_PIN4, "ipv4_addr"), (MAP_PIN6, "ipv6_addr")]
+    [(MAP_STICKY, "mark"), (MAP_PIN4, "ipv4_addr"), (MAP_PIN6, "ipv6_addr")]
         .into_iter()
         .map(|(name, key)| serde_json::json!({"map": {"family": "inet", "table": table, "name": name, "type": key, "map": "verdict"}}))
         .collect()
@@ -2025,7 +2059,8 @@ struct Listing<'a> {
 struct ListItem<'a> {
     chain: Option<ListChain>,
     rule: Option<ListRule>,
-    set: Option<ListSet>,
+    #[serde(borrow)]
+    set: Option<ListSet<'a>>,
     #[serde(borrow)]
     map: Option<ListMap<'a>>,
 }
@@ -2041,13 +2076,16 @@ struct ListChain {
 }
 
 #[derive(Deserialize)]
-struct ListSet {
+struct ListSet<'a> {
     name: String,
     #[serde(rename = "type")]
     key_type: Value,
     /// nft lists only some flags (`interval`, `timeout`; not `dynamic`), alike for ours.
     #[serde(default)]
     flags: Vec<String>,
+    /// Read for the client sets only (others' elements are not compared one by one).
+    #[serde(default, borrow)]
+    elem: Vec<ListKey<'a>>,
 }
 
 #[derive(Deserialize)]
@@ -2112,9 +2150,39 @@ pub fn parse_listing(json: &str) -> Result<KernelNft, DataplaneError> {
     let mut targets: BTreeMap<String, Arc<str>> = BTreeMap::new();
     let mut unknown = 0usize;
     for item in listing.nftables {
+        if let Some(set) = item.set
+            && let Some((family, uplink)) = set.name.split_once('.')
+            && let Some(v6) = match family {
+                "client4" => Some(false),
+                "client6" => Some(true),
+                _ => None,
+            }
+        {
+            let target = targets
+                .entry(home_chain(uplink))
+                .or_insert_with_key(|t| Arc::from(t.as_str()))
+                .clone();
+            for key in set.elem {
+                let key = match key {
+                    ListKey::Text(t) => t.parse::<IpAddr>().ok(),
+                    _ => None,
+                };
+                match key {
+                    Some(IpAddr::V4(a)) if !v6 => {
+                        elements.insert(ElemKey::V4(a), target.clone());
+                    }
+                    Some(IpAddr::V6(a)) if v6 => {
+                        elements.insert(ElemKey::V6(a), target.clone());
+                    }
+                    _ => unknown += 1,
+                }
+            }
+            continue;
+        }
         let Some(map) = item.map else { continue };
         for (key, verdict) in map.elem {
             let key = match (map.name.as_str(), key) {
+                // An earlier version's client maps: adopted at start, then replaced.
                 (MAP_CLIENT4 | MAP_CLIENT6, ListKey::Text(t)) => {
                     t.parse::<IpAddr>().ok().map(|ip| match ip {
                         IpAddr::V4(a) => ElemKey::V4(a),
@@ -2269,11 +2337,15 @@ mod tests {
         // The shape `nft -j list table` prints for uplinkd's own objects.
         let objs = render_structure(&structure());
         let mut items: Vec<serde_json::Value> = objs.to_vec();
+        let client4 = items
+            .iter_mut()
+            .find(|o| o["set"]["name"] == "client4.a")
+            .expect("the client set of uplink a");
+        client4["set"]["elem"] = serde_json::json!(["10.0.0.1"]);
         let mut maps = verdict_maps("uplinkd");
-        maps[0]["map"]["elem"] = serde_json::json!([["10.0.0.1", {"goto": {"target": "home_a"}}]]);
-        maps[2]["map"]["elem"] = serde_json::json!([[16777216, {"goto": {"target": "up_a"}}]]);
+        maps[0]["map"]["elem"] = serde_json::json!([[16777216, {"goto": {"target": "up_a"}}]]);
         items.extend(maps);
-        let listing = serde_json::json!({"nftables": items}).to_string();
+        let listing = serde_json::json!({"nftables": items.clone()}).to_string();
         let k = parse_listing(&listing).unwrap();
         assert_eq!(k.signature, signature_of(&objs));
         assert_eq!(
@@ -2285,6 +2357,13 @@ mod tests {
             adopted_homes(&k, |_| true)[&"10.0.0.1".parse::<IpAddr>().unwrap()],
             "a"
         );
+        // An earlier version's client verdict map: its assignments are adopted, and the
+        // table, no longer alike, is replaced.
+        items.push(serde_json::json!({"map": {"name": MAP_CLIENT4, "type": "ipv4_addr", "map": "verdict",
+            "elem": [["10.0.0.2", {"goto": {"target": "home_a"}}]]}}));
+        let k = parse_listing(&serde_json::json!({"nftables": items}).to_string()).unwrap();
+        assert!(!k.signature.compatible(&signature_of(&objs)));
+        assert_eq!(adopted_homes(&k, |_| true).len(), 2);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Plan: the desired dataplane as a pure function of config and model. No I/O here; the
 //! dataplane layer turns this into kernel objects.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
@@ -104,9 +105,11 @@ pub struct NftUplink {
 /// A map element key; the variant decides the map.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum ElemKey {
-    /// `client4`: client address → `home_<uplink>`.
+    /// A client address → `home_<uplink>`: an element of the plain set
+    /// `client4.<uplink>` (not of a verdict map, whose every element the kernel walks to
+    /// validate each commit that adds a `goto`).
     V4(Ipv4Addr),
-    /// `client6`: client address → `home_<uplink>`.
+    /// As `V4`, in `client6.<uplink>`.
     V6(Ipv6Addr),
     /// `sticky`: conntrack mark → `up_<uplink>`, for connections that already have one.
     Mark(u32),
@@ -118,21 +121,34 @@ pub enum ElemKey {
     Pin6(Ipv6Addr),
 }
 
+/// The client verdict maps of earlier versions, read only to adopt their assignments.
 pub const MAP_CLIENT4: &str = "client4";
 pub const MAP_CLIENT6: &str = "client6";
 pub const MAP_STICKY: &str = "sticky";
 pub const MAP_PIN4: &str = "pin4";
 pub const MAP_PIN6: &str = "pin6";
 
+/// The set of the client addresses homed on `uplink`, per family.
+pub fn client_set(uplink: &str, v6: bool) -> String {
+    format!("client{}.{uplink}", if v6 { 6 } else { 4 })
+}
+
 impl ElemKey {
-    pub fn map(&self) -> &'static str {
+    /// The map or set the element goes in, given the chain it leads to.
+    pub fn container(&self, target: &str) -> Cow<'static, str> {
+        let home = || target.strip_prefix("home_").unwrap_or(target);
         match self {
-            ElemKey::V4(_) => MAP_CLIENT4,
-            ElemKey::V6(_) => MAP_CLIENT6,
-            ElemKey::Mark(_) => MAP_STICKY,
-            ElemKey::Pin4(_) => MAP_PIN4,
-            ElemKey::Pin6(_) => MAP_PIN6,
+            ElemKey::V4(_) => Cow::Owned(client_set(home(), false)),
+            ElemKey::V6(_) => Cow::Owned(client_set(home(), true)),
+            ElemKey::Mark(_) => Cow::Borrowed(MAP_STICKY),
+            ElemKey::Pin4(_) => Cow::Borrowed(MAP_PIN4),
+            ElemKey::Pin6(_) => Cow::Borrowed(MAP_PIN6),
         }
+    }
+
+    /// A client address (a set element, without a verdict of its own).
+    pub fn is_client(&self) -> bool {
+        matches!(self, ElemKey::V4(_) | ElemKey::V6(_))
     }
 }
 

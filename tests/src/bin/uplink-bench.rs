@@ -459,11 +459,7 @@ fn startup(clients: u32, runs: u64, machine: &str) -> Result<()> {
             if !line.contains(&format!("clients={clients}")) {
                 bail!("unexpected client count: {line}");
             }
-            let count = sh(&[
-                "ip", "netns", "exec", &gw.ns.0, "nft", "list", "map", "inet", "uplinkd", "client4",
-            ])?
-            .matches(": goto")
-            .count();
+            let count = uplink_tests::kernel_clients(&gw.ns.0, "client4")?.len();
             if count != clients as usize {
                 bail!("{count} elements in the kernel, expected {clients}");
             }
