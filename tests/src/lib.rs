@@ -1074,7 +1074,9 @@ impl Lab {
 /// The client addresses of `family` (`"client4"`, `"client6"`) in uplinkd's table in
 /// namespace `ns`, from its per-uplink sets `client4.<uplink>`: address → `home_<uplink>`.
 pub fn kernel_clients(ns: &str, family: &str) -> Result<BTreeMap<IpAddr, String>> {
-    let out = sh(&["ip", "netns", "exec", ns, "nft", "-j", "list", "table", "inet", "uplinkd"])?;
+    let out = sh(&[
+        "ip", "netns", "exec", ns, "nft", "-j", "list", "table", "inet", "uplinkd",
+    ])?;
     let v: serde_json::Value = serde_json::from_str(&out)?;
     let mut m = BTreeMap::new();
     for item in v["nftables"].as_array().into_iter().flatten() {

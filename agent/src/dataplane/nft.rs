@@ -32,12 +32,14 @@ use tokio::io::AsyncWriteExt;
 use crate::config::{AddrMatch, SetConfig, Target};
 use crate::plan::{
     ElemKey, MAP_CLIENT4, MAP_CLIENT6, MAP_PIN4, MAP_PIN6, MAP_STICKY, NftDesired, NftStructure,
-    SpreadKey, Unassigned, Verdict, client_set, home_chain, policy_chain, up_chain,
+    SpreadKey, Unassigned, Verdict, client_set, home_chain, keep_chain, policy_chain, up_chain,
 };
 
 use super::DataplaneError;
 
 const PREROUTING: &str = "prerouting";
+/// Packets from the LAN, after the one interface lookup of `prerouting`.
+const LAN: &str = "lan";
 const POSTROUTING: &str = "postrouting";
 /// Counts forwarded traffic per uplink interface, both directions.
 const ACCOUNTING: &str = "accounting";
@@ -94,6 +96,8 @@ pub struct Signature {
     rules: Vec<(String, Option<String>)>,
     /// Name and type.
     sets: BTreeSet<(String, String)>,
+    /// Named counters (the accounting chain's).
+    counters: BTreeSet<String>,
 }
 
 impl Signature {
@@ -151,6 +155,14 @@ impl Signature {
             }
         }
         (add, del)
+    }
+
+    /// Counters to add and to delete, to turn `self` into `want`.
+    fn counter_changes(&self, want: &Signature) -> (Vec<String>, Vec<String>) {
+        (
+            want.counters.difference(&self.counters).cloned().collect(),
+            self.counters.difference(&want.counters).cloned().collect(),
+        )
     }
 
     /// Chains of `other` whose rule lists differ from `self`'s.
@@ -447,54 +459,11 @@ impl NftDriver {
     pub async fn counters(&self) -> Result<BTreeMap<String, Traffic>, DataplaneError> {
         let out = self
             .run(
-                &["-j", "list", "chain", "inet", &self.table, ACCOUNTING],
+                &["-j", "list", "counters", "table", "inet", &self.table],
                 None,
             )
             .await?;
-        let v: serde_json::Value =
-            serde_json::from_str(&out).map_err(|e| DataplaneError::NftOutput(e.to_string()))?;
-        let mut m: BTreeMap<String, Traffic> = BTreeMap::new();
-        for item in v["nftables"].as_array().into_iter().flatten() {
-            let Some(expr) = item["rule"]["expr"].as_array() else {
-                continue;
-            };
-            let mut iface = None;
-            let mut family = None;
-            let mut reply = false;
-            let mut counter = None;
-            for e in expr {
-                let left = &e["match"]["left"];
-                let right = e["match"]["right"].as_str();
-                match (left["meta"]["key"].as_str(), right) {
-                    (Some(key @ ("iifname" | "oifname")), Some(name)) => {
-                        iface = Some((key == "oifname", name.to_string()));
-                    }
-                    (Some("nfproto"), Some(f)) => family = Some(f == "ipv6"),
-                    _ => {}
-                }
-                if left["ct"]["key"].as_str() == Some("direction") && right == Some("reply") {
-                    reply = true;
-                }
-                if let (Some(p), Some(b)) = (
-                    e["counter"]["packets"].as_u64(),
-                    e["counter"]["bytes"].as_u64(),
-                ) {
-                    counter = Some((p, b));
-                }
-            }
-            let (Some((out, name)), Some(c)) = (iface, counter) else {
-                continue;
-            };
-            let t = m.entry(name).or_default();
-            match (family, reply, out) {
-                (Some(false), true, false) => t.replies.0 = c.0,
-                (Some(true), true, false) => t.replies.1 = c.0,
-                (None, false, true) => t.tx = c,
-                (None, false, false) => t.rx = c,
-                _ => {}
-            }
-        }
-        Ok(m)
+        parse_counters(&out)
     }
 
     /// Deletes the table if it exists; nothing else.
@@ -578,10 +547,19 @@ impl NftDriver {
                 for name in &old_sets {
                     batch.push(json!({"delete": {"set": {"family": "inet", "table": table, "name": name}}}).to_string());
                 }
+                // Counters change with the uplinks' interfaces, and so do the accounting
+                // rules that name them (flushed above).
+                let (new_counters, old_counters) = k.signature.counter_changes(&want_sig);
+                for name in &old_counters {
+                    batch.push(json!({"delete": {"counter": {"family": "inet", "table": table, "name": name}}}).to_string());
+                }
                 for o in objs.iter().filter(|o| {
                     o["set"]["name"]
                         .as_str()
                         .is_some_and(|n| new_sets.contains(n))
+                        || o["counter"]["name"]
+                            .as_str()
+                            .is_some_and(|n| new_counters.iter().any(|c| c == n))
                 }) {
                     batch.push(add(o));
                 }
@@ -1044,7 +1022,9 @@ fn render_structure(s: &NftStructure) -> Vec<Value> {
     // Regular chains first: base chains and maps refer to them.
     for u in &s.uplinks {
         objs.push(NfListObject::Chain(chain(&up_chain(&u.name))));
+        objs.push(NfListObject::Chain(chain(&keep_chain(&u.name))));
         objs.push(NfListObject::Chain(chain(&home_chain(&u.name))));
+        objs.push(NfListObject::Chain(chain(&inbound_chain(&u.name))));
     }
     objs.push(NfListObject::Chain(chain(UNASSIGNED)));
     objs.push(NfListObject::Chain(chain(OVERFLOW)));
@@ -1056,6 +1036,7 @@ fn render_structure(s: &NftStructure) -> Vec<Value> {
     for r in s.rules.iter() {
         objs.push(NfListObject::Chain(chain(&rule_chain(&r.name))));
     }
+    objs.push(NfListObject::Chain(chain(LAN)));
     objs.push(NfListObject::Chain(Chain {
         _type: Some(NfChainType::Filter),
         hook: Some(NfHook::Prerouting),
@@ -1164,6 +1145,30 @@ fn render_structure(s: &NftStructure) -> Vec<Value> {
                 }),
             ],
         ));
+        // An established connection's later packets: one mark write, not two. While the
+        // uplink has no IPv6 next hop its IPv6 flows take the detour, as new ones do.
+        if let Some(to) = &u.v6_detour {
+            objs.push(rule(
+                &keep_chain(&u.name),
+                vec![
+                    Statement::Match(Match {
+                        left: meta(MetaKey::Nfproto),
+                        right: Expression::String(Cow::Borrowed("ipv6")),
+                        op: Operator::EQ,
+                    }),
+                    Statement::Goto(JumpTarget {
+                        target: Cow::Owned(up_chain(to)),
+                    }),
+                ],
+            ));
+        }
+        objs.push(rule(
+            &keep_chain(&u.name),
+            vec![Statement::Mangle(Mangle {
+                key: meta(MetaKey::Mark),
+                value: set_bits(meta(MetaKey::Mark), u.fwmark),
+            })],
+        ));
         // The indirection failover rewrites: one rule, whatever the number of clients.
         // Failed over, it holds the spread, rendered with the policies'
         // (`render_policies`).
@@ -1181,13 +1186,8 @@ fn render_structure(s: &NftStructure) -> Vec<Value> {
     // conntrack entry gets the uplink's mark, which the sticky map restores on replies.
     for u in &s.uplinks {
         objs.push(rule(
-            PREROUTING,
+            &inbound_chain(&u.name),
             vec![
-                Statement::Match(Match {
-                    left: meta(MetaKey::Iifname),
-                    right: Expression::String(Cow::Owned(u.interface.clone())),
-                    op: Operator::EQ,
-                }),
                 Statement::Match(Match {
                     left: Expression::Named(NamedExpression::CT(CT {
                         key: Cow::Borrowed("state"),
@@ -1204,25 +1204,9 @@ fn render_structure(s: &NftStructure) -> Vec<Value> {
         ));
     }
 
-    let lan = s
-        .lan_interfaces
-        .iter()
-        .map(|i| SetItem::Element(Expression::String(Cow::Owned(i.clone()))))
-        .collect();
-    objs.push(rule(
-        PREROUTING,
-        vec![
-            Statement::Match(Match {
-                left: meta(MetaKey::Iifname),
-                right: Expression::Named(NamedExpression::Set(lan)),
-                op: Operator::NEQ,
-            }),
-            Statement::Return(None),
-        ],
-    ));
     // A connection keeps the uplink it started on while that uplink is in the map.
     objs.push(rule(
-        PREROUTING,
+        LAN,
         vec![Statement::VerdictMap(VerdictMap {
             key: Expression::BinaryOperation(Box::new(BinaryOperation::AND(
                 ct_mark(),
@@ -1236,7 +1220,7 @@ fn render_structure(s: &NftStructure) -> Vec<Value> {
     // there; re-marking it mid-flow would send it out of another uplink with its old NAT
     // source when a rule or a set changes.
     objs.push(rule(
-        PREROUTING,
+        LAN,
         vec![
             Statement::Match(Match {
                 left: Expression::Named(NamedExpression::CT(CT {
@@ -1254,7 +1238,7 @@ fn render_structure(s: &NftStructure) -> Vec<Value> {
     ));
     for (proto, map) in [("ip", MAP_PIN4), ("ip6", MAP_PIN6)] {
         objs.push(rule(
-            PREROUTING,
+            LAN,
             vec![Statement::VerdictMap(VerdictMap {
                 key: payload(proto),
                 data: Expression::String(Cow::Owned(format!("@{map}"))),
@@ -1264,56 +1248,26 @@ fn render_structure(s: &NftStructure) -> Vec<Value> {
     // Pins win over rules (the operator's word about one client); then the rules, which
     // end in the default policy.
     objs.push(rule(
-        PREROUTING,
+        LAN,
         vec![Statement::Goto(JumpTarget {
             target: Cow::Borrowed(RULES),
         })],
     ));
-    let iface_is = |key, u: &crate::plan::NftUplink| {
-        Statement::Match(Match {
-            left: meta(key),
-            right: Expression::String(Cow::Owned(u.interface.clone())),
-            op: Operator::EQ,
-        })
-    };
-    let counter = || Statement::Counter(nftables::stmt::Counter::Anonymous(None));
-    for u in &s.uplinks {
-        for key in [MetaKey::Oifname, MetaKey::Iifname] {
-            objs.push(rule(ACCOUNTING, vec![iface_is(key, u), counter()]));
-        }
-        // Passive health's evidence, per family: replies to flows the LAN opened. Neither
-        // unsolicited packets nor port-forwarded connections count, and one family's
-        // traffic says nothing about the other's path.
-        for family in ["ipv4", "ipv6"] {
-            objs.push(rule(
-                ACCOUNTING,
-                vec![
-                    iface_is(MetaKey::Iifname, u),
-                    Statement::Match(Match {
-                        left: meta(MetaKey::Nfproto),
-                        right: Expression::String(Cow::Borrowed(family)),
-                        op: Operator::EQ,
-                    }),
-                    Statement::Match(Match {
-                        left: Expression::Named(NamedExpression::CT(CT {
-                            key: Cow::Borrowed("direction"),
-                            ..CT::default()
-                        })),
-                        right: Expression::String(Cow::Borrowed("reply")),
-                        op: Operator::EQ,
-                    }),
-                    counter(),
-                ],
-            ));
+    // One lookup for every masquerading interface (each listed once).
+    let mut masquerading: Vec<SetItem> = Vec::new();
+    for u in s.uplinks.iter().filter(|u| u.masquerade) {
+        let item = SetItem::Element(Expression::String(Cow::Owned(u.interface.clone())));
+        if !masquerading.contains(&item) {
+            masquerading.push(item);
         }
     }
-    for u in s.uplinks.iter().filter(|u| u.masquerade) {
+    if !masquerading.is_empty() {
         objs.push(rule(
             POSTROUTING,
             vec![
                 Statement::Match(Match {
                     left: meta(MetaKey::Oifname),
-                    right: Expression::String(Cow::Owned(u.interface.clone())),
+                    right: Expression::Named(NamedExpression::Set(masquerading)),
                     op: Operator::EQ,
                 }),
                 Statement::Masquerade(None),
@@ -1321,6 +1275,7 @@ fn render_structure(s: &NftStructure) -> Vec<Value> {
         ));
     }
     let mut out = vec![table];
+    out.extend(accounting_counters(s));
     out.extend(client_sets(&s.table, &s.uplinks));
     out.extend(render_sets(&s.table, &s.sets));
     out.extend(routed_sets(&s.table));
@@ -1332,15 +1287,97 @@ fn render_structure(s: &NftStructure) -> Vec<Value> {
     // the sticky lookup and the guard that established connections stop at.
     let guard = rules
         .iter()
-        .position(|r| r["rule"]["chain"] == PREROUTING && r.to_string().contains("established"))
+        .position(|r| r["rule"]["chain"] == LAN && r.to_string().contains("established"))
         .expect("the established-connection guard is rendered");
     for (i, r) in routed_rules(s, RoutedStep::Seen).into_iter().enumerate() {
         rules.insert(guard + 1 + i, r);
     }
+    // One lookup of the input interface sorts every packet: the LAN's to be classified,
+    // an uplink's to have its new connections marked (answered through it), the rest
+    // untouched.
+    let by_iface: Vec<Value> = s
+        .lan_interfaces
+        .iter()
+        .map(|i| json!([i, goto(LAN)]))
+        .chain(
+            s.uplinks
+                .iter()
+                .enumerate()
+                // Uplinks that share an interface: the first one's mark (a key is listed
+                // once).
+                .filter(|(i, u)| {
+                    !s.lan_interfaces.contains(&u.interface)
+                        && !s.uplinks[..*i].iter().any(|o| o.interface == u.interface)
+                })
+                .map(|(_, u)| json!([u.interface, goto(&inbound_chain(&u.name))])),
+        )
+        .collect();
+    rules.push(raw_rule(
+        &s.table,
+        PREROUTING,
+        vec![json!({"vmap": {"key": {"meta": {"key": "iifname"}}, "data": {"set": by_iface}}})],
+        None,
+    ));
     out.extend(chains);
     out.extend(rules);
+    out.extend(accounting_rules(s));
     out.extend(render_policies(s));
     out
+}
+
+/// The uplinks' interfaces, each once (uplinks may share one), in config order.
+fn uplink_interfaces(s: &NftStructure) -> Vec<&str> {
+    let mut out: Vec<&str> = Vec::new();
+    for u in &s.uplinks {
+        if !out.contains(&u.interface.as_str()) {
+            out.push(&u.interface);
+        }
+    }
+    out
+}
+
+/// Per uplink interface: bytes out (`tx.`) and in (`rx.`), and packets in reply to flows
+/// the LAN opened, per family (`reply4.`, `reply6.`): passive health's evidence.
+const COUNTER_KINDS: [&str; 4] = ["tx", "rx", "reply4", "reply6"];
+
+fn accounting_counters(s: &NftStructure) -> Vec<Value> {
+    uplink_interfaces(s)
+        .into_iter()
+        .flat_map(|i| COUNTER_KINDS.map(|k| format!("{k}.{i}")))
+        .map(|name| json!({"counter": {"family": "inet", "table": s.table, "name": name}}))
+        .collect()
+}
+
+/// The accounting chain: three lookups per forwarded packet, whatever the number of
+/// uplinks (each names the counter of the packet's interface). Neither unsolicited
+/// packets nor port-forwarded connections count as replies, and one family's traffic
+/// says nothing about the other's path.
+fn accounting_rules(s: &NftStructure) -> Vec<Value> {
+    let ifaces = uplink_interfaces(s);
+    let by = |kind: &str| json!({"set": ifaces.iter().map(|i| json!([i, format!("{kind}.{i}")])).collect::<Vec<_>>()});
+    let meta = |key: &str| json!({"meta": {"key": key}});
+    let replies: Vec<Value> = ifaces
+        .iter()
+        .flat_map(|i| {
+            [("ipv4", "reply4"), ("ipv6", "reply6")]
+                .map(|(f, k)| json!([{"concat": [i, f]}, format!("{k}.{i}")]))
+        })
+        .collect();
+    let count = |key: Value, data: Value| json!({"counter": {"map": {"key": key, "data": data}}});
+    [
+        vec![count(meta("oifname"), by("tx"))],
+        vec![count(meta("iifname"), by("rx"))],
+        vec![
+            matches(json!({"ct": {"key": "direction"}}), json!("reply")),
+            count(
+                json!({"concat": [meta("iifname"), meta("nfproto")]}),
+                json!({"set": replies}),
+            ),
+        ],
+    ]
+    .into_iter()
+    .map(|expr| raw_rule(&s.table, ACCOUNTING, expr, None))
+    .collect()
 }
 
 /// A rule object with its hash comment, followed by `tag` (a `[[rule]]`'s name, for its
@@ -1423,11 +1460,16 @@ fn routed_rules(s: &NftStructure, step: RoutedStep) -> Vec<Value> {
         }
         let chain = match step {
             RoutedStep::New => policy_chain(DEFAULT_POLICY),
-            RoutedStep::Seen => PREROUTING.to_string(),
+            RoutedStep::Seen => LAN.to_string(),
         };
         out.push(raw_rule(&s.table, &chain, expr, None));
     }
     out
+}
+
+/// Where a packet that arrived on the uplink goes: its new connection is marked.
+fn inbound_chain(uplink: &str) -> String {
+    format!("in_{uplink}")
 }
 
 fn set_name(set: &str, v6: bool) -> String {
@@ -2033,6 +2075,9 @@ fn signature_of_items<'a, 'b: 'a>(items: impl Iterator<Item = &'a ListItem<'b>>)
         {
             sig.rules.push((r.chain.clone(), r.comment.clone()));
         }
+        if let Some(c) = &it.counter {
+            sig.counters.insert(c.name.clone());
+        }
         if let Some(s) = &it.set {
             // The flags too: a `[[set]]` turned external (plain, filled by someone else)
             // is a new set, not the old one with uplinkd's stale elements left in it.
@@ -2061,6 +2106,7 @@ struct ListItem<'a> {
     rule: Option<ListRule>,
     #[serde(borrow)]
     set: Option<ListSet<'a>>,
+    counter: Option<ListCounter>,
     #[serde(borrow)]
     map: Option<ListMap<'a>>,
 }
@@ -2086,6 +2132,11 @@ struct ListSet<'a> {
     /// Read for the client sets only (others' elements are not compared one by one).
     #[serde(default, borrow)]
     elem: Vec<ListKey<'a>>,
+}
+
+#[derive(Deserialize)]
+struct ListCounter {
+    name: String,
 }
 
 #[derive(Deserialize)]
@@ -2122,6 +2173,35 @@ struct ListVerdict<'a> {
 #[derive(Deserialize)]
 struct ListTarget<'a> {
     target: &'a str,
+}
+
+/// `nft -j list counters table` output → traffic per uplink interface.
+fn parse_counters(json: &str) -> Result<BTreeMap<String, Traffic>, DataplaneError> {
+    let v: Value =
+        serde_json::from_str(json).map_err(|e| DataplaneError::NftOutput(e.to_string()))?;
+    let mut m: BTreeMap<String, Traffic> = BTreeMap::new();
+    for c in v["nftables"].as_array().into_iter().flatten() {
+        let c = &c["counter"];
+        let (Some(name), Some(p), Some(b)) = (
+            c["name"].as_str(),
+            c["packets"].as_u64(),
+            c["bytes"].as_u64(),
+        ) else {
+            continue;
+        };
+        let Some((kind, iface)) = name.split_once('.') else {
+            continue;
+        };
+        let t = m.entry(iface.to_string()).or_default();
+        match kind {
+            "tx" => t.tx = (p, b),
+            "rx" => t.rx = (p, b),
+            "reply4" => t.replies.0 = p,
+            "reply6" => t.replies.1 = p,
+            _ => {}
+        }
+    }
+    Ok(m)
 }
 
 /// `nft -j list table` output → what uplinkd owns in it.
@@ -2325,7 +2405,7 @@ mod tests {
         let (new, old) = base.chain_changes(&sig4);
         assert_eq!(
             new.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(),
-            ["home_b", "up_b"]
+            ["home_b", "in_b", "keep_b", "up_b"]
         );
         assert!(old.is_empty());
         assert!(sig4.compatible(&base), "and removes them in place");
@@ -2359,8 +2439,10 @@ mod tests {
         );
         // An earlier version's client verdict map: its assignments are adopted, and the
         // table, no longer alike, is replaced.
-        items.push(serde_json::json!({"map": {"name": MAP_CLIENT4, "type": "ipv4_addr", "map": "verdict",
-            "elem": [["10.0.0.2", {"goto": {"target": "home_a"}}]]}}));
+        items.push(
+            serde_json::json!({"map": {"name": MAP_CLIENT4, "type": "ipv4_addr", "map": "verdict",
+            "elem": [["10.0.0.2", {"goto": {"target": "home_a"}}]]}}),
+        );
         let k = parse_listing(&serde_json::json!({"nftables": items}).to_string()).unwrap();
         assert!(!k.signature.compatible(&signature_of(&objs)));
         assert_eq!(adopted_homes(&k, |_| true).len(), 2);

@@ -111,7 +111,7 @@ pub enum ElemKey {
     V4(Ipv4Addr),
     /// As `V4`, in `client6.<uplink>`.
     V6(Ipv6Addr),
-    /// `sticky`: conntrack mark → `up_<uplink>`, for connections that already have one.
+    /// `sticky`: conntrack mark → `keep_<uplink>`, for connections that already have one.
     Mark(u32),
     /// `pin4`: operator override → `home_<uplink>`, looked up before `client4`. Its own
     /// map so that pinning adds an element instead of changing one (a change costs a
@@ -154,6 +154,12 @@ impl ElemKey {
 
 pub fn home_chain(uplink: &str) -> String {
     format!("home_{uplink}")
+}
+
+/// Where the sticky map sends an established connection's packets: the uplink's packet
+/// mark only (its conntrack mark already says the uplink).
+pub fn keep_chain(uplink: &str) -> String {
+    format!("keep_{uplink}")
 }
 
 pub fn up_chain(uplink: &str) -> String {
@@ -302,7 +308,7 @@ pub fn plan_touched(config: &Config, model: &Model, touched: &Touched) -> Desire
     {
         elements.insert(
             ElemKey::Mark(dp.fwmark(u.mark)),
-            Arc::from(up_chain(&u.name)),
+            Arc::from(keep_chain(&u.name)),
         );
     }
     // One allocation per uplink, shared by all its clients' elements.
@@ -730,7 +736,7 @@ interface = "ppp0"
             &*d.nft.elements[&ElemKey::V6("2001:db8::1".parse().unwrap())],
             "home_a"
         );
-        assert_eq!(&*d.nft.elements[&ElemKey::Mark(0x0200_0000)], "up_b");
+        assert_eq!(&*d.nft.elements[&ElemKey::Mark(0x0200_0000)], "keep_b");
         // The next client goes to b (a has one client at weight 2, b none).
         assert_eq!(d.nft.unassigned, Some(Unassigned::Next("b".into())));
     }
