@@ -113,6 +113,12 @@ fn main() -> Result<()> {
             arg(&args, "--runs", 3)?,
             &machine,
         ),
+        Some("forward") => forward_bench(
+            arg(&args, "--clients", 100_000)? as u32,
+            arg(&args, "--seconds", 3)?,
+            arg(&args, "--runs", 5)?,
+            &machine,
+        ),
         Some("lease") => lease(arg(&args, "--trials", 20)?, &machine),
         Some("idle") => idle(arg(&args, "--seconds", 60)?, &machine),
         Some("gap") => gap(
@@ -121,7 +127,7 @@ fn main() -> Result<()> {
             &machine,
         ),
         _ => bail!(
-            "usage: uplink-bench dispatch [--clients N] [--interval-ms M] [--runs R] [--rules N] | startup [--clients N] [--runs R] | failover [--clients N] [--trials T] [--rules N] | gap carrier|silent [--trials T] | lease [--trials T] | idle [--seconds S] | fleet [--max 1000] [--runs R] [--idle-seconds 30] | pin [--pins N] | ctflush [--flows 2000] [--runs 3] | abuse [--clients 50000] [--dispatch 300] [--trials 10] | rules [--clients 100000] [--seconds 3] [--runs 3] | soak [--seconds 3600] [--clients 10000] [--churn 1000] [--failover-every 60] [--watchers 20] [--warmup 60]"
+            "usage: uplink-bench dispatch [--clients N] [--interval-ms M] [--runs R] [--rules N] | startup [--clients N] [--runs R] | failover [--clients N] [--trials T] [--rules N] | gap carrier|silent [--trials T] | lease [--trials T] | idle [--seconds S] | fleet [--max 1000] [--runs R] [--idle-seconds 30] | pin [--pins N] | ctflush [--flows 2000] [--runs 3] | abuse [--clients 50000] [--dispatch 300] [--trials 10] | rules [--clients 100000] [--seconds 3] [--runs 3] | forward [--clients 100000] [--seconds 3] [--runs 5] | soak [--seconds 3600] [--clients 10000] [--churn 1000] [--failover-every 60] [--watchers 20] [--warmup 60]"
         ),
     }
 }
@@ -1219,16 +1225,10 @@ fn forwarding_rate(gw: &Gw, snd: &Netns, seconds: u64) -> Result<f64> {
     Ok((count()? - before) as f64 / t)
 }
 
-/// Per-packet cost of the classification: the forwarding rate of packets that each go the
-/// whole way through it (untracked, so no connection mark short-cuts it), with `clients`
-/// clients and 0..1000 rules, next to the seed's one mark rule per client.
-fn rules_bench(clients: u32, seconds: u64, runs: u64, machine: &str) -> Result<()> {
-    println!(
-        "per-packet classification: {clients} clients, one sender (client #{}), untracked UDP",
-        clients / 2
-    );
-    println!("machine: {machine}; agent {}", uplinkd_bin().display());
-    let gw = Gw::new("brl")?;
+/// A gateway with `clients` neighbours on its LAN and a sender namespace with the
+/// address of the middle one, whose UDP to 203.0.113.10:9999 the ISP side counts.
+fn sender_lab(tag: &str, clients: u32) -> Result<(Gw, Netns)> {
+    let gw = Gw::new(tag)?;
     gw.ns.exec(&[
         "sysctl",
         "-qw",
@@ -1257,6 +1257,64 @@ fn rules_bench(clients: u32, seconds: u64, runs: u64, machine: &str) -> Result<(
     snd.exec(&["ip", "link", "set", "eth0", "up"])?;
     snd.exec(&["ip", "addr", "add", &format!("{me}/15"), "dev", "eth0"])?;
     snd.exec(&["ip", "route", "add", "default", "via", "198.18.0.1"])?;
+    Ok((gw, snd))
+}
+
+/// Per-packet cost of an established flow (what nearly every packet is): the forwarding
+/// rate of one tracked, masqueraded UDP flow through uplinkd with `clients` clients, next
+/// to bare forwarding on the same path (the same routing and masquerade, one mark rule,
+/// no classification).
+fn forward_bench(clients: u32, seconds: u64, runs: u64, machine: &str) -> Result<()> {
+    println!(
+        "per-packet cost of an established flow: {clients} clients, one sender (client #{}), one tracked UDP flow per run, masqueraded",
+        clients / 2
+    );
+    println!("machine: {machine}; agent {}", uplinkd_bin().display());
+    let (gw, snd) = sender_lab("bfw", clients)?;
+    let (child, _, rx) = gw.start_agent()?;
+    let (_, started) = wait_line(&rx, "initial apply done", Duration::from_secs(120))?;
+    if !started.contains(&format!("clients={clients}")) {
+        bail!("the agent does not hold the {clients} clients: {started}");
+    }
+    // Interleaved, so that the machine's drift hits both alike.
+    let mut agent = Vec::new();
+    let mut bare = Vec::new();
+    let bare_table = "add table ip bare { chain pre { type filter hook prerouting priority -150; meta mark set 0x01000000; }; chain post { type nat hook postrouting priority 100; oifname \"wan1\" masquerade; }; }";
+    let uplinkd = gw.ns.exec(&["nft", "list", "table", "inet", "uplinkd"])?;
+    stop(child)?;
+    for _ in 0..runs {
+        // uplinkd's table back as it left it (its routing rules and tables stay).
+        load_nft(&gw, &uplinkd)?;
+        agent.push(forwarding_rate(&gw, &snd, seconds)?);
+        gw.ns.exec(&["nft", "delete", "table", "inet", "uplinkd"])?;
+        gw.ns.exec(&["nft", bare_table])?;
+        bare.push(forwarding_rate(&gw, &snd, seconds)?);
+        gw.ns.exec(&["nft", "delete", "table", "ip", "bare"])?;
+    }
+    let (a, b) = (median(&mut agent), median(&mut bare));
+    println!("uplinkd: median {a:.0} packets/s {agent:.0?}");
+    println!("bare: median {b:.0} packets/s {bare:.0?}");
+    println!("uplinkd: {:.2}× bare", a / b);
+    Ok(())
+}
+
+fn load_nft(gw: &Gw, ruleset: &str) -> Result<()> {
+    let path = gw.dir.join("table.nft");
+    std::fs::write(&path, ruleset)?;
+    gw.ns.exec(&["nft", "-f", path.to_str().expect("utf-8")])?;
+    Ok(())
+}
+
+/// Per-packet cost of the classification: the forwarding rate of packets that each go the
+/// whole way through it (untracked, so no connection mark short-cuts it), with `clients`
+/// clients and 0..1000 rules, next to the seed's one mark rule per client.
+fn rules_bench(clients: u32, seconds: u64, runs: u64, machine: &str) -> Result<()> {
+    println!(
+        "per-packet classification: {clients} clients, one sender (client #{}), untracked UDP",
+        clients / 2
+    );
+    println!("machine: {machine}; agent {}", uplinkd_bin().display());
+    let (gw, snd) = sender_lab("brl", clients)?;
     gw.ns.exec(&["nft", "add table inet bench_raw { chain c { type filter hook prerouting priority -300; udp dport 9999 notrack; }; }"])?;
     let base = std::fs::read_to_string(gw.dir.join("uplinkd.toml"))?;
     let mut rows: Vec<(String, f64, Vec<f64>)> = Vec::new();
