@@ -447,13 +447,15 @@ fn a_deleted_element_is_repaired_by_the_full_resync() -> anyhow::Result<()> {
     lab.start_agent()?;
     lab.greet_clients()?;
     let c1 = client_v4(1);
+    let home = lab.kernel_map("client4")?[&c1.into()].clone();
+    let set = format!("client4.{}", home.trim_start_matches("home_"));
     lab.gw(&[
         "nft",
         "delete",
         "element",
         "inet",
         "uplinkd",
-        "client4",
+        &set,
         &format!("{{ {c1} }}"),
     ])?;
     assert!(!lab.kernel_map("client4")?.contains_key(&c1.into()));
