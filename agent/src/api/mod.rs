@@ -638,7 +638,7 @@ impl agent_server::Agent for AgentService {
             let flow = validate::flow(req.get_ref())?;
             let s = self.snapshot();
             let sets = self.sets(&s).await?;
-            let e = crate::plan::policy::explain(&s.config, &s.model, &sets, &flow);
+            let e = crate::plan::verdict::explain(&s.config, &s.model, &sets, &flow);
             Ok(Response::new(view::explanation(e)))
         })
         .await

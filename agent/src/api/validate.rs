@@ -73,7 +73,7 @@ pub fn page(size: u32, token: &str) -> Result<(usize, Option<Mac>), Status> {
 }
 
 /// An `Explain` request as a flow.
-pub fn flow(r: &uplink_api::v1::ExplainRequest) -> Result<crate::plan::policy::Flow, Status> {
+pub fn flow(r: &uplink_api::v1::ExplainRequest) -> Result<crate::plan::verdict::Flow, Status> {
     use crate::config::Proto;
     let src = ip("src", &r.src)?;
     let dst = ip("dst", &r.dst)?;
@@ -114,7 +114,7 @@ pub fn flow(r: &uplink_api::v1::ExplainRequest) -> Result<crate::plan::policy::F
         },
     };
     let iif = r.iif.trim();
-    Ok(crate::plan::policy::Flow {
+    Ok(crate::plan::verdict::Flow {
         src,
         dst,
         proto,

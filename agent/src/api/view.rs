@@ -124,7 +124,7 @@ pub fn current(
         .copied()
         .unwrap_or(IpAddr::from([0, 0, 0, 0]));
     (
-        crate::plan::policy::home_spread(config, model, i, ip),
+        crate::plan::verdict::home_spread(config, model, i, ip),
         v1::AssignmentReason::Failover,
     )
 }
@@ -175,7 +175,7 @@ pub fn carried(config: &Config, model: &Model) -> Vec<usize> {
 /// The uplinks the default policy draws new connections from, when it spreads them per
 /// connection or per destination rather than per client (`None` in client mode).
 pub fn spread_by_policy(config: &Config, model: &Model) -> Option<Vec<usize>> {
-    use crate::plan::policy::{Verdict, default_verdict};
+    use crate::plan::verdict::{Verdict, default_verdict};
     if config.dispatch == crate::config::Mode::Client {
         return None;
     }
@@ -259,15 +259,15 @@ fn map_state(s: UplinkState) -> v1::UplinkState {
 /// The default policy and every `[[policy]]`, with what each uses now and why.
 pub fn policies(config: &Config, model: &Model) -> Vec<v1::Policy> {
     use crate::config::WhenNone;
-    use crate::model::policy::Outcome;
-    use crate::plan::policy::{Verdict, default_verdict, policy_verdict};
+    use crate::model::sla::Outcome;
+    use crate::plan::verdict::{Verdict, default_verdict, policy_verdict};
     let name = |i: usize| config.uplinks[i].name.clone();
     let one = |pname: String,
                mode: crate::config::Mode,
                members: &[usize],
                sla: Option<(usize, &crate::config::Sla)>,
                when_none: Option<WhenNone>,
-               (verdict, choice): (Verdict, crate::model::policy::Choice)| {
+               (verdict, choice): (Verdict, crate::model::sla::Choice)| {
         let state = match (&verdict, choice.outcome) {
             (Verdict::Drop, _) => "drop",
             (Verdict::Default, _) => "fallback",
@@ -404,7 +404,7 @@ pub fn rules(
         .collect()
 }
 
-pub fn explanation(e: crate::plan::policy::Explanation) -> v1::Explanation {
+pub fn explanation(e: crate::plan::verdict::Explanation) -> v1::Explanation {
     v1::Explanation {
         rule: e.rule.unwrap_or_default(),
         policy: e.policy,

@@ -12,12 +12,12 @@ use ipnet::IpNet;
 use serde::Deserialize;
 use toml::Spanned;
 
-mod policy;
-pub use policy::{
+mod traffic;
+pub use traffic::{
     AddrMatch, DSCP_NAMES, MAX_SET_ELEMENTS, Mode, PolicyConfig, Proto, RuleConfig, SetConfig, Sla,
     Target, WhenNone, dscp_by_name, parse_net,
 };
-use policy::{RawDispatch, RawPolicy, RawRule, RawSet};
+use traffic::{RawDispatch, RawPolicy, RawRule, RawSet};
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/uplink/uplinkd.toml";
 
@@ -645,7 +645,7 @@ impl Validator<'_> {
                 let mut nets = Vec::new();
                 for (i, p) in list.iter().enumerate() {
                     let key = format!("lan.routed[{i}]");
-                    let net = policy::parse_net(p.get_ref())
+                    let net = traffic::parse_net(p.get_ref())
                         .filter(|n| n.prefix_len() > 0)
                         .ok_or_else(|| {
                             self.err(

@@ -5,7 +5,8 @@ pub mod assign;
 pub mod failover;
 pub mod mac;
 pub mod nexthop;
-pub mod policy;
+pub mod set_edits;
+pub mod sla;
 pub mod state_file;
 
 use std::collections::{BTreeMap, HashMap};
@@ -257,7 +258,7 @@ pub struct Model {
     max_clients: usize,
     max_addresses: usize,
     /// Per policy (config order), per uplink: the SLA verdict.
-    pub sla: Vec<Vec<policy::SlaState>>,
+    pub sla: Vec<Vec<sla::SlaState>>,
     /// Where the kernel sends a new client's packets before its assignment lands: set
     /// once that verdict is applied.
     pub unassigned_to: Option<String>,
@@ -266,7 +267,7 @@ pub struct Model {
     /// with another public address.
     pub moved_on_arrival: u64,
     /// Operators' edits of `[[set]]` elements, by set name.
-    pub set_edits: BTreeMap<String, policy::SetEdits>,
+    pub set_edits: BTreeMap<String, set_edits::SetEdits>,
     /// The configured sets with those edits applied, rebuilt when they change
     /// (`keep_set_edits`, `edit_set`), so that a placement does not copy them.
     edited_sets: Option<std::sync::Arc<Vec<crate::config::SetConfig>>>,

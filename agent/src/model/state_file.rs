@@ -67,7 +67,7 @@ pub struct Decisions {
     pub overrides: BTreeMap<IpAddr, Override>,
     /// Elements added to and removed from `[[set]]`s through the API, by set name.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub sets: BTreeMap<String, super::policy::SetEdits>,
+    pub sets: BTreeMap<String, super::set_edits::SetEdits>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -372,7 +372,7 @@ mod tests {
             overrides: pins,
             sets: BTreeMap::from([(
                 "saas".to_string(),
-                crate::model::policy::SetEdits {
+                crate::model::set_edits::SetEdits {
                     added: ["198.51.100.7/32".parse().unwrap()].into(),
                     removed: Default::default(),
                 },

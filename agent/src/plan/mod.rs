@@ -11,8 +11,8 @@ use crate::model::failover::HomeTarget;
 use crate::model::nexthop::Hop;
 use crate::model::{Model, Touched};
 
-pub mod policy;
-pub use policy::{NftPolicy, SpreadKey, Unassigned, Verdict};
+pub mod verdict;
+pub use verdict::{NftPolicy, SpreadKey, Unassigned, Verdict};
 
 /// Largest number of hash buckets the new-client fallback uses.
 const MAX_FALLBACK_BUCKETS: u32 = 64;
@@ -283,12 +283,12 @@ pub fn plan_touched(config: &Config, model: &Model, touched: &Touched) -> Desire
         policies: (0..config.policies.len())
             .map(|p| NftPolicy {
                 name: config.policies[p].name.clone(),
-                verdict: policy::policy_verdict(config, model, p).0,
+                verdict: verdict::policy_verdict(config, model, p).0,
             })
             .collect(),
-        default: policy::default_verdict(config, model).0,
+        default: verdict::default_verdict(config, model).0,
         overflow: overflow_buckets(config, model),
-        local: policy::local_verdict(config, model),
+        local: verdict::local_verdict(config, model),
         local_bound: local_bound(config, model),
         capped: model.capped_clients().copied().collect(),
         routed: model.routed_prefixes(),
@@ -296,7 +296,7 @@ pub fn plan_touched(config: &Config, model: &Model, touched: &Touched) -> Desire
         nflog_group: dp.nflog_group,
     };
     let client_mode = structure.default == Verdict::Clients;
-    let unassigned = client_mode.then(|| policy::unassigned(config, model));
+    let unassigned = client_mode.then(|| verdict::unassigned(config, model));
 
     let mut elements = BTreeMap::new();
     // A connection keeps its uplink only while that uplink is usable.
@@ -446,7 +446,7 @@ pub fn plan_touched(config: &Config, model: &Model, touched: &Touched) -> Desire
     }
 
     for family in [Family::V4, Family::V6] {
-        if let Some(i) = policy::local_first(config, model, family == Family::V6) {
+        if let Some(i) = verdict::local_first(config, model, family == Family::V6) {
             rules.insert(RuleSpec {
                 family,
                 priority: dp.rule_priority + 3,
@@ -479,8 +479,8 @@ fn local_bound(config: &Config, model: &Model) -> Vec<IpAddr> {
         return Vec::new();
     }
     let first = [
-        policy::local_first(config, model, false),
-        policy::local_first(config, model, true),
+        verdict::local_first(config, model, false),
+        verdict::local_first(config, model, true),
     ];
     let mut out: Vec<IpAddr> = model
         .uplinks

@@ -11,7 +11,7 @@ use crate::config::{
     AddrMatch, Config, LocalPolicy, Mode, Proto, RuleConfig, SetConfig, Target, WhenNone,
 };
 use crate::model::Model;
-use crate::model::policy::{Choice, Outcome};
+use crate::model::sla::{Choice, Outcome};
 
 /// What a policy chain does with a new connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
