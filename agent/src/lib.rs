@@ -13,6 +13,7 @@ pub mod discover;
 pub mod fuzzing;
 pub mod health;
 pub mod init;
+pub mod listen;
 pub mod lock;
 pub mod metrics;
 pub mod model;

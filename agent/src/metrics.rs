@@ -655,14 +655,14 @@ pub async fn serve(
     let tls = match &cfg.tls {
         None => None,
         Some((cert, key)) => Some(tokio_rustls::TlsAcceptor::from(
-            crate::api::tls::plain_server_config(cert, key)
+            crate::listen::tls::plain_server_config(cert, key)
                 .map_err(|e| format!("metrics TLS: {e}"))?,
         )),
     };
     // A quarter of the slots per address: a scraper that leaks connections cannot lock
     // the others out.
     let slots =
-        crate::api::limit::Slots::new(cfg.max_connections, (cfg.max_connections / 4).max(1));
+        crate::listen::limit::Slots::new(cfg.max_connections, (cfg.max_connections / 4).max(1));
     tokio::spawn(async move {
         let refusals = RateLimitedWarning::default();
         loop {

@@ -4,9 +4,7 @@
 //! map errors to gRPC status codes in one place.
 
 pub mod auth;
-pub mod limit;
 pub mod snapshot;
-pub mod tls;
 pub mod validate;
 pub mod view;
 
@@ -24,6 +22,7 @@ use tonic::{Request, Response, Status};
 use uplink_api::v1::{self, agent_server};
 
 use crate::config::ApiConfig;
+use crate::listen::{limit, tls};
 use auth::Role;
 
 /// Why a command was refused; mapped to a gRPC code in one place (`to_status`).

@@ -20,6 +20,18 @@ use tokio::task::JoinHandle;
 use super::Round;
 use crate::config::Probe;
 
+/// Where an uplink's default route points: what the plan routes by and what a probe
+/// needs to leave through the uplink.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hop {
+    /// Through this gateway.
+    Via(IpAddr),
+    /// By device only.
+    Device,
+    /// `auto` and nothing learned yet: no route.
+    Unknown,
+}
+
 /// What a prober needs to know about its uplink.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProbeSpec {
@@ -35,7 +47,7 @@ pub struct ProbeSpec {
     /// The uplink's next hops (IPv4, IPv6). Not used by the probes, which leave by the
     /// uplink's mark and table; a change restarts them, so a round starts the moment a
     /// learned gateway appears instead of finishing one that had no route.
-    pub hops: (crate::model::nexthop::Hop, crate::model::nexthop::Hop),
+    pub hops: (Hop, Hop),
 }
 
 #[derive(Debug)]

@@ -33,16 +33,9 @@ impl LearnedRoute {
     }
 }
 
-/// Where an uplink's default route points, for the plan.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Hop {
-    /// Through this gateway.
-    Via(IpAddr),
-    /// By device only.
-    Device,
-    /// `auto` and nothing learned yet: no route.
-    Unknown,
-}
+/// Defined beside the probes that route by it: the model builds on health, not the other
+/// way round.
+pub use crate::health::probe::Hop;
 
 impl Uplink {
     /// The learned next hop of one family: the lowest metric wins, then the lowest table.
