@@ -455,16 +455,16 @@ pub fn exit_code(results: &[GatewayResult]) -> u8 {
     code
 }
 
-/// `events --follow` against one gateway: history, then live events until interrupted.
 /// `events --follow`: every gateway's stream, merged, each line tagged with its gateway
 /// when there are several. A gateway that goes away (a restart) is reconnected, and both
 /// are said on stderr; the history it sends again is not printed twice. One `--gateway`
 /// that cannot be reached at first is an error (exit code 4), as for any command.
+/// Each event goes to `show` with its gateway's name when there are several.
 pub async fn follow_events(
     targets: &[Target],
     creds: &Credentials,
     timeout: Duration,
-    out: crate::Output,
+    mut show: impl FnMut(&v1::Event, Option<&str>),
 ) -> Result<u8> {
     // A first request, not just a connection: TLS 1.3 refuses a client certificate only
     // after the client's side of the handshake, so a rejected certificate shows here (and
@@ -497,7 +497,7 @@ pub async fn follow_events(
     }
     drop(tx);
     while let Some((gateway, e)) = rx.recv().await {
-        crate::output::event_line(&e, out, tagged.then_some(gateway.as_str()));
+        show(&e, tagged.then_some(gateway.as_str()));
     }
     Ok(0)
 }

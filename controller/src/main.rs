@@ -285,7 +285,11 @@ fn run(cli: Cli) -> Result<u8> {
         .context("cannot start the runtime")?;
     runtime.block_on(async {
         if let Cmd::Events { follow: true } = &cli.command {
-            return fleet::follow_events(&targets, &creds, cli.timeout, cli.output).await;
+            let out = cli.output;
+            return fleet::follow_events(&targets, &creds, cli.timeout, |e, gateway| {
+                output::event_line(e, out, gateway)
+            })
+            .await;
         }
         if cli.rolling {
             return rolling(&cli, &targets, &creds, &request).await;
