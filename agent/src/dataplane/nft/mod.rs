@@ -1,0 +1,1091 @@
+//! The nft driver: renders the desired table as nft JSON (through the `nftables` crate's
+//! schema; `render`), reads the kernel's copy back (`listing`), and applies the difference
+//! (`diff` for the elements, the structure here) in one `nft -j -f -` transaction.
+//!
+//! Structure (chains, rules, maps) is compared by signature: every rule carries a comment
+//! with a hash of its own expression, so a deleted, added or changed rule shows up. Chains
+//! whose rules differ are flushed and refilled in place, with the element changes, in one
+//! transaction; only when the maps or hooks themselves differ (the table was deleted or
+//! edited by hand) is the whole table replaced, elements included, still in one
+//! transaction: packets see the old table or the new one, never a mix. Element changes
+//! come from a whole plan diffed against the cache of the kernel's maps, or from an
+//! incremental plan that names only the client addresses an event touched.
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+
+use ipnet::IpNet;
+use nftables::expr::{
+    BinaryOperation, CT, Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField, SetItem,
+};
+use nftables::schema::{Chain, NfListObject, Rule, Table};
+use nftables::stmt::{JumpTarget, Mangle, Match, Operator, Statement, VerdictMap};
+use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::io::AsyncWriteExt;
+
+use crate::config::{AddrMatch, SetConfig, Target};
+use crate::plan::{
+    ElemKey, MAP_CLIENT4, MAP_CLIENT6, MAP_PIN4, MAP_PIN6, MAP_STICKY, NftDesired, NftStructure,
+    SpreadKey, Unassigned, Verdict, client_set, home_chain, keep_chain, policy_chain, up_chain,
+};
+
+use super::DataplaneError;
+
+mod diff;
+mod listing;
+mod render;
+
+use diff::*;
+pub use diff::{ElemChanges, diff_desired, diff_elements};
+use listing::*;
+pub use listing::{adopted_homes, parse_listing};
+pub use render::rule_chain;
+use render::*;
+
+const PREROUTING: &str = "prerouting";
+/// Packets from the LAN, after the one interface lookup of `prerouting`.
+const LAN: &str = "lan";
+const POSTROUTING: &str = "postrouting";
+/// Counts forwarded traffic per uplink interface, both directions.
+const ACCOUNTING: &str = "accounting";
+/// The `[[rule]]`s, in order; ends in the default policy.
+const RULES: &str = "rules";
+const DEFAULT_POLICY: &str = "default";
+/// Where a client without an assignment yet goes: one `goto home_<uplink>`, rewritten as
+/// clients are placed. A chain of its own, without set lookups, so that its rewrite stays
+/// a small transaction (and `nft monitor` keeps following the maps).
+const UNASSIGNED: &str = "unassigned";
+/// Addresses uplinkd does not track (`lan.max_clients` reached), hashed over the survivors.
+const OVERFLOW: &str = "overflow";
+/// The gateway's own outbound traffic (`[local] policy`): a route-type output chain.
+const OUTPUT: &str = "output";
+/// The default policy's spread for the gateway's own connections.
+const LOCAL: &str = "local";
+/// In a rule's comment, before the `[[rule]]`'s name (its counters are summed by name).
+const RULE_TAG: &str = " rule:";
+/// Rule comments start with this, followed by a hash of the rule's expression.
+const COMMENT_PREFIX: &str = "uplinkd:";
+/// Fixed so that a later API can compute which bucket an unassigned client hashes to.
+pub const FALLBACK_SEED: u32 = 0;
+
+/// The kernel's copy of uplinkd's table, as far as uplinkd compares it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct KernelNft {
+    pub signature: Signature,
+    pub elements: BTreeMap<ElemKey, Arc<str>>,
+    pub unassigned: UnassignedChain,
+}
+
+/// The `unassigned` chain, outside the signature: a placement inserts a new first rule
+/// (an add costs the kernel ~4 ms, replacing a rule ~16 ms), and the stale ones behind it
+/// are dropped together now and then.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct UnassignedChain {
+    /// The first rule's target (the one packets take).
+    pub target: Option<String>,
+    pub rules: usize,
+}
+
+/// Stale rules the `unassigned` chain may hold before it is rewritten; it is also
+/// rewritten on every resync (`tidy`), off the path of a placement.
+const MAX_UNASSIGNED_RULES: usize = 256;
+/// In the `unassigned` rule's comment, before its target.
+const TARGET_TAG: &str = " to:";
+
+/// What identifies the table's structure: chains with their hooks, maps with their
+/// types, and each chain's rules in order (by comment).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Signature {
+    chains: BTreeSet<ListChain>,
+    maps: BTreeSet<(String, String, String)>,
+    rules: Vec<(String, Option<String>)>,
+    /// Name and type.
+    sets: BTreeSet<(String, String)>,
+    /// Named counters (the accounting chain's).
+    counters: BTreeSet<String>,
+}
+
+impl Signature {
+    /// The kernel's table (`self`) can become `want` without being replaced: same maps,
+    /// and every chain both have is defined alike (hooks cannot change in place). Chains
+    /// may be added (a new uplink) or removed, and rules rewritten.
+    fn compatible(&self, want: &Signature) -> bool {
+        self.maps == want.maps
+            && self.chains.iter().all(|c| {
+                want.chains
+                    .iter()
+                    .find(|w| w.name == c.name)
+                    .is_none_or(|w| w == c)
+            })
+            && self
+                .rules
+                .iter()
+                .all(|(c, _)| self.chains.iter().any(|x| &x.name == c))
+    }
+
+    /// Chains `want` has and `self` lacks, and the other way round.
+    fn chain_changes(&self, want: &Signature) -> (Vec<ListChain>, Vec<String>) {
+        let have: BTreeSet<&str> = self.chains.iter().map(|c| c.name.as_str()).collect();
+        let wanted: BTreeSet<&str> = want.chains.iter().map(|c| c.name.as_str()).collect();
+        (
+            want.chains
+                .iter()
+                .filter(|c| !have.contains(c.name.as_str()))
+                .cloned()
+                .collect(),
+            self.chains
+                .iter()
+                .filter(|c| !wanted.contains(c.name.as_str()))
+                .map(|c| c.name.clone())
+                .collect(),
+        )
+    }
+
+    /// Sets to add (new, or of another type: deleted and added again) and sets to delete,
+    /// to turn `self` into `want`.
+    fn set_changes(&self, want: &Signature) -> (BTreeSet<String>, BTreeSet<String>) {
+        let mut add = BTreeSet::new();
+        let mut del = BTreeSet::new();
+        for w in &want.sets {
+            if !self.sets.contains(w) {
+                add.insert(w.0.clone());
+                if self.sets.iter().any(|h| h.0 == w.0) {
+                    del.insert(w.0.clone());
+                }
+            }
+        }
+        for h in &self.sets {
+            if !want.sets.iter().any(|w| w.0 == h.0) {
+                del.insert(h.0.clone());
+            }
+        }
+        (add, del)
+    }
+
+    /// Counters to add and to delete, to turn `self` into `want`.
+    fn counter_changes(&self, want: &Signature) -> (Vec<String>, Vec<String>) {
+        (
+            want.counters.difference(&self.counters).cloned().collect(),
+            self.counters.difference(&want.counters).cloned().collect(),
+        )
+    }
+
+    /// Chains of `other` whose rule lists differ from `self`'s.
+    fn changed_chains(&self, other: &Signature) -> BTreeSet<String> {
+        let by_chain = |s: &Signature| {
+            let mut m: BTreeMap<String, Vec<Option<String>>> = BTreeMap::new();
+            for (c, comment) in &s.rules {
+                m.entry(c.clone()).or_default().push(comment.clone());
+            }
+            m
+        };
+        let (a, b) = (by_chain(self), by_chain(other));
+        other
+            .chains
+            .iter()
+            .map(|c| c.name.clone())
+            .filter(|n| a.get(n) != b.get(n))
+            .collect()
+    }
+}
+
+/// Forwarded packets and bytes through one uplink interface.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Traffic {
+    pub tx: (u64, u64),
+    pub rx: (u64, u64),
+    /// Packets received in reply to flows from the LAN: IPv4, IPv6.
+    pub replies: (u64, u64),
+}
+
+/// Result of one apply, for logs and benchmarks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NftStats {
+    pub replaced_table: bool,
+    pub rewritten_chains: usize,
+    pub added: usize,
+    pub deleted: usize,
+}
+
+impl NftStats {
+    pub fn is_empty(&self) -> bool {
+        !self.replaced_table && self.rewritten_chains == 0 && self.added == 0 && self.deleted == 0
+    }
+}
+
+/// The traffic counters for the tasks beside the loop (scrapes, API reads, passive
+/// health): concurrent readers share one `nft` run, and a reading younger than the
+/// caller's `max_age` is reused, so a flood of scrapes costs at most one `nft` a second.
+/// Traffic per interface, as one reading.
+pub type TrafficByInterface = Arc<BTreeMap<String, Traffic>>;
+
+/// Packets and bytes per `[[rule]]`, by name.
+pub type RuleCounters = Arc<BTreeMap<String, (u64, u64)>>;
+
+#[derive(Clone)]
+pub struct Counters {
+    driver: NftDriver,
+    last: Arc<tokio::sync::Mutex<Option<(std::time::Instant, TrafficByInterface)>>>,
+    rules: Arc<tokio::sync::Mutex<Option<(std::time::Instant, RuleCounters)>>>,
+    /// External sets' elements by set name, reused for a second as the counters are: a
+    /// viewer calling `explain` in a loop costs at most two `nft` runs a second per set.
+    external: Arc<tokio::sync::Mutex<ExternalSets>>,
+}
+
+type ExternalSets = BTreeMap<String, (std::time::Instant, Arc<Vec<IpNet>>)>;
+
+/// How long an external set's reading is reused.
+const EXTERNAL_SET_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl Counters {
+    pub fn new(driver: NftDriver) -> Counters {
+        Counters {
+            driver,
+            last: Arc::new(tokio::sync::Mutex::new(None)),
+            rules: Arc::new(tokio::sync::Mutex::new(None)),
+            external: Arc::new(tokio::sync::Mutex::new(BTreeMap::new())),
+        }
+    }
+
+    /// The rules' counters, shared and reused like the traffic counters.
+    pub async fn rules(
+        &self,
+        max_age: std::time::Duration,
+    ) -> Result<RuleCounters, DataplaneError> {
+        let mut last = self.rules.lock().await;
+        if let Some((at, r)) = &*last
+            && at.elapsed() <= max_age
+        {
+            return Ok(r.clone());
+        }
+        let r = Arc::new(self.driver.rule_counters().await?);
+        *last = Some((std::time::Instant::now(), r.clone()));
+        Ok(r)
+    }
+
+    /// An external `[[set]]`'s elements as the kernel has them (both families), shared
+    /// by concurrent readers and reused for `EXTERNAL_SET_MAX_AGE`.
+    pub async fn external_set(&self, name: &str) -> Result<Arc<Vec<IpNet>>, DataplaneError> {
+        // Held across the read: who comes meanwhile gets this reading.
+        let mut cache = self.external.lock().await;
+        if let Some((at, v)) = cache.get(name)
+            && at.elapsed() <= EXTERNAL_SET_MAX_AGE
+        {
+            return Ok(v.clone());
+        }
+        let v = Arc::new(
+            self.set_nets(&[set_name(name, false), set_name(name, true)])
+                .await?,
+        );
+        cache.insert(name.to_string(), (std::time::Instant::now(), v.clone()));
+        Ok(v)
+    }
+
+    /// The hosts behind LAN routers that opened a connection within the idle timeout.
+    pub async fn routed_seen(&self) -> Result<std::collections::HashSet<IpAddr>, DataplaneError> {
+        let sets = ROUTED_SEEN.map(String::from);
+        Ok(self
+            .set_nets(&sets)
+            .await?
+            .iter()
+            .map(IpNet::addr)
+            .collect())
+    }
+
+    /// The elements of these sets of uplinkd's table; a set that does not exist has none.
+    async fn set_nets(&self, sets: &[String]) -> Result<Vec<IpNet>, DataplaneError> {
+        let mut out = Vec::new();
+        for set in sets {
+            let Some(elems) = self.driver.set_elements(set).await? else {
+                continue;
+            };
+            for e in elems.as_array().into_iter().flatten() {
+                // A plain address, a prefix, or either wrapped with a timeout.
+                let e = if e["elem"].is_object() {
+                    &e["elem"]["val"]
+                } else {
+                    e
+                };
+                let net = match e {
+                    Value::String(a) => a.parse::<IpAddr>().ok().map(IpNet::from),
+                    v => v["prefix"]["addr"]
+                        .as_str()
+                        .and_then(|a| a.parse::<IpAddr>().ok())
+                        .zip(v["prefix"]["len"].as_u64())
+                        .and_then(|(a, l)| IpNet::new(a, l as u8).ok()),
+                };
+                out.extend(net);
+            }
+        }
+        Ok(out)
+    }
+
+    pub async fn read(
+        &self,
+        max_age: std::time::Duration,
+    ) -> Result<TrafficByInterface, DataplaneError> {
+        // Held across the read: who comes meanwhile gets this reading.
+        let mut last = self.last.lock().await;
+        if let Some((at, t)) = &*last
+            && at.elapsed() <= max_age
+        {
+            return Ok(t.clone());
+        }
+        let t = Arc::new(self.driver.counters().await?);
+        *last = Some((std::time::Instant::now(), t.clone()));
+        Ok(t)
+    }
+}
+
+/// The structure last rendered, its objects and their signature: rendering and signing
+/// thousands of rules on every apply would cost milliseconds for nothing.
+type Rendered = Arc<(NftStructure, Vec<Value>, Signature)>;
+
+#[derive(Clone)]
+pub struct NftDriver {
+    nft: PathBuf,
+    table: String,
+    timeout: std::time::Duration,
+    rendered: Arc<std::sync::Mutex<Option<Rendered>>>,
+}
+
+impl NftDriver {
+    pub fn new(nft: &Path, table: &str, timeout: std::time::Duration) -> NftDriver {
+        NftDriver {
+            nft: nft.to_owned(),
+            table: table.to_owned(),
+            timeout,
+            rendered: Arc::new(std::sync::Mutex::new(None)),
+        }
+    }
+
+    /// Fails with a clear error when the `nft` binary is missing or unusable.
+    pub async fn check(&self) -> Result<(), DataplaneError> {
+        self.run(&["--version"], None).await.map(|_| ())
+    }
+
+    /// Reads the table back; `None` when it does not exist.
+    pub async fn read(&self) -> Result<Option<KernelNft>, DataplaneError> {
+        self.list(&["-j", "list", "table", "inet", &self.table])
+            .await
+    }
+
+    /// Reads the table's structure only (chains, maps, rules; `nft -t` leaves the map
+    /// elements out): the cheap drift check, whatever the number of clients.
+    pub async fn read_structure(&self) -> Result<Option<KernelNft>, DataplaneError> {
+        self.list(&["-t", "-j", "list", "table", "inet", &self.table])
+            .await
+    }
+
+    async fn list(&self, args: &[&str]) -> Result<Option<KernelNft>, DataplaneError> {
+        match self.run(args, None).await {
+            Ok(out) => parse_listing(&out).map(Some),
+            Err(DataplaneError::Nft { stderr, .. })
+                if stderr.contains("No such file or directory") =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn render(&self, s: &NftStructure) -> Rendered {
+        let mut last = self.rendered.lock().expect("lock");
+        if let Some(r) = &*last
+            && r.0 == *s
+        {
+            return r.clone();
+        }
+        let objs = render_structure(s);
+        let sig = signature_of(&objs);
+        let r = Arc::new((s.clone(), objs, sig));
+        *last = Some(r.clone());
+        r
+    }
+
+    /// An external set's elements as nft lists them; `None` when the set does not exist.
+    async fn set_elements(&self, set: &str) -> Result<Option<Value>, DataplaneError> {
+        match self
+            .run(&["-j", "list", "set", "inet", &self.table, set], None)
+            .await
+        {
+            Ok(out) => {
+                let v: Value = serde_json::from_str(&out)
+                    .map_err(|e| DataplaneError::NftOutput(e.to_string()))?;
+                Ok(v["nftables"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find_map(|i| i["set"]["elem"].as_array().cloned())
+                    .map(Value::Array))
+            }
+            Err(DataplaneError::Nft { stderr, .. })
+                if stderr.contains("No such file or directory") =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Packets and bytes each `[[rule]]` decided, by rule name.
+    pub async fn rule_counters(&self) -> Result<BTreeMap<String, (u64, u64)>, DataplaneError> {
+        // Terse: the client maps' elements are left out, whatever their number.
+        let out = self
+            .run(&["-t", "-j", "list", "table", "inet", &self.table], None)
+            .await?;
+        let v: Value =
+            serde_json::from_str(&out).map_err(|e| DataplaneError::NftOutput(e.to_string()))?;
+        let mut m: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+        for item in v["nftables"].as_array().into_iter().flatten() {
+            let Some(name) = item["rule"]["comment"]
+                .as_str()
+                .and_then(|c| c.split_once(RULE_TAG))
+                .map(|(_, n)| n)
+            else {
+                continue;
+            };
+            let c = m.entry(name.to_string()).or_default();
+            for e in item["rule"]["expr"].as_array().into_iter().flatten() {
+                if let (Some(p), Some(b)) = (
+                    e["counter"]["packets"].as_u64(),
+                    e["counter"]["bytes"].as_u64(),
+                ) {
+                    c.0 += p;
+                    c.1 += b;
+                }
+            }
+        }
+        Ok(m)
+    }
+
+    /// Forwarded traffic per interface from the accounting chain: (tx, rx) as
+    /// (packets, bytes).
+    pub async fn counters(&self) -> Result<BTreeMap<String, Traffic>, DataplaneError> {
+        let out = self
+            .run(
+                &["-j", "list", "counters", "table", "inet", &self.table],
+                None,
+            )
+            .await?;
+        parse_counters(&out)
+    }
+
+    /// Deletes the table if it exists; nothing else.
+    pub async fn delete_table(&self) -> Result<bool, DataplaneError> {
+        if self.read().await?.is_none() {
+            return Ok(false);
+        }
+        self.run(&["delete", "table", "inet", &self.table], None)
+            .await?;
+        Ok(true)
+    }
+
+    /// Brings the kernel to `desired` with `structure` (the desired one, less what the
+    /// kernel refused), given what the kernel has (`None`: no table), and updates `kernel`
+    /// to match. On error `kernel` is cleared, forcing a read-back.
+    /// `tidy`: also drop the `unassigned` chain's stale rules.
+    pub async fn apply(
+        &self,
+        desired: &NftDesired,
+        structure: &NftStructure,
+        kernel: &mut Option<KernelNft>,
+        tidy: bool,
+    ) -> Result<NftStats, DataplaneError> {
+        let rendered = self.render(structure);
+        let (_, objs, want_sig) = &*rendered;
+        let want_sig = want_sig.clone();
+        let mut batch: Vec<String> = Vec::new();
+        let want_un = desired.unassigned.as_ref().map(|u| match u {
+            Unassigned::Next(uplink) => home_chain(uplink),
+            Unassigned::Overflow => OVERFLOW.to_string(),
+        });
+        let mut new_un = None;
+        let mut stats = NftStats::default();
+        let table = self.table.as_str();
+        let add = |o: &Value| json!({ "add": o }).to_string();
+        // Element keys this batch deletes and adds, to update the cache on success.
+        let mut changed_keys: Option<(ElemChanges, ElemChanges)> = None;
+        // What a replace put in the maps, to become the cache on success.
+        let mut whole_set: Option<BTreeMap<ElemKey, Arc<str>>> = None;
+        match kernel.as_ref() {
+            Some(k) if k.signature.compatible(&want_sig) => {
+                // In place, one transaction: new chains, then chains whose rules differ
+                // (a failover rewrites a home chain) flushed, changed sets replaced, the
+                // flushed chains refilled, element changes, and last the chains and sets
+                // no longer wanted, emptied first. The table, its NAT chain and
+                // established flows are never touched.
+                // New chains as rendered, with their type, hook and priority: a base chain
+                // (the output chain `[local]` adds) without its hook would see no packet.
+                let (new_chains, old_chains) = k.signature.chain_changes(&want_sig);
+                for c in &new_chains {
+                    batch.extend(
+                        objs.iter()
+                            .filter(|o| o["chain"]["name"].as_str() == Some(c.name.as_str()))
+                            .map(add),
+                    );
+                }
+                let mut changed = k.signature.changed_chains(&want_sig);
+                let (mut new_sets, mut old_sets) = k.signature.set_changes(&want_sig);
+                if !new_sets.is_empty() || !old_sets.is_empty() {
+                    // Only the rules chain refers to sets: rewritten, it lets go of them.
+                    changed.insert(RULES.to_string());
+                }
+                if changed.contains(RULES) {
+                    // The rules chain's signature covers uplinkd's own set elements (nft
+                    // 1.0.6 drops a set's comment given in JSON), so its rewrite replaces
+                    // those sets; external ones keep what their filler put in them.
+                    for set in structure.sets.iter().filter(|x| !x.external) {
+                        for v6 in [false, true] {
+                            let name = set_name(&set.name, v6);
+                            if k.signature.sets.iter().any(|(n, _)| *n == name) {
+                                old_sets.insert(name.clone());
+                            }
+                            new_sets.insert(name);
+                        }
+                    }
+                }
+                stats.rewritten_chains = changed.len();
+                for name in &changed {
+                    batch.push(json!({"flush": {"chain": {"family": "inet", "table": table, "name": name}}}).to_string());
+                }
+                for name in &old_sets {
+                    batch.push(json!({"delete": {"set": {"family": "inet", "table": table, "name": name}}}).to_string());
+                }
+                // Counters change with the uplinks' interfaces, and so do the accounting
+                // rules that name them (flushed above).
+                let (new_counters, old_counters) = k.signature.counter_changes(&want_sig);
+                for name in &old_counters {
+                    batch.push(json!({"delete": {"counter": {"family": "inet", "table": table, "name": name}}}).to_string());
+                }
+                for o in objs.iter().filter(|o| {
+                    o["set"]["name"]
+                        .as_str()
+                        .is_some_and(|n| new_sets.contains(n))
+                        || o["counter"]["name"]
+                            .as_str()
+                            .is_some_and(|n| new_counters.iter().any(|c| c == n))
+                }) {
+                    batch.push(add(o));
+                }
+                for o in objs.iter().filter(|o| {
+                    o["rule"]["chain"]
+                        .as_str()
+                        .is_some_and(|c| changed.contains(c))
+                }) {
+                    batch.push(add(o));
+                }
+                let (adds, dels) = diff_desired(desired, &k.elements);
+                let mut elems: Vec<String> = Vec::new();
+                stats.added = adds.len();
+                stats.deleted = dels.len();
+                // A removed uplink's client sets go whole, their elements with them.
+                let in_kept_sets: ElemChanges = dels
+                    .iter()
+                    .filter(|(key, target)| !old_sets.contains(key.container(target).as_ref()))
+                    .cloned()
+                    .collect();
+                // Deletes first: a changed value is a delete and an add of the same key.
+                push_elements(&mut elems, table, &in_kept_sets, false);
+                push_elements(&mut elems, table, &adds, true);
+                changed_keys = Some((dels, adds));
+                // A placement changes where the next new client goes: a new first rule in
+                // the same transaction as the elements (adds only, cheap); the stale rules
+                // behind it go in one rewrite every MAX_UNASSIGNED_RULES placements.
+                let un = &k.unassigned;
+                let chain =
+                    || json!({"chain": {"family": "inet", "table": table, "name": UNASSIGNED}});
+                let clean = un.rules == want_un.is_some() as usize;
+                let current = want_un == un.target && (clean || (want_un.is_some() && !tidy));
+                match &want_un {
+                    _ if current => {}
+                    Some(w) if un.rules < MAX_UNASSIGNED_RULES && !tidy => {
+                        let rule = unassigned_rule(table, w);
+                        elems.push(json!({ "insert": rule }).to_string());
+                        new_un = Some(UnassignedChain {
+                            target: Some(w.clone()),
+                            rules: un.rules + 1,
+                        });
+                    }
+                    w => {
+                        batch.push(json!({ "flush": chain() }).to_string());
+                        batch.extend(w.iter().map(|w| add(&unassigned_rule(table, w))));
+                        new_un = Some(UnassignedChain {
+                            target: w.clone(),
+                            rules: w.is_some() as usize,
+                        });
+                    }
+                }
+                batch.append(&mut elems);
+                // Chains no longer used, last, all emptied before any is deleted: they may
+                // refer to each other (a rule's chain to its policy's), and the kernel
+                // refuses to delete a chain still referred to (EBUSY).
+                let c = |name: &String| json!({"chain": {"family": "inet", "table": table, "name": name}});
+                for name in &old_chains {
+                    batch.push(json!({ "flush": c(name) }).to_string());
+                }
+                for name in &old_chains {
+                    batch.push(json!({ "delete": c(name) }).to_string());
+                }
+            }
+            _ => {
+                // An incremental plan names only what changed: the rest comes from the
+                // cache of what the kernel has.
+                let whole = match (&desired.changed, kernel.as_ref()) {
+                    (None, _) => Cow::Borrowed(&desired.elements),
+                    (Some(changed), Some(k)) => Cow::Owned(whole_elements(desired, changed, k)),
+                    (Some(_), None) => return Err(DataplaneError::NeedsWholePlan),
+                };
+                stats.replaced_table = true;
+                stats.added = whole.len();
+                // What others put in the external sets survives the replace (a set or
+                // table not there yet has nothing to keep).
+                let mut kept = Vec::new();
+                let external = structure.sets.iter().filter(|x| x.external);
+                for set in
+                    external.flat_map(|x| [set_name(&x.name, false), set_name(&x.name, true)])
+                {
+                    if let Some(elem) = self.set_elements(&set).await? {
+                        kept.push(json!({"add": {"element": {"family": "inet", "table": table, "name": set, "elem": elem}}}).to_string());
+                    }
+                }
+                batch = replace_batch(table, objs, want_un.as_deref());
+                batch.extend(kept);
+                let all: Vec<(ElemKey, Arc<str>)> =
+                    whole.iter().map(|(k, v)| (*k, v.clone())).collect();
+                push_elements(&mut batch, table, &all, true);
+                whole_set = Some(whole.into_owned());
+            }
+        }
+        if batch.is_empty() {
+            return Ok(stats);
+        }
+        let payload = format!("{{\"nftables\":[{}]}}", batch.join(","));
+        drop(batch);
+        if let Err(e) = self
+            .run(&["-j", "-f", "-"], Some(payload.into_bytes()))
+            .await
+        {
+            *kernel = None;
+            return Err(e);
+        }
+        match (kernel, changed_keys) {
+            (Some(k), Some((dels, adds))) => {
+                k.signature = want_sig;
+                if let Some(u) = new_un {
+                    k.unassigned = u;
+                }
+                for (key, _) in dels {
+                    k.elements.remove(&key);
+                }
+                for (key, target) in adds {
+                    k.elements.insert(key, target);
+                }
+            }
+            (kernel, _) => {
+                *kernel = Some(KernelNft {
+                    signature: want_sig,
+                    elements: whole_set.unwrap_or_default(),
+                    unassigned: UnassignedChain {
+                        rules: want_un.is_some() as usize,
+                        target: want_un,
+                    },
+                })
+            }
+        }
+        Ok(stats)
+    }
+
+    /// Whether the kernel would take `s` as a new table (`nft --check`: nothing is
+    /// committed). Map elements are left out: they are addresses uplinkd made itself.
+    pub async fn check_structure(&self, s: &NftStructure) -> Result<(), DataplaneError> {
+        self.run(
+            &["-c", "-j", "-f", "-"],
+            Some(table_payload(s).into_bytes()),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// The `[[rule]]`s and `[[set]]`s of `s` that the kernel refuses, each with the
+    /// kernel's words, found by checking halves (no guessing from the error text): a part
+    /// is refused when a table with it alone of all the parts is. Empty when the table
+    /// without any part is refused too, or no single part is to blame.
+    pub async fn find_refused(&self, s: &NftStructure) -> Result<Vec<Refused>, DataplaneError> {
+        let parts = parts_of(s);
+        let only = |keep: &[Part]| {
+            let drop: Vec<Part> = parts
+                .iter()
+                .filter(|p| !keep.contains(p))
+                .cloned()
+                .collect();
+            without(s, &drop)
+        };
+        let refused = |r: Result<(), DataplaneError>| match r {
+            Ok(()) => Ok(None),
+            Err(DataplaneError::Nft { stderr, .. }) => Ok(Some(stderr)),
+            Err(e) => Err(e),
+        };
+        if parts.is_empty() || refused(self.check_structure(&only(&[])).await)?.is_some() {
+            return Ok(Vec::new());
+        }
+        let mut found = Vec::new();
+        let mut todo = vec![parts.clone()];
+        while let Some(group) = todo.pop() {
+            let Some(error) = refused(self.check_structure(&only(&group)).await)? else {
+                continue;
+            };
+            if let [part] = group.as_slice() {
+                found.push(Refused {
+                    part: part.clone(),
+                    error,
+                });
+            } else {
+                let (a, b) = group.split_at(group.len() / 2);
+                todo.push(b.to_vec());
+                todo.push(a.to_vec());
+            }
+        }
+        Ok(found)
+    }
+
+    async fn run(&self, args: &[&str], stdin: Option<Vec<u8>>) -> Result<String, DataplaneError> {
+        let command = || format!("{} {}", self.nft.display(), args.join(" "));
+        match tokio::time::timeout(self.timeout, self.run_untimed(args, stdin)).await {
+            Ok(r) => r.map_err(|e| match e {
+                Err(stderr) => DataplaneError::Nft {
+                    command: command(),
+                    stderr,
+                },
+                Ok(e) => e,
+            }),
+            // The child is killed when its future is dropped (kill_on_drop).
+            Err(_) => Err(DataplaneError::Timeout {
+                command: command(),
+                after: self.timeout,
+            }),
+        }
+    }
+
+    /// Runs nft; `Err(Err(stderr))` when it ran and failed.
+    async fn run_untimed(
+        &self,
+        args: &[&str],
+        stdin: Option<Vec<u8>>,
+    ) -> Result<String, Result<DataplaneError, String>> {
+        let missing = |source| {
+            Ok(DataplaneError::NftMissing {
+                path: self.nft.clone(),
+                source,
+            })
+        };
+        let mut cmd = tokio::process::Command::new(&self.nft);
+        cmd.args(args)
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().map_err(missing)?;
+        if let Some(input) = stdin {
+            let mut pipe = child.stdin.take().expect("stdin is piped");
+            pipe.write_all(&input).await.map_err(missing)?;
+            drop(pipe);
+        }
+        let out = child.wait_with_output().await.map_err(missing)?;
+        if !out.status.success() {
+            return Err(Err(String::from_utf8_lossy(&out.stderr).trim().to_string()));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+/// The transaction that creates `s` as a new table, map elements left out: what
+/// `check_structure` hands `nft --check`, and what the differential test checks.
+pub fn table_payload(s: &NftStructure) -> String {
+    let batch = replace_batch(&s.table, &render_structure(s), None);
+    format!("{{\"nftables\":[{}]}}", batch.join(","))
+}
+
+/// A table replaced in one transaction: created if missing and deleted (so that the
+/// delete is valid either way), then the structure in creation order.
+fn replace_batch(table: &str, structure: &[Value], unassigned: Option<&str>) -> Vec<String> {
+    let add = |o: &Value| json!({ "add": o }).to_string();
+    let t = json!({"table": {"family": "inet", "name": table}});
+    let mut batch = vec![add(&t), json!({ "delete": t }).to_string()];
+    let mut objs = structure.iter();
+    batch.extend(objs.next().map(add));
+    // Maps right after the table: the rules and elements that follow use them.
+    batch.extend(verdict_maps(table).iter().map(add));
+    batch.extend(objs.map(add));
+    batch.extend(unassigned.map(|w| add(&unassigned_rule(table, w))));
+    batch
+}
+
+/// A piece of the operator's config the kernel may refuse on its own.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Part {
+    Rule(String),
+    /// A `[[set]]`'s elements (the set stays, empty).
+    Set(String),
+}
+
+impl std::fmt::Display for Part {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Part::Rule(n) => write!(f, "rule {n}"),
+            Part::Set(n) => write!(f, "set {n}"),
+        }
+    }
+}
+
+/// A part the kernel refused, with its words.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    pub part: Part,
+    pub error: String,
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.part, self.error)
+    }
+}
+
+/// The parts of `s` that can be left out one by one: every rule, and the sets that carry
+/// elements of uplinkd's (an external set's are its filler's).
+pub fn parts_of(s: &NftStructure) -> Vec<Part> {
+    let rules = s.rules.iter().map(|r| Part::Rule(r.name.clone()));
+    let sets = s
+        .sets
+        .iter()
+        .filter(|x| !x.external && (!x.v4.is_empty() || !x.v6.is_empty()))
+        .map(|x| Part::Set(x.name.clone()));
+    rules.chain(sets).collect()
+}
+
+/// `s` without the rules named in `drop`, and with the sets named there empty.
+pub fn without(s: &NftStructure, drop: &[Part]) -> NftStructure {
+    let mut out = s.clone();
+    out.rules = Arc::new(
+        s.rules
+            .iter()
+            .filter(|r| !drop.contains(&Part::Rule(r.name.clone())))
+            .cloned()
+            .collect(),
+    );
+    out.sets = Arc::new(
+        s.sets
+            .iter()
+            .map(|x| {
+                let mut x = x.clone();
+                if drop.contains(&Part::Set(x.name.clone())) {
+                    x.v4.clear();
+                    x.v6.clear();
+                }
+                x
+            })
+            .collect(),
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::NftUplink;
+
+    fn structure() -> NftStructure {
+        NftStructure {
+            table: "uplinkd".into(),
+            mask: 0x3f00_0000,
+            lan_interfaces: vec!["lan0".into()],
+            uplinks: vec![NftUplink {
+                name: "a".into(),
+                interface: "wan0".into(),
+                fwmark: 0x0100_0000,
+                masquerade: true,
+                home: None,
+                v6_detour: None,
+            }],
+            sets: Arc::new(Vec::new()),
+            rules: Arc::new(Vec::new()),
+            policies: Vec::new(),
+            default: Verdict::Clients,
+            overflow: vec!["a".into()],
+            local: None,
+            local_bound: Vec::new(),
+            capped: Vec::new(),
+            routed: Vec::new(),
+            routed_idle: std::time::Duration::from_secs(600),
+            nflog_group: 4623,
+        }
+    }
+
+    #[test]
+    fn element_diff_turns_value_change_into_delete_and_add() {
+        let a: Arc<str> = Arc::from("home_a");
+        let b: Arc<str> = Arc::from("home_b");
+        let k1 = ElemKey::V4("10.0.0.1".parse().unwrap());
+        let k2 = ElemKey::V4("10.0.0.2".parse().unwrap());
+        let k3 = ElemKey::V4("10.0.0.3".parse().unwrap());
+        let want = BTreeMap::from([(k1, a.clone()), (k2, b.clone())]);
+        let have = BTreeMap::from([(k1, b.clone()), (k3, a.clone())]);
+        let (adds, dels) = diff_elements(&want, &have);
+        assert_eq!(adds, vec![(k1, a.clone()), (k2, b.clone())]);
+        assert_eq!(dels, vec![(k1, b), (k3, a)]);
+        assert_eq!(diff_elements(&want, &want), (vec![], vec![]));
+    }
+
+    #[test]
+    fn signature_sees_rule_changes() {
+        let s = structure();
+        let base = signature_of(&render_structure(&s));
+        let mut s2 = s.clone();
+        s2.uplinks[0].masquerade = false;
+        assert_ne!(base, signature_of(&render_structure(&s2)));
+        // A failover changes only the home chain: no table replace needed.
+        let mut s3 = s.clone();
+        s3.uplinks[0].home = Some(vec!["a".into()]);
+        let sig3 = signature_of(&render_structure(&s3));
+        assert!(base.compatible(&sig3));
+        assert_eq!(
+            base.changed_chains(&sig3),
+            BTreeSet::from(["home_a".to_string()])
+        );
+        // A new uplink adds chains in place too.
+        let mut s4 = s.clone();
+        s4.uplinks.push(NftUplink {
+            name: "b".into(),
+            interface: "wan1".into(),
+            fwmark: 0x0200_0000,
+            masquerade: true,
+            home: None,
+            v6_detour: None,
+        });
+        let sig4 = signature_of(&render_structure(&s4));
+        assert!(base.compatible(&sig4));
+        let (new, old) = base.chain_changes(&sig4);
+        assert_eq!(
+            new.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(),
+            ["home_b", "in_b", "keep_b", "up_b"]
+        );
+        assert!(old.is_empty());
+        assert!(sig4.compatible(&base), "and removes them in place");
+        assert_eq!(base, signature_of(&render_structure(&s)));
+    }
+
+    #[test]
+    fn listing_round_trip_matches_signature() {
+        // The shape `nft -j list table` prints for uplinkd's own objects.
+        let objs = render_structure(&structure());
+        let mut items: Vec<serde_json::Value> = objs.to_vec();
+        let client4 = items
+            .iter_mut()
+            .find(|o| o["set"]["name"] == "client4.a")
+            .expect("the client set of uplink a");
+        client4["set"]["elem"] = serde_json::json!(["10.0.0.1"]);
+        let mut maps = verdict_maps("uplinkd");
+        maps[0]["map"]["elem"] = serde_json::json!([[16777216, {"goto": {"target": "up_a"}}]]);
+        items.extend(maps);
+        let listing = serde_json::json!({"nftables": items.clone()}).to_string();
+        let k = parse_listing(&listing).unwrap();
+        assert_eq!(k.signature, signature_of(&objs));
+        assert_eq!(
+            &*k.elements[&ElemKey::V4("10.0.0.1".parse().unwrap())],
+            "home_a"
+        );
+        assert_eq!(&*k.elements[&ElemKey::Mark(0x0100_0000)], "up_a");
+        assert_eq!(
+            adopted_homes(&k, |_| true)[&"10.0.0.1".parse::<IpAddr>().unwrap()],
+            "a"
+        );
+        // An earlier version's client verdict map: its assignments are adopted, and the
+        // table, no longer alike, is replaced.
+        items.push(
+            serde_json::json!({"map": {"name": MAP_CLIENT4, "type": "ipv4_addr", "map": "verdict",
+            "elem": [["10.0.0.2", {"goto": {"target": "home_a"}}]]}}),
+        );
+        let k = parse_listing(&serde_json::json!({"nftables": items}).to_string()).unwrap();
+        assert!(!k.signature.compatible(&signature_of(&objs)));
+        assert_eq!(adopted_homes(&k, |_| true).len(), 2);
+    }
+
+    #[test]
+    fn a_change_of_set_elements_rewrites_the_rules_chain() {
+        let mut s = structure();
+        Arc::make_mut(&mut s.sets).push(SetConfig {
+            name: "saas".into(),
+            v4: vec!["203.0.113.30/32".parse().unwrap()],
+            v6: vec![],
+            external: false,
+        });
+        let a = signature_of(&render_structure(&s));
+        Arc::make_mut(&mut s.sets)[0]
+            .v4
+            .push("203.0.113.70/32".parse().unwrap());
+        let b = signature_of(&render_structure(&s));
+        assert!(a.compatible(&b));
+        assert_eq!(a.changed_chains(&b), BTreeSet::from([RULES.to_string()]));
+    }
+
+    fn rule(name: &str, text: &str) -> crate::config::RuleConfig {
+        let cfg = format!(
+            "[lan]\ninterfaces = [\"lan0\"]\n[[uplink]]\nname = \"a\"\ninterface = \"wan0\"\n[[policy]]\nname = \"p\"\n[[rule]]\nname = \"{name}\"\n{text}\npolicy = \"p\"\n"
+        );
+        let c = crate::config::Config::parse(Path::new("t"), &cfg).unwrap();
+        c.rules[0].clone()
+    }
+
+    /// Lookups in the rules chain: vmaps and linear rules, in order.
+    fn lookups(rules: Vec<crate::config::RuleConfig>) -> Vec<String> {
+        let mut s = structure();
+        s.policies = vec![crate::plan::NftPolicy {
+            name: "p".into(),
+            verdict: Verdict::Uplink("a".into()),
+        }];
+        s.rules = Arc::new(rules);
+        render_policies(&s)
+            .iter()
+            .filter(|o| o["rule"]["chain"] == RULES)
+            .map(|o| {
+                let e = &o["rule"]["expr"][0];
+                match e["vmap"]["data"]["set"].as_array() {
+                    Some(items) => format!("vmap{}", items.len()),
+                    None if e["goto"].is_object() => "default".into(),
+                    None => "linear".into(),
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn rules_of_one_shape_share_a_map_unless_they_overlap() {
+        let dst = |n: &str, net: &str| rule(n, &format!("dst = [\"{net}\"]"));
+        // Three destination rules, one map; a ports rule, a map of its own.
+        assert_eq!(
+            lookups(vec![
+                dst("a", "198.51.100.1"),
+                dst("b", "198.51.100.2"),
+                dst("c", "198.51.100.0/30"),
+                rule("d", "proto = \"udp\"\ndport = [5060, \"10000-20000\"]"),
+            ]),
+            ["vmap2", "vmap1", "vmap2", "default"],
+            "c overlaps a and b: it starts a new map so that they still win"
+        );
+        // Several fields: one nft rule per family it can match.
+        assert_eq!(
+            lookups(vec![rule("e", "dst = [\"198.51.100.9\"]\nproto = \"tcp\"")]),
+            ["linear", "default"]
+        );
+    }
+}
