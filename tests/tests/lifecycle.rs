@@ -428,3 +428,50 @@ fn a_new_clients_first_flow_keeps_its_uplink() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// An upgrade from a version that kept clients in the verdict maps `client4`/`client6`
+/// (their every element was validated at each commit): with no state file, the agent
+/// adopts the assignments those maps hold rather than placing the clients afresh, and
+/// replaces the table with per-uplink client sets.
+#[test]
+fn an_upgrade_adopts_the_client_maps_of_the_previous_version() -> anyhow::Result<()> {
+    let mut lab = Lab::build("upgrade", two_uplinks(), 4, 0)?;
+    lab.write_config("10s", "10m", "")?;
+    lab.start_agent()?;
+    let placed = lab.greet_clients()?;
+    assert!(
+        counts(&placed).len() == 2,
+        "a fresh placement balances: {placed:?}"
+    );
+    lab.stop_agent("TERM")?;
+    std::fs::remove_file(lab.state_dir().join("state.json"))?;
+    // The previous version's table, every client on isp2.
+    let elems: Vec<String> = (1..=4)
+        .map(|i| format!("{} : goto home_isp2", client_v4(i)))
+        .collect();
+    lab.gw(&["nft", "delete", "table", "inet", "uplinkd"])?;
+    lab.gw(&[
+        "nft",
+        &format!(
+            "add table inet uplinkd {{ chain home_isp1 {{ }}; chain home_isp2 {{ }}; map client4 {{ type ipv4_addr : verdict; elements = {{ {} }}; }}; }}",
+            elems.join(", ")
+        ),
+    ])?;
+    lab.start_agent()?;
+    let on_isp2: BTreeMap<IpAddr, String> = (1..=4)
+        .map(|i| (IpAddr::from(client_v4(i)), "isp2".to_string()))
+        .collect();
+    lab.wait_for(Duration::from_secs(5), "the old maps' assignments", || {
+        Ok(lab.assignments()? == on_isp2)
+    })?;
+    let kernel = lab.kernel_map("client4")?;
+    assert_eq!(kernel.len(), 4, "{kernel:?}");
+    assert!(kernel.values().all(|h| h == "home_isp2"), "{kernel:?}");
+    for i in 1..=4 {
+        assert_eq!(
+            lab.udp_via(i, uplink_tests::server(false), None, None)?,
+            "isp2"
+        );
+    }
+    Ok(())
+}
