@@ -180,7 +180,7 @@ pub struct Agent {
     lan_refusals: metrics::RateLimitedWarning,
     /// Parts of the config the kernel refuses (`rule NAME: why`), as last reported.
     refused: Arc<Vec<String>>,
-    /// Whether the last apply's default policy read the client maps (`None`: none yet).
+    /// Whether the last apply's default policy read the client sets (`None`: none yet).
     client_mode: Option<bool>,
 }
 

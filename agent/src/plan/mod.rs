@@ -321,7 +321,7 @@ pub fn plan_touched(config: &Config, model: &Model, touched: &Touched) -> Desire
         IpAddr::V4(a) => ElemKey::V4(a),
         IpAddr::V6(a) => ElemKey::V6(a),
     };
-    // Only the client mode of the default policy reads the client maps.
+    // Only the client mode of the default policy reads the client sets.
     let changed = match touched {
         Touched::All => {
             for (ip, home) in model.addresses().filter(|_| client_mode) {

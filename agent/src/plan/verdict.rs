@@ -24,7 +24,7 @@ pub enum Verdict {
         key: SpreadKey,
         buckets: Vec<String>,
     },
-    /// The client maps (each client's home), then, for clients without an assignment
+    /// The client sets (each client's home), then, for clients without an assignment
     /// yet, `goto unassigned` (see `Unassigned`).
     Clients,
     /// The default policy's chain.

@@ -436,7 +436,7 @@ impl NftDriver {
 
     /// Packets and bytes each `[[rule]]` decided, by rule name.
     pub async fn rule_counters(&self) -> Result<BTreeMap<String, (u64, u64)>, DataplaneError> {
-        // Terse: the client maps' elements are left out, whatever their number.
+        // Terse: the client sets' elements are left out, whatever their number.
         let out = self
             .run(&["-t", "-j", "list", "table", "inet", &self.table], None)
             .await?;
