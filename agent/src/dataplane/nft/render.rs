@@ -118,21 +118,26 @@ pub(super) fn render_structure(s: &NftStructure) -> Vec<Value> {
     };
 
     for u in &s.uplinks {
-        if let Some(to) = &u.v6_detour {
-            objs.push(rule(
-                &up_chain(&u.name),
-                vec![
-                    Statement::Match(Match {
-                        left: meta(MetaKey::Nfproto),
-                        right: Expression::String(Cow::Borrowed("ipv6")),
-                        op: Operator::EQ,
-                    }),
-                    Statement::Goto(JumpTarget {
-                        target: Cow::Owned(up_chain(to)),
-                    }),
-                ],
-            ));
-        }
+        // While the uplink has no IPv6 next hop, its IPv6 connections (new ones in `up_`,
+        // established ones in `keep_`) go by the detour's.
+        let detour = |chain: &str| {
+            u.v6_detour.as_ref().map(|to| {
+                rule(
+                    chain,
+                    vec![
+                        Statement::Match(Match {
+                            left: meta(MetaKey::Nfproto),
+                            right: Expression::String(Cow::Borrowed("ipv6")),
+                            op: Operator::EQ,
+                        }),
+                        Statement::Goto(JumpTarget {
+                            target: Cow::Owned(up_chain(to)),
+                        }),
+                    ],
+                )
+            })
+        };
+        objs.extend(detour(&up_chain(&u.name)));
         // Only the owned mark bits change; foreign bits pass through.
         objs.push(rule(
             &up_chain(&u.name),
@@ -147,23 +152,8 @@ pub(super) fn render_structure(s: &NftStructure) -> Vec<Value> {
                 }),
             ],
         ));
-        // An established connection's later packets: one mark write, not two. While the
-        // uplink has no IPv6 next hop its IPv6 flows take the detour, as new ones do.
-        if let Some(to) = &u.v6_detour {
-            objs.push(rule(
-                &keep_chain(&u.name),
-                vec![
-                    Statement::Match(Match {
-                        left: meta(MetaKey::Nfproto),
-                        right: Expression::String(Cow::Borrowed("ipv6")),
-                        op: Operator::EQ,
-                    }),
-                    Statement::Goto(JumpTarget {
-                        target: Cow::Owned(up_chain(to)),
-                    }),
-                ],
-            ));
-        }
+        // An established connection's later packets: one mark write, not two.
+        objs.extend(detour(&keep_chain(&u.name)));
         objs.push(rule(
             &keep_chain(&u.name),
             vec![Statement::Mangle(Mangle {
