@@ -86,17 +86,30 @@ pub(super) fn whole_elements(
 /// Element commands are written straight to JSON: at 100k clients the crate's expression
 /// tree would cost tens of megabytes for what is a flat list. Keys are addresses and
 /// numbers, chain names are validated `[A-Za-z0-9_-]`, so nothing needs escaping.
-pub(super) fn push_elements(
+pub(super) fn push_elements<'a>(
     batch: &mut Vec<String>,
     table: &str,
-    elems: &[(ElemKey, Arc<str>)],
+    elems: impl IntoIterator<Item = (&'a ElemKey, &'a Arc<str>)>,
     add: bool,
 ) {
     use std::fmt::Write;
-    // One command per map or set, in a fixed order.
-    let mut by_container: BTreeMap<Cow<'static, str>, String> = BTreeMap::new();
+    // One command per map or set: grouped by the key's kind and, for a client address,
+    // its target (which names its set), without a name built per element. The first key
+    // of a group names its container.
+    let kind = |k: &ElemKey| match k {
+        ElemKey::V4(_) => 0u8,
+        ElemKey::V6(_) => 1,
+        ElemKey::Mark(_) => 2,
+        ElemKey::Pin4(_) => 3,
+        ElemKey::Pin6(_) => 4,
+    };
+    // (kind, a client address's target) → the group's first key and its items.
+    type Group<'t> = (u8, Option<&'t Arc<str>>);
+    let mut groups: BTreeMap<Group, (ElemKey, String)> = BTreeMap::new();
     for (k, target) in elems {
-        let items = by_container.entry(k.container(target)).or_default();
+        let (_, items) = groups
+            .entry((kind(k), k.is_client().then_some(target)))
+            .or_insert_with(|| (*k, String::new()));
         if !items.is_empty() {
             items.push(',');
         }
@@ -112,7 +125,8 @@ pub(super) fn push_elements(
         }
     }
     let verb = if add { "add" } else { "delete" };
-    for (name, items) in by_container {
+    for ((_, target), (first, items)) in groups {
+        let name = first.container(target.map_or("", |t| t));
         batch.push(format!(
             "{{\"{verb}\":{{\"element\":{{\"family\":\"inet\",\"table\":{},\"name\":{},\"elem\":[{items}]}}}}}}",
             serde_json::Value::from(table),

@@ -585,15 +585,14 @@ impl NftDriver {
                 let mut elems: Vec<String> = Vec::new();
                 stats.added = adds.len();
                 stats.deleted = dels.len();
+                // Deletes first: a changed value is a delete and an add of the same key.
                 // A removed uplink's client sets go whole, their elements with them.
-                let in_kept_sets: ElemChanges = dels
+                let in_kept_sets = dels
                     .iter()
                     .filter(|(key, target)| !old_sets.contains(key.container(target).as_ref()))
-                    .cloned()
-                    .collect();
-                // Deletes first: a changed value is a delete and an add of the same key.
-                push_elements(&mut elems, table, &in_kept_sets, false);
-                push_elements(&mut elems, table, &adds, true);
+                    .map(|(k, v)| (k, v));
+                push_elements(&mut elems, table, in_kept_sets, false);
+                push_elements(&mut elems, table, adds.iter().map(|(k, v)| (k, v)), true);
                 changed_keys = Some((dels, adds));
                 // A placement changes where the next new client goes: a new first rule in
                 // the same transaction as the elements (adds only, cheap); the stale rules
@@ -657,9 +656,7 @@ impl NftDriver {
                 }
                 batch = replace_batch(table, objs, want_un.as_deref());
                 batch.extend(kept);
-                let all: Vec<(ElemKey, Arc<str>)> =
-                    whole.iter().map(|(k, v)| (*k, v.clone())).collect();
-                push_elements(&mut batch, table, &all, true);
+                push_elements(&mut batch, table, whole.iter(), true);
                 whole_set = Some(whole.into_owned());
             }
         }
