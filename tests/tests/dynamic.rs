@@ -480,6 +480,78 @@ fn a_lease_in_place_at_start_moves_no_traffic() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Defect 5's reboot: the last run stopped while isp1 had lost its lease (at shutdown the
+/// DHCP client often goes first), so its decisions say "failed over, failback pending".
+/// After the reboot the lease is back before uplinkd starts, and no table of ours is left
+/// to keep in place: isp1 serves its clients from the first apply, not after another
+/// `failback_delay` (30 s) on the backup.
+#[test]
+fn a_lease_back_after_a_reboot_serves_at_once() -> anyhow::Result<()> {
+    let uplinks = vec![
+        UplinkSpec::new("isp1", 1, false),
+        UplinkSpec::new("lte", 1, false).with("tier = 2"),
+    ];
+    let mut lab = Lab::build("dhcpboot", uplinks, 1, 0)?;
+    lab.dhcp_uplink(1)?;
+    let api = lab.api_config()?;
+    lab.write_config("10s", "10m", &api)?;
+    lab.edit_config("gateway = \"100.64.1.1\"", "gateway = \"auto\"")?;
+    let _server = lab.dhcp_server(1, 1, "2m", "")?;
+    let client = lab.dhcp_client(1, ClientKind::Udhcpc, RouteTable::Main)?;
+    let has_route = |lab: &Lab| -> anyhow::Result<bool> {
+        Ok(lab
+            .gw(&["ip", "route", "show", "default"])?
+            .contains("wan1"))
+    };
+    lab.wait_for(Duration::from_secs(20), "a lease on wan1", || {
+        Ok(lab.wan_addr(1)?.is_some() && has_route(&lab)?)
+    })
+    .map_err(|e| anyhow::anyhow!("{e}\n--- udhcpc ---\n{}", lab.dhcp_log(1)))?;
+    let lease = lab.wan_addr(1)?.expect("a lease");
+    let router = lab.gw(&["ip", "-4", "route", "show", "default", "dev", "wan1"])?;
+    let router = router
+        .split_whitespace()
+        .skip_while(|w| *w != "via")
+        .nth(1)
+        .expect("a router")
+        .to_string();
+    lab.start_agent()?;
+    lab.greet_clients()?;
+    assert_eq!(seen(&lab, 1)?, lease, "c1 leaves by isp1's lease");
+    // The lease is lost (the client's deconfig, by hand: udhcpc stays quiet for 2 min).
+    lab.gw(&["ip", "-4", "route", "del", "default", "dev", "wan1"])?;
+    lab.wait_for(Duration::from_secs(10), "isp1 down", || {
+        let row = uplink_row(&lab, "isp1")?;
+        Ok(row
+            .split_whitespace()
+            .nth(1)
+            .is_some_and(|s| s.starts_with("down")))
+    })?;
+    assert_eq!(
+        IpAddr::V4(seen(&lab, 1)?),
+        uplink_tests::uplink_source(2, false),
+        "c1 on lte"
+    );
+    lab.stop_agent("TERM")?;
+    // The reboot: nothing of uplinkd's survives in the kernel, and the lease is back
+    // before uplinkd starts.
+    lab.gw(&[
+        uplink_tests::uplinkd_bin().to_str().unwrap(),
+        "--config",
+        lab.config_path().to_str().unwrap(),
+        "cleanup",
+    ])?;
+    lab.gw(&[
+        "ip", "route", "replace", "default", "via", &router, "dev", "wan1",
+    ])?;
+    lab.start_agent()?;
+    assert_eq!(seen(&lab, 1)?, lease, "c1 leaves by isp1 from the start");
+    let row = uplink_row(&lab, "isp1")?;
+    assert_eq!(row.split_whitespace().nth(1), Some("up"), "{row}");
+    drop(client);
+    Ok(())
+}
+
 /// `gateway6 = "auto"` without a router yet: the uplink's IPv6 probes can only fail, and
 /// they counted against its IPv4 health: with a quorum of all its probes the whole uplink
 /// went down though its IPv4 works. Its IPv4 is judged by the IPv4 probes alone meanwhile.

@@ -96,6 +96,15 @@ fn list(d: &mut Dice, pool: &[&str], max: usize, quote: bool) -> String {
 /// A config with random traffic policy over three uplinks.
 fn random_config(d: &mut Dice) -> String {
     let mut c = String::from("[lan]\ninterfaces = [\"br-lan\", \"br-guest\"]\n");
+    if d.chance(30) {
+        // The policy ids' conntrack bits below, above and beside uplinkd's mark bits.
+        c += *d.pick(&[
+            "[dataplane]\nfwmark_mask = 0xff\n",
+            "[dataplane]\nfwmark_mask = 0xf0000000\n",
+            "[dataplane]\npolicy_mark_mask = 0\n",
+            "[dataplane]\npolicy_mark_mask = 0x3\n",
+        ]);
+    }
     for k in 1..=3 {
         c += &format!(
             "[[uplink]]\nname = \"isp{k}\"\ninterface = \"wan{k}\"\ngateway = \"100.64.{k}.1\"\nweight = {}\n",

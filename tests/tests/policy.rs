@@ -497,9 +497,44 @@ fn a_pin_wins_over_rules() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One UDP socket of a client: one conntrack entry for as long as it talks, as a call's
+/// media stream is. `ask` returns the address the internet host saw for one datagram.
+struct Call {
+    sock: std::net::UdpSocket,
+    seq: u64,
+}
+
+impl Call {
+    fn open(lab: &Lab, client: u32, to: SocketAddr) -> anyhow::Result<Call> {
+        let sock = uplink_tests::in_netns(&lab.ns(&format!("c{client}")), || {
+            std::net::UdpSocket::bind("0.0.0.0:0")
+        })??;
+        sock.connect(to)?;
+        sock.set_read_timeout(Some(Duration::from_millis(300)))?;
+        Ok(Call { sock, seq: 0 })
+    }
+
+    /// The answer to this datagram (late answers to earlier ones are skipped), or `None`.
+    fn ask(&mut self) -> anyhow::Result<Option<IpAddr>> {
+        self.seq += 1;
+        let tag = format!("call {}", self.seq);
+        self.sock.send(tag.as_bytes())?;
+        let mut buf = [0u8; 2048];
+        while let Ok(n) = self.sock.recv(&mut buf) {
+            let text = String::from_utf8_lossy(&buf[..n]);
+            if text.ends_with(&tag) {
+                return Ok(text.split(' ').next().and_then(|a| a.parse().ok()));
+            }
+        }
+        Ok(None)
+    }
+}
+
 /// SLA steering with real added latency (a bulk download through a tbf-limited ISP link
-/// queues the probes): the policy with max_rtt leaves isp1 and comes back once the queue
-/// drains, with `sla` events and the metric; the default policy keeps using isp1.
+/// queues the probes): the policy with max_rtt leaves isp1, and its call in progress (one
+/// socket, one conntrack entry) moves with it; the default policy keeps using isp1. Once
+/// the queue drains the policy uses isp1 again for new flows, and the call stays where it
+/// is (a return is not worth a second change of address).
 #[test]
 fn sla_steering_moves_a_policy_off_a_slow_uplink_and_back() -> anyhow::Result<()> {
     let mut lab = Lab::build("sla", uplink_tests::probed_uplinks(), 1, 0)?;
@@ -528,7 +563,13 @@ listen = "127.0.0.1:9477"
     lab.start_agent()?;
     lab.greet_clients()?;
     let voip = v4(50, ECHO_PORT);
-    assert_eq!(lab.udp_via(1, voip, None, None)?, "isp1");
+    let via = |a: Option<IpAddr>| a.and_then(|s| lab.uplink_of_source(s));
+    let mut call = Call::open(&lab, 1, voip)?;
+    assert_eq!(
+        via(call.ask()?).as_deref(),
+        Some("isp1"),
+        "the call starts on isp1"
+    );
     lab.shape("isp1", "2mbit")?;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flag = stop.clone();
@@ -548,30 +589,30 @@ listen = "127.0.0.1:9477"
     });
     let result = (|| -> anyhow::Result<()> {
         // The queue a bulk download builds is a sawtooth (a TCP timeout drains it), so the
-        // verdict may come and go: the view, the metric and a new flow are taken as
+        // verdict may come and go: the view, the metric and the call are taken as
         // evidence together, in one observation, not one after the other.
-        lab.wait_for(Duration::from_secs(20), "voip moved to isp2", || {
-            let (_, out, _) = lab.ctl("view", &["policies", "-o", "json"])?;
-            let p: serde_json::Value = serde_json::from_str(&out)?;
-            let voip_p = p
-                .as_array()
-                .and_then(|a| a.iter().find(|x| x["name"] == "voip"))
-                .cloned()
-                .unwrap_or_default();
-            let avoided = voip_p["using"] == serde_json::json!(["isp2"])
-                && voip_p["skipped"][0]
-                    .as_str()
-                    .unwrap_or_default()
-                    .contains("max_rtt 100ms");
-            let metrics = lab.gw(&["curl", "-s", "http://127.0.0.1:9477/metrics"])?;
-            let gauge =
-                metrics.contains("uplinkd_policy_sla_met{policy=\"voip\",uplink=\"isp1\"} 0");
-            Ok(avoided
-                && gauge
-                && lab
-                    .send_udp(1, voip, None, None, 3)?
-                    .is_some_and(|s| lab.uplink_of_source(s).as_deref() == Some("isp2")))
-        })?;
+        lab.wait_for(
+            Duration::from_secs(20),
+            "voip and its call moved to isp2",
+            || {
+                let (_, out, _) = lab.ctl("view", &["policies", "-o", "json"])?;
+                let p: serde_json::Value = serde_json::from_str(&out)?;
+                let voip_p = p
+                    .as_array()
+                    .and_then(|a| a.iter().find(|x| x["name"] == "voip"))
+                    .cloned()
+                    .unwrap_or_default();
+                let avoided = voip_p["using"] == serde_json::json!(["isp2"])
+                    && voip_p["skipped"][0]
+                        .as_str()
+                        .unwrap_or_default()
+                        .contains("max_rtt 100ms");
+                let metrics = lab.gw(&["curl", "-s", "http://127.0.0.1:9477/metrics"])?;
+                let gauge =
+                    metrics.contains("uplinkd_policy_sla_met{policy=\"voip\",uplink=\"isp1\"} 0");
+                Ok(avoided && gauge && via(call.ask()?).as_deref() == Some("isp2"))
+            },
+        )?;
         // Only this policy avoids isp1: the default one still places flows there.
         assert_eq!(lab.udp_via(1, server(false), None, None)?, "isp1");
         Ok(())
@@ -584,6 +625,11 @@ listen = "127.0.0.1:9477"
             .send_udp(1, voip, None, None, 3)?
             .is_some_and(|s| lab.uplink_of_source(s).as_deref() == Some("isp1")))
     })?;
+    assert_eq!(
+        via(call.ask()?).as_deref(),
+        Some("isp2"),
+        "the call stays on isp2"
+    );
     let (_, out, _) = lab.ctl("view", &["events", "-o", "json"])?;
     let events: serde_json::Value = serde_json::from_str(&out)?;
     let sla: Vec<&str> = events

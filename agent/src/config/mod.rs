@@ -186,6 +186,20 @@ pub struct LanConfig {
 /// tools (ulogd) are configured with: uplinkd's default stays clear of both.
 const DEFAULT_NFLOG_GROUP: i64 = 4623;
 
+/// Conntrack-mark bits for policy ids by default (in the conntrack mark only: the
+/// packet-mark bits other tools use are not touched): the 8 bits just below `fwmark_mask` (0x00ff0000 below the default), or just above it
+/// when fewer than 8 lie below: beside uplinkd's own bits, whatever the operator chose.
+fn default_policy_mark_mask(fwmark_mask: u32) -> u32 {
+    let low = fwmark_mask.trailing_zeros();
+    let high = 32 - fwmark_mask.leading_zeros();
+    if low >= 8 {
+        0xff << (low - 8)
+    } else {
+        // fwmark_mask has at most 16 bits, so with fewer than 8 below, 8 fit above.
+        0xff << high
+    }
+}
+
 /// What uplinkd owns in the kernel. Everything outside these bounds is never touched.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DataplaneConfig {
@@ -193,6 +207,10 @@ pub struct DataplaneConfig {
     pub nft_table: String,
     /// Bits of the packet and conntrack mark that uplinkd owns.
     pub fwmark_mask: u32,
+    /// Bits of the conntrack mark (never the packet mark) that name the `[[policy]]` with
+    /// an SLA a connection was classified by, so that a policy whose SLA breaks on an
+    /// uplink can move its own flows off it. 0: its flows stay where they started.
+    pub policy_mark_mask: u32,
     /// First of the `RULE_PRIORITY_BAND` ip-rule priorities uplinkd owns.
     pub rule_priority: u32,
     /// Uplink tables are `table_base + 1 ..= table_base + max mark id`.
@@ -220,6 +238,20 @@ impl DataplaneConfig {
     /// The packet mark value for a mark id, shifted into the owned bits.
     pub fn fwmark(&self, mark_id: u32) -> u32 {
         mark_id << self.fwmark_mask.trailing_zeros()
+    }
+
+    /// Largest policy id that fits in `policy_mark_mask` (0 when it is 0).
+    pub fn max_policy_id(&self) -> u32 {
+        self.policy_mark_mask
+            .checked_shr(self.policy_mark_mask.trailing_zeros())
+            .unwrap_or(0)
+    }
+
+    /// The conntrack mark bits of `[[policy]]` number `p` (config index): its position,
+    /// from 1, shifted into `policy_mark_mask`. `None` without policy bits.
+    pub fn policy_ctmark(&self, p: usize) -> Option<u32> {
+        (self.policy_mark_mask != 0)
+            .then(|| (p as u32 + 1) << self.policy_mark_mask.trailing_zeros())
     }
 
     pub fn owned_tables(&self) -> std::ops::RangeInclusive<u32> {
@@ -440,6 +472,7 @@ struct RawLan {
 struct RawDataplane {
     nft_table: Option<Spanned<String>>,
     fwmark_mask: Option<Spanned<u32>>,
+    policy_mark_mask: Option<Spanned<u32>>,
     rule_priority: Option<Spanned<u32>>,
     table_base: Option<Spanned<u32>>,
     route_protocol: Option<Spanned<u32>>,
@@ -970,6 +1003,20 @@ impl Validator<'_> {
             &uplinks,
             &lan.interfaces,
         )?;
+        if dataplane.policy_mark_mask != 0
+            && let Some(i) = (0..p.policies.len())
+                .find(|&i| p.policies[i].sla.is_set() && i as u32 + 1 > dataplane.max_policy_id())
+        {
+            return Err(self.err(
+                None,
+                format!("policy[{i}]"),
+                format!(
+                    "a policy with an SLA takes its position as its id in dataplane.policy_mark_mask {:#x}, which holds ids 1..={}: move it up the list, or widen the mask",
+                    dataplane.policy_mark_mask,
+                    dataplane.max_policy_id()
+                ),
+            ));
+        }
         let local = match raw.local.policy {
             None => LocalPolicy::Main,
             Some(v) => match v.get_ref().trim() {
@@ -1142,19 +1189,42 @@ impl Validator<'_> {
                 s.clone()
             }
         };
+        // Contiguous, non-empty: ids are shifted into it.
+        let contiguous = |v: u32| {
+            v != 0
+                && (v >> v.trailing_zeros()).count_ones()
+                    == 32 - (v >> v.trailing_zeros()).leading_zeros()
+        };
         let fwmark_mask = match raw.fwmark_mask {
             None => 0x3f00_0000,
             Some(m) => {
                 let v = *m.get_ref();
-                // Contiguous, non-empty: mark ids are shifted into it.
-                let contiguous = v != 0
-                    && (v >> v.trailing_zeros()).count_ones()
-                        == 32 - (v >> v.trailing_zeros()).leading_zeros();
-                if !contiguous || v.count_ones() > 16 {
+                if !contiguous(v) || v.count_ones() > 16 {
                     return Err(self.err(
                         Some(m.span()),
                         "dataplane.fwmark_mask",
                         format!("must be one contiguous run of 1 to 16 bits, e.g. 0x3f000000 (got {v:#x})"),
+                    ));
+                }
+                v
+            }
+        };
+        let policy_mark_mask = match raw.policy_mark_mask {
+            None => default_policy_mark_mask(fwmark_mask),
+            Some(m) => {
+                let v = *m.get_ref();
+                if v != 0 && (!contiguous(v) || v.count_ones() > 16) {
+                    return Err(self.err(
+                        Some(m.span()),
+                        "dataplane.policy_mark_mask",
+                        format!("must be 0 or one contiguous run of 1 to 16 bits, e.g. 0xff0000 (got {v:#x})"),
+                    ));
+                }
+                if v & fwmark_mask != 0 {
+                    return Err(self.err(
+                        Some(m.span()),
+                        "dataplane.policy_mark_mask",
+                        format!("{v:#x} overlaps dataplane.fwmark_mask {fwmark_mask:#x}: the two must own different bits"),
                     ));
                 }
                 v
@@ -1192,6 +1262,7 @@ impl Validator<'_> {
         let mut dp = DataplaneConfig {
             nft_table,
             fwmark_mask,
+            policy_mark_mask,
             rule_priority,
             table_base: 1000,
             route_protocol,
@@ -1339,6 +1410,27 @@ interface = "ppp0"
             assert_eq!(e.key, "uplink[0].interface", "{bad}: {e}");
         }
         assert!(parse(&GOOD.replace("\"wan1\"", "\"wan1.100\"")).is_ok());
+    }
+
+    #[test]
+    fn policy_mark_mask_sits_beside_fwmark_mask_and_never_overlaps_it() {
+        assert_eq!(DataplaneConfig::defaults().policy_mark_mask, 0x00ff_0000);
+        let c = parse(&format!("[dataplane]\nfwmark_mask = 0x0f00\n{GOOD}")).unwrap();
+        assert_eq!(c.dataplane.policy_mark_mask, 0xff);
+        let e = parse(&format!(
+            "[dataplane]\nfwmark_mask = 0xff00\npolicy_mark_mask = 0x1f000\n{GOOD}"
+        ))
+        .unwrap_err();
+        assert_eq!(e.key, "dataplane.policy_mark_mask");
+        assert!(
+            e.message.contains("overlaps dataplane.fwmark_mask 0xff00"),
+            "{e}"
+        );
+        let off = parse(&format!("[dataplane]\npolicy_mark_mask = 0\n{GOOD}")).unwrap();
+        assert_eq!(off.dataplane.policy_ctmark(0), None);
+        let on = DataplaneConfig::defaults();
+        assert_eq!(on.policy_ctmark(0), Some(0x0001_0000));
+        assert_eq!(on.max_policy_id(), 255);
     }
 
     #[test]

@@ -230,7 +230,10 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
     }
     // Only addresses the state file does not know are adopted from the kernel's maps: with
     // a complete state file there is nothing to keep (100k entries at a warm restart).
-    let adopt = match dataplane.read_nft().await? {
+    let kernel = dataplane.read_nft().await?;
+    // No table of ours: a reboot or a cleanup. No backup carries anyone's flows.
+    let fresh_kernel = kernel.is_none();
+    let adopt = match kernel {
         Some(k) => nft::adopted_homes(k, |ip| model.client_by_addr(ip).is_none()),
         None => BTreeMap::new(),
     };
@@ -327,6 +330,14 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
     agent.warn_floating_bridge_macs();
     agent.adopt.clear();
     agent.links_changed();
+    if fresh_kernel {
+        let serving = agent
+            .model
+            .serve_usable_at_fresh_start(&agent.config.failover);
+        if !serving.is_empty() {
+            info!(uplinks = ?serving, "no dataplane of ours in the kernel to keep in place: uplinks usable now serve their clients at once (their pending failback is not kept)");
+        }
+    }
     // read_nft just filled the dataplane's cache: no second read-back of the table.
     let report = agent.apply(ReadBack::Cache).await;
     agent.probing = true;
@@ -921,6 +932,30 @@ impl Agent {
                             .with_label_values(&[self.config.uplinks[i].name.as_str()])
                             .inc();
                         self.model.uplinks[i].needs_flush = true;
+                        flush_failed = true;
+                    }
+                }
+            }
+            for (p, i) in self.model.take_sla_flushes() {
+                let dp = &self.config.dataplane;
+                let Some(id) = dp.policy_ctmark(p) else {
+                    continue;
+                };
+                let (policy, uplink) =
+                    (&self.config.policies[p].name, &self.config.uplinks[i].name);
+                let mark = dp.fwmark(self.config.uplinks[i].mark) | id;
+                let mask = dp.fwmark_mask | dp.policy_mark_mask;
+                match self.dataplane.flush_conntrack_masked(mark, mask).await {
+                    Ok(n) => {
+                        info!(%policy, %uplink, flows = ?n, "deleted the policy's flows on the uplink that breaks its SLA; they continue on the uplinks it uses now")
+                    }
+                    Err(e) => {
+                        error!(%policy, %uplink, error = %e, "cannot delete the policy's flows on the uplink that breaks its SLA; will retry");
+                        self.metrics
+                            .flush_errors
+                            .with_label_values(&[uplink.as_str()])
+                            .inc();
+                        self.model.sla_flushes.push((p, i));
                         flush_failed = true;
                     }
                 }

@@ -152,6 +152,16 @@ impl Dataplane {
         self.conntrack.delete_mark(mark, self.mask).await
     }
 
+    /// Deletes the conntrack entries whose mark has `mark` in the `mask` bits (an uplink's
+    /// and a policy's, for an SLA break).
+    pub async fn flush_conntrack_masked(
+        &self,
+        mark: u32,
+        mask: u32,
+    ) -> Result<Option<usize>, DataplaneError> {
+        self.conntrack.delete_mark(mark, mask).await
+    }
+
     /// The conntrack deleter, for work that runs beside the loop.
     pub fn conntrack(&self) -> conntrack::Conntrack {
         self.conntrack.clone()

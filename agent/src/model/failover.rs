@@ -292,6 +292,26 @@ impl Model {
         self.settle(transitions, now, f)
     }
 
+    /// A start with no dataplane of ours in the kernel (a reboot, or after `cleanup`): no
+    /// backup carries anyone's flows, so an automatic failback pending from the last run
+    /// holds nothing in place. Uplinks usable now serve their clients at once instead of
+    /// after another `failback_delay` (an uplink whose lease came back while uplinkd was
+    /// stopped). An operator's manual failback stays pending. Returns the uplinks that now
+    /// serve.
+    pub fn serve_usable_at_fresh_start(&mut self, f: &FailoverConfig) -> Vec<String> {
+        if f.failback != Failback::Auto {
+            return Vec::new();
+        }
+        self.uplinks
+            .iter_mut()
+            .filter(|u| u.usable() && !u.serving)
+            .map(|u| {
+                u.serving = true;
+                u.name.clone()
+            })
+            .collect()
+    }
+
     /// Manual failback: the uplink's clients return now, if it is usable.
     pub fn failback(&mut self, uplink: usize, now: Instant) -> Option<LogEntry> {
         let count = self.counts[uplink];
@@ -791,6 +811,32 @@ mod tests {
         fresh.refresh_links(Instant::now(), &c.health, &c.failover);
         assert_eq!(fresh.uplinks[0].state(), UplinkState::Held);
         assert_eq!(fresh.decisions().uplinks["a"].held_until, Some(until));
+    }
+
+    #[test]
+    fn a_fresh_start_does_not_keep_a_pending_failback() {
+        // The last run stopped while `a` had no carrier; it is back at this start.
+        let saved = {
+            let (c, mut m) = setup("");
+            m.refresh_links(Instant::now(), &c.health, &c.failover);
+            carrier(&mut m, "wa", false);
+            m.refresh_links(Instant::now(), &c.health, &c.failover);
+            m.decisions()
+        };
+        assert!(!saved.uplinks["a"].serving);
+        for (failback, serves) in [("auto", true), ("manual", false)] {
+            let (c, mut m) = setup(&format!("failback=\"{failback}\""));
+            m.restore_decisions(saved.clone());
+            m.refresh_links(Instant::now(), &c.health, &c.failover);
+            assert_ne!(
+                m.home_target(0),
+                HomeTarget::Direct,
+                "pending after restore"
+            );
+            let now_serving = m.serve_usable_at_fresh_start(&c.failover);
+            assert_eq!(now_serving == ["a"], serves, "{failback}");
+            assert_eq!(m.home_target(0) == HomeTarget::Direct, serves, "{failback}");
+        }
     }
 
     #[test]

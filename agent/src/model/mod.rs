@@ -259,6 +259,9 @@ pub struct Model {
     max_addresses: usize,
     /// Per policy (config order), per uplink: the SLA verdict.
     pub sla: Vec<Vec<sla::SlaState>>,
+    /// (policy, uplink): a policy left the uplink for its SLA; the flows it classified
+    /// there are to be deleted once its new verdict is in the kernel.
+    pub sla_flushes: Vec<(usize, usize)>,
     /// Where the kernel sends a new client's packets before its assignment lands: set
     /// once that verdict is applied.
     pub unassigned_to: Option<String>,
@@ -339,6 +342,7 @@ impl Model {
             max_clients: config.lan.max_clients,
             max_addresses: config.lan.max_addresses_per_client,
             sla: Vec::new(),
+            sla_flushes: Vec::new(),
             unassigned_to: None,
             moved_on_arrival: 0,
             set_edits: BTreeMap::new(),

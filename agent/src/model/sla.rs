@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use super::Model;
 use super::failover::{EventKind, LogEntry};
-use crate::config::{PolicyConfig, Sla};
+use crate::config::{Mode, PolicyConfig, Sla};
 
 /// A broken SLA holds until every figure is back under this share of its threshold, so a
 /// value hovering at the threshold does not flap.
@@ -80,6 +80,7 @@ impl Model {
     pub fn evaluate_sla(&mut self, policies: &[PolicyConfig]) -> Vec<LogEntry> {
         self.sla.resize_with(policies.len(), Vec::new);
         let mut log = Vec::new();
+        let mut broke = Vec::new();
         for (p, policy) in policies.iter().enumerate() {
             self.sla[p].resize_with(self.uplinks.len(), SlaState::default);
             if !policy.sla.is_set() {
@@ -112,10 +113,38 @@ impl Model {
                     cause,
                     clients_moved: 0,
                 });
+                if now.is_some() {
+                    broke.push((p, u));
+                }
                 self.sla[p][u].broken = now;
             }
         }
+        // Judged once every verdict is in: one that still carries the policy (the least
+        // bad when none meets it) keeps its flows.
+        for (p, u) in broke {
+            if !self.policy_uses(&policies[p], p, u) {
+                self.sla_flushes.push((p, u));
+            }
+        }
         log
+    }
+
+    /// Whether policy `p` sends new connections to uplink `u` now.
+    fn policy_uses(&self, policy: &PolicyConfig, p: usize, u: usize) -> bool {
+        let failover = policy.mode == Mode::Failover;
+        let c = self.choose(&policy.uplinks, Some(p), !failover);
+        // Nowhere else to go: its flows stay.
+        c.using.is_empty()
+            || if failover {
+                c.using.first() == Some(&u)
+            } else {
+                c.using.contains(&u)
+            }
+    }
+
+    /// The (policy, uplink) pairs whose flows are to be deleted now.
+    pub fn take_sla_flushes(&mut self) -> Vec<(usize, usize)> {
+        std::mem::take(&mut self.sla_flushes)
     }
 
     /// Whether policy `p` (by index) holds its SLA on uplink `u`.
@@ -368,6 +397,44 @@ mod tests {
                 .unwrap()
                 .starts_with("loss 50.0%")
         );
+    }
+
+    #[test]
+    fn a_policy_that_leaves_an_uplink_for_its_sla_deletes_its_flows_there() {
+        let text = "[lan]\ninterfaces = [\"lan0\"]\n[[uplink]]\nname = \"a\"\ninterface = \"wan0\"\ngateway = \"100.64.0.1\"\nprobes = [\"icmp:192.0.2.1\"]\n[[uplink]]\nname = \"b\"\ninterface = \"wan1\"\ngateway = \"100.64.1.1\"\nprobes = [\"icmp:192.0.2.1\"]\n[[policy]]\nname = \"voip\"\nbalance = \"failover\"\nmax_rtt = \"100ms\"\n";
+        let c = crate::config::Config::parse(std::path::Path::new("t"), text).unwrap();
+        let mut m = Model::new(&c);
+        for (n, iface) in ["wan0", "wan1"].iter().enumerate() {
+            m.set_link(
+                iface,
+                super::super::LinkState {
+                    ifindex: Some(n as u32 + 2),
+                    admin_up: true,
+                    carrier: true,
+                },
+            );
+            m.set_addr(iface, format!("100.64.{n}.2").parse().unwrap(), true);
+        }
+        let now = std::time::Instant::now();
+        m.refresh_links(now, &c.health, &c.failover);
+        let rtt = |m: &mut Model, u: usize, ms: u64| {
+            for _ in 0..6 {
+                m.uplinks[u]
+                    .health
+                    .stats
+                    .push(Some(Duration::from_millis(ms)));
+            }
+        };
+        rtt(&mut m, 0, 200);
+        rtt(&mut m, 1, 10);
+        assert_eq!(m.evaluate_sla(&c.policies).len(), 1);
+        assert_eq!(m.take_sla_flushes(), vec![(0, 0)], "voip leaves a for b");
+        assert!(m.take_sla_flushes().is_empty());
+        // b breaks too: nothing meets the SLA, and the least bad one (a, 200 ms against
+        // 300) carries the policy. Its flows there stay; b's go.
+        rtt(&mut m, 1, 300);
+        m.evaluate_sla(&c.policies);
+        assert_eq!(m.take_sla_flushes(), vec![(0, 1)]);
     }
 
     #[test]

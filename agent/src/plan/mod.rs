@@ -47,6 +47,8 @@ pub struct NftDesired {
 pub struct NftStructure {
     pub table: String,
     pub mask: u32,
+    /// The conntrack-mark bits of policy ids (`dataplane.policy_mark_mask`).
+    pub policy_mask: u32,
     pub lan_interfaces: Vec<String>,
     pub uplinks: Vec<NftUplink>,
     /// Named sets, in config order (`<name>_v4`, `<name>_v6` in nft).
@@ -270,6 +272,7 @@ pub fn plan_touched(config: &Config, model: &Model, touched: &Touched) -> Desire
     let structure = NftStructure {
         table: dp.nft_table.clone(),
         mask: dp.fwmark_mask,
+        policy_mask: dp.policy_mark_mask,
         lan_interfaces: config.lan.interfaces.clone(),
         uplinks,
         // Sets can hold tens of thousands of elements: shared unless edited.
@@ -284,6 +287,11 @@ pub fn plan_touched(config: &Config, model: &Model, touched: &Touched) -> Desire
             .map(|p| NftPolicy {
                 name: config.policies[p].name.clone(),
                 verdict: verdict::policy_verdict(config, model, p).0,
+                ct_mark: config.policies[p]
+                    .sla
+                    .is_set()
+                    .then(|| dp.policy_ctmark(p))
+                    .flatten(),
             })
             .collect(),
         default: verdict::default_verdict(config, model).0,

@@ -46,6 +46,9 @@ pub enum SpreadKey {
 pub struct NftPolicy {
     pub name: String,
     pub verdict: Verdict,
+    /// A policy with an SLA: its id in the conntrack mark's policy bits, written on the
+    /// connections it classifies, so that an SLA break deletes exactly its flows.
+    pub ct_mark: Option<u32>,
 }
 
 /// Verdict and choice of policy `p` (config index).

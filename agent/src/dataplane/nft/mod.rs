@@ -905,6 +905,7 @@ mod tests {
         NftStructure {
             table: "uplinkd".into(),
             mask: 0x3f00_0000,
+            policy_mask: 0x00ff_0000,
             lan_interfaces: vec!["lan0".into()],
             uplinks: vec![NftUplink {
                 name: "a".into(),
@@ -1049,6 +1050,7 @@ mod tests {
         s.policies = vec![crate::plan::NftPolicy {
             name: "p".into(),
             verdict: Verdict::Uplink("a".into()),
+            ct_mark: None,
         }];
         s.rules = Arc::new(rules);
         render_policies(&s)

@@ -744,6 +744,17 @@ pub(super) fn render_policies(s: &NftStructure) -> Vec<Value> {
         (!own.is_empty()).then_some(digest.as_str()),
     ));
     for p in &s.policies {
+        if let Some(id) = p.ct_mark {
+            // Only the policy bits change; the uplink bits are set by `up_`.
+            let ct = json!({"ct": {"key": "mark"}});
+            let value = json!({"|": [{"&": [ct, !s.policy_mask]}, id]});
+            out.push(raw_rule(
+                table,
+                &policy_chain(&p.name),
+                vec![json!({"mangle": {"key": ct, "value": value}})],
+                None,
+            ));
+        }
         for e in verdict_rules(&p.verdict, &s.uplinks) {
             out.push(raw_rule(table, &policy_chain(&p.name), e, None));
         }
