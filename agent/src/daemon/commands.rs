@@ -1,4 +1,4 @@
-//! API writes, served by the agent loop and applied to the kernel before they answer.
+//! API writes, served by the agent loop; each answers once its change is in the kernel.
 //! Reads are served from the snapshot (`api::snapshot`) without the loop.
 
 use std::net::IpAddr;
@@ -6,13 +6,17 @@ use std::time::{Duration, Instant};
 
 use uplink_api::v1;
 
-use super::Agent;
+use tokio::sync::oneshot;
+
+use super::{Agent, Waiter};
+use crate::dataplane::ReadBack;
 use crate::api::{ApiError, Command, view};
 use crate::model::failover::PinRefused;
 use crate::model::now_millis;
 
 impl Agent {
-    /// Serves one API command. Writes apply to the kernel before they answer.
+    /// Serves one API command. Writes answer once their change is in the kernel; the loop
+    /// goes on meanwhile.
     pub(super) async fn handle(&mut self, cmd: Command) {
         match cmd {
             Command::SetOverride {
@@ -21,27 +25,29 @@ impl Agent {
                 ttl,
                 reply,
             } => {
-                let r = self.set_override(ip, uplink, ttl).await;
-                let _ = reply.send(r);
+                let r = self.set_override(ip, uplink, ttl);
+                self.answer_when_applied(reply, r, true);
             }
             Command::ClearOverride { ip, reply } => {
                 let r = match self.model.unpin(ip, now_millis()) {
                     None => Err(ApiError::NotFound(format!("no override for {ip}"))),
                     Some(entry) => {
                         self.record(vec![entry]);
-                        self.apply_for_api().await
+                        Ok(())
                     }
                 };
-                let _ = reply.send(r);
+                self.answer_when_applied(reply, r, true);
             }
             Command::Drain {
                 uplink,
                 drain,
                 reply,
-            } => {
-                let r = self.drain(&uplink, drain).await;
-                let _ = reply.send(r);
-            }
+            } => match self.drain(&uplink, drain) {
+                Ok((view, changed)) => self.answer_when_applied(reply, Ok(view), changed),
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            },
             Command::Failback { uplink, reply } => {
                 let r = match self.model.uplinks.iter().position(|u| u.name == uplink) {
                     None => Err(self.unknown_uplink(&uplink)),
@@ -51,15 +57,17 @@ impl Agent {
                         ))),
                         Some(e) => {
                             self.record(vec![e]);
-                            self.apply_for_api().await.map(|()| self.uplink_view(i))
+                            Ok(self.uplink_view(i))
                         }
                     },
                 };
-                let _ = reply.send(r);
+                self.answer_when_applied(reply, r, true);
             }
             Command::Reload(reply) => {
+                // The reload asked for its apply; the answer waits for it.
                 let r = self.reload().await.map_err(ApiError::FailedPrecondition);
-                let _ = reply.send(r);
+                let changed = r.is_ok();
+                self.answer_when_applied(reply, r, changed);
             }
             Command::UpdateSet {
                 set,
@@ -67,8 +75,8 @@ impl Agent {
                 del,
                 reply,
             } => {
-                let r = self.update_set(&set, &add, &del).await;
-                let _ = reply.send(r);
+                let r = self.update_set(&set, &add, &del);
+                self.answer_when_applied(reply, r, true);
             }
             Command::Watch(reply) => {
                 let history = self.events.recent().map(view::event).collect();
@@ -77,22 +85,40 @@ impl Agent {
         }
     }
 
+    /// Answers an API write once the apply that carries its change is answered by the
+    /// executor; an error, or a write that changed nothing, answers at once.
+    fn answer_when_applied<T: Send + 'static>(
+        &mut self,
+        reply: oneshot::Sender<Result<T, ApiError>>,
+        r: Result<T, ApiError>,
+        changed: bool,
+    ) {
+        let value = match r {
+            Ok(v) if changed => v,
+            r => {
+                let _ = reply.send(r);
+                return;
+            }
+        };
+        self.request_apply(ReadBack::Cache);
+        let seq = self.seq_of_next_change();
+        self.waiters.push(Waiter {
+            seq,
+            done: Box::new(move |applied| {
+                let _ = reply.send(applied.map(|()| value).map_err(|e| {
+                    ApiError::Internal(format!(
+                        "the change is recorded but the kernel refused it (retrying): {e}"
+                    ))
+                }));
+            }),
+        });
+    }
+
     fn unknown_uplink(&self, name: &str) -> ApiError {
         crate::api::snapshot::unknown_uplink(&self.config, name)
     }
 
-    async fn apply_for_api(&mut self) -> Result<(), ApiError> {
-        let report = self.apply(crate::dataplane::ReadBack::Cache).await;
-        self.publish_metrics();
-        match report.errors.first() {
-            None => Ok(()),
-            Some(e) => Err(ApiError::Internal(format!(
-                "the change is recorded but the kernel refused it (retrying): {e}"
-            ))),
-        }
-    }
-
-    async fn set_override(
+    fn set_override(
         &mut self,
         ip: IpAddr,
         uplink: String,
@@ -108,7 +134,6 @@ impl Agent {
             }
         };
         self.record(vec![entry]);
-        self.apply_for_api().await?;
         Ok(v1::Override {
             client: ip.to_string(),
             uplink: o.uplink,
@@ -116,22 +141,23 @@ impl Agent {
         })
     }
 
-    async fn drain(&mut self, uplink: &str, drain: bool) -> Result<v1::Uplink, ApiError> {
+    /// The uplink as it is now, and whether anything changed.
+    fn drain(&mut self, uplink: &str, drain: bool) -> Result<(v1::Uplink, bool), ApiError> {
         let Some(i) = self.model.uplinks.iter().position(|u| u.name == uplink) else {
             return Err(self.unknown_uplink(uplink));
         };
-        match self.model.set_drained(i, drain) {
+        let changed = match self.model.set_drained(i, drain) {
             Err(why) => return Err(ApiError::FailedPrecondition(why)),
-            Ok(None) => {}
+            Ok(None) => false,
             Ok(Some(entry)) => {
                 self.record(vec![entry]);
-                self.apply_for_api().await?;
+                true
             }
-        }
-        Ok(self.uplink_view(i))
+        };
+        Ok((self.uplink_view(i), changed))
     }
 
-    async fn update_set(
+    fn update_set(
         &mut self,
         name: &str,
         add: &[ipnet::IpNet],
@@ -154,7 +180,6 @@ impl Agent {
             .edit_set(&config.sets, set, add, del)
             .map_err(ApiError::FailedPrecondition)?;
         self.record(vec![entry]);
-        self.apply_for_api().await?;
         Ok(view::set(set, &self.model.set_elements(set)))
     }
 

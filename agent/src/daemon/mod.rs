@@ -1,6 +1,7 @@
 //! The agent loop: discovery events and timers → model → plan → dataplane.
 
 mod commands;
+mod executor;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
@@ -21,7 +22,7 @@ use uplink_api::v1;
 
 use crate::api::{self, view};
 use crate::config::Config;
-use crate::dataplane::{ApplyReport, Dataplane, ReadBack, nft};
+use crate::dataplane::{Dataplane, ReadBack, nft};
 use crate::discover::{self, Event};
 use crate::health::probe::{self, ProbeSpec};
 use crate::metrics::{self, Metrics};
@@ -54,6 +55,10 @@ pub enum AgentError {
     Routed(#[from] discover::routed::RoutedError),
     #[error("cannot start the API runtime: {0}")]
     Runtime(std::io::Error),
+    #[error("the dataplane executor stopped (a bug: see the log above)")]
+    Executor,
+    #[error("cannot start the dataplane executor's thread: {0}")]
+    ExecutorStart(std::io::Error),
 }
 
 /// Worker threads that serve the API and /metrics. Nice 10: best effort next to the loop.
@@ -121,7 +126,24 @@ pub struct Agent {
     config: Arc<Config>,
     config_path: PathBuf,
     model: Model,
-    dataplane: Dataplane,
+    /// Jobs for the executor, which owns the dataplane.
+    jobs: mpsc::Sender<executor::Job>,
+    /// The job the executor is working on.
+    inflight: Option<InFlight>,
+    /// An apply asked for since the job in flight was planned: how much to read back.
+    wanted: Option<ReadBack>,
+    /// When the oldest event waiting for `wanted` arrived (dispatch latency).
+    wanted_since: Option<Instant>,
+    next_seq: u64,
+    /// The executor's dataplane holds its copy of the kernel's maps: a plan may be
+    /// incremental.
+    takes_increment: bool,
+    /// API writes that answer once their change is in the kernel.
+    waiters: Vec<Waiter>,
+    /// Probers are reconciled once the pending apply is in the kernel (a new route first).
+    probers_after_apply: bool,
+    /// Deletes flows beside the loop (those NATed to an address that left an uplink).
+    conntrack: crate::dataplane::conntrack::Conntrack,
     state: StateFile,
     handle: rtnetlink::Handle,
     /// Every link the kernel has: ifindex → name.
@@ -184,6 +206,39 @@ pub struct Agent {
     client_mode: Option<bool>,
 }
 
+/// The job in the executor's hands, and what the loop planned with it.
+struct InFlight {
+    seq: u64,
+    read: ReadBack,
+    /// The plan's default policy reads the client sets.
+    client_mode: bool,
+    /// Where the plan sends a client without an assignment.
+    unassigned_to: Option<String>,
+    /// When the oldest event this job carries arrived.
+    since: Option<Instant>,
+    /// Flows NATed to these addresses go once the plan is in.
+    gone_addrs: Vec<(usize, IpAddr)>,
+}
+
+/// An API write waiting for the apply that carries it (`seq`) to be answered.
+struct Waiter {
+    seq: u64,
+    done: Box<dyn FnOnce(Result<(), String>) + Send>,
+}
+
+/// How much an apply reads back: the most any request asked for.
+fn read_merge(a: Option<ReadBack>, b: ReadBack) -> ReadBack {
+    let rank = |r: ReadBack| match r {
+        ReadBack::Cache => 0,
+        ReadBack::Structure => 1,
+        ReadBack::Full => 2,
+    };
+    match a {
+        Some(a) if rank(a) >= rank(b) => a,
+        _ => b,
+    }
+}
+
 /// Connects to the kernel, adopts its state, and runs until SIGTERM/SIGINT. The dataplane
 /// is left in place on exit so traffic keeps flowing.
 pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError> {
@@ -244,6 +299,9 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
     let (probe_tx, mut probe_rx) = mpsc::channel(1024);
     let (passive_tx, mut passive_rx) = mpsc::channel(1024);
     let counters = dataplane.counter_reader();
+    let conntrack = dataplane.conntrack();
+    let takes_increment = dataplane.takes_increment(ReadBack::Cache);
+    let (jobs, mut applied_rx) = executor::spawn(dataplane).map_err(AgentError::ExecutorStart)?;
     let config_arc = Arc::new(config);
     // Until the first apply the API sees an empty model, not in sync: a snapshot of the
     // restored one would make the start's mutations copy every client once.
@@ -254,7 +312,15 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
         config: config_arc.clone(),
         config_path,
         model,
-        dataplane,
+        jobs,
+        inflight: None,
+        wanted: None,
+        wanted_since: None,
+        next_seq: 1,
+        takes_increment,
+        waiters: Vec::new(),
+        probers_after_apply: false,
+        conntrack,
         state,
         handle,
         links: HashMap::new(),
@@ -339,23 +405,26 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
         }
     }
     // read_nft just filled the dataplane's cache: no second read-back of the table.
-    let report = agent.apply(ReadBack::Cache).await;
+    // The start waits for its first apply: probes need the uplinks' routes in place.
+    agent.request_apply(ReadBack::Cache);
+    let first = applied_rx.recv().await.ok_or(AgentError::Executor)?;
+    let clean = agent.on_applied(first);
     agent.probing = true;
     agent.reconcile_probers();
     agent.save_state();
     agent.publish_metrics();
     agent.publish_snapshot();
-    if report.errors.is_empty() {
+    if clean {
         crate::notify::ready();
     }
     let mut watchdog = tokio::time::interval(
         crate::notify::watchdog_interval().unwrap_or(Duration::from_secs(3600)),
     );
-    let mut notified_ready = report.errors.is_empty();
+    let mut notified_ready = clean;
     info!(
         clients = agent.model.clients().len(),
         elapsed_ms = started.elapsed().as_millis() as u64,
-        in_sync = report.errors.is_empty(),
+        in_sync = clean,
         "initial apply done"
     );
 
@@ -406,17 +475,23 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
                     warn!("netlink events were dropped by the kernel; re-reading links and neighbours");
                     agent.resync_and_apply(ReadBack::Full).await;
                 } else if dirty {
-                    agent.apply(ReadBack::Cache).await;
-                    agent.metrics.dispatch_latency.observe(received.elapsed().as_secs_f64());
-                    debug!(events = n, latency_us = received.elapsed().as_micros() as u64, "dispatched");
+                    agent.wanted_since.get_or_insert(received);
+                    agent.request_apply(ReadBack::Cache);
+                    debug!(events = n, "dispatched");
                 }
                 if links {
                     // After the apply: a prober (re)started for a new address or gateway
                     // finds its route in the kernel from its first round.
-                    agent.reconcile_probers();
+                    agent.reconcile_probers_after_apply();
                     // Uplink states may have changed: the gauges follow now, not in a second.
                     agent.publish_metrics();
                 }
+            }
+            applied = applied_rx.recv() => {
+                let Some(applied) = applied else {
+                    return Err(AgentError::Executor);
+                };
+                agent.on_applied(applied);
             }
             Some(report) = probe_rx.recv() => agent.on_probe_report(report).await,
             Some(reading) = passive_rx.recv() => agent.on_passive_reading(reading).await,
@@ -427,7 +502,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
                     dirty |= agent.on_routed(s);
                 }
                 if dirty {
-                    agent.apply(ReadBack::Cache).await;
+                    agent.request_apply(ReadBack::Cache);
                 }
             }
             Some(active) = activity_rx.recv() => {
@@ -460,7 +535,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
                 let retry = agent.needs_retry && agent.retry_at.is_none_or(|t| Instant::now() >= t);
                 if !released.is_empty() || retry || health_changed {
                     agent.state_dirty |= !released.is_empty();
-                    agent.apply(if retry { ReadBack::Full } else { ReadBack::Cache }).await;
+                    agent.request_apply(if retry { ReadBack::Full } else { ReadBack::Cache });
                 }
                 agent.save_state();
                 agent.save_decisions();
@@ -477,6 +552,19 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
             _ = sigint.recv() => break,
         }
         agent.heartbeat.beat();
+    }
+    // The apply in flight finishes (its commands are bounded by command_timeout), so that
+    // the dataplane left in place is one the model knows; what was still wanted is
+    // planned again at the next start.
+    if agent.inflight.is_some() {
+        let bound = agent.config.dataplane.command_timeout * 2 + Duration::from_secs(1);
+        match tokio::time::timeout(bound, applied_rx.recv()).await {
+            Ok(Some(applied)) => {
+                agent.wanted = None;
+                agent.on_applied(applied);
+            }
+            _ => warn!("the apply in flight did not finish at exit; the next start reads the kernel back"),
+        }
     }
     agent.save_decisions();
     // The last write of the assignments waits for the one in flight, then runs here:
@@ -660,8 +748,8 @@ impl Agent {
         // What the dump repaired (a link, address or route event lost to an overrun) is
         // judged too: health agrees with the facts after every resync, not only the plan.
         self.links_changed();
-        self.apply(read).await;
-        self.reconcile_probers();
+        self.request_apply(read);
+        self.reconcile_probers_after_apply();
         self.publish_metrics();
     }
 
@@ -850,21 +938,42 @@ impl Agent {
     }
 
     /// Plan and apply, in an `apply` span.
-    async fn apply(&mut self, read: ReadBack) -> ApplyReport {
-        use tracing::Instrument;
-        let full = read == ReadBack::Full;
-        let span = tracing::info_span!("apply", full, errors = tracing::field::Empty);
-        let report = self.apply_traced(read).instrument(span.clone()).await;
-        span.record("errors", report.errors.len());
-        report
+    /// Asks for the model to be applied. Sent to the executor at once when it is idle;
+    /// otherwise planned when the job in flight is answered, merged with everything else
+    /// that changed meanwhile.
+    fn request_apply(&mut self, read: ReadBack) {
+        self.wanted = Some(read_merge(self.wanted, read));
+        if self.inflight.is_none() {
+            self.send_job();
+        }
     }
 
-    async fn apply_traced(&mut self, read: ReadBack) -> ApplyReport {
-        let started = Instant::now();
+    /// The apply sequence number that will carry a change made now.
+    fn seq_of_next_change(&self) -> u64 {
+        match &self.inflight {
+            Some(f) if self.wanted.is_none() => f.seq,
+            _ => self.next_seq,
+        }
+    }
+
+    /// Reconciles the probers now, or once the pending apply is in the kernel.
+    fn reconcile_probers_after_apply(&mut self) {
+        if self.inflight.is_some() || self.wanted.is_some() {
+            self.probers_after_apply = true;
+        } else {
+            self.reconcile_probers();
+        }
+    }
+
+    /// Plans what is wanted and hands it to the executor.
+    fn send_job(&mut self) {
+        let Some(read) = self.wanted.take() else {
+            return;
+        };
         // Only the addresses that changed since the last apply, while the dataplane's copy
         // of the kernel stands in for the rest; a resync plans whole.
         let touched = match self.model.take_touched() {
-            t if self.dataplane.takes_increment(read) => t,
+            t if read == ReadBack::Cache && self.takes_increment => t,
             _ => Touched::All,
         };
         let mut desired = plan_touched(&self.config, &self.model, &touched);
@@ -874,35 +983,90 @@ impl Agent {
         if desired.nft.changed.is_some() && self.client_mode != Some(client_mode) {
             desired = plan_touched(&self.config, &self.model, &Touched::All);
         }
-        let report = self.dataplane.apply(&desired, read).await;
-        if report.errors.is_empty() {
-            self.client_mode = Some(client_mode);
+        let dp = &self.config.dataplane;
+        let mut flushes: Vec<executor::Flush> = self
+            .model
+            .take_flushes()
+            .into_iter()
+            .map(|i| executor::Flush {
+                of: executor::FlushOf::Uplink(i),
+                mark: dp.fwmark(self.config.uplinks[i].mark),
+                mask: dp.fwmark_mask,
+            })
+            .collect();
+        for (p, i) in self.model.take_sla_flushes() {
+            if let Some(id) = dp.policy_ctmark(p) {
+                flushes.push(executor::Flush {
+                    of: executor::FlushOf::Policy {
+                        policy: p,
+                        uplink: i,
+                    },
+                    mark: dp.fwmark(self.config.uplinks[i].mark) | id,
+                    mask: dp.fwmark_mask | dp.policy_mark_mask,
+                });
+            }
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.inflight = Some(InFlight {
+            seq,
+            read,
+            client_mode,
+            unassigned_to: match &desired.nft.unassigned {
+                Some(crate::plan::Unassigned::Next(u)) => Some(u.clone()),
+                _ => None,
+            },
+            since: self.wanted_since.take(),
+            gone_addrs: self.model.take_gone_addrs(),
+        });
+        // One job at a time (`inflight`), so the executor's slot is free.
+        if let Err(e) = self.jobs.try_send(executor::Job {
+            seq,
+            desired,
+            read,
+            flushes,
+        }) {
+            error!(error = %e, "cannot hand the plan to the dataplane executor");
+        }
+    }
+
+    /// The executor answered: record what the kernel now holds, follow up (flows, retries,
+    /// waiting API writes), and send what was asked for meanwhile. Returns whether the
+    /// apply was clean.
+    fn on_applied(&mut self, a: executor::Applied) -> bool {
+        let Some(job) = self.inflight.take_if(|f| f.seq == a.seq) else {
+            error!(seq = a.seq, "an answer from the dataplane executor for no job in flight");
+            return false;
+        };
+        let report = a.report;
+        let clean = report.errors.is_empty();
+        self.takes_increment = a.takes_increment;
+        if clean {
+            self.client_mode = Some(job.client_mode);
+            // Where a client without an assignment goes now, to tell whether its placement
+            // moves it.
+            self.model.unassigned_to = job.unassigned_to;
         } else {
             // What the failed apply was to send is not in the kernel: the next one looks
             // at everything.
             self.model.touch_all();
         }
-        self.metrics
-            .apply_duration
-            .observe(started.elapsed().as_secs_f64());
-        if !report.errors.is_empty() {
+        self.metrics.apply_duration.observe(a.elapsed.as_secs_f64());
+        if let Some(since) = job.since {
+            self.metrics
+                .dispatch_latency
+                .observe(since.elapsed().as_secs_f64());
+        }
+        if !clean {
             self.metrics.apply_errors.inc();
         }
-        self.in_sync
-            .store(report.errors.is_empty(), Ordering::SeqCst);
+        self.in_sync.store(clean, Ordering::SeqCst);
         let mut flush_failed = false;
-        if report.errors.is_empty() {
-            // Where a client without an assignment goes now, to tell whether its placement
-            // moves it.
-            self.model.unassigned_to = match &desired.nft.unassigned {
-                Some(crate::plan::Unassigned::Next(u)) => Some(u.clone()),
-                _ => None,
-            };
-            // Only once the new paths are in the kernel: the flows re-establish on them.
+        if clean {
             // Beside the loop: the tool runs up to `command_timeout`, and nothing waits for it.
-            for (i, addr) in self.model.take_gone_addrs() {
+            for (i, addr) in job.gone_addrs {
                 let uplink = self.config.uplinks[i].name.clone();
-                let (conntrack, metrics) = (self.dataplane.conntrack(), self.metrics.clone());
+                let (conntrack, metrics) = (self.conntrack.clone(), self.metrics.clone());
                 tokio::spawn(async move {
                     match conntrack.delete_reply_dst(addr).await {
                         Ok(n) => {
@@ -919,47 +1083,13 @@ impl Agent {
                     }
                 });
             }
-            for i in self.model.take_flushes() {
-                let mark = self.config.dataplane.fwmark(self.config.uplinks[i].mark);
-                match self.dataplane.flush_conntrack(mark).await {
-                    Ok(n) => {
-                        info!(uplink = %self.config.uplinks[i].name, flows = ?n, "deleted the dead uplink's conntrack entries")
-                    }
-                    Err(e) => {
-                        error!(uplink = %self.config.uplinks[i].name, error = %e, "cannot delete the dead uplink's conntrack entries; will retry");
-                        self.metrics
-                            .flush_errors
-                            .with_label_values(&[self.config.uplinks[i].name.as_str()])
-                            .inc();
-                        self.model.uplinks[i].needs_flush = true;
-                        flush_failed = true;
-                    }
-                }
+        } else {
+            for (i, addr) in job.gone_addrs {
+                self.model.uplinks[i].gone_addrs.push(addr);
             }
-            for (p, i) in self.model.take_sla_flushes() {
-                let dp = &self.config.dataplane;
-                let Some(id) = dp.policy_ctmark(p) else {
-                    continue;
-                };
-                let (policy, uplink) =
-                    (&self.config.policies[p].name, &self.config.uplinks[i].name);
-                let mark = dp.fwmark(self.config.uplinks[i].mark) | id;
-                let mask = dp.fwmark_mask | dp.policy_mark_mask;
-                match self.dataplane.flush_conntrack_masked(mark, mask).await {
-                    Ok(n) => {
-                        info!(%policy, %uplink, flows = ?n, "deleted the policy's flows on the uplink that breaks its SLA; they continue on the uplinks it uses now")
-                    }
-                    Err(e) => {
-                        error!(%policy, %uplink, error = %e, "cannot delete the policy's flows on the uplink that breaks its SLA; will retry");
-                        self.metrics
-                            .flush_errors
-                            .with_label_values(&[uplink.as_str()])
-                            .inc();
-                        self.model.sla_flushes.push((p, i));
-                        flush_failed = true;
-                    }
-                }
-            }
+        }
+        for (f, outcome) in a.flushed {
+            flush_failed |= !self.flushed(f, outcome);
         }
         self.note_refused(&report.refused);
         self.metrics_dirty = true;
@@ -974,7 +1104,7 @@ impl Agent {
                 .find(|e| matches!(e, crate::dataplane::DataplaneError::Timeout { .. }))
                 .map(|e| e.to_string()),
         );
-        self.needs_retry = !report.errors.is_empty() || flush_failed;
+        self.needs_retry = !clean || flush_failed;
         if self.needs_retry {
             self.retry_at = Some(Instant::now() + self.retry_backoff);
             self.retry_backoff = (self.retry_backoff * 2).min(RETRY_MAX);
@@ -987,7 +1117,8 @@ impl Agent {
         }
         if report.changed() {
             info!(
-                full = read == ReadBack::Full,
+                seq = job.seq,
+                full = job.read == ReadBack::Full,
                 replaced_table = report.nft.replaced_table,
                 rewritten_chains = report.nft.rewritten_chains,
                 elements_added = report.nft.added,
@@ -996,12 +1127,92 @@ impl Agent {
                 rules_deleted = report.rules.deleted,
                 routes_added = report.routes.added,
                 routes_deleted = report.routes.deleted,
-                elapsed_us = started.elapsed().as_micros() as u64,
+                elapsed_us = a.elapsed.as_micros() as u64,
                 "applied"
             );
         }
-        report
+        // API writes carried by this apply (or an earlier one) answer now.
+        let outcome = match report.errors.first() {
+            None => Ok(()),
+            Some(e) => Err(e.to_string()),
+        };
+        let (done, waiting): (Vec<Waiter>, Vec<Waiter>) =
+            std::mem::take(&mut self.waiters)
+                .into_iter()
+                .partition(|w| w.seq <= job.seq);
+        self.waiters = waiting;
+        for w in done {
+            (w.done)(outcome.clone());
+        }
+        self.publish_metrics();
+        // Whatever was asked for meanwhile, planned once from the model as it is now.
+        self.send_job();
+        if self.probers_after_apply && self.inflight.is_none() {
+            self.probers_after_apply = false;
+            self.reconcile_probers();
+        }
+        clean
     }
+
+    /// Logs a conntrack deletion's outcome; returns false when it is to be retried.
+    fn flushed(
+        &mut self,
+        f: executor::Flush,
+        outcome: executor::FlushOutcome,
+    ) -> bool {
+        // Indices from when the job was planned; a reload since then makes them stale.
+        let names = match f.of {
+            executor::FlushOf::Uplink(i) => self.config.uplinks.get(i).map(|u| (None, u)),
+            executor::FlushOf::Policy { policy, uplink } => self
+                .config
+                .policies
+                .get(policy)
+                .zip(self.config.uplinks.get(uplink))
+                .map(|(p, u)| (Some(p.name.as_str()), u)),
+        };
+        let Some((policy, u)) = names else {
+            return true;
+        };
+        let uplink = u.name.clone();
+        let requeue = |model: &mut Model| match f.of {
+            executor::FlushOf::Uplink(i) => model.uplinks[i].needs_flush = true,
+            executor::FlushOf::Policy { policy, uplink } => {
+                model.sla_flushes.push((policy, uplink))
+            }
+        };
+        match (outcome, policy) {
+            // The plan did not apply: the flush waits for the next one.
+            (None, _) => {
+                requeue(&mut self.model);
+                true
+            }
+            (Some(Ok(n)), None) => {
+                info!(%uplink, flows = ?n, "deleted the dead uplink's conntrack entries");
+                true
+            }
+            (Some(Ok(n)), Some(policy)) => {
+                info!(%policy, %uplink, flows = ?n, "deleted the policy's flows on the uplink that breaks its SLA; they continue on the uplinks it uses now");
+                true
+            }
+            (Some(Err(e)), policy) => {
+                match policy {
+                    None => {
+                        error!(%uplink, error = %e, "cannot delete the dead uplink's conntrack entries; will retry")
+                    }
+                    Some(policy) => {
+                        error!(%policy, %uplink, error = %e, "cannot delete the policy's flows on the uplink that breaks its SLA; will retry")
+                    }
+                }
+                self.metrics
+                    .flush_errors
+                    .with_label_values(&[uplink.as_str()])
+                    .inc();
+                requeue(&mut self.model);
+                false
+            }
+        }
+    }
+
 
     /// Reports the parts of the config the kernel refuses when they change: an event for
     /// each new one (the dataplane logged it), the metric, and what the API and `/readyz`
@@ -1206,7 +1417,7 @@ impl Agent {
             self.metrics.set_probe_loss(&u.name, m.health.stats.loss());
         }
         if self.record(log) {
-            self.apply(ReadBack::Cache).await;
+            self.request_apply(ReadBack::Cache);
             self.publish_metrics();
         }
     }
@@ -1312,8 +1523,8 @@ impl Agent {
         self.warn_floating_bridge_macs();
         self.links_changed();
         self.state_dirty = true;
-        self.apply(ReadBack::Full).await;
-        self.reconcile_probers();
+        self.request_apply(ReadBack::Full);
+        self.reconcile_probers_after_apply();
         self.save_state();
         self.publish_metrics();
         self.generation += 1;

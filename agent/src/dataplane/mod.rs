@@ -88,7 +88,6 @@ impl ApplyReport {
 pub struct Dataplane {
     nft: NftDriver,
     conntrack: conntrack::Conntrack,
-    mask: u32,
     netlink: NetlinkDriver,
     /// The kernel's nft state as last read or written; `None` forces a read-back.
     nft_cache: Option<KernelNft>,
@@ -121,7 +120,6 @@ impl Dataplane {
                 dp.command_timeout,
                 dp.conntrack_flush,
             ),
-            mask: dp.fwmark_mask,
             netlink: NetlinkDriver::new(
                 handle,
                 dp.route_protocol,
@@ -145,11 +143,6 @@ impl Dataplane {
     /// passive health), so that a slow `nft` never holds the loop.
     pub fn counter_reader(&self) -> nft::Counters {
         nft::Counters::new(self.nft.clone())
-    }
-
-    /// Deletes the conntrack entries carrying uplink mark `mark` (and only those).
-    pub async fn flush_conntrack(&self, mark: u32) -> Result<Option<usize>, DataplaneError> {
-        self.conntrack.delete_mark(mark, self.mask).await
     }
 
     /// Deletes the conntrack entries whose mark has `mark` in the `mask` bits (an uplink's
