@@ -470,6 +470,129 @@ fn a_hung_nft_times_out_and_the_apply_is_retried() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The loop decides while `nft` hangs: neighbours that arrive during a hung transaction
+/// are placed and a silent upstream failure takes its uplink down, both visible in the
+/// API while the transaction still hangs, and all of it lands in one merged transaction
+/// once `nft` returns.
+#[test]
+fn a_hung_nft_holds_no_decision_back() -> anyhow::Result<()> {
+    let mut lab = Lab::build("nfthang", probed_uplinks(), 1, 0)?;
+    let (hang, hanging, log) = (
+        lab.dir.join("hang"),
+        lab.dir.join("hanging"),
+        lab.dir.join("transactions"),
+    );
+    // Transactions (`-f -`) are logged; one that starts while `hang` exists waits for it
+    // to go. Listings pass untouched.
+    let wrapper = lab.dir.join("nft-wrapper");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\ncase \"$*\" in *\"-f -\"*)\n  tx=$(mktemp -p {dir})\n  cat > \"$tx\"\n  if [ -e {hang} ]; then touch {hanging}; while [ -e {hang} ]; do sleep 0.02; done; fi\n  {{ echo '=== transaction'; cat \"$tx\"; echo; }} >> {log}\n  exec /usr/sbin/nft \"$@\" < \"$tx\";;\nesac\nexec /usr/sbin/nft \"$@\"\n",
+            dir = lab.dir.display(),
+            hang = hang.display(),
+            hanging = hanging.display(),
+            log = log.display()
+        ),
+    )?;
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )?;
+    let api = lab.api_config()?;
+    lab.write_config(
+        "10m",
+        "10m",
+        &format!(
+            "[dataplane]\nnft = \"{}\"\ncommand_timeout = \"60s\"\n{api}",
+            wrapper.display()
+        ),
+    )?;
+    lab.start_agent()?;
+    lab.greet_clients()?;
+    let new: Vec<IpAddr> = (30..33).map(|i| IpAddr::from(client_v4(i))).collect();
+    let neigh = |i: usize| {
+        lab.gw(&[
+            "ip",
+            "neigh",
+            "replace",
+            &new[i].to_string(),
+            "lladdr",
+            &format!("02:aa:00:00:00:{:02x}", 0x30 + i),
+            "dev",
+            uplink_tests::LAN_IF,
+            "nud",
+            "permanent",
+        ])
+    };
+    std::fs::write(&hang, "")?;
+    neigh(0)?;
+    lab.wait_for(Duration::from_secs(10), "a transaction hanging", || {
+        Ok(hanging.exists())
+    })?;
+    let before = std::fs::read_to_string(&log).unwrap_or_default();
+    neigh(1)?;
+    neigh(2)?;
+    lab.upstream_loss("isp2", 100)?;
+    let shown = lab.wait_for(
+        Duration::from_secs(20),
+        "the new clients and isp2 down in the API, nft still hanging",
+        || {
+            let (_, clients, _) = lab.ctl("view", &["clients", "-o", "json"])?;
+            let (_, uplinks, _) = lab.ctl("view", &["uplinks", "-o", "json"])?;
+            let u: serde_json::Value = serde_json::from_str(&uplinks)?;
+            let isp2_down = u
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|x| x["name"] == "isp2" && x["state"] == "down");
+            Ok(new.iter().all(|ip| clients.contains(&format!("\"{ip}\"")))
+                && isp2_down
+                && hang.exists())
+        },
+    );
+    std::fs::remove_file(&hang)?;
+    shown?;
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap_or_default(),
+        before,
+        "no transaction ran during the hang"
+    );
+    // The hung transaction carries the first neighbour; the next one everything decided
+    // meanwhile.
+    lab.wait_for(
+        Duration::from_secs(20),
+        "the merged apply in the kernel",
+        || {
+            let k = lab.kernel_map("client4")?;
+            Ok(new.iter().all(|ip| k.contains_key(ip)))
+        },
+    )?;
+    // The failover landed too: whatever c1's home, it leaves by isp1.
+    assert_eq!(
+        lab.uplink_of_source(lab.probe(1, false, 20)?).as_deref(),
+        Some("isp1")
+    );
+    let after = std::fs::read_to_string(&log)?;
+    let txs: Vec<&str> = after[before.len()..]
+        .split("=== transaction")
+        .filter(|t| !t.trim().is_empty())
+        .collect();
+    assert!(
+        txs.len() >= 2,
+        "the hung transaction and the merged one: {txs:?}"
+    );
+    assert!(txs[0].contains(&new[0].to_string()), "{}", txs[0]);
+    for ip in &new[1..] {
+        assert!(
+            txs[1].contains(&ip.to_string()),
+            "{ip} in the merged one: {}",
+            txs[1]
+        );
+    }
+    Ok(())
+}
+
 /// The agent's resident memory in kB.
 fn agent_rss_kb(lab: &Lab) -> anyhow::Result<u64> {
     let pid = lab

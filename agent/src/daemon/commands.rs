@@ -9,8 +9,8 @@ use uplink_api::v1;
 use tokio::sync::oneshot;
 
 use super::{Agent, Waiter};
-use crate::dataplane::ReadBack;
 use crate::api::{ApiError, Command, view};
+use crate::dataplane::ReadBack;
 use crate::model::failover::PinRefused;
 use crate::model::now_millis;
 

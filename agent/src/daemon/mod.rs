@@ -2,6 +2,7 @@
 
 mod commands;
 mod executor;
+mod persist;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
@@ -190,8 +191,18 @@ pub struct Agent {
     metrics_dirty: bool,
     /// What the API reads, published after every change.
     snapshot: tokio::sync::watch::Sender<Arc<api::snapshot::Snapshot>>,
-    /// The decisions as last written.
-    saved_decisions: Decisions,
+    /// The decisions writer's input: the latest decisions, numbered.
+    decisions_tx: tokio::sync::watch::Sender<(u64, Decisions)>,
+    /// The decisions as last handed to the writer, and their number.
+    sent_decisions: Decisions,
+    decisions_sent: u64,
+    /// The number of the decisions last on disk.
+    decisions_saved: u64,
+    /// The last write failed: the API is not held back for a disk that refuses, and the
+    /// write is retried every second.
+    decisions_failing: bool,
+    /// A snapshot waits for the decisions it shows to be on disk.
+    snapshot_waiting: bool,
     /// When the client assignments were last handed to the writer.
     saved_at: Option<Instant>,
     /// The client assignments being written beside the loop.
@@ -302,6 +313,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
     let conntrack = dataplane.conntrack();
     let takes_increment = dataplane.takes_increment(ReadBack::Cache);
     let (jobs, mut applied_rx) = executor::spawn(dataplane).map_err(AgentError::ExecutorStart)?;
+    let (decisions_tx, mut saved_rx) = persist::spawn(state.clone());
     let config_arc = Arc::new(config);
     // Until the first apply the API sees an empty model, not in sync: a snapshot of the
     // restored one would make the start's mutations copy every client once.
@@ -347,7 +359,12 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
         retry_at: None,
         retry_backoff: RETRY_MIN,
         metrics_dirty: true,
-        saved_decisions: Decisions::default(),
+        decisions_tx,
+        sent_decisions: Decisions::default(),
+        decisions_sent: 0,
+        decisions_saved: 0,
+        decisions_failing: false,
+        snapshot_waiting: false,
         snapshot: tokio::sync::watch::Sender::new(Arc::new(api::snapshot::Snapshot {
             config: config_arc.clone(),
             model: model_for_api,
@@ -493,6 +510,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
                 };
                 agent.on_applied(applied);
             }
+            Some(saved) = saved_rx.recv() => agent.on_decisions_saved(saved),
             Some(report) = probe_rx.recv() => agent.on_probe_report(report).await,
             Some(reading) = passive_rx.recv() => agent.on_passive_reading(reading).await,
             Some(s) = routed_rx.recv() => {
@@ -538,7 +556,9 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
                     agent.request_apply(if retry { ReadBack::Full } else { ReadBack::Cache });
                 }
                 agent.save_state();
-                agent.save_decisions();
+                if agent.decisions_failing {
+                    agent.save_decisions(true);
+                }
                 agent.publish_metrics();
                 // Idle releases and expired pins without an apply, last-seen times.
                 agent.publish_snapshot();
@@ -563,10 +583,15 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
                 agent.wanted = None;
                 agent.on_applied(applied);
             }
-            _ => warn!("the apply in flight did not finish at exit; the next start reads the kernel back"),
+            _ => warn!(
+                "the apply in flight did not finish at exit; the next start reads the kernel back"
+            ),
         }
     }
-    agent.save_decisions();
+    // The last decisions, written here: nothing is left to the writer at exit.
+    if let Err(e) = agent.state.save_decisions(&agent.model.decisions()) {
+        error!(error = %e, "cannot save pins, drains and uplink states at exit");
+    }
     // The last write of the assignments waits for the one in flight, then runs here:
     // nothing is left unsaved at exit.
     if let Some(h) = agent.saving.take() {
@@ -1035,7 +1060,10 @@ impl Agent {
     /// apply was clean.
     fn on_applied(&mut self, a: executor::Applied) -> bool {
         let Some(job) = self.inflight.take_if(|f| f.seq == a.seq) else {
-            error!(seq = a.seq, "an answer from the dataplane executor for no job in flight");
+            error!(
+                seq = a.seq,
+                "an answer from the dataplane executor for no job in flight"
+            );
             return false;
         };
         let report = a.report;
@@ -1093,9 +1121,8 @@ impl Agent {
         }
         self.note_refused(&report.refused);
         self.metrics_dirty = true;
-        // After the kernel change, so its fsync never delays a failover; before the
-        // snapshot, so a state the API has shown survives a crash right after.
-        self.save_decisions();
+        // The snapshot waits for the decisions it shows to be on disk, so a state the API
+        // has shown survives a crash right after.
         self.publish_snapshot();
         self.heartbeat.set_stuck(
             report
@@ -1136,10 +1163,9 @@ impl Agent {
             None => Ok(()),
             Some(e) => Err(e.to_string()),
         };
-        let (done, waiting): (Vec<Waiter>, Vec<Waiter>) =
-            std::mem::take(&mut self.waiters)
-                .into_iter()
-                .partition(|w| w.seq <= job.seq);
+        let (done, waiting): (Vec<Waiter>, Vec<Waiter>) = std::mem::take(&mut self.waiters)
+            .into_iter()
+            .partition(|w| w.seq <= job.seq);
         self.waiters = waiting;
         for w in done {
             (w.done)(outcome.clone());
@@ -1155,11 +1181,7 @@ impl Agent {
     }
 
     /// Logs a conntrack deletion's outcome; returns false when it is to be retried.
-    fn flushed(
-        &mut self,
-        f: executor::Flush,
-        outcome: executor::FlushOutcome,
-    ) -> bool {
+    fn flushed(&mut self, f: executor::Flush, outcome: executor::FlushOutcome) -> bool {
         // Indices from when the job was planned; a reload since then makes them stale.
         let names = match f.of {
             executor::FlushOf::Uplink(i) => self.config.uplinks.get(i).map(|u| (None, u)),
@@ -1212,7 +1234,6 @@ impl Agent {
             }
         }
     }
-
 
     /// Reports the parts of the config the kernel refuses when they change: an event for
     /// each new one (the dataplane logged it), the metric, and what the API and `/readyz`
@@ -1323,20 +1344,36 @@ impl Agent {
 
     /// Pins, drains, uplink states and failovers: a small file, written at once so that a
     /// crash right after a failover cannot send clients back to the dead uplink.
-    fn save_decisions(&mut self) {
+    /// Hands changed decisions to the writer; `again` sends them even unchanged (the
+    /// retry after a failed write, every second).
+    fn save_decisions(&mut self, again: bool) {
         let decisions = self.model.decisions();
-        if decisions == self.saved_decisions {
+        if decisions == self.sent_decisions && !again {
             return;
         }
-        match self.state.save_decisions(&decisions) {
-            Ok(()) => self.saved_decisions = decisions,
+        self.decisions_sent += 1;
+        self.sent_decisions = decisions.clone();
+        self.decisions_tx
+            .send_replace((self.decisions_sent, decisions));
+    }
+
+    fn on_decisions_saved(&mut self, saved: persist::Saved) {
+        match saved.result {
+            Ok(()) => {
+                self.decisions_saved = self.decisions_saved.max(saved.version);
+                self.decisions_failing = false;
+            }
             Err(e) => {
+                self.decisions_failing = true;
                 self.metrics
                     .save_errors
                     .with_label_values(&["decisions.json"])
                     .inc();
-                self.save_errors.warn(|n| error!(error = %e, failures = n, "cannot save pins, drains and uplink states; routing goes on, retrying every second"))
+                self.save_errors.warn(|n| error!(error = %e, failures = n, "cannot save pins, drains and uplink states; routing goes on, retrying every second"));
             }
+        }
+        if self.snapshot_waiting {
+            self.publish_snapshot();
         }
     }
 
@@ -1422,8 +1459,15 @@ impl Agent {
         }
     }
 
-    /// Hands the API a snapshot of the model (a pointer copy of the client maps).
-    fn publish_snapshot(&self) {
+    /// Hands the API a snapshot of the model (a pointer copy of the client maps), once
+    /// the decisions it shows are on disk (or the disk refuses them: then at once).
+    fn publish_snapshot(&mut self) {
+        self.save_decisions(false);
+        if self.decisions_saved < self.decisions_sent && !self.decisions_failing {
+            self.snapshot_waiting = true;
+            return;
+        }
+        self.snapshot_waiting = false;
         self.snapshot
             .send_replace(Arc::new(api::snapshot::Snapshot {
                 config: self.config.clone(),
