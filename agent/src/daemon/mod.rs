@@ -3,6 +3,8 @@
 mod commands;
 mod executor;
 mod persist;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
@@ -315,71 +317,24 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
     let (jobs, mut applied_rx) = executor::spawn(dataplane).map_err(AgentError::ExecutorStart)?;
     let (decisions_tx, mut saved_rx) = persist::spawn(state.clone());
     let config_arc = Arc::new(config);
-    // Until the first apply the API sees an empty model, not in sync: a snapshot of the
-    // restored one would make the start's mutations copy every client once.
-    let model_for_api = Model::new(&config_arc);
-    let started = Instant::now();
-    let hops = model.all_hops(&config_arc);
-    let mut agent = Agent {
-        config: config_arc.clone(),
+    let mut agent = Agent::new(
+        config_arc,
         config_path,
         model,
-        jobs,
-        inflight: None,
-        wanted: None,
-        wanted_since: None,
-        next_seq: 1,
-        takes_increment,
-        waiters: Vec::new(),
-        probers_after_apply: false,
-        conntrack,
-        state,
-        handle,
-        links: HashMap::new(),
         adopt,
-        state_dirty: true,
-        needs_retry: false,
-        routes_stale: false,
-        hops,
-        ra_warned: Default::default(),
-        events: EventLog::default(),
-        probers: HashMap::new(),
-        probe_tx,
-        probing: false,
-        started,
-        generation: 1,
-        in_sync: Arc::new(AtomicBool::new(false)),
-        event_tx: broadcast::channel(1024).0,
-        metrics: Metrics::new(),
-        forwarded: HashMap::new(),
-        counters,
-        passive_tx,
-        activity_tx,
-        heartbeat: Arc::new(api::Heartbeat::new()),
-        retry_at: None,
-        retry_backoff: RETRY_MIN,
-        metrics_dirty: true,
-        decisions_tx,
-        sent_decisions: Decisions::default(),
-        decisions_sent: 0,
-        decisions_saved: 0,
-        decisions_failing: false,
-        snapshot_waiting: false,
-        snapshot: tokio::sync::watch::Sender::new(Arc::new(api::snapshot::Snapshot {
-            config: config_arc.clone(),
-            model: model_for_api,
-            generation: 1,
-            in_sync: false,
-            refused: Arc::new(Vec::new()),
-            started,
-        })),
-        saving: None,
-        saved_at: None,
-        save_errors: metrics::RateLimitedWarning::default(),
-        lan_refusals: metrics::RateLimitedWarning::default(),
-        refused: Arc::new(Vec::new()),
-        client_mode: None,
-    };
+        Wiring {
+            jobs,
+            takes_increment,
+            decisions_tx,
+            conntrack,
+            counters,
+            state,
+            handle,
+            probe_tx,
+            passive_tx,
+            activity_tx,
+        },
+    );
     let (cmd_tx, mut cmd_rx) = mpsc::channel(256);
     // Listeners are bound and TLS is loaded before the first kernel write: a port clash or
     // a bad certificate stops the agent before it has changed anything.
@@ -440,7 +395,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
     let mut notified_ready = clean;
     info!(
         clients = agent.model.clients().len(),
-        elapsed_ms = started.elapsed().as_millis() as u64,
+        elapsed_ms = agent.started.elapsed().as_millis() as u64,
         in_sync = clean,
         "initial apply done"
     );
@@ -608,7 +563,95 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
     Ok(())
 }
 
+/// What the agent is wired to: the executor, the writers, and the tasks beside the loop.
+struct Wiring {
+    jobs: mpsc::Sender<executor::Job>,
+    /// The executor's dataplane holds a copy of the kernel's maps already.
+    takes_increment: bool,
+    decisions_tx: tokio::sync::watch::Sender<(u64, Decisions)>,
+    conntrack: crate::dataplane::conntrack::Conntrack,
+    counters: nft::Counters,
+    state: StateFile,
+    handle: rtnetlink::Handle,
+    probe_tx: mpsc::Sender<probe::Report>,
+    passive_tx: mpsc::Sender<PassiveReading>,
+    activity_tx: mpsc::Sender<std::collections::HashSet<IpAddr>>,
+}
+
 impl Agent {
+    fn new(
+        config: Arc<Config>,
+        config_path: PathBuf,
+        model: Model,
+        adopt: BTreeMap<IpAddr, String>,
+        w: Wiring,
+    ) -> Agent {
+        let started = Instant::now();
+        // Until the first apply the API sees an empty model, not in sync: a snapshot of the
+        // restored one would make the start's mutations copy every client once.
+        let model_for_api = Model::new(&config);
+        Agent {
+            hops: model.all_hops(&config),
+            config_path,
+            model,
+            jobs: w.jobs,
+            inflight: None,
+            wanted: None,
+            wanted_since: None,
+            next_seq: 1,
+            takes_increment: w.takes_increment,
+            waiters: Vec::new(),
+            probers_after_apply: false,
+            conntrack: w.conntrack,
+            state: w.state,
+            handle: w.handle,
+            links: HashMap::new(),
+            adopt,
+            state_dirty: true,
+            needs_retry: false,
+            routes_stale: false,
+            ra_warned: Default::default(),
+            events: EventLog::default(),
+            probers: HashMap::new(),
+            probe_tx: w.probe_tx,
+            probing: false,
+            started,
+            generation: 1,
+            in_sync: Arc::new(AtomicBool::new(false)),
+            event_tx: broadcast::channel(1024).0,
+            metrics: Metrics::new(),
+            forwarded: HashMap::new(),
+            counters: w.counters,
+            passive_tx: w.passive_tx,
+            activity_tx: w.activity_tx,
+            heartbeat: Arc::new(api::Heartbeat::new()),
+            retry_at: None,
+            retry_backoff: RETRY_MIN,
+            metrics_dirty: true,
+            decisions_tx: w.decisions_tx,
+            sent_decisions: Decisions::default(),
+            decisions_sent: 0,
+            decisions_saved: 0,
+            decisions_failing: false,
+            snapshot_waiting: false,
+            snapshot: tokio::sync::watch::Sender::new(Arc::new(api::snapshot::Snapshot {
+                config: config.clone(),
+                model: model_for_api,
+                generation: 1,
+                in_sync: false,
+                refused: Arc::new(Vec::new()),
+                started,
+            })),
+            saving: None,
+            saved_at: None,
+            save_errors: metrics::RateLimitedWarning::default(),
+            lan_refusals: metrics::RateLimitedWarning::default(),
+            refused: Arc::new(Vec::new()),
+            client_mode: None,
+            config,
+        }
+    }
+
     /// Applies one discovery event to the model; returns whether the plan may change.
     fn on_event(&mut self, ev: Event) -> bool {
         match ev {

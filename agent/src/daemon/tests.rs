@@ -1,0 +1,232 @@
+//! The loop's apply scheduling without a kernel: the test plays the executor, taking the
+//! jobs the agent sends and answering them as it likes (late, failed). Discovery events
+//! are fed in as netlink would deliver them. The kernel's side is the namespace tests'.
+
+use std::net::IpAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::executor::{Applied, FlushOf, Job};
+use super::*;
+use crate::dataplane::{ApplyReport, DataplaneError};
+
+const CONFIG: &str = "[lan]\ninterfaces = [\"lan0\"]\n[[uplink]]\nname = \"a\"\ninterface = \"wan0\"\ngateway = \"100.64.0.1\"\n[[uplink]]\nname = \"b\"\ninterface = \"wan1\"\ngateway = \"100.64.1.1\"\n";
+
+struct Bench {
+    agent: Agent,
+    jobs: mpsc::Receiver<Job>,
+    dir: PathBuf,
+}
+
+impl Drop for Bench {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn bench(tag: &str) -> Bench {
+    let dir = std::env::temp_dir().join(format!("uplinkd-daemon-{tag}-{}", std::process::id()));
+    let config = Arc::new(Config::parse(Path::new("t"), CONFIG).unwrap());
+    let (conn, handle, _) = rtnetlink::new_connection().unwrap();
+    tokio::spawn(conn);
+    let state = StateFile::new(&dir);
+    let (decisions_tx, _saved) = persist::spawn(state.clone());
+    let (jobs_tx, jobs) = mpsc::channel(1);
+    let never = Path::new("/nonexistent");
+    let agent = Agent::new(
+        config.clone(),
+        dir.join("uplinkd.toml"),
+        Model::new(&config),
+        BTreeMap::new(),
+        Wiring {
+            jobs: jobs_tx,
+            takes_increment: false,
+            decisions_tx,
+            conntrack: crate::dataplane::conntrack::Conntrack::new(
+                never,
+                Duration::from_secs(1),
+                crate::config::ConntrackFlush::Netlink,
+            ),
+            counters: nft::Counters::new(nft::NftDriver::new(
+                never,
+                "uplinkd",
+                Duration::from_secs(1),
+            )),
+            state,
+            handle,
+            probe_tx: mpsc::channel(1).0,
+            passive_tx: mpsc::channel(1).0,
+            activity_tx: mpsc::channel(1).0,
+        },
+    );
+    let mut b = Bench { agent, jobs, dir };
+    // Links as the first dump has them: lan0 is 1, wan0 2, wan1 3.
+    for (i, name) in ["lan0", "wan0", "wan1"].iter().enumerate() {
+        link(&mut b, i as u32 + 1, name, true);
+    }
+    for (i, addr) in [(2, "100.64.0.2"), (3, "100.64.1.2")] {
+        b.agent.on_event(Event::Addr {
+            ifindex: i,
+            addr: addr.parse().unwrap(),
+            present: true,
+        });
+    }
+    b.agent.links_changed();
+    b
+}
+
+fn link(b: &mut Bench, ifindex: u32, name: &str, carrier: bool) {
+    b.agent.on_event(Event::Link {
+        ifindex,
+        name: name.into(),
+        admin_up: true,
+        carrier,
+    });
+}
+
+fn neighbour(b: &mut Bench, n: u8) -> IpAddr {
+    let ip: IpAddr = format!("198.19.0.{n}").parse().unwrap();
+    let dirty = b.agent.on_event(Event::Neighbour {
+        ifindex: 1,
+        ip,
+        mac: Some(format!("02:00:00:00:00:{n:02x}").parse().unwrap()),
+    });
+    if dirty {
+        b.agent.request_apply(ReadBack::Cache);
+    }
+    ip
+}
+
+/// The job the agent sent, if any.
+fn job(b: &mut Bench) -> Option<Job> {
+    b.jobs.try_recv().ok()
+}
+
+/// The addresses whose elements a job changes; `None`: a whole plan.
+fn changed(j: &Job) -> Option<Vec<IpAddr>> {
+    j.desired.nft.changed.as_ref().map(|c| {
+        c.iter()
+            .filter_map(|(k, _)| match k {
+                crate::plan::ElemKey::V4(a) => Some(IpAddr::V4(*a)),
+                crate::plan::ElemKey::V6(a) => Some(IpAddr::V6(*a)),
+                _ => None,
+            })
+            .collect()
+    })
+}
+
+fn answer(b: &mut Bench, j: &Job, errors: Vec<DataplaneError>) -> bool {
+    b.agent.on_applied(Applied {
+        seq: j.seq,
+        report: ApplyReport {
+            errors,
+            ..ApplyReport::default()
+        },
+        takes_increment: true,
+        flushed: j.flushes.iter().map(|f| (*f, None)).collect(),
+        elapsed: Duration::ZERO,
+    })
+}
+
+/// The start: the first job is whole, and a clean answer lets the next ones be increments.
+fn started(tag: &str) -> Bench {
+    let mut b = bench(tag);
+    b.agent.request_apply(ReadBack::Cache);
+    let first = job(&mut b).expect("the first job");
+    assert_eq!(changed(&first), None, "the first plan is whole");
+    assert!(answer(&mut b, &first, Vec::new()));
+    b
+}
+
+#[tokio::test]
+async fn what_changes_during_an_apply_lands_in_one_merged_job() {
+    let mut b = started("merge");
+    let first = neighbour(&mut b, 10);
+    let j1 = job(&mut b).expect("sent at once: the executor was idle");
+    assert_eq!(changed(&j1), Some(vec![first]));
+    // The executor is busy: the loop decides, sends nothing.
+    let more: Vec<IpAddr> = (11..14).map(|n| neighbour(&mut b, n)).collect();
+    assert!(job(&mut b).is_none(), "one job in flight at a time");
+    assert_eq!(
+        b.agent.model.clients().len(),
+        4,
+        "placed while the apply runs"
+    );
+    assert!(answer(&mut b, &j1, Vec::new()));
+    let j2 = job(&mut b).expect("what was decided meanwhile");
+    let mut got = changed(&j2).expect("an increment");
+    got.sort();
+    assert_eq!(got, more, "every address decided meanwhile, and only those");
+    assert!(answer(&mut b, &j2, Vec::new()));
+    assert!(job(&mut b).is_none(), "nothing left");
+}
+
+#[tokio::test]
+async fn an_api_write_answers_once_its_apply_is_answered() {
+    let mut b = started("waiter");
+    let ip = neighbour(&mut b, 10);
+    let j1 = job(&mut b).unwrap();
+    let (tx, mut rx) = oneshot::channel();
+    b.agent
+        .handle(api::Command::SetOverride {
+            ip,
+            uplink: "b".into(),
+            ttl: None,
+            reply: tx,
+        })
+        .await;
+    // The pin came after job 1 was planned: job 1's answer does not answer it.
+    assert!(answer(&mut b, &j1, Vec::new()));
+    assert!(rx.try_recv().is_err(), "not yet in the kernel");
+    let j2 = job(&mut b).expect("the pin's job");
+    assert!(answer(&mut b, &j2, Vec::new()));
+    let pinned = rx.try_recv().expect("answered").expect("accepted");
+    assert_eq!(pinned.uplink, "b");
+    // A refused apply: the write is recorded, and says the kernel refused it.
+    let (tx, mut rx) = oneshot::channel();
+    b.agent
+        .handle(api::Command::ClearOverride { ip, reply: tx })
+        .await;
+    let j3 = job(&mut b).unwrap();
+    assert!(!answer(&mut b, &j3, vec![DataplaneError::NeedsWholePlan]));
+    let refused = rx.try_recv().expect("answered").unwrap_err();
+    assert!(
+        refused
+            .to_string()
+            .contains("recorded but the kernel refused it"),
+        "{refused}"
+    );
+}
+
+#[tokio::test]
+async fn a_failed_apply_replans_whole_and_keeps_its_flow_deletions() {
+    let mut b = started("failed");
+    for n in 10..14 {
+        neighbour(&mut b, n);
+        let j = job(&mut b).unwrap();
+        assert!(answer(&mut b, &j, Vec::new()));
+    }
+    // a loses its carrier: its clients fail over, and its flows are to be deleted once the
+    // new paths are in.
+    link(&mut b, 2, "wan0", false);
+    b.agent.links_changed();
+    b.agent.request_apply(ReadBack::Cache);
+    let j = job(&mut b).expect("the failover");
+    assert!(
+        j.flushes.iter().any(|f| f.of == FlushOf::Uplink(0)),
+        "{:?}",
+        j.flushes
+    );
+    assert!(!answer(&mut b, &j, vec![DataplaneError::NeedsWholePlan]));
+    assert!(!b.agent.in_sync.load(Ordering::SeqCst));
+    // The retry plans everything, and deletes the flows it could not delete before.
+    b.agent.request_apply(ReadBack::Cache);
+    let retry = job(&mut b).expect("the retry");
+    assert_eq!(changed(&retry), None, "whole after a failure");
+    assert!(retry.flushes.iter().any(|f| f.of == FlushOf::Uplink(0)));
+    assert!(answer(&mut b, &retry, Vec::new()));
+    assert!(b.agent.in_sync.load(Ordering::SeqCst));
+}
