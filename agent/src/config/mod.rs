@@ -601,8 +601,64 @@ impl Validator<'_> {
     }
 
     fn validate(&self, raw: RawConfig) -> Result<Config, ConfigError> {
-        let agent = AgentConfig {
-            name: match raw.agent.name {
+        let agent = self.agent(raw.agent)?;
+
+        let lan = self.lan(raw.lan)?;
+        let dataplane = self.dataplane(raw.dataplane)?;
+
+        let uplinks = self.uplinks(raw.uplink, &lan, &dataplane)?;
+
+        let health = self.health(raw.health)?;
+        let failover = self.failover(raw.failover)?;
+        let api = match raw.api {
+            None => None,
+            Some(a) => Some(self.api(a.into_inner())?),
+        };
+        let metrics = self.metrics(raw.metrics)?;
+        let p = self.policies(
+            raw.dispatch,
+            raw.set,
+            raw.policy,
+            raw.rule,
+            &uplinks,
+            &lan.interfaces,
+        )?;
+        if dataplane.policy_mark_mask != 0
+            && let Some(i) = (0..p.policies.len())
+                .find(|&i| p.policies[i].sla.is_set() && i as u32 + 1 > dataplane.max_policy_id())
+        {
+            return Err(self.err(
+                None,
+                format!("policy[{i}]"),
+                format!(
+                    "a policy with an SLA takes its position as its id in dataplane.policy_mark_mask {:#x}, which holds ids 1..={}: move it up the list, or widen the mask",
+                    dataplane.policy_mark_mask,
+                    dataplane.max_policy_id()
+                ),
+            ));
+        }
+        let local = self.local(raw.local, &p.policies)?;
+        Ok(Config {
+            agent,
+            lan,
+            dataplane,
+            health,
+            failover,
+            api,
+            metrics,
+            uplinks,
+            dispatch: p.dispatch,
+            sets: std::sync::Arc::new(p.sets),
+            policies: p.policies,
+            rules: std::sync::Arc::new(p.rules),
+            local,
+        })
+    }
+
+    /// `[agent]`.
+    fn agent(&self, raw: RawAgent) -> Result<AgentConfig, ConfigError> {
+        Ok(AgentConfig {
+            name: match raw.name {
                 Some(n) if n.get_ref().trim().is_empty() => {
                     return Err(self.err(Some(n.span()), "agent.name", "must not be empty"));
                 }
@@ -610,34 +666,35 @@ impl Validator<'_> {
                 None => hostname(),
             },
             state_dir: raw
-                .agent
                 .state_dir
                 .unwrap_or_else(|| PathBuf::from("/var/lib/uplinkd")),
             resync_interval: self.duration(
                 "agent.resync_interval",
-                raw.agent.resync_interval,
+                raw.resync_interval,
                 Duration::from_secs(10),
             )?,
             full_resync_interval: self.duration(
                 "agent.full_resync_interval",
-                raw.agent.full_resync_interval,
+                raw.full_resync_interval,
                 Duration::from_secs(300),
             )?,
             state_save_interval: self.duration(
                 "agent.state_save_interval",
-                raw.agent.state_save_interval,
+                raw.state_save_interval,
                 Duration::from_secs(5),
             )?,
-        };
+        })
+    }
 
-        let Some(lan) = raw.lan else {
+    /// `[lan]`.
+    fn lan(&self, raw: Option<Spanned<RawLan>>) -> Result<LanConfig, ConfigError> {
+        let Some(lan) = raw else {
             return Err(self.err(
                 None,
                 "lan",
                 "missing [lan] table; it needs at least `interfaces = [\"br-lan\"]`",
             ));
         };
-        let lan_span = lan.span();
         let lan_raw = lan.into_inner();
         if lan_raw.interfaces.get_ref().is_empty() {
             return Err(self.err(
@@ -695,7 +752,7 @@ impl Validator<'_> {
                 Some(IpNet::aggregate(&nets))
             }
         };
-        let lan = LanConfig {
+        Ok(LanConfig {
             interfaces: lan_ifs,
             prefixes,
             routed,
@@ -716,18 +773,23 @@ impl Validator<'_> {
                 16,
                 1..=1024,
             )? as usize,
-        };
-        let _ = lan_span;
+        })
+    }
 
-        let dataplane = self.dataplane(raw.dataplane)?;
-
-        if raw.uplink.is_empty() {
+    /// `[[uplink]]`: names, interfaces, next hops, marks and tables.
+    fn uplinks(
+        &self,
+        raw: Vec<Spanned<RawUplink>>,
+        lan: &LanConfig,
+        dataplane: &DataplaneConfig,
+    ) -> Result<Vec<UplinkConfig>, ConfigError> {
+        if raw.is_empty() {
             return Err(self.err(None, "uplink", "at least one [[uplink]] is required"));
         }
         let mut uplinks: Vec<UplinkConfig> = Vec::new();
         let (mut names, mut ifaces) = (HashSet::new(), HashSet::new());
         let (mut marks, mut tables) = (HashMap::new(), HashMap::new());
-        for (i, u) in raw.uplink.into_iter().enumerate() {
+        for (i, u) in raw.into_iter().enumerate() {
             let span = u.span();
             let u = u.into_inner();
             let key = |k: &str| format!("uplink[{i}].{k}");
@@ -925,17 +987,15 @@ impl Validator<'_> {
                 ));
             }
         }
+        Ok(uplinks)
+    }
 
-        let health = self.health(raw.health)?;
-        let failover = self.failover(raw.failover)?;
-        let api = match raw.api {
-            None => None,
-            Some(a) => Some(self.api(a.into_inner())?),
-        };
-        let metrics = match raw.metrics.enabled {
+    /// `[metrics]`: `None` when disabled.
+    fn metrics(&self, raw: RawMetrics) -> Result<Option<MetricsConfig>, ConfigError> {
+        Ok(match raw.enabled {
             Some(false) => None,
             _ => {
-                let listen = match raw.metrics.listen {
+                let listen = match raw.listen {
                     // Loopback by default: the gateway's WAN side must not read its
                     // metrics unless the operator opens them deliberately.
                     None => "127.0.0.1:9477".parse().expect("default address parses"),
@@ -950,7 +1010,7 @@ impl Validator<'_> {
                         )
                     })?,
                 };
-                let tls = match (raw.metrics.cert, raw.metrics.key) {
+                let tls = match (raw.cert, raw.key) {
                     (None, None) => None,
                     (Some(c), Some(k)) => {
                         for (key, p) in [("metrics.cert", &c), ("metrics.key", &k)] {
@@ -984,7 +1044,7 @@ impl Validator<'_> {
                 };
                 let max_connections = self.int(
                     "metrics.max_connections",
-                    raw.metrics.max_connections.as_ref(),
+                    raw.max_connections.as_ref(),
                     64,
                     1..=10_000,
                 )? as usize;
@@ -994,39 +1054,21 @@ impl Validator<'_> {
                     tls,
                 })
             }
-        };
-        let p = self.policies(
-            raw.dispatch,
-            raw.set,
-            raw.policy,
-            raw.rule,
-            &uplinks,
-            &lan.interfaces,
-        )?;
-        if dataplane.policy_mark_mask != 0
-            && let Some(i) = (0..p.policies.len())
-                .find(|&i| p.policies[i].sla.is_set() && i as u32 + 1 > dataplane.max_policy_id())
-        {
-            return Err(self.err(
-                None,
-                format!("policy[{i}]"),
-                format!(
-                    "a policy with an SLA takes its position as its id in dataplane.policy_mark_mask {:#x}, which holds ids 1..={}: move it up the list, or widen the mask",
-                    dataplane.policy_mark_mask,
-                    dataplane.max_policy_id()
-                ),
-            ));
-        }
-        let local = match raw.local.policy {
+        })
+    }
+
+    /// `[local]`: where the gateway's own connections go.
+    fn local(&self, raw: RawLocal, policies: &[PolicyConfig]) -> Result<LocalPolicy, ConfigError> {
+        Ok(match raw.policy {
             None => LocalPolicy::Main,
             Some(v) => match v.get_ref().trim() {
                 "main" => LocalPolicy::Main,
                 "default" => LocalPolicy::Default,
-                name => match p.policies.iter().position(|x| x.name == name) {
+                name => match policies.iter().position(|x| x.name == name) {
                     Some(i) => LocalPolicy::Policy(i),
                     None => {
                         let mut valid = vec!["\"main\"".to_string(), "\"default\"".to_string()];
-                        valid.extend(p.policies.iter().map(|x| format!("{:?}", x.name)));
+                        valid.extend(policies.iter().map(|x| format!("{:?}", x.name)));
                         return Err(self.err(
                             Some(v.span()),
                             "local.policy",
@@ -1035,21 +1077,6 @@ impl Validator<'_> {
                     }
                 },
             },
-        };
-        Ok(Config {
-            agent,
-            lan,
-            dataplane,
-            health,
-            failover,
-            api,
-            metrics,
-            uplinks,
-            dispatch: p.dispatch,
-            sets: std::sync::Arc::new(p.sets),
-            policies: p.policies,
-            rules: std::sync::Arc::new(p.rules),
-            local,
         })
     }
 

@@ -222,6 +222,9 @@ pub struct Agent {
 /// The job in the executor's hands, and what the loop planned with it.
 struct InFlight {
     seq: u64,
+    /// The config generation it was planned under: a reload since then makes its uplink
+    /// and policy indices stale.
+    generation: u64,
     read: ReadBack,
     /// The plan's default policy reads the client sets.
     client_mode: bool,
@@ -1078,6 +1081,7 @@ impl Agent {
         self.next_seq += 1;
         self.inflight = Some(InFlight {
             seq,
+            generation: self.generation,
             read,
             client_mode,
             unassigned_to: match &desired.nft.unassigned {
@@ -1112,7 +1116,10 @@ impl Agent {
         let report = a.report;
         let clean = report.errors.is_empty();
         self.takes_increment = a.takes_increment;
-        if clean {
+        // Planned before a reload: what it knew by index is not retried (the reload's own
+        // whole apply follows).
+        let current = job.generation == self.generation;
+        if clean && current {
             self.client_mode = Some(job.client_mode);
             // Where a client without an assignment goes now, to tell whether its placement
             // moves it.
@@ -1136,7 +1143,11 @@ impl Agent {
         if clean {
             // Beside the loop: the tool runs up to `command_timeout`, and nothing waits for it.
             for (i, addr) in job.gone_addrs {
-                let uplink = self.config.uplinks[i].name.clone();
+                // For the log; the address is what selects the flows.
+                let uplink = match self.config.uplinks.get(i) {
+                    Some(u) if current => u.name.clone(),
+                    _ => String::new(),
+                };
                 let (conntrack, metrics) = (self.conntrack.clone(), self.metrics.clone());
                 tokio::spawn(async move {
                     match conntrack.delete_reply_dst(addr).await {
@@ -1154,13 +1165,15 @@ impl Agent {
                     }
                 });
             }
-        } else {
+        } else if current {
             for (i, addr) in job.gone_addrs {
                 self.model.uplinks[i].gone_addrs.push(addr);
             }
         }
-        for (f, outcome) in a.flushed {
-            flush_failed |= !self.flushed(f, outcome);
+        if current {
+            for (f, outcome) in a.flushed {
+                flush_failed |= !self.flushed(f, outcome);
+            }
         }
         self.note_refused(&report.refused);
         self.metrics_dirty = true;
@@ -1187,7 +1200,6 @@ impl Agent {
         }
         if report.changed() {
             info!(
-                seq = job.seq,
                 full = job.read == ReadBack::Full,
                 replaced_table = report.nft.replaced_table,
                 rewritten_chains = report.nft.rewritten_chains,
@@ -1198,6 +1210,7 @@ impl Agent {
                 routes_added = report.routes.added,
                 routes_deleted = report.routes.deleted,
                 elapsed_us = a.elapsed.as_micros() as u64,
+                seq = job.seq,
                 "applied"
             );
         }
@@ -1616,7 +1629,18 @@ impl Agent {
         self.publish_metrics();
         self.generation += 1;
         self.publish_snapshot();
-        info!(reassigned, generation = self.generation, "config reloaded");
+        // Logged once the new config is in the kernel.
+        let generation = self.generation;
+        let seq = self.seq_of_next_change();
+        self.waiters.push(Waiter {
+            seq,
+            done: Box::new(move |applied| match applied {
+                Ok(()) => info!(reassigned, generation, "config reloaded"),
+                Err(e) => {
+                    warn!(reassigned, generation, error = %e, "config reloaded; its apply failed and is retried")
+                }
+            }),
+        });
         self.record(vec![LogEntry {
             at: now_millis(),
             uplink: String::new(),

@@ -230,3 +230,38 @@ async fn a_failed_apply_replans_whole_and_keeps_its_flow_deletions() {
     assert!(answer(&mut b, &retry, Vec::new()));
     assert!(b.agent.in_sync.load(Ordering::SeqCst));
 }
+
+#[tokio::test]
+async fn an_apply_planned_before_a_reload_is_answered_after_it() {
+    let mut b = started("reload");
+    for n in 10..12 {
+        neighbour(&mut b, n);
+        let j = job(&mut b).unwrap();
+        assert!(answer(&mut b, &j, Vec::new()));
+    }
+    // b loses its address and fails over; its job (flows of uplink 1 and those NATed to
+    // its old address to delete) is still running when a reload takes b out of the config.
+    b.agent.on_event(Event::Addr {
+        ifindex: 3,
+        addr: "100.64.1.2".parse().unwrap(),
+        present: false,
+    });
+    b.agent.links_changed();
+    b.agent.request_apply(ReadBack::Cache);
+    let old = job(&mut b).expect("the failover");
+    assert!(old.flushes.iter().any(|f| f.of == FlushOf::Uplink(1)));
+    std::fs::create_dir_all(&b.dir).unwrap();
+    let one = &CONFIG[..CONFIG.rfind("[[uplink]]").unwrap()];
+    std::fs::write(&b.agent.config_path, one).unwrap();
+    b.agent.reload().await.expect("reloaded");
+    assert!(
+        job(&mut b).is_none(),
+        "the reload waits for the job in flight"
+    );
+    // Its failure retries nothing by the old indices (uplink 1 is gone).
+    assert!(!answer(&mut b, &old, vec![DataplaneError::NeedsWholePlan]));
+    let reload = job(&mut b).expect("the reload's apply");
+    assert_eq!(changed(&reload), None);
+    assert!(reload.flushes.is_empty(), "{:?}", reload.flushes);
+    assert!(answer(&mut b, &reload, Vec::new()));
+}

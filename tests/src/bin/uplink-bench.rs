@@ -1345,11 +1345,19 @@ fn rules_bench(clients: u32, seconds: u64, runs: u64, machine: &str) -> Result<(
         format!("{base}{}", policy_config(1000)),
     )?;
     let t = Instant::now();
-    let lines = reload(&child, &rx)?;
-    let (at, applied) = lines
-        .into_iter()
-        .find(|(_, l)| l.contains("applied full=true"))
-        .with_context(|| "the reload applied nothing".to_string())?;
+    let mut lines = reload(&child, &rx)?.into_iter();
+    // The reload is logged once decided; its apply is answered by the executor after.
+    let (at, applied) = match lines.find(|(_, l)| l.contains("applied full=true")) {
+        Some(found) => found,
+        None => loop {
+            let (at, l) = rx
+                .recv_timeout(Duration::from_secs(120))
+                .with_context(|| "the reload applied nothing within 120 s".to_string())?;
+            if l.contains("applied full=true") {
+                break (at, l);
+            }
+        },
+    };
     let us: f64 = applied
         .split("elapsed_us=")
         .nth(1)
