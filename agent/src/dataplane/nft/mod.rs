@@ -228,11 +228,38 @@ pub type TrafficByInterface = Arc<BTreeMap<String, Traffic>>;
 /// Packets and bytes per `[[rule]]`, by name.
 pub type RuleCounters = Arc<BTreeMap<String, (u64, u64)>>;
 
+/// One reading shared by concurrent readers and reused while it is young enough.
+struct Shared<T>(tokio::sync::Mutex<Option<(std::time::Instant, Arc<T>)>>);
+
+impl<T> Shared<T> {
+    fn new() -> Arc<Shared<T>> {
+        Arc::new(Shared(tokio::sync::Mutex::new(None)))
+    }
+
+    /// The reading if it is at most `max_age` old, else a new one from `read`. The lock is
+    /// held across the read: who comes meanwhile gets this reading.
+    async fn get(
+        &self,
+        max_age: std::time::Duration,
+        read: impl std::future::Future<Output = Result<T, DataplaneError>>,
+    ) -> Result<Arc<T>, DataplaneError> {
+        let mut last = self.0.lock().await;
+        if let Some((at, t)) = &*last
+            && at.elapsed() <= max_age
+        {
+            return Ok(t.clone());
+        }
+        let t = Arc::new(read.await?);
+        *last = Some((std::time::Instant::now(), t.clone()));
+        Ok(t)
+    }
+}
+
 #[derive(Clone)]
 pub struct Counters {
     driver: NftDriver,
-    last: Arc<tokio::sync::Mutex<Option<(std::time::Instant, TrafficByInterface)>>>,
-    rules: Arc<tokio::sync::Mutex<Option<(std::time::Instant, RuleCounters)>>>,
+    traffic: Arc<Shared<BTreeMap<String, Traffic>>>,
+    rules: Arc<Shared<BTreeMap<String, (u64, u64)>>>,
     /// External sets' elements by set name, reused for a second as the counters are: a
     /// viewer calling `explain` in a loop costs at most two `nft` runs a second per set.
     external: Arc<tokio::sync::Mutex<ExternalSets>>,
@@ -247,8 +274,8 @@ impl Counters {
     pub fn new(driver: NftDriver) -> Counters {
         Counters {
             driver,
-            last: Arc::new(tokio::sync::Mutex::new(None)),
-            rules: Arc::new(tokio::sync::Mutex::new(None)),
+            traffic: Shared::new(),
+            rules: Shared::new(),
             external: Arc::new(tokio::sync::Mutex::new(BTreeMap::new())),
         }
     }
@@ -258,15 +285,7 @@ impl Counters {
         &self,
         max_age: std::time::Duration,
     ) -> Result<RuleCounters, DataplaneError> {
-        let mut last = self.rules.lock().await;
-        if let Some((at, r)) = &*last
-            && at.elapsed() <= max_age
-        {
-            return Ok(r.clone());
-        }
-        let r = Arc::new(self.driver.rule_counters().await?);
-        *last = Some((std::time::Instant::now(), r.clone()));
-        Ok(r)
+        self.rules.get(max_age, self.driver.rule_counters()).await
     }
 
     /// An external `[[set]]`'s elements as the kernel has them (both families), shared
@@ -326,20 +345,12 @@ impl Counters {
         Ok(out)
     }
 
+    /// The traffic counters, shared and reused for `max_age`.
     pub async fn read(
         &self,
         max_age: std::time::Duration,
     ) -> Result<TrafficByInterface, DataplaneError> {
-        // Held across the read: who comes meanwhile gets this reading.
-        let mut last = self.last.lock().await;
-        if let Some((at, t)) = &*last
-            && at.elapsed() <= max_age
-        {
-            return Ok(t.clone());
-        }
-        let t = Arc::new(self.driver.counters().await?);
-        *last = Some((std::time::Instant::now(), t.clone()));
-        Ok(t)
+        self.traffic.get(max_age, self.driver.counters()).await
     }
 }
 
