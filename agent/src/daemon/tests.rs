@@ -27,9 +27,10 @@ impl Drop for Bench {
     }
 }
 
-fn bench(tag: &str) -> Bench {
+fn bench(tag: &str, extra: &str) -> Bench {
     let dir = std::env::temp_dir().join(format!("uplinkd-daemon-{tag}-{}", std::process::id()));
-    let config = Arc::new(Config::parse(Path::new("t"), CONFIG).unwrap());
+    let text = format!("{extra}\n{CONFIG}");
+    let config = Arc::new(Config::parse(Path::new("t"), &text).unwrap());
     let (conn, handle, _) = rtnetlink::new_connection().unwrap();
     tokio::spawn(conn);
     let state = StateFile::new(&dir);
@@ -133,7 +134,11 @@ fn answer(b: &mut Bench, j: &Job, errors: Vec<DataplaneError>) -> bool {
 
 /// The start: the first job is whole, and a clean answer lets the next ones be increments.
 fn started(tag: &str) -> Bench {
-    let mut b = bench(tag);
+    started_with(tag, "")
+}
+
+fn started_with(tag: &str, extra: &str) -> Bench {
+    let mut b = bench(tag, extra);
     b.agent.request_apply(ReadBack::Cache);
     let first = job(&mut b).expect("the first job");
     assert_eq!(changed(&first), None, "the first plan is whole");
@@ -264,4 +269,98 @@ async fn an_apply_planned_before_a_reload_is_answered_after_it() {
     assert_eq!(changed(&reload), None);
     assert!(reload.flushes.is_empty(), "{:?}", reload.flushes);
     assert!(answer(&mut b, &reload, Vec::new()));
+}
+
+#[tokio::test]
+async fn a_drain_moves_the_uplinks_clients_and_answers_with_the_uplink_drained() {
+    let mut b = started("drain");
+    for n in 10..14 {
+        neighbour(&mut b, n);
+        let j = job(&mut b).unwrap();
+        assert!(answer(&mut b, &j, Vec::new()));
+    }
+    let (tx, mut rx) = oneshot::channel();
+    b.agent
+        .handle(api::Command::Drain {
+            uplink: "a".into(),
+            drain: true,
+            reply: tx,
+        })
+        .await;
+    let j = job(&mut b).expect("the drain's job");
+    // a's clients are hashed over b; b's own stay direct.
+    assert_eq!(home(&j, "a"), Some(vec!["b".to_string()]));
+    assert_eq!(home(&j, "b"), None);
+    assert!(rx.try_recv().is_err(), "answered only once applied");
+    assert!(answer(&mut b, &j, Vec::new()));
+    let view = rx.try_recv().unwrap().unwrap();
+    assert_eq!(view.name, "a");
+    assert_eq!(
+        view.state,
+        uplink_api::v1::UplinkState::Draining as i32,
+        "{view:?}"
+    );
+    // Draining it again changes nothing: answered at once, no job.
+    let (tx, mut rx) = oneshot::channel();
+    b.agent
+        .handle(api::Command::Drain {
+            uplink: "a".into(),
+            drain: true,
+            reply: tx,
+        })
+        .await;
+    assert!(rx.try_recv().unwrap().is_ok());
+    assert!(job(&mut b).is_none());
+}
+
+/// The uplink's `home_` target in a job: `None` direct, else the spread it fails over to.
+fn home(j: &Job, uplink: &str) -> Option<Vec<String>> {
+    j.desired
+        .nft
+        .structure
+        .uplinks
+        .iter()
+        .find(|u| u.name == uplink)
+        .unwrap()
+        .home
+        .clone()
+}
+
+#[tokio::test]
+async fn a_manual_failback_waits_for_the_operator_and_answers_once_applied() {
+    let mut b = started_with("failback", "[failover]\nfailback = \"manual\"");
+    for n in 10..14 {
+        neighbour(&mut b, n);
+        let j = job(&mut b).unwrap();
+        assert!(answer(&mut b, &j, Vec::new()));
+    }
+    link(&mut b, 2, "wan0", false);
+    b.agent.links_changed();
+    b.agent.request_apply(ReadBack::Cache);
+    let down = job(&mut b).unwrap();
+    assert_eq!(home(&down, "a"), Some(vec!["b".to_string()]));
+    assert!(answer(&mut b, &down, Vec::new()));
+    // The carrier is back; a manual failback keeps a's clients on b.
+    link(&mut b, 2, "wan0", true);
+    b.agent.links_changed();
+    b.agent.request_apply(ReadBack::Cache);
+    let up = job(&mut b).unwrap();
+    assert_eq!(
+        home(&up, "a"),
+        Some(vec!["b".to_string()]),
+        "still failed over"
+    );
+    assert!(answer(&mut b, &up, Vec::new()));
+    let (tx, mut rx) = oneshot::channel();
+    b.agent
+        .handle(api::Command::Failback {
+            uplink: "a".into(),
+            reply: tx,
+        })
+        .await;
+    let back = job(&mut b).expect("the failback's job");
+    assert_eq!(home(&back, "a"), None, "a's clients go home");
+    assert!(rx.try_recv().is_err());
+    assert!(answer(&mut b, &back, Vec::new()));
+    assert!(rx.try_recv().unwrap().unwrap().serving);
 }
