@@ -1121,11 +1121,28 @@ impl Drop for Lab {
     }
 }
 
+/// The assignments in `state.json`, with `state.journal` (the clients changed since the
+/// file was last written whole) replayed over it as the agent does at start.
 pub fn read_assignments(state_dir: &Path) -> Result<BTreeMap<IpAddr, String>> {
     let text = fs::read_to_string(state_dir.join("state.json"))?;
     let v: serde_json::Value = serde_json::from_str(&text)?;
-    let mut out = BTreeMap::new();
+    let mut clients: BTreeMap<String, serde_json::Value> = BTreeMap::new();
     for c in v["clients"].as_array().into_iter().flatten() {
+        clients.insert(c["mac"].as_str().unwrap_or_default().to_string(), c.clone());
+    }
+    let journal = fs::read_to_string(state_dir.join("state.journal")).unwrap_or_default();
+    // Only complete lines: the agent may be appending the last one.
+    for line in journal.split_inclusive('\n').filter(|l| l.ends_with('\n')) {
+        let l: serde_json::Value = serde_json::from_str(line)?;
+        if let Some(mac) = l["del"].as_str() {
+            clients.remove(mac);
+        } else {
+            let c = &l["set"];
+            clients.insert(c["mac"].as_str().unwrap_or_default().to_string(), c.clone());
+        }
+    }
+    let mut out = BTreeMap::new();
+    for c in clients.values() {
         let home = c["home"].as_str().unwrap_or_default().to_string();
         for a in c["addresses"].as_array().into_iter().flatten() {
             out.insert(a["ip"].as_str().unwrap_or_default().parse()?, home.clone());

@@ -47,7 +47,10 @@ fn drift_is_repaired_within_resync_interval() -> anyhow::Result<()> {
         Ok((
             handles,
             lab.gw(&["ip", "rule", "show"])?,
-            lab.gw(&["ip", "route", "show", "table", "all"])?,
+            // uplinkd's routes only: the kernel's own (a LAN port's link-local address
+            // after DAD) come and go on their own.
+            lab.gw(&["ip", "-4", "route", "show", "table", "all", "proto", "171"])?
+                + &lab.gw(&["ip", "-6", "route", "show", "table", "all", "proto", "171"])?,
             lab.kernel_map("client4")?.len(),
         ))
     };

@@ -113,6 +113,20 @@ fn jittered(d: Duration) -> Duration {
     d.mul_f64(0.9 + f64::from(nanos % 2001) / 10_000.0)
 }
 
+/// What the state file and its journal hold.
+struct Persisted {
+    clients: imbl::OrdMap<crate::model::Mac, crate::model::Client>,
+    /// The file's hash, which the journal names as the file it follows.
+    base: String,
+    journal_lines: usize,
+}
+
+/// Journal lines past which the state file is written whole again: a quarter of the
+/// clients (at least 4,096), so a load replays little and a save stays small.
+fn journal_limit(clients: usize) -> usize {
+    (clients / 4).max(4096)
+}
+
 /// First wait before an apply that failed is retried; it doubles up to `RETRY_MAX`.
 const RETRY_MIN: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(60);
@@ -208,7 +222,10 @@ pub struct Agent {
     /// When the client assignments were last handed to the writer.
     saved_at: Option<Instant>,
     /// The client assignments being written beside the loop.
-    saving: Option<JoinHandle<Result<(), StateError>>>,
+    saving: Option<JoinHandle<Result<Persisted, StateError>>>,
+    /// What the state file and its journal hold (`None`: unknown, the next write is
+    /// whole).
+    saved_clients: Option<Persisted>,
     /// A state directory that is full or read-only is reported at a bounded rate.
     save_errors: metrics::RateLimitedWarning,
     /// Neighbours refused by a LAN limit, reported at a bounded rate.
@@ -646,6 +663,7 @@ impl Agent {
                 started,
             })),
             saving: None,
+            saved_clients: None,
             saved_at: None,
             save_errors: metrics::RateLimitedWarning::default(),
             lan_refusals: metrics::RateLimitedWarning::default(),
@@ -1329,8 +1347,9 @@ impl Agent {
             }
             let result = self.saving.take().and_then(|h| h.now_or_never());
             match result {
-                Some(Ok(Ok(()))) => {}
+                Some(Ok(Ok(saved))) => self.saved_clients = Some(saved),
                 Some(Ok(Err(e))) => {
+                    self.saved_clients = None;
                     self.state_dirty = true;
                     self.metrics
                         .save_errors
@@ -1339,6 +1358,7 @@ impl Agent {
                     self.save_errors.warn(|n| error!(error = %e, failures = n, "cannot save assignments; routing goes on, retrying"));
                 }
                 Some(Err(e)) => {
+                    self.saved_clients = None;
                     self.state_dirty = true;
                     error!(error = %e, "the state writer failed; retrying");
                 }
@@ -1353,12 +1373,26 @@ impl Agent {
         }
         self.state_dirty = false;
         self.saved_at = Some(Instant::now());
-        // A snapshot of the map (a pointer copy): serializing and writing both run
-        // beside the loop.
+        // A snapshot of the map (a pointer copy): diffing, serializing and writing all run
+        // beside the loop. What changed since the last save goes to the journal; the file
+        // is written whole when there is none yet or the journal has grown long.
         let clients = self.model.clients().clone();
         let state = self.state.clone();
-        self.saving = Some(tokio::task::spawn_blocking(move || {
-            state.write_clients(&clients)
+        let saved = self.saved_clients.take();
+        self.saving = Some(tokio::task::spawn_blocking(move || match saved {
+            Some(s) if s.journal_lines <= journal_limit(clients.len()) => {
+                let added = state.append_changes(&s.base, &s.clients, &clients)?;
+                Ok(Persisted {
+                    clients,
+                    base: s.base,
+                    journal_lines: s.journal_lines + added,
+                })
+            }
+            _ => Ok(Persisted {
+                base: state.write_clients(&clients)?,
+                clients,
+                journal_lines: 0,
+            }),
         }));
     }
 

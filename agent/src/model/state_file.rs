@@ -1,5 +1,8 @@
 //! Persistent assignments in `state_dir/state.json`: written atomically (temp file, fsync,
 //! rename, fsync of the directory) so a crash leaves either the old or the new file.
+//! Between two whole writes, the clients that changed are appended to `state.journal`
+//! (one JSON line each, fsynced), so that a save costs what changed, not the whole LAN. A
+//! whole write starts a new journal; a load replays the journal over the file.
 
 use std::fs::{self, File};
 use std::net::IpAddr;
@@ -13,6 +16,60 @@ use super::{AddrMap, Address, Client, Mac, Millis, Override};
 
 const VERSION: u32 = 1;
 const FILE: &str = "state.json";
+const JOURNAL: &str = "state.journal";
+
+/// One journal line: a client as it is now, or the MAC of one that went. The first line
+/// names the file it follows (`base`: a hash of its bytes): a journal left behind by a
+/// crash between a whole write and the journal's removal is older than the file, and is
+/// not replayed over it.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JournalLine {
+    #[serde(default)]
+    set: Option<ClientIn>,
+    #[serde(default)]
+    del: Option<Mac>,
+    #[serde(default)]
+    base: Option<String>,
+}
+
+/// FNV-1a over a file's bytes: stable across builds, as a hash kept on disk must be.
+#[derive(Clone, Copy)]
+struct Fnv(u64);
+
+impl Fnv {
+    fn new() -> Fnv {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+
+    fn update(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    fn hex(self) -> String {
+        format!("{:016x}", self.0)
+    }
+}
+
+/// Hashes what passes through it.
+struct Hashing<W> {
+    inner: W,
+    hash: Fnv,
+}
+
+impl<W: std::io::Write> std::io::Write for Hashing<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hash.update(&buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -215,6 +272,56 @@ pub fn parse(path: &Path, bytes: &[u8]) -> Result<Restored, StateError> {
     })
 }
 
+/// Replays journal lines over `clients`. Only the last line may be cut short (a crash
+/// during the append): it is left out. Any other bad line makes the journal corrupt.
+fn replay(
+    path: &Path,
+    bytes: &[u8],
+    base: &str,
+    clients: &mut BTreeMap<Mac, Client>,
+) -> Result<(), StateError> {
+    let lines: Vec<&[u8]> = bytes.split(|b| *b == b'\n').collect();
+    let last = lines.len() - 1;
+    for (n, line) in lines.iter().enumerate() {
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let parsed: JournalLine = match serde_json::from_slice(line) {
+            Ok(l) => l,
+            // No newline after it: the append did not finish.
+            Err(_) if n == last => break,
+            Err(e) => {
+                return Err(StateError::Corrupt {
+                    path: path.to_owned(),
+                    line: n + 1,
+                    column: e.column(),
+                    message: e.to_string(),
+                });
+            }
+        };
+        match (parsed.set, parsed.del, parsed.base) {
+            // Older than the file (see `JournalLine`): the file has it all.
+            (None, None, Some(b)) if n == 0 && b != base => return Ok(()),
+            (None, None, Some(_)) if n == 0 => {}
+            (Some(c), None, None) => {
+                clients.insert(c.0.mac, c.0);
+            }
+            (None, Some(mac), None) => {
+                clients.remove(&mac);
+            }
+            _ => {
+                return Err(StateError::Corrupt {
+                    path: path.to_owned(),
+                    line: n + 1,
+                    column: 1,
+                    message: "a journal line holds one of `set` (a client) or `del` (a MAC), after a first line with `base`".into(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A decisions file's bytes; `path` only labels errors.
 pub fn parse_decisions(path: &Path, bytes: &[u8]) -> Result<Decisions, StateError> {
     let doc: DecisionsDoc = serde_json::from_slice(bytes).map_err(|e| corrupt(path, e))?;
@@ -243,29 +350,137 @@ impl StateFile {
         self.dir.join(FILE)
     }
 
-    /// `Ok(None)` when there is no state file yet.
+    /// `Ok(None)` when there is no state file yet. The journal, if any, is replayed over
+    /// the file; a last line cut short (a crash during its write) is left out.
     pub fn load(&self) -> Result<Option<Restored>, StateError> {
         let path = self.path();
-        match fs::read(&path) {
-            Ok(bytes) => parse(&path, &bytes).map(Some),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(source) => Err(StateError::Io { path, source }),
-        }
+        let mut base = Fnv::new();
+        let mut restored = match fs::read(&path) {
+            Ok(bytes) => {
+                base.update(&bytes);
+                parse(&path, &bytes)?
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Restored {
+                clients: Vec::new(),
+                overrides: BTreeMap::new(),
+            },
+            Err(source) => return Err(StateError::Io { path, source }),
+        };
+        let journal = self.dir.join(JOURNAL);
+        let bytes = match fs::read(&journal) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(path.exists().then_some(restored));
+            }
+            Err(source) => {
+                return Err(StateError::Io {
+                    path: journal,
+                    source,
+                });
+            }
+        };
+        let mut by_mac: BTreeMap<Mac, Client> =
+            restored.clients.drain(..).map(|c| (c.mac, c)).collect();
+        replay(&journal, &bytes, &base.hex(), &mut by_mac)?;
+        restored.clients = by_mac.into_values().collect();
+        Ok(Some(restored))
     }
 
-    /// Moves an unreadable state file aside (never deletes it) and returns its new path.
+    /// Moves an unreadable state file and its journal aside (never deletes them) and
+    /// returns the file's new path.
     pub fn set_aside(&self, now: Millis) -> Result<PathBuf, StateError> {
+        let journal = self.dir.join(JOURNAL);
+        if journal.exists() {
+            let to = self.dir.join(format!("{JOURNAL}.corrupt-{now}"));
+            fs::rename(&journal, &to).map_err(|source| StateError::Io {
+                path: journal,
+                source,
+            })?;
+        }
         let from = self.path();
         let to = self.dir.join(format!("{FILE}.corrupt-{now}"));
-        fs::rename(&from, &to).map_err(|source| StateError::Io { path: from, source })?;
+        if from.exists() {
+            fs::rename(&from, &to).map_err(|source| StateError::Io { path: from, source })?;
+        }
         Ok(to)
     }
 
-    /// Writes the client assignments, streamed into the file (no whole document in
-    /// memory). Takes a snapshot (a cheap clone of the model's map), so it can run beside
-    /// the loop.
-    pub fn write_clients(&self, clients: &imbl::OrdMap<Mac, Client>) -> Result<(), StateError> {
-        self.write_atomic(FILE, &StateOut { clients })
+    /// Writes the client assignments whole, streamed into the file (no whole document in
+    /// memory), and starts a new journal. Takes a snapshot (a cheap clone of the model's
+    /// map), so it can run beside the loop.
+    /// Returns the file's hash, the journal's `base` from now on.
+    pub fn write_clients(&self, clients: &imbl::OrdMap<Mac, Client>) -> Result<String, StateError> {
+        let base = self.write_atomic(FILE, &StateOut { clients })?;
+        // After the rename. A crash in between leaves the old journal, whose `base` names
+        // the old file: it is not replayed.
+        let journal = self.dir.join(JOURNAL);
+        match fs::remove_file(&journal) {
+            Ok(()) => Ok(base),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(base),
+            Err(source) => Err(StateError::Io {
+                path: journal,
+                source,
+            }),
+        }
+    }
+
+    /// Appends to the journal what changed from `saved` (what the file and journal hold)
+    /// to `now`; returns the number of lines written. Shared structure is not visited, so
+    /// the cost follows the changes, not the number of clients.
+    /// `base` is the hash `write_clients` returned for the file the journal follows.
+    pub fn append_changes(
+        &self,
+        base: &str,
+        saved: &imbl::OrdMap<Mac, Client>,
+        now: &imbl::OrdMap<Mac, Client>,
+    ) -> Result<usize, StateError> {
+        use std::io::Write;
+        let mut buf = Vec::new();
+        let mut lines = 0;
+        for d in saved.diff(now) {
+            match d {
+                imbl::ordmap::DiffItem::Add(_, c)
+                | imbl::ordmap::DiffItem::Update { new: (_, c), .. } => {
+                    buf.extend_from_slice(b"{\"set\":");
+                    serde_json::to_writer(&mut buf, &ClientOut(c))
+                        .map_err(std::io::Error::from)
+                        .map_err(|source| StateError::Io {
+                            path: self.dir.join(JOURNAL),
+                            source,
+                        })?;
+                    buf.extend_from_slice(b"}\n");
+                }
+                imbl::ordmap::DiffItem::Remove(mac, _) => {
+                    buf.extend_from_slice(format!("{{\"del\":\"{mac}\"}}\n").as_bytes());
+                }
+            }
+            lines += 1;
+        }
+        if lines == 0 {
+            return Ok(0);
+        }
+        let path = self.dir.join(JOURNAL);
+        let io = |source| StateError::Io {
+            path: path.clone(),
+            source,
+        };
+        fs::create_dir_all(&self.dir).map_err(io)?;
+        let created = !path.exists();
+        if created {
+            buf.splice(0..0, format!("{{\"base\":\"{base}\"}}\n").into_bytes());
+        }
+        let mut f = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(io)?;
+        f.write_all(&buf).and_then(|()| f.sync_data()).map_err(io)?;
+        if created {
+            File::open(&self.dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io)?;
+        }
+        Ok(lines)
     }
 
     /// The decisions file; `None` when there is none yet.
@@ -283,7 +498,7 @@ impl StateFile {
             version: VERSION,
             decisions: decisions.clone(),
         };
-        self.write_atomic(DECISIONS_FILE, &doc)
+        self.write_atomic(DECISIONS_FILE, &doc).map(|_| ())
     }
 
     /// Moves an unreadable decisions file aside (never deletes it).
@@ -295,7 +510,8 @@ impl StateFile {
     }
 
     /// Temp file, fsync, rename, fsync of the directory: a crash leaves the old or the new.
-    fn write_atomic(&self, name: &str, doc: &impl Serialize) -> Result<(), StateError> {
+    /// Returns the hash of the bytes written.
+    fn write_atomic(&self, name: &str, doc: &impl Serialize) -> Result<String, StateError> {
         let io = |path: &Path| {
             let path = path.to_owned();
             move |source| StateError::Io { path, source }
@@ -303,10 +519,13 @@ impl StateFile {
         fs::create_dir_all(&self.dir).map_err(io(&self.dir))?;
         let tmp = self.dir.join(format!("{name}.tmp"));
         let f = File::create(&tmp).map_err(io(&tmp))?;
-        let mut w = std::io::BufWriter::with_capacity(1 << 16, f);
+        let mut w = Hashing {
+            inner: std::io::BufWriter::with_capacity(1 << 16, f),
+            hash: Fnv::new(),
+        };
         let written = serde_json::to_writer(&mut w, doc)
             .map_err(std::io::Error::from)
-            .and_then(|()| w.into_inner().map_err(|e| e.into_error()))
+            .and_then(|()| w.inner.into_inner().map_err(|e| e.into_error()))
             .and_then(|f| f.sync_all());
         if let Err(source) = written {
             // A full disk: leave no partial temp file behind.
@@ -318,7 +537,7 @@ impl StateFile {
         File::open(&self.dir)
             .and_then(|d| d.sync_all())
             .map_err(io(&self.dir))?;
-        Ok(())
+        Ok(w.hash.hex())
     }
 }
 
@@ -387,6 +606,89 @@ mod tests {
         let back = back.clients;
         assert_eq!(back[0].home, "isp1");
         assert_eq!(back[0].addresses.values().next().unwrap().last_seen, 7);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn client(n: u8, home: &str) -> Client {
+        Client {
+            mac: Mac([2, 0, 0, 0, 0, n]),
+            via: None,
+            home: home.into(),
+            first_seen: 5,
+            // As a load gives them back: gone until the neighbour dump says otherwise.
+            addresses: [(
+                format!("198.19.0.{n}").parse().unwrap(),
+                Address {
+                    present: false,
+                    last_seen: 7,
+                },
+            )]
+            .into(),
+        }
+    }
+
+    fn map(clients: &[Client]) -> imbl::OrdMap<Mac, Client> {
+        clients.iter().map(|c| (c.mac, c.clone())).collect()
+    }
+
+    fn loaded(sf: &StateFile) -> imbl::OrdMap<Mac, Client> {
+        map(&sf.load().unwrap().unwrap().clients)
+    }
+
+    #[test]
+    fn the_journal_holds_what_changed_and_a_load_replays_it() {
+        let dir = tmpdir("journal");
+        let sf = StateFile::new(&dir);
+        let v1 = map(&[client(1, "a"), client(2, "a"), client(3, "b")]);
+        let base = sf.write_clients(&v1).unwrap();
+        // One added, one moved, one gone: three lines, whatever the number of clients.
+        let mut v2 = v1.clone();
+        v2.insert(client(4, "b").mac, client(4, "b"));
+        v2.insert(client(2, "b").mac, client(2, "b"));
+        v2.remove(&client(3, "b").mac);
+        assert_eq!(sf.append_changes(&base, &v1, &v2).unwrap(), 3);
+        assert_eq!(sf.append_changes(&base, &v2, &v2).unwrap(), 0);
+        assert_eq!(loaded(&sf), v2);
+        // A crash in the middle of an append: the cut line is left out.
+        let mut v3 = v2.clone();
+        v3.insert(client(5, "a").mac, client(5, "a"));
+        assert_eq!(sf.append_changes(&base, &v2, &v3).unwrap(), 1);
+        let journal = dir.join(JOURNAL);
+        let mut bytes = fs::read(&journal).unwrap();
+        bytes.truncate(bytes.len() - 9);
+        fs::write(&journal, &bytes).unwrap();
+        assert_eq!(loaded(&sf), v2);
+        // A whole write starts a new journal.
+        let journal_before = fs::read(&journal).unwrap();
+        let mut v4 = v3.clone();
+        v4.insert(client(2, "a").mac, client(2, "a"));
+        sf.write_clients(&v4).unwrap();
+        assert!(!journal.exists());
+        assert_eq!(loaded(&sf), v4);
+        // A crash between the whole write and the journal's removal: the old journal
+        // (client 2 on b) is older than the file (client 2 on a), and is not replayed.
+        fs::write(&journal, &journal_before).unwrap();
+        assert_eq!(loaded(&sf), v4);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_bad_journal_line_before_the_last_is_corrupt_and_set_aside() {
+        let dir = tmpdir("badjournal");
+        let sf = StateFile::new(&dir);
+        let v1 = map(&[client(1, "a")]);
+        let base = sf.write_clients(&v1).unwrap();
+        fs::write(
+            dir.join(JOURNAL),
+            format!("{{\"base\":\"{base}\"}}\n{{\"del\":\"02:00:00:00:00:01\"}}\n{{\"bogus\":1}}\n{{\"del\":\"02:00:00:00:00:02\"}}\n"),
+        )
+        .unwrap();
+        let e = sf.load().unwrap_err();
+        assert!(matches!(e, StateError::Corrupt { line: 3, .. }), "{e}");
+        sf.set_aside(11).unwrap();
+        assert!(dir.join(format!("{JOURNAL}.corrupt-11")).exists());
+        assert!(dir.join(format!("{FILE}.corrupt-11")).exists());
+        assert!(sf.load().unwrap().is_none());
         fs::remove_dir_all(&dir).unwrap();
     }
 
