@@ -190,9 +190,8 @@ pub struct Agent {
     in_sync: Arc<AtomicBool>,
     event_tx: broadcast::Sender<v1::Event>,
     metrics: Arc<Metrics>,
-    /// Per uplink (index) and family (IPv6?): its counter of replies to LAN flows at the
-    /// last failed probe round, and when it was read (passive health).
-    forwarded: HashMap<(usize, bool), (u64, Instant)>,
+    /// The reply counters at each uplink's last failed probe round (passive health).
+    forwarded: crate::health::passive::Forwarded,
     /// Reads nft counters beside the loop (passive health).
     counters: nft::Counters,
     passive_tx: mpsc::Sender<PassiveReading>,
@@ -640,7 +639,7 @@ impl Agent {
             in_sync: Arc::new(AtomicBool::new(false)),
             event_tx: broadcast::channel(1024).0,
             metrics: Metrics::new(),
-            forwarded: HashMap::new(),
+            forwarded: Default::default(),
             counters: w.counters,
             passive_tx: w.passive_tx,
             activity_tx: w.activity_tx,
@@ -1495,20 +1494,9 @@ impl Agent {
                 .filter(|(_, rtt)| rtt.is_none())
                 .map(|(p, _)| p.addr().is_ipv6())
                 .collect();
-            let mut evidence = !failed.is_empty();
-            for (v6, packets) in [(false, replies4), (true, replies6)] {
-                // A counter that went backwards (the table was replaced) proves nothing.
-                let grew = self
-                    .forwarded
-                    .insert((report.uplink, v6), (packets, now))
-                    .is_some_and(|(before, at)| {
-                        packets > before && now.duration_since(at) <= recent
-                    });
-                if failed.contains(&v6) && !grew {
-                    evidence = false;
-                }
-            }
-            report.round.forwarding = evidence;
+            report.round.forwarding =
+                self.forwarded
+                    .excuses(report.uplink, &failed, (replies4, replies6), now, recent);
         }
         self.on_round(report).await;
     }
@@ -1647,7 +1635,7 @@ impl Agent {
         self.config = Arc::new(new);
         self.links.clear();
         // Indexed by uplink position, which a reload may change.
-        self.forwarded.clear();
+        self.forwarded = Default::default();
         for (_, (_, task)) in self.probers.drain() {
             task.abort();
         }

@@ -1,6 +1,7 @@
 //! Health: the per-uplink decision from link events and probe rounds to a state (up,
 //! degraded, down, held), with flap dampening. Pure: time comes in as an argument.
 
+pub mod passive;
 pub mod probe;
 pub mod stats;
 
