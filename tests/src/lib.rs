@@ -1056,6 +1056,17 @@ impl Lab {
         read_assignments(&self.state_dir())
     }
 
+    /// `uplinkd cleanup` with the lab's config, in the gateway namespace (as the
+    /// package's prerm, or a reboot, leaves the kernel).
+    pub fn uplinkd_cleanup(&self) -> Result<String> {
+        self.gw(&[
+            uplinkd_bin().to_str().unwrap_or_default(),
+            "--config",
+            self.config_path().to_str().unwrap_or_default(),
+            "cleanup",
+        ])
+    }
+
     /// Runs a command inside the gateway namespace.
     pub fn gw(&self, args: &[&str]) -> Result<String> {
         let gw = self.ns("gw");

@@ -423,17 +423,13 @@ fn a_restart_keeps_traffic_off_an_uplink_that_was_down() -> anyhow::Result<()> {
 fn a_hung_nft_times_out_and_the_apply_is_retried() -> anyhow::Result<()> {
     let mut lab = Lab::build("hungnft", two_uplinks(), 1, 0)?;
     let hang = lab.dir.join("hang");
-    let wrapper = lab.dir.join("nft-wrapper");
-    std::fs::write(
-        &wrapper,
+    let wrapper = script(
+        &lab,
+        "nft",
         format!(
-            "#!/bin/sh\nwhile [ -e {} ]; do sleep 0.1; done\nexec /usr/sbin/nft \"$@\"\n",
+            "while [ -e {} ]; do sleep 0.1; done\nexec /usr/sbin/nft \"$@\"\n",
             hang.display()
         ),
-    )?;
-    std::fs::set_permissions(
-        &wrapper,
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
     )?;
     let api = lab.api_config()?;
     lab.write_config(
@@ -484,20 +480,16 @@ fn a_hung_nft_holds_no_decision_back() -> anyhow::Result<()> {
     );
     // Transactions (`-f -`) are logged; one that starts while `hang` exists waits for it
     // to go. Listings pass untouched.
-    let wrapper = lab.dir.join("nft-wrapper");
-    std::fs::write(
-        &wrapper,
+    let wrapper = script(
+        &lab,
+        "nft",
         format!(
-            "#!/bin/sh\ncase \"$*\" in *\"-f -\"*)\n  tx=$(mktemp -p {dir})\n  cat > \"$tx\"\n  if [ -e {hang} ]; then touch {hanging}; while [ -e {hang} ]; do sleep 0.02; done; fi\n  {{ echo '=== transaction'; cat \"$tx\"; echo; }} >> {log}\n  exec /usr/sbin/nft \"$@\" < \"$tx\";;\nesac\nexec /usr/sbin/nft \"$@\"\n",
+            "case \"$*\" in *\"-f -\"*)\n  tx=$(mktemp -p {dir})\n  cat > \"$tx\"\n  if [ -e {hang} ]; then touch {hanging}; while [ -e {hang} ]; do sleep 0.02; done; fi\n  {{ echo '=== transaction'; cat \"$tx\"; echo; }} >> {log}\n  exec /usr/sbin/nft \"$@\" < \"$tx\";;\nesac\nexec /usr/sbin/nft \"$@\"\n",
             dir = lab.dir.display(),
             hang = hang.display(),
             hanging = hanging.display(),
             log = log.display()
         ),
-    )?;
-    std::fs::set_permissions(
-        &wrapper,
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
     )?;
     let api = lab.api_config()?;
     lab.write_config(
@@ -690,14 +682,20 @@ fn wrapper(
     flag: &std::path::Path,
     fail: &str,
 ) -> anyhow::Result<std::path::PathBuf> {
-    let path = lab.dir.join(format!("{tool}-wrapper"));
-    std::fs::write(
-        &path,
+    script(
+        lab,
+        tool,
         format!(
-            "#!/bin/sh\nif [ -e {} ]; then {fail}; fi\nexec /usr/sbin/{tool} \"$@\"\n",
+            "if [ -e {} ]; then {fail}; fi\nexec /usr/sbin/{tool} \"$@\"\n",
             flag.display()
         ),
-    )?;
+    )
+}
+
+/// An executable shell script `<tool>-wrapper` in the lab's directory, with `body`.
+fn script(lab: &Lab, tool: &str, body: String) -> anyhow::Result<std::path::PathBuf> {
+    let path = lab.dir.join(format!("{tool}-wrapper"));
+    std::fs::write(&path, format!("#!/bin/sh\n{body}"))?;
     std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
     Ok(path)
 }
@@ -976,15 +974,14 @@ fn probes_wait_for_the_first_apply() -> anyhow::Result<()> {
     let uplinks = probed_uplinks();
     let mut lab = Lab::build("slowstart", uplinks, 1, 0)?;
     let slow = lab.dir.join("slow");
-    let nft = lab.dir.join("nft-wrapper");
-    std::fs::write(
-        &nft,
+    let nft = script(
+        &lab,
+        "nft",
         format!(
-            "#!/bin/sh\ncase \"$*\" in *\"-f -\"*) if [ -e {s} ]; then rm {s}; sleep 2; fi;; esac\nexec /usr/sbin/nft \"$@\"\n",
+            "case \"$*\" in *\"-f -\"*) if [ -e {s} ]; then rm {s}; sleep 2; fi;; esac\nexec /usr/sbin/nft \"$@\"\n",
             s = slow.display()
         ),
     )?;
-    std::fs::set_permissions(&nft, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
     lab.write_config(
         "10s",
         "10m",

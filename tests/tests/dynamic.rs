@@ -535,12 +535,7 @@ fn a_lease_back_after_a_reboot_serves_at_once() -> anyhow::Result<()> {
     lab.stop_agent("TERM")?;
     // The reboot: nothing of uplinkd's survives in the kernel, and the lease is back
     // before uplinkd starts.
-    lab.gw(&[
-        uplink_tests::uplinkd_bin().to_str().unwrap(),
-        "--config",
-        lab.config_path().to_str().unwrap(),
-        "cleanup",
-    ])?;
+    lab.uplinkd_cleanup()?;
     lab.gw(&[
         "ip", "route", "replace", "default", "via", &router, "dev", "wan1",
     ])?;

@@ -258,12 +258,7 @@ fn foreign_state_survives_everything() -> anyhow::Result<()> {
         "SIGTERM leaves the dataplane in place"
     );
 
-    lab.gw(&[
-        uplink_tests::uplinkd_bin().to_str().unwrap(),
-        "--config",
-        lab.config_path().to_str().unwrap(),
-        "cleanup",
-    ])?;
+    lab.uplinkd_cleanup()?;
     assert_eq!(foreign_snapshot(&lab)?, before, "after cleanup");
     assert!(!lab.gw(&["nft", "list", "tables"])?.contains("uplinkd"));
     assert!(!lab.gw(&["ip", "rule", "show"])?.contains("proto 171"));

@@ -101,6 +101,22 @@ fn neighbour(b: &mut Bench, n: u8) -> IpAddr {
     ip
 }
 
+/// Neighbours `ns` arrive one at a time, each applied cleanly.
+fn placed(b: &mut Bench, ns: std::ops::Range<u8>) {
+    for n in ns {
+        neighbour(b, n);
+        let j = job(b).unwrap();
+        assert!(answer(b, &j, Vec::new()));
+    }
+}
+
+/// A link event as the loop handles it: judged, then applied.
+fn carrier(b: &mut Bench, ifindex: u32, name: &str, up: bool) {
+    link(b, ifindex, name, up);
+    b.agent.links_changed();
+    b.agent.request_apply(ReadBack::Cache);
+}
+
 /// The job the agent sent, if any.
 fn job(b: &mut Bench) -> Option<Job> {
     b.jobs.try_recv().ok()
@@ -209,16 +225,10 @@ async fn an_api_write_answers_once_its_apply_is_answered() {
 #[tokio::test]
 async fn a_failed_apply_replans_whole_and_keeps_its_flow_deletions() {
     let mut b = started("failed");
-    for n in 10..14 {
-        neighbour(&mut b, n);
-        let j = job(&mut b).unwrap();
-        assert!(answer(&mut b, &j, Vec::new()));
-    }
+    placed(&mut b, 10..14);
     // a loses its carrier: its clients fail over, and its flows are to be deleted once the
     // new paths are in.
-    link(&mut b, 2, "wan0", false);
-    b.agent.links_changed();
-    b.agent.request_apply(ReadBack::Cache);
+    carrier(&mut b, 2, "wan0", false);
     let j = job(&mut b).expect("the failover");
     assert!(
         j.flushes.iter().any(|f| f.of == FlushOf::Uplink(0)),
@@ -239,11 +249,7 @@ async fn a_failed_apply_replans_whole_and_keeps_its_flow_deletions() {
 #[tokio::test]
 async fn an_apply_planned_before_a_reload_is_answered_after_it() {
     let mut b = started("reload");
-    for n in 10..12 {
-        neighbour(&mut b, n);
-        let j = job(&mut b).unwrap();
-        assert!(answer(&mut b, &j, Vec::new()));
-    }
+    placed(&mut b, 10..12);
     // b loses its address and fails over; its job (flows of uplink 1 and those NATed to
     // its old address to delete) is still running when a reload takes b out of the config.
     b.agent.on_event(Event::Addr {
@@ -274,11 +280,7 @@ async fn an_apply_planned_before_a_reload_is_answered_after_it() {
 #[tokio::test]
 async fn a_drain_moves_the_uplinks_clients_and_answers_with_the_uplink_drained() {
     let mut b = started("drain");
-    for n in 10..14 {
-        neighbour(&mut b, n);
-        let j = job(&mut b).unwrap();
-        assert!(answer(&mut b, &j, Vec::new()));
-    }
+    placed(&mut b, 10..14);
     let (tx, mut rx) = oneshot::channel();
     b.agent
         .handle(api::Command::Drain {
@@ -329,21 +331,13 @@ fn home(j: &Job, uplink: &str) -> Option<Vec<String>> {
 #[tokio::test]
 async fn a_manual_failback_waits_for_the_operator_and_answers_once_applied() {
     let mut b = started_with("failback", "[failover]\nfailback = \"manual\"");
-    for n in 10..14 {
-        neighbour(&mut b, n);
-        let j = job(&mut b).unwrap();
-        assert!(answer(&mut b, &j, Vec::new()));
-    }
-    link(&mut b, 2, "wan0", false);
-    b.agent.links_changed();
-    b.agent.request_apply(ReadBack::Cache);
+    placed(&mut b, 10..14);
+    carrier(&mut b, 2, "wan0", false);
     let down = job(&mut b).unwrap();
     assert_eq!(home(&down, "a"), Some(vec!["b".to_string()]));
     assert!(answer(&mut b, &down, Vec::new()));
     // The carrier is back; a manual failback keeps a's clients on b.
-    link(&mut b, 2, "wan0", true);
-    b.agent.links_changed();
-    b.agent.request_apply(ReadBack::Cache);
+    carrier(&mut b, 2, "wan0", true);
     let up = job(&mut b).unwrap();
     assert_eq!(
         home(&up, "a"),
