@@ -386,6 +386,23 @@ const CASES: &[Case] = &[
         hint: "contiguous",
     },
     Case {
+        name: "policy mark bits overlap the uplink mark bits",
+        edit: (
+            "[lan]",
+            "[dataplane]\npolicy_mark_mask = 0x03000000\n\n[lan]",
+        ),
+        line: Some(7),
+        key: "dataplane.policy_mark_mask",
+        hint: "overlaps dataplane.fwmark_mask 0x3f000000",
+    },
+    Case {
+        name: "non-contiguous policy mask",
+        edit: ("[lan]", "[dataplane]\npolicy_mark_mask = 0x0f0f\n\n[lan]"),
+        line: Some(7),
+        key: "dataplane.policy_mark_mask",
+        hint: "contiguous",
+    },
+    Case {
         name: "lan and uplink share an interface",
         edit: ("interface = \"wan1\"", "interface = \"br-lan\""),
         line: Some(13),
