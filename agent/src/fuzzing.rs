@@ -47,12 +47,14 @@ pub fn state_file(data: &[u8]) {
     let _ = crate::plan::plan(&config, &model);
 }
 
-/// `nft -j list table` output.
+/// `nft -j list table` output (the reference reading), and nft's structure listing as the
+/// netlink reading takes it.
 pub fn nft_listing(data: &[u8]) {
-    if let Ok(text) = std::str::from_utf8(data)
-        && let Ok(k) = nft::parse_listing(text)
-    {
-        let _ = nft::adopted_homes(&k, |_| true);
+    if let Ok(text) = std::str::from_utf8(data) {
+        if let Ok(k) = nft::parse_listing(text) {
+            let _ = nft::adopted_homes(&k, |_| true);
+        }
+        let _ = nft::parse_structure(text, "uplinkd");
     }
 }
 

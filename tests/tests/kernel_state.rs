@@ -508,3 +508,102 @@ fn health_agrees_with_the_kernel_after_an_overrun() -> anyhow::Result<()> {
     )?;
     Ok(())
 }
+
+/// uplinkd reads its table back over netlink (nft fetches every element of a table to
+/// list any part of it): that reading equals the one of nft's own listing, element for
+/// element (client sets of both families, the sticky map's marks, a pin), rule for rule,
+/// and the rule and accounting counters are nft's.
+#[test]
+fn the_netlink_reading_of_the_table_equals_nfts_listing() -> anyhow::Result<()> {
+    use std::path::Path;
+    use uplinkd::dataplane::nft::{NftDriver, parse_listing};
+    let mut lab = Lab::build("nlread", two_uplinks(), 2, 1)?;
+    let rule = format!(
+        "\n[[policy]]\nname = \"via1\"\nuplinks = [\"isp1\"]\nbalance = \"failover\"\n\n[[rule]]\nname = \"echo\"\nproto = \"udp\"\ndport = [{}]\npolicy = \"via1\"\n",
+        uplink_tests::ECHO_PORT
+    );
+    lab.write_config("10m", "10m", &rule)?;
+    lab.start_agent()?;
+    lab.greet_clients()?;
+    let to = std::net::SocketAddr::from((uplink_tests::SERVER4, uplink_tests::ECHO_PORT));
+    assert!(lab.send_udp(1, to, None, None, 10)?.is_some(), "no echo");
+    // A quiet table: the agent stopped (its table stays), nothing crosses the gateway.
+    lab.stop_agent("TERM")?;
+    lab.gw(&[
+        "nft",
+        "add",
+        "element",
+        "inet",
+        "uplinkd",
+        "pin4",
+        "{ 198.51.100.7 : goto home_isp2 }",
+    ])?;
+    let (read, structure, counters, rules) = uplink_tests::in_netns(&lab.ns("gw"), || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let d = NftDriver::new(Path::new("nft"), "uplinkd", Duration::from_secs(5));
+            (
+                d.read().await,
+                d.read_structure().await,
+                d.counters().await,
+                d.rule_counters().await,
+            )
+        })
+    })?;
+    let listing = lab.gw(&["nft", "-j", "list", "table", "inet", "uplinkd"])?;
+    let want = parse_listing(&listing)?;
+    let read = read?.expect("the table exists");
+    assert_eq!(read, want, "netlink and nft read the table differently");
+    let v6 = read
+        .elements
+        .keys()
+        .any(|k| matches!(k, uplinkd::plan::ElemKey::V6(_)));
+    let marks = read
+        .elements
+        .keys()
+        .filter(|k| matches!(k, uplinkd::plan::ElemKey::Mark(_)))
+        .count();
+    let pin = uplinkd::plan::ElemKey::Pin4("198.51.100.7".parse()?);
+    assert!(v6 && marks == 2, "{:?}", read.elements);
+    assert_eq!(read.elements.get(&pin).map(|t| &**t), Some("home_isp2"));
+    let structure = structure?.expect("the table exists");
+    assert_eq!(structure.elements.len(), 0);
+    assert_eq!(structure.unassigned, read.unassigned);
+    // nft's counters, read from the same listing.
+    let v: serde_json::Value = serde_json::from_str(
+        &lab.gw(&["nft", "-j", "list", "counters", "table", "inet", "uplinkd"])?,
+    )?;
+    let counters = counters?;
+    let mut compared = 0;
+    for c in v["nftables"].as_array().into_iter().flatten() {
+        let c = &c["counter"];
+        let (Some(name), Some(p), Some(b)) = (
+            c["name"].as_str(),
+            c["packets"].as_u64(),
+            c["bytes"].as_u64(),
+        ) else {
+            continue;
+        };
+        let (kind, iface) = name.split_once('.').expect("kind.interface");
+        let t = counters.get(iface).copied().unwrap_or_default();
+        let got = match kind {
+            "tx" => t.tx,
+            "rx" => t.rx,
+            _ => continue,
+        };
+        assert_eq!(got, (p, b), "counter {name}");
+        compared += 1;
+    }
+    assert!(compared >= 4, "{v}");
+    assert!(counters["wan1"].tx.0 > 0, "{counters:?}");
+    let echo = rules?.get("echo").copied().unwrap_or_default();
+    assert!(echo.0 > 0, "the rule's counter moved: {echo:?}");
+    assert_eq!(
+        echo.0,
+        uplink_tests::nft_chain_packets(&lab.ns("gw"), "inet", "uplinkd", "rule_echo")?
+    );
+    Ok(())
+}

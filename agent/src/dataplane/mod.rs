@@ -39,6 +39,8 @@ pub enum DataplaneError {
         "ctnetlink flush by mark: {0} (dataplane.conntrack_flush = \"tool\" uses the conntrack tool instead)"
     )]
     ConntrackNetlink(std::io::Error),
+    #[error("reading uplinkd's nft table over netlink: {0}")]
+    NftNetlink(std::io::Error),
     #[error(
         "`{command}` did not finish within {after:?} (dataplane.command_timeout); killed it, will retry"
     )]

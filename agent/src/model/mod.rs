@@ -140,6 +140,9 @@ impl AddrMap {
         match self.0.binary_search_by(|(k, _)| k.cmp(&ip)) {
             Ok(i) => Some(std::mem::replace(&mut self.0[i].1, a)),
             Err(i) => {
+                // One slot at a time: Vec's first growth reserves four (160 bytes), 12 MB
+                // unused at 100k one-address clients.
+                self.0.reserve_exact(1);
                 self.0.insert(i, (ip, a));
                 None
             }

@@ -121,20 +121,10 @@ pub(super) struct ListTarget<'a> {
     pub(super) target: &'a str,
 }
 
-/// `nft -j list counters table` output → traffic per uplink interface.
-pub(super) fn parse_counters(json: &str) -> Result<BTreeMap<String, Traffic>, DataplaneError> {
-    let v: Value =
-        serde_json::from_str(json).map_err(|e| DataplaneError::NftOutput(e.to_string()))?;
+/// The named counters, name → (packets, bytes) → traffic per uplink interface.
+pub(super) fn traffic_of(counters: Vec<(String, (u64, u64))>) -> BTreeMap<String, Traffic> {
     let mut m: BTreeMap<String, Traffic> = BTreeMap::new();
-    for c in v["nftables"].as_array().into_iter().flatten() {
-        let c = &c["counter"];
-        let (Some(name), Some(p), Some(b)) = (
-            c["name"].as_str(),
-            c["packets"].as_u64(),
-            c["bytes"].as_u64(),
-        ) else {
-            continue;
-        };
+    for (name, (p, b)) in counters {
         let Some((kind, iface)) = name.split_once('.') else {
             continue;
         };
@@ -147,105 +137,235 @@ pub(super) fn parse_counters(json: &str) -> Result<BTreeMap<String, Traffic>, Da
             _ => {}
         }
     }
-    Ok(m)
+    m
 }
 
-/// `nft -j list table` output → what uplinkd owns in it.
+/// `nft -j list table` output → what uplinkd owns in it: the reference reading, which the
+/// netlink reading (`assemble`) must equal (the namespace tests compare both).
 pub fn parse_listing(json: &str) -> Result<KernelNft, DataplaneError> {
     let listing: Listing =
         serde_json::from_str(json).map_err(|e| DataplaneError::NftOutput(e.to_string()))?;
-    let mut signature = signature_of_items(listing.nftables.iter());
+    let signature = signature_of_items(listing.nftables.iter());
+    // signature_of_items took the rules; the unassigned chain's are read here.
     let mut unassigned = UnassignedChain::default();
-    for r in listing
-        .nftables
-        .iter()
-        .filter_map(|i| i.rule.as_ref())
-        .filter(|r| r.chain == UNASSIGNED)
-    {
-        if unassigned.rules == 0 {
-            unassigned.target = r
-                .comment
-                .as_deref()
-                .and_then(|c| c.split_once(TARGET_TAG))
-                .map(|(_, t)| t.to_string());
-        }
-        unassigned.rules += 1;
+    for r in listing.nftables.iter().filter_map(|i| i.rule.as_ref()) {
+        note_unassigned(&mut unassigned, &r.chain, r.comment.as_deref());
     }
-    let mut elements = BTreeMap::new();
-    // Chain names repeat across elements: share one allocation per target.
-    let mut targets: BTreeMap<String, Arc<str>> = BTreeMap::new();
-    let mut unknown = 0usize;
+    let mut elements = Elements::default();
     for item in listing.nftables {
         if let Some(set) = item.set
-            && let Some((family, uplink)) = set.name.split_once('.')
-            && let Some(v6) = match family {
-                "client4" => Some(false),
-                "client6" => Some(true),
-                _ => None,
-            }
+            && let Some((v6, uplink)) = client_set_of(&set.name)
         {
-            let target = targets
-                .entry(home_chain(uplink))
-                .or_insert_with_key(|t| Arc::from(t.as_str()))
-                .clone();
             for key in set.elem {
-                let key = match key {
+                let ip = match key {
                     ListKey::Text(t) => t.parse::<IpAddr>().ok(),
                     _ => None,
                 };
-                match key {
-                    Some(IpAddr::V4(a)) if !v6 => {
-                        elements.insert(ElemKey::V4(a), target.clone());
-                    }
-                    Some(IpAddr::V6(a)) if v6 => {
-                        elements.insert(ElemKey::V6(a), target.clone());
-                    }
-                    _ => unknown += 1,
-                }
+                elements.client(v6, uplink, ip);
             }
             continue;
         }
         let Some(map) = item.map else { continue };
         for (key, verdict) in map.elem {
-            let key = match (map.name.as_str(), key) {
-                // An earlier version's client maps: adopted at start, then replaced.
-                (MAP_CLIENT4 | MAP_CLIENT6, ListKey::Text(t)) => {
-                    t.parse::<IpAddr>().ok().map(|ip| match ip {
-                        IpAddr::V4(a) => ElemKey::V4(a),
-                        IpAddr::V6(a) => ElemKey::V6(a),
-                    })
-                }
-                (MAP_STICKY, ListKey::Number(n)) => Some(ElemKey::Mark(n)),
-                (MAP_PIN4 | MAP_PIN6, ListKey::Text(t)) => {
-                    t.parse::<IpAddr>().ok().map(|ip| match ip {
-                        IpAddr::V4(a) => ElemKey::Pin4(a),
-                        IpAddr::V6(a) => ElemKey::Pin6(a),
-                    })
-                }
-                _ => None,
+            let key = match key {
+                ListKey::Text(t) => t.parse::<IpAddr>().ok().map(RawKey::Addr),
+                ListKey::Number(n) => Some(RawKey::Number(n)),
+                ListKey::Other(_) => None,
             };
-            let (Some(key), Some(target)) = (key, verdict.goto) else {
-                // Not something uplinkd writes: the structure check replaces the table.
-                unknown += 1;
-                continue;
-            };
-            let target = targets
-                .entry(target.target.to_string())
-                .or_insert_with(|| Arc::from(target.target))
-                .clone();
-            elements.insert(key, target);
+            elements.mapped(&map.name, key, verdict.goto.map(|g| g.target));
         }
     }
-    if unknown > 0 {
-        signature
-            .rules
-            .push(("<foreign elements>".into(), Some(unknown.to_string())));
+    Ok(elements.finish(signature, unassigned))
+}
+
+/// The structure listing, `nft -t -j list chains inet ; list sets table inet T ; list
+/// maps inet` (one JSON document per command, elements left out) → the signature of
+/// `table`'s chains, sets and maps, and the names of the sets and maps whose elements
+/// uplinkd reads.
+pub fn parse_structure(out: &str, table: &str) -> Result<Structure, DataplaneError> {
+    let bad = |e: serde_json::Error| DataplaneError::NftOutput(e.to_string());
+    let docs: Vec<Value> = serde_json::Deserializer::from_str(out)
+        .into_iter()
+        .collect::<Result<_, _>>()
+        .map_err(bad)?;
+    let mut items = Vec::new();
+    for item in docs
+        .iter()
+        .flat_map(|d| d["nftables"].as_array().into_iter().flatten())
+    {
+        let ours = ["chain", "set", "map"]
+            .iter()
+            .any(|k| item[k]["table"].as_str() == Some(table));
+        if ours {
+            items.push(ListItem::deserialize(item).map_err(bad)?);
+        }
     }
-    Ok(KernelNft {
-        signature,
-        elements,
-        unassigned,
+    let mut read = Vec::new();
+    for it in &items {
+        if let Some(s) = &it.set
+            && client_set_of(&s.name).is_some()
+        {
+            read.push(s.name.clone());
+        }
+        if let Some(m) = &it.map {
+            read.push(m.name.clone());
+        }
+    }
+    Ok(Structure {
+        signature: signature_of_items(items.iter()),
+        read,
     })
+}
+
+/// A table's structure as nft lists it, before the netlink reading completes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Structure {
+    signature: Signature,
+    /// The client sets and the maps, whose elements are read.
+    pub read: Vec<String>,
+}
+
+/// The structure completed with what netlink read: the rules in order, the named
+/// counters, and the elements of the sets and maps of `Structure::read`.
+pub(super) fn assemble(
+    structure: Structure,
+    rules: &[nfnl::KernelRule],
+    counters: impl Iterator<Item = String>,
+    elements: Elements,
+) -> KernelNft {
+    let mut signature = structure.signature;
+    let mut unassigned = UnassignedChain::default();
+    for r in rules {
+        note_unassigned(&mut unassigned, &r.chain, r.comment.as_deref());
+        if r.chain != UNASSIGNED {
+            signature.rules.push((r.chain.clone(), r.comment.clone()));
+        }
+    }
+    signature.counters.extend(counters);
+    elements.finish(signature, unassigned)
+}
+
+fn addr_of(key: &[u8]) -> Option<IpAddr> {
+    match key.len() {
+        4 => Some(IpAddr::from(<[u8; 4]>::try_from(key).ok()?)),
+        16 => Some(IpAddr::from(<[u8; 16]>::try_from(key).ok()?)),
+        _ => None,
+    }
+}
+
+/// `client4.<uplink>` → (IPv6?, uplink).
+fn client_set_of(name: &str) -> Option<(bool, &str)> {
+    let (family, uplink) = name.split_once('.')?;
+    match family {
+        "client4" => Some((false, uplink)),
+        "client6" => Some((true, uplink)),
+        _ => None,
+    }
+}
+
+/// The `unassigned` chain's rule count and, from its first rule, its target.
+fn note_unassigned(u: &mut UnassignedChain, chain: &str, comment: Option<&str>) {
+    if chain != UNASSIGNED {
+        return;
+    }
+    if u.rules == 0 {
+        u.target = comment
+            .and_then(|c| c.split_once(TARGET_TAG))
+            .map(|(_, t)| t.to_string());
+    }
+    u.rules += 1;
+}
+
+/// A map element's key, as either reading gives it.
+enum RawKey {
+    Addr(IpAddr),
+    Number(u32),
+}
+
+/// The elements read so far, with one allocation per target chain (100k elements share
+/// a handful), and a count of those uplinkd does not write.
+#[derive(Default)]
+pub(super) struct Elements {
+    map: BTreeMap<ElemKey, Arc<str>>,
+    targets: BTreeMap<String, Arc<str>>,
+    unknown: usize,
+}
+
+impl Elements {
+    fn target(&mut self, t: &str) -> Arc<str> {
+        if let Some(a) = self.targets.get(t) {
+            return a.clone();
+        }
+        let a: Arc<str> = Arc::from(t);
+        self.targets.insert(t.to_string(), a.clone());
+        a
+    }
+
+    /// An element of set or map `name` as netlink gives it.
+    pub(super) fn add_netlink(&mut self, name: &str, key: &[u8], goto: Option<&str>) {
+        if let Some((v6, uplink)) = client_set_of(name) {
+            self.client(v6, uplink, addr_of(key));
+            return;
+        }
+        let key = match key.len() {
+            // A mark is in host order, an address in network order.
+            4 if name == MAP_STICKY => Some(RawKey::Number(u32::from_ne_bytes(
+                key.try_into().expect("4 bytes"),
+            ))),
+            _ => addr_of(key).map(RawKey::Addr),
+        };
+        self.mapped(name, key, goto);
+    }
+
+    /// An element of the client set of `uplink`.
+    fn client(&mut self, v6: bool, uplink: &str, ip: Option<IpAddr>) {
+        let key = match ip {
+            Some(IpAddr::V4(a)) if !v6 => ElemKey::V4(a),
+            Some(IpAddr::V6(a)) if v6 => ElemKey::V6(a),
+            _ => {
+                self.unknown += 1;
+                return;
+            }
+        };
+        let target = self.target(&home_chain(uplink));
+        self.map.insert(key, target);
+    }
+
+    /// An element of the map `name` with the chain of its `goto`.
+    fn mapped(&mut self, name: &str, key: Option<RawKey>, goto: Option<&str>) {
+        let key = match (name, key) {
+            // An earlier version's client maps: adopted at start, then replaced.
+            (MAP_CLIENT4 | MAP_CLIENT6, Some(RawKey::Addr(ip))) => Some(match ip {
+                IpAddr::V4(a) => ElemKey::V4(a),
+                IpAddr::V6(a) => ElemKey::V6(a),
+            }),
+            (MAP_STICKY, Some(RawKey::Number(n))) => Some(ElemKey::Mark(n)),
+            (MAP_PIN4, Some(RawKey::Addr(IpAddr::V4(a)))) => Some(ElemKey::Pin4(a)),
+            (MAP_PIN6, Some(RawKey::Addr(IpAddr::V6(a)))) => Some(ElemKey::Pin6(a)),
+            _ => None,
+        };
+        match (key, goto) {
+            (Some(key), Some(goto)) => {
+                let target = self.target(goto);
+                self.map.insert(key, target);
+            }
+            // Not something uplinkd writes: the structure check replaces the table.
+            _ => self.unknown += 1,
+        }
+    }
+
+    fn finish(self, mut signature: Signature, unassigned: UnassignedChain) -> KernelNft {
+        if self.unknown > 0 {
+            signature
+                .rules
+                .push(("<foreign elements>".into(), Some(self.unknown.to_string())));
+        }
+        KernelNft {
+            signature,
+            elements: self.map,
+            unassigned,
+        }
+    }
 }
 
 /// Adopted assignments: client address → uplink name, from the kernel's client maps, for

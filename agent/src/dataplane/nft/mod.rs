@@ -1,6 +1,8 @@
 //! The nft driver: renders the desired table as nft JSON (through the `nftables` crate's
-//! schema; `render`), reads the kernel's copy back (`listing`), and applies the difference
-//! (`diff` for the elements, the structure here) in one `nft -j -f -` transaction.
+//! schema; `render`), reads the kernel's copy back (its chains, sets and maps through
+//! `nft`, its rules, counters and elements over netlink: `nfnl`, `listing`), and applies
+//! the difference (`diff` for the elements, the structure here) in one `nft -j -f -`
+//! transaction.
 //!
 //! Structure (chains, rules, maps) is compared by signature: every rule carries a comment
 //! with a hash of its own expression, so a deleted, added or changed rule shows up. Chains
@@ -39,12 +41,13 @@ use super::DataplaneError;
 
 mod diff;
 mod listing;
+mod nfnl;
 mod render;
 
 use diff::*;
 pub use diff::{ElemChanges, diff_desired, diff_elements};
 use listing::*;
-pub use listing::{adopted_homes, parse_listing};
+pub use listing::{Structure, adopted_homes, parse_listing, parse_structure};
 pub use render::rule_chain;
 use render::*;
 
@@ -92,6 +95,8 @@ pub struct UnassignedChain {
     pub rules: usize,
 }
 
+/// Readings of the table tried before giving up while the ruleset keeps changing.
+const READ_ATTEMPTS: usize = 3;
 /// Stale rules the `unassigned` chain may hold before it is rewritten; it is also
 /// rewritten on every resync (`tidy`), off the path of a placement.
 const MAX_UNASSIGNED_RULES: usize = 256;
@@ -383,27 +388,101 @@ impl NftDriver {
 
     /// Reads the table back; `None` when it does not exist.
     pub async fn read(&self) -> Result<Option<KernelNft>, DataplaneError> {
-        self.list(&["-j", "list", "table", "inet", &self.table])
-            .await
+        self.read_table(true).await
     }
 
-    /// Reads the table's structure only (chains, maps, rules; `nft -t` leaves the map
-    /// elements out): the cheap drift check, whatever the number of clients.
+    /// Reads the table's structure only (chains, maps, rules), not the elements of its
+    /// maps: the cheap drift check, whatever the number of clients.
     pub async fn read_structure(&self) -> Result<Option<KernelNft>, DataplaneError> {
-        self.list(&["-t", "-j", "list", "table", "inet", &self.table])
-            .await
+        self.read_table(false).await
     }
 
-    async fn list(&self, args: &[&str]) -> Result<Option<KernelNft>, DataplaneError> {
-        match self.run(args, None).await {
-            Ok(out) => parse_listing(&out).map(Some),
-            Err(DataplaneError::Nft { stderr, .. })
-                if stderr.contains("No such file or directory") =>
+    /// The structure through `nft` (chains, sets and maps, which it lists without
+    /// fetching any element), the rules, counters and elements over netlink, all between
+    /// two equal readings of the ruleset's generation: one state, not a mix.
+    async fn read_table(&self, elements: bool) -> Result<Option<KernelNft>, DataplaneError> {
+        for _ in 0..READ_ATTEMPTS {
+            let before = self.netlink(|n| n.generation()).await?;
+            let structure = match self
+                .run(
+                    &[
+                        "-t",
+                        "-j",
+                        "list",
+                        "chains",
+                        "inet",
+                        ";",
+                        "list",
+                        "sets",
+                        "table",
+                        "inet",
+                        &self.table,
+                        ";",
+                        "list",
+                        "maps",
+                        "inet",
+                    ],
+                    None,
+                )
+                .await
             {
-                Ok(None)
+                Ok(out) => parse_structure(&out, &self.table)?,
+                Err(DataplaneError::Nft { stderr, .. })
+                    if stderr.contains("No such file or directory") =>
+                {
+                    return Ok(None);
+                }
+                Err(e) => return Err(e),
+            };
+            let table = self.table.clone();
+            let sets = if elements {
+                structure.read.clone()
+            } else {
+                Vec::new()
+            };
+            let read = self
+                .netlink(move |n| {
+                    let rules = n.rules(&table)?;
+                    let counters = n.counters(&table)?;
+                    let mut elems = Elements::default();
+                    for set in sets {
+                        n.elements(&table, &set, |key, goto| elems.add_netlink(&set, key, goto))?;
+                    }
+                    Ok((rules, counters, elems, n.generation()?))
+                })
+                .await;
+            let (rules, counters, elems, after) = match read {
+                // A set listed a moment ago is gone: the ruleset changed meanwhile.
+                Err(DataplaneError::NftNetlink(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+                    continue;
+                }
+                r => r?,
+            };
+            if before == after {
+                return Ok(Some(assemble(
+                    structure,
+                    &rules,
+                    counters.into_iter().map(|(name, _)| name),
+                    elems,
+                )));
             }
-            Err(e) => Err(e),
         }
+        Err(DataplaneError::NftNetlink(std::io::Error::other(format!(
+            "the ruleset changed during each of {READ_ATTEMPTS} readings of table inet {}",
+            self.table
+        ))))
+    }
+
+    /// Runs blocking netlink reads on a socket of their own, off the async threads.
+    async fn netlink<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut nfnl::Nfnl) -> std::io::Result<T> + Send + 'static,
+    ) -> Result<T, DataplaneError> {
+        let timeout = self.timeout;
+        tokio::task::spawn_blocking(move || f(&mut nfnl::Nfnl::open(timeout)?))
+            .await
+            .map_err(|e| DataplaneError::NftNetlink(std::io::Error::other(e)))?
+            .map_err(DataplaneError::NftNetlink)
     }
 
     fn render(&self, s: &NftStructure) -> Rendered {
@@ -447,45 +526,30 @@ impl NftDriver {
 
     /// Packets and bytes each `[[rule]]` decided, by rule name.
     pub async fn rule_counters(&self) -> Result<BTreeMap<String, (u64, u64)>, DataplaneError> {
-        // Terse: the client sets' elements are left out, whatever their number.
-        let out = self
-            .run(&["-t", "-j", "list", "table", "inet", &self.table], None)
-            .await?;
-        let v: Value =
-            serde_json::from_str(&out).map_err(|e| DataplaneError::NftOutput(e.to_string()))?;
+        let table = self.table.clone();
+        let rules = self.netlink(move |n| n.rules(&table)).await?;
         let mut m: BTreeMap<String, (u64, u64)> = BTreeMap::new();
-        for item in v["nftables"].as_array().into_iter().flatten() {
-            let Some(name) = item["rule"]["comment"]
-                .as_str()
+        for r in rules {
+            let Some(name) = r
+                .comment
+                .as_deref()
                 .and_then(|c| c.split_once(RULE_TAG))
                 .map(|(_, n)| n)
             else {
                 continue;
             };
             let c = m.entry(name.to_string()).or_default();
-            for e in item["rule"]["expr"].as_array().into_iter().flatten() {
-                if let (Some(p), Some(b)) = (
-                    e["counter"]["packets"].as_u64(),
-                    e["counter"]["bytes"].as_u64(),
-                ) {
-                    c.0 += p;
-                    c.1 += b;
-                }
-            }
+            c.0 += r.counter.0;
+            c.1 += r.counter.1;
         }
         Ok(m)
     }
 
-    /// Forwarded traffic per interface from the accounting chain: (tx, rx) as
-    /// (packets, bytes).
+    /// Forwarded traffic per interface from the accounting chain's named counters.
     pub async fn counters(&self) -> Result<BTreeMap<String, Traffic>, DataplaneError> {
-        let out = self
-            .run(
-                &["-j", "list", "counters", "table", "inet", &self.table],
-                None,
-            )
-            .await?;
-        parse_counters(&out)
+        let table = self.table.clone();
+        let counters = self.netlink(move |n| n.counters(&table)).await?;
+        Ok(traffic_of(counters))
     }
 
     /// Deletes the table if it exists; nothing else.
@@ -991,6 +1055,46 @@ mod tests {
         assert!(old.is_empty());
         assert!(sig4.compatible(&base), "and removes them in place");
         assert_eq!(base, signature_of(&render_structure(&s)));
+    }
+
+    #[test]
+    fn the_structure_listing_keeps_this_tables_objects_and_names_what_to_read() {
+        let objs = render_structure(&structure());
+        let mut items: Vec<serde_json::Value> = objs
+            .iter()
+            .filter(|o| o.get("rule").is_none() && o.get("counter").is_none())
+            .cloned()
+            .collect();
+        items.extend(verdict_maps("uplinkd"));
+        // Another inet table's chain and map: listed by `list chains inet`, not ours.
+        items.push(json!({"chain": {"family": "inet", "table": "fw", "name": "input"}}));
+        items.push(json!({"map": {"family": "inet", "table": "fw", "name": "m", "type": "mark", "map": "verdict"}}));
+        let docs = items
+            .iter()
+            .map(|i| json!({"nftables": [i]}).to_string())
+            .collect::<Vec<_>>()
+            .join("\n");
+        let s = parse_structure(&docs, "uplinkd").unwrap();
+        assert!(s.read.contains(&"client4.a".to_string()));
+        assert!(s.read.contains(&MAP_STICKY.to_string()));
+        assert!(!s.read.contains(&"m".to_string()));
+        // Completed with the rules and counters, it is the rendered table's signature.
+        let rules: Vec<nfnl::KernelRule> = objs
+            .iter()
+            .filter_map(|o| {
+                Some(nfnl::KernelRule {
+                    chain: o["rule"]["chain"].as_str()?.to_string(),
+                    comment: o["rule"]["comment"].as_str().map(String::from),
+                    counter: (0, 0),
+                })
+            })
+            .collect();
+        let counters = objs
+            .iter()
+            .filter_map(|o| Some(o["counter"]["name"].as_str()?.to_string()));
+        let k = assemble(s, &rules, counters, Default::default());
+        assert_eq!(k.signature, signature_of(&objs));
+        assert!(parse_structure("{\"nftables\": [", "uplinkd").is_err());
     }
 
     #[test]
