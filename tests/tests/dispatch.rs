@@ -47,7 +47,7 @@ fn each_client_leaves_via_its_assigned_uplink() -> anyhow::Result<()> {
 /// Twelve clients whose first packets arrive together: they are placed 6/3/3 by weight
 /// 2/1/1, every client's first flow is answered, and every later connection leaves by the
 /// persisted home. (Which first flows left elsewhere than home varies from run to run:
-/// `uplinkd_clients_moved_on_arrival_total` estimates it, see the README.)
+/// `uplinkd_clients_moved_on_arrival_total` estimates it, see docs/how-it-works.md.)
 #[test]
 fn simultaneous_arrivals_are_placed_by_weight_and_counted() -> anyhow::Result<()> {
     let mut lab = Lab::build("arrive", three_uplinks(), 12, 0)?;

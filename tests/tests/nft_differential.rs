@@ -4,7 +4,7 @@
 //! `nft --check` in a namespace of its own. Anything the validator accepts, the kernel must
 //! take.
 //!
-//! It runs for `UPLINK_DIFF_SECONDS` (default 20; the README says how to run it for longer)
+//! It runs for `UPLINK_DIFF_SECONDS` (default 20; docs/testing.md says how to run it for longer)
 //! from a seed it prints; `UPLINK_DIFF_SEED=N` replays one run.
 
 use std::io::Write;
