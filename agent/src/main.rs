@@ -49,6 +49,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    limit_malloc_arenas();
     let cli = Cli::parse();
     if let Some(Command::Init { write, force }) = &cli.command {
         return init(write.as_deref(), *force);
@@ -206,5 +207,20 @@ fn run(
                 ExitCode::FAILURE
             }
         },
+    }
+}
+
+/// glibc gives each thread that allocates an arena of its own (up to 8 per core), and
+/// memory freed into one is never reused by another: the loop, the executor, the serving
+/// runtime and the blocking pool each kept their own peak, about 12 MB of the 83 MB an
+/// agent reached while starting with 100k clients. Two arenas cover the two threads that
+/// allocate most (the loop and the executor). `MALLOC_ARENA_MAX` in the environment wins.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt only sets a tunable; called before any thread exists.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 2);
+        }
     }
 }
