@@ -8,7 +8,7 @@ use uplink_api::v1;
 
 use tokio::sync::oneshot;
 
-use super::{Agent, Waiter};
+use super::Agent;
 use crate::api::{ApiError, Command, view};
 use crate::dataplane::ReadBack;
 use crate::model::failover::PinRefused;
@@ -101,17 +101,13 @@ impl Agent {
             }
         };
         self.request_apply(ReadBack::Cache);
-        let seq = self.seq_of_next_change();
-        self.waiters.push(Waiter {
-            seq,
-            done: Box::new(move |applied| {
-                let _ = reply.send(applied.map(|()| value).map_err(|e| {
-                    ApiError::Internal(format!(
-                        "the change is recorded but the kernel refused it (retrying): {e}"
-                    ))
-                }));
-            }),
-        });
+        self.schedule.wait(Box::new(move |applied| {
+            let _ = reply.send(applied.map(|()| value).map_err(|e| {
+                ApiError::Internal(format!(
+                    "the change is recorded but the kernel refused it (retrying): {e}"
+                ))
+            }));
+        }));
     }
 
     fn unknown_uplink(&self, name: &str) -> ApiError {

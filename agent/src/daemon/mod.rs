@@ -3,6 +3,7 @@
 mod commands;
 mod executor;
 mod persist;
+mod schedule;
 #[cfg(test)]
 mod tests;
 
@@ -11,7 +12,6 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use futures::FutureExt;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -113,24 +113,6 @@ fn jittered(d: Duration) -> Duration {
     d.mul_f64(0.9 + f64::from(nanos % 2001) / 10_000.0)
 }
 
-/// What the state file and its journal hold.
-struct Persisted {
-    clients: imbl::OrdMap<crate::model::Mac, crate::model::Client>,
-    /// The file's hash, which the journal names as the file it follows.
-    base: String,
-    journal_lines: usize,
-}
-
-/// Journal lines past which the state file is written whole again: a quarter of the
-/// clients (at least 4,096), so a load replays little and a save stays small.
-fn journal_limit(clients: usize) -> usize {
-    (clients / 4).max(4096)
-}
-
-/// First wait before an apply that failed is retried; it doubles up to `RETRY_MAX`.
-const RETRY_MIN: Duration = Duration::from_secs(1);
-const RETRY_MAX: Duration = Duration::from_secs(60);
-
 /// A failed probe round with the uplink's reply counters (IPv4, IPv6) read beside the
 /// loop.
 struct PassiveReading {
@@ -143,33 +125,16 @@ pub struct Agent {
     config: Arc<Config>,
     config_path: PathBuf,
     model: Model,
-    /// Jobs for the executor, which owns the dataplane.
-    jobs: mpsc::Sender<executor::Job>,
-    /// The job the executor is working on.
-    inflight: Option<InFlight>,
-    /// An apply asked for since the job in flight was planned: how much to read back.
-    wanted: Option<ReadBack>,
-    /// When the oldest event waiting for `wanted` arrived (dispatch latency).
-    wanted_since: Option<Instant>,
-    next_seq: u64,
-    /// The executor's dataplane holds its copy of the kernel's maps: a plan may be
-    /// incremental.
-    takes_increment: bool,
-    /// API writes that answer once their change is in the kernel.
-    waiters: Vec<Waiter>,
-    /// Probers are reconciled once the pending apply is in the kernel (a new route first).
-    probers_after_apply: bool,
+    /// When applies go to the executor, and who waits for them.
+    schedule: schedule::Scheduler,
     /// Deletes flows beside the loop (those NATed to an address that left an uplink).
     conntrack: crate::dataplane::conntrack::Conntrack,
-    state: StateFile,
     handle: rtnetlink::Handle,
     /// Every link the kernel has: ifindex → name.
     links: HashMap<u32, String>,
     /// Address → uplink name found in the kernel's maps at start, for clients the state
     /// file does not know. Emptied once the first dump has been matched.
     adopt: BTreeMap<IpAddr, String>,
-    state_dirty: bool,
-    needs_retry: bool,
     /// An uplink's address or link went away: the kernel deletes the IPv4 routes that
     /// depended on it without a netlink event, so the learned next hops are read again.
     routes_stale: bool,
@@ -199,76 +164,20 @@ pub struct Agent {
     activity_tx: mpsc::Sender<std::collections::HashSet<IpAddr>>,
     /// `/healthz` reads it: the loop beats on every turn.
     heartbeat: Arc<api::Heartbeat>,
-    /// When a failed apply is retried next, and the wait after that.
-    retry_at: Option<Instant>,
-    retry_backoff: Duration,
     /// The model changed since the metrics' gauges were last published.
     metrics_dirty: bool,
     /// What the API reads, published after every change.
     snapshot: tokio::sync::watch::Sender<Arc<api::snapshot::Snapshot>>,
-    /// The decisions writer's input: the latest decisions, numbered.
-    decisions_tx: tokio::sync::watch::Sender<(u64, Decisions)>,
-    /// The decisions as last handed to the writer, and their number.
-    sent_decisions: Decisions,
-    decisions_sent: u64,
-    /// The number of the decisions last on disk.
-    decisions_saved: u64,
-    /// The last write failed: the API is not held back for a disk that refuses, and the
-    /// write is retried every second.
-    decisions_failing: bool,
     /// A snapshot waits for the decisions it shows to be on disk.
     snapshot_waiting: bool,
-    /// When the client assignments were last handed to the writer.
-    saved_at: Option<Instant>,
-    /// The client assignments being written beside the loop.
-    saving: Option<JoinHandle<Result<Persisted, StateError>>>,
-    /// What the state file and its journal hold (`None`: unknown, the next write is
-    /// whole).
-    saved_clients: Option<Persisted>,
-    /// A state directory that is full or read-only is reported at a bounded rate.
-    save_errors: metrics::RateLimitedWarning,
+    /// The assignments and decisions on disk, written beside the loop.
+    persist: persist::Persistence,
     /// Neighbours refused by a LAN limit, reported at a bounded rate.
     lan_refusals: metrics::RateLimitedWarning,
     /// Parts of the config the kernel refuses (`rule NAME: why`), as last reported.
     refused: Arc<Vec<String>>,
     /// Whether the last apply's default policy read the client sets (`None`: none yet).
     client_mode: Option<bool>,
-}
-
-/// The job in the executor's hands, and what the loop planned with it.
-struct InFlight {
-    seq: u64,
-    /// The config generation it was planned under: a reload since then makes its uplink
-    /// and policy indices stale.
-    generation: u64,
-    read: ReadBack,
-    /// The plan's default policy reads the client sets.
-    client_mode: bool,
-    /// Where the plan sends a client without an assignment.
-    unassigned_to: Option<String>,
-    /// When the oldest event this job carries arrived.
-    since: Option<Instant>,
-    /// Flows NATed to these addresses go once the plan is in.
-    gone_addrs: Vec<(usize, IpAddr)>,
-}
-
-/// An API write waiting for the apply that carries it (`seq`) to be answered.
-struct Waiter {
-    seq: u64,
-    done: Box<dyn FnOnce(Result<(), String>) + Send>,
-}
-
-/// How much an apply reads back: the most any request asked for.
-fn read_merge(a: Option<ReadBack>, b: ReadBack) -> ReadBack {
-    let rank = |r: ReadBack| match r {
-        ReadBack::Cache => 0,
-        ReadBack::Structure => 1,
-        ReadBack::Full => 2,
-    };
-    match a {
-        Some(a) if rank(a) >= rank(b) => a,
-        _ => b,
-    }
 }
 
 /// Connects to the kernel, adopts its state, and runs until SIGTERM/SIGINT. The dataplane
@@ -466,7 +375,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
                     warn!("netlink events were dropped by the kernel; re-reading links and neighbours");
                     agent.resync_and_apply(ReadBack::Full).await;
                 } else if dirty {
-                    agent.wanted_since.get_or_insert(received);
+                    agent.schedule.event_at(received);
                     agent.request_apply(ReadBack::Cache);
                     debug!(events = n, "dispatched");
                 }
@@ -499,7 +408,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
             }
             Some(active) = activity_rx.recv() => {
                 agent.model.routed_activity(&active, now_millis());
-                agent.state_dirty = true;
+                agent.persist.dirty = true;
             }
             () = &mut resync => {
                 agent.read_routed_activity();
@@ -524,13 +433,13 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
                     crate::notify::ready();
                     notified_ready = true;
                 }
-                let retry = agent.needs_retry && agent.retry_at.is_none_or(|t| Instant::now() >= t);
+                let retry = agent.schedule.retry_due(Instant::now());
                 if !released.is_empty() || retry || health_changed {
-                    agent.state_dirty |= !released.is_empty();
+                    agent.persist.dirty |= !released.is_empty();
                     agent.request_apply(if retry { ReadBack::Full } else { ReadBack::Cache });
                 }
                 agent.save_state();
-                if agent.decisions_failing {
+                if agent.persist.decisions_failing {
                     agent.save_decisions(true);
                 }
                 agent.publish_metrics();
@@ -550,11 +459,11 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
     // The apply in flight finishes (its commands are bounded by command_timeout), so that
     // the dataplane left in place is one the model knows; what was still wanted is
     // planned again at the next start.
-    if agent.inflight.is_some() {
+    if agent.schedule.in_flight() {
         let bound = agent.config.dataplane.command_timeout * 2 + Duration::from_secs(1);
         match tokio::time::timeout(bound, applied_rx.recv()).await {
             Ok(Some(applied)) => {
-                agent.wanted = None;
+                agent.schedule.forget_wanted();
                 agent.on_applied(applied);
             }
             _ => warn!(
@@ -562,18 +471,11 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
             ),
         }
     }
-    // The last decisions, written here: nothing is left to the writer at exit.
-    if let Err(e) = agent.state.save_decisions(&agent.model.decisions()) {
-        error!(error = %e, "cannot save pins, drains and uplink states at exit");
-    }
-    // The last write of the assignments waits for the one in flight, then runs here:
-    // nothing is left unsaved at exit.
-    if let Some(h) = agent.saving.take() {
-        let _ = h.await;
-    }
-    if let Err(e) = agent.state.write_clients(agent.model.clients()) {
-        error!(error = %e, "cannot save assignments at exit");
-    }
+    // The last decisions and assignments, written here: nothing is left to the writers.
+    agent
+        .persist
+        .save_at_exit(&agent.model.decisions(), agent.model.clients())
+        .await;
     for (_, (_, task)) in agent.probers.drain() {
         task.abort();
     }
@@ -609,25 +511,21 @@ impl Agent {
         // Until the first apply the API sees an empty model, not in sync: a snapshot of the
         // restored one would make the start's mutations copy every client once.
         let model_for_api = Model::new(&config);
+        let metrics = Metrics::new();
         Agent {
             hops: model.all_hops(&config),
             config_path,
             model,
-            jobs: w.jobs,
-            inflight: None,
-            wanted: None,
-            wanted_since: None,
-            next_seq: 1,
-            takes_increment: w.takes_increment,
-            waiters: Vec::new(),
-            probers_after_apply: false,
+            schedule: schedule::Scheduler::new(w.jobs, w.takes_increment),
             conntrack: w.conntrack,
-            state: w.state,
+            persist: persist::Persistence::new(
+                w.state,
+                w.decisions_tx,
+                metrics.save_errors.clone(),
+            ),
             handle: w.handle,
             links: HashMap::new(),
             adopt,
-            state_dirty: true,
-            needs_retry: false,
             routes_stale: false,
             ra_warned: Default::default(),
             events: EventLog::default(),
@@ -638,20 +536,13 @@ impl Agent {
             generation: 1,
             in_sync: Arc::new(AtomicBool::new(false)),
             event_tx: broadcast::channel(1024).0,
-            metrics: Metrics::new(),
+            metrics,
             forwarded: Default::default(),
             counters: w.counters,
             passive_tx: w.passive_tx,
             activity_tx: w.activity_tx,
             heartbeat: Arc::new(api::Heartbeat::new()),
-            retry_at: None,
-            retry_backoff: RETRY_MIN,
             metrics_dirty: true,
-            decisions_tx: w.decisions_tx,
-            sent_decisions: Decisions::default(),
-            decisions_sent: 0,
-            decisions_saved: 0,
-            decisions_failing: false,
             snapshot_waiting: false,
             snapshot: tokio::sync::watch::Sender::new(Arc::new(api::snapshot::Snapshot {
                 config: config.clone(),
@@ -661,10 +552,6 @@ impl Agent {
                 refused: Arc::new(Vec::new()),
                 started,
             })),
-            saving: None,
-            saved_clients: None,
-            saved_at: None,
-            save_errors: metrics::RateLimitedWarning::default(),
             lan_refusals: metrics::RateLimitedWarning::default(),
             refused: Arc::new(Vec::new()),
             client_mode: None,
@@ -689,7 +576,7 @@ impl Agent {
                         let change = self.model.neighbour_present(ip, mac, now, adopt);
                         match change {
                             Change::Clients => {
-                                self.state_dirty = true;
+                                self.persist.dirty = true;
                                 true
                             }
                             Change::Refused(limit) | Change::Hashed(limit) => {
@@ -789,7 +676,7 @@ impl Agent {
     fn on_routed(&mut self, s: discover::routed::Sighting) -> bool {
         match self.model.routed_present(s.ip, s.router, now_millis()) {
             Change::Clients => {
-                self.state_dirty = true;
+                self.persist.dirty = true;
                 true
             }
             Change::Refused(limit) | Change::Hashed(limit) => {
@@ -1030,24 +917,15 @@ impl Agent {
     /// otherwise planned when the job in flight is answered, merged with everything else
     /// that changed meanwhile.
     fn request_apply(&mut self, read: ReadBack) {
-        self.wanted = Some(read_merge(self.wanted, read));
-        if self.inflight.is_none() {
+        if self.schedule.want(read) {
             self.send_job();
-        }
-    }
-
-    /// The apply sequence number that will carry a change made now.
-    fn seq_of_next_change(&self) -> u64 {
-        match &self.inflight {
-            Some(f) if self.wanted.is_none() => f.seq,
-            _ => self.next_seq,
         }
     }
 
     /// Reconciles the probers now, or once the pending apply is in the kernel.
     fn reconcile_probers_after_apply(&mut self) {
-        if self.inflight.is_some() || self.wanted.is_some() {
-            self.probers_after_apply = true;
+        if self.schedule.pending() {
+            self.schedule.probers_after_apply = true;
         } else {
             self.reconcile_probers();
         }
@@ -1055,13 +933,13 @@ impl Agent {
 
     /// Plans what is wanted and hands it to the executor.
     fn send_job(&mut self) {
-        let Some(read) = self.wanted.take() else {
+        let Some(read) = self.schedule.take_wanted() else {
             return;
         };
         // Only the addresses that changed since the last apply, while the dataplane's copy
         // of the kernel stands in for the rest; a resync plans whole.
         let touched = match self.model.take_touched() {
-            t if read == ReadBack::Cache && self.takes_increment => t,
+            t if read == ReadBack::Cache && self.schedule.takes_increment => t,
             _ => Touched::All,
         };
         let mut desired = plan_touched(&self.config, &self.model, &touched);
@@ -1094,10 +972,8 @@ impl Agent {
                 });
             }
         }
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        self.inflight = Some(InFlight {
-            seq,
+        let flight = schedule::InFlight {
+            seq: 0,
             generation: self.generation,
             read,
             client_mode,
@@ -1105,25 +981,23 @@ impl Agent {
                 Some(crate::plan::Unassigned::Next(u)) => Some(u.clone()),
                 _ => None,
             },
-            since: self.wanted_since.take(),
+            since: None,
             gone_addrs: self.model.take_gone_addrs(),
-        });
-        // One job at a time (`inflight`), so the executor's slot is free.
-        if let Err(e) = self.jobs.try_send(executor::Job {
-            seq,
+        };
+        let job = executor::Job {
+            seq: 0,
             desired,
             read,
             flushes,
-        }) {
-            error!(error = %e, "cannot hand the plan to the dataplane executor");
-        }
+        };
+        self.schedule.send(job, flight);
     }
 
     /// The executor answered: record what the kernel now holds, follow up (flows, retries,
     /// waiting API writes), and send what was asked for meanwhile. Returns whether the
     /// apply was clean.
     fn on_applied(&mut self, a: executor::Applied) -> bool {
-        let Some(job) = self.inflight.take_if(|f| f.seq == a.seq) else {
+        let Some(job) = self.schedule.answered(a.seq) else {
             error!(
                 seq = a.seq,
                 "an answer from the dataplane executor for no job in flight"
@@ -1132,7 +1006,7 @@ impl Agent {
         };
         let report = a.report;
         let clean = report.errors.is_empty();
-        self.takes_increment = a.takes_increment;
+        self.schedule.takes_increment = a.takes_increment;
         // Planned before a reload: what it knew by index is not retried (the reload's own
         // whole apply follows).
         let current = job.generation == self.generation;
@@ -1204,14 +1078,8 @@ impl Agent {
                 .find(|e| matches!(e, crate::dataplane::DataplaneError::Timeout { .. }))
                 .map(|e| e.to_string()),
         );
-        self.needs_retry = !clean || flush_failed;
-        if self.needs_retry {
-            self.retry_at = Some(Instant::now() + self.retry_backoff);
-            self.retry_backoff = (self.retry_backoff * 2).min(RETRY_MAX);
-        } else {
-            self.retry_at = None;
-            self.retry_backoff = RETRY_MIN;
-        }
+        self.schedule
+            .applied(clean && !flush_failed, Instant::now());
         for e in &report.errors {
             error!(error = %e, "dataplane apply failed; retrying");
         }
@@ -1236,18 +1104,12 @@ impl Agent {
             None => Ok(()),
             Some(e) => Err(e.to_string()),
         };
-        let (done, waiting): (Vec<Waiter>, Vec<Waiter>) = std::mem::take(&mut self.waiters)
-            .into_iter()
-            .partition(|w| w.seq <= job.seq);
-        self.waiters = waiting;
-        for w in done {
-            (w.done)(outcome.clone());
-        }
+        self.schedule.answer_waiters(job.seq, outcome);
         self.publish_metrics();
         // Whatever was asked for meanwhile, planned once from the model as it is now.
         self.send_job();
-        if self.probers_after_apply && self.inflight.is_none() {
-            self.probers_after_apply = false;
+        if self.schedule.probers_after_apply && !self.schedule.in_flight() {
+            self.schedule.probers_after_apply = false;
             self.reconcile_probers();
         }
         clean
@@ -1340,59 +1202,8 @@ impl Agent {
     /// must not rewrite megabytes of flash every second). A failed write (full or
     /// read-only state directory) is reported at a bounded rate and retried.
     fn save_state(&mut self) {
-        if let Some(h) = &self.saving {
-            if !h.is_finished() {
-                return;
-            }
-            let result = self.saving.take().and_then(|h| h.now_or_never());
-            match result {
-                Some(Ok(Ok(saved))) => self.saved_clients = Some(saved),
-                Some(Ok(Err(e))) => {
-                    self.saved_clients = None;
-                    self.state_dirty = true;
-                    self.metrics
-                        .save_errors
-                        .with_label_values(&["state.json"])
-                        .inc();
-                    self.save_errors.warn(|n| error!(error = %e, failures = n, "cannot save assignments; routing goes on, retrying"));
-                }
-                Some(Err(e)) => {
-                    self.saved_clients = None;
-                    self.state_dirty = true;
-                    error!(error = %e, "the state writer failed; retrying");
-                }
-                None => {}
-            }
-        }
-        let due = self
-            .saved_at
-            .is_none_or(|t| t.elapsed() >= self.config.agent.state_save_interval);
-        if !self.state_dirty || !due {
-            return;
-        }
-        self.state_dirty = false;
-        self.saved_at = Some(Instant::now());
-        // A snapshot of the map (a pointer copy): diffing, serializing and writing all run
-        // beside the loop. What changed since the last save goes to the journal; the file
-        // is written whole when there is none yet or the journal has grown long.
-        let clients = self.model.clients().clone();
-        let state = self.state.clone();
-        let saved = self.saved_clients.take();
-        self.saving = Some(tokio::task::spawn_blocking(move || match saved {
-            Some(s) if s.journal_lines <= journal_limit(clients.len()) => {
-                let added = state.append_changes(&s.base, &s.clients, &clients)?;
-                Ok(Persisted {
-                    clients,
-                    base: s.base,
-                    journal_lines: s.journal_lines + added,
-                })
-            }
-            _ => Ok(Persisted {
-                base: state.write_clients(&clients)?,
-                clients,
-                journal_lines: 0,
-            }),
-        }));
+        self.persist
+            .save_clients(self.model.clients(), self.config.agent.state_save_interval);
     }
 
     /// A probe round finished. A failed round of a usable uplink first has its inbound
@@ -1436,31 +1247,11 @@ impl Agent {
     /// Hands changed decisions to the writer; `again` sends them even unchanged (the
     /// retry after a failed write, every second).
     fn save_decisions(&mut self, again: bool) {
-        let decisions = self.model.decisions();
-        if decisions == self.sent_decisions && !again {
-            return;
-        }
-        self.decisions_sent += 1;
-        self.sent_decisions = decisions.clone();
-        self.decisions_tx
-            .send_replace((self.decisions_sent, decisions));
+        self.persist.save_decisions(self.model.decisions(), again);
     }
 
     fn on_decisions_saved(&mut self, saved: persist::Saved) {
-        match saved.result {
-            Ok(()) => {
-                self.decisions_saved = self.decisions_saved.max(saved.version);
-                self.decisions_failing = false;
-            }
-            Err(e) => {
-                self.decisions_failing = true;
-                self.metrics
-                    .save_errors
-                    .with_label_values(&["decisions.json"])
-                    .inc();
-                self.save_errors.warn(|n| error!(error = %e, failures = n, "cannot save pins, drains and uplink states; routing goes on, retrying every second"));
-            }
-        }
+        self.persist.on_decisions_saved(saved);
         if self.snapshot_waiting {
             self.publish_snapshot();
         }
@@ -1541,7 +1332,7 @@ impl Agent {
     /// the decisions it shows are on disk (or the disk refuses them: then at once).
     fn publish_snapshot(&mut self) {
         self.save_decisions(false);
-        if self.decisions_saved < self.decisions_sent && !self.decisions_failing {
+        if !self.persist.decisions_shown() {
             self.snapshot_waiting = true;
             return;
         }
@@ -1644,7 +1435,7 @@ impl Agent {
         }
         self.warn_floating_bridge_macs();
         self.links_changed();
-        self.state_dirty = true;
+        self.persist.dirty = true;
         self.request_apply(ReadBack::Full);
         self.reconcile_probers_after_apply();
         self.save_state();
@@ -1653,16 +1444,12 @@ impl Agent {
         self.publish_snapshot();
         // Logged once the new config is in the kernel.
         let generation = self.generation;
-        let seq = self.seq_of_next_change();
-        self.waiters.push(Waiter {
-            seq,
-            done: Box::new(move |applied| match applied {
-                Ok(()) => info!(reassigned, generation, "config reloaded"),
-                Err(e) => {
-                    warn!(reassigned, generation, error = %e, "config reloaded; its apply failed and is retried")
-                }
-            }),
-        });
+        self.schedule.wait(Box::new(move |applied| match applied {
+            Ok(()) => info!(reassigned, generation, "config reloaded"),
+            Err(e) => {
+                warn!(reassigned, generation, error = %e, "config reloaded; its apply failed and is retried")
+            }
+        }));
         self.record(vec![LogEntry {
             at: now_millis(),
             uplink: String::new(),
