@@ -4,6 +4,7 @@ mod commands;
 mod executor;
 mod persist;
 mod schedule;
+mod supervise;
 #[cfg(test)]
 mod tests;
 
@@ -14,7 +15,6 @@ use std::time::{Duration, Instant};
 
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 use tracing::{debug, error, info, warn};
 
 use std::sync::Arc;
@@ -27,7 +27,7 @@ use crate::api::{self, view};
 use crate::config::Config;
 use crate::dataplane::{Dataplane, ReadBack, nft};
 use crate::discover::{self, Event};
-use crate::health::probe::{self, ProbeSpec};
+use crate::health::probe;
 use crate::metrics::{self, Metrics};
 use crate::model::failover::{EventKind, EventLog, LogEntry};
 use crate::model::nexthop::Hop;
@@ -113,14 +113,6 @@ fn jittered(d: Duration) -> Duration {
     d.mul_f64(0.9 + f64::from(nanos % 2001) / 10_000.0)
 }
 
-/// A failed probe round with the uplink's reply counters (IPv4, IPv6) read beside the
-/// loop.
-struct PassiveReading {
-    generation: u64,
-    report: probe::Report,
-    replies: Option<(u64, u64)>,
-}
-
 pub struct Agent {
     config: Arc<Config>,
     config_path: PathBuf,
@@ -144,22 +136,16 @@ pub struct Agent {
     ra_warned: std::collections::HashSet<String>,
     /// State changes, failovers and failbacks; the API streams them.
     pub events: EventLog,
-    probers: HashMap<usize, (ProbeSpec, JoinHandle<()>)>,
-    probe_tx: mpsc::Sender<probe::Report>,
-    /// Probes start once the first apply has put the uplinks' rules and routes in place;
-    /// before that they would fail and take healthy uplinks down.
-    probing: bool,
+    /// The probers and passive evidence.
+    health: supervise::Supervisor,
     started: Instant,
     generation: u64,
     /// The last apply left the kernel as planned; `/readyz` reads it.
     in_sync: Arc<AtomicBool>,
     event_tx: broadcast::Sender<v1::Event>,
     metrics: Arc<Metrics>,
-    /// The reply counters at each uplink's last failed probe round (passive health).
-    forwarded: crate::health::passive::Forwarded,
-    /// Reads nft counters beside the loop (passive health).
+    /// Reads nft counters beside the loop (routed hosts' activity, the API, metrics).
     counters: nft::Counters,
-    passive_tx: mpsc::Sender<PassiveReading>,
     /// Hosts behind LAN routers active lately, read beside the loop at each resync.
     activity_tx: mpsc::Sender<std::collections::HashSet<IpAddr>>,
     /// `/healthz` reads it: the loop beats on every turn.
@@ -309,7 +295,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
     agent.request_apply(ReadBack::Cache);
     let first = applied_rx.recv().await.ok_or(AgentError::Executor)?;
     let clean = agent.on_applied(first);
-    agent.probing = true;
+    agent.health.probing = true;
     agent.reconcile_probers();
     agent.save_state();
     agent.publish_metrics();
@@ -476,9 +462,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
         .persist
         .save_at_exit(&agent.model.decisions(), agent.model.clients())
         .await;
-    for (_, (_, task)) in agent.probers.drain() {
-        task.abort();
-    }
+    agent.health.stop_all();
     drop(serving);
     info!("stopping; dataplane left in place");
     Ok(())
@@ -495,7 +479,7 @@ struct Wiring {
     state: StateFile,
     handle: rtnetlink::Handle,
     probe_tx: mpsc::Sender<probe::Report>,
-    passive_tx: mpsc::Sender<PassiveReading>,
+    passive_tx: mpsc::Sender<supervise::PassiveReading>,
     activity_tx: mpsc::Sender<std::collections::HashSet<IpAddr>>,
 }
 
@@ -529,17 +513,19 @@ impl Agent {
             routes_stale: false,
             ra_warned: Default::default(),
             events: EventLog::default(),
-            probers: HashMap::new(),
-            probe_tx: w.probe_tx,
-            probing: false,
+            health: supervise::Supervisor::new(
+                w.probe_tx,
+                w.passive_tx,
+                w.counters.clone(),
+                metrics.probe_rtt.clone(),
+                metrics.lost_while_forwarding.clone(),
+            ),
             started,
             generation: 1,
             in_sync: Arc::new(AtomicBool::new(false)),
             event_tx: broadcast::channel(1024).0,
             metrics,
-            forwarded: Default::default(),
             counters: w.counters,
-            passive_tx: w.passive_tx,
             activity_tx: w.activity_tx,
             heartbeat: Arc::new(api::Heartbeat::new()),
             metrics_dirty: true,
@@ -858,58 +844,7 @@ impl Agent {
 
     /// One prober per uplink with probes, restarted when its interface or addresses change.
     fn reconcile_probers(&mut self) {
-        if !self.probing {
-            return;
-        }
-        for (i, (u, m)) in self
-            .config
-            .uplinks
-            .iter()
-            .zip(&self.model.uplinks)
-            .enumerate()
-        {
-            // Without an IPv4 next hop (`auto`, nothing learned yet) there is no route to
-            // probe through: a socket bound to the device would ARP for the target itself.
-            let hops = self.model.hops(&self.config, i);
-            let routed = hops.0 != Hop::Unknown;
-            // While the uplink has no IPv6 router (`gateway6 = "auto"` before an advert),
-            // its IPv6 probes would only fail: the uplink's IPv4 is judged by its IPv4
-            // probes alone (its IPv6 connections detour meanwhile).
-            let mut targets = u.probes.clone();
-            if hops.1 == Hop::Unknown && targets.iter().any(|p| p.addr().is_ipv4()) {
-                targets.retain(|p| p.addr().is_ipv4());
-            }
-            let quorum = (u.probe_quorum as usize).min(targets.len());
-            let want =
-                (!targets.is_empty() && m.link.ifindex.is_some() && routed).then(|| ProbeSpec {
-                    uplink: i,
-                    interface: u.interface.clone(),
-                    fwmark: self.config.dataplane.fwmark(u.mark),
-                    src4: m.addrs.iter().find_map(|a| match a {
-                        IpAddr::V4(a) => Some(*a),
-                        _ => None,
-                    }),
-                    src6: m.addrs.iter().find_map(|a| match a {
-                        IpAddr::V6(a) => Some(*a),
-                        _ => None,
-                    }),
-                    targets,
-                    quorum,
-                    interval: self.config.health.interval,
-                    timeout: self.config.health.timeout,
-                    hops,
-                });
-            if self.probers.get(&i).map(|(s, _)| s) == want.as_ref() {
-                continue;
-            }
-            if let Some((_, task)) = self.probers.remove(&i) {
-                task.abort();
-            }
-            if let Some(spec) = want {
-                let task = probe::spawn(spec.clone(), self.probe_tx.clone());
-                self.probers.insert(i, (spec, task));
-            }
-        }
+        self.health.reconcile(&self.config, &self.model);
     }
 
     /// Plan and apply, in an `apply` span.
@@ -1206,40 +1141,19 @@ impl Agent {
             .save_clients(self.model.clients(), self.config.agent.state_save_interval);
     }
 
-    /// A probe round finished. A failed round of a usable uplink first has its inbound
-    /// counter read beside the loop (passive health); the reading comes back as a
-    /// `PassiveReading`.
+    /// A probe round finished: judged now, or once passive evidence has been read.
     async fn on_probe_report(&mut self, report: probe::Report) {
         let usable = self
             .model
             .uplinks
             .get(report.uplink)
             .is_some_and(|m| m.usable());
-        if report.round.ok() || !self.config.health.passive || !usable {
-            return self.on_round(report).await;
+        if let Some(report) = self
+            .health
+            .on_report(report, usable, &self.config, self.generation)
+        {
+            self.on_round(report).await;
         }
-        let (reader, tx, generation) = (
-            self.counters.clone(),
-            self.passive_tx.clone(),
-            self.generation,
-        );
-        let interface = self.config.uplinks[report.uplink].interface.clone();
-        tokio::spawn(async move {
-            let replies = match reader.read(Duration::from_millis(50)).await {
-                Ok(t) => Some(t.get(&interface).map_or((0, 0), |t| t.replies)),
-                Err(e) => {
-                    warn!(error = %e, "cannot read the traffic counters for passive health");
-                    None
-                }
-            };
-            let _ = tx
-                .send(PassiveReading {
-                    generation,
-                    report,
-                    replies,
-                })
-                .await;
-        });
     }
 
     /// Pins, drains, uplink states and failovers: a small file, written at once so that a
@@ -1257,56 +1171,16 @@ impl Agent {
         }
     }
 
-    /// Passive health for a failed probe round: whether, in every family whose probes
-    /// failed, the uplink carried replies to LAN flows since the previous failed round (if
-    /// that was recent). IPv6 traffic says nothing about a dead IPv4 path.
-    async fn on_passive_reading(&mut self, r: PassiveReading) {
-        // Uplink indices may have changed with a reload since the reading started.
-        if r.generation != self.generation {
-            return;
+    async fn on_passive_reading(&mut self, r: supervise::PassiveReading) {
+        if let Some(report) = self.health.on_reading(r, &self.config, self.generation) {
+            self.on_round(report).await;
         }
-        let mut report = r.report;
-        if let Some((replies4, replies6)) = r.replies {
-            let now = Instant::now();
-            let recent = self
-                .config
-                .health
-                .timeout
-                .max(2 * self.config.health.interval);
-            // The targets the round probed (IPv6 ones are left out while there is no IPv6
-            // router), in the round's order.
-            let Some((spec, _)) = self.probers.get(&report.uplink) else {
-                return;
-            };
-            let failed: std::collections::BTreeSet<bool> = spec
-                .targets
-                .iter()
-                .zip(&report.round.rtts)
-                .filter(|(_, rtt)| rtt.is_none())
-                .map(|(p, _)| p.addr().is_ipv6())
-                .collect();
-            report.round.forwarding =
-                self.forwarded
-                    .excuses(report.uplink, &failed, (replies4, replies6), now, recent);
-        }
-        self.on_round(report).await;
     }
 
     async fn on_round(&mut self, report: probe::Report) {
         debug!(uplink = report.uplink, ok = report.round.ok(), rtts = ?report.round.rtts, "probe round");
         if let Some(u) = self.config.uplinks.get(report.uplink) {
-            if report.round.forwarding {
-                self.metrics
-                    .lost_while_forwarding
-                    .with_label_values(&[u.name.as_str()])
-                    .inc();
-            }
-            for rtt in report.round.rtts.iter().flatten() {
-                self.metrics
-                    .probe_rtt
-                    .with_label_values(&[u.name.as_str()])
-                    .observe(rtt.as_secs_f64());
-            }
+            self.health.observe(&report, &u.name);
         }
         let mut log = self.model.on_round(
             report.uplink,
@@ -1426,10 +1300,7 @@ impl Agent {
         self.config = Arc::new(new);
         self.links.clear();
         // Indexed by uplink position, which a reload may change.
-        self.forwarded = Default::default();
-        for (_, (_, task)) in self.probers.drain() {
-            task.abort();
-        }
+        self.health.stop_all();
         if let Err(e) = self.resync_inputs().await {
             warn!(error = %e, "dump after reload failed");
         }

@@ -1,0 +1,239 @@
+//! The health supervision owner: one prober per uplink, started, restarted and stopped
+//! as the uplinks' addresses and next hops change; a failed round of a usable uplink
+//! first has the uplink's reply counters read beside the loop (passive evidence, judged
+//! by `health::passive`). The verdict on each round is the model's.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use prometheus::{HistogramVec, IntCounterVec};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tracing::warn;
+
+use crate::config::Config;
+use crate::dataplane::nft;
+use crate::health::passive::Forwarded;
+use crate::health::probe::{self, ProbeSpec};
+use crate::model::Model;
+use crate::model::nexthop::Hop;
+
+/// A failed probe round with the uplink's reply counters (IPv4, IPv6) read beside the
+/// loop.
+pub(super) struct PassiveReading {
+    generation: u64,
+    report: probe::Report,
+    replies: Option<(u64, u64)>,
+}
+
+pub(super) struct Supervisor {
+    probers: HashMap<usize, (ProbeSpec, JoinHandle<()>)>,
+    probe_tx: mpsc::Sender<probe::Report>,
+    /// Probes start once the first apply has put the uplinks' rules and routes in place;
+    /// before that they would fail and take healthy uplinks down.
+    pub probing: bool,
+    /// The reply counters at each uplink's last failed probe round.
+    forwarded: Forwarded,
+    /// Reads nft counters beside the loop.
+    counters: nft::Counters,
+    passive_tx: mpsc::Sender<PassiveReading>,
+    /// `uplinkd_uplink_probe_rtt_seconds`.
+    probe_rtt: HistogramVec,
+    /// `uplinkd_uplink_probe_rounds_lost_while_forwarding_total`.
+    lost_while_forwarding: IntCounterVec,
+}
+
+impl Supervisor {
+    pub fn new(
+        probe_tx: mpsc::Sender<probe::Report>,
+        passive_tx: mpsc::Sender<PassiveReading>,
+        counters: nft::Counters,
+        probe_rtt: HistogramVec,
+        lost_while_forwarding: IntCounterVec,
+    ) -> Supervisor {
+        Supervisor {
+            probers: HashMap::new(),
+            probe_tx,
+            probing: false,
+            forwarded: Forwarded::default(),
+            counters,
+            passive_tx,
+            probe_rtt,
+            lost_while_forwarding,
+        }
+    }
+
+    /// Starts, restarts or stops each uplink's prober to match what it should probe now.
+    pub fn reconcile(&mut self, config: &Config, model: &Model) {
+        if !self.probing {
+            return;
+        }
+        for i in 0..config.uplinks.len().min(model.uplinks.len()) {
+            let want = wanted_spec(config, model, i);
+            if self.probers.get(&i).map(|(s, _)| s) == want.as_ref() {
+                continue;
+            }
+            if let Some((_, task)) = self.probers.remove(&i) {
+                task.abort();
+            }
+            if let Some(spec) = want {
+                let task = probe::spawn(spec.clone(), self.probe_tx.clone());
+                self.probers.insert(i, (spec, task));
+            }
+        }
+    }
+
+    /// Stops every prober and forgets the readings: uplink indices are about to change
+    /// (a reload), or the agent stops.
+    pub fn stop_all(&mut self) {
+        self.forwarded = Forwarded::default();
+        for (_, (_, task)) in self.probers.drain() {
+            task.abort();
+        }
+    }
+
+    /// A probe round finished. Returns it when it is to be judged now; a failed round of
+    /// a usable uplink (`usable`) with passive health on first has the uplink's reply
+    /// counters read beside the loop, and comes back as a `PassiveReading`.
+    pub fn on_report(
+        &self,
+        report: probe::Report,
+        usable: bool,
+        config: &Config,
+        generation: u64,
+    ) -> Option<probe::Report> {
+        if report.round.ok() || !config.health.passive || !usable {
+            return Some(report);
+        }
+        let (reader, tx) = (self.counters.clone(), self.passive_tx.clone());
+        let interface = config.uplinks[report.uplink].interface.clone();
+        tokio::spawn(async move {
+            let replies = match reader.read(Duration::from_millis(50)).await {
+                Ok(t) => Some(t.get(&interface).map_or((0, 0), |t| t.replies)),
+                Err(e) => {
+                    warn!(error = %e, "cannot read the traffic counters for passive health");
+                    None
+                }
+            };
+            let _ = tx
+                .send(PassiveReading {
+                    generation,
+                    report,
+                    replies,
+                })
+                .await;
+        });
+        None
+    }
+
+    /// Passive health for a failed probe round: whether, in every family whose probes
+    /// failed, the uplink carried replies to LAN flows since the previous failed round (if
+    /// that was recent). Returns the round to judge; `None` for a reading planned under
+    /// another config generation (uplink indices may have changed with a reload).
+    pub fn on_reading(
+        &mut self,
+        r: PassiveReading,
+        config: &Config,
+        generation: u64,
+    ) -> Option<probe::Report> {
+        if r.generation != generation {
+            return None;
+        }
+        let mut report = r.report;
+        if let Some(replies) = r.replies {
+            let recent = config.health.timeout.max(2 * config.health.interval);
+            // The targets the round probed (IPv6 ones are left out while there is no IPv6
+            // router), in the round's order.
+            let (spec, _) = self.probers.get(&report.uplink)?;
+            let failed: BTreeSet<bool> = spec
+                .targets
+                .iter()
+                .zip(&report.round.rtts)
+                .filter(|(_, rtt)| rtt.is_none())
+                .map(|(p, _)| p.addr().is_ipv6())
+                .collect();
+            report.round.forwarding =
+                self.forwarded
+                    .excuses(report.uplink, &failed, replies, Instant::now(), recent);
+        }
+        Some(report)
+    }
+
+    /// Counts a round in the supervisor's metrics: its RTTs, and whether passive
+    /// evidence excused it.
+    pub fn observe(&self, report: &probe::Report, uplink: &str) {
+        if report.round.forwarding {
+            self.lost_while_forwarding
+                .with_label_values(&[uplink])
+                .inc();
+        }
+        for rtt in report.round.rtts.iter().flatten() {
+            self.probe_rtt
+                .with_label_values(&[uplink])
+                .observe(rtt.as_secs_f64());
+        }
+    }
+}
+
+/// What uplink `i` should be probed with now, if anything.
+fn wanted_spec(config: &Config, model: &Model, i: usize) -> Option<ProbeSpec> {
+    let (u, m) = (&config.uplinks[i], &model.uplinks[i]);
+    // Without an IPv4 next hop (`auto`, nothing learned yet) there is no route to probe
+    // through: a socket bound to the device would ARP for the target itself.
+    let hops = model.hops(config, i);
+    let routed = hops.0 != Hop::Unknown;
+    // While the uplink has no IPv6 router (`gateway6 = "auto"` before an advert), its
+    // IPv6 probes would only fail: the uplink's IPv4 is judged by its IPv4 probes alone
+    // (its IPv6 connections detour meanwhile).
+    let mut targets = u.probes.clone();
+    if hops.1 == Hop::Unknown && targets.iter().any(|p| p.addr().is_ipv4()) {
+        targets.retain(|p| p.addr().is_ipv4());
+    }
+    let quorum = (u.probe_quorum as usize).min(targets.len());
+    (!targets.is_empty() && m.link.ifindex.is_some() && routed).then(|| ProbeSpec {
+        uplink: i,
+        interface: u.interface.clone(),
+        fwmark: config.dataplane.fwmark(u.mark),
+        src4: m.addrs.iter().find_map(|a| match a {
+            IpAddr::V4(a) => Some(*a),
+            _ => None,
+        }),
+        src6: m.addrs.iter().find_map(|a| match a {
+            IpAddr::V6(a) => Some(*a),
+            _ => None,
+        }),
+        targets,
+        quorum,
+        interval: config.health.interval,
+        timeout: config.health.timeout,
+        hops,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_uplink_is_probed_only_through_a_route_and_only_in_families_it_routes() {
+        let text = "[lan]\ninterfaces = [\"lan0\"]\n[[uplink]]\nname = \"a\"\ninterface = \"wan0\"\ngateway = \"100.64.0.1\"\ngateway6 = \"auto\"\nprobes = [\"icmp:203.0.113.10\", \"icmp:2001:db8::10\"]\n[[uplink]]\nname = \"b\"\ninterface = \"wan1\"\ngateway = \"auto\"\nprobes = [\"icmp:203.0.113.10\"]\n";
+        let config = Config::parse(std::path::Path::new("t"), text).unwrap();
+        let mut model = Model::new(&config);
+        assert_eq!(wanted_spec(&config, &model, 0), None, "no interface yet");
+        for m in &mut model.uplinks {
+            m.link.ifindex = Some(7);
+        }
+        let a = wanted_spec(&config, &model, 0).unwrap();
+        // No IPv6 router advertised yet: the IPv6 target would only fail.
+        assert_eq!(a.targets.len(), 1);
+        assert!(a.targets[0].addr().is_ipv4());
+        assert_eq!(a.quorum, 1);
+        assert_eq!(a.fwmark, config.dataplane.fwmark(config.uplinks[0].mark));
+        assert_eq!(
+            wanted_spec(&config, &model, 1),
+            None,
+            "a learned gateway that is not learned yet leaves nothing to probe through"
+        );
+    }
+}
