@@ -54,8 +54,50 @@ fn arg(args: &[String], name: &str, default: u64) -> Result<u64> {
     }
 }
 
-fn main() -> Result<()> {
+const USAGE: &str = "usage: uplink-bench BENCHMARK [OPTIONS]   (as root: benchmarks build namespaces)
+
+  dispatch [--clients N] [--interval-ms M] [--runs R] [--rules N] [--held N]
+  startup  [--clients N] [--runs R]
+  failover [--clients N] [--trials T] [--rules N]
+  gap carrier|silent [--trials T]
+  lease    [--trials T]
+  idle     [--seconds S]
+  fleet    [--max 1000] [--runs R] [--idle-seconds 30]
+  pin      [--pins N]
+  ctflush  [--flows 2000] [--runs 3]
+  abuse    [--clients 50000] [--dispatch 300] [--trials 10]
+  rules    [--clients 100000] [--seconds 3] [--runs 3]
+  forward  [--clients 100000] [--seconds 3] [--runs 5]
+  soak     [--seconds 3600] [--clients 10000] [--churn 1000] [--failover-every 60] [--watchers 20] [--warmup 60]
+
+docs/benchmarks.md has the figures and the commands that measured them.";
+
+fn main() -> std::process::ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        None => {
+            eprintln!("{USAGE}");
+            return std::process::ExitCode::from(2);
+        }
+        Some("-h" | "--help" | "help") => {
+            println!("{USAGE}");
+            return std::process::ExitCode::SUCCESS;
+        }
+        Some(_) => {}
+    }
+    match run(&args) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // The message and its causes; no backtrace for what is a bad argument or a
+            // failed run.
+            eprintln!("uplink-bench: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: &[String]) -> Result<()> {
+    let args = args.to_vec();
     let machine = machine();
     match args.first().map(String::as_str) {
         Some("dispatch") => dispatch(
@@ -126,9 +168,8 @@ fn main() -> Result<()> {
             arg(&args, "--trials", 20)?,
             &machine,
         ),
-        _ => bail!(
-            "usage: uplink-bench dispatch [--clients N] [--interval-ms M] [--runs R] [--rules N] | startup [--clients N] [--runs R] | failover [--clients N] [--trials T] [--rules N] | gap carrier|silent [--trials T] | lease [--trials T] | idle [--seconds S] | fleet [--max 1000] [--runs R] [--idle-seconds 30] | pin [--pins N] | ctflush [--flows 2000] [--runs 3] | abuse [--clients 50000] [--dispatch 300] [--trials 10] | rules [--clients 100000] [--seconds 3] [--runs 3] | forward [--clients 100000] [--seconds 3] [--runs 5] | soak [--seconds 3600] [--clients 10000] [--churn 1000] [--failover-every 60] [--watchers 20] [--warmup 60]"
-        ),
+        Some(other) => bail!("unknown benchmark {other:?}\n{USAGE}"),
+        None => unreachable!("main handles a missing benchmark"),
     }
 }
 
