@@ -3,6 +3,7 @@
 mod commands;
 mod executor;
 mod persist;
+mod publish;
 mod schedule;
 mod supervise;
 #[cfg(test)]
@@ -18,7 +19,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 
 use tokio::sync::broadcast;
 use uplink_api::v1;
@@ -140,8 +141,6 @@ pub struct Agent {
     health: supervise::Supervisor,
     started: Instant,
     generation: u64,
-    /// The last apply left the kernel as planned; `/readyz` reads it.
-    in_sync: Arc<AtomicBool>,
     event_tx: broadcast::Sender<v1::Event>,
     metrics: Arc<Metrics>,
     /// Reads nft counters beside the loop (routed hosts' activity, the API, metrics).
@@ -150,12 +149,8 @@ pub struct Agent {
     activity_tx: mpsc::Sender<std::collections::HashSet<IpAddr>>,
     /// `/healthz` reads it: the loop beats on every turn.
     heartbeat: Arc<api::Heartbeat>,
-    /// The model changed since the metrics' gauges were last published.
-    metrics_dirty: bool,
-    /// What the API reads, published after every change.
-    snapshot: tokio::sync::watch::Sender<Arc<api::snapshot::Snapshot>>,
-    /// A snapshot waits for the decisions it shows to be on disk.
-    snapshot_waiting: bool,
+    /// What the API, `/metrics` and `/readyz` read.
+    publish: publish::Publisher,
     /// The assignments and decisions on disk, written beside the loop.
     persist: persist::Persistence,
     /// Neighbours refused by a LAN limit, reported at a bounded rate.
@@ -259,11 +254,11 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
         let serve = api::serve(
             api,
             cmd_tx,
-            agent.in_sync.clone(),
+            agent.publish.in_sync.clone(),
             agent.heartbeat.clone(),
             agent.metrics.clone(),
             agent.counters.clone(),
-            agent.snapshot.subscribe(),
+            agent.publish.subscribe(),
         );
         serving
             .spawn(serve)
@@ -415,7 +410,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
                 for c in &released {
                     info!(mac = %c.mac, home = %c.home, "client idle; released");
                 }
-                if !notified_ready && agent.in_sync.load(Ordering::SeqCst) {
+                if !notified_ready && agent.publish.in_sync() {
                     crate::notify::ready();
                     notified_ready = true;
                 }
@@ -492,9 +487,6 @@ impl Agent {
         w: Wiring,
     ) -> Agent {
         let started = Instant::now();
-        // Until the first apply the API sees an empty model, not in sync: a snapshot of the
-        // restored one would make the start's mutations copy every client once.
-        let model_for_api = Model::new(&config);
         let metrics = Metrics::new();
         Agent {
             hops: model.all_hops(&config),
@@ -522,22 +514,12 @@ impl Agent {
             ),
             started,
             generation: 1,
-            in_sync: Arc::new(AtomicBool::new(false)),
             event_tx: broadcast::channel(1024).0,
+            publish: publish::Publisher::new(&config, metrics.clone(), started),
             metrics,
             counters: w.counters,
             activity_tx: w.activity_tx,
             heartbeat: Arc::new(api::Heartbeat::new()),
-            metrics_dirty: true,
-            snapshot_waiting: false,
-            snapshot: tokio::sync::watch::Sender::new(Arc::new(api::snapshot::Snapshot {
-                config: config.clone(),
-                model: model_for_api,
-                generation: 1,
-                in_sync: false,
-                refused: Arc::new(Vec::new()),
-                started,
-            })),
             lan_refusals: metrics::RateLimitedWarning::default(),
             refused: Arc::new(Vec::new()),
             client_mode: None,
@@ -964,7 +946,7 @@ impl Agent {
         if !clean {
             self.metrics.apply_errors.inc();
         }
-        self.in_sync.store(clean, Ordering::SeqCst);
+        self.publish.in_sync.store(clean, Ordering::SeqCst);
         let mut flush_failed = false;
         if clean {
             // Beside the loop: the tool runs up to `command_timeout`, and nothing waits for it.
@@ -1002,7 +984,7 @@ impl Agent {
             }
         }
         self.note_refused(&report.refused);
-        self.metrics_dirty = true;
+        self.publish.gauges_dirty = true;
         // The snapshot waits for the decisions it shows to be on disk, so a state the API
         // has shown survives a crash right after.
         self.publish_snapshot();
@@ -1166,7 +1148,7 @@ impl Agent {
 
     fn on_decisions_saved(&mut self, saved: persist::Saved) {
         self.persist.on_decisions_saved(saved);
-        if self.snapshot_waiting {
+        if self.publish.waiting() {
             self.publish_snapshot();
         }
     }
@@ -1206,36 +1188,20 @@ impl Agent {
     /// the decisions it shows are on disk (or the disk refuses them: then at once).
     fn publish_snapshot(&mut self) {
         self.save_decisions(false);
-        if !self.persist.decisions_shown() {
-            self.snapshot_waiting = true;
-            return;
-        }
-        self.snapshot_waiting = false;
-        self.snapshot
-            .send_replace(Arc::new(api::snapshot::Snapshot {
-                config: self.config.clone(),
-                model: self.model.clone(),
-                generation: self.generation,
-                in_sync: self.in_sync.load(Ordering::SeqCst),
-                refused: self.refused.clone(),
-                started: self.started,
-            }));
-    }
-
-    /// Publishes the model's gauges (states, client counts) if anything changed since
-    /// the last time; scrapes read them without asking the loop.
-    fn publish_metrics(&mut self) {
-        if !self.metrics_dirty {
-            return;
-        }
-        self.metrics_dirty = false;
-        let carried = view::carried(&self.config, &self.model);
-        self.metrics.publish(
+        let shown = self.persist.decisions_shown();
+        self.publish.snapshot(
             &self.config,
             &self.model,
-            &carried,
-            self.in_sync.load(Ordering::SeqCst),
+            self.generation,
+            &self.refused,
+            shown,
         );
+    }
+
+    /// Publishes the model's gauges if anything changed since the last time; scrapes
+    /// read them without asking the loop.
+    fn publish_metrics(&mut self) {
+        self.publish.gauges(&self.config, &self.model);
     }
 
     /// Once per interface: `gateway6 = "auto"` on an uplink whose kernel ignores router

@@ -236,14 +236,14 @@ async fn a_failed_apply_replans_whole_and_keeps_its_flow_deletions() {
         j.flushes
     );
     assert!(!answer(&mut b, &j, vec![DataplaneError::NeedsWholePlan]));
-    assert!(!b.agent.in_sync.load(Ordering::SeqCst));
+    assert!(!b.agent.publish.in_sync());
     // The retry plans everything, and deletes the flows it could not delete before.
     b.agent.request_apply(ReadBack::Cache);
     let retry = job(&mut b).expect("the retry");
     assert_eq!(changed(&retry), None, "whole after a failure");
     assert!(retry.flushes.iter().any(|f| f.of == FlushOf::Uplink(0)));
     assert!(answer(&mut b, &retry, Vec::new()));
-    assert!(b.agent.in_sync.load(Ordering::SeqCst));
+    assert!(b.agent.publish.in_sync());
 }
 
 #[tokio::test]
