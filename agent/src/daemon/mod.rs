@@ -1,6 +1,7 @@
 //! The agent loop: discovery events and timers → model → plan → dataplane.
 
 mod commands;
+mod discovery;
 mod executor;
 mod persist;
 mod publish;
@@ -9,7 +10,7 @@ mod supervise;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -31,9 +32,8 @@ use crate::discover::{self, Event};
 use crate::health::probe;
 use crate::metrics::{self, Metrics};
 use crate::model::failover::{EventKind, EventLog, LogEntry};
-use crate::model::nexthop::Hop;
 use crate::model::state_file::{Decisions, StateError, StateFile};
-use crate::model::{Change, LinkState, Model, Touched, now_millis};
+use crate::model::{Model, Touched, now_millis};
 use crate::plan::plan_touched;
 
 /// How often idle clients are released, state is saved and failed applies are retried.
@@ -122,19 +122,8 @@ pub struct Agent {
     schedule: schedule::Scheduler,
     /// Deletes flows beside the loop (those NATed to an address that left an uplink).
     conntrack: crate::dataplane::conntrack::Conntrack,
-    handle: rtnetlink::Handle,
-    /// Every link the kernel has: ifindex → name.
-    links: HashMap<u32, String>,
-    /// Address → uplink name found in the kernel's maps at start, for clients the state
-    /// file does not know. Emptied once the first dump has been matched.
-    adopt: BTreeMap<IpAddr, String>,
-    /// An uplink's address or link went away: the kernel deletes the IPv4 routes that
-    /// depended on it without a netlink event, so the learned next hops are read again.
-    routes_stale: bool,
-    /// The next hops at the last look, to log what changed.
-    hops: Vec<(Hop, Hop)>,
-    /// Uplinks already warned about `accept_ra`, by interface.
-    ra_warned: std::collections::HashSet<String>,
+    /// Links, addresses, routes, neighbours and routed hosts, into the model.
+    discovery: discovery::Discovery,
     /// State changes, failovers and failbacks; the API streams them.
     pub events: EventLog,
     /// The probers and passive evidence.
@@ -145,16 +134,12 @@ pub struct Agent {
     metrics: Arc<Metrics>,
     /// Reads nft counters beside the loop (routed hosts' activity, the API, metrics).
     counters: nft::Counters,
-    /// Hosts behind LAN routers active lately, read beside the loop at each resync.
-    activity_tx: mpsc::Sender<std::collections::HashSet<IpAddr>>,
     /// `/healthz` reads it: the loop beats on every turn.
     heartbeat: Arc<api::Heartbeat>,
     /// What the API, `/metrics` and `/readyz` read.
     publish: publish::Publisher,
     /// The assignments and decisions on disk, written beside the loop.
     persist: persist::Persistence,
-    /// Neighbours refused by a LAN limit, reported at a bounded rate.
-    lan_refusals: metrics::RateLimitedWarning,
     /// Parts of the config the kernel refuses (`rule NAME: why`), as last reported.
     refused: Arc<Vec<String>>,
     /// Whether the last apply's default policy read the client sets (`None`: none yet).
@@ -274,8 +259,8 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
             .map_err(AgentError::Metrics)?;
     }
     agent.resync_inputs().await?;
-    agent.warn_floating_bridge_macs();
-    agent.adopt.clear();
+    discovery::warn_floating_bridge_macs(&agent.config);
+    agent.discovery.adopt.clear();
     agent.links_changed();
     if fresh_kernel {
         let serving = agent
@@ -344,7 +329,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
                     dirty |= agent.on_event(ev);
                     n += 1;
                 }
-                if agent.routes_stale
+                if agent.discovery.routes_stale
                     && let Err(e) = agent.read_routes().await
                 {
                     warn!(error = %e, "cannot re-read default routes after an address or link went away; the next resync will");
@@ -392,7 +377,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
                 agent.persist.dirty = true;
             }
             () = &mut resync => {
-                agent.read_routed_activity();
+                agent.discovery.read_routed_activity(&agent.model);
                 agent.resync_and_apply(ReadBack::Structure).await;
                 resync.as_mut().reset(tokio::time::Instant::now() + jittered(agent.config.agent.resync_interval));
             }
@@ -489,7 +474,14 @@ impl Agent {
         let started = Instant::now();
         let metrics = Metrics::new();
         Agent {
-            hops: model.all_hops(&config),
+            discovery: discovery::Discovery::new(
+                w.handle,
+                adopt,
+                model.all_hops(&config),
+                w.counters.clone(),
+                w.activity_tx,
+                metrics.lan_refused.clone(),
+            ),
             config_path,
             model,
             schedule: schedule::Scheduler::new(w.jobs, w.takes_increment),
@@ -499,11 +491,6 @@ impl Agent {
                 w.decisions_tx,
                 metrics.save_errors.clone(),
             ),
-            handle: w.handle,
-            links: HashMap::new(),
-            adopt,
-            routes_stale: false,
-            ra_warned: Default::default(),
             events: EventLog::default(),
             health: supervise::Supervisor::new(
                 w.probe_tx,
@@ -518,9 +505,7 @@ impl Agent {
             publish: publish::Publisher::new(&config, metrics.clone(), started),
             metrics,
             counters: w.counters,
-            activity_tx: w.activity_tx,
             heartbeat: Arc::new(api::Heartbeat::new()),
-            lan_refusals: metrics::RateLimitedWarning::default(),
             refused: Arc::new(Vec::new()),
             client_mode: None,
             config,
@@ -529,158 +514,17 @@ impl Agent {
 
     /// Applies one discovery event to the model; returns whether the plan may change.
     fn on_event(&mut self, ev: Event) -> bool {
-        match ev {
-            Event::Neighbour { ifindex, ip, mac } => {
-                let Some(name) = self.links.get(&ifindex) else {
-                    return false;
-                };
-                if !self.config.lan.interfaces.contains(name) {
-                    return false;
-                }
-                let now = now_millis();
-                match mac {
-                    Some(mac) => {
-                        let adopt = self.adopt.get(&ip).map(String::as_str);
-                        let change = self.model.neighbour_present(ip, mac, now, adopt);
-                        match change {
-                            Change::Clients => {
-                                self.persist.dirty = true;
-                                true
-                            }
-                            Change::Refused(limit) | Change::Hashed(limit) => {
-                                self.lan_refused(ip, limit);
-                                matches!(change, Change::Hashed(_))
-                            }
-                            Change::None => false,
-                        }
-                    }
-                    None => {
-                        self.model.neighbour_gone(ip, now);
-                        false
-                    }
-                }
-            }
-            Event::Link {
-                ifindex,
-                name,
-                admin_up,
-                carrier,
-            } => {
-                self.routes_stale |= !admin_up && self.is_uplink(&name);
-                if let Some(old) = self.links.insert(ifindex, name.clone())
-                    && old != name
-                {
-                    // Renamed: the old name no longer refers to this ifindex.
-                    self.model.set_link(&old, LinkState::default());
-                }
-                self.model.set_link(
-                    &name,
-                    LinkState {
-                        ifindex: Some(ifindex),
-                        admin_up,
-                        carrier,
-                    },
-                )
-            }
-            Event::LinkGone { ifindex } => match self.links.remove(&ifindex) {
-                Some(name) => {
-                    self.model.clear_addrs(&name);
-                    self.model.clear_routes(&name);
-                    self.model.set_link(&name, LinkState::default())
-                }
-                None => false,
-            },
-            Event::Addr {
-                ifindex,
-                addr,
-                present,
-            } => match self.links.get(&ifindex) {
-                Some(name) => {
-                    let name = name.clone();
-                    self.routes_stale |= !present && self.is_uplink(&name);
-                    self.model.set_addr(&name, addr, present)
-                }
-                None => false,
-            },
-            Event::Route {
-                ifindex,
-                route,
-                protocol,
-                present,
-                replace,
-            } => {
-                let dp = &self.config.dataplane;
-                if protocol == dp.route_protocol || dp.owned_tables().contains(&route.table) {
-                    return false;
-                }
-                match self.links.get(&ifindex) {
-                    Some(name) => {
-                        let name = name.clone();
-                        self.model.set_route(&name, route, present, replace)
-                    }
-                    None => false,
-                }
-            }
-            Event::PrefixRoute {
-                ifindex,
-                dst,
-                gateway,
-                protocol,
-                present,
-            } => {
-                let lan = self
-                    .links
-                    .get(&ifindex)
-                    .is_some_and(|n| self.config.lan.interfaces.contains(n));
-                lan && protocol != self.config.dataplane.route_protocol
-                    && self.model.set_lan_route(dst, gateway, present)
-            }
-            Event::Overrun => false,
-        }
+        let seen = self.discovery.on_event(ev, &mut self.model, &self.config);
+        self.persist.dirty |= seen.clients;
+        seen.plan
     }
 
     /// A host behind a LAN router opened a connection without an assignment; returns
     /// whether the plan changes.
     fn on_routed(&mut self, s: discover::routed::Sighting) -> bool {
-        match self.model.routed_present(s.ip, s.router, now_millis()) {
-            Change::Clients => {
-                self.persist.dirty = true;
-                true
-            }
-            Change::Refused(limit) | Change::Hashed(limit) => {
-                self.lan_refused(s.ip, limit);
-                false
-            }
-            Change::None => false,
-        }
-    }
-
-    /// An address a LAN limit keeps untracked (a neighbour, or a host behind a LAN
-    /// router): counted, and said at a bounded rate.
-    fn lan_refused(&mut self, ip: IpAddr, limit: crate::model::Limit) {
-        self.metrics
-            .lan_refused
-            .with_label_values(&[limit.key()])
-            .inc();
-        self.lan_refusals.warn(|n| warn!(%ip, refused = n, limit = limit.key(), "LAN limit reached: address not tracked (its traffic is hashed over the surviving uplinks); raise the limit if this LAN really is that large"));
-    }
-
-    /// Reads which routed hosts were active lately, beside the loop (an `nft` run).
-    fn read_routed_activity(&self) {
-        if self.model.routed_prefixes().is_empty() {
-            return;
-        }
-        let (reader, tx) = (self.counters.clone(), self.activity_tx.clone());
-        tokio::spawn(async move {
-            match reader.routed_seen().await {
-                Ok(active) => {
-                    let _ = tx.send(active).await;
-                }
-                Err(e) => {
-                    warn!(error = %e, "cannot read the activity of hosts behind LAN routers; they keep their uplinks meanwhile")
-                }
-            }
-        });
+        let seen = self.discovery.on_routed(s, &mut self.model);
+        self.persist.dirty |= seen.clients;
+        seen.plan
     }
 
     /// Resync: re-read the inputs and the kernel (`read` says how much), repair drift.
@@ -698,79 +542,21 @@ impl Agent {
 
     /// Re-reads links and neighbours from the kernel, so a lost event is repaired.
     async fn resync_inputs(&mut self) -> Result<(), discover::DiscoverError> {
-        let links = discover::dump_links(&self.handle).await?;
-        let live: std::collections::HashSet<u32> = links
-            .iter()
-            .filter_map(|e| match e {
-                Event::Link { ifindex, .. } => Some(*ifindex),
-                _ => None,
-            })
-            .collect();
-        let stale: Vec<u32> = self
-            .links
-            .keys()
-            .filter(|i| !live.contains(i))
-            .copied()
-            .collect();
-        for ifindex in stale {
-            self.on_event(Event::LinkGone { ifindex });
-        }
-        for e in links {
-            self.on_event(e);
-        }
-        let addrs = discover::dump_addrs(&self.handle).await?;
-        for u in self.model.uplinks.clone() {
-            self.model.clear_addrs(&u.interface);
-        }
-        for e in addrs {
-            self.on_event(e);
-        }
-        self.read_routes().await?;
-        let mut present = HashMap::new();
-        let handle = self.handle.clone();
-        discover::dump_neighbours(&handle, |e| {
-            if let Event::Neighbour {
-                ip,
-                mac: Some(mac),
-                ifindex,
-            } = &e
-                && self
-                    .links
-                    .get(ifindex)
-                    .is_some_and(|n| self.config.lan.interfaces.contains(n))
-            {
-                present.insert(*ip, *mac);
-            }
-            self.on_event(e);
-        })
-        .await?;
-        self.model.reconcile_present(&present, now_millis());
+        let seen = self.discovery.resync(&mut self.model, &self.config).await?;
+        self.persist.dirty |= seen.clients;
         Ok(())
-    }
-
-    fn is_uplink(&self, interface: &str) -> bool {
-        self.config.uplinks.iter().any(|u| u.interface == interface)
     }
 
     /// Re-reads the default routes the learned next hops come from.
     async fn read_routes(&mut self) -> Result<(), discover::DiscoverError> {
-        self.routes_stale = false;
-        let routes = discover::dump_routes(&self.handle).await?;
-        for u in self.model.uplinks.clone() {
-            self.model.clear_routes(&u.interface);
-        }
-        self.model.clear_lan_routes();
-        for e in routes {
-            self.on_event(e);
-        }
-        Ok(())
+        self.discovery
+            .read_routes(&mut self.model, &self.config)
+            .await
     }
 
     /// Links or addresses changed: re-evaluate link health and the probers.
     fn links_changed(&mut self) -> bool {
-        let mut log = self.model.hop_events(&self.config, &self.hops);
-        self.hops = self.model.all_hops(&self.config);
-        self.warn_accept_ra();
+        let mut log = self.discovery.hop_events(&self.model, &self.config);
         log.extend(self.model.refresh_links(
             Instant::now(),
             &self.config.health,
@@ -1204,37 +990,6 @@ impl Agent {
         self.publish.gauges(&self.config, &self.model);
     }
 
-    /// Once per interface: `gateway6 = "auto"` on an uplink whose kernel ignores router
-    /// adverts (forwarding on, `accept_ra` not 2) would never learn a router.
-    fn warn_accept_ra(&mut self) {
-        for u in &self.config.uplinks {
-            if u.gateway6 != Some(crate::config::NextHop::Auto)
-                || self.ra_warned.contains(&u.interface)
-            {
-                continue;
-            }
-            if discover::accepts_router_adverts(&u.interface) == Some(false) {
-                self.ra_warned.insert(u.interface.clone());
-                warn!(
-                    uplink = %u.name,
-                    "gateway6 = \"auto\" but the kernel ignores router adverts on {i} while it forwards: set net.ipv6.conf.{i}.accept_ra=2 (sysctl), or no IPv6 router is ever learned",
-                    i = u.interface
-                );
-            }
-        }
-    }
-
-    /// At start and on reload: a LAN bridge whose MAC follows its ports breaks clients for
-    /// seconds whenever a port is added, which looks like uplinkd losing traffic.
-    fn warn_floating_bridge_macs(&self) {
-        for i in discover::bridges_with_floating_mac(&self.config.lan.interfaces) {
-            warn!(
-                interface = i,
-                "LAN bridge without a fixed MAC address: adding a port can change the gateway's MAC under its clients, who go unanswered until their ARP entries expire; set one (ip link set {i} address ..., or MACAddress= in systemd-networkd)"
-            );
-        }
-    }
-
     /// SIGHUP: a valid new config replaces the old one; an invalid one is rejected and the
     /// old one keeps running. Ownership (the dataplane section) cannot change live.
     async fn reload(&mut self) -> Result<u64, String> {
@@ -1264,13 +1019,13 @@ impl Agent {
             .keep_sla(&old, &self.config.policies, &new.policies);
         let reassigned = self.model.restore(clients);
         self.config = Arc::new(new);
-        self.links.clear();
+        self.discovery.forget_links();
         // Indexed by uplink position, which a reload may change.
         self.health.stop_all();
         if let Err(e) = self.resync_inputs().await {
             warn!(error = %e, "dump after reload failed");
         }
-        self.warn_floating_bridge_macs();
+        discovery::warn_floating_bridge_macs(&self.config);
         self.links_changed();
         self.persist.dirty = true;
         self.request_apply(ReadBack::Full);
