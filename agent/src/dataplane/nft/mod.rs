@@ -452,8 +452,14 @@ impl NftDriver {
                 })
                 .await;
             let (rules, counters, elems, after) = match read {
-                // A set listed a moment ago is gone: the ruleset changed meanwhile.
-                Err(DataplaneError::NftNetlink(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+                // A set listed a moment ago is gone, or the kernel says a dump was cut by
+                // a commit: the ruleset changed meanwhile.
+                Err(DataplaneError::NftNetlink(e))
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::NotFound | std::io::ErrorKind::Interrupted
+                    ) =>
+                {
                     continue;
                 }
                 r => r?,
