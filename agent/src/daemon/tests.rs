@@ -281,14 +281,7 @@ async fn an_apply_planned_before_a_reload_is_answered_after_it() {
 async fn a_drain_moves_the_uplinks_clients_and_answers_with_the_uplink_drained() {
     let mut b = started("drain");
     placed(&mut b, 10..14);
-    let (tx, mut rx) = oneshot::channel();
-    b.agent
-        .handle(api::Command::Drain {
-            uplink: "a".into(),
-            drain: true,
-            reply: tx,
-        })
-        .await;
+    let mut rx = drain(&mut b, "a").await;
     let j = job(&mut b).expect("the drain's job");
     // a's clients are hashed over b; b's own stay direct.
     assert_eq!(home(&j, "a"), Some(vec!["b".to_string()]));
@@ -303,16 +296,25 @@ async fn a_drain_moves_the_uplinks_clients_and_answers_with_the_uplink_drained()
         "{view:?}"
     );
     // Draining it again changes nothing: answered at once, no job.
-    let (tx, mut rx) = oneshot::channel();
+    let mut rx = drain(&mut b, "a").await;
+    assert!(rx.try_recv().unwrap().is_ok());
+    assert!(job(&mut b).is_none());
+}
+
+/// An operator drains `uplink`; the receiver gets the answer.
+async fn drain(
+    b: &mut Bench,
+    uplink: &str,
+) -> oneshot::Receiver<Result<v1::Uplink, api::ApiError>> {
+    let (tx, rx) = oneshot::channel();
     b.agent
         .handle(api::Command::Drain {
-            uplink: "a".into(),
+            uplink: uplink.into(),
             drain: true,
             reply: tx,
         })
         .await;
-    assert!(rx.try_recv().unwrap().is_ok());
-    assert!(job(&mut b).is_none());
+    rx
 }
 
 /// The uplink's `home_` target in a job: `None` direct, else the spread it fails over to.

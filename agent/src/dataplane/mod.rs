@@ -3,6 +3,7 @@
 
 pub mod conntrack;
 pub mod netlink;
+mod nfnl;
 pub mod nft;
 
 use std::collections::BTreeSet;

@@ -37,11 +37,10 @@ use crate::plan::{
     SpreadKey, Unassigned, Verdict, client_set, home_chain, keep_chain, policy_chain, up_chain,
 };
 
-use super::DataplaneError;
+use super::{DataplaneError, nfnl};
 
 mod diff;
 mod listing;
-mod nfnl;
 mod render;
 
 use diff::*;

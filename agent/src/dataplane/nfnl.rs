@@ -1,8 +1,10 @@
-//! Reading uplinkd's table straight from nf_tables over netlink: the rules (their chain,
-//! comment and counter), the named counters, and the elements of the client sets and
-//! maps. `nft` (libnftables 1.0.x) fetches every set element of a table to list any part
-//! of it, so one `nft list` of a table holding 100k clients costs about half a second of
-//! CPU; these dumps read only what is asked, in a few milliseconds.
+//! Netfilter over netlink (`NETLINK_NETFILTER`): one socket with a receive timeout that
+//! sends a request and reads its answers, for conntrack's flush by mark and for reading
+//! uplinkd's table straight from nf_tables: the rules (their chain, comment and counter),
+//! the named counters, and the elements of the client sets and maps. `nft` (libnftables
+//! 1.0.x) fetches every set element of a table to list any part of it, so one `nft list`
+//! of a table holding 100k clients costs about half a second of CPU; these dumps read only
+//! what is asked, in a few milliseconds.
 //!
 //! Blocking calls on a socket of their own with a receive timeout: run them off the loop.
 
@@ -185,50 +187,73 @@ impl Nfnl {
         let mut req = Vec::new();
         put_str(&mut req, NFTA_SET_ELEM_LIST_TABLE, table);
         put_str(&mut req, NFTA_SET_ELEM_LIST_SET, set);
-        self.each(NFT_MSG_GETSETELEM, libc::NLM_F_DUMP as u16, &req, |m| {
-            for (_, list) in attrs(m).filter(|(k, _)| *k == NFTA_SET_ELEM_LIST_ELEMENTS) {
-                for (_, e) in attrs(list).filter(|(k, _)| *k == NFTA_LIST_ELEM) {
-                    let mut key: &[u8] = &[];
-                    let mut target = None;
-                    for (kind, v) in attrs(e) {
-                        match kind {
-                            NFTA_SET_ELEM_KEY => {
-                                if let Some((_, k)) = attrs(v).find(|(k, _)| *k == NFTA_DATA_VALUE)
-                                {
-                                    key = k;
+        self.each(
+            nft(NFT_MSG_GETSETELEM),
+            NFPROTO_INET,
+            libc::NLM_F_DUMP as u16,
+            &req,
+            |m| {
+                for (_, list) in attrs(m).filter(|(k, _)| *k == NFTA_SET_ELEM_LIST_ELEMENTS) {
+                    for (_, e) in attrs(list).filter(|(k, _)| *k == NFTA_LIST_ELEM) {
+                        let mut key: &[u8] = &[];
+                        let mut target = None;
+                        for (kind, v) in attrs(e) {
+                            match kind {
+                                NFTA_SET_ELEM_KEY => {
+                                    if let Some((_, k)) =
+                                        attrs(v).find(|(k, _)| *k == NFTA_DATA_VALUE)
+                                    {
+                                        key = k;
+                                    }
                                 }
+                                NFTA_SET_ELEM_DATA => target = verdict_chain(v),
+                                _ => {}
                             }
-                            NFTA_SET_ELEM_DATA => target = verdict_chain(v),
-                            _ => {}
                         }
+                        f(key, target);
                     }
-                    f(key, target);
                 }
-            }
-        })
+            },
+        )
     }
 
-    /// Sends one request and collects the answers' payloads.
+    /// Sends one nf_tables request (family inet) and collects the answers' payloads.
     fn request(&mut self, msg: u16, flags: u16, attrs: &[u8]) -> Result<Vec<Vec<u8>>> {
         let mut out = Vec::new();
-        self.each(msg, flags, attrs, |m| out.push(m.to_vec()))?;
+        self.each(nft(msg), NFPROTO_INET, flags, attrs, |m| {
+            out.push(m.to_vec())
+        })?;
         Ok(out)
     }
 
-    /// Sends one request and hands each answer's payload (after the nfgenmsg header) to
-    /// `f`, up to the end of a dump or the acknowledgement of a plain request.
-    fn each(&mut self, msg: u16, flags: u16, attrs: &[u8], mut f: impl FnMut(&[u8])) -> Result<()> {
+    /// Sends one request (`kind`: subsystem << 8 | message) that the kernel acknowledges;
+    /// `Ok` once it did, the kernel's error otherwise.
+    pub fn acknowledged(&mut self, kind: u16, family: u8, attrs: &[u8]) -> Result<()> {
+        self.each(kind, family, libc::NLM_F_ACK as u16, attrs, |_| {})
+    }
+
+    /// Sends one request (`kind`: subsystem << 8 | message; `family` in the nfgenmsg
+    /// header) and hands each answer's payload (after the nfgenmsg header) to `f`, up to
+    /// the end of a dump or the acknowledgement of a plain request.
+    fn each(
+        &mut self,
+        kind: u16,
+        family: u8,
+        flags: u16,
+        attrs: &[u8],
+        mut f: impl FnMut(&[u8]),
+    ) -> Result<()> {
         self.seq = self.seq.wrapping_add(1);
         let seq = self.seq;
         let dump = flags & libc::NLM_F_DUMP as u16 != 0;
         let len = (16 + 4 + attrs.len()) as u32;
         let mut m = Vec::with_capacity(len as usize);
         m.extend_from_slice(&len.to_ne_bytes());
-        m.extend_from_slice(&((NFNL_SUBSYS_NFTABLES << 8) | msg).to_ne_bytes());
+        m.extend_from_slice(&kind.to_ne_bytes());
         m.extend_from_slice(&(libc::NLM_F_REQUEST as u16 | flags).to_ne_bytes());
         m.extend_from_slice(&seq.to_ne_bytes());
         m.extend_from_slice(&0u32.to_ne_bytes());
-        m.extend_from_slice(&[NFPROTO_INET, 0, 0, 0]);
+        m.extend_from_slice(&[family, 0, 0, 0]);
         m.extend_from_slice(attrs);
         let mut kernel: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
         kernel.nl_family = libc::AF_NETLINK as libc::sa_family_t;
@@ -257,7 +282,7 @@ impl Nfnl {
                 let e = Error::last_os_error();
                 return Err(match e.kind() {
                     ErrorKind::WouldBlock => {
-                        Error::new(ErrorKind::TimedOut, "no answer from nf_tables")
+                        Error::new(ErrorKind::TimedOut, "no answer from netfilter")
                     }
                     _ => e,
                 });
@@ -316,11 +341,16 @@ impl Nfnl {
     }
 }
 
+/// An nf_tables message's type.
+fn nft(msg: u16) -> u16 {
+    (NFNL_SUBSYS_NFTABLES << 8) | msg
+}
+
 fn align(n: usize) -> usize {
     (n + 3) & !3
 }
 
-fn put_attr(buf: &mut Vec<u8>, kind: u16, value: &[u8]) {
+pub fn put_attr(buf: &mut Vec<u8>, kind: u16, value: &[u8]) {
     let len = 4 + value.len();
     buf.extend_from_slice(&(len as u16).to_ne_bytes());
     buf.extend_from_slice(&kind.to_ne_bytes());
