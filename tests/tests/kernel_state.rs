@@ -1,5 +1,6 @@
 //! Drift repair, ownership, and uplink interfaces that come and go.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use uplink_tests::{Lab, client_v4, two_uplinks};
@@ -577,7 +578,9 @@ fn the_netlink_reading_of_the_table_equals_nfts_listing() -> anyhow::Result<()> 
         &lab.gw(&["nft", "-j", "list", "counters", "table", "inet", "uplinkd"])?,
     )?;
     let counters = counters?;
-    let mut compared = 0;
+    // Per interface: out; in (all three kinds); reply packets per family.
+    type OutInReplies = ((u64, u64), (u64, u64), (u64, u64));
+    let mut want: BTreeMap<String, OutInReplies> = BTreeMap::new();
     for c in v["nftables"].as_array().into_iter().flatten() {
         let c = &c["counter"];
         let (Some(name), Some(p), Some(b)) = (
@@ -588,16 +591,31 @@ fn the_netlink_reading_of_the_table_equals_nfts_listing() -> anyhow::Result<()> 
             continue;
         };
         let (kind, iface) = name.split_once('.').expect("kind.interface");
-        let t = counters.get(iface).copied().unwrap_or_default();
-        let got = match kind {
-            "tx" => t.tx,
-            "rx" => t.rx,
-            _ => continue,
-        };
-        assert_eq!(got, (p, b), "counter {name}");
-        compared += 1;
+        let w = want.entry(iface.to_string()).or_default();
+        match kind {
+            "tx" => w.0 = (p, b),
+            "rx" | "reply4" | "reply6" => {
+                w.1.0 += p;
+                w.1.1 += b;
+                match kind {
+                    "reply4" => w.2.0 = p,
+                    "reply6" => w.2.1 = p,
+                    _ => {}
+                }
+            }
+            other => panic!("unknown counter kind {other} in {name}"),
+        }
     }
-    assert!(compared >= 4, "{v}");
+    assert!(want.len() >= 2, "{v}");
+    for (iface, (tx, rx, replies)) in &want {
+        let t = counters.get(iface).copied().unwrap_or_default();
+        assert_eq!(
+            (t.tx, t.rx, t.replies),
+            (*tx, *rx, *replies),
+            "counters of {iface}"
+        );
+    }
+    assert!(want["wan1"].2.0 > 0, "echo replies counted: {v}");
     assert!(counters["wan1"].tx.0 > 0, "{counters:?}");
     let echo = rules?.get("echo").copied().unwrap_or_default();
     assert!(echo.0 > 0, "the rule's counter moved: {echo:?}");

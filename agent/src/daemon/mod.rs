@@ -386,31 +386,12 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
                 full_resync.as_mut().reset(tokio::time::Instant::now() + jittered(agent.config.agent.full_resync_interval));
             }
             _ = housekeeping.tick() => {
-                let mut log = agent.model.tick(Instant::now(), &agent.config.health, &agent.config.failover);
-                for ip in agent.model.expire_overrides(now_millis()) {
-                    log.push(LogEntry { at: now_millis(), uplink: String::new(), kind: EventKind::Override, cause: format!("override of {ip} expired"), clients_moved: 1 });
-                }
-                let health_changed = agent.record(log);
-                let released = agent.model.expire(now_millis(), agent.config.lan.client_idle_timeout);
-                for c in &released {
-                    info!(mac = %c.mac, home = %c.home, "client idle; released");
-                }
+                // Before this pass's applies: in sync means the start's apply is in.
                 if !notified_ready && agent.publish.in_sync() {
                     crate::notify::ready();
                     notified_ready = true;
                 }
-                let retry = agent.schedule.retry_due(Instant::now());
-                if !released.is_empty() || retry || health_changed {
-                    agent.persist.dirty |= !released.is_empty();
-                    agent.request_apply(if retry { ReadBack::Full } else { ReadBack::Cache });
-                }
-                agent.save_state();
-                if agent.persist.decisions_failing {
-                    agent.save_decisions(true);
-                }
-                agent.publish_metrics();
-                // Idle releases and expired pins without an apply, last-seen times.
-                agent.publish_snapshot();
+                agent.housekeeping(Instant::now());
             }
             _ = watchdog.tick() => crate::notify::watchdog(),
             _ = sighup.recv() => {
@@ -552,6 +533,47 @@ impl Agent {
         self.discovery
             .read_routes(&mut self.model, &self.config)
             .await
+    }
+
+    /// The periodic pass: health timers (a failback whose delay has run out), pins that
+    /// expired, idle clients released, a failed apply's retry; then the state saved and
+    /// what is published refreshed.
+    fn housekeeping(&mut self, now: Instant) {
+        let mut log = self
+            .model
+            .tick(now, &self.config.health, &self.config.failover);
+        for ip in self.model.expire_overrides(now_millis()) {
+            log.push(LogEntry {
+                at: now_millis(),
+                uplink: String::new(),
+                kind: EventKind::Override,
+                cause: format!("override of {ip} expired"),
+                clients_moved: 1,
+            });
+        }
+        let health_changed = self.record(log);
+        let released = self
+            .model
+            .expire(now_millis(), self.config.lan.client_idle_timeout);
+        for c in &released {
+            info!(mac = %c.mac, home = %c.home, "client idle; released");
+        }
+        let retry = self.schedule.retry_due(now);
+        if !released.is_empty() || retry || health_changed {
+            self.persist.dirty |= !released.is_empty();
+            self.request_apply(if retry {
+                ReadBack::Full
+            } else {
+                ReadBack::Cache
+            });
+        }
+        self.save_state();
+        if self.persist.decisions_failing {
+            self.save_decisions(true);
+        }
+        self.publish_metrics();
+        // Idle releases and expired pins without an apply, last-seen times.
+        self.publish_snapshot();
     }
 
     /// Links or addresses changed: re-evaluate link health and the probers.

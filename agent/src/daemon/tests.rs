@@ -360,3 +360,68 @@ async fn a_manual_failback_waits_for_the_operator_and_answers_once_applied() {
     assert!(answer(&mut b, &back, Vec::new()));
     assert!(rx.try_recv().unwrap().unwrap().serving);
 }
+
+#[tokio::test]
+async fn an_automatic_failback_sends_the_clients_home_once_the_delay_has_run() {
+    let mut b = started_with("autoback", "[failover]\nfailback_delay = \"10s\"");
+    placed(&mut b, 10..14);
+    carrier(&mut b, 2, "wan0", false);
+    let down = job(&mut b).unwrap();
+    assert_eq!(home(&down, "a"), Some(vec!["b".to_string()]));
+    assert!(answer(&mut b, &down, Vec::new()));
+    // The carrier is back: a is up again, but its clients wait out the delay on b.
+    let back_at = Instant::now();
+    carrier(&mut b, 2, "wan0", true);
+    if let Some(up) = job(&mut b) {
+        assert_eq!(
+            home(&up, "a"),
+            Some(vec!["b".to_string()]),
+            "not before the delay"
+        );
+        assert!(answer(&mut b, &up, Vec::new()));
+    }
+    b.agent.housekeeping(back_at + Duration::from_secs(5));
+    if let Some(early) = job(&mut b) {
+        assert_eq!(home(&early, "a"), Some(vec!["b".to_string()]), "5 s in");
+        assert!(answer(&mut b, &early, Vec::new()));
+    }
+    b.agent.housekeeping(back_at + Duration::from_secs(11));
+    let home_again = job(&mut b).expect("the failback's apply");
+    assert_eq!(home(&home_again, "a"), None, "a's clients go home");
+    assert!(
+        home_again.flushes.is_empty(),
+        "the flows the failover moved stay where they are (failback_flows keep): {:?}",
+        home_again.flushes
+    );
+    assert!(answer(&mut b, &home_again, Vec::new()));
+    assert!(job(&mut b).is_none());
+}
+
+#[tokio::test]
+async fn a_pin_that_expires_leaves_the_kernel_at_the_next_pass() {
+    let mut b = started("pin");
+    placed(&mut b, 10..12);
+    let ip: IpAddr = "198.19.0.10".parse().unwrap();
+    let (tx, mut rx) = oneshot::channel();
+    b.agent
+        .handle(api::Command::SetOverride {
+            ip,
+            uplink: "a".into(),
+            ttl: Some(Duration::from_millis(1)),
+            reply: tx,
+        })
+        .await;
+    let j = job(&mut b).expect("the pin's job");
+    let pin = crate::plan::ElemKey::Pin4("198.19.0.10".parse().unwrap());
+    // The pin's element (pins are planned whole: there are few), straight to a's chain.
+    let pinned_to = |j: &Job| j.desired.nft.elements.get(&pin).map(|t| t.to_string());
+    assert_eq!(pinned_to(&j).as_deref(), Some("up_a"));
+    assert!(answer(&mut b, &j, Vec::new()));
+    assert_eq!(rx.try_recv().unwrap().unwrap().uplink, "a");
+    // Once its time is up, the next pass takes the pin out of the kernel.
+    std::thread::sleep(Duration::from_millis(5));
+    b.agent.housekeeping(Instant::now());
+    let expired = job(&mut b).expect("the expiry's job");
+    assert_eq!(pinned_to(&expired), None, "the pin element is gone");
+    assert!(answer(&mut b, &expired, Vec::new()));
+}

@@ -123,6 +123,10 @@ pub(super) struct ListTarget<'a> {
 
 /// The named counters, name → (packets, bytes) → traffic per uplink interface.
 pub(super) fn traffic_of(counters: Vec<(String, (u64, u64))>) -> BTreeMap<String, Traffic> {
+    let add = |to: &mut (u64, u64), p: u64, b: u64| {
+        to.0 += p;
+        to.1 += b;
+    };
     let mut m: BTreeMap<String, Traffic> = BTreeMap::new();
     for (name, (p, b)) in counters {
         let Some((kind, iface)) = name.split_once('.') else {
@@ -131,9 +135,15 @@ pub(super) fn traffic_of(counters: Vec<(String, (u64, u64))>) -> BTreeMap<String
         let t = m.entry(iface.to_string()).or_default();
         match kind {
             "tx" => t.tx = (p, b),
-            "rx" => t.rx = (p, b),
-            "reply4" => t.replies.0 = p,
-            "reply6" => t.replies.1 = p,
+            "rx" => add(&mut t.rx, p, b),
+            "reply4" => {
+                t.replies.0 = p;
+                add(&mut t.rx, p, b);
+            }
+            "reply6" => {
+                t.replies.1 = p;
+                add(&mut t.rx, p, b);
+            }
             _ => {}
         }
     }

@@ -1010,6 +1010,20 @@ mod tests {
     }
 
     #[test]
+    fn bytes_in_are_replies_and_the_rest() {
+        let t = listing::traffic_of(vec![
+            ("tx.wan0".into(), (5, 500)),
+            ("rx.wan0".into(), (1, 100)),
+            ("reply4.wan0".into(), (2, 200)),
+            ("reply6.wan0".into(), (3, 300)),
+        ]);
+        let t = &t["wan0"];
+        assert_eq!(t.tx, (5, 500));
+        assert_eq!(t.rx, (6, 600));
+        assert_eq!(t.replies, (2, 3));
+    }
+
+    #[test]
     fn element_diff_turns_value_change_into_delete_and_add() {
         let a: Arc<str> = Arc::from("home_a");
         let b: Arc<str> = Arc::from("home_b");

@@ -328,8 +328,9 @@ pub(super) fn uplink_interfaces(s: &NftStructure) -> Vec<&str> {
     out
 }
 
-/// Per uplink interface: bytes out (`tx.`) and in (`rx.`), and packets in reply to flows
-/// the LAN opened, per family (`reply4.`, `reply6.`): passive health's evidence.
+/// Per uplink interface: packets and bytes out (`tx.`), and in: in reply to flows the LAN
+/// opened, per family (`reply4.`, `reply6.`: passive health's evidence), and the rest
+/// (`rx.`: connections that arrived on the uplink). Bytes in are the three together.
 pub(super) const COUNTER_KINDS: [&str; 4] = ["tx", "rx", "reply4", "reply6"];
 
 pub(super) fn accounting_counters(s: &NftStructure) -> Vec<Value> {
@@ -340,35 +341,41 @@ pub(super) fn accounting_counters(s: &NftStructure) -> Vec<Value> {
         .collect()
 }
 
-/// The accounting chain: three lookups per forwarded packet, whatever the number of
-/// uplinks (each names the counter of the packet's interface). Neither unsolicited
-/// packets nor port-forwarded connections count as replies, and one family's traffic
-/// says nothing about the other's path.
+/// The accounting chain: one counter-map lookup per direction for every forwarded packet,
+/// whatever the number of uplinks: out by the output interface, in by the input interface,
+/// the connection's direction and the family. Neither unsolicited packets nor
+/// port-forwarded connections count as replies, and one family's traffic says nothing
+/// about the other's path. A packet without a connection (`notrack`, invalid) is not
+/// counted in.
 pub(super) fn accounting_rules(s: &NftStructure) -> Vec<Value> {
     let ifaces = uplink_interfaces(s);
-    let by = |kind: &str| json!({"set": ifaces.iter().map(|i| json!([i, format!("{kind}.{i}")])).collect::<Vec<_>>()});
     let meta = |key: &str| json!({"meta": {"key": key}});
-    let replies: Vec<Value> = ifaces
+    let out: Vec<Value> = ifaces
+        .iter()
+        .map(|i| json!([i, format!("tx.{i}")]))
+        .collect();
+    let inbound: Vec<Value> = ifaces
         .iter()
         .flat_map(|i| {
-            [("ipv4", "reply4"), ("ipv6", "reply6")]
-                .map(|(f, k)| json!([{"concat": [i, f]}, format!("{k}.{i}")]))
+            [
+                ("original", "ipv4", "rx"),
+                ("original", "ipv6", "rx"),
+                ("reply", "ipv4", "reply4"),
+                ("reply", "ipv6", "reply6"),
+            ]
+            .map(|(dir, f, k)| json!([{"concat": [i, dir, f]}, format!("{k}.{i}")]))
         })
         .collect();
-    let count = |key: Value, data: Value| json!({"counter": {"map": {"key": key, "data": data}}});
+    let count = |key: Value, data: Vec<Value>| json!({"counter": {"map": {"key": key, "data": {"set": data}}}});
     [
-        vec![count(meta("oifname"), by("tx"))],
-        vec![count(meta("iifname"), by("rx"))],
-        vec![
-            matches(json!({"ct": {"key": "direction"}}), json!("reply")),
-            count(
-                json!({"concat": [meta("iifname"), meta("nfproto")]}),
-                json!({"set": replies}),
-            ),
-        ],
+        count(meta("oifname"), out),
+        count(
+            json!({"concat": [meta("iifname"), {"ct": {"key": "direction"}}, meta("nfproto")]}),
+            inbound,
+        ),
     ]
     .into_iter()
-    .map(|expr| raw_rule(&s.table, ACCOUNTING, expr, None))
+    .map(|expr| raw_rule(&s.table, ACCOUNTING, vec![expr], None))
     .collect()
 }
 
