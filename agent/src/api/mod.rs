@@ -162,7 +162,7 @@ pub async fn serve(
     tx: mpsc::Sender<Command>,
     ready: Arc<AtomicBool>,
     heartbeat: Arc<Heartbeat>,
-    metrics: Arc<crate::metrics::Metrics>,
+    metrics: crate::metrics::ServingMetrics,
     counters: crate::dataplane::nft::Counters,
     snapshot: tokio::sync::watch::Receiver<Arc<snapshot::Snapshot>>,
 ) -> Result<(), ServeError> {
@@ -227,7 +227,7 @@ pub async fn serve(
 fn async_stream_of_tls(
     listener: TcpListener,
     acceptor: tokio_rustls::TlsAcceptor,
-    metrics: Arc<crate::metrics::Metrics>,
+    metrics: crate::metrics::ServingMetrics,
 ) -> impl Stream<
     Item = Result<Limited<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>, std::io::Error>,
 > {
@@ -378,7 +378,7 @@ async fn serve_health(
 
 pub struct AgentService {
     tx: mpsc::Sender<Command>,
-    metrics: Arc<crate::metrics::Metrics>,
+    metrics: crate::metrics::ServingMetrics,
     /// Traffic counters are read here, beside the agent loop.
     counters: crate::dataplane::nft::Counters,
     watchers: Arc<tokio::sync::Semaphore>,

@@ -241,7 +241,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
             cmd_tx,
             agent.publish.in_sync.clone(),
             agent.heartbeat.clone(),
-            agent.metrics.clone(),
+            agent.metrics.serving.clone(),
             agent.counters.clone(),
             agent.publish.subscribe(),
         );
@@ -477,8 +477,8 @@ impl Agent {
                 w.probe_tx,
                 w.passive_tx,
                 w.counters.clone(),
-                metrics.probe_rtt.clone(),
-                metrics.lost_while_forwarding.clone(),
+                metrics.health.probe_rtt.clone(),
+                metrics.health.lost_while_forwarding.clone(),
             ),
             started,
             generation: 1,
@@ -606,22 +606,26 @@ impl Agent {
                     // One span per failover, for tracing backends.
                     tracing::info_span!("failover", uplink = %e.uplink, clients_moved = e.clients_moved, cause = %e.cause).in_scope(|| {});
                     self.metrics
+                        .health
                         .failovers
                         .with_label_values(&[e.uplink.as_str()])
                         .inc();
                 }
                 EventKind::Failback => self
                     .metrics
+                    .health
                     .failbacks
                     .with_label_values(&[e.uplink.as_str()])
                     .inc(),
                 EventKind::Sla { policy, .. } => self
                     .metrics
+                    .health
                     .sla_changes
                     .with_label_values(&[policy.as_str(), e.uplink.as_str()])
                     .inc(),
                 EventKind::State { from, to } if from.usable() != to.usable() => self
                     .metrics
+                    .health
                     .flaps
                     .with_label_values(&[e.uplink.as_str()])
                     .inc(),
@@ -745,14 +749,18 @@ impl Agent {
             // at everything.
             self.model.touch_all();
         }
-        self.metrics.apply_duration.observe(a.elapsed.as_secs_f64());
+        self.metrics
+            .apply
+            .apply_duration
+            .observe(a.elapsed.as_secs_f64());
         if let Some(since) = job.since {
             self.metrics
+                .apply
                 .dispatch_latency
                 .observe(since.elapsed().as_secs_f64());
         }
         if !clean {
-            self.metrics.apply_errors.inc();
+            self.metrics.apply.apply_errors.inc();
         }
         self.publish.in_sync.store(clean, Ordering::SeqCst);
         let mut flush_failed = false;
@@ -774,6 +782,7 @@ impl Agent {
                             // Not retried: the entries time out, as without uplinkd.
                             error!(%uplink, %addr, error = %e, "cannot delete the flows NATed to the uplink's old address; they hang until their conntrack timeout");
                             metrics
+                                .apply
                                 .flush_errors
                                 .with_label_values(&[uplink.as_str()])
                                 .inc();
@@ -886,6 +895,7 @@ impl Agent {
                     }
                 }
                 self.metrics
+                    .apply
                     .flush_errors
                     .with_label_values(&[uplink.as_str()])
                     .inc();
@@ -918,7 +928,7 @@ impl Agent {
             .collect();
         self.record(log);
         let parts: Vec<String> = refused.iter().map(|r| r.part.to_string()).collect();
-        self.metrics.set_refused(&parts);
+        self.metrics.apply.set_refused(&parts);
         self.refused = Arc::new(now);
     }
 
@@ -984,7 +994,9 @@ impl Agent {
             self.config.uplinks.get(report.uplink),
             self.model.uplinks.get(report.uplink),
         ) {
-            self.metrics.set_probe_loss(&u.name, m.health.stats.loss());
+            self.metrics
+                .health
+                .set_probe_loss(&u.name, m.health.stats.loss());
         }
         if self.record(log) {
             self.request_apply(ReadBack::Cache);
