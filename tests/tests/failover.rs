@@ -237,6 +237,92 @@ fn auto_failback_after_delay_keeps_backup_flows() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `failback_flows = "move"`: once the home uplink is back, the failback deletes the
+/// connections its failover placed on the backup, so that a long-running UDP flow and a
+/// TCP connection leave the backup and continue (or, for TCP, are reset) through the home;
+/// the backup's own client's flow is not touched.
+#[test]
+fn failback_with_move_brings_the_flows_home() -> anyhow::Result<()> {
+    let mut lab = Lab::build("fbmove", two_uplinks(), 2, 0)?;
+    lab.write_config(
+        "10s",
+        "10m",
+        "[failover]\nfailback_delay = \"1s\"\nfailback_flows = \"move\"\n",
+    )?;
+    lab.start_agent()?;
+    let assigned = lab.greet_clients()?;
+    let c = clients_on(&assigned, "isp1")[0];
+    let d = clients_on(&assigned, "isp2")[0];
+    let (c_src, d_src) = (
+        format!("src={} ", client_v4(c)),
+        format!("src={} ", client_v4(d)),
+    );
+    let of = |entries: &BTreeSet<String>, src: &str| -> BTreeSet<String> {
+        entries
+            .iter()
+            .filter(|e| e.starts_with(src))
+            .cloned()
+            .collect()
+    };
+
+    lab.carrier("isp1", false)?;
+    wait_via(&lab, c, "isp2", Duration::from_secs(5))?;
+    let moved = UdpStream::start(&lab, c, false, Duration::from_millis(20))?;
+    let own = UdpStream::start(&lab, d, false, Duration::from_millis(20))?;
+    let mut tcp = TcpFlow::connect(&lab, c)?;
+    assert_eq!(
+        lab.uplink_of_source(tcp.exchange()?).as_deref(),
+        Some("isp2")
+    );
+    lab.wait_for(Duration::from_secs(5), "both streams on isp2", || {
+        let on2 = ct_entries(&lab, 2)?;
+        Ok(of(&on2, &c_src).len() >= 2 && !of(&on2, &d_src).is_empty())
+    })?;
+    let own_before = of(&ct_entries(&lab, 2)?, &d_src);
+
+    lab.carrier("isp1", true)?;
+    // c's flows leave isp2 and its UDP flow continues through isp1.
+    lab.wait_for(Duration::from_secs(10), "c's flows moved home", || {
+        Ok(of(&ct_entries(&lab, 2)?, &c_src).is_empty()
+            && !of(&ct_entries(&lab, 1)?, &c_src).is_empty())
+    })?;
+    assert!(
+        lab.log_tail(80)
+            .contains("deleted the flows the failover had placed on other uplinks"),
+        "{}",
+        lab.log_tail(30)
+    );
+    // The TCP connection's next segment leaves by isp1 with isp1's address, which the
+    // server never saw: it resets the connection. A new one goes home.
+    assert!(
+        tcp.exchange().is_err(),
+        "the connection was moved off the backup"
+    );
+    let mut again = TcpFlow::connect(&lab, c)?;
+    assert_eq!(
+        lab.uplink_of_source(again.exchange()?).as_deref(),
+        Some("isp1")
+    );
+    let moved = moved.finish()?;
+    let own = own.finish()?;
+    let via = |seen: &[IpAddr]| -> Vec<String> {
+        seen.iter()
+            .map(|a| lab.uplink_of_source(*a).unwrap_or_else(|| a.to_string()))
+            .collect()
+    };
+    assert_eq!(
+        via(&moved.seen),
+        ["isp2", "isp1"],
+        "the UDP flow went from the backup to the home"
+    );
+    assert_eq!(via(&own.seen), ["isp2"], "the backup's own client stayed");
+    assert!(
+        own_before.is_subset(&of(&ct_entries(&lab, 2)?, &d_src)),
+        "the backup's own client's flow was not deleted"
+    );
+    Ok(())
+}
+
 /// Test 4: with manual failback the clients stay on the backup after recovery.
 #[test]
 fn manual_failback_keeps_clients_on_the_backup() -> anyhow::Result<()> {

@@ -98,9 +98,20 @@ pub enum Failback {
     Manual,
 }
 
+/// What happens on failback to the flows the failover put on other uplinks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailbackFlows {
+    /// They finish where they are; only new connections go home.
+    Keep,
+    /// They are deleted once the home is back, so that they reopen through it.
+    Move,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct FailoverConfig {
     pub failback: Failback,
+    pub failback_flows: FailbackFlows,
     /// Continuous health needed before clients return home (auto).
     pub failback_delay: Duration,
     /// More state changes than this within `window` hold an uplink down for `hold`.
@@ -252,6 +263,15 @@ impl DataplaneConfig {
     pub fn policy_ctmark(&self, p: usize) -> Option<u32> {
         (self.policy_mark_mask != 0)
             .then(|| (p as u32 + 1) << self.policy_mark_mask.trailing_zeros())
+    }
+
+    /// The conntrack mark bits, in `policy_mark_mask`, of the connections a failover of
+    /// the uplink with mark id `mark_id` placed on other uplinks (`failback_flows =
+    /// "move"`): ids from the top of the policy ids down, so that they never meet those of
+    /// the policies with an SLA, counted from 1 up. `None` without policy bits or room.
+    pub fn away_ctmark(&self, mark_id: u32) -> Option<u32> {
+        let id = (self.max_policy_id() + 1).checked_sub(mark_id)?;
+        (id > 0).then(|| id << self.policy_mark_mask.trailing_zeros())
     }
 
     pub fn owned_tables(&self) -> std::ops::RangeInclusive<u32> {
@@ -439,6 +459,7 @@ struct RawHealth {
 #[serde(deny_unknown_fields)]
 struct RawFailover {
     failback: Option<Failback>,
+    failback_flows: Option<FailbackFlows>,
     failback_delay: Option<Spanned<String>>,
     max_flaps: Option<Spanned<i64>>,
     window: Option<Spanned<String>>,
@@ -636,6 +657,9 @@ impl Validator<'_> {
                     dataplane.max_policy_id()
                 ),
             ));
+        }
+        if failover.failback_flows == FailbackFlows::Move {
+            self.room_for_failback_flows(&dataplane, &uplinks, &p.policies)?;
         }
         let local = self.local(raw.local, &p.policies)?;
         Ok(Config {
@@ -1181,9 +1205,40 @@ impl Validator<'_> {
         Ok(h)
     }
 
+    /// `failback_flows = "move"` marks the connections a failover places, with one id per
+    /// uplink in the conntrack-mark bits of policy ids, taken from the top: they must not
+    /// reach the ids of the policies with an SLA.
+    fn room_for_failback_flows(
+        &self,
+        dp: &DataplaneConfig,
+        uplinks: &[UplinkConfig],
+        policies: &[PolicyConfig],
+    ) -> Result<(), ConfigError> {
+        let highest_mark = uplinks.iter().map(|u| u.mark).max().unwrap_or(0);
+        let highest_sla = policies
+            .iter()
+            .rposition(|p| p.sla.is_set())
+            .map_or(0, |i| i as u32 + 1);
+        if dp.policy_mark_mask == 0 || highest_sla + highest_mark > dp.max_policy_id() {
+            return Err(self.err(
+                None,
+                "failover.failback_flows",
+                format!(
+                    "\"move\" marks the flows a failover moves with one id per uplink in dataplane.policy_mark_mask ({:#x}, ids 1..={}), from the top down; {} uplinks and policies with an SLA up to id {} do not fit: widen the mask, or use \"keep\"",
+                    dp.policy_mark_mask,
+                    dp.max_policy_id(),
+                    highest_mark,
+                    highest_sla
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     fn failover(&self, raw: RawFailover) -> Result<FailoverConfig, ConfigError> {
         Ok(FailoverConfig {
             failback: raw.failback.unwrap_or(Failback::Auto),
+            failback_flows: raw.failback_flows.unwrap_or(FailbackFlows::Keep),
             failback_delay: match raw.failback_delay {
                 Some(d) if d.get_ref().trim() == "0s" => Duration::ZERO,
                 d => self.duration("failover.failback_delay", d, Duration::from_secs(30))?,
@@ -1458,6 +1513,41 @@ interface = "ppp0"
         let on = DataplaneConfig::defaults();
         assert_eq!(on.policy_ctmark(0), Some(0x0001_0000));
         assert_eq!(on.max_policy_id(), 255);
+    }
+
+    #[test]
+    fn failback_flows_move_takes_ids_from_the_top_of_the_policy_bits() {
+        let c = parse(&format!("[failover]\nfailback_flows = \"move\"\n{GOOD}")).unwrap();
+        assert_eq!(c.failover.failback_flows, FailbackFlows::Move);
+        let dp = &c.dataplane;
+        assert_eq!(dp.away_ctmark(1), Some(0x00ff_0000));
+        assert_eq!(dp.away_ctmark(2), Some(0x00fe_0000));
+        assert_eq!(dp.away_ctmark(256), None);
+        assert_eq!(
+            parse(GOOD).unwrap().failover.failback_flows,
+            FailbackFlows::Keep
+        );
+        // Without policy bits there is nowhere to mark the flows a failover placed.
+        let e = parse(&format!(
+            "[failover]\nfailback_flows = \"move\"\n[dataplane]\npolicy_mark_mask = 0\n{GOOD}"
+        ))
+        .unwrap_err();
+        assert_eq!(e.key, "failover.failback_flows");
+        assert!(e.message.contains("widen the mask, or use \"keep\""), "{e}");
+        // One bit holds one id: not enough for two uplinks.
+        let e = parse(&format!(
+            "[failover]\nfailback_flows = \"move\"\n[dataplane]\npolicy_mark_mask = 0x10000\n{GOOD}"
+        ))
+        .unwrap_err();
+        assert_eq!(e.key, "failover.failback_flows", "{e}");
+        let e = parse(&format!(
+            "[failover]\nfailback_flows = \"teleport\"\n{GOOD}"
+        ))
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("keep") && e.to_string().contains("move"),
+            "{e}"
+        );
     }
 
     #[test]

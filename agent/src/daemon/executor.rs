@@ -30,6 +30,8 @@ pub(super) enum FlushOf {
     Uplink(usize),
     /// A policy's, on an uplink it left for its SLA.
     Policy { policy: usize, uplink: usize },
+    /// Those a failover of this uplink placed elsewhere, now that it is back.
+    Failback(usize),
 }
 
 /// A flush's outcome: how many entries went, when the tool says; `None`: not run, the

@@ -689,6 +689,15 @@ impl Agent {
                 mask: dp.fwmark_mask,
             })
             .collect();
+        for i in self.model.take_failback_flushes(&self.config.failover) {
+            if let Some(away) = dp.away_ctmark(self.config.uplinks[i].mark) {
+                flushes.push(executor::Flush {
+                    of: executor::FlushOf::Failback(i),
+                    mark: away,
+                    mask: dp.policy_mark_mask,
+                });
+            }
+        }
         for (p, i) in self.model.take_sla_flushes() {
             if let Some(id) = dp.policy_ctmark(p) {
                 flushes.push(executor::Flush {
@@ -853,13 +862,15 @@ impl Agent {
     fn flushed(&mut self, f: executor::Flush, outcome: executor::FlushOutcome) -> bool {
         // Indices from when the job was planned; a reload since then makes them stale.
         let names = match f.of {
-            executor::FlushOf::Uplink(i) => self.config.uplinks.get(i).map(|u| (None, u)),
+            executor::FlushOf::Uplink(i) | executor::FlushOf::Failback(i) => {
+                self.config.uplinks.get(i).map(|u| (None, u))
+            }
             executor::FlushOf::Policy { policy, uplink } => self
                 .config
                 .policies
                 .get(policy)
                 .zip(self.config.uplinks.get(uplink))
-                .map(|(p, u)| (Some(p.name.as_str()), u)),
+                .map(|(p, u)| (Some(p.name.clone()), u)),
         };
         let Some((policy, u)) = names else {
             return true;
@@ -867,32 +878,47 @@ impl Agent {
         let uplink = u.name.clone();
         let requeue = |model: &mut Model| match f.of {
             executor::FlushOf::Uplink(i) => model.uplinks[i].needs_flush = true,
+            // Due again at the next plan while the uplink still carries its clients.
+            executor::FlushOf::Failback(i) => model.uplinks[i].away = true,
             executor::FlushOf::Policy { policy, uplink } => {
                 model.sla_flushes.push((policy, uplink))
             }
         };
-        match (outcome, policy) {
+        let whose = match f.of {
+            executor::FlushOf::Uplink(_) => "the dead uplink's conntrack entries",
+            executor::FlushOf::Policy { .. } => {
+                "the policy's flows on the uplink that breaks its SLA"
+            }
+            executor::FlushOf::Failback(_) => {
+                "the flows the failover had placed on other uplinks (failback_flows = \"move\")"
+            }
+        };
+        match outcome {
             // The plan did not apply: the flush waits for the next one.
-            (None, _) => {
+            None => {
                 requeue(&mut self.model);
                 true
             }
-            (Some(Ok(n)), None) => {
-                info!(%uplink, flows = ?n, "deleted the dead uplink's conntrack entries");
+            Some(Ok(n)) => {
+                let after = match f.of {
+                    executor::FlushOf::Uplink(_) => "",
+                    executor::FlushOf::Policy { .. } => {
+                        "; they continue on the uplinks it uses now"
+                    }
+                    executor::FlushOf::Failback(_) => "; they reopen through it",
+                };
+                match &policy {
+                    Some(p) => info!(policy = %p, %uplink, flows = ?n, "deleted {whose}{after}"),
+                    None => info!(%uplink, flows = ?n, "deleted {whose}{after}"),
+                }
                 true
             }
-            (Some(Ok(n)), Some(policy)) => {
-                info!(%policy, %uplink, flows = ?n, "deleted the policy's flows on the uplink that breaks its SLA; they continue on the uplinks it uses now");
-                true
-            }
-            (Some(Err(e)), policy) => {
-                match policy {
-                    None => {
-                        error!(%uplink, error = %e, "cannot delete the dead uplink's conntrack entries; will retry")
+            Some(Err(e)) => {
+                match &policy {
+                    Some(p) => {
+                        error!(policy = %p, %uplink, error = %e, "cannot delete {whose}; will retry")
                     }
-                    Some(policy) => {
-                        error!(%policy, %uplink, error = %e, "cannot delete the policy's flows on the uplink that breaks its SLA; will retry")
-                    }
+                    None => error!(%uplink, error = %e, "cannot delete {whose}; will retry"),
                 }
                 self.metrics
                     .apply

@@ -135,7 +135,10 @@ fn changed(j: &Job) -> Option<Vec<IpAddr>> {
     })
 }
 
+/// Answers a job as the executor does: the flows are deleted (uncounted, as ctnetlink's
+/// flush) only when the plan applied cleanly.
 fn answer(b: &mut Bench, j: &Job, errors: Vec<DataplaneError>) -> bool {
+    let clean = errors.is_empty();
     b.agent.on_applied(Applied {
         seq: j.seq,
         report: ApplyReport {
@@ -143,7 +146,11 @@ fn answer(b: &mut Bench, j: &Job, errors: Vec<DataplaneError>) -> bool {
             ..ApplyReport::default()
         },
         takes_increment: true,
-        flushed: j.flushes.iter().map(|f| (*f, None)).collect(),
+        flushed: j
+            .flushes
+            .iter()
+            .map(|f| (*f, clean.then_some(Ok(None))))
+            .collect(),
         elapsed: Duration::ZERO,
     })
 }
@@ -424,4 +431,77 @@ async fn a_pin_that_expires_leaves_the_kernel_at_the_next_pass() {
     let expired = job(&mut b).expect("the expiry's job");
     assert_eq!(pinned_to(&expired), None, "the pin element is gone");
     assert!(answer(&mut b, &expired, Vec::new()));
+}
+
+#[tokio::test]
+async fn failback_with_move_deletes_the_flows_the_failover_placed_once_home_is_back() {
+    let mut b = started_with(
+        "moveback",
+        "[failover]\nfailback_delay = \"0s\"\nfailback_flows = \"move\"",
+    );
+    placed(&mut b, 10..14);
+    let away = |j: &Job, u: &str| {
+        j.desired
+            .nft
+            .structure
+            .uplinks
+            .iter()
+            .find(|x| x.name == u)
+            .unwrap()
+            .away_mark
+    };
+    carrier(&mut b, 2, "wan0", false);
+    let down = job(&mut b).unwrap();
+    assert_eq!(home(&down, "a"), Some(vec!["b".to_string()]));
+    // a's new connections are marked as placed by its failover: a's id, from the top.
+    assert_eq!(away(&down, "a"), Some(0x00ff_0000));
+    assert_eq!(away(&down, "b"), None);
+    assert!(
+        !down
+            .flushes
+            .iter()
+            .any(|f| matches!(f.of, FlushOf::Failback(_)))
+    );
+    assert!(answer(&mut b, &down, Vec::new()));
+    carrier(&mut b, 2, "wan0", true);
+    let back = job(&mut b).expect("the failback");
+    assert_eq!(home(&back, "a"), None);
+    assert_eq!(away(&back, "a"), None);
+    let f = back
+        .flushes
+        .iter()
+        .find(|f| f.of == FlushOf::Failback(0))
+        .expect("the failback deletes the flows its failover placed");
+    assert_eq!((f.mark, f.mask), (0x00ff_0000, 0x00ff_0000));
+    // Refused: the flows are deleted by the retry, which plans whole.
+    assert!(!answer(&mut b, &back, vec![DataplaneError::NeedsWholePlan]));
+    b.agent.request_apply(ReadBack::Cache);
+    let retry = job(&mut b).expect("the retry");
+    assert!(retry.flushes.iter().any(|f| f.of == FlushOf::Failback(0)));
+    assert!(answer(&mut b, &retry, Vec::new()));
+    // Done: the next plan deletes nothing more.
+    neighbour(&mut b, 20);
+    let next = job(&mut b).unwrap();
+    assert!(next.flushes.is_empty(), "{:?}", next.flushes);
+}
+
+#[tokio::test]
+async fn failback_with_keep_deletes_nothing() {
+    let mut b = started_with("keepback", "[failover]\nfailback_delay = \"0s\"");
+    placed(&mut b, 10..14);
+    carrier(&mut b, 2, "wan0", false);
+    let down = job(&mut b).unwrap();
+    assert!(answer(&mut b, &down, Vec::new()));
+    carrier(&mut b, 2, "wan0", true);
+    let back = job(&mut b).expect("the failback");
+    assert_eq!(home(&back, "a"), None);
+    assert!(back.flushes.is_empty(), "{:?}", back.flushes);
+    assert!(
+        back.desired
+            .nft
+            .structure
+            .uplinks
+            .iter()
+            .all(|u| u.away_mark.is_none())
+    );
 }

@@ -407,6 +407,7 @@ mod tests {
                 passive_max_rounds: 50,
             },
             FailoverConfig {
+                failback_flows: crate::config::FailbackFlows::Keep,
                 failback: Failback::Auto,
                 failback_delay: Duration::from_secs(30),
                 max_flaps: 5,

@@ -59,6 +59,9 @@ pub struct Uplink {
     pub usable_since: Option<Instant>,
     /// Its conntrack entries must go once its clients have somewhere else to be.
     pub needs_flush: bool,
+    /// A plan sent its clients elsewhere (failed over or drained): the connections that
+    /// plan placed may have to come home with them (`failback_flows = "move"`).
+    pub away: bool,
     /// Drained by an operator: its clients' new flows go elsewhere, no new client lands on
     /// it, established flows finish on it.
     pub drained: bool,
@@ -93,6 +96,7 @@ impl Uplink {
             serving: true,
             usable_since: None,
             needs_flush: false,
+            away: false,
             drained: false,
             held_until: None,
             auto_gateway: false,

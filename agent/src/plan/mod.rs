@@ -99,6 +99,10 @@ pub struct NftUplink {
     /// Where `home_<name>` sends the uplink's clients: to `up_<name>`, or (failed over)
     /// hashed over these uplinks' `up_` chains, each listed in proportion to its weight.
     pub home: Option<Vec<String>>,
+    /// Failed over with `failback_flows = "move"`: the conntrack-mark bits (in the policy
+    /// bits) `home_<name>` gives the connections it places elsewhere, so that the failback
+    /// can delete them.
+    pub away_mark: Option<u32>,
     /// While the uplink has no IPv6 next hop (router advert withdrawn), `up_<name>` sends
     /// IPv6 connections to this uplink's `up_` chain instead.
     pub v6_detour: Option<String>,
@@ -263,6 +267,14 @@ pub fn plan_touched(config: &Config, model: &Model, touched: &Touched) -> Desire
             home: match model.home_target(i) {
                 HomeTarget::Direct => None,
                 HomeTarget::Spread(to) => Some(buckets(&to)),
+            },
+            away_mark: match model.home_target(i) {
+                HomeTarget::Spread(_)
+                    if config.failover.failback_flows == crate::config::FailbackFlows::Move =>
+                {
+                    dp.away_ctmark(u.mark)
+                }
+                _ => None,
             },
             v6_detour: model
                 .v6_detour(config, i)

@@ -993,6 +993,7 @@ mod tests {
                 fwmark: 0x0100_0000,
                 masquerade: true,
                 home: None,
+                away_mark: None,
                 v6_detour: None,
             }],
             sets: Arc::new(Vec::new()),
@@ -1062,6 +1063,7 @@ mod tests {
             fwmark: 0x0200_0000,
             masquerade: true,
             home: None,
+            away_mark: None,
             v6_detour: None,
         });
         let sig4 = signature_of(&render_structure(&s4));

@@ -798,6 +798,23 @@ pub(super) fn render_policies(s: &NftStructure) -> Vec<Value> {
     }
     // A failed-over uplink's clients, and addresses uplinkd does not track, are hashed
     // by source address, as a client-mode policy is.
+    // A failed-over uplink's new connections are marked as placed by the failover, unless
+    // a policy with an SLA has named them already: its failback deletes them
+    // (`failback_flows = "move"`).
+    let ct = json!({"ct": {"key": "mark"}});
+    for u in &s.uplinks {
+        if let (Some(_), Some(away)) = (&u.home, u.away_mark) {
+            out.push(raw_rule(
+                table,
+                &home_chain(&u.name),
+                vec![
+                    matches(json!({"&": [ct, s.policy_mask]}), json!(0)),
+                    json!({"mangle": {"key": ct, "value": {"|": [ct, away]}}}),
+                ],
+                None,
+            ));
+        }
+    }
     let homes = s
         .uplinks
         .iter()
