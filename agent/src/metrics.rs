@@ -94,6 +94,7 @@ fn seconds(ms: &[f64]) -> Vec<f64> {
 /// The model's gauges: per uplink and LAN-wide.
 pub struct ModelGauges {
     uplink_up: IntGaugeVec,
+    probe_interval: GaugeVec,
     uplink_state: IntGaugeVec,
     uplink_clients: IntGaugeVec,
     uplink_clients_homed: IntGaugeVec,
@@ -115,6 +116,11 @@ impl ModelGauges {
             uplink_up: r.gauges(
                 "uplink_up",
                 "1 when the uplink may carry traffic (up or degraded), else 0",
+                &["uplink"],
+            ),
+            probe_interval: r.float_gauges(
+                "uplink_probe_interval_seconds",
+                "Seconds between the uplink's probe rounds now: health.standby_interval while a metered uplink carries nothing, else health.interval; only uplinks with probes",
                 &["uplink"],
             ),
             uplink_state: r.gauges(
@@ -189,6 +195,7 @@ impl ModelGauges {
                 .remove_label_values(&[name, family]);
         }
         let _ = self.uplink_failback_in.remove_label_values(&[name]);
+        let _ = self.probe_interval.remove_label_values(&[name]);
     }
 }
 
@@ -602,6 +609,9 @@ impl Metrics {
             }
             if !c.probes.is_empty() {
                 self.health.set_probe_loss(name, m.health.stats.loss());
+                g.probe_interval
+                    .with_label_values(&[name])
+                    .set(crate::plan::probe_interval(config, model, i).as_secs_f64());
             }
             // Every counter shows from the start, at 0.
             for counter in self

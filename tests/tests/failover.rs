@@ -323,6 +323,92 @@ fn failback_with_move_brings_the_flows_home() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A metered tier-2 backup: probed every `standby_interval` while it carries nothing, at
+/// the normal interval from the moment a failover puts clients on it, and, with the
+/// default `failback_flows = "keep"`, the flows placed on it leave it on failback.
+#[test]
+fn a_metered_backup_is_probed_lightly_and_its_flows_leave_on_failback() -> anyhow::Result<()> {
+    let probe = "probes = [\"icmp:203.0.113.10\"]";
+    let uplinks = vec![
+        UplinkSpec::new("isp1", 1, false).with(probe),
+        UplinkSpec::new("isp2", 1, false)
+            .with(probe)
+            .with("tier = 2\nmetered = true"),
+    ];
+    let mut lab = Lab::build("metered", uplinks, 1, 0)?;
+    lab.write_config(
+        "10s",
+        "10m",
+        "[metrics]\nlisten = \"127.0.0.1:9477\"\n[health]\nstandby_interval = \"1h\"\n[failover]\nfailback_delay = \"1s\"\n",
+    )?;
+    lab.start_agent()?;
+    let assigned = lab.greet_clients()?;
+    assert_eq!(assigned[&IpAddr::from(client_v4(1))], "isp1");
+    let key = |what: &str, u: &str| format!("uplinkd_uplink_{what}{{uplink=\"{u}\"}}");
+    let rounds = |u: &str| -> anyhow::Result<f64> {
+        Ok(lab
+            .scrape(9477)?
+            .get(&key("probe_rtt_seconds_count", u))
+            .copied()
+            .unwrap_or(0.0))
+    };
+    let pace = |u: &str| -> anyhow::Result<Option<f64>> {
+        Ok(lab
+            .scrape(9477)?
+            .get(&key("probe_interval_seconds", u))
+            .copied())
+    };
+    assert_eq!(pace("isp2")?, Some(3600.0), "the idle backup is on standby");
+    assert_eq!(pace("isp1")?, Some(0.2));
+    // While isp1 answers ten more rounds, the backup answers at most the one in flight.
+    let (a0, b0) = (rounds("isp1")?, rounds("isp2")?);
+    lab.wait_for(Duration::from_secs(10), "ten rounds of isp1", || {
+        Ok(rounds("isp1")? >= a0 + 10.0)
+    })?;
+    assert!(
+        rounds("isp2")? <= b0 + 1.0,
+        "the standby was probed {} times meanwhile",
+        rounds("isp2")? - b0
+    );
+
+    lab.carrier("isp1", false)?;
+    wait_via(&lab, 1, "isp2", Duration::from_secs(5))?;
+    assert_eq!(
+        pace("isp2")?,
+        Some(0.2),
+        "carrying clients, at the normal pace"
+    );
+    let b1 = rounds("isp2")?;
+    lab.wait_for(Duration::from_secs(10), "ten rounds of the backup", || {
+        Ok(rounds("isp2")? >= b1 + 10.0)
+    })?;
+    let stream = UdpStream::start(&lab, 1, false, Duration::from_millis(20))?;
+    let src = format!("src={} ", client_v4(1));
+    let mine = |k: usize| -> anyhow::Result<usize> {
+        Ok(ct_entries(&lab, k)?
+            .iter()
+            .filter(|e| e.starts_with(&src))
+            .count())
+    };
+    lab.wait_for(Duration::from_secs(5), "the flow on the backup", || {
+        Ok(mine(2)? > 0)
+    })?;
+
+    lab.carrier("isp1", true)?;
+    lab.wait_for(
+        Duration::from_secs(10),
+        "the flow left the metered backup",
+        || Ok(mine(2)? == 0 && mine(1)? > 0),
+    )?;
+    let r = stream.finish()?;
+    let via: Vec<Option<String>> = r.seen.iter().map(|a| lab.uplink_of_source(*a)).collect();
+    assert_eq!(via, [Some("isp2".into()), Some("isp1".into())]);
+    lab.wait_for(Duration::from_secs(5), "the backup back on standby", || {
+        Ok(pace("isp2")? == Some(3600.0))
+    })?;
+    Ok(())
+}
+
 /// Test 4: with manual failback the clients stay on the backup after recovery.
 #[test]
 fn manual_failback_keeps_clients_on_the_backup() -> anyhow::Result<()> {

@@ -89,6 +89,8 @@ pub struct HealthConfig {
     /// At most this many failed rounds in a row are excused by passive evidence; the next
     /// one counts toward `down_after` whatever the traffic.
     pub passive_max_rounds: u32,
+    /// The probe interval of a metered uplink that carries nothing.
+    pub standby_interval: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -322,6 +324,9 @@ pub struct UplinkConfig {
     pub probe_quorum: u32,
     /// Lower tiers carry clients; a higher tier only while every lower one is down.
     pub tier: u32,
+    /// Paid by volume: probed every `health.standby_interval` while it carries nothing,
+    /// and the flows a failover placed on it leave it on failback.
+    pub metered: bool,
 }
 
 impl UplinkConfig {
@@ -453,6 +458,7 @@ struct RawHealth {
     stats_window: Option<Spanned<i64>>,
     passive: Option<bool>,
     passive_max_rounds: Option<Spanned<i64>>,
+    standby_interval: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -522,6 +528,16 @@ struct RawUplink {
     probes: Vec<Spanned<String>>,
     probe_quorum: Option<Spanned<i64>>,
     tier: Option<Spanned<i64>>,
+    metered: Option<bool>,
+}
+
+impl Config {
+    /// Whether some failback deletes the connections its failover placed: all of them
+    /// (`failback_flows = "move"`), or those on metered uplinks.
+    pub fn failback_moves_flows(&self) -> bool {
+        self.failover.failback_flows == FailbackFlows::Move
+            || self.uplinks.iter().any(|u| u.metered)
+    }
 }
 
 impl Config {
@@ -658,7 +674,7 @@ impl Validator<'_> {
                 ),
             ));
         }
-        if failover.failback_flows == FailbackFlows::Move {
+        if failover.failback_flows == FailbackFlows::Move || uplinks.iter().any(|u| u.metered) {
             self.room_for_failback_flows(&dataplane, &uplinks, &p.policies)?;
         }
         let local = self.local(raw.local, &p.policies)?;
@@ -996,6 +1012,7 @@ impl Validator<'_> {
                 probes,
                 probe_quorum,
                 tier,
+                metered: u.metered.unwrap_or(false),
             });
         }
         for u in &uplinks {
@@ -1195,12 +1212,27 @@ impl Validator<'_> {
                 50,
                 1..=10_000,
             )? as u32,
+            standby_interval: self.duration(
+                "health.standby_interval",
+                raw.standby_interval,
+                Duration::from_secs(5),
+            )?,
         };
         if h.interval < Duration::from_millis(10) {
             return Err(self.err(None, "health.interval", "must be at least 10ms"));
         }
         if h.timeout > Duration::from_secs(60) {
             return Err(self.err(timeout_span, "health.timeout", "must be at most 60s"));
+        }
+        if h.standby_interval < h.interval || h.standby_interval > Duration::from_secs(3600) {
+            return Err(self.err(
+                None,
+                "health.standby_interval",
+                format!(
+                    "must be between health.interval ({}) and 1h",
+                    humantime::format_duration(h.interval)
+                ),
+            ));
         }
         Ok(h)
     }
@@ -1224,7 +1256,7 @@ impl Validator<'_> {
                 None,
                 "failover.failback_flows",
                 format!(
-                    "\"move\" marks the flows a failover moves with one id per uplink in dataplane.policy_mark_mask ({:#x}, ids 1..={}), from the top down; {} uplinks and policies with an SLA up to id {} do not fit: widen the mask, or use \"keep\"",
+                    "\"move\" (and a metered uplink, whose flows always move) marks the flows a failover moves with one id per uplink in dataplane.policy_mark_mask ({:#x}, ids 1..={}), from the top down; {} uplinks and policies with an SLA up to id {} do not fit: widen the mask, or use \"keep\"",
                     dp.policy_mark_mask,
                     dp.max_policy_id(),
                     highest_mark,

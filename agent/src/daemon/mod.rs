@@ -26,7 +26,7 @@ use tokio::sync::broadcast;
 use uplink_api::v1;
 
 use crate::api::{self, view};
-use crate::config::Config;
+use crate::config::{Config, FailbackFlows};
 use crate::dataplane::{Dataplane, ReadBack, nft};
 use crate::discover::{self, Event};
 use crate::health::probe;
@@ -689,13 +689,26 @@ impl Agent {
                 mask: dp.fwmark_mask,
             })
             .collect();
-        for i in self.model.take_failback_flushes(&self.config.failover) {
-            if let Some(away) = dp.away_ctmark(self.config.uplinks[i].mark) {
+        for i in self.model.take_failbacks() {
+            let Some(away) = dp.away_ctmark(self.config.uplinks[i].mark) else {
+                continue;
+            };
+            let of = executor::FlushOf::Failback(i);
+            if self.config.failover.failback_flows == FailbackFlows::Move {
                 flushes.push(executor::Flush {
-                    of: executor::FlushOf::Failback(i),
+                    of,
                     mark: away,
                     mask: dp.policy_mark_mask,
                 });
+            } else {
+                // Off the metered uplinks only.
+                for m in self.config.uplinks.iter().filter(|m| m.metered) {
+                    flushes.push(executor::Flush {
+                        of,
+                        mark: away | dp.fwmark(m.mark),
+                        mask: dp.policy_mark_mask | dp.fwmark_mask,
+                    });
+                }
             }
         }
         for (p, i) in self.model.take_sla_flushes() {
@@ -729,6 +742,9 @@ impl Agent {
             flushes,
         };
         self.schedule.send(job, flight);
+        // What the uplinks carry may have changed with this plan: a metered one that now
+        // carries clients is probed at the normal pace from now on.
+        self.health.pace(&self.config, &self.model);
     }
 
     /// The executor answered: record what the kernel now holds, follow up (flows, retries,

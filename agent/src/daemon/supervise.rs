@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use prometheus::{HistogramVec, IntCounterVec};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::warn;
 
@@ -27,8 +27,15 @@ pub(super) struct PassiveReading {
     replies: Option<(u64, u64)>,
 }
 
+/// A running prober: what it probes, its task, and its pace.
+struct Prober {
+    spec: ProbeSpec,
+    task: JoinHandle<()>,
+    pace: watch::Sender<Duration>,
+}
+
 pub(super) struct Supervisor {
-    probers: HashMap<usize, (ProbeSpec, JoinHandle<()>)>,
+    probers: HashMap<usize, Prober>,
     probe_tx: mpsc::Sender<probe::Report>,
     /// Probes start once the first apply has put the uplinks' rules and routes in place;
     /// before that they would fail and take healthy uplinks down.
@@ -71,15 +78,30 @@ impl Supervisor {
         }
         for i in 0..config.uplinks.len().min(model.uplinks.len()) {
             let want = wanted_spec(config, model, i);
-            if self.probers.get(&i).map(|(s, _)| s) == want.as_ref() {
+            if self.probers.get(&i).map(|p| &p.spec) == want.as_ref() {
                 continue;
             }
-            if let Some((_, task)) = self.probers.remove(&i) {
-                task.abort();
+            if let Some(p) = self.probers.remove(&i) {
+                p.task.abort();
             }
             if let Some(spec) = want {
-                let task = probe::spawn(spec.clone(), self.probe_tx.clone());
-                self.probers.insert(i, (spec, task));
+                let (pace, paced) = watch::channel(crate::plan::probe_interval(config, model, i));
+                let task = probe::spawn(spec.clone(), paced, self.probe_tx.clone());
+                self.probers.insert(i, Prober { spec, task, pace });
+            }
+        }
+        self.pace(config, model);
+    }
+
+    /// Sets each prober's pace from what its uplink carries now; a metered uplink that
+    /// starts to carry clients (its own, or a failed uplink's) is probed at the normal
+    /// interval from its next round, which starts at once.
+    pub fn pace(&self, config: &Config, model: &Model) {
+        for (&i, p) in &self.probers {
+            if i < config.uplinks.len().min(model.uplinks.len()) {
+                let want = crate::plan::probe_interval(config, model, i);
+                p.pace
+                    .send_if_modified(|now| std::mem::replace(now, want) != want);
             }
         }
     }
@@ -88,8 +110,8 @@ impl Supervisor {
     /// (a reload), or the agent stops.
     pub fn stop_all(&mut self) {
         self.forwarded = Forwarded::default();
-        for (_, (_, task)) in self.probers.drain() {
-            task.abort();
+        for (_, p) in self.probers.drain() {
+            p.task.abort();
         }
     }
 
@@ -145,7 +167,7 @@ impl Supervisor {
             let recent = config.health.timeout.max(2 * config.health.interval);
             // The targets the round probed (IPv6 ones are left out while there is no IPv6
             // router), in the round's order.
-            let (spec, _) = self.probers.get(&report.uplink)?;
+            let spec = &self.probers.get(&report.uplink)?.spec;
             let failed: BTreeSet<bool> = spec
                 .targets
                 .iter()

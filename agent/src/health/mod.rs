@@ -405,6 +405,7 @@ mod tests {
                 stats_window: 50,
                 passive: true,
                 passive_max_rounds: 50,
+                standby_interval: Duration::from_secs(5),
             },
             FailoverConfig {
                 failback_flows: crate::config::FailbackFlows::Keep,

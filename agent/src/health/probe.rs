@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::unix::AsyncFd;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use super::Round;
@@ -79,16 +79,25 @@ struct IcmpSocket {
     pending: Pending,
 }
 
-/// Starts probing; the task runs until aborted.
-pub fn spawn(spec: ProbeSpec, tx: mpsc::Sender<Report>) -> JoinHandle<()> {
+/// Starts probing, one round every `pace` (the interval, or a metered uplink's standby
+/// interval; a shorter one takes effect at once); the task runs until aborted.
+pub fn spawn(
+    spec: ProbeSpec,
+    pace: watch::Receiver<Duration>,
+    tx: mpsc::Sender<Report>,
+) -> JoinHandle<()> {
     tokio::spawn(async move {
-        if let Err(e) = run(spec.clone(), tx).await {
+        if let Err(e) = run(spec.clone(), pace, tx).await {
             tracing::error!(interface = %spec.interface, error = %e, "prober stopped");
         }
     })
 }
 
-async fn run(spec: ProbeSpec, tx: mpsc::Sender<Report>) -> std::io::Result<()> {
+async fn run(
+    spec: ProbeSpec,
+    mut pace: watch::Receiver<Duration>,
+    tx: mpsc::Sender<Report>,
+) -> std::io::Result<()> {
     let last = LastReply(Arc::new(Mutex::new(None)));
     // Every task this prober starts (ICMP receivers, rounds in flight) lives in this set,
     // so aborting the prober (reload, redial, address change) aborts them and closes their
@@ -107,13 +116,28 @@ async fn run(spec: ProbeSpec, tx: mpsc::Sender<Report>) -> std::io::Result<()> {
             }
         }
     }
-    let mut ticker = tokio::time::interval(spec.interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut seq: u16 = 0;
+    let mut every = *pace.borrow_and_update();
+    let mut next = Instant::now();
     loop {
-        ticker.tick().await;
+        tokio::select! {
+            () = tokio::time::sleep_until(next.into()) => {}
+            changed = pace.changed() => {
+                if changed.is_err() {
+                    // The supervisor dropped this prober's pace: it is being replaced.
+                    std::future::pending::<()>().await;
+                }
+                // A shorter pace starts its round now rather than after the long wait.
+                let previous = next.checked_sub(every);
+                every = *pace.borrow_and_update();
+                next = previous.map_or(next, |p| (p + every).min(next));
+                continue;
+            }
+        }
         while tasks.try_join_next().is_some() {}
         let started = Instant::now();
+        // A late round (a busy runtime) does not make the next ones come faster.
+        next = started + every;
         let mut probes = Vec::new();
         for t in &spec.targets {
             seq = seq.wrapping_add(1);
@@ -133,8 +157,9 @@ async fn run(spec: ProbeSpec, tx: mpsc::Sender<Report>) -> std::io::Result<()> {
             let timeout = spec.timeout;
             probes.push(async move { tokio::time::timeout(timeout, fut).await.ok().flatten() });
         }
-        let (quorum, interval, uplink, n) =
-            (spec.quorum, spec.interval, spec.uplink, spec.targets.len());
+        // The silence that fails a round is one pace: at the standby pace no earlier
+        // round's answer is in flight to say the path is alive.
+        let (quorum, interval, uplink, n) = (spec.quorum, every, spec.uplink, spec.targets.len());
         let (last, tx) = (last.clone(), tx.clone());
         // Rounds overlap when the timeout is longer than the interval.
         tasks.spawn(async move {

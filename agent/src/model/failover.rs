@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use std::time::Instant;
 
 use super::{Model, Uplink, now_millis};
-use crate::config::{Failback, FailbackFlows, FailoverConfig, HealthConfig};
+use crate::config::{Failback, FailoverConfig, HealthConfig};
 use crate::health::{LinkProblem, Round, Transition, UplinkState};
 
 /// Entries kept in memory; the API streams them.
@@ -584,10 +584,10 @@ impl Model {
     }
 
     /// Called as each plan is made: uplinks whose clients that plan sends home again after
-    /// an earlier plan had sent them elsewhere. With `failback_flows = "move"` the
-    /// connections placed meanwhile are to be deleted once this plan is in the kernel (a
-    /// failover and failback between two plans placed none, and is not reported).
-    pub fn take_failback_flushes(&mut self, f: &FailoverConfig) -> Vec<usize> {
+    /// an earlier plan had sent them elsewhere; the connections placed meanwhile may have
+    /// to be deleted once this plan is in the kernel (`failback_flows`, metered uplinks).
+    /// A failover and failback between two plans placed none, and is not reported.
+    pub fn take_failbacks(&mut self) -> Vec<usize> {
         let mut due = Vec::new();
         for i in 0..self.uplinks.len() {
             let elsewhere = matches!(self.home_target(i), HomeTarget::Spread(_));
@@ -596,9 +596,7 @@ impl Model {
                 u.away = true;
             } else if u.away && u.usable() && u.serving && !u.drained {
                 u.away = false;
-                if f.failback_flows == FailbackFlows::Move {
-                    due.push(i);
-                }
+                due.push(i);
             }
         }
         due

@@ -269,11 +269,7 @@ pub fn plan_touched(config: &Config, model: &Model, touched: &Touched) -> Desire
                 HomeTarget::Spread(to) => Some(buckets(&to)),
             },
             away_mark: match model.home_target(i) {
-                HomeTarget::Spread(_)
-                    if config.failover.failback_flows == crate::config::FailbackFlows::Move =>
-                {
-                    dp.away_ctmark(u.mark)
-                }
+                HomeTarget::Spread(_) if config.failback_moves_flows() => dp.away_ctmark(u.mark),
                 _ => None,
             },
             v6_detour: model
@@ -647,6 +643,39 @@ fn jhash(key: &[u8], initval: u32) -> u32 {
     c
 }
 
+/// How often uplink `i` is probed now: a metered uplink that carries nothing every
+/// `health.standby_interval`, any other every `health.interval`.
+pub fn probe_interval(config: &Config, model: &Model, i: usize) -> std::time::Duration {
+    if config.uplinks[i].metered && !carries(config, model, i) {
+        config.health.standby_interval
+    } else {
+        config.health.interval
+    }
+}
+
+/// Whether uplink `i` may carry the LAN's new connections now: its own clients while they
+/// are home, the clients of a failed-over or drained uplink that are spread onto it, a
+/// pin, or the default policy's or another policy's verdict naming it. A metered uplink
+/// that carries nothing is probed every `health.standby_interval`.
+pub fn carries(config: &Config, model: &Model, i: usize) -> bool {
+    let name = config.uplinks[i].name.as_str();
+    let names = |v: &Verdict| match v {
+        Verdict::Uplink(u) => u == name,
+        Verdict::Spread { buckets, .. } => buckets.iter().any(|b| b == name),
+        _ => false,
+    };
+    let counts = model.counts();
+    (0..model.uplinks.len()).any(|j| {
+        counts[j] > 0
+            && match model.home_target(j) {
+                HomeTarget::Direct => j == i,
+                HomeTarget::Spread(to) => to.contains(&i),
+            }
+    }) || model.overrides.values().any(|o| o.uplink == name)
+        || names(&verdict::default_verdict(config, model).0)
+        || (0..config.policies.len()).any(|p| names(&verdict::policy_verdict(config, model, p).0))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -774,6 +803,54 @@ interface = "ppp0"
             m.set_addr(iface, format!("100.64.{i}.2").parse().unwrap(), true);
         }
         m.refresh_links(std::time::Instant::now(), &c.health, &c.failover);
+    }
+
+    #[test]
+    fn a_metered_backup_is_probed_at_the_standby_pace_until_it_carries_clients() {
+        let text = CFG.replace(
+            "name = \"b\"\ninterface = \"ppp0\"",
+            "name = \"b\"\ninterface = \"ppp0\"\ntier = 2\nmetered = true",
+        );
+        let c = Config::parse(
+            Path::new("t"),
+            &format!("[health]\nstandby_interval = \"7s\"\n{text}"),
+        )
+        .unwrap();
+        let mut m = Model::new(&c);
+        links_up(&c, &mut m);
+        m.neighbour_present(
+            "10.0.0.1".parse().unwrap(),
+            Mac([2, 0, 0, 0, 0, 1]),
+            0,
+            None,
+        );
+        assert!(carries(&c, &m, 0));
+        assert!(!carries(&c, &m, 1), "tier 2 carries nothing while a is up");
+        assert_eq!(probe_interval(&c, &m, 1), std::time::Duration::from_secs(7));
+        assert_eq!(probe_interval(&c, &m, 0), c.health.interval, "not metered");
+        // a goes down: its client fails over to b, which is probed at the normal pace.
+        m.set_link(
+            "wan0",
+            LinkState {
+                ifindex: Some(2),
+                admin_up: true,
+                carrier: false,
+            },
+        );
+        m.refresh_links(std::time::Instant::now(), &c.health, &c.failover);
+        assert!(carries(&c, &m, 1));
+        assert_eq!(probe_interval(&c, &m, 1), c.health.interval);
+        // A pin to b makes it carry too.
+        let (c2, mut m2) = (c.clone(), Model::new(&c));
+        links_up(&c2, &mut m2);
+        m2.overrides.insert(
+            "10.0.0.9".parse().unwrap(),
+            crate::model::Override {
+                uplink: "b".into(),
+                until: None,
+            },
+        );
+        assert!(carries(&c2, &m2, 1));
     }
 
     #[test]
