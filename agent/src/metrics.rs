@@ -203,6 +203,7 @@ impl ModelGauges {
 #[derive(Clone)]
 pub struct HealthMetrics {
     pub probe_rtt: HistogramVec,
+    pub probe_bytes: IntCounterVec,
     probe_loss: GaugeVec,
     pub failovers: IntCounterVec,
     pub failbacks: IntCounterVec,
@@ -218,6 +219,11 @@ impl HealthMetrics {
                 "uplink_probe_rtt_seconds",
                 "Probe round-trip time",
                 &[1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0],
+                &["uplink"],
+            ),
+            probe_bytes: r.counters(
+                "probe_bytes_total",
+                "IP bytes the uplink's probes sent and got back, estimated per probe (an echo request and its reply; a TCP handshake and close)",
                 &["uplink"],
             ),
             probe_loss: r.float_gauges(
@@ -269,6 +275,7 @@ impl HealthMetrics {
     }
 
     fn forget(&self, name: &str) {
+        let _ = self.probe_bytes.remove_label_values(&[name]);
         let _ = self.probe_loss.remove_label_values(&[name]);
         let _ = self.probe_rtt.remove_label_values(&[name]);
         for c in self.counters() {
@@ -609,6 +616,7 @@ impl Metrics {
             }
             if !c.probes.is_empty() {
                 self.health.set_probe_loss(name, m.health.stats.loss());
+                self.health.probe_bytes.with_label_values(&[name]);
                 g.probe_interval
                     .with_label_values(&[name])
                     .set(crate::plan::probe_interval(config, model, i).as_secs_f64());

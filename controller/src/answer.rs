@@ -104,6 +104,24 @@ fn opt(v: Option<f64>) -> String {
     }
 }
 
+/// Bytes in decimal units (as ISPs bill them): `950 B`, `1.4 MB`, `35.4 MB`, `1.1 GB`.
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["kB", "MB", "GB", "TB", "PB"];
+    if n < 1000 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64;
+    let mut unit = "B";
+    for u in UNITS {
+        if v < 1000.0 {
+            break;
+        }
+        v /= 1000.0;
+        unit = u;
+    }
+    format!("{v:.1} {unit}")
+}
+
 fn list(v: &[String]) -> String {
     if v.is_empty() {
         "-".into()
@@ -199,6 +217,10 @@ fn uplinks(items: &[v1::Uplink], wide: bool) -> String {
             "SERVING",
             "GATEWAY6",
             "ADDRESSES",
+            "METERED",
+            // The probes' pace now, and what a day of it costs (an estimate).
+            "PROBE_EVERY",
+            "PROBE_PER_DAY",
         ]);
     }
     let rows = items
@@ -233,6 +255,10 @@ fn uplinks(items: &[v1::Uplink], wide: bool) -> String {
                     u.serving.to_string(),
                     or_dash(&u.gateway6),
                     list(&u.addresses),
+                    u.metered.to_string(),
+                    u.probe_interval_ms
+                        .map_or("-".into(), |ms| format!("{}ms", ms.round())),
+                    u.probe_bytes_per_day.map_or("-".into(), bytes),
                 ]);
             }
             r

@@ -483,7 +483,7 @@ fn golden_uplinks_output() -> anyhow::Result<()> {
     let (_, wide, _) = lab.ctl("view", &["uplinks", "-o", "wide"])?;
     assert!(
         wide.lines().nth(1).unwrap().ends_with(
-            "wan1       0x1000000  1001   true     2001:db8:100:1::1  100.64.1.2,2001:db8:100:1::2"
+            "wan1       0x1000000  1001   true     2001:db8:100:1::1  100.64.1.2,2001:db8:100:1::2  false    -            -"
         ),
         "{wide}"
     );
@@ -491,7 +491,7 @@ fn golden_uplinks_output() -> anyhow::Result<()> {
     let v: serde_json::Value = serde_json::from_str(&json)?;
     assert_eq!(
         v[0],
-        serde_json::json!({"name": "isp1", "interface": "wan1", "weight": 1, "tier": 1, "state": "up", "balance": "client", "fwmark": 16777216, "table": 1001, "clients": 0, "rtt_ms": null, "loss_ratio": null, "jitter_ms": null, "serving": true, "tx_bytes": 0, "tx_packets": 0, "rx_bytes": 0, "rx_packets": 0, "failback_in_ms": null, "failback_manual": false, "clients_carried": 0, "down_reason": "", "gateway": "100.64.1.1", "gateway6": "2001:db8:100:1::1", "addresses": ["100.64.1.2", "2001:db8:100:1::2"]})
+        serde_json::json!({"name": "isp1", "interface": "wan1", "weight": 1, "tier": 1, "state": "up", "balance": "client", "fwmark": 16777216, "table": 1001, "clients": 0, "rtt_ms": null, "loss_ratio": null, "jitter_ms": null, "serving": true, "tx_bytes": 0, "tx_packets": 0, "rx_bytes": 0, "rx_packets": 0, "failback_in_ms": null, "failback_manual": false, "clients_carried": 0, "down_reason": "", "gateway": "100.64.1.1", "gateway6": "2001:db8:100:1::1", "addresses": ["100.64.1.2", "2001:db8:100:1::2"], "probe_interval_ms": null, "probe_bytes_per_day": null, "metered": false})
     );
     Ok(())
 }

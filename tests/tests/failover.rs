@@ -370,6 +370,14 @@ fn a_metered_backup_is_probed_lightly_and_its_flows_leave_on_failback() -> anyho
         "the standby was probed {} times meanwhile",
         rounds("isp2")? - b0
     );
+    // Each answered ICMP probe costs an echo request and its reply: 2 × 41 IP bytes.
+    let m = lab.scrape(9477)?;
+    let bytes = m["uplinkd_probe_bytes_total{uplink=\"isp1\"}"];
+    assert!(
+        bytes >= 82.0 * (a0 + 10.0),
+        "{bytes} probe bytes after {} answered probes",
+        a0 + 10.0
+    );
 
     lab.carrier("isp1", false)?;
     wait_via(&lab, 1, "isp2", Duration::from_secs(5))?;

@@ -71,6 +71,15 @@ pub fn uplink(config: &Config, model: &Model, carried: &[usize], i: usize) -> v1
             String::new()
         },
         addresses: m.addrs.iter().map(|a| a.to_string()).collect(),
+        probe_interval_ms: probing
+            .then(|| crate::plan::probe_interval(config, model, i).as_secs_f64() * 1000.0),
+        probe_bytes_per_day: probing.then(|| {
+            crate::health::probe::bytes_per_day(
+                &c.probes,
+                crate::plan::probe_interval(config, model, i),
+            )
+        }),
+        metered: c.metered,
     }
 }
 

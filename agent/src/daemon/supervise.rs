@@ -7,7 +7,6 @@ use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use prometheus::{HistogramVec, IntCounterVec};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::warn;
@@ -16,6 +15,7 @@ use crate::config::Config;
 use crate::dataplane::nft;
 use crate::health::passive::Forwarded;
 use crate::health::probe::{self, ProbeSpec};
+use crate::metrics::HealthMetrics;
 use crate::model::Model;
 use crate::model::nexthop::Hop;
 
@@ -45,10 +45,7 @@ pub(super) struct Supervisor {
     /// Reads nft counters beside the loop.
     counters: nft::Counters,
     passive_tx: mpsc::Sender<PassiveReading>,
-    /// `uplinkd_uplink_probe_rtt_seconds`.
-    probe_rtt: HistogramVec,
-    /// `uplinkd_uplink_probe_rounds_lost_while_forwarding_total`.
-    lost_while_forwarding: IntCounterVec,
+    metrics: HealthMetrics,
 }
 
 impl Supervisor {
@@ -56,8 +53,7 @@ impl Supervisor {
         probe_tx: mpsc::Sender<probe::Report>,
         passive_tx: mpsc::Sender<PassiveReading>,
         counters: nft::Counters,
-        probe_rtt: HistogramVec,
-        lost_while_forwarding: IntCounterVec,
+        metrics: HealthMetrics,
     ) -> Supervisor {
         Supervisor {
             probers: HashMap::new(),
@@ -66,8 +62,7 @@ impl Supervisor {
             forwarded: Forwarded::default(),
             counters,
             passive_tx,
-            probe_rtt,
-            lost_while_forwarding,
+            metrics,
         }
     }
 
@@ -182,18 +177,26 @@ impl Supervisor {
         Some(report)
     }
 
-    /// Counts a round in the supervisor's metrics: its RTTs, and whether passive
-    /// evidence excused it.
+    /// Counts a round in the supervisor's metrics: its RTTs, its traffic, and whether
+    /// passive evidence excused it.
     pub fn observe(&self, report: &probe::Report, uplink: &str) {
         if report.round.forwarding {
-            self.lost_while_forwarding
+            self.metrics
+                .lost_while_forwarding
                 .with_label_values(&[uplink])
                 .inc();
         }
         for rtt in report.round.rtts.iter().flatten() {
-            self.probe_rtt
+            self.metrics
+                .probe_rtt
                 .with_label_values(&[uplink])
                 .observe(rtt.as_secs_f64());
+        }
+        if let Some(p) = self.probers.get(&report.uplink) {
+            self.metrics
+                .probe_bytes
+                .with_label_values(&[uplink])
+                .inc_by(probe::round_bytes(&p.spec.targets, &report.round.rtts));
         }
     }
 }
