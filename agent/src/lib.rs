@@ -20,3 +20,4 @@ pub mod model;
 pub mod notify;
 pub mod plan;
 pub mod telemetry;
+pub mod usage;

@@ -39,6 +39,8 @@ pub struct Metrics {
     pub traffic: TrafficMetrics,
     /// The API's requests and the listeners' refusals.
     pub serving: ServingMetrics,
+    /// Bytes per uplink, persisted (the usage owner).
+    pub usage: UsageMetrics,
     /// Neighbours discovery did not track (a LAN limit).
     pub lan_refused: IntCounterVec,
     /// Failed state-file writes (persistence).
@@ -481,6 +483,52 @@ impl TrafficMetrics {
     }
 }
 
+/// Bytes per uplink and direction as the usage ledger counts them: persisted, so they go
+/// on across restarts (`usage.json`).
+#[derive(Clone)]
+pub struct UsageMetrics {
+    bytes: IntCounterVec,
+    /// What each series was last brought to.
+    published: Arc<std::sync::Mutex<HashMap<(String, &'static str), u64>>>,
+}
+
+impl UsageMetrics {
+    fn new(r: &Reg) -> UsageMetrics {
+        UsageMetrics {
+            bytes: r.counters(
+                "uplink_bytes_total",
+                "Bytes forwarded through the uplink (direction in: from the ISP, out: to it), counted from the dataplane's counters and kept across restarts",
+                &["uplink", "direction"],
+            ),
+            published: Arc::default(),
+        }
+    }
+
+    /// Brings the series of the configured uplinks to the ledger's totals; those of
+    /// uplinks no longer configured go.
+    pub fn publish(&self, ledger: &crate::usage::Ledger, config: &Config) {
+        let mut published = self.published.lock().expect("lock");
+        published.retain(|(name, dir), _| {
+            let keep = config.uplinks.iter().any(|u| &u.name == name);
+            if !keep {
+                let _ = self.bytes.remove_label_values(&[name.as_str(), *dir]);
+            }
+            keep
+        });
+        for u in &config.uplinks {
+            let usage = ledger.uplinks.get(&u.name).cloned().unwrap_or_default();
+            for (dir, total) in [("in", usage.total_rx), ("out", usage.total_tx)] {
+                let last = published.entry((u.name.clone(), dir)).or_insert(0);
+                let series = self.bytes.with_label_values(&[&u.name, dir]);
+                if total > *last {
+                    series.inc_by(total - *last);
+                    *last = total;
+                }
+            }
+        }
+    }
+}
+
 /// The API's requests, and connections the listeners closed at once.
 #[derive(Clone)]
 pub struct ServingMetrics {
@@ -542,6 +590,7 @@ impl Metrics {
             apply: ApplyMetrics::new(&r),
             traffic: TrafficMetrics::new(&r),
             serving: ServingMetrics::new(&r),
+            usage: UsageMetrics::new(&r),
             lan_refused: r.counters(
                 "lan_neighbours_refused_total",
                 "Neighbour events not tracked because a LAN limit was reached (their traffic is hashed over the surviving uplinks)",

@@ -207,6 +207,8 @@ fn uplinks(items: &[v1::Uplink], wide: bool) -> String {
         "RTT_MS",
         "LOSS",
         "JITTER_MS",
+        // Bytes in and out in the uplink's usage period (quota_period).
+        "USED",
         "GATEWAY",
     ];
     if wide {
@@ -245,6 +247,7 @@ fn uplinks(items: &[v1::Uplink], wide: bool) -> String {
                 opt(u.rtt_ms),
                 opt(u.loss_ratio),
                 opt(u.jitter_ms),
+                bytes(u.used_rx_bytes.saturating_add(u.used_tx_bytes)),
                 or_dash(&u.gateway),
             ];
             if wide {

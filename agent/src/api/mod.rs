@@ -157,15 +157,27 @@ pub const MAX_WATCHERS: usize = 64;
 pub const MAX_API_CONNECTIONS: usize = 256;
 pub const MAX_API_CONNECTIONS_PER_PEER: usize = 32;
 
+/// What the API reads beside the agent loop: the loop's snapshot, the dataplane's traffic
+/// counters and the usage owner's ledger.
+pub struct Reads {
+    pub snapshot: tokio::sync::watch::Receiver<Arc<snapshot::Snapshot>>,
+    pub counters: crate::dataplane::nft::Counters,
+    pub usage: tokio::sync::watch::Receiver<Arc<crate::usage::Ledger>>,
+}
+
 pub async fn serve(
     api: ApiConfig,
     tx: mpsc::Sender<Command>,
     ready: Arc<AtomicBool>,
     heartbeat: Arc<Heartbeat>,
     metrics: crate::metrics::ServingMetrics,
-    counters: crate::dataplane::nft::Counters,
-    snapshot: tokio::sync::watch::Receiver<Arc<snapshot::Snapshot>>,
+    reads: Reads,
 ) -> Result<(), ServeError> {
+    let Reads {
+        snapshot,
+        counters,
+        usage,
+    } = reads;
     let tls = tls::server_config(&api)?;
     let grpc = TcpListener::bind(api.listen)
         .await
@@ -205,6 +217,7 @@ pub async fn serve(
         counters,
         watchers: Arc::new(tokio::sync::Semaphore::new(MAX_WATCHERS)),
         snapshot,
+        usage,
     };
     tokio::spawn(async move {
         let r = tonic::transport::Server::builder()
@@ -383,6 +396,8 @@ pub struct AgentService {
     counters: crate::dataplane::nft::Counters,
     watchers: Arc<tokio::sync::Semaphore>,
     snapshot: tokio::sync::watch::Receiver<Arc<snapshot::Snapshot>>,
+    /// The uplinks' usage as its owner last counted it.
+    usage: tokio::sync::watch::Receiver<Arc<crate::usage::Ledger>>,
 }
 
 /// The caller's role, from its verified client certificate.
@@ -462,10 +477,18 @@ impl AgentService {
             .read(Duration::from_secs(1))
             .await
             .map_err(|e| Status::internal(format!("cannot read the traffic counters: {e}")))?;
+        let usage = self.usage.borrow().clone();
         for u in &mut uplinks {
             if let Some(t) = traffic.get(&u.interface) {
                 (u.tx_packets, u.tx_bytes) = t.tx;
                 (u.rx_packets, u.rx_bytes) = t.rx;
+            }
+            if let Some(used) = usage.uplinks.get(&u.name) {
+                u.used_rx_bytes = used.rx;
+                u.used_tx_bytes = used.tx;
+                u.period_start_ms = u64::try_from(used.period_start)
+                    .unwrap_or(0)
+                    .saturating_mul(1000);
             }
         }
         Ok(uplinks)

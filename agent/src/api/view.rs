@@ -80,6 +80,10 @@ pub fn uplink(config: &Config, model: &Model, carried: &[usize], i: usize) -> v1
             )
         }),
         metered: c.metered,
+        // Filled in beside the loop from the usage owner's ledger, as the traffic.
+        used_rx_bytes: 0,
+        used_tx_bytes: 0,
+        period_start_ms: 0,
     }
 }
 

@@ -100,6 +100,28 @@ pub enum Failback {
     Manual,
 }
 
+/// The billing period an uplink's usage is counted in; it starts at midnight, local time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuotaPeriod {
+    Day,
+    /// From the given weekday (1 = Monday … 7 = Sunday).
+    Week {
+        starts: u32,
+    },
+    /// From the given day of the month (1–28).
+    Month {
+        starts: u32,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum RawQuotaPeriod {
+    Day,
+    Week,
+    Month,
+}
+
 /// What happens on failback to the flows the failover put on other uplinks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -327,6 +349,8 @@ pub struct UplinkConfig {
     /// Paid by volume: probed every `health.standby_interval` while it carries nothing,
     /// and the flows a failover placed on it leave it on failback.
     pub metered: bool,
+    /// The period its usage is counted in.
+    pub quota_period: QuotaPeriod,
 }
 
 impl UplinkConfig {
@@ -529,6 +553,8 @@ struct RawUplink {
     probe_quorum: Option<Spanned<i64>>,
     tier: Option<Spanned<i64>>,
     metered: Option<bool>,
+    quota_period: Option<RawQuotaPeriod>,
+    quota_reset: Option<Spanned<i64>>,
 }
 
 impl Config {
@@ -999,6 +1025,25 @@ impl Validator<'_> {
                 1..=probes.len().max(1) as i64,
             )? as u32;
             let tier = self.int(&key("tier"), u.tier.as_ref(), 1, 1..=9)? as u32;
+            let quota_period = match u.quota_period.unwrap_or(RawQuotaPeriod::Month) {
+                RawQuotaPeriod::Day => {
+                    if let Some(r) = &u.quota_reset {
+                        return Err(self.err(
+                            Some(r.span()),
+                            key("quota_reset"),
+                            "a daily period starts at midnight: quota_reset applies to \"week\" (1 = Monday … 7 = Sunday) and \"month\" (day 1–28)",
+                        ));
+                    }
+                    QuotaPeriod::Day
+                }
+                RawQuotaPeriod::Week => QuotaPeriod::Week {
+                    starts: self.int(&key("quota_reset"), u.quota_reset.as_ref(), 1, 1..=7)? as u32,
+                },
+                RawQuotaPeriod::Month => QuotaPeriod::Month {
+                    starts: self.int(&key("quota_reset"), u.quota_reset.as_ref(), 1, 1..=28)?
+                        as u32,
+                },
+            };
             uplinks.push(UplinkConfig {
                 name,
                 interface,
@@ -1013,6 +1058,7 @@ impl Validator<'_> {
                 probe_quorum,
                 tier,
                 metered: u.metered.unwrap_or(false),
+                quota_period,
             });
         }
         for u in &uplinks {
@@ -1580,6 +1626,25 @@ interface = "ppp0"
             e.to_string().contains("keep") && e.to_string().contains("move"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn usage_periods_start_on_a_day_of_the_month_or_week_or_at_midnight() {
+        let with = |keys: &str| GOOD.replacen("weight = 2", &format!("weight = 2\n{keys}"), 1);
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.uplinks[0].quota_period, QuotaPeriod::Month { starts: 1 });
+        let c = parse(&with("quota_period = \"week\"\nquota_reset = 7")).unwrap();
+        assert_eq!(c.uplinks[0].quota_period, QuotaPeriod::Week { starts: 7 });
+        let c = parse(&with("quota_reset = 28")).unwrap();
+        assert_eq!(c.uplinks[0].quota_period, QuotaPeriod::Month { starts: 28 });
+        let e = parse(&with("quota_reset = 29")).unwrap_err();
+        assert_eq!(e.key, "uplink[0].quota_reset", "{e}");
+        let e = parse(&with("quota_period = \"week\"\nquota_reset = 8")).unwrap_err();
+        assert_eq!(e.key, "uplink[0].quota_reset", "{e}");
+        let e = parse(&with("quota_period = \"day\"\nquota_reset = 1")).unwrap_err();
+        assert!(e.message.contains("starts at midnight"), "{e}");
+        let e = parse(&with("quota_period = \"year\"")).unwrap_err();
+        assert!(e.to_string().contains("month"), "{e}");
     }
 
     #[test]

@@ -9,6 +9,7 @@ mod schedule;
 mod supervise;
 #[cfg(test)]
 mod tests;
+mod usage;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -140,6 +141,8 @@ pub struct Agent {
     publish: publish::Publisher,
     /// The assignments and decisions on disk, written beside the loop.
     persist: persist::Persistence,
+    /// The uplinks' usage, counted and written beside the loop.
+    usage: usage::Usage,
     /// Parts of the config the kernel refuses (`rule NAME: why`), as last reported.
     refused: Arc<Vec<String>>,
     /// Whether the last apply's default policy read the client sets (`None`: none yet).
@@ -242,8 +245,11 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
             agent.publish.in_sync.clone(),
             agent.heartbeat.clone(),
             agent.metrics.serving.clone(),
-            agent.counters.clone(),
-            agent.publish.subscribe(),
+            api::Reads {
+                snapshot: agent.publish.subscribe(),
+                counters: agent.counters.clone(),
+                usage: agent.usage.snapshot.clone(),
+            },
         );
         serving
             .spawn(serve)
@@ -275,6 +281,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
     agent.request_apply(ReadBack::Cache);
     let first = applied_rx.recv().await.ok_or(AgentError::Executor)?;
     let clean = agent.on_applied(first);
+    agent.usage.begin();
     agent.health.probing = true;
     agent.reconcile_probers();
     agent.save_state();
@@ -424,6 +431,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
         .save_at_exit(&agent.model.decisions(), agent.model.clients())
         .await;
     agent.health.stop_all();
+    agent.usage.save_now(Duration::from_secs(2)).await;
     drop(serving);
     info!("stopping; dataplane left in place");
     Ok(())
@@ -467,6 +475,12 @@ impl Agent {
             model,
             schedule: schedule::Scheduler::new(w.jobs, w.takes_increment),
             conntrack: w.conntrack,
+            usage: usage::spawn(
+                config.clone(),
+                w.state.clone(),
+                w.counters.clone(),
+                metrics.usage.clone(),
+            ),
             persist: persist::Persistence::new(
                 w.state,
                 w.decisions_tx,
@@ -1094,6 +1108,7 @@ impl Agent {
             .keep_sla(&old, &self.config.policies, &new.policies);
         let reassigned = self.model.restore(clients);
         self.config = Arc::new(new);
+        self.usage.reconfigure(self.config.clone());
         self.discovery.forget_links();
         // Indexed by uplink position, which a reload may change.
         self.health.stop_all();

@@ -112,6 +112,14 @@ pub struct Restored {
 }
 
 const DECISIONS_FILE: &str = "decisions.json";
+const USAGE_FILE: &str = "usage.json";
+
+#[derive(Serialize, Deserialize)]
+struct UsageDoc {
+    version: u32,
+    #[serde(flatten)]
+    ledger: crate::usage::Ledger,
+}
 
 /// Decisions that must survive a crash a moment after they were taken: operator pins and
 /// drains, failovers waiting for their failback, uplinks that were down. Small, so it is
@@ -501,6 +509,42 @@ impl StateFile {
         self.write_atomic(DECISIONS_FILE, &doc).map(|_| ())
     }
 
+    /// The uplinks' usage (`usage.json`); `None` when there is none yet.
+    pub fn load_usage(&self) -> Result<Option<crate::usage::Ledger>, StateError> {
+        let path = self.dir.join(USAGE_FILE);
+        match fs::read(&path) {
+            Ok(bytes) => {
+                let doc: UsageDoc =
+                    serde_json::from_slice(&bytes).map_err(|e| corrupt(&path, e))?;
+                if doc.version != VERSION {
+                    return Err(StateError::Version {
+                        path,
+                        found: doc.version,
+                    });
+                }
+                Ok(Some(doc.ledger))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(StateError::Io { path, source }),
+        }
+    }
+
+    pub fn save_usage(&self, ledger: &crate::usage::Ledger) -> Result<(), StateError> {
+        let doc = UsageDoc {
+            version: VERSION,
+            ledger: ledger.clone(),
+        };
+        self.write_atomic(USAGE_FILE, &doc).map(|_| ())
+    }
+
+    /// Moves an unreadable usage file aside (never deletes it).
+    pub fn set_aside_usage(&self, now: Millis) -> Result<PathBuf, StateError> {
+        let from = self.dir.join(USAGE_FILE);
+        let to = self.dir.join(format!("{USAGE_FILE}.corrupt-{now}"));
+        fs::rename(&from, &to).map_err(|source| StateError::Io { path: from, source })?;
+        Ok(to)
+    }
+
     /// Moves an unreadable decisions file aside (never deletes it).
     pub fn set_aside_decisions(&self, now: Millis) -> Result<PathBuf, StateError> {
         let from = self.dir.join(DECISIONS_FILE);
@@ -549,6 +593,34 @@ mod tests {
         let d = std::env::temp_dir().join(format!("uplinkd-state-{tag}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&d);
         d
+    }
+
+    #[test]
+    fn usage_round_trips_and_a_corrupt_file_is_set_aside() {
+        let dir = tmpdir("usage");
+        let sf = StateFile::new(&dir);
+        assert_eq!(sf.load_usage().unwrap(), None);
+        let mut l = crate::usage::Ledger::default();
+        l.counters.insert("wwan0".into(), (10, 20));
+        l.uplinks.insert(
+            "lte".into(),
+            crate::usage::UplinkUsage {
+                period_start: 1_801_440_000,
+                rx: 1,
+                tx: 2,
+                total_rx: 3,
+                total_tx: 4,
+            },
+        );
+        sf.save_usage(&l).unwrap();
+        assert_eq!(sf.load_usage().unwrap(), Some(l));
+        fs::write(dir.join(USAGE_FILE), b"{\"version\": 1, \"uplinks\": [").unwrap();
+        let e = sf.load_usage().unwrap_err();
+        assert!(matches!(e, StateError::Corrupt { .. }), "{e}");
+        let aside = sf.set_aside_usage(7).unwrap();
+        assert!(aside.ends_with("usage.json.corrupt-7") && aside.exists());
+        assert_eq!(sf.load_usage().unwrap(), None);
+        let _ = fs::remove_dir_all(&dir);
     }
 
     #[test]
