@@ -488,8 +488,15 @@ impl TrafficMetrics {
 #[derive(Clone)]
 pub struct UsageMetrics {
     bytes: IntCounterVec,
-    /// What each series was last brought to.
-    published: Arc<std::sync::Mutex<HashMap<(String, &'static str), u64>>>,
+    /// The configured uplinks, and what each series was last brought to: one lock, so a
+    /// count that began before a reload cannot bring back a removed uplink's series.
+    state: Arc<std::sync::Mutex<UsageSeries>>,
+}
+
+#[derive(Default)]
+struct UsageSeries {
+    uplinks: Vec<String>,
+    published: HashMap<(String, &'static str), u64>,
 }
 
 impl UsageMetrics {
@@ -500,26 +507,34 @@ impl UsageMetrics {
                 "Bytes forwarded through the uplink (direction in: from the ISP, out: to it), counted from the dataplane's counters and kept across restarts",
                 &["uplink", "direction"],
             ),
-            published: Arc::default(),
+            state: Arc::default(),
         }
     }
 
-    /// Brings the series of the configured uplinks to the ledger's totals; those of
-    /// uplinks no longer configured go.
-    pub fn publish(&self, ledger: &crate::usage::Ledger, config: &Config) {
-        let mut published = self.published.lock().expect("lock");
+    /// The uplinks configured now (at start and at each reload, from the loop): the
+    /// series of uplinks no longer configured go at once.
+    pub fn configure(&self, config: &Config) {
+        let mut st = self.state.lock().expect("lock");
+        st.uplinks = config.uplinks.iter().map(|u| u.name.clone()).collect();
+        let UsageSeries { uplinks, published } = &mut *st;
         published.retain(|(name, dir), _| {
-            let keep = config.uplinks.iter().any(|u| &u.name == name);
+            let keep = uplinks.contains(name);
             if !keep {
                 let _ = self.bytes.remove_label_values(&[name.as_str(), *dir]);
             }
             keep
         });
-        for u in &config.uplinks {
-            let usage = ledger.uplinks.get(&u.name).cloned().unwrap_or_default();
+    }
+
+    /// Brings the configured uplinks' series to the ledger's totals.
+    pub fn publish(&self, ledger: &crate::usage::Ledger) {
+        let mut st = self.state.lock().expect("lock");
+        let UsageSeries { uplinks, published } = &mut *st;
+        for name in uplinks.iter() {
+            let usage = ledger.uplinks.get(name).cloned().unwrap_or_default();
             for (dir, total) in [("in", usage.total_rx), ("out", usage.total_tx)] {
-                let last = published.entry((u.name.clone(), dir)).or_insert(0);
-                let series = self.bytes.with_label_values(&[&u.name, dir]);
+                let last = published.entry((name.clone(), dir)).or_insert(0);
+                let series = self.bytes.with_label_values(&[name.as_str(), dir]);
                 if total > *last {
                     series.inc_by(total - *last);
                     *last = total;

@@ -28,6 +28,7 @@ const EVERY: Duration = Duration::from_secs(1);
 
 pub(super) struct Usage {
     pub snapshot: watch::Receiver<Arc<Ledger>>,
+    metrics: UsageMetrics,
     config: watch::Sender<Arc<Config>>,
     save: mpsc::Sender<oneshot::Sender<()>>,
     begin: Option<oneshot::Sender<()>>,
@@ -41,8 +42,10 @@ impl Usage {
         }
     }
 
-    /// A reload: the uplinks and their periods from now on.
+    /// A reload: the uplinks and their periods from now on. The series of uplinks it
+    /// removed go before the reload answers.
     pub fn reconfigure(&self, config: Arc<Config>) {
+        self.metrics.configure(&config);
         let _ = self.config.send(config);
     }
 
@@ -70,7 +73,9 @@ pub(super) fn spawn(
             Ledger::default()
         }
     };
-    metrics.publish(&ledger, &config);
+    metrics.configure(&config);
+    metrics.publish(&ledger);
+    let handle = metrics.clone();
     let (snapshot_tx, snapshot) = watch::channel(Arc::new(ledger.clone()));
     let (config_tx, mut config_rx) = watch::channel(config);
     let (save, mut save_rx) = mpsc::channel::<oneshot::Sender<()>>(1);
@@ -108,7 +113,7 @@ pub(super) fn spawn(
                     for name in ledger.record(&uplinks, &reading, now(), &tz) {
                         info!(uplink = %name, "a new usage period started");
                     }
-                    metrics.publish(&ledger, &config);
+                    metrics.publish(&ledger);
                     let _ = snapshot_tx.send(Arc::new(ledger.clone()));
                 }
                 _ = every_save.tick() => {
@@ -135,6 +140,7 @@ pub(super) fn spawn(
     });
     Usage {
         snapshot,
+        metrics: handle,
         config: config_tx,
         save,
         begin: Some(begin),

@@ -829,15 +829,7 @@ interface = "ppp0"
         assert_eq!(probe_interval(&c, &m, 1), std::time::Duration::from_secs(7));
         assert_eq!(probe_interval(&c, &m, 0), c.health.interval, "not metered");
         // a goes down: its client fails over to b, which is probed at the normal pace.
-        m.set_link(
-            "wan0",
-            LinkState {
-                ifindex: Some(2),
-                admin_up: true,
-                carrier: false,
-            },
-        );
-        m.refresh_links(std::time::Instant::now(), &c.health, &c.failover);
+        wan0_loses_carrier(&c, &mut m);
         assert!(carries(&c, &m, 1));
         assert_eq!(probe_interval(&c, &m, 1), c.health.interval);
         // A pin to b makes it carry too.
@@ -853,6 +845,18 @@ interface = "ppp0"
         assert!(carries(&c2, &m2, 1));
     }
 
+    fn wan0_loses_carrier(c: &Config, m: &mut Model) {
+        m.set_link(
+            "wan0",
+            LinkState {
+                ifindex: Some(2),
+                admin_up: true,
+                carrier: false,
+            },
+        );
+        m.refresh_links(std::time::Instant::now(), &c.health, &c.failover);
+    }
+
     #[test]
     fn failover_rewrites_the_home_chain_and_drops_the_sticky_mark() {
         let (c, mut m) = setup();
@@ -866,15 +870,7 @@ interface = "ppp0"
                 .count(),
             2
         );
-        m.set_link(
-            "wan0",
-            LinkState {
-                ifindex: Some(2),
-                admin_up: true,
-                carrier: false,
-            },
-        );
-        m.refresh_links(std::time::Instant::now(), &c.health, &c.failover);
+        wan0_loses_carrier(&c, &mut m);
         let d = plan(&c, &m);
         assert_eq!(d.nft.structure.uplinks[0].home, Some(vec!["b".to_string()]));
         assert_eq!(d.nft.structure.uplinks[1].home, None);
