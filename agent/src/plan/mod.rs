@@ -643,10 +643,13 @@ fn jhash(key: &[u8], initval: u32) -> u32 {
     c
 }
 
-/// How often uplink `i` is probed now: a metered uplink that carries nothing every
-/// `health.standby_interval`, any other every `health.interval`.
+/// How often uplink `i` is probed now: a metered uplink that carries nothing while
+/// another uplink is usable every `health.standby_interval`, any other every
+/// `health.interval`. With no other uplink usable it is the next candidate, and a standby
+/// that was down must be seen back within a normal round.
 pub fn probe_interval(config: &Config, model: &Model, i: usize) -> std::time::Duration {
-    if config.uplinks[i].metered && !carries(config, model, i) {
+    let others = (0..model.uplinks.len()).any(|j| j != i && model.uplinks[j].usable());
+    if config.uplinks[i].metered && others && !carries(config, model, i) {
         config.health.standby_interval
     } else {
         config.health.interval
@@ -831,6 +834,19 @@ interface = "ppp0"
         // a goes down: its client fails over to b, which is probed at the normal pace.
         wan0_loses_carrier(&c, &mut m);
         assert!(carries(&c, &m, 1));
+        assert_eq!(probe_interval(&c, &m, 1), c.health.interval);
+        // Its own link down too: with nothing else usable it is the next candidate, and is
+        // probed at the normal pace to be seen back.
+        m.set_link(
+            "ppp0",
+            LinkState {
+                ifindex: Some(3),
+                admin_up: true,
+                carrier: false,
+            },
+        );
+        m.refresh_links(std::time::Instant::now(), &c.health, &c.failover);
+        assert!(!m.uplinks[1].usable());
         assert_eq!(probe_interval(&c, &m, 1), c.health.interval);
         // A pin to b makes it carry too.
         let (c2, mut m2) = (c.clone(), Model::new(&c));
