@@ -441,8 +441,8 @@ impl TrafficMetrics {
         for name in names.iter() {
             let now = counters.get(name).copied().unwrap_or_default();
             let before = last.insert(name.clone(), now).unwrap_or_default();
-            // A rewritten rules chain starts its counters at 0: count from there.
-            let delta = |n: u64, b: u64| if n >= b { n - b } else { n };
+            // A rewritten rules chain starts its counters at 0: `moved` counts from there.
+            let delta = crate::dataplane::nft::moved;
             self.rule_packets
                 .with_label_values(&[name])
                 .inc_by(delta(now.0, before.0));
@@ -465,8 +465,9 @@ impl TrafficMetrics {
             let name = name.as_str();
             let now = traffic.get(interface).copied().unwrap_or_default();
             let before = last.insert(interface.clone(), now).unwrap_or_default();
-            // nft counters restart at 0 when the table is replaced: count from there.
-            let delta = |n: u64, b: u64| if n >= b { n - b } else { n };
+            // nft counters restart at 0 when the table is replaced: `moved` counts from
+            // there.
+            let delta = crate::dataplane::nft::moved;
             self.tx_packets
                 .with_label_values(&[name])
                 .inc_by(delta(now.tx.0, before.tx.0));

@@ -102,7 +102,7 @@ impl Ledger {
                 .counters
                 .insert(iface.clone(), (rx, tx))
                 .unwrap_or((rx, tx));
-            let delta = |now: u64, last: u64| if now >= last { now - last } else { now };
+            let delta = crate::dataplane::nft::moved;
             moved.insert(iface.as_str(), (delta(rx, last_rx), delta(tx, last_tx)));
         }
         let mut rolled = Vec::new();

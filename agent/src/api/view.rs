@@ -27,6 +27,8 @@ pub fn uplink(config: &Config, model: &Model, carried: &[usize], i: usize) -> v1
     let (c, m) = (&config.uplinks[i], &model.uplinks[i]);
     let pending = model.failback_pending(i, std::time::Instant::now(), &config.failover);
     let probing = !c.probes.is_empty();
+    // How often it is probed now (a metered standby less often).
+    let pace = probing.then(|| crate::plan::probe_interval(config, model, i));
     let stats = &m.health.stats;
     v1::Uplink {
         name: c.name.clone(),
@@ -71,14 +73,8 @@ pub fn uplink(config: &Config, model: &Model, carried: &[usize], i: usize) -> v1
             String::new()
         },
         addresses: m.addrs.iter().map(|a| a.to_string()).collect(),
-        probe_interval_ms: probing
-            .then(|| crate::plan::probe_interval(config, model, i).as_secs_f64() * 1000.0),
-        probe_bytes_per_day: probing.then(|| {
-            crate::health::probe::bytes_per_day(
-                &c.probes,
-                crate::plan::probe_interval(config, model, i),
-            )
-        }),
+        probe_interval_ms: pace.map(|p| p.as_secs_f64() * 1000.0),
+        probe_bytes_per_day: pace.map(|p| crate::health::probe::bytes_per_day(&c.probes, p)),
         metered: c.metered,
         // Filled in beside the loop from the usage owner's ledger, as the traffic.
         used_rx_bytes: 0,

@@ -561,9 +561,12 @@ impl Config {
     /// Whether some failback deletes the connections its failover placed: all of them
     /// (`failback_flows = "move"`), or those on metered uplinks.
     pub fn failback_moves_flows(&self) -> bool {
-        self.failover.failback_flows == FailbackFlows::Move
-            || self.uplinks.iter().any(|u| u.metered)
+        failback_moves_flows(&self.failover, &self.uplinks)
     }
+}
+
+fn failback_moves_flows(failover: &FailoverConfig, uplinks: &[UplinkConfig]) -> bool {
+    failover.failback_flows == FailbackFlows::Move || uplinks.iter().any(|u| u.metered)
 }
 
 impl Config {
@@ -700,7 +703,7 @@ impl Validator<'_> {
                 ),
             ));
         }
-        if failover.failback_flows == FailbackFlows::Move || uplinks.iter().any(|u| u.metered) {
+        if failback_moves_flows(&failover, &uplinks) {
             self.room_for_failback_flows(&dataplane, &uplinks, &p.policies)?;
         }
         let local = self.local(raw.local, &p.policies)?;
@@ -1302,7 +1305,7 @@ impl Validator<'_> {
                 None,
                 "failover.failback_flows",
                 format!(
-                    "\"move\" (and a metered uplink, whose flows always move) marks the flows a failover moves with one id per uplink in dataplane.policy_mark_mask ({:#x}, ids 1..={}), from the top down; {} uplinks and policies with an SLA up to id {} do not fit: widen the mask, or use \"keep\"",
+                    "\"move\" (and a metered uplink, whose flows always move) marks the flows a failover moves with one id per uplink in dataplane.policy_mark_mask ({:#x}, ids 1..={}), from the top down; uplink mark ids up to {} and policies with an SLA up to id {} do not fit: widen the mask, or use \"keep\"",
                     dp.policy_mark_mask,
                     dp.max_policy_id(),
                     highest_mark,

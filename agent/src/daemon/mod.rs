@@ -919,7 +919,7 @@ impl Agent {
                 "the policy's flows on the uplink that breaks its SLA"
             }
             executor::FlushOf::Failback(_) => {
-                "the flows the failover had placed on other uplinks (failback_flows = \"move\")"
+                "the flows the failover had placed on other uplinks (all with failback_flows = \"move\", else those on metered ones)"
             }
         };
         match outcome {

@@ -60,7 +60,8 @@ pub struct Uplink {
     /// Its conntrack entries must go once its clients have somewhere else to be.
     pub needs_flush: bool,
     /// A plan sent its clients elsewhere (failed over or drained): the connections that
-    /// plan placed may have to come home with them (`failback_flows = "move"`).
+    /// plan placed may have to come home with them (`failback_flows = "move"`, metered
+    /// uplinks).
     pub away: bool,
     /// Drained by an operator: its clients' new flows go elsewhere, no new client lands on
     /// it, established flows finish on it.

@@ -332,14 +332,24 @@ fn replay(
 
 /// A decisions file's bytes; `path` only labels errors.
 pub fn parse_decisions(path: &Path, bytes: &[u8]) -> Result<Decisions, StateError> {
-    let doc: DecisionsDoc = serde_json::from_slice(bytes).map_err(|e| corrupt(path, e))?;
-    if doc.version != VERSION {
-        return Err(StateError::Version {
+    versioned(path, bytes, |d: &DecisionsDoc| d.version).map(|d| d.decisions)
+}
+
+/// A whole JSON document of this uplinkd's version (`version` reads it); `path` only
+/// labels errors.
+fn versioned<D: serde::de::DeserializeOwned>(
+    path: &Path,
+    bytes: &[u8],
+    version: impl Fn(&D) -> u32,
+) -> Result<D, StateError> {
+    let doc: D = serde_json::from_slice(bytes).map_err(|e| corrupt(path, e))?;
+    match version(&doc) {
+        VERSION => Ok(doc),
+        found => Err(StateError::Version {
             path: path.to_owned(),
-            found: doc.version,
-        });
+            found,
+        }),
     }
-    Ok(doc.decisions)
 }
 
 #[derive(Clone)]
@@ -397,20 +407,13 @@ impl StateFile {
     /// Moves an unreadable state file and its journal aside (never deletes them) and
     /// returns the file's new path.
     pub fn set_aside(&self, now: Millis) -> Result<PathBuf, StateError> {
-        let journal = self.dir.join(JOURNAL);
-        if journal.exists() {
-            let to = self.dir.join(format!("{JOURNAL}.corrupt-{now}"));
-            fs::rename(&journal, &to).map_err(|source| StateError::Io {
-                path: journal,
-                source,
-            })?;
+        if self.dir.join(JOURNAL).exists() {
+            self.move_aside(JOURNAL, now)?;
         }
-        let from = self.path();
-        let to = self.dir.join(format!("{FILE}.corrupt-{now}"));
-        if from.exists() {
-            fs::rename(&from, &to).map_err(|source| StateError::Io { path: from, source })?;
+        if self.path().exists() {
+            return self.move_aside(FILE, now);
         }
-        Ok(to)
+        Ok(self.dir.join(format!("{FILE}.corrupt-{now}")))
     }
 
     /// Writes the client assignments whole, streamed into the file (no whole document in
@@ -491,14 +494,29 @@ impl StateFile {
         Ok(lines)
     }
 
-    /// The decisions file; `None` when there is none yet.
-    pub fn load_decisions(&self) -> Result<Option<Decisions>, StateError> {
-        let path = self.dir.join(DECISIONS_FILE);
+    /// A whole file of the directory, with its path; `None` when there is none.
+    fn read(&self, name: &str) -> Result<Option<(PathBuf, Vec<u8>)>, StateError> {
+        let path = self.dir.join(name);
         match fs::read(&path) {
-            Ok(bytes) => parse_decisions(&path, &bytes).map(Some),
+            Ok(bytes) => Ok(Some((path, bytes))),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(source) => Err(StateError::Io { path, source }),
         }
+    }
+
+    /// Moves a file of the directory aside as `<name>.corrupt-<now>` (never deletes it).
+    fn move_aside(&self, name: &str, now: Millis) -> Result<PathBuf, StateError> {
+        let from = self.dir.join(name);
+        let to = self.dir.join(format!("{name}.corrupt-{now}"));
+        fs::rename(&from, &to).map_err(|source| StateError::Io { path: from, source })?;
+        Ok(to)
+    }
+
+    /// The decisions file; `None` when there is none yet.
+    pub fn load_decisions(&self) -> Result<Option<Decisions>, StateError> {
+        self.read(DECISIONS_FILE)?
+            .map(|(path, bytes)| parse_decisions(&path, &bytes))
+            .transpose()
     }
 
     pub fn save_decisions(&self, decisions: &Decisions) -> Result<(), StateError> {
@@ -511,22 +529,10 @@ impl StateFile {
 
     /// The uplinks' usage (`usage.json`); `None` when there is none yet.
     pub fn load_usage(&self) -> Result<Option<crate::usage::Ledger>, StateError> {
-        let path = self.dir.join(USAGE_FILE);
-        match fs::read(&path) {
-            Ok(bytes) => {
-                let doc: UsageDoc =
-                    serde_json::from_slice(&bytes).map_err(|e| corrupt(&path, e))?;
-                if doc.version != VERSION {
-                    return Err(StateError::Version {
-                        path,
-                        found: doc.version,
-                    });
-                }
-                Ok(Some(doc.ledger))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(source) => Err(StateError::Io { path, source }),
-        }
+        self.read(USAGE_FILE)?
+            .map(|(path, bytes)| versioned(&path, &bytes, |d: &UsageDoc| d.version))
+            .transpose()
+            .map(|d| d.map(|d| d.ledger))
     }
 
     pub fn save_usage(&self, ledger: &crate::usage::Ledger) -> Result<(), StateError> {
@@ -539,18 +545,12 @@ impl StateFile {
 
     /// Moves an unreadable usage file aside (never deletes it).
     pub fn set_aside_usage(&self, now: Millis) -> Result<PathBuf, StateError> {
-        let from = self.dir.join(USAGE_FILE);
-        let to = self.dir.join(format!("{USAGE_FILE}.corrupt-{now}"));
-        fs::rename(&from, &to).map_err(|source| StateError::Io { path: from, source })?;
-        Ok(to)
+        self.move_aside(USAGE_FILE, now)
     }
 
     /// Moves an unreadable decisions file aside (never deletes it).
     pub fn set_aside_decisions(&self, now: Millis) -> Result<PathBuf, StateError> {
-        let from = self.dir.join(DECISIONS_FILE);
-        let to = self.dir.join(format!("{DECISIONS_FILE}.corrupt-{now}"));
-        fs::rename(&from, &to).map_err(|source| StateError::Io { path: from, source })?;
-        Ok(to)
+        self.move_aside(DECISIONS_FILE, now)
     }
 
     /// Temp file, fsync, rename, fsync of the directory: a crash leaves the old or the new.

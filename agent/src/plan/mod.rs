@@ -99,9 +99,9 @@ pub struct NftUplink {
     /// Where `home_<name>` sends the uplink's clients: to `up_<name>`, or (failed over)
     /// hashed over these uplinks' `up_` chains, each listed in proportion to its weight.
     pub home: Option<Vec<String>>,
-    /// Failed over with `failback_flows = "move"`: the conntrack-mark bits (in the policy
-    /// bits) `home_<name>` gives the connections it places elsewhere, so that the failback
-    /// can delete them.
+    /// Failed over while a failback moves flows (`failback_flows = "move"`, or a metered
+    /// uplink in the config): the conntrack-mark bits (in the policy bits) `home_<name>`
+    /// gives the connections it places elsewhere, so that the failback can delete them.
     pub away_mark: Option<u32>,
     /// While the uplink has no IPv6 next hop (router advert withdrawn), `up_<name>` sends
     /// IPv6 connections to this uplink's `up_` chain instead.
@@ -648,8 +648,8 @@ fn jhash(key: &[u8], initval: u32) -> u32 {
 /// `health.interval`. With no other uplink usable it is the next candidate, and a standby
 /// that was down must be seen back within a normal round.
 pub fn probe_interval(config: &Config, model: &Model, i: usize) -> std::time::Duration {
-    let others = (0..model.uplinks.len()).any(|j| j != i && model.uplinks[j].usable());
-    if config.uplinks[i].metered && others && !carries(config, model, i) {
+    let others = || (0..model.uplinks.len()).any(|j| j != i && model.uplinks[j].usable());
+    if config.uplinks[i].metered && others() && !carries(config, model, i) {
         config.health.standby_interval
     } else {
         config.health.interval

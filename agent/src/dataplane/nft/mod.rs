@@ -199,6 +199,13 @@ impl Signature {
     }
 }
 
+/// What an nft counter moved from `last` to `now`. A counter below its last reading
+/// started again from zero (its table or chain was replaced, the host rebooted): all of
+/// `now` is new.
+pub fn moved(now: u64, last: u64) -> u64 {
+    if now >= last { now - last } else { now }
+}
+
 /// Forwarded packets and bytes through one uplink interface.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Traffic {

@@ -796,11 +796,9 @@ pub(super) fn render_policies(s: &NftStructure) -> Vec<Value> {
     if let Some(local) = &s.local {
         out.extend(render_local(s, local));
     }
-    // A failed-over uplink's clients, and addresses uplinkd does not track, are hashed
-    // by source address, as a client-mode policy is.
     // A failed-over uplink's new connections are marked as placed by the failover, unless
     // a policy with an SLA has named them already: its failback deletes them
-    // (`failback_flows = "move"`).
+    // (`failback_flows = "move"`, or those on a metered uplink).
     let ct = json!({"ct": {"key": "mark"}});
     for u in &s.uplinks {
         if let (Some(_), Some(away)) = (&u.home, u.away_mark) {
@@ -815,6 +813,8 @@ pub(super) fn render_policies(s: &NftStructure) -> Vec<Value> {
             ));
         }
     }
+    // A failed-over uplink's clients, and addresses uplinkd does not track, are hashed
+    // by source address, as a client-mode policy is.
     let homes = s
         .uplinks
         .iter()
