@@ -564,6 +564,50 @@ const CASES: &[Case] = &[
         hint: "between 1 and 10000",
     },
     Case {
+        name: "standby interval shorter than the interval",
+        edit: ("[lan]", "[health]\nstandby_interval = \"100ms\"\n\n[lan]"),
+        line: None,
+        key: "health.standby_interval",
+        hint: "between health.interval (200ms) and 1h",
+    },
+    Case {
+        name: "bad failback flows",
+        edit: (
+            "[lan]",
+            "[failover]\nfailback_flows = \"teleport\"\n\n[lan]",
+        ),
+        line: Some(7),
+        key: "",
+        hint: "expected `keep` or `move`",
+    },
+    Case {
+        name: "failback flows moved without policy bits",
+        edit: (
+            "[lan]",
+            "[failover]\nfailback_flows = \"move\"\n\n[dataplane]\npolicy_mark_mask = 0\n\n[lan]",
+        ),
+        line: None,
+        key: "failover.failback_flows",
+        hint: "widen the mask, or use \"keep\"",
+    },
+    Case {
+        name: "usage period from the 29th",
+        edit: ("weight = 2", "weight = 2\nquota_reset = 29"),
+        line: Some(17),
+        key: "uplink[0].quota_reset",
+        hint: "between 1 and 28",
+    },
+    Case {
+        name: "daily usage period with a reset day",
+        edit: (
+            "weight = 2",
+            "weight = 2\nquota_period = \"day\"\nquota_reset = 3",
+        ),
+        line: Some(18),
+        key: "uplink[0].quota_reset",
+        hint: "a daily period starts at midnight",
+    },
+    Case {
         name: "bad command timeout",
         edit: ("[lan]", "[dataplane]\ncommand_timeout = \"soon\"\n\n[lan]"),
         line: Some(7),
