@@ -489,6 +489,7 @@ impl TrafficMetrics {
 #[derive(Clone)]
 pub struct UsageMetrics {
     bytes: IntCounterVec,
+    remaining: IntGaugeVec,
     /// The configured uplinks, and what each series was last brought to: one lock, so a
     /// count that began before a reload cannot bring back a removed uplink's series.
     state: Arc<std::sync::Mutex<UsageSeries>>,
@@ -508,6 +509,11 @@ impl UsageMetrics {
                 "Bytes forwarded through the uplink (direction in: from the ISP, out: to it), counted from the dataplane's counters and kept across restarts",
                 &["uplink", "direction"],
             ),
+            remaining: r.gauges(
+                "uplink_quota_remaining_bytes",
+                "Bytes left of the uplink's quota in the current period (0 once used up); only uplinks with a quota",
+                &["uplink"],
+            ),
             state: Arc::default(),
         }
     }
@@ -522,6 +528,7 @@ impl UsageMetrics {
             let keep = uplinks.contains(name);
             if !keep {
                 let _ = self.bytes.remove_label_values(&[name.as_str(), *dir]);
+                let _ = self.remaining.remove_label_values(&[name.as_str()]);
             }
             keep
         });
@@ -539,6 +546,15 @@ impl UsageMetrics {
                 if total > *last {
                     series.inc_by(total - *last);
                     *last = total;
+                }
+            }
+            match usage.remaining() {
+                Some(left) => self
+                    .remaining
+                    .with_label_values(&[name.as_str()])
+                    .set(i64::try_from(left).unwrap_or(i64::MAX)),
+                None => {
+                    let _ = self.remaining.remove_label_values(&[name.as_str()]);
                 }
             }
         }

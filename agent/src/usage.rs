@@ -2,7 +2,9 @@
 //! `quota_reset`), whose bounds are midnights in the gateway's local time zone, so a day
 //! that a DST change shortens or lengthens is a period of 23 or 25 hours. Readings of the
 //! dataplane's per-interface counters are turned into these figures here; the owner that
-//! reads and persists them is `daemon::usage`.
+//! reads and persists them is `daemon::usage`. Each uplink's quota level (under, at 80 %,
+//! used up) is judged here too; what a used-up quota does is the model's
+//! (`Model::quota`).
 
 use std::collections::BTreeMap;
 
@@ -11,7 +13,7 @@ use jiff::tz::TimeZone;
 use jiff::{Timestamp, ToSpan};
 use serde::{Deserialize, Serialize};
 
-use crate::config::QuotaPeriod;
+use crate::config::{QuotaAction, QuotaPeriod};
 
 /// The period holding `now`: its first and its last-plus-one second.
 pub fn bounds(period: QuotaPeriod, now: Timestamp, tz: &TimeZone) -> (Timestamp, Timestamp) {
@@ -50,7 +52,7 @@ fn midnight(d: Date, tz: &TimeZone) -> Timestamp {
 }
 
 /// One uplink's bytes: in the period that starts at `period_start` (Unix seconds), and
-/// since uplinkd first counted it.
+/// since uplinkd first counted it; and its quota.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UplinkUsage {
     pub period_start: i64,
@@ -58,6 +60,23 @@ pub struct UplinkUsage {
     pub tx: u64,
     pub total_rx: u64,
     pub total_tx: u64,
+    /// The cap in force: the operator's (`quota_set`), else the config's `quota`.
+    #[serde(default)]
+    pub quota: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota_set: Option<QuotaSet>,
+    /// The level last reported, so that a restart repeats no event.
+    #[serde(default)]
+    pub level: QuotaLevel,
+}
+
+/// A cap an operator set (`uplinkctl quota set`): it holds, restarts included, until a
+/// reload changes the config's `quota` of that uplink.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuotaSet {
+    pub bytes: u64,
+    /// The config's quota when it was set.
+    pub over: Option<u64>,
 }
 
 impl UplinkUsage {
@@ -65,6 +84,65 @@ impl UplinkUsage {
     pub fn used(&self) -> u64 {
         self.rx.saturating_add(self.tx)
     }
+
+    /// Bytes left in the period; `None` without a quota.
+    pub fn remaining(&self) -> Option<u64> {
+        self.quota.map(|q| q.saturating_sub(self.used()))
+    }
+}
+
+/// How much of its quota an uplink used in the period.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QuotaLevel {
+    /// Below 80 %, or no quota.
+    #[default]
+    Under,
+    /// 80 % or more.
+    Warning,
+    /// All of it.
+    Exhausted,
+}
+
+impl QuotaLevel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QuotaLevel::Under => "under",
+            QuotaLevel::Warning => "warning",
+            QuotaLevel::Exhausted => "exhausted",
+        }
+    }
+
+    /// What the uplink is held to at this level: its action once used up (`alert` holds
+    /// nothing).
+    pub fn hold(self, action: QuotaAction) -> Option<QuotaAction> {
+        (self == QuotaLevel::Exhausted && action != QuotaAction::Alert).then_some(action)
+    }
+
+    pub fn of(used: u64, quota: Option<u64>) -> QuotaLevel {
+        let Some(q) = quota else {
+            return QuotaLevel::Under;
+        };
+        if used >= q {
+            QuotaLevel::Exhausted
+        } else if used as u128 * 5 >= q as u128 * 4 {
+            QuotaLevel::Warning
+        } else {
+            QuotaLevel::Under
+        }
+    }
+}
+
+/// An uplink's quota level changed: what the loop turns into an event and a hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuotaChange {
+    pub uplink: String,
+    pub from: QuotaLevel,
+    pub to: QuotaLevel,
+    pub used: u64,
+    pub quota: Option<u64>,
+    /// What moved it when it was not traffic: "a new period", "an operator's reset", ….
+    pub why: Option<String>,
 }
 
 /// Every uplink's usage, and the counter readings it was counted up to: persisted, so
@@ -81,6 +159,8 @@ pub struct Metered<'a> {
     pub name: &'a str,
     pub interface: &'a str,
     pub period: QuotaPeriod,
+    /// The config's `quota`.
+    pub quota: Option<u64>,
 }
 
 impl Ledger {
@@ -124,6 +204,65 @@ impl Ledger {
             usage.total_tx = usage.total_tx.saturating_add(tx);
         }
         rolled
+    }
+
+    /// Takes the config's quotas: an operator's cap set over a quota the config no longer
+    /// has is dropped (returned by name; the config changed it).
+    pub fn configure(&mut self, uplinks: &[Metered]) -> Vec<String> {
+        let mut dropped = Vec::new();
+        for u in uplinks {
+            let usage = self.uplinks.entry(u.name.to_string()).or_default();
+            if usage.quota_set.is_some_and(|s| s.over != u.quota) {
+                usage.quota_set = None;
+                dropped.push(u.name.to_string());
+            }
+            usage.quota = usage.quota_set.map(|s| s.bytes).or(u.quota);
+        }
+        dropped
+    }
+
+    /// An operator's cap for the uplink, over the config's `quota`.
+    pub fn set_quota(&mut self, u: &Metered, bytes: u64) {
+        let usage = self.uplinks.entry(u.name.to_string()).or_default();
+        usage.quota_set = Some(QuotaSet {
+            bytes,
+            over: u.quota,
+        });
+        usage.quota = Some(bytes);
+    }
+
+    /// An operator's reset: the period's count starts again from zero (the totals stay).
+    pub fn reset(&mut self, name: &str) {
+        let usage = self.uplinks.entry(name.to_string()).or_default();
+        usage.rx = 0;
+        usage.tx = 0;
+    }
+
+    /// The uplinks whose quota level moved since the last call; `why` names what moved
+    /// it when it was not traffic.
+    pub fn levels(&mut self, uplinks: &[Metered], why: Option<&str>) -> Vec<QuotaChange> {
+        let mut changes = Vec::new();
+        for u in uplinks {
+            let usage = self.uplinks.entry(u.name.to_string()).or_default();
+            let to = QuotaLevel::of(usage.used(), usage.quota);
+            if to != usage.level {
+                changes.push(QuotaChange {
+                    uplink: u.name.to_string(),
+                    from: usage.level,
+                    to,
+                    used: usage.used(),
+                    quota: usage.quota,
+                    why: why.map(str::to_string),
+                });
+                usage.level = to;
+            }
+        }
+        changes
+    }
+
+    /// Each uplink's level as last judged.
+    pub fn level(&self, name: &str) -> QuotaLevel {
+        self.uplinks.get(name).map(|u| u.level).unwrap_or_default()
     }
 }
 
@@ -206,6 +345,7 @@ mod tests {
             name: "lte",
             interface: "wwan0",
             period: QuotaPeriod::Day,
+            quota: None,
         }];
         let reading = |rx: u64, tx: u64| BTreeMap::from([("wwan0".to_string(), (rx, tx))]);
         let mut l = Ledger::default();
@@ -237,5 +377,57 @@ mod tests {
         assert_eq!(rolled, ["lte"]);
         let u = &l.uplinks["lte"];
         assert_eq!((u.rx, u.tx, u.total_rx, u.total_tx), (50, 10, 750, 410));
+    }
+
+    #[test]
+    fn quota_levels_move_at_80_and_100_percent_and_back() {
+        let tz = TimeZone::UTC;
+        let mut uplinks = [Metered {
+            name: "lte",
+            interface: "wwan0",
+            period: QuotaPeriod::Day,
+            quota: Some(1000),
+        }];
+        let reading = |rx: u64| BTreeMap::from([("wwan0".to_string(), (rx, 0))]);
+        let mut l = Ledger::default();
+        assert!(l.configure(&uplinks).is_empty());
+        let t = at("2027-01-01T10:00", &tz);
+        l.record(&uplinks, &reading(0), t, &tz);
+        l.record(&uplinks, &reading(799), t, &tz);
+        assert!(l.levels(&uplinks, None).is_empty(), "79.9 % is under");
+        l.record(&uplinks, &reading(800), t, &tz);
+        let c = l.levels(&uplinks, None);
+        assert_eq!(
+            (c[0].from, c[0].to),
+            (QuotaLevel::Under, QuotaLevel::Warning)
+        );
+        assert!(l.levels(&uplinks, None).is_empty(), "reported once");
+        l.record(&uplinks, &reading(1200), t, &tz);
+        let c = l.levels(&uplinks, None);
+        assert_eq!((c[0].to, c[0].used), (QuotaLevel::Exhausted, 1200));
+        assert_eq!(l.uplinks["lte"].remaining(), Some(0));
+        // An operator's cap above the use: within it again.
+        l.set_quota(&uplinks[0], 2000);
+        let c = l.levels(&uplinks, Some("quota set"));
+        assert_eq!(c[0].to, QuotaLevel::Under);
+        assert_eq!(c[0].why.as_deref(), Some("quota set"));
+        // It holds across a configure with the same config quota …
+        assert!(l.configure(&uplinks).is_empty());
+        assert_eq!(l.uplinks["lte"].quota, Some(2000));
+        // … and goes once the config's quota changes.
+        uplinks[0].quota = Some(1100);
+        assert_eq!(l.configure(&uplinks), ["lte"]);
+        assert_eq!(l.levels(&uplinks, None)[0].to, QuotaLevel::Exhausted);
+        // A reset, then the next period: from zero.
+        l.reset("lte");
+        assert_eq!(l.levels(&uplinks, None)[0].to, QuotaLevel::Under);
+        l.record(&uplinks, &reading(2300), t, &tz);
+        assert_eq!(l.levels(&uplinks, None)[0].to, QuotaLevel::Exhausted);
+        l.record(&uplinks, &reading(2300), at("2027-01-02T00:00", &tz), &tz);
+        assert_eq!(l.levels(&uplinks, None)[0].to, QuotaLevel::Under);
+        // A level survives a save and load.
+        let text = serde_json::to_string(&l).unwrap();
+        let back: Ledger = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, l);
     }
 }

@@ -106,20 +106,7 @@ fn opt(v: Option<f64>) -> String {
 
 /// Bytes in decimal units (as ISPs bill them): `950 B`, `1.4 MB`, `35.4 MB`, `1.1 GB`.
 fn bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["kB", "MB", "GB", "TB", "PB"];
-    if n < 1000 {
-        return format!("{n} B");
-    }
-    let mut v = n as f64;
-    let mut unit = "B";
-    for u in UNITS {
-        if v < 1000.0 {
-            break;
-        }
-        v /= 1000.0;
-        unit = u;
-    }
-    format!("{v:.1} {unit}")
+    uplink_api::size::format(n)
 }
 
 fn list(v: &[String]) -> String {
@@ -209,6 +196,8 @@ fn uplinks(items: &[v1::Uplink], wide: bool) -> String {
         "JITTER_MS",
         // Bytes in and out in the uplink's usage period (quota_period).
         "USED",
+        // The cap per period ("set": an operator's, over the config's).
+        "QUOTA",
         "GATEWAY",
     ];
     if wide {
@@ -237,6 +226,16 @@ fn uplinks(items: &[v1::Uplink], wide: bool) -> String {
             } else if !u.down_reason.is_empty() {
                 state += &format!(": {}", u.down_reason);
             }
+            if u.quota_level == "exhausted" {
+                state += &format!(", quota used up ({})", u.quota_action);
+            } else if u.quota_level == "warning" {
+                state += ", quota 80 % used";
+            }
+            let quota = match u.quota_bytes {
+                None => "-".to_string(),
+                Some(q) if u.quota_set => format!("{} set", bytes(q)),
+                Some(q) => bytes(q),
+            };
             let mut r = vec![
                 u.name.clone(),
                 state,
@@ -248,6 +247,7 @@ fn uplinks(items: &[v1::Uplink], wide: bool) -> String {
                 opt(u.loss_ratio),
                 opt(u.jitter_ms),
                 bytes(u.used_rx_bytes.saturating_add(u.used_tx_bytes)),
+                quota,
                 or_dash(&u.gateway),
             ];
             if wide {

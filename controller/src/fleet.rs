@@ -165,6 +165,8 @@ pub enum Request {
     Drain(String),
     Undrain(String),
     Failback(String),
+    QuotaReset(String),
+    QuotaSet(v1::SetQuotaRequest),
     Reload,
     Events,
     Policies,
@@ -268,6 +270,13 @@ async fn call(client: &mut AgentClient<Channel>, req: &Request) -> Result<Answer
                 .await?
                 .into_inner(),
         ),
+        Request::QuotaReset(u) => Answer::Uplink(
+            client
+                .reset_quota(v1::UplinkRequest { uplink: u.clone() })
+                .await?
+                .into_inner(),
+        ),
+        Request::QuotaSet(r) => Answer::Uplink(client.set_quota(r.clone()).await?.into_inner()),
         Request::Policies => Answer::Policies(
             client
                 .list_policies(v1::ListPoliciesRequest {})
@@ -368,6 +377,8 @@ impl Request {
                 | Request::Drain(_)
                 | Request::Undrain(_)
                 | Request::Failback(_)
+                | Request::QuotaReset(_)
+                | Request::QuotaSet(_)
                 | Request::Reload
                 | Request::UpdateSet(_)
         )

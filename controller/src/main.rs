@@ -109,6 +109,11 @@ enum Cmd {
     Failback {
         uplink: String,
     },
+    /// An uplink's data cap: start the period's count again, or set the cap.
+    Quota {
+        #[command(subcommand)]
+        cmd: QuotaCmd,
+    },
     /// Traffic policies: what each uses now, and why not the others.
     Policies,
     /// Rules in order, with the packets each decided.
@@ -155,6 +160,19 @@ enum Cmd {
     /// Shell completion script.
     Completion {
         shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Subcommand)]
+enum QuotaCmd {
+    /// Count the uplink's usage of this period from zero again; a held uplink returns.
+    Reset { uplink: String },
+    /// Cap the uplink at SIZE per period (e.g. 30GB, decimal; 20GiB, binary), over the
+    /// config's quota until a reload changes that.
+    Set {
+        uplink: String,
+        #[arg(value_parser = parse_size)]
+        size: u64,
     },
 }
 
@@ -211,6 +229,13 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         return Err("must be greater than zero".into());
     }
     Ok(d)
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    match uplink_api::size::parse(s)? {
+        0 => Err("a quota of 0 allows nothing; give at least 1 byte".into()),
+        n => Ok(n),
+    }
 }
 
 fn main() -> ExitCode {
@@ -276,7 +301,7 @@ fn run(cli: Cli) -> Result<u8> {
     let request = request_of(&cli.command)?;
     if cli.rolling && !request.is_write() {
         anyhow::bail!(
-            "--rolling applies to writes (drain, undrain, failback, pin, unpin, reload, set add|del); this command only reads"
+            "--rolling applies to writes (drain, undrain, failback, pin, unpin, quota reset|set, reload, set add|del); this command only reads"
         );
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -384,6 +409,15 @@ fn request_of(cmd: &Cmd) -> Result<fleet::Request> {
         Cmd::Drain { uplink } => R::Drain(uplink.clone()),
         Cmd::Undrain { uplink } => R::Undrain(uplink.clone()),
         Cmd::Failback { uplink } => R::Failback(uplink.clone()),
+        Cmd::Quota {
+            cmd: QuotaCmd::Reset { uplink },
+        } => R::QuotaReset(uplink.clone()),
+        Cmd::Quota {
+            cmd: QuotaCmd::Set { uplink, size },
+        } => R::QuotaSet(v1::SetQuotaRequest {
+            uplink: uplink.clone(),
+            bytes: *size,
+        }),
         Cmd::Reload => R::Reload,
         Cmd::Policies => R::Policies,
         Cmd::Sets => R::Sets,

@@ -36,6 +36,9 @@ pub enum ApiError {
     FailedPrecondition(String),
     #[error("{0}")]
     Internal(String),
+    /// Busy: the caller may try again.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 fn to_status(e: ApiError) -> Status {
@@ -44,10 +47,11 @@ fn to_status(e: ApiError) -> Status {
         ApiError::NotFound(m) => Status::not_found(m),
         ApiError::FailedPrecondition(m) => Status::failed_precondition(m),
         ApiError::Internal(m) => Status::internal(m),
+        ApiError::Unavailable(m) => Status::unavailable(m),
     }
 }
 
-type Reply<T> = oneshot::Sender<Result<T, ApiError>>;
+pub type Reply<T> = oneshot::Sender<Result<T, ApiError>>;
 
 /// What the API asks of the agent loop.
 pub enum Command {
@@ -78,6 +82,12 @@ pub enum Command {
         reply: Reply<v1::Set>,
     },
     Watch(Reply<(Vec<v1::Event>, broadcast::Receiver<v1::Event>)>),
+    /// `uplinkctl quota reset` (`bytes`: `None`) or `quota set`.
+    Quota {
+        uplink: String,
+        bytes: Option<u64>,
+        reply: Reply<v1::Uplink>,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -489,6 +499,13 @@ impl AgentService {
                 u.period_start_ms = u64::try_from(used.period_start)
                     .unwrap_or(0)
                     .saturating_mul(1000);
+                u.quota_bytes = used.quota;
+                u.quota_set = used.quota_set.is_some();
+                if used.quota.is_some() {
+                    u.quota_level = used.level.as_str().into();
+                } else {
+                    u.quota_action.clear();
+                }
             }
         }
         Ok(uplinks)
@@ -835,6 +852,52 @@ impl agent_server::Agent for AgentService {
             tracing::info!(caller = %who, %uplink, "Failback");
             let u = self
                 .ask(|reply| Command::Failback { uplink, reply })
+                .await?;
+            self.one_with_traffic(u).await
+        })
+        .await
+    }
+
+    async fn reset_quota(
+        &self,
+        req: Request<v1::UplinkRequest>,
+    ) -> Result<Response<v1::Uplink>, Status> {
+        self.timed("ResetQuota", async move {
+            let who = write(&req, "ResetQuota")?;
+            let uplink = validate::non_empty("uplink", &req.get_ref().uplink)?;
+            tracing::info!(caller = %who, %uplink, "ResetQuota");
+            let u = self
+                .ask(|reply| Command::Quota {
+                    uplink,
+                    bytes: None,
+                    reply,
+                })
+                .await?;
+            self.one_with_traffic(u).await
+        })
+        .await
+    }
+
+    async fn set_quota(
+        &self,
+        req: Request<v1::SetQuotaRequest>,
+    ) -> Result<Response<v1::Uplink>, Status> {
+        self.timed("SetQuota", async move {
+            let who = write(&req, "SetQuota")?;
+            let uplink = validate::non_empty("uplink", &req.get_ref().uplink)?;
+            let bytes = req.get_ref().bytes;
+            if bytes == 0 {
+                return Err(Status::invalid_argument(
+                    "bytes: a quota of 0 allows nothing; give at least 1 (uplinkctl takes sizes such as 30GB or 20GiB)",
+                ));
+            }
+            tracing::info!(caller = %who, %uplink, bytes, "SetQuota");
+            let u = self
+                .ask(|reply| Command::Quota {
+                    uplink,
+                    bytes: Some(bytes),
+                    reply,
+                })
                 .await?;
             self.one_with_traffic(u).await
         })

@@ -54,7 +54,7 @@ pub fn uplink(config: &Config, model: &Model, carried: &[usize], i: usize) -> v1
             .then(|| stats.jitter())
             .flatten()
             .map(|d| d.as_secs_f64() * 1000.0),
-        serving: m.serving && m.usable() && !m.drained,
+        serving: m.serving && model.open(i) && !m.drained,
         tx_packets: 0,
         tx_bytes: 0,
         rx_packets: 0,
@@ -80,6 +80,12 @@ pub fn uplink(config: &Config, model: &Model, carried: &[usize], i: usize) -> v1
         used_rx_bytes: 0,
         used_tx_bytes: 0,
         period_start_ms: 0,
+        quota_bytes: None,
+        quota_set: false,
+        // Cleared beside the loop when the ledger has no quota (an operator's may stand
+        // where the config has none).
+        quota_action: c.quota_action.as_str().into(),
+        quota_level: String::new(),
     }
 }
 
@@ -133,7 +139,7 @@ pub fn current(
         .copied()
         .unwrap_or(IpAddr::from([0, 0, 0, 0]));
     (
-        crate::plan::verdict::home_spread(config, model, i, ip),
+        crate::plan::verdict::home_spread(config, model, i, ip).unwrap_or_else(|| "-".into()),
         v1::AssignmentReason::Failover,
     )
 }
@@ -244,6 +250,7 @@ pub fn event(e: &LogEntry) -> v1::Event {
         EventKind::Set => "set",
         EventKind::Gateway => "gateway",
         EventKind::Refused => "refused",
+        EventKind::Quota => "quota",
     };
     v1::Event {
         at_ms: e.at,

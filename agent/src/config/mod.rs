@@ -122,6 +122,30 @@ enum RawQuotaPeriod {
     Month,
 }
 
+/// What an uplink over its quota does (`quota_action`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QuotaAction {
+    /// Carries traffic only while no other uplink can: its clients and their flows move
+    /// to the others, as a failover moves them.
+    #[default]
+    Standby,
+    /// Carries nothing: no new flows, its established ones are deleted.
+    Stop,
+    /// Events and metrics only.
+    Alert,
+}
+
+impl QuotaAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QuotaAction::Standby => "standby",
+            QuotaAction::Stop => "stop",
+            QuotaAction::Alert => "alert",
+        }
+    }
+}
+
 /// What happens on failback to the flows the failover put on other uplinks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -351,6 +375,9 @@ pub struct UplinkConfig {
     pub metered: bool,
     /// The period its usage is counted in.
     pub quota_period: QuotaPeriod,
+    /// Bytes in and out allowed per period; `None`: no cap.
+    pub quota: Option<u64>,
+    pub quota_action: QuotaAction,
 }
 
 impl UplinkConfig {
@@ -555,6 +582,9 @@ struct RawUplink {
     metered: Option<bool>,
     quota_period: Option<RawQuotaPeriod>,
     quota_reset: Option<Spanned<i64>>,
+    /// A size ("20GB", "20GiB") or a number of bytes.
+    quota: Option<Spanned<toml::Value>>,
+    quota_action: Option<QuotaAction>,
 }
 
 impl Config {
@@ -1062,7 +1092,19 @@ impl Validator<'_> {
                 tier,
                 metered: u.metered.unwrap_or(false),
                 quota_period,
+                quota: match &u.quota {
+                    None => None,
+                    Some(q) => Some(self.size(&key("quota"), q)?),
+                },
+                quota_action: u.quota_action.unwrap_or_default(),
             });
+            if u.quota.is_none() && u.quota_action.is_some() {
+                return Err(self.err(
+                    None,
+                    key("quota_action"),
+                    "quota_action applies once usage reaches quota: set quota too (e.g. quota = \"20GB\"), or remove quota_action",
+                ));
+            }
         }
         for u in &uplinks {
             if u.ipv6 && u.gateway6.is_none() && !u.point_to_point() {
@@ -1192,6 +1234,26 @@ impl Validator<'_> {
             ));
         }
         Ok(*v.get_ref())
+    }
+
+    /// A size in bytes: "20GB", "20GiB" or a number; at least one byte.
+    fn size(&self, key: &str, v: &Spanned<toml::Value>) -> Result<u64, ConfigError> {
+        let parsed = match v.get_ref() {
+            toml::Value::String(text) => uplink_api::size::parse(text),
+            toml::Value::Integer(n) => u64::try_from(*n).map_err(|_| format!("{n} is negative")),
+            other => Err(format!(
+                "{other} is not a size: write a string such as \"20GB\" or \"20GiB\", or a number of bytes"
+            )),
+        };
+        match parsed {
+            Ok(0) => Err(self.err(
+                Some(v.span()),
+                key,
+                "a quota of 0 bytes allows nothing; leave quota out for no cap",
+            )),
+            Ok(n) => Ok(n),
+            Err(e) => Err(self.err(Some(v.span()), key, e)),
+        }
     }
 
     fn api(&self, raw: RawApi) -> Result<ApiConfig, ConfigError> {
@@ -1648,6 +1710,36 @@ interface = "ppp0"
         assert!(e.message.contains("starts at midnight"), "{e}");
         let e = parse(&with("quota_period = \"year\"")).unwrap_err();
         assert!(e.to_string().contains("month"), "{e}");
+    }
+
+    #[test]
+    fn quotas_are_sizes_with_an_action() {
+        let with = |keys: &str| GOOD.replacen("weight = 2", &format!("weight = 2\n{keys}"), 1);
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.uplinks[0].quota, None);
+        let c = parse(&with("quota = \"20GB\"")).unwrap();
+        assert_eq!(c.uplinks[0].quota, Some(20_000_000_000));
+        assert_eq!(c.uplinks[0].quota_action, QuotaAction::Standby);
+        let c = parse(&with("quota = \"1GiB\"\nquota_action = \"stop\"")).unwrap();
+        assert_eq!(
+            (c.uplinks[0].quota, c.uplinks[0].quota_action),
+            (Some(1 << 30), QuotaAction::Stop)
+        );
+        let c = parse(&with("quota = 1000000\nquota_action = \"alert\"")).unwrap();
+        assert_eq!(c.uplinks[0].quota, Some(1_000_000));
+        for bad in [
+            "quota = \"20XB\"",
+            "quota = 0",
+            "quota = -5",
+            "quota = true",
+        ] {
+            let e = parse(&with(bad)).unwrap_err();
+            assert_eq!(e.key, "uplink[0].quota", "{bad}: {e}");
+        }
+        let e = parse(&with("quota = \"20GB\"\nquota_action = \"throttle\"")).unwrap_err();
+        assert!(e.to_string().contains("standby"), "{e}");
+        let e = parse(&with("quota_action = \"stop\"")).unwrap_err();
+        assert_eq!(e.key, "uplink[0].quota_action", "{e}");
     }
 
     #[test]

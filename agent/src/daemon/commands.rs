@@ -78,6 +78,21 @@ impl Agent {
                 let r = self.update_set(&set, &add, &del);
                 self.answer_when_applied(reply, r, true);
             }
+            Command::Quota {
+                uplink,
+                bytes,
+                reply,
+            } => {
+                if !self.config.uplinks.iter().any(|u| u.name == uplink) {
+                    let _ = reply.send(Err(self.unknown_uplink(&uplink)));
+                    return;
+                }
+                self.usage.request(super::usage::QuotaRequest {
+                    uplink,
+                    op: bytes.map_or(super::usage::QuotaOp::Reset, super::usage::QuotaOp::Set),
+                    reply,
+                });
+            }
             Command::Watch(reply) => {
                 let history = self.events.recent().map(view::event).collect();
                 let _ = reply.send(Ok((history, self.event_tx.subscribe())));
@@ -87,7 +102,7 @@ impl Agent {
 
     /// Answers an API write once the apply that carries its change is answered by the
     /// executor; an error, or a write that changed nothing, answers at once.
-    fn answer_when_applied<T: Send + 'static>(
+    pub(super) fn answer_when_applied<T: Send + 'static>(
         &mut self,
         reply: oneshot::Sender<Result<T, ApiError>>,
         r: Result<T, ApiError>,
@@ -110,7 +125,7 @@ impl Agent {
         }));
     }
 
-    fn unknown_uplink(&self, name: &str) -> ApiError {
+    pub(super) fn unknown_uplink(&self, name: &str) -> ApiError {
         crate::api::snapshot::unknown_uplink(&self.config, name)
     }
 
@@ -180,7 +195,7 @@ impl Agent {
     }
 
     /// An uplink as the API shows it, without traffic counters (the API reads those).
-    fn uplink_view(&self, i: usize) -> v1::Uplink {
+    pub(super) fn uplink_view(&self, i: usize) -> v1::Uplink {
         let carried = view::carried(&self.config, &self.model);
         view::uplink(&self.config, &self.model, &carried, i)
     }

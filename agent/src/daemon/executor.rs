@@ -32,6 +32,8 @@ pub(super) enum FlushOf {
     Policy { policy: usize, uplink: usize },
     /// Those a failover of this uplink placed elsewhere, now that it is back.
     Failback(usize),
+    /// Those on an uplink that went over its quota (standby, stop).
+    Quota(usize),
 }
 
 /// A flush's outcome: how many entries went, when the tool says; `None`: not run, the

@@ -143,6 +143,8 @@ pub struct Agent {
     persist: persist::Persistence,
     /// The uplinks' usage, counted and written beside the loop.
     usage: usage::Usage,
+    /// Each uplink's quota level as the usage owner last reported it.
+    quota_levels: BTreeMap<String, crate::usage::QuotaLevel>,
     /// Parts of the config the kernel refuses (`rule NAME: why`), as last reported.
     refused: Arc<Vec<String>>,
     /// Whether the last apply's default policy read the client sets (`None`: none yet).
@@ -208,6 +210,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
     let (activity_tx, mut activity_rx) = mpsc::channel(4);
     let (probe_tx, mut probe_rx) = mpsc::channel(1024);
     let (passive_tx, mut passive_rx) = mpsc::channel(1024);
+    let (quota_tx, mut quota_rx) = mpsc::channel(64);
     let counters = dataplane.counter_reader();
     let conntrack = dataplane.conntrack();
     let takes_increment = dataplane.takes_increment(ReadBack::Cache);
@@ -230,6 +233,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
             probe_tx,
             passive_tx,
             activity_tx,
+            quota_tx,
         },
     );
     let (cmd_tx, mut cmd_rx) = mpsc::channel(256);
@@ -369,6 +373,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
             Some(saved) = saved_rx.recv() => agent.on_decisions_saved(saved),
             Some(report) = probe_rx.recv() => agent.on_probe_report(report).await,
             Some(reading) = passive_rx.recv() => agent.on_passive_reading(reading).await,
+            Some(report) = quota_rx.recv() => agent.on_quota(report),
             Some(s) = routed_rx.recv() => {
                 // Coalesce a burst of new hosts into one apply.
                 let mut dirty = agent.on_routed(s);
@@ -450,6 +455,7 @@ struct Wiring {
     probe_tx: mpsc::Sender<probe::Report>,
     passive_tx: mpsc::Sender<supervise::PassiveReading>,
     activity_tx: mpsc::Sender<std::collections::HashSet<IpAddr>>,
+    quota_tx: mpsc::Sender<usage::QuotaReport>,
 }
 
 impl Agent {
@@ -462,7 +468,14 @@ impl Agent {
     ) -> Agent {
         let started = Instant::now();
         let metrics = Metrics::new();
-        Agent {
+        let (usage, levels) = usage::spawn(
+            config.clone(),
+            w.state.clone(),
+            w.counters.clone(),
+            metrics.usage.clone(),
+            w.quota_tx,
+        );
+        let mut agent = Agent {
             discovery: discovery::Discovery::new(
                 w.handle,
                 adopt,
@@ -475,12 +488,8 @@ impl Agent {
             model,
             schedule: schedule::Scheduler::new(w.jobs, w.takes_increment),
             conntrack: w.conntrack,
-            usage: usage::spawn(
-                config.clone(),
-                w.state.clone(),
-                w.counters.clone(),
-                metrics.usage.clone(),
-            ),
+            usage,
+            quota_levels: levels.into_iter().collect(),
             persist: persist::Persistence::new(
                 w.state,
                 w.decisions_tx,
@@ -503,6 +512,55 @@ impl Agent {
             refused: Arc::new(Vec::new()),
             client_mode: None,
             config,
+        };
+        // Before the first plan: an uplink whose quota the file says is used up stays
+        // held.
+        agent.hold_quotas();
+        agent
+    }
+
+    /// Holds each uplink as its quota level and its `quota_action` say (at start and after
+    /// a reload, which may change the action).
+    fn hold_quotas(&mut self) {
+        for (i, u) in self.config.uplinks.iter().enumerate() {
+            let level = self.quota_levels.get(&u.name).copied().unwrap_or_default();
+            self.model.set_over_quota(i, level.hold(u.quota_action));
+        }
+    }
+
+    /// The usage owner's report: quota levels that moved, and an operator's quota change
+    /// once it is written.
+    fn on_quota(&mut self, r: usage::QuotaReport) {
+        let mut log = Vec::new();
+        let mut changed = false;
+        for c in &r.changes {
+            self.quota_levels.insert(c.uplink.clone(), c.to);
+            let Some(i) = self.config.uplinks.iter().position(|u| u.name == c.uplink) else {
+                continue;
+            };
+            let before = self.model.uplinks[i].over_quota;
+            log.push(self.model.quota(i, c, self.config.uplinks[i].quota_action));
+            changed |= self.model.uplinks[i].over_quota != before;
+        }
+        self.record(log);
+        match r.request {
+            None if changed => self.request_apply(ReadBack::Cache),
+            None => {}
+            Some((req, Err(e))) => {
+                let _ = req.reply.send(Err(crate::api::ApiError::Internal(format!(
+                    "cannot write the usage file, nothing changed: {e}"
+                ))));
+            }
+            Some((req, Ok(()))) => {
+                let view = self
+                    .config
+                    .uplinks
+                    .iter()
+                    .position(|u| u.name == req.uplink)
+                    .map(|i| self.uplink_view(i))
+                    .ok_or_else(|| self.unknown_uplink(&req.uplink));
+                self.answer_when_applied(req.reply, view, changed);
+            }
         }
     }
 
@@ -702,6 +760,16 @@ impl Agent {
                 mask: dp.fwmark_mask,
             })
             .collect();
+        flushes.extend(
+            self.model
+                .take_quota_flushes()
+                .into_iter()
+                .map(|i| executor::Flush {
+                    of: executor::FlushOf::Quota(i),
+                    mark: dp.fwmark(self.config.uplinks[i].mark),
+                    mask: dp.fwmark_mask,
+                }),
+        );
         for i in self.model.take_failbacks() {
             let Some(away) = dp.away_ctmark(self.config.uplinks[i].mark) else {
                 continue;
@@ -891,9 +959,9 @@ impl Agent {
     fn flushed(&mut self, f: executor::Flush, outcome: executor::FlushOutcome) -> bool {
         // Indices from when the job was planned; a reload since then makes them stale.
         let names = match f.of {
-            executor::FlushOf::Uplink(i) | executor::FlushOf::Failback(i) => {
-                self.config.uplinks.get(i).map(|u| (None, u))
-            }
+            executor::FlushOf::Uplink(i)
+            | executor::FlushOf::Failback(i)
+            | executor::FlushOf::Quota(i) => self.config.uplinks.get(i).map(|u| (None, u)),
             executor::FlushOf::Policy { policy, uplink } => self
                 .config
                 .policies
@@ -907,6 +975,7 @@ impl Agent {
         let uplink = u.name.clone();
         let requeue = |model: &mut Model| match f.of {
             executor::FlushOf::Uplink(i) => model.uplinks[i].needs_flush = true,
+            executor::FlushOf::Quota(i) => model.uplinks[i].quota_flush = true,
             // Due again at the next plan while the uplink still carries its clients.
             executor::FlushOf::Failback(i) => model.uplinks[i].away = true,
             executor::FlushOf::Policy { policy, uplink } => {
@@ -915,6 +984,7 @@ impl Agent {
         };
         let whose = match f.of {
             executor::FlushOf::Uplink(_) => "the dead uplink's conntrack entries",
+            executor::FlushOf::Quota(_) => "the flows on the uplink over its quota",
             executor::FlushOf::Policy { .. } => {
                 "the policy's flows on the uplink that breaks its SLA"
             }
@@ -930,7 +1000,7 @@ impl Agent {
             }
             Some(Ok(n)) => {
                 let after = match f.of {
-                    executor::FlushOf::Uplink(_) => "",
+                    executor::FlushOf::Uplink(_) | executor::FlushOf::Quota(_) => "",
                     executor::FlushOf::Policy { .. } => {
                         "; they continue on the uplinks it uses now"
                     }
@@ -1108,6 +1178,8 @@ impl Agent {
             .keep_sla(&old, &self.config.policies, &new.policies);
         let reassigned = self.model.restore(clients);
         self.config = Arc::new(new);
+        // The new config's quota actions over the levels counted so far.
+        self.hold_quotas();
         self.usage.reconfigure(self.config.clone());
         self.discovery.forget_links();
         // Indexed by uplink position, which a reload may change.

@@ -4,6 +4,11 @@
 //! `agent.state_save_interval` and at exit. A crash or a reboot loses at most one
 //! interval; a restart loses nothing the kernel's counters kept meanwhile, since the
 //! ledger holds the readings it counted up to.
+//!
+//! It also judges each uplink's quota level after every count and reports the changes to
+//! the loop (`QuotaReport`), which holds the uplink as its `quota_action` says. An
+//! operator's `quota set` and `quota reset` come here through the loop: written to the
+//! file before the loop applies them, so that what the API answered survives a crash.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,7 +22,7 @@ use crate::config::Config;
 use crate::dataplane::nft;
 use crate::metrics::{RateLimitedWarning, UsageMetrics};
 use crate::model::state_file::StateFile;
-use crate::usage::{Ledger, Metered};
+use crate::usage::{Ledger, Metered, QuotaChange, QuotaLevel};
 
 /// A test's clock: a file holding the Unix time (seconds) the usage periods are judged
 /// at, read at every count. Unset: the system clock.
@@ -32,7 +37,33 @@ pub(super) struct Usage {
     config: watch::Sender<Arc<Config>>,
     save: mpsc::Sender<oneshot::Sender<()>>,
     begin: Option<oneshot::Sender<()>>,
+    requests: mpsc::Sender<QuotaRequest>,
 }
+
+/// An operator's change to an uplink's quota.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuotaOp {
+    /// The period's count starts again from zero.
+    Reset,
+    /// A cap over the config's, until a reload changes the config's.
+    Set(u64),
+}
+
+pub(super) struct QuotaRequest {
+    pub uplink: String,
+    pub op: QuotaOp,
+    pub reply: crate::api::Reply<uplink_api::v1::Uplink>,
+}
+
+/// What the owner tells the loop: quota levels that moved, and an operator's request once
+/// it is counted and written (`Err`: the file could not be written, nothing changed).
+pub(super) struct QuotaReport {
+    pub changes: Vec<QuotaChange>,
+    pub request: Option<(QuotaRequest, Result<(), String>)>,
+}
+
+/// Room for operators' requests waiting for the owner: beyond it, they are refused.
+const REQUESTS: usize = 16;
 
 impl Usage {
     /// Starts counting: the table and its counters are in the kernel now.
@@ -49,6 +80,18 @@ impl Usage {
         let _ = self.config.send(config);
     }
 
+    /// Hands an operator's request to the owner; refused (answered at once) while too many
+    /// wait.
+    pub fn request(&self, r: QuotaRequest) {
+        if let Err(mpsc::error::TrySendError::Full(r) | mpsc::error::TrySendError::Closed(r)) =
+            self.requests.try_send(r)
+        {
+            let _ = r.reply.send(Err(crate::api::ApiError::Unavailable(
+                "the usage counter is busy with other quota changes; try again".into(),
+            )));
+        }
+    }
+
     /// Writes the ledger now (at exit), waiting at most `bound`.
     pub async fn save_now(&self, bound: Duration) {
         let (tx, rx) = oneshot::channel();
@@ -58,13 +101,16 @@ impl Usage {
     }
 }
 
+/// Starts the owner. Returns it and each uplink's quota level as the file left it, for the
+/// model's first plan.
 pub(super) fn spawn(
     config: Arc<Config>,
     state: StateFile,
     counters: nft::Counters,
     metrics: UsageMetrics,
-) -> Usage {
-    let ledger = match state.load_usage() {
+    reports: mpsc::Sender<QuotaReport>,
+) -> (Usage, Vec<(String, QuotaLevel)>) {
+    let mut ledger = match state.load_usage() {
         Ok(l) => l.unwrap_or_default(),
         Err(e) => {
             // Kept aside, never deleted: the operator can read what it held.
@@ -73,6 +119,17 @@ pub(super) fn spawn(
             Ledger::default()
         }
     };
+    for name in ledger.configure(&metered(&config)) {
+        info!(uplink = %name, "the operator's quota is dropped: the config's quota changed since it was set");
+    }
+    // The levels as the file left them, then as the quotas say now: a change is reported
+    // once the loop runs.
+    let levels: Vec<(String, QuotaLevel)> = config
+        .uplinks
+        .iter()
+        .map(|u| (u.name.clone(), ledger.level(&u.name)))
+        .collect();
+    let first = ledger.levels(&metered(&config), Some("the config's quota"));
     metrics.configure(&config);
     metrics.publish(&ledger);
     let handle = metrics.clone();
@@ -80,10 +137,18 @@ pub(super) fn spawn(
     let (config_tx, mut config_rx) = watch::channel(config);
     let (save, mut save_rx) = mpsc::channel::<oneshot::Sender<()>>(1);
     let (begin, begun) = oneshot::channel();
+    let (requests, mut requests_rx) = mpsc::channel::<QuotaRequest>(REQUESTS);
     tokio::spawn(async move {
+        if !first.is_empty() {
+            let _ = reports
+                .send(QuotaReport {
+                    changes: first,
+                    request: None,
+                })
+                .await;
+        }
         // A dropped sender (the agent stops before its first apply) begins too.
         let _ = begun.await;
-        let mut ledger = ledger;
         let tz = TimeZone::system();
         let mut tick = tokio::time::interval(EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -105,16 +170,53 @@ pub(super) fn spawn(
                         .map(|(iface, t)| (iface.clone(), (t.rx.1, t.tx.1)))
                         .collect();
                     let config = config_rx.borrow().clone();
-                    let uplinks: Vec<Metered> = config
-                        .uplinks
-                        .iter()
-                        .map(|u| Metered { name: &u.name, interface: &u.interface, period: u.quota_period })
-                        .collect();
-                    for name in ledger.record(&uplinks, &reading, now(), &tz) {
+                    let uplinks = metered(&config);
+                    let rolled = ledger.record(&uplinks, &reading, now(), &tz);
+                    for name in &rolled {
                         info!(uplink = %name, "a new usage period started");
+                    }
+                    let mut changes = ledger.levels(&uplinks, None);
+                    for c in changes.iter_mut().filter(|c| rolled.contains(&c.uplink)) {
+                        c.why = Some("a new period".into());
                     }
                     metrics.publish(&ledger);
                     let _ = snapshot_tx.send(Arc::new(ledger.clone()));
+                    if !changes.is_empty() {
+                        let _ = reports.send(QuotaReport { changes, request: None }).await;
+                    }
+                }
+                Some(r) = requests_rx.recv() => {
+                    let config = config_rx.borrow().clone();
+                    let uplinks = metered(&config);
+                    let before = ledger.clone();
+                    let why = match r.op {
+                        QuotaOp::Reset => {
+                            ledger.reset(&r.uplink);
+                            "an operator's reset"
+                        }
+                        QuotaOp::Set(bytes) => {
+                            if let Some(u) = uplinks.iter().find(|u| u.name == r.uplink) {
+                                ledger.set_quota(u, bytes);
+                            }
+                            "an operator's quota"
+                        }
+                    };
+                    let changes = ledger.levels(&uplinks, Some(why));
+                    // Written before the answer: what the API shows survives a crash.
+                    let written = write(&state, &ledger).await;
+                    let changes = match written {
+                        Ok(()) => {
+                            saved = ledger.clone();
+                            metrics.publish(&ledger);
+                            let _ = snapshot_tx.send(Arc::new(ledger.clone()));
+                            changes
+                        }
+                        Err(_) => {
+                            ledger = before;
+                            Vec::new()
+                        }
+                    };
+                    let _ = reports.send(QuotaReport { changes, request: Some((r, written)) }).await;
                 }
                 _ = every_save.tick() => {
                     if ledger != saved {
@@ -134,17 +236,48 @@ pub(super) fn spawn(
                     if changed.is_err() {
                         return;
                     }
+                    let config = config_rx.borrow_and_update().clone();
+                    if config.agent.state_save_interval != every_save.period() {
+                        every_save = tokio::time::interval(config.agent.state_save_interval);
+                    }
+                    let uplinks = metered(&config);
+                    for name in ledger.configure(&uplinks) {
+                        info!(uplink = %name, "the operator's quota is dropped: the reload changed the config's quota");
+                    }
+                    let changes = ledger.levels(&uplinks, Some("the config's quota"));
+                    metrics.publish(&ledger);
+                    let _ = snapshot_tx.send(Arc::new(ledger.clone()));
+                    if !changes.is_empty() {
+                        let _ = reports.send(QuotaReport { changes, request: None }).await;
+                    }
                 }
             }
         }
     });
-    Usage {
-        snapshot,
-        metrics: handle,
-        config: config_tx,
-        save,
-        begin: Some(begin),
-    }
+    (
+        Usage {
+            snapshot,
+            metrics: handle,
+            config: config_tx,
+            save,
+            begin: Some(begin),
+            requests,
+        },
+        levels,
+    )
+}
+
+fn metered(config: &Config) -> Vec<Metered<'_>> {
+    config
+        .uplinks
+        .iter()
+        .map(|u| Metered {
+            name: &u.name,
+            interface: &u.interface,
+            period: u.quota_period,
+            quota: u.quota,
+        })
+        .collect()
 }
 
 async fn write(state: &StateFile, ledger: &Ledger) -> Result<(), String> {

@@ -7,8 +7,9 @@ use std::net::IpAddr;
 use std::time::Instant;
 
 use super::{Model, Uplink, now_millis};
-use crate::config::{Failback, FailoverConfig, HealthConfig};
+use crate::config::{Failback, FailoverConfig, HealthConfig, QuotaAction};
 use crate::health::{LinkProblem, Round, Transition, UplinkState};
+use crate::usage::{QuotaChange, QuotaLevel};
 
 /// Entries kept in memory; the API streams them.
 pub const EVENT_LOG_CAPACITY: usize = 1000;
@@ -41,6 +42,8 @@ pub enum EventKind {
     Gateway,
     /// The kernel refused a part of the config (a rule, a set's elements): it is left out.
     Refused,
+    /// The uplink's usage crossed 80 % or 100 % of its quota, or fell back under.
+    Quota,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -86,6 +89,7 @@ impl fmt::Display for LogEntry {
             | EventKind::Sla { .. }
             | EventKind::Gateway
             | EventKind::Refused => write!(f, "{}", self.cause),
+            EventKind::Quota => write!(f, "quota of {}: {}", self.uplink, self.cause),
         }
     }
 }
@@ -143,6 +147,9 @@ pub enum HomeTarget {
     Direct,
     /// Spread over other uplinks (indices), by weight.
     Spread(Vec<usize>),
+    /// Nowhere: the uplink is over its quota with `quota_action = "stop"` and no other can
+    /// carry its clients. Their new connections are dropped.
+    Blocked,
 }
 
 impl HomeTarget {
@@ -226,6 +233,8 @@ impl Model {
                 u.needs_flush = o.needs_flush;
                 u.away = o.away;
                 u.drained = o.drained;
+                u.over_quota = o.over_quota;
+                u.quota_flush = o.quota_flush;
                 u.held_until = o.held_until;
             }
         }
@@ -513,11 +522,76 @@ impl Model {
         log
     }
 
-    /// Usable, undrained uplinks other than `except`, in the lowest tier that has any.
-    pub fn survivors(&self, except: Option<usize>) -> Vec<usize> {
-        let usable = |i: &usize| {
-            Some(*i) != except && self.uplinks[*i].usable() && !self.uplinks[*i].drained
+    /// Whether uplink `i` may carry traffic now: usable, and not taken out by its quota
+    /// (one in standby carries traffic only while no other uplink can).
+    pub fn open(&self, i: usize) -> bool {
+        let u = &self.uplinks[i];
+        u.usable()
+            && match u.over_quota {
+                None | Some(QuotaAction::Alert) => true,
+                Some(QuotaAction::Stop) => false,
+                Some(QuotaAction::Standby) => !self
+                    .uplinks
+                    .iter()
+                    .enumerate()
+                    .any(|(j, o)| j != i && o.usable() && !o.drained && o.over_quota.is_none()),
+            }
+    }
+
+    /// A change of uplink `i`'s quota level, as the usage owner counted it, under its
+    /// `quota_action`: a used-up quota holds the uplink in standby or stops it (`alert`
+    /// holds nothing). Returns the event.
+    pub fn quota(&mut self, i: usize, c: &QuotaChange, action: QuotaAction) -> LogEntry {
+        let held = self.set_over_quota(i, c.to.hold(action));
+        let size = uplink_api::size::format;
+        let of = match c.quota {
+            Some(q) => format!("{} of {}", size(c.used), size(q)),
+            None => format!("{} used, no quota", size(c.used)),
         };
+        let mut cause = match c.to {
+            QuotaLevel::Warning => format!("80 % used ({of})"),
+            QuotaLevel::Exhausted => format!(
+                "used up ({of}); {}",
+                match action {
+                    QuotaAction::Standby =>
+                        "standby: its clients and their flows move to the other uplinks while any is usable",
+                    QuotaAction::Stop => "stopped: no new flows, its flows are deleted",
+                    QuotaAction::Alert => "alert only: it carries traffic as before",
+                }
+            ),
+            QuotaLevel::Under => format!("within it again ({of})"),
+        };
+        if let Some(why) = &c.why {
+            cause.push_str(&format!(" after {why}"));
+        }
+        LogEntry {
+            at: now_millis(),
+            uplink: self.uplinks[i].name.clone(),
+            kind: EventKind::Quota,
+            cause,
+            clients_moved: if held { self.counts[i] } else { 0 },
+        }
+    }
+
+    /// Uplink `i` went over its quota, or back within it (`None`; `alert` holds nothing),
+    /// as the usage owner counts it. Returns whether that changed anything; a hold that starts marks
+    /// its flows for deletion.
+    pub fn set_over_quota(&mut self, i: usize, hold: Option<QuotaAction>) -> bool {
+        let hold = hold.filter(|a| *a != QuotaAction::Alert);
+        let Some(u) = self.uplinks.get_mut(i) else {
+            return false;
+        };
+        if u.over_quota == hold {
+            return false;
+        }
+        u.quota_flush = hold.is_some();
+        u.over_quota = hold;
+        true
+    }
+
+    /// Open, undrained uplinks other than `except`, in the lowest tier that has any.
+    pub fn survivors(&self, except: Option<usize>) -> Vec<usize> {
+        let usable = |i: &usize| Some(*i) != except && self.open(*i) && !self.uplinks[*i].drained;
         let Some(tier) = (0..self.uplinks.len())
             .filter(usable)
             .map(|i| self.uplinks[i].tier)
@@ -532,17 +606,20 @@ impl Model {
     }
 
     /// Where uplink `i`'s clients go: home while it serves them, otherwise spread over the
-    /// survivors; with no survivor, home (nothing better exists).
+    /// survivors; with no survivor, home (nothing better exists), unless its quota
+    /// stopped it.
     pub fn home_target(&self, i: usize) -> HomeTarget {
         let u = &self.uplinks[i];
-        if u.serving && u.usable() && !u.drained {
+        if u.serving && self.open(i) && !u.drained {
             return HomeTarget::Direct;
         }
         let s = self.survivors(Some(i));
-        if s.is_empty() {
-            HomeTarget::Direct
-        } else {
+        if !s.is_empty() {
             HomeTarget::Spread(s)
+        } else if u.quota_stopped() {
+            HomeTarget::Blocked
+        } else {
+            HomeTarget::Direct
         }
     }
 
@@ -551,7 +628,7 @@ impl Model {
     pub fn pin_direct(&self, i: usize) -> bool {
         self.uplinks
             .get(i)
-            .is_some_and(|u| u.usable() && !u.drained)
+            .is_some_and(|u| !u.drained && self.open(i))
     }
 
     /// Uplink `i` is usable but its clients are still elsewhere: when they come back.
@@ -591,13 +668,27 @@ impl Model {
         let mut due = Vec::new();
         for i in 0..self.uplinks.len() {
             let elsewhere = matches!(self.home_target(i), HomeTarget::Spread(_));
+            let open = self.open(i);
             let u = &mut self.uplinks[i];
             if elsewhere {
                 u.away = true;
-            } else if u.away && u.usable() && u.serving && !u.drained {
+            } else if u.away && open && u.serving && !u.drained {
                 u.away = false;
                 due.push(i);
             }
+        }
+        due
+    }
+
+    /// Uplinks that went over their quota: the flows they carry are deleted now that
+    /// their clients have somewhere else to be (a stopped one's in any case). Clears the
+    /// mark.
+    pub fn take_quota_flushes(&mut self) -> Vec<usize> {
+        let due: Vec<usize> = (0..self.uplinks.len())
+            .filter(|&i| self.uplinks[i].quota_flush && !self.open(i))
+            .collect();
+        for &i in &due {
+            self.uplinks[i].quota_flush = false;
         }
         due
     }
@@ -653,6 +744,60 @@ mod tests {
             .unwrap()
             .link;
         m.set_link(iface, LinkState { carrier: up, ..l });
+    }
+
+    #[test]
+    fn a_used_up_quota_holds_the_uplink_in_standby_or_stops_it() {
+        let (c, mut m) = setup("");
+        let t0 = Instant::now();
+        m.refresh_links(t0, &c.health, &c.failover);
+        let change = |to| QuotaChange {
+            uplink: "a".into(),
+            from: QuotaLevel::Under,
+            to,
+            used: 1_000_000,
+            quota: Some(1_000_000),
+            why: None,
+        };
+        // Alert: events only.
+        let e = m.quota(0, &change(QuotaLevel::Exhausted), QuotaAction::Alert);
+        assert_eq!(e.kind, EventKind::Quota);
+        assert!(e.cause.contains("alert only"), "{}", e.cause);
+        assert_eq!(m.home_target(0), HomeTarget::Direct);
+        assert!(m.take_quota_flushes().is_empty());
+        // Standby: its clients and flows go to b; a new client does not land on it.
+        let e = m.quota(0, &change(QuotaLevel::Exhausted), QuotaAction::Standby);
+        assert!(e.cause.contains("1.0 MB of 1.0 MB"), "{}", e.cause);
+        assert_eq!(m.home_target(0), HomeTarget::Spread(vec![1]));
+        assert_eq!(m.survivors(None), vec![1]);
+        assert_eq!(m.next_home(), "b");
+        assert!(!m.pin_direct(0));
+        assert_eq!(m.take_quota_flushes(), vec![0]);
+        assert!(m.take_quota_flushes().is_empty());
+        // With b dead, lte (tier 2) comes before a standby …
+        carrier(&mut m, "wb", false);
+        m.refresh_links(t0, &c.health, &c.failover);
+        assert_eq!(m.home_target(0), HomeTarget::Spread(vec![2]));
+        // … and with lte dead too, the standby carries its own again.
+        carrier(&mut m, "ppp0", false);
+        m.refresh_links(t0, &c.health, &c.failover);
+        assert!(m.open(0));
+        assert_eq!(m.home_target(0), HomeTarget::Direct);
+        assert_eq!(m.home_target(1), HomeTarget::Spread(vec![0]));
+        // Stop: nowhere, rather than over the cap; its flows go even so.
+        m.quota(0, &change(QuotaLevel::Exhausted), QuotaAction::Stop);
+        assert_eq!(m.home_target(0), HomeTarget::Blocked);
+        assert_eq!(
+            m.home_target(1),
+            HomeTarget::Direct,
+            "dead b: nothing better"
+        );
+        assert_eq!(m.take_quota_flushes(), vec![0]);
+        // The next period restores it.
+        let e = m.quota(0, &change(QuotaLevel::Under), QuotaAction::Stop);
+        assert!(e.cause.contains("within it again"), "{}", e.cause);
+        assert_eq!(m.home_target(0), HomeTarget::Direct);
+        assert!(m.take_quota_flushes().is_empty());
     }
 
     #[test]

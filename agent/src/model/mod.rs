@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 
-use crate::config::Config;
+use crate::config::{Config, QuotaAction};
 use crate::health::{Health, UplinkState};
 pub use mac::Mac;
 use state_file::{Decisions, UplinkRuntime};
@@ -66,6 +66,11 @@ pub struct Uplink {
     /// Drained by an operator: its clients' new flows go elsewhere, no new client lands on
     /// it, established flows finish on it.
     pub drained: bool,
+    /// Over its quota with `quota_action` standby or stop (alert changes nothing here).
+    pub over_quota: Option<QuotaAction>,
+    /// It went over its quota: the flows it carries are deleted once the plan that moves
+    /// its clients is in the kernel.
+    pub quota_flush: bool,
     /// Held down for flapping until then (Unix milliseconds), for the decisions file.
     pub held_until: Option<Millis>,
     /// `gateway = "auto"`: without a learned IPv4 next hop the uplink is down.
@@ -99,6 +104,8 @@ impl Uplink {
             needs_flush: false,
             away: false,
             drained: false,
+            over_quota: None,
+            quota_flush: false,
             held_until: None,
             auto_gateway: false,
             learned: Vec::new(),
@@ -112,6 +119,11 @@ impl Uplink {
 
     pub fn usable(&self) -> bool {
         self.health.state().usable()
+    }
+
+    /// Over its quota with `quota_action = "stop"`: it carries nothing.
+    pub fn quota_stopped(&self) -> bool {
+        self.over_quota == Some(QuotaAction::Stop)
     }
 }
 
@@ -420,14 +432,16 @@ impl Model {
 
     /// Where a new client goes: the lowest configured tier (a higher tier carries clients
     /// only by failover), preferring healthy uplinks over degraded ones over dead ones, and
-    /// undrained ones over drained ones. Every uplink may be drained or down at once (a
+    /// undrained ones (within quota) over drained ones. Every uplink may be drained or down at once (a
     /// drain is accepted while a higher tier survives), so the last choice is any uplink of
     /// that tier: its `home_` chain then spreads the client over the survivors. A new
     /// client's first packets are sent here too, so its assignment moves nothing.
     pub fn next_home(&self) -> String {
         let tier = self.uplinks.iter().map(|u| u.tier).min().unwrap_or(1);
         let in_tier = |i: usize| self.uplinks[i].tier == tier;
-        let open = |i: usize| in_tier(i) && !self.uplinks[i].drained;
+        let open = |i: usize| {
+            in_tier(i) && !self.uplinks[i].drained && self.uplinks[i].over_quota.is_none()
+        };
         let preferences: [&dyn Fn(usize) -> bool; 4] = [
             &|i| open(i) && self.uplinks[i].state() == UplinkState::Up,
             &|i| open(i) && self.uplinks[i].usable(),

@@ -162,12 +162,17 @@ impl Model {
         let mut skipped = Vec::new();
         let mut ready = Vec::new();
         let mut waiting = Vec::new();
+        let mut standby = Vec::new();
         for &i in members {
             let u = &self.uplinks[i];
             if !u.usable() {
                 skipped.push((i, format!("{} is {}", u.name, u.state())));
             } else if u.drained {
                 skipped.push((i, format!("{} is drained", u.name)));
+            } else if u.quota_stopped() {
+                skipped.push((i, format!("{} is over its quota (stopped)", u.name)));
+            } else if u.over_quota.is_some() {
+                standby.push(i);
             } else if !u.serving {
                 waiting.push(i);
             } else {
@@ -183,6 +188,16 @@ impl Model {
             skipped.push((
                 i,
                 format!("{} is back, failback pending", self.uplinks[i].name),
+            ));
+        }
+        // Over its quota in standby: only while nothing else can carry the traffic.
+        if ready.is_empty() {
+            ready = std::mem::take(&mut standby);
+        }
+        for &i in &standby {
+            skipped.push((
+                i,
+                format!("{} is over its quota (standby)", self.uplinks[i].name),
             ));
         }
         if ready.is_empty() {

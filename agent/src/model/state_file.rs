@@ -610,6 +610,12 @@ mod tests {
                 tx: 2,
                 total_rx: 3,
                 total_tx: 4,
+                quota: Some(5),
+                quota_set: Some(crate::usage::QuotaSet {
+                    bytes: 5,
+                    over: None,
+                }),
+                level: crate::usage::QuotaLevel::Warning,
             },
         );
         sf.save_usage(&l).unwrap();

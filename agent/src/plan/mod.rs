@@ -97,7 +97,8 @@ pub struct NftUplink {
     pub fwmark: u32,
     pub masquerade: bool,
     /// Where `home_<name>` sends the uplink's clients: to `up_<name>`, or (failed over)
-    /// hashed over these uplinks' `up_` chains, each listed in proportion to its weight.
+    /// hashed over these uplinks' `up_` chains, each listed in proportion to its weight;
+    /// none: dropped (over its quota with `quota_action = "stop"`, nothing else usable).
     pub home: Option<Vec<String>>,
     /// Failed over while a failback moves flows (`failback_flows = "move"`, or a metered
     /// uplink in the config): the conntrack-mark bits (in the policy bits) `home_<name>`
@@ -267,6 +268,7 @@ pub fn plan_touched(config: &Config, model: &Model, touched: &Touched) -> Desire
             home: match model.home_target(i) {
                 HomeTarget::Direct => None,
                 HomeTarget::Spread(to) => Some(buckets(&to)),
+                HomeTarget::Blocked => Some(Vec::new()),
             },
             away_mark: match model.home_target(i) {
                 HomeTarget::Spread(_) if config.failback_moves_flows() => dp.away_ctmark(u.mark),
@@ -315,12 +317,13 @@ pub fn plan_touched(config: &Config, model: &Model, touched: &Touched) -> Desire
     let unassigned = client_mode.then(|| verdict::unassigned(config, model));
 
     let mut elements = BTreeMap::new();
-    // A connection keeps its uplink only while that uplink is usable.
-    for (u, _) in config
+    // A connection keeps its uplink only while that uplink is open (usable, and not
+    // taken out by its quota).
+    for (_, u) in config
         .uplinks
         .iter()
-        .zip(&model.uplinks)
-        .filter(|(_, m)| m.usable())
+        .enumerate()
+        .filter(|(i, _)| model.open(*i))
     {
         elements.insert(
             ElemKey::Mark(dp.fwmark(u.mark)),
@@ -673,6 +676,7 @@ pub fn carries(config: &Config, model: &Model, i: usize) -> bool {
             && match model.home_target(j) {
                 HomeTarget::Direct => j == i,
                 HomeTarget::Spread(to) => to.contains(&i),
+                HomeTarget::Blocked => false,
             }
     }) || model.overrides.values().any(|o| o.uplink == name)
         || names(&verdict::default_verdict(config, model).0)

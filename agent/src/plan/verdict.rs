@@ -256,19 +256,20 @@ pub fn explain(config: &Config, model: &Model, sets: &[Vec<IpNet>], flow: &Flow)
             flow.src, o.uplink
         ));
         let (uplink, why) = if model.pin_direct(i) {
-            (o.uplink.clone(), String::new())
+            (Some(o.uplink.clone()), String::new())
         } else {
             let to = home_spread(config, model, i, flow.src);
+            let shown = to.as_deref().unwrap_or(BLOCKED);
             (
                 to.clone(),
-                format!(" ({} cannot carry traffic now: {to})", o.uplink),
+                format!(" ({} cannot carry traffic now: {shown})", o.uplink),
             )
         };
         return Explanation {
             rule: None,
             policy: "pin".into(),
-            uplink: Some(uplink.clone()),
-            summary: format!("pin → {uplink}{why}"),
+            summary: format!("pin → {}{why}", uplink.as_deref().unwrap_or(BLOCKED)),
+            uplink,
             steps,
         };
     }
@@ -339,8 +340,11 @@ pub fn explain(config: &Config, model: &Model, sets: &[Vec<IpNet>], flow: &Flow)
                     Some(c.home.clone())
                 } else {
                     let to = home_spread(config, model, i, flow.src);
-                    notes.push(format!("home {} failed over", c.home));
-                    Some(to)
+                    notes.push(match to {
+                        Some(_) => format!("home {} failed over", c.home),
+                        None => format!("home {} {BLOCKED}", c.home),
+                    });
+                    to
                 }
             }
             None => match unassigned(config, model) {
@@ -426,15 +430,20 @@ fn dedup(v: &[String]) -> Vec<String> {
     out
 }
 
+/// Why a stopped uplink's clients go nowhere.
+pub const BLOCKED: &str = "is over its quota (quota_action = \"stop\") and no other uplink can carry its clients: dropped";
+
 /// Where uplink `i`'s home chain sends `src`: the uplink itself, or (failed over) where
-/// its `jhash saddr` spread over the survivors puts the address.
-pub fn home_spread(config: &Config, model: &Model, i: usize, src: IpAddr) -> String {
+/// its `jhash saddr` spread over the survivors puts the address; `None`: nowhere
+/// (`HomeTarget::Blocked`).
+pub fn home_spread(config: &Config, model: &Model, i: usize, src: IpAddr) -> Option<String> {
     match model.home_target(i) {
-        crate::model::failover::HomeTarget::Direct => config.uplinks[i].name.clone(),
+        crate::model::failover::HomeTarget::Direct => Some(config.uplinks[i].name.clone()),
         crate::model::failover::HomeTarget::Spread(to) => {
             let b = spread(config, &to);
-            b[jhash_bucket(src, b.len())].clone()
+            Some(b[jhash_bucket(src, b.len())].clone())
         }
+        crate::model::failover::HomeTarget::Blocked => None,
     }
 }
 

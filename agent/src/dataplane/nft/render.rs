@@ -820,9 +820,13 @@ pub(super) fn render_policies(s: &NftStructure) -> Vec<Value> {
         .iter()
         .filter_map(|u| Some((home_chain(&u.name), u.home.clone()?)));
     for (chain, buckets) in homes.chain([(OVERFLOW.to_string(), s.overflow.clone())]) {
-        let spread = Verdict::Spread {
-            key: SpreadKey::Source,
-            buckets,
+        let spread = if buckets.is_empty() {
+            Verdict::Drop
+        } else {
+            Verdict::Spread {
+                key: SpreadKey::Source,
+                buckets,
+            }
         };
         for e in verdict_rules(&spread, &[]) {
             out.push(raw_rule(table, &chain, e, None));
