@@ -15,7 +15,7 @@ pub enum Answer {
     Status(v1::AgentStatus),
     Uplinks(Vec<v1::Uplink>),
     /// The uplink a write (drain, undrain, failback) changed: shown as `uplinks` shows it.
-    Uplink(v1::Uplink),
+    Uplink(Box<v1::Uplink>),
     Clients(Vec<v1::Client>),
     Pinned(v1::Override),
     Unpinned {
@@ -32,6 +32,11 @@ pub enum Answer {
 }
 
 impl Answer {
+    /// The answer to a write on one uplink.
+    pub fn uplink(u: v1::Uplink) -> Answer {
+        Answer::Uplink(Box::new(u))
+    }
+
     /// The machine form, for JSON and YAML.
     pub fn json(&self) -> Value {
         serde_json::to_value(self).unwrap_or_default()
@@ -43,7 +48,7 @@ impl Answer {
         match self {
             Answer::Status(s) => status(s),
             Answer::Uplinks(u) => uplinks(u, wide),
-            Answer::Uplink(u) => uplinks(std::slice::from_ref(u), wide),
+            Answer::Uplink(u) => uplinks(std::slice::from_ref(&**u), wide),
             Answer::Clients(c) => clients(c, wide, now),
             Answer::Pinned(o) => {
                 let until = if o.expires_at_ms == 0 {
@@ -401,7 +406,7 @@ mod tests {
             fwmark: 0x0200_0000,
             ..Default::default()
         };
-        let drained = Answer::Uplink(u.clone()).table(true, now);
+        let drained = Answer::uplink(u.clone()).table(true, now);
         assert_eq!(drained, Answer::Uplinks(vec![u]).table(true, now));
         assert!(drained.contains("0x2000000"), "{drained}");
         assert!(drained.starts_with("UPLINK  STATE"), "{drained}");

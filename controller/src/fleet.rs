@@ -252,31 +252,31 @@ async fn call(client: &mut AgentClient<Channel>, req: &Request) -> Result<Answer
                 unpinned: ip.clone(),
             }
         }
-        Request::Drain(u) => Answer::Uplink(
+        Request::Drain(u) => Answer::uplink(
             client
                 .drain_uplink(v1::UplinkRequest { uplink: u.clone() })
                 .await?
                 .into_inner(),
         ),
-        Request::Undrain(u) => Answer::Uplink(
+        Request::Undrain(u) => Answer::uplink(
             client
                 .undrain_uplink(v1::UplinkRequest { uplink: u.clone() })
                 .await?
                 .into_inner(),
         ),
-        Request::Failback(u) => Answer::Uplink(
+        Request::Failback(u) => Answer::uplink(
             client
                 .failback(v1::UplinkRequest { uplink: u.clone() })
                 .await?
                 .into_inner(),
         ),
-        Request::QuotaReset(u) => Answer::Uplink(
+        Request::QuotaReset(u) => Answer::uplink(
             client
                 .reset_quota(v1::UplinkRequest { uplink: u.clone() })
                 .await?
                 .into_inner(),
         ),
-        Request::QuotaSet(r) => Answer::Uplink(client.set_quota(r.clone()).await?.into_inner()),
+        Request::QuotaSet(r) => Answer::uplink(client.set_quota(r.clone()).await?.into_inner()),
         Request::Policies => Answer::Policies(
             client
                 .list_policies(v1::ListPoliciesRequest {})
