@@ -245,17 +245,28 @@ impl Ledger {
         for u in uplinks {
             let usage = self.uplinks.entry(u.name.to_string()).or_default();
             let to = QuotaLevel::of(usage.used(), usage.quota);
-            if to != usage.level {
+            // A jump past 80 % in one count still warns first: alerting keys on it.
+            let steps = match (usage.level, to) {
+                (QuotaLevel::Under, QuotaLevel::Exhausted) => {
+                    vec![
+                        (QuotaLevel::Under, QuotaLevel::Warning),
+                        (QuotaLevel::Warning, to),
+                    ]
+                }
+                (from, to) if from != to => vec![(from, to)],
+                _ => Vec::new(),
+            };
+            for (from, to) in steps {
                 changes.push(QuotaChange {
                     uplink: u.name.to_string(),
-                    from: usage.level,
+                    from,
                     to,
                     used: usage.used(),
                     quota: usage.quota,
                     why: why.map(str::to_string),
                 });
-                usage.level = to;
             }
+            usage.level = to;
         }
         changes
     }
@@ -405,6 +416,7 @@ mod tests {
         l.record(&uplinks, &reading(1200), t, &tz);
         let c = l.levels(&uplinks, None);
         assert_eq!((c[0].to, c[0].used), (QuotaLevel::Exhausted, 1200));
+        assert_eq!(c.len(), 1);
         assert_eq!(l.uplinks["lte"].remaining(), Some(0));
         // An operator's cap above the use: within it again.
         l.set_quota(&uplinks[0], 2000);
@@ -417,12 +429,21 @@ mod tests {
         // … and goes once the config's quota changes.
         uplinks[0].quota = Some(1100);
         assert_eq!(l.configure(&uplinks), ["lte"]);
-        assert_eq!(l.levels(&uplinks, None)[0].to, QuotaLevel::Exhausted);
+        assert_eq!(l.levels(&uplinks, None)[1].to, QuotaLevel::Exhausted);
         // A reset, then the next period: from zero.
         l.reset("lte");
         assert_eq!(l.levels(&uplinks, None)[0].to, QuotaLevel::Under);
         l.record(&uplinks, &reading(2300), t, &tz);
-        assert_eq!(l.levels(&uplinks, None)[0].to, QuotaLevel::Exhausted);
+        let c = l.levels(&uplinks, None);
+        let steps: Vec<_> = c.iter().map(|c| (c.from, c.to)).collect();
+        assert_eq!(
+            steps,
+            [
+                (QuotaLevel::Under, QuotaLevel::Warning),
+                (QuotaLevel::Warning, QuotaLevel::Exhausted)
+            ],
+            "a jump past 80 % warns first"
+        );
         l.record(&uplinks, &reading(2300), at("2027-01-02T00:00", &tz), &tz);
         assert_eq!(l.levels(&uplinks, None)[0].to, QuotaLevel::Under);
         // A level survives a save and load.

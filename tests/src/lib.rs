@@ -823,6 +823,50 @@ impl Lab {
     }
 
     /// The uplink whose NAT address the internet host saw.
+    /// Which uplink client `i`'s new connections leave by now.
+    pub fn via(&self, i: u32) -> Result<String> {
+        // Generous: a loaded CI machine runs a dozen labs at once.
+        let seen = self.probe(i, false, 20)?;
+        self.uplink_of_source(seen)
+            .ok_or_else(|| anyhow::anyhow!("unknown source {seen}"))
+    }
+
+    /// Waits until client `i`'s new connections leave by `uplink`; returns how long that
+    /// took.
+    pub fn wait_via(&self, i: u32, uplink: &str, within: Duration) -> Result<Duration> {
+        let t = Instant::now();
+        self.wait_for(within, &format!("c{i} leaving via {uplink}"), || {
+            Ok(self.via(i)? == uplink)
+        })?;
+        Ok(t.elapsed())
+    }
+
+    /// Conntrack entries (IPv4) in the gateway whose mark carries uplink `k`'s id, as
+    /// "src=… dst=… sport=… dport=…".
+    pub fn ct_entries(&self, k: usize) -> Result<std::collections::BTreeSet<String>> {
+        let out = self.gw(&[
+            "conntrack",
+            "-L",
+            "-f",
+            "ipv4",
+            "-m",
+            &format!("{:#x}/0x3f000000", (k as u32) << 24),
+        ])?;
+        Ok(out
+            .lines()
+            .filter(|l| l.contains("src="))
+            .map(|l| {
+                l.split_whitespace()
+                    .filter(|w| {
+                        w.starts_with("src=") || w.starts_with("sport=") || w.starts_with("dst=")
+                    })
+                    .take(4)
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .collect())
+    }
+
     pub fn uplink_of_source(&self, seen: IpAddr) -> Option<String> {
         uplink_by_address(&self.ns("gw"), &self.uplinks, seen)
     }

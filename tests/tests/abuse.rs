@@ -12,12 +12,6 @@ use uplink_tests::{
     Lab, UplinkSpec, client_v4, in_netns, outcome, probed_uplinks, two_uplinks, uplinkd_bin,
 };
 
-fn via(lab: &Lab, i: u32) -> anyhow::Result<String> {
-    let seen = lab.probe(i, false, 20)?;
-    lab.uplink_of_source(seen)
-        .ok_or_else(|| anyhow::anyhow!("unknown source {seen}"))
-}
-
 fn api_lab(tag: &str, uplinks: Vec<UplinkSpec>, clients: u32, extra: &str) -> anyhow::Result<Lab> {
     let mut lab = Lab::build(tag, uplinks, clients, 0)?;
     let api = lab.api_config()?;
@@ -58,7 +52,7 @@ fn a_new_client_lands_when_every_first_tier_uplink_is_drained() -> anyhow::Resul
     assert!(err.contains("last healthy uplink"), "{err}");
     lab.add_client(3, false)?;
     assert_eq!(
-        via(&lab, 3)?,
+        lab.via(3)?,
         "lte",
         "the new client is carried by the survivor"
     );
@@ -84,7 +78,7 @@ fn a_new_client_lands_when_every_first_tier_uplink_is_drained() -> anyhow::Resul
             "{u} still drained after restart:\n{out}"
         );
     }
-    assert_eq!(via(&lab, 1)?, "lte");
+    assert_eq!(lab.via(1)?, "lte");
     Ok(())
 }
 
@@ -113,7 +107,7 @@ fn reloads_do_not_leak_descriptors() -> anyhow::Result<()> {
     )
     .map_err(|e| anyhow::anyhow!("fds {before} → {}: {e}", lab.agent_fds().unwrap_or(0)))?;
     // Still dispatching: the client's datagram is answered.
-    via(&lab, 1)?;
+    lab.via(1)?;
     Ok(())
 }
 
@@ -210,7 +204,7 @@ fn listeners_are_bounded_and_metrics_are_not_on_the_wan() -> anyhow::Result<()> 
     // Failover works while the listeners are full.
     let c = client_on(&homes, "isp1");
     lab.carrier("isp1", false)?;
-    assert_eq!(via(&lab, c)?, "isp2");
+    assert_eq!(lab.via(c)?, "isp2");
     lab.carrier("isp1", true)?;
 
     drop(open_m);
@@ -245,7 +239,7 @@ fn cut_a_home(tag: &str, uplink: &str, failback_delay: &str) -> anyhow::Result<(
     let c = client_on(&homes, uplink);
     lab.carrier(uplink, false)?;
     let other = if uplink == "isp1" { "isp2" } else { "isp1" };
-    anyhow::ensure!(via(&lab, c)? == other, "c{c} did not move off {uplink}");
+    anyhow::ensure!(lab.via(c)? == other, "c{c} did not move off {uplink}");
     Ok((lab, c))
 }
 
@@ -328,7 +322,7 @@ fn a_second_instance_changes_nothing() -> anyhow::Result<()> {
         "{err}"
     );
     assert_eq!(home()?, before, "the second instance rewrote home_isp2");
-    assert_eq!(via(&lab, c)?, "isp1", "still failed over");
+    assert_eq!(lab.via(c)?, "isp1", "still failed over");
     assert!(lab.agent_running());
     Ok(())
 }
@@ -347,10 +341,10 @@ fn a_pin_takes_effect_while_its_uplink_waits_for_failback() -> anyhow::Result<()
             cols.first() == Some(&"isp1") && cols.get(1).is_some_and(|s| s.starts_with("up"))
         }))
     })?;
-    assert_eq!(via(&lab, c)?, "isp2", "the failback has not happened yet");
+    assert_eq!(lab.via(c)?, "isp2", "the failback has not happened yet");
     let (code, _, err) = lab.ctl("op", &["pin", &ip, "isp1"])?;
     assert_eq!(code, 0, "{err}");
-    assert_eq!(via(&lab, c)?, "isp1", "the pin took effect at once");
+    assert_eq!(lab.via(c)?, "isp1", "the pin took effect at once");
     let (_, out, _) = lab.ctl("view", &["uplinks"])?;
     assert!(
         out.lines()
@@ -389,7 +383,7 @@ fn a_restart_keeps_traffic_off_an_uplink_that_was_down() -> anyhow::Result<()> {
             .lines()
             .any(|l| l.starts_with("isp2") && l.contains("down")))
     })?;
-    assert_eq!(via(&lab, c)?, "isp1");
+    assert_eq!(lab.via(c)?, "isp1");
     lab.stop_agent("KILL")?;
     lab.start_agent()?;
     // Before the first probe round could judge it, the restarted agent already has isp2
@@ -405,7 +399,7 @@ fn a_restart_keeps_traffic_off_an_uplink_that_was_down() -> anyhow::Result<()> {
         !home.contains("goto up_isp2"),
         "home_isp2 sends to isp2:\n{home}"
     );
-    assert_eq!(via(&lab, c)?, "isp1");
+    assert_eq!(lab.via(c)?, "isp1");
     // And it comes back when the path works again.
     lab.upstream_loss("isp2", 0)?;
     lab.wait_for(Duration::from_secs(10), "isp2 up again", || {
@@ -642,7 +636,7 @@ fn a_lan_flood_is_bounded_and_existing_clients_keep_their_uplinks() -> anyhow::R
     for (ip, home) in &homes {
         let IpAddr::V4(v4) = ip else { continue };
         let i = u32::from(v4.octets()[3]) - 10;
-        assert_eq!(&via(&lab, i)?, home, "{ip} kept its uplink");
+        assert_eq!(&lab.via(i)?, home, "{ip} kept its uplink");
     }
     // No placement will come while the LAN is full: a new host's first packets are hashed
     // over the uplinks (`overflow`), not all sent to one of them, and it is answered.
@@ -819,7 +813,7 @@ fn a_read_only_state_dir_is_reported_and_retried() -> anyhow::Result<()> {
     nsenter(&["mount", "-o", "remount,bind,ro", &dir])?;
     let mark = lab.log_len();
     lab.add_client(2, false)?;
-    assert!(via(&lab, 2).is_ok(), "routing goes on");
+    assert!(lab.via(2).is_ok(), "routing goes on");
     lab.wait_for(Duration::from_secs(10), "the save error", || {
         Ok(lab
             .scrape(9477)?
@@ -914,13 +908,13 @@ fn a_renamed_uplink_interface_fails_over_and_back() -> anyhow::Result<()> {
     lab.gw(&["ip", "link", "set", "wan1", "down"])?;
     lab.gw(&["ip", "link", "set", "wan1", "name", "wan1x"])?;
     lab.gw(&["ip", "link", "set", "wan1x", "up"])?;
-    assert_eq!(via(&lab, c)?, "isp2", "isp1's interface is gone");
+    assert_eq!(lab.via(c)?, "isp2", "isp1's interface is gone");
     lab.gw(&["ip", "link", "set", "wan1x", "down"])?;
     lab.gw(&["ip", "link", "set", "wan1x", "name", "wan1"])?;
     lab.gw(&["ip", "link", "set", "wan1", "up"])?;
     // Its address and routes come back with the link (the lab's ISP answers at once).
     lab.wait_for(Duration::from_secs(10), "c back on isp1", || {
-        Ok(via(&lab, c)? == "isp1")
+        Ok(lab.via(c)? == "isp1")
     })?;
     assert!(lab.agent_running());
     Ok(())
@@ -939,7 +933,7 @@ fn a_full_state_dir_is_reported_and_retried() -> anyhow::Result<()> {
     let _ = nsenter(&["dd", "if=/dev/zero", &format!("of={filler}"), "bs=4k"]);
     let mark = lab.log_len();
     lab.add_client(2, false)?;
-    assert!(via(&lab, 2).is_ok(), "routing goes on");
+    assert!(lab.via(2).is_ok(), "routing goes on");
     lab.wait_for(Duration::from_secs(10), "the save error", || {
         Ok(lab
             .scrape(9477)?

@@ -5,13 +5,6 @@ use std::time::Duration;
 
 use uplink_tests::{Lab, UplinkSpec, client_v4, two_uplinks};
 
-fn via(lab: &Lab, i: u32) -> anyhow::Result<String> {
-    // Generous: a loaded CI machine runs a dozen labs at once.
-    let seen = lab.probe(i, false, 20)?;
-    lab.uplink_of_source(seen)
-        .ok_or_else(|| anyhow::anyhow!("unknown source {seen}"))
-}
-
 /// Test 2 and the basics: viewers read, operators write, agent certs are no clients.
 #[test]
 fn roles_decide_who_may_write() -> anyhow::Result<()> {
@@ -46,7 +39,7 @@ fn roles_decide_who_may_write() -> anyhow::Result<()> {
     assert_eq!(code, 0, "{err}");
     assert!(out.contains(other), "{out}");
     assert_eq!(
-        via(&lab, 1)?,
+        lab.via(1)?,
         other,
         "a pinned client's new flows leave by the pinned uplink"
     );
@@ -228,7 +221,7 @@ fn pins_move_new_flows_survive_restart_and_expire() -> anyhow::Result<()> {
 
     let (code, _, err) = lab.ctl("op", &["pin", &c1.to_string(), other])?;
     assert_eq!(code, 0, "{err}");
-    assert_eq!(via(&lab, 1)?, other);
+    assert_eq!(lab.via(1)?, other);
     assert_eq!(
         lab.uplink_of_source(tcp.exchange()?).as_deref(),
         Some(home.as_str()),
@@ -253,7 +246,7 @@ fn pins_move_new_flows_survive_restart_and_expire() -> anyhow::Result<()> {
 
     lab.stop_agent("KILL")?;
     lab.start_agent()?;
-    assert_eq!(via(&lab, 1)?, other, "the pin survives a restart");
+    assert_eq!(lab.via(1)?, other, "the pin survives a restart");
     let (_, out, _) = lab.ctl("view", &["clients", "-o", "json"])?;
     assert!(out.contains("\"override\""), "{out}");
 
@@ -265,9 +258,9 @@ fn pins_move_new_flows_survive_restart_and_expire() -> anyhow::Result<()> {
             .0,
         0
     );
-    assert_eq!(via(&lab, 2)?, other2);
+    assert_eq!(lab.via(2)?, other2);
     lab.wait_for(Duration::from_secs(6), "the timed pin to expire", || {
-        Ok(via(&lab, 2)? == home2)
+        Ok(lab.via(2)? == home2)
     })?;
     assert!(
         lab.log_tail(30)
@@ -292,7 +285,7 @@ fn drain_and_undrain() -> anyhow::Result<()> {
     );
     assert_eq!(lab.ctl("op", &["drain", "isp1"])?.0, 0);
     for i in 1..=2 {
-        assert_eq!(via(&lab, i)?, "isp2", "c{i} left the drained uplink");
+        assert_eq!(lab.via(i)?, "isp2", "c{i} left the drained uplink");
     }
     assert_eq!(
         lab.uplink_of_source(tcp.exchange()?).as_deref(),
@@ -319,7 +312,7 @@ fn drain_and_undrain() -> anyhow::Result<()> {
     assert_eq!(lab.ctl("op", &["undrain", "isp1"])?.0, 0);
     for i in 1..=2 {
         let home = &homes[&IpAddr::from(client_v4(i))];
-        assert_eq!(&via(&lab, i)?, home, "c{i} is back on its home uplink");
+        assert_eq!(&lab.via(i)?, home, "c{i} is back on its home uplink");
     }
     lab.add_client(4, false)?;
     lab.probe(4, false, 10)?;
@@ -758,7 +751,7 @@ fn current_uplink_matches_the_kernels_hash() -> anyhow::Result<()> {
             .find(|c| c["addresses"][0] == ip.to_string())
             .expect("listed");
         assert_eq!(c["reason"], "failover");
-        let seen = via(&lab, i)?;
+        let seen = lab.via(i)?;
         assert_eq!(
             c["current_uplink"].as_str(),
             Some(seen.as_str()),

@@ -7,14 +7,6 @@ use std::time::{Duration, Instant};
 
 use uplink_tests::{Lab, TcpFlow, UdpStream, UplinkSpec, client_v4, two_uplinks};
 
-/// Which uplink client `i`'s new connections leave by now.
-fn via(lab: &Lab, i: u32) -> anyhow::Result<String> {
-    // Generous: a loaded CI machine runs a dozen labs at once.
-    let seen = lab.probe(i, false, 20)?;
-    lab.uplink_of_source(seen)
-        .ok_or_else(|| anyhow::anyhow!("unknown source {seen}"))
-}
-
 fn clients_on(assigned: &BTreeMap<IpAddr, String>, uplink: &str) -> Vec<u32> {
     (1..=64)
         .filter(|i| {
@@ -24,39 +16,6 @@ fn clients_on(assigned: &BTreeMap<IpAddr, String>, uplink: &str) -> Vec<u32> {
                 == Some(uplink)
         })
         .collect()
-}
-
-/// Conntrack entries (IPv4) in the gateway whose mark carries uplink `k`'s id.
-fn ct_entries(lab: &Lab, k: usize) -> anyhow::Result<BTreeSet<String>> {
-    let out = lab.gw(&[
-        "conntrack",
-        "-L",
-        "-f",
-        "ipv4",
-        "-m",
-        &format!("{:#x}/0x3f000000", (k as u32) << 24),
-    ])?;
-    Ok(out
-        .lines()
-        .filter(|l| l.contains("src="))
-        .map(|l| {
-            l.split_whitespace()
-                .filter(|w| {
-                    w.starts_with("src=") || w.starts_with("sport=") || w.starts_with("dst=")
-                })
-                .take(4)
-                .collect::<Vec<_>>()
-                .join(" ")
-        })
-        .collect())
-}
-
-fn wait_via(lab: &Lab, i: u32, uplink: &str, within: Duration) -> anyhow::Result<Duration> {
-    let t = Instant::now();
-    lab.wait_for(within, &format!("c{i} leaving via {uplink}"), || {
-        Ok(via(lab, i)? == uplink)
-    })?;
-    Ok(t.elapsed())
 }
 
 /// Tests 1 and 5: a carrier cut moves the dead uplink's clients over the survivors by
@@ -89,11 +48,7 @@ fn carrier_cut_moves_only_the_dead_uplinks_clients() -> anyhow::Result<()> {
         })
         .collect::<anyhow::Result<_>>()?;
     std::thread::sleep(Duration::from_millis(300));
-    let before = [
-        ct_entries(&lab, 1)?,
-        ct_entries(&lab, 2)?,
-        ct_entries(&lab, 3)?,
-    ];
+    let before = [lab.ct_entries(1)?, lab.ct_entries(2)?, lab.ct_entries(3)?];
     assert!(
         !before[0].is_empty(),
         "the dead uplink's clients have flows"
@@ -103,22 +58,22 @@ fn carrier_cut_moves_only_the_dead_uplinks_clients() -> anyhow::Result<()> {
     lab.wait_for(
         Duration::from_secs(5),
         "isp1's conntrack entries gone",
-        || Ok(ct_entries(&lab, 1)?.is_empty()),
+        || Ok(lab.ct_entries(1)?.is_empty()),
     )?;
     assert_eq!(
-        ct_entries(&lab, 2)?,
+        lab.ct_entries(2)?,
         before[1],
         "flows on a healthy uplink untouched"
     );
     assert_eq!(
-        ct_entries(&lab, 3)?,
+        lab.ct_entries(3)?,
         before[2],
         "flows on a healthy uplink untouched"
     );
 
     let mut used = BTreeSet::new();
     for &i in &dead {
-        let u = via(&lab, i)?;
+        let u = lab.via(i)?;
         assert_ne!(u, "isp1", "c{i} still leaves by the dead uplink");
         used.insert(u);
     }
@@ -129,7 +84,7 @@ fn carrier_cut_moves_only_the_dead_uplinks_clients() -> anyhow::Result<()> {
     );
     for &i in &healthy {
         assert_eq!(
-            via(&lab, i)?,
+            lab.via(i)?,
             assigned[&IpAddr::from(client_v4(i))],
             "c{i} on a healthy uplink kept it"
         );
@@ -174,10 +129,10 @@ fn probed_lab(tag: &str) -> anyhow::Result<(Lab, u32)> {
 #[test]
 fn silent_upstream_failure_is_detected_by_probes() -> anyhow::Result<()> {
     let (lab, c) = probed_lab("silent")?;
-    assert_eq!(via(&lab, c)?, "isp1");
+    assert_eq!(lab.via(c)?, "isp1");
 
     lab.upstream_loss("isp1", 100)?;
-    wait_via(&lab, c, "isp2", Duration::from_secs(5))?;
+    lab.wait_via(c, "isp2", Duration::from_secs(5))?;
     assert!(
         lab.log_tail(50)
             .contains("uplink isp1 up -> down: 3 failed probe rounds"),
@@ -185,7 +140,7 @@ fn silent_upstream_failure_is_detected_by_probes() -> anyhow::Result<()> {
         lab.log_tail(20)
     );
     lab.upstream_loss("isp1", 0)?;
-    wait_via(&lab, c, "isp1", Duration::from_secs(5))?;
+    lab.wait_via(c, "isp1", Duration::from_secs(5))?;
     Ok(())
 }
 
@@ -201,7 +156,7 @@ fn auto_failback_after_delay_keeps_backup_flows() -> anyhow::Result<()> {
     let c = clients_on(&assigned, "isp1")[0];
 
     lab.carrier("isp1", false)?;
-    wait_via(&lab, c, "isp2", Duration::from_secs(5))?;
+    lab.wait_via(c, "isp2", Duration::from_secs(5))?;
     assert_eq!(
         lab.uplink_of_source(lab.probe(c, true, 10)?).as_deref(),
         Some("isp2"),
@@ -216,8 +171,8 @@ fn auto_failback_after_delay_keeps_backup_flows() -> anyhow::Result<()> {
     lab.carrier("isp1", true)?;
     let restored = Instant::now();
     std::thread::sleep(Duration::from_millis(800));
-    assert_eq!(via(&lab, c)?, "isp2", "no failback before the delay");
-    wait_via(&lab, c, "isp1", Duration::from_secs(8))?;
+    assert_eq!(lab.via(c)?, "isp2", "no failback before the delay");
+    lab.wait_via(c, "isp1", Duration::from_secs(8))?;
     assert!(
         restored.elapsed() >= Duration::from_millis(2500),
         "failback came after {:?}, before the 3 s delay",
@@ -266,7 +221,7 @@ fn failback_with_move_brings_the_flows_home() -> anyhow::Result<()> {
     };
 
     lab.carrier("isp1", false)?;
-    wait_via(&lab, c, "isp2", Duration::from_secs(5))?;
+    lab.wait_via(c, "isp2", Duration::from_secs(5))?;
     let moved = UdpStream::start(&lab, c, false, Duration::from_millis(20))?;
     let own = UdpStream::start(&lab, d, false, Duration::from_millis(20))?;
     let mut tcp = TcpFlow::connect(&lab, c)?;
@@ -275,16 +230,16 @@ fn failback_with_move_brings_the_flows_home() -> anyhow::Result<()> {
         Some("isp2")
     );
     lab.wait_for(Duration::from_secs(5), "both streams on isp2", || {
-        let on2 = ct_entries(&lab, 2)?;
+        let on2 = lab.ct_entries(2)?;
         Ok(of(&on2, &c_src).len() >= 2 && !of(&on2, &d_src).is_empty())
     })?;
-    let own_before = of(&ct_entries(&lab, 2)?, &d_src);
+    let own_before = of(&lab.ct_entries(2)?, &d_src);
 
     lab.carrier("isp1", true)?;
     // c's flows leave isp2 and its UDP flow continues through isp1.
     lab.wait_for(Duration::from_secs(10), "c's flows moved home", || {
-        Ok(of(&ct_entries(&lab, 2)?, &c_src).is_empty()
-            && !of(&ct_entries(&lab, 1)?, &c_src).is_empty())
+        Ok(of(&lab.ct_entries(2)?, &c_src).is_empty()
+            && !of(&lab.ct_entries(1)?, &c_src).is_empty())
     })?;
     assert!(
         lab.log_tail(80)
@@ -317,7 +272,7 @@ fn failback_with_move_brings_the_flows_home() -> anyhow::Result<()> {
     );
     assert_eq!(via(&own.seen), ["isp2"], "the backup's own client stayed");
     assert!(
-        own_before.is_subset(&of(&ct_entries(&lab, 2)?, &d_src)),
+        own_before.is_subset(&of(&lab.ct_entries(2)?, &d_src)),
         "the backup's own client's flow was not deleted"
     );
     Ok(())
@@ -380,7 +335,7 @@ fn a_metered_backup_is_probed_lightly_and_its_flows_leave_on_failback() -> anyho
     );
 
     lab.carrier("isp1", false)?;
-    wait_via(&lab, 1, "isp2", Duration::from_secs(5))?;
+    lab.wait_via(1, "isp2", Duration::from_secs(5))?;
     assert_eq!(
         pace("isp2")?,
         Some(0.2),
@@ -393,7 +348,8 @@ fn a_metered_backup_is_probed_lightly_and_its_flows_leave_on_failback() -> anyho
     let stream = UdpStream::start(&lab, 1, false, Duration::from_millis(20))?;
     let src = format!("src={} ", client_v4(1));
     let mine = |k: usize| -> anyhow::Result<usize> {
-        Ok(ct_entries(&lab, k)?
+        Ok(lab
+            .ct_entries(k)?
             .iter()
             .filter(|e| e.starts_with(&src))
             .count())
@@ -431,10 +387,10 @@ fn manual_failback_keeps_clients_on_the_backup() -> anyhow::Result<()> {
     let assigned = lab.greet_clients()?;
     let c = clients_on(&assigned, "isp1")[0];
     lab.carrier("isp1", false)?;
-    wait_via(&lab, c, "isp2", Duration::from_secs(5))?;
+    lab.wait_via(c, "isp2", Duration::from_secs(5))?;
     lab.carrier("isp1", true)?;
     std::thread::sleep(Duration::from_secs(3));
-    assert_eq!(via(&lab, c)?, "isp2");
+    assert_eq!(lab.via(c)?, "isp2");
     assert_eq!(
         lab.assignments()?[&IpAddr::from(client_v4(c))],
         "isp1",
@@ -463,15 +419,15 @@ fn tier_two_carries_only_when_tier_one_is_down() -> anyhow::Result<()> {
 
     lab.carrier("isp1", false)?;
     for i in clients_on(&assigned, "isp1") {
-        wait_via(&lab, i, "isp2", Duration::from_secs(5))?;
+        lab.wait_via(i, "isp2", Duration::from_secs(5))?;
     }
     lab.carrier("isp2", false)?;
     for i in 1..=4 {
-        wait_via(&lab, i, "lte", Duration::from_secs(5))?;
+        lab.wait_via(i, "lte", Duration::from_secs(5))?;
     }
     lab.carrier("isp1", true)?;
     for i in 1..=4 {
-        wait_via(&lab, i, "isp1", Duration::from_secs(5))?;
+        lab.wait_via(i, "isp1", Duration::from_secs(5))?;
     }
     Ok(())
 }
@@ -501,8 +457,8 @@ fn flapping_uplink_is_held_down() -> anyhow::Result<()> {
         Ok(lab.log_tail(50).contains("held down for 4s"))
     })?;
     std::thread::sleep(Duration::from_millis(1000));
-    assert_eq!(via(&lab, c)?, "isp2", "held down although the link is up");
-    wait_via(&lab, c, "isp1", Duration::from_secs(8))?;
+    assert_eq!(lab.via(c)?, "isp2", "held down although the link is up");
+    lab.wait_via(c, "isp1", Duration::from_secs(8))?;
     assert!(
         held.elapsed() >= Duration::from_secs(3),
         "the hold ended after {:?}",
@@ -530,7 +486,7 @@ fn all_down_then_one_back() -> anyhow::Result<()> {
     assert_eq!(lab.assignments()?, assigned, "assignments kept");
     lab.carrier("isp2", true)?;
     for i in 1..=4 {
-        wait_via(&lab, i, "isp2", Duration::from_secs(5))?;
+        lab.wait_via(i, "isp2", Duration::from_secs(5))?;
     }
     assert_eq!(lab.assignments()?, assigned);
     Ok(())
@@ -742,27 +698,27 @@ fn admin_down_and_address_loss_fail_over() -> anyhow::Result<()> {
     let c = clients_on(&assigned, "isp1")[0];
 
     lab.gw(&["ip", "link", "set", "wan1", "down"])?;
-    wait_via(&lab, c, "isp2", Duration::from_secs(5))?;
+    lab.wait_via(c, "isp2", Duration::from_secs(5))?;
     assert!(
         lab.log_tail(50).contains("interface admin down"),
         "{}",
         lab.log_tail(20)
     );
     lab.gw(&["ip", "link", "set", "wan1", "up"])?;
-    wait_via(&lab, c, "isp1", Duration::from_secs(5))?;
+    lab.wait_via(c, "isp1", Duration::from_secs(5))?;
 
     lab.gw(&["ip", "addr", "del", "100.64.1.2/24", "dev", "wan1"])?;
     lab.gw(&[
         "ip", "-6", "addr", "flush", "dev", "wan1", "scope", "global",
     ])?;
-    wait_via(&lab, c, "isp2", Duration::from_secs(5))?;
+    lab.wait_via(c, "isp2", Duration::from_secs(5))?;
     assert!(
         lab.log_tail(50).contains("no address on interface"),
         "{}",
         lab.log_tail(20)
     );
     lab.gw(&["ip", "addr", "add", "100.64.1.2/24", "dev", "wan1"])?;
-    wait_via(&lab, c, "isp1", Duration::from_secs(5))?;
+    lab.wait_via(c, "isp1", Duration::from_secs(5))?;
     Ok(())
 }
 
@@ -809,12 +765,12 @@ fn lost_probes_do_not_take_down_an_uplink_that_carries_traffic() -> anyhow::Resu
     lab.wait_for(Duration::from_secs(5), "isp1 down once idle", || {
         Ok(lab.log_since(mark).contains("uplink isp1 up -> down"))
     })?;
-    wait_via(&lab, c, "isp2", Duration::from_secs(5))?;
+    lab.wait_via(c, "isp2", Duration::from_secs(5))?;
 
     // Back up, then a silent failure (the ISP drops everything it forwards) while the
     // client keeps sending: nothing comes back, so the uplink goes down as before.
     nft("delete table inet probe_loss")?;
-    wait_via(&lab, c, "isp1", Duration::from_secs(10))?;
+    lab.wait_via(c, "isp1", Duration::from_secs(10))?;
     let mark = lab.log_len();
     let stream = UdpStream::start(&lab, c, false, Duration::from_millis(10))?;
     lab.upstream_loss("isp1", 100)?;

@@ -44,12 +44,6 @@ fn identical_modems(lab: &Lab) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn via(lab: &Lab, i: u32) -> anyhow::Result<String> {
-    let seen = lab.probe(i, false, 20)?;
-    lab.uplink_of_source(seen)
-        .ok_or_else(|| anyhow::anyhow!("unknown source {seen}"))
-}
-
 #[test]
 fn two_modems_with_one_address_dispatch_fail_over_and_back() -> anyhow::Result<()> {
     let mut lab = Lab::build("samegw", uplink_tests::probed_uplinks(), 2, 0)?;
@@ -67,15 +61,15 @@ fn two_modems_with_one_address_dispatch_fail_over_and_back() -> anyhow::Result<(
             .expect("one client on each uplink")
     };
     let (c1, c2) = (on("isp1"), on("isp2"));
-    assert_eq!(via(&lab, c1)?, "isp1");
-    assert_eq!(via(&lab, c2)?, "isp2");
+    assert_eq!(lab.via(c1)?, "isp1");
+    assert_eq!(lab.via(c2)?, "isp2");
     // isp2's modem stops forwarding: only isp2 goes down (its probes leave by its device),
     // and its client moves to isp1, whose modem has the very same address.
     lab.upstream_loss("isp2", 100)?;
     lab.wait_for(Duration::from_secs(10), "c2 via isp1", || {
-        Ok(via(&lab, c2)? == "isp1")
+        Ok(lab.via(c2)? == "isp1")
     })?;
-    assert_eq!(via(&lab, c1)?, "isp1", "isp1 kept its client");
+    assert_eq!(lab.via(c1)?, "isp1", "isp1 kept its client");
     assert_eq!(
         lab.uplink_up("isp2")?,
         Some(0.0),
@@ -83,7 +77,7 @@ fn two_modems_with_one_address_dispatch_fail_over_and_back() -> anyhow::Result<(
     );
     lab.upstream_loss("isp2", 0)?;
     lab.wait_for(Duration::from_secs(15), "c2 back on isp2", || {
-        Ok(via(&lab, c2)? == "isp2")
+        Ok(lab.via(c2)? == "isp2")
     })?;
 
     // Inbound symmetry by device: a port forward on the gateway (the operator's own nft

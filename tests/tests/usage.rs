@@ -5,7 +5,7 @@
 use std::net::IpAddr;
 use std::time::Duration;
 
-use uplink_tests::{Lab, client_v4, two_uplinks};
+use uplink_tests::{Lab, TcpFlow, UdpStream, UplinkSpec, client_v4, two_uplinks};
 
 /// Sends `n` datagrams of `size` bytes from client `i` to the internet host's echo and
 /// reads the echoes; returns the IP bytes (IPv4 and UDP headers included) that went out
@@ -134,5 +134,134 @@ fn a_new_period_starts_at_its_local_midnight_on_a_moved_clock() -> anyhow::Resul
         "{}",
         lab.log_tail(20)
     );
+    Ok(())
+}
+
+/// The packets the drop rule of `chain` counted.
+fn dropped(lab: &Lab, chain: &str) -> anyhow::Result<u64> {
+    let text = lab.gw(&["nft", "list", "chain", "inet", "uplinkd", chain])?;
+    Ok(text
+        .lines()
+        .filter(|l| l.contains("drop"))
+        .filter_map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            let i = w.iter().position(|x| *x == "packets")?;
+            w.get(i + 1)?.parse::<u64>().ok()
+        })
+        .sum())
+}
+
+/// A 1 MB quota used up by a transfer: the 80 % and 100 % events, the uplink in standby
+/// (new connections and the established UDP flow leave it, a TCP connection through it
+/// ends), and back as the last resort when the other uplink dies. Reloaded with
+/// `quota_action = "stop"`, it carries nothing even then; an operator's larger quota brings
+/// it back, a reload that changes the config's quota drops the operator's, and a reset
+/// starts the count from zero.
+#[test]
+fn a_used_up_quota_moves_new_and_established_flows_and_comes_back() -> anyhow::Result<()> {
+    let uplinks = vec![
+        UplinkSpec::new("isp1", 1, false).with("quota = \"1MB\"\n"),
+        UplinkSpec::new("isp2", 1, false).with("tier = 2\n"),
+    ];
+    let mut lab = Lab::build("quota", uplinks, 1, 0)?;
+    let api = lab.api_config()?;
+    lab.write_config("10s", "10m", &format!("{METRICS}{api}"))?;
+    lab.start_agent()?;
+    let assigned = lab.greet_clients()?;
+    assert_eq!(assigned[&IpAddr::from(client_v4(1))], "isp1");
+    let remaining = || -> anyhow::Result<Option<f64>> {
+        Ok(lab
+            .scrape(9477)?
+            .get("uplinkd_uplink_quota_remaining_bytes{uplink=\"isp1\"}")
+            .copied())
+    };
+    assert!(
+        remaining()?.is_some_and(|r| r > 900_000.0),
+        "{:?}",
+        remaining()?
+    );
+    let ctl = |args: &[&str]| -> anyhow::Result<String> {
+        let (code, out, err) = lab.ctl("op", args)?;
+        anyhow::ensure!(code == 0, "uplinkctl {args:?}: {err}");
+        Ok(out)
+    };
+    let stream = UdpStream::start(&lab, 1, false, Duration::from_millis(20))?;
+    let mut tcp = TcpFlow::connect(&lab, 1)?;
+    assert_eq!(
+        lab.uplink_of_source(tcp.exchange()?).as_deref(),
+        Some("isp1")
+    );
+    let src = format!("src={} ", client_v4(1));
+    let mine = |k: usize| -> anyhow::Result<usize> {
+        Ok(lab
+            .ct_entries(k)?
+            .iter()
+            .filter(|e| e.starts_with(&src))
+            .count())
+    };
+    // About 1.2 MB in and out.
+    transfer(&lab, 1, 600, 1000)?;
+    lab.wait_for(Duration::from_secs(10), "the quota used up", || {
+        Ok(remaining()? == Some(0.0))
+    })?;
+    lab.wait_via(1, "isp2", Duration::from_secs(5))?;
+    lab.wait_for(Duration::from_secs(10), "the UDP flow off isp1", || {
+        Ok(mine(1)? == 0 && mine(2)? > 0)
+    })?;
+    assert!(
+        tcp.exchange().is_err(),
+        "the TCP connection through isp1 was deleted"
+    );
+    let events = ctl(&["events"])?;
+    for want in [
+        "quota of isp1: 80 % used",
+        "quota of isp1: used up",
+        "standby",
+    ] {
+        assert!(events.contains(want), "no {want:?} in:\n{events}");
+    }
+    let uplinks = ctl(&["uplinks"])?;
+    assert!(uplinks.contains("quota used up (standby)"), "{uplinks}");
+    assert!(uplinks.contains("1.0 MB"), "{uplinks}");
+
+    // The other uplink dies: the standby is the last resort.
+    lab.carrier("isp2", false)?;
+    lab.wait_via(1, "isp1", Duration::from_secs(10))?;
+
+    // Stopped, it carries nothing even so: the client's new connections are dropped.
+    lab.edit_config(
+        "quota = \"1MB\"\n",
+        "quota = \"1MB\"\nquota_action = \"stop\"\n",
+    )?;
+    ctl(&["reload"])?;
+    let before = dropped(&lab, "home_isp1")?;
+    lab.wait_for(
+        Duration::from_secs(10),
+        "the client's packets dropped",
+        || {
+            let _ = lab.probe(1, false, 1);
+            Ok(dropped(&lab, "home_isp1")? > before)
+        },
+    )?;
+
+    // An operator's larger quota brings it back; it shows as set.
+    let out = ctl(&["quota", "set", "isp1", "1GB"])?;
+    assert!(out.contains("1.0 GB set"), "{out}");
+    lab.wait_via(1, "isp1", Duration::from_secs(10))?;
+    // A reload that changes the config's quota drops the operator's.
+    lab.edit_config("quota = \"1MB\"\n", "quota = \"3MB\"\n")?;
+    ctl(&["reload"])?;
+    let uplinks = ctl(&["uplinks"])?;
+    assert!(
+        uplinks.contains("3.0 MB") && !uplinks.contains(" set"),
+        "{uplinks}"
+    );
+    // A reset: the period's count starts from zero.
+    let out = ctl(&["-o", "json", "quota", "reset", "isp1"])?;
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    assert_eq!(v["used_tx_bytes"].as_u64(), Some(0), "{out}");
+    assert!(ctl(&["events"])?.contains("an operator reset the period's count"));
+    let udp = stream.finish()?;
+    assert!(udp.received > 0, "{udp:?}");
     Ok(())
 }

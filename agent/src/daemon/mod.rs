@@ -533,6 +533,16 @@ impl Agent {
     fn on_quota(&mut self, r: usage::QuotaReport) {
         let mut log = Vec::new();
         let mut changed = false;
+        // The operator's change first, then what it did to the level.
+        if let Some((req, Ok(did))) = &r.request {
+            log.push(LogEntry {
+                at: now_millis(),
+                uplink: req.uplink.clone(),
+                kind: EventKind::Quota,
+                cause: did.clone(),
+                clients_moved: 0,
+            });
+        }
         for c in &r.changes {
             self.quota_levels.insert(c.uplink.clone(), c.to);
             let Some(i) = self.config.uplinks.iter().position(|u| u.name == c.uplink) else {
@@ -551,7 +561,7 @@ impl Agent {
                     "cannot write the usage file, nothing changed: {e}"
                 ))));
             }
-            Some((req, Ok(()))) => {
+            Some((req, Ok(_))) => {
                 let view = self
                     .config
                     .uplinks

@@ -56,10 +56,11 @@ pub(super) struct QuotaRequest {
 }
 
 /// What the owner tells the loop: quota levels that moved, and an operator's request once
-/// it is counted and written (`Err`: the file could not be written, nothing changed).
+/// it is counted and written (`Err`: the file could not be written, nothing changed),
+/// with what it did for the event log.
 pub(super) struct QuotaReport {
     pub changes: Vec<QuotaChange>,
-    pub request: Option<(QuotaRequest, Result<(), String>)>,
+    pub request: Option<(QuotaRequest, Result<String, String>)>,
 }
 
 /// Room for operators' requests waiting for the owner: beyond it, they are refused.
@@ -189,23 +190,27 @@ pub(super) fn spawn(
                     let config = config_rx.borrow().clone();
                     let uplinks = metered(&config);
                     let before = ledger.clone();
-                    let why = match r.op {
+                    let size = uplink_api::size::format;
+                    let was = before.uplinks.get(&r.uplink).cloned().unwrap_or_default();
+                    let (why, did) = match r.op {
                         QuotaOp::Reset => {
                             ledger.reset(&r.uplink);
-                            "an operator's reset"
+                            ("an operator's reset", format!("an operator reset the period's count ({} used before)", size(was.used())))
                         }
                         QuotaOp::Set(bytes) => {
-                            if let Some(u) = uplinks.iter().find(|u| u.name == r.uplink) {
+                            let config = uplinks.iter().find(|u| u.name == r.uplink);
+                            if let Some(u) = config {
                                 ledger.set_quota(u, bytes);
                             }
-                            "an operator's quota"
+                            let theirs = config.and_then(|u| u.quota).map_or("none".into(), size);
+                            ("an operator's quota", format!("an operator set the quota to {} (the config's: {theirs}; it holds until a reload changes that)", size(bytes)))
                         }
                     };
                     let changes = ledger.levels(&uplinks, Some(why));
                     // Written before the answer: what the API shows survives a crash.
-                    let written = write(&state, &ledger).await;
+                    let written = write(&state, &ledger).await.map(|()| did);
                     let changes = match written {
-                        Ok(()) => {
+                        Ok(_) => {
                             saved = ledger.clone();
                             metrics.publish(&ledger);
                             let _ = snapshot_tx.send(Arc::new(ledger.clone()));
