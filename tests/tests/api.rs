@@ -469,9 +469,9 @@ fn golden_uplinks_output() -> anyhow::Result<()> {
     assert_eq!(code, 0, "{err}");
     assert_eq!(
         table,
-        "UPLINK  STATE  TIER  WEIGHT  HOMED  CARRIED  RTT_MS  LOSS  JITTER_MS  USED  GATEWAY\n\
-         isp1    up     1     1       0      0        -       -     -          0 B   100.64.1.1\n\
-         isp2    up     1     1       0      0        -       -     -          0 B   100.64.2.1\n"
+        "UPLINK  STATE  TIER  WEIGHT  HOMED  CARRIED  RTT_MS  LOSS  JITTER_MS  USED  QUOTA  GATEWAY\n\
+         isp1    up     1     1       0      0        -       -     -          0 B   -      100.64.1.1\n\
+         isp2    up     1     1       0      0        -       -     -          0 B   -      100.64.2.1\n"
     );
     let (_, wide, _) = lab.ctl("view", &["uplinks", "-o", "wide"])?;
     assert!(
@@ -487,7 +487,7 @@ fn golden_uplinks_output() -> anyhow::Result<()> {
     assert!(period.as_u64().is_some(), "{period}");
     assert_eq!(
         v[0],
-        serde_json::json!({"name": "isp1", "interface": "wan1", "weight": 1, "tier": 1, "state": "up", "balance": "client", "fwmark": 16777216, "table": 1001, "clients": 0, "rtt_ms": null, "loss_ratio": null, "jitter_ms": null, "serving": true, "tx_bytes": 0, "tx_packets": 0, "rx_bytes": 0, "rx_packets": 0, "failback_in_ms": null, "failback_manual": false, "clients_carried": 0, "down_reason": "", "gateway": "100.64.1.1", "gateway6": "2001:db8:100:1::1", "addresses": ["100.64.1.2", "2001:db8:100:1::2"], "probe_interval_ms": null, "probe_bytes_per_day": null, "metered": false, "used_rx_bytes": 0, "used_tx_bytes": 0, "period_start_ms": null})
+        serde_json::json!({"name": "isp1", "interface": "wan1", "weight": 1, "tier": 1, "state": "up", "balance": "client", "fwmark": 16777216, "table": 1001, "clients": 0, "rtt_ms": null, "loss_ratio": null, "jitter_ms": null, "serving": true, "tx_bytes": 0, "tx_packets": 0, "rx_bytes": 0, "rx_packets": 0, "failback_in_ms": null, "failback_manual": false, "clients_carried": 0, "down_reason": "", "gateway": "100.64.1.1", "gateway6": "2001:db8:100:1::1", "addresses": ["100.64.1.2", "2001:db8:100:1::2"], "probe_interval_ms": null, "probe_bytes_per_day": null, "metered": false, "used_rx_bytes": 0, "used_tx_bytes": 0, "period_start_ms": null, "quota_bytes": null, "quota_set": false, "quota_action": "", "quota_level": ""})
     );
     Ok(())
 }
@@ -900,5 +900,58 @@ fn rolling_reload_stops_at_the_first_failure() -> anyhow::Result<()> {
     let (code, _, err) = fleet.ctl(&["uplinks", "--rolling"])?;
     assert_eq!(code, 1);
     assert!(err.contains("--rolling applies to writes"), "{err}");
+    Ok(())
+}
+
+/// A fleet-wide quota change, rolled one gateway at a time: each answers with the uplink
+/// as `uplinks` shows it, and its event log has the operator's change.
+#[test]
+fn fleet_quota_set_and_reset_roll_over_the_gateways() -> anyhow::Result<()> {
+    let fleet = uplink_tests::Fleet::build("fquota", 3)?;
+    let (code, out, err) = fleet.ctl(&["quota", "set", "isp1", "20GiB", "--rolling"])?;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        err.contains("rolling: done on gw-000, gw-001, gw-002; failed on none"),
+        "{err}"
+    );
+    assert_eq!(out.matches("21.5 GB set").count(), 3, "{out}");
+    let (code, out, err) = fleet.ctl(&[
+        "-o",
+        "json",
+        "quota",
+        "reset",
+        "isp1",
+        "--rolling",
+        "--batch",
+        "2",
+    ])?;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(err.contains("rolling: batch 2 of 2: gw-002"), "{err}");
+    // One JSON document per batch.
+    let mut used = Vec::new();
+    for batch in serde_json::Deserializer::from_str(&out).into_iter::<serde_json::Value>() {
+        for answer in batch?.as_array().into_iter().flatten() {
+            used.push(answer["result"]["used_tx_bytes"].as_u64());
+        }
+    }
+    assert_eq!(used, [Some(0); 3], "{out}");
+    let (code, out, err) = fleet.ctl(&["events"])?;
+    assert_eq!(code, 0, "{err}");
+    for gw in ["gw-000", "gw-001", "gw-002"] {
+        let section = out
+            .split("== ")
+            .find(|s| s.starts_with(gw))
+            .unwrap_or_default();
+        for want in [
+            "quota of isp1: an operator set the quota to 21.5 GB",
+            "quota of isp1: an operator reset the period's count",
+        ] {
+            assert!(section.contains(want), "no {want:?} from {gw}:\n{out}");
+        }
+    }
+    // A gateway without that uplink refuses by name.
+    let (code, _, err) = fleet.ctl(&["quota", "reset", "lte"])?;
+    assert_ne!(code, 0);
+    assert!(err.contains("lte"), "{err}");
     Ok(())
 }

@@ -608,6 +608,37 @@ const CASES: &[Case] = &[
         hint: "a daily period starts at midnight",
     },
     Case {
+        name: "quota in an unknown unit",
+        edit: ("weight = 2", "weight = 2\nquota = \"20XB\""),
+        line: Some(17),
+        key: "uplink[0].quota",
+        hint: "\"20GiB\" (binary",
+    },
+    Case {
+        name: "quota of nothing",
+        edit: ("weight = 2", "weight = 2\nquota = 0"),
+        line: Some(17),
+        key: "uplink[0].quota",
+        hint: "leave quota out for no cap",
+    },
+    Case {
+        name: "quota action without a quota",
+        edit: ("weight = 2", "weight = 2\nquota_action = \"stop\""),
+        line: None,
+        key: "uplink[0].quota_action",
+        hint: "set quota too",
+    },
+    Case {
+        name: "unknown quota action",
+        edit: (
+            "weight = 2",
+            "weight = 2\nquota = \"1GB\"\nquota_action = \"throttle\"",
+        ),
+        line: Some(18),
+        key: "uplink[0].quota_action",
+        hint: "standby",
+    },
+    Case {
         name: "bad command timeout",
         edit: ("[lan]", "[dataplane]\ncommand_timeout = \"soon\"\n\n[lan]"),
         line: Some(7),

@@ -646,10 +646,41 @@ impl Validator<'_> {
 
     fn toml_error(&self, e: &toml::de::Error) -> ConfigError {
         let message = e.message().trim().to_string();
-        // serde names the offending key in backticks ("unknown field `wieght`", "missing
-        // field `name`"); surface it as the key.
-        let key = message.split('`').nth(1).unwrap_or_default().to_string();
+        let key = if message.starts_with("unknown field") || message.starts_with("missing field") {
+            // serde names the offending key in backticks ("unknown field `wieght`",
+            // "missing field `name`"); surface it as the key.
+            message.split('`').nth(1).unwrap_or_default().to_string()
+        } else {
+            // A bad value ("unknown variant `year`"): the key is the one it is written at.
+            e.span()
+                .and_then(|s| self.key_at(s.start))
+                .unwrap_or_default()
+        };
         self.err(e.span(), key, message)
+    }
+
+    /// The full key (`uplink[1].quota_action`, `failover.failback_flows`) of the
+    /// `key = value` line holding byte `at`.
+    fn key_at(&self, at: usize) -> Option<String> {
+        let at = at.min(self.text.len());
+        let line_start = self.text[..at].rfind('\n').map_or(0, |i| i + 1);
+        let line = self.text[line_start..].lines().next()?;
+        let key = line.split_once('=')?.0.trim().trim_matches('"');
+        let before = &self.text[..line_start];
+        let header = before
+            .lines()
+            .rev()
+            .map(str::trim)
+            .find(|l| l.starts_with('['));
+        Some(match header {
+            None => key.to_string(),
+            Some(h) if h.starts_with("[[") => {
+                let name = h.trim_matches(|c| c == '[' || c == ']').trim();
+                let index = before.lines().filter(|l| l.trim() == h).count() - 1;
+                format!("{name}[{index}].{key}")
+            }
+            Some(h) => format!("{}.{key}", h.trim_matches(|c| c == '[' || c == ']').trim()),
+        })
     }
 
     fn duration(
@@ -1691,6 +1722,7 @@ interface = "ppp0"
             e.to_string().contains("keep") && e.to_string().contains("move"),
             "{e}"
         );
+        assert_eq!(e.key, "failover.failback_flows");
     }
 
     #[test]
@@ -1710,6 +1742,7 @@ interface = "ppp0"
         assert!(e.message.contains("starts at midnight"), "{e}");
         let e = parse(&with("quota_period = \"year\"")).unwrap_err();
         assert!(e.to_string().contains("month"), "{e}");
+        assert_eq!(e.key, "uplink[0].quota_period", "a bad value names its key");
     }
 
     #[test]
