@@ -6,7 +6,9 @@
 //! used up) is judged here too; what a used-up quota does is the model's
 //! (`Model::quota`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
 
 use jiff::civil::Date;
 use jiff::tz::TimeZone;
@@ -14,6 +16,7 @@ use jiff::{Timestamp, ToSpan};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{QuotaAction, QuotaPeriod};
+use crate::dataplane::nft::ClientBytes;
 
 /// The period holding `now`: its first and its last-plus-one second.
 pub fn bounds(period: QuotaPeriod, now: Timestamp, tz: &TimeZone) -> (Timestamp, Timestamp) {
@@ -277,6 +280,116 @@ impl Ledger {
     }
 }
 
+/// Each client address's bytes per uplink, counted from readings of the usage sets
+/// (`lan.client_usage`) since uplinkd started, and what each moved lately (`top`). In
+/// memory only: a restart counts from its first reading.
+#[derive(Debug, Clone, Default)]
+pub struct ClientLedger {
+    /// (address, interface index, outbound) → the element's counter at the last reading.
+    last: HashMap<(IpAddr, u32, bool), u64>,
+    /// Whether a reading was taken: elements seen at the first are a baseline, later new
+    /// ones count from zero.
+    started: bool,
+    /// Address → uplink → (bytes in, bytes out).
+    pub totals: HashMap<IpAddr, BTreeMap<String, (u64, u64)>>,
+    /// The readings' deltas, oldest first: when, and (address, uplink) → bytes.
+    recent: VecDeque<(Instant, Moved)>,
+}
+
+/// One reading's bytes per (address, uplink).
+type Moved = HashMap<(IpAddr, String), u64>;
+
+/// How far back `top` looks.
+pub const TOP_WINDOW: Duration = Duration::from_secs(60);
+
+/// A client address's bytes through one uplink over `TOP_WINDOW`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Talker {
+    pub addr: IpAddr,
+    pub uplink: String,
+    pub bytes: u64,
+}
+
+impl ClientLedger {
+    /// Counts a reading; `uplink_of` names the uplink on an interface index (`None`: not
+    /// an uplink's, not counted). An element whose counter went down was recreated (it
+    /// expired while idle): counted from zero.
+    pub fn record(
+        &mut self,
+        reading: &[ClientBytes],
+        uplink_of: impl Fn(u32) -> Option<String>,
+        now: Instant,
+    ) {
+        let mut last = HashMap::with_capacity(reading.len());
+        let mut moved = Moved::new();
+        let mut names: HashMap<u32, Option<String>> = HashMap::new();
+        for e in reading {
+            let key = (e.addr, e.ifindex, e.outbound);
+            last.insert(key, e.bytes);
+            let delta = match self.last.get(&key) {
+                Some(&before) => crate::dataplane::nft::moved(e.bytes, before),
+                None if self.started => e.bytes,
+                None => 0,
+            };
+            let name = names
+                .entry(e.ifindex)
+                .or_insert_with(|| uplink_of(e.ifindex));
+            let Some(uplink) = name.as_ref() else {
+                continue;
+            };
+            if delta == 0 {
+                continue;
+            }
+            let t = self
+                .totals
+                .entry(e.addr)
+                .or_default()
+                .entry(uplink.clone())
+                .or_default();
+            if e.outbound {
+                t.1 = t.1.saturating_add(delta);
+            } else {
+                t.0 = t.0.saturating_add(delta);
+            }
+            *moved.entry((e.addr, uplink.clone())).or_default() += delta;
+        }
+        self.last = last;
+        self.started = true;
+        self.recent.push_back((now, moved));
+        while self
+            .recent
+            .front()
+            .is_some_and(|(t, _)| now.duration_since(*t) > TOP_WINDOW)
+        {
+            self.recent.pop_front();
+        }
+    }
+
+    /// The `n` addresses that moved the most bytes through an uplink (`uplink`, or any)
+    /// over `TOP_WINDOW`, most first.
+    pub fn top(&self, uplink: Option<&str>, n: usize) -> Vec<Talker> {
+        let mut sum: HashMap<(IpAddr, &str), u64> = HashMap::new();
+        for (_, moved) in &self.recent {
+            for ((addr, u), bytes) in moved {
+                if uplink.is_none_or(|want| want == u) {
+                    *sum.entry((*addr, u.as_str())).or_default() += bytes;
+                }
+            }
+        }
+        let mut out: Vec<Talker> = sum
+            .into_iter()
+            .map(|((addr, uplink), bytes)| Talker {
+                addr,
+                uplink: uplink.to_string(),
+                bytes,
+            })
+            .collect();
+        out.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(a.addr.cmp(&b.addr)));
+        out.truncate(n);
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -450,5 +563,58 @@ mod tests {
         let text = serde_json::to_string(&l).unwrap();
         let back: Ledger = serde_json::from_str(&text).unwrap();
         assert_eq!(back, l);
+    }
+
+    #[test]
+    fn client_readings_count_new_elements_from_zero_and_sum_the_last_minute() {
+        let a: IpAddr = "198.19.0.11".parse().unwrap();
+        let b: IpAddr = "198.19.0.12".parse().unwrap();
+        let e = |addr, ifindex, outbound, bytes| ClientBytes {
+            addr,
+            ifindex,
+            outbound,
+            bytes,
+        };
+        let uplink_of = |i: u32| match i {
+            2 => Some("isp1".to_string()),
+            3 => Some("isp2".to_string()),
+            _ => None,
+        };
+        let t0 = Instant::now();
+        let mut l = ClientLedger::default();
+        // The first reading is a baseline.
+        l.record(&[e(a, 2, true, 5000)], uplink_of, t0);
+        assert!(l.totals.is_empty());
+        // a moves 1000 out and 3000 in; b appears (all of it counts); a LAN interface
+        // (index 1) is not an uplink.
+        l.record(
+            &[
+                e(a, 2, true, 6000),
+                e(a, 2, false, 3000),
+                e(b, 3, true, 700),
+                e(b, 1, false, 99),
+            ],
+            uplink_of,
+            t0 + Duration::from_secs(5),
+        );
+        assert_eq!(l.totals[&a]["isp1"], (3000, 1000));
+        assert_eq!(l.totals[&b]["isp2"], (0, 700));
+        assert!(!l.totals[&b].contains_key("lan0"));
+        let top = l.top(None, 10);
+        assert_eq!((top[0].addr, top[0].bytes), (a, 4000));
+        assert_eq!((top[1].addr, top[1].uplink.as_str()), (b, "isp2"));
+        assert_eq!(l.top(Some("isp2"), 10).len(), 1);
+        assert_eq!(l.top(None, 1).len(), 1);
+        // a's out element expired and came back smaller: from zero.
+        l.record(
+            &[e(a, 2, true, 200), e(a, 2, false, 3000)],
+            uplink_of,
+            t0 + Duration::from_secs(10),
+        );
+        assert_eq!(l.totals[&a]["isp1"], (3000, 1200));
+        // A minute later the old deltas are out of the window; the totals stay.
+        l.record(&[], uplink_of, t0 + Duration::from_secs(71));
+        assert!(l.top(None, 10).is_empty());
+        assert_eq!(l.totals[&a]["isp1"], (3000, 1200));
     }
 }

@@ -29,6 +29,7 @@ pub enum Answer {
     /// The set a write (set add, set del) changed: shown as `sets` shows it.
     Set(v1::Set),
     Reloaded(v1::ReloadConfigResponse),
+    Top(v1::ListTopTalkersResponse),
 }
 
 impl Answer {
@@ -50,6 +51,25 @@ impl Answer {
             Answer::Uplinks(u) => uplinks(u, wide),
             Answer::Uplink(u) => uplinks(std::slice::from_ref(&**u), wide),
             Answer::Clients(c) => clients(c, wide, now),
+            Answer::Top(t) => render(
+                &[
+                    "ADDRESS",
+                    "MAC",
+                    "UPLINK",
+                    &format!("BYTES_{}S", t.window_seconds),
+                ],
+                t.talkers
+                    .iter()
+                    .map(|t| {
+                        vec![
+                            t.address.clone(),
+                            or_dash(&t.mac),
+                            t.uplink.clone(),
+                            bytes(t.bytes),
+                        ]
+                    })
+                    .collect(),
+            ),
             Answer::Pinned(o) => {
                 let until = if o.expires_at_ms == 0 {
                     "until unpinned".to_string()
@@ -278,7 +298,8 @@ fn uplinks(items: &[v1::Uplink], wide: bool) -> String {
 fn clients(items: &[v1::Client], wide: bool, now: u64) -> String {
     let mut h = vec!["MAC", "ADDRESSES", "HOME", "CURRENT", "REASON", "LAST_SEEN"];
     if wide {
-        h.push("FIRST_SEEN");
+        // Bytes in/out per uplink since the agent counts them (lan.client_usage).
+        h.extend(["FIRST_SEEN", "USAGE"]);
     }
     let rows = items
         .iter()
@@ -304,6 +325,12 @@ fn clients(items: &[v1::Client], wide: bool, now: u64) -> String {
             ];
             if wide {
                 r.push(seen(c.first_seen_ms));
+                let usage: Vec<String> = c
+                    .usage
+                    .iter()
+                    .map(|u| format!("{}:{}/{}", u.uplink, bytes(u.rx_bytes), bytes(u.tx_bytes)))
+                    .collect();
+                r.push(list(&usage));
             }
             r
         })

@@ -160,6 +160,7 @@ pub enum Request {
     Status,
     Uplinks,
     Clients(String),
+    Top(v1::ListTopTalkersRequest),
     Pin(v1::SetOverrideRequest),
     Unpin(String),
     Drain(String),
@@ -300,6 +301,7 @@ async fn call(client: &mut AgentClient<Channel>, req: &Request) -> Result<Answer
                 .sets,
         ),
         Request::UpdateSet(r) => Answer::Set(client.update_set(r.clone()).await?.into_inner()),
+        Request::Top(r) => Answer::Top(client.list_top_talkers(r.clone()).await?.into_inner()),
         Request::Reload => Answer::Reloaded(
             client
                 .reload_config(v1::ReloadConfigRequest {})

@@ -86,6 +86,15 @@ enum Cmd {
         #[arg(long)]
         uplink: Option<String>,
     },
+    /// The client addresses that moved the most bytes over the last minute
+    /// (lan.client_usage).
+    Top {
+        #[arg(long)]
+        uplink: Option<String>,
+        /// How many (1–1000).
+        #[arg(short = 'n', default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        count: u32,
+    },
     /// Pin a client (by IP) to an uplink.
     Pin {
         client: String,
@@ -394,6 +403,10 @@ fn request_of(cmd: &Cmd) -> Result<fleet::Request> {
         Cmd::Status => R::Status,
         Cmd::Uplinks => R::Uplinks,
         Cmd::Clients { uplink } => R::Clients(uplink.clone().unwrap_or_default()),
+        Cmd::Top { uplink, count } => R::Top(v1::ListTopTalkersRequest {
+            uplink: uplink.clone().unwrap_or_default(),
+            limit: *count,
+        }),
         Cmd::Pin {
             client,
             uplink,

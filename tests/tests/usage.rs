@@ -265,3 +265,73 @@ fn a_used_up_quota_moves_new_and_established_flows_and_comes_back() -> anyhow::R
     assert!(udp.received > 0, "{udp:?}");
     Ok(())
 }
+
+/// Per-client usage (`lan.client_usage`): a known transfer from one client is counted on
+/// its uplink within 2 % both ways, and `top` ranks it above a client that sent less.
+#[test]
+fn usage_per_client_counts_a_known_transfer_and_ranks_the_top_talkers() -> anyhow::Result<()> {
+    let mut lab = Lab::build("perclient", two_uplinks(), 2, 0)?;
+    let api = lab.api_config()?;
+    lab.write_config("10s", "10m", &format!("{METRICS}{api}"))?;
+    lab.edit_config("[lan]\n", "[lan]\nclient_usage = true\n")?;
+    lab.start_agent()?;
+    let assigned = lab.greet_clients()?;
+    let (c1, c2) = (client_v4(1).to_string(), client_v4(2).to_string());
+    let u1 = assigned[&IpAddr::from(client_v4(1))].clone();
+    let ctl = |args: &[&str]| -> anyhow::Result<serde_json::Value> {
+        let (code, out, err) = lab.ctl("view", args)?;
+        anyhow::ensure!(code == 0, "uplinkctl {args:?}: {err}");
+        Ok(serde_json::from_str(&out)?)
+    };
+    let usage = |ip: &str| -> anyhow::Result<(f64, f64)> {
+        let c = ctl(&["-o", "json", "clients"])?;
+        let mine = c
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| {
+                c["addresses"]
+                    .as_array()
+                    .is_some_and(|a| a.iter().any(|x| x == ip))
+            })
+            .cloned()
+            .unwrap_or_default();
+        let on = mine["usage"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|u| u["uplink"] == u1.as_str())
+            .cloned()
+            .unwrap_or_default();
+        Ok((
+            on["rx_bytes"].as_f64().unwrap_or(0.0),
+            on["tx_bytes"].as_f64().unwrap_or(0.0),
+        ))
+    };
+    let (rx0, tx0) = usage(&c1)?;
+    let (out, back) = transfer(&lab, 1, 1000, 1000)?;
+    transfer(&lab, 2, 100, 1000)?;
+    lab.wait_for(Duration::from_secs(20), "the transfer counted", || {
+        let (rx, tx) = usage(&c1)?;
+        Ok(tx - tx0 >= out * 0.98 && rx - rx0 >= back * 0.98)
+    })?;
+    let (rx, tx) = usage(&c1)?;
+    within("client out", tx - tx0, out);
+    within("client in", rx - rx0, back);
+    let top = ctl(&["-o", "json", "top"])?;
+    let talkers = top["talkers"].as_array().cloned().unwrap_or_default();
+    assert_eq!(
+        talkers.first().map(|t| t["address"].clone()),
+        Some(c1.clone().into()),
+        "{top}"
+    );
+    assert!(talkers.iter().any(|t| t["address"] == c2.as_str()), "{top}");
+    assert_eq!(top["window_seconds"], 60);
+    let (code, wide, err) = lab.ctl("view", &["clients", "-o", "wide"])?;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        wide.contains("USAGE") && wide.contains(&format!("{u1}:")),
+        "{wide}"
+    );
+    Ok(())
+}

@@ -168,11 +168,12 @@ pub const MAX_API_CONNECTIONS: usize = 256;
 pub const MAX_API_CONNECTIONS_PER_PEER: usize = 32;
 
 /// What the API reads beside the agent loop: the loop's snapshot, the dataplane's traffic
-/// counters and the usage owner's ledger.
+/// counters and the usage owner's ledgers (per uplink, per client).
 pub struct Reads {
     pub snapshot: tokio::sync::watch::Receiver<Arc<snapshot::Snapshot>>,
     pub counters: crate::dataplane::nft::Counters,
     pub usage: tokio::sync::watch::Receiver<Arc<crate::usage::Ledger>>,
+    pub clients: tokio::sync::watch::Receiver<Arc<crate::usage::ClientLedger>>,
 }
 
 pub async fn serve(
@@ -187,6 +188,7 @@ pub async fn serve(
         snapshot,
         counters,
         usage,
+        clients,
     } = reads;
     let tls = tls::server_config(&api)?;
     let grpc = TcpListener::bind(api.listen)
@@ -228,6 +230,7 @@ pub async fn serve(
         watchers: Arc::new(tokio::sync::Semaphore::new(MAX_WATCHERS)),
         snapshot,
         usage,
+        clients,
     };
     tokio::spawn(async move {
         let r = tonic::transport::Server::builder()
@@ -408,6 +411,8 @@ pub struct AgentService {
     snapshot: tokio::sync::watch::Receiver<Arc<snapshot::Snapshot>>,
     /// The uplinks' usage as its owner last counted it.
     usage: tokio::sync::watch::Receiver<Arc<crate::usage::Ledger>>,
+    /// Each client's bytes per uplink, as the usage owner last counted them.
+    clients: tokio::sync::watch::Receiver<Arc<crate::usage::ClientLedger>>,
 }
 
 /// The caller's role, from its verified client certificate.
@@ -591,8 +596,14 @@ impl agent_server::Agent for AgentService {
             let (limit, after) = validate::page(r.page_size, &r.page_token)?;
             // A page of 10k clients takes milliseconds: off the runtime's workers.
             let snapshot = self.snapshot();
+            let usage = self.clients.borrow().clone();
             let (clients, next) = tokio::task::spawn_blocking(move || {
-                snapshot.clients(uplink.as_deref(), after, limit)
+                snapshot
+                    .clients(uplink.as_deref(), after, limit)
+                    .map(|(mut c, next)| {
+                        with_usage(&mut c, &usage);
+                        (c, next)
+                    })
             })
             .await
             .map_err(|e| Status::internal(format!("ListClients failed: {e}")))?
@@ -612,10 +623,9 @@ impl agent_server::Agent for AgentService {
         self.timed("GetClient", async move {
             read(&req)?;
             let key = validate::non_empty("client", &req.get_ref().client)?;
-            self.snapshot()
-                .client(&key)
-                .map(Response::new)
-                .map_err(to_status)
+            let mut c = self.snapshot().client(&key).map_err(to_status)?;
+            with_usage(std::slice::from_mut(&mut c), &self.clients.borrow());
+            Ok(Response::new(c))
         })
         .await
     }
@@ -679,6 +689,57 @@ impl agent_server::Agent for AgentService {
             let sets = self.sets(&s).await?;
             let e = crate::plan::verdict::explain(&s.config, &s.model, &sets, &flow);
             Ok(Response::new(view::explanation(e)))
+        })
+        .await
+    }
+
+    async fn list_top_talkers(
+        &self,
+        req: Request<v1::ListTopTalkersRequest>,
+    ) -> Result<Response<v1::ListTopTalkersResponse>, Status> {
+        self.timed("ListTopTalkers", async move {
+            read(&req)?;
+            let r = req.into_inner();
+            let snapshot = self.snapshot();
+            if !snapshot.config.lan.client_usage {
+                return Err(Status::failed_precondition(
+                    "usage per client is off on this gateway: set lan.client_usage = true (it costs a set update per forwarded packet; docs/metered.md)",
+                ));
+            }
+            let uplink = r.uplink.trim();
+            if !uplink.is_empty() && !snapshot.config.uplinks.iter().any(|u| u.name == uplink) {
+                return Err(to_status(snapshot::unknown_uplink(&snapshot.config, uplink)));
+            }
+            let limit = match r.limit {
+                0 => 20,
+                n @ 1..=1000 => n as usize,
+                n => {
+                    return Err(Status::invalid_argument(format!(
+                        "limit: {n} is more than 1000"
+                    )));
+                }
+            };
+            let top = self
+                .clients
+                .borrow()
+                .top((!uplink.is_empty()).then_some(uplink), limit);
+            let talkers = top
+                .into_iter()
+                .map(|t| v1::Talker {
+                    address: t.addr.to_string(),
+                    mac: snapshot
+                        .model
+                        .client_by_addr(&t.addr)
+                        .map(|c| c.mac.to_string())
+                        .unwrap_or_default(),
+                    uplink: t.uplink,
+                    bytes: t.bytes,
+                })
+                .collect();
+            Ok(Response::new(v1::ListTopTalkersResponse {
+                talkers,
+                window_seconds: crate::usage::TOP_WINDOW.as_secs() as u32,
+            }))
         })
         .await
     }
@@ -917,5 +978,37 @@ impl agent_server::Agent for AgentService {
             }))
         })
         .await
+    }
+}
+
+/// Fills in each client's bytes per uplink, its addresses together.
+fn with_usage(clients: &mut [v1::Client], ledger: &crate::usage::ClientLedger) {
+    if ledger.totals.is_empty() {
+        return;
+    }
+    for c in clients {
+        let mut per: std::collections::BTreeMap<&str, (u64, u64)> = Default::default();
+        for a in &c.addresses {
+            let Some(t) = a
+                .parse::<IpAddr>()
+                .ok()
+                .and_then(|ip| ledger.totals.get(&ip))
+            else {
+                continue;
+            };
+            for (uplink, (rx, tx)) in t {
+                let sum = per.entry(uplink.as_str()).or_default();
+                sum.0 += rx;
+                sum.1 += tx;
+            }
+        }
+        c.usage = per
+            .into_iter()
+            .map(|(uplink, (rx_bytes, tx_bytes))| v1::UplinkBytes {
+                uplink: uplink.to_string(),
+                rx_bytes,
+                tx_bytes,
+            })
+            .collect();
     }
 }

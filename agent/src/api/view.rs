@@ -228,6 +228,8 @@ pub fn client(config: &Config, model: &Model, spread: Option<&[usize]>, c: &Clie
             .map(|a| a.last_seen)
             .max()
             .unwrap_or(c.first_seen),
+        // Filled in beside the loop from the usage owner's per-client ledger.
+        usage: Vec::new(),
     }
 }
 

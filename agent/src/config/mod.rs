@@ -239,6 +239,9 @@ pub struct LanConfig {
     /// Prefixes behind routers on the LAN whose hosts are clients of their own
     /// (`lan.routed`); `None`: the kernel's routes via LAN interfaces say.
     pub routed: Option<Vec<IpNet>>,
+    /// Count each client's bytes per uplink (`uplinkctl clients -o wide`, `top`): a
+    /// dynamic-set update per forwarded packet, so off unless asked for.
+    pub client_usage: bool,
 }
 
 /// Group 0 is what `log group` means without a number, and low numbers are what other
@@ -543,6 +546,7 @@ struct RawLan {
     client_idle_timeout: Option<Spanned<String>>,
     max_clients: Option<Spanned<i64>>,
     max_addresses_per_client: Option<Spanned<i64>>,
+    client_usage: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]
@@ -903,6 +907,7 @@ impl Validator<'_> {
                 16,
                 1..=1024,
             )? as usize,
+            client_usage: lan_raw.client_usage.unwrap_or(false),
         })
     }
 

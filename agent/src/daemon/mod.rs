@@ -253,6 +253,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
                 snapshot: agent.publish.subscribe(),
                 counters: agent.counters.clone(),
                 usage: agent.usage.snapshot.clone(),
+                clients: agent.usage.clients.clone(),
             },
         );
         serving

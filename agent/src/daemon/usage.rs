@@ -22,7 +22,7 @@ use crate::config::Config;
 use crate::dataplane::nft;
 use crate::metrics::{RateLimitedWarning, UsageMetrics};
 use crate::model::state_file::StateFile;
-use crate::usage::{Ledger, Metered, QuotaChange, QuotaLevel};
+use crate::usage::{ClientLedger, Ledger, Metered, QuotaChange, QuotaLevel};
 
 /// A test's clock: a file holding the Unix time (seconds) the usage periods are judged
 /// at, read at every count. Unset: the system clock.
@@ -30,9 +30,14 @@ pub const CLOCK_ENV: &str = "UPLINKD_USAGE_CLOCK";
 
 /// How often the counters are read.
 const EVERY: Duration = Duration::from_secs(1);
+/// How often the per-client sets are read (`lan.client_usage`): each reading walks every
+/// element.
+const CLIENTS_EVERY: Duration = Duration::from_secs(5);
 
 pub(super) struct Usage {
     pub snapshot: watch::Receiver<Arc<Ledger>>,
+    /// Per client (`lan.client_usage`), as last counted.
+    pub clients: watch::Receiver<Arc<ClientLedger>>,
     metrics: UsageMetrics,
     config: watch::Sender<Arc<Config>>,
     save: mpsc::Sender<oneshot::Sender<()>>,
@@ -135,6 +140,7 @@ pub(super) fn spawn(
     metrics.publish(&ledger);
     let handle = metrics.clone();
     let (snapshot_tx, snapshot) = watch::channel(Arc::new(ledger.clone()));
+    let (clients_tx, clients) = watch::channel(Arc::new(ClientLedger::default()));
     let (config_tx, mut config_rx) = watch::channel(config);
     let (save, mut save_rx) = mpsc::channel::<oneshot::Sender<()>>(1);
     let (begin, begun) = oneshot::channel();
@@ -152,6 +158,9 @@ pub(super) fn spawn(
         let _ = begun.await;
         let tz = TimeZone::system();
         let mut tick = tokio::time::interval(EVERY);
+        let mut clients_tick = tokio::time::interval(CLIENTS_EVERY);
+        clients_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut per_client = ClientLedger::default();
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut every_save = tokio::time::interval(config_rx.borrow().agent.state_save_interval);
         let (mut saved, failing) = (ledger.clone(), RateLimitedWarning::default());
@@ -184,6 +193,23 @@ pub(super) fn spawn(
                     let _ = snapshot_tx.send(Arc::new(ledger.clone()));
                     if !changes.is_empty() {
                         let _ = reports.send(QuotaReport { changes, request: None }).await;
+                    }
+                }
+                _ = clients_tick.tick() => {
+                    let config = config_rx.borrow().clone();
+                    if !config.lan.client_usage {
+                        continue;
+                    }
+                    match counters.client_bytes().await {
+                        Ok(reading) => {
+                            let uplink_of = |ifindex: u32| {
+                                let name = interface_name(ifindex)?;
+                                config.uplinks.iter().find(|u| u.interface == name).map(|u| u.name.clone())
+                            };
+                            per_client.record(&reading, uplink_of, std::time::Instant::now());
+                            let _ = clients_tx.send(Arc::new(per_client.clone()));
+                        }
+                        Err(e) => unreadable.warn(|n| warn!(error = %e, times = n, "cannot read the per-client usage sets")),
                     }
                 }
                 Some(r) = requests_rx.recv() => {
@@ -262,6 +288,7 @@ pub(super) fn spawn(
     (
         Usage {
             snapshot,
+            clients,
             metrics: handle,
             config: config_tx,
             save,
@@ -270,6 +297,19 @@ pub(super) fn spawn(
         },
         levels,
     )
+}
+
+/// The name of the interface with index `i`, if one has it now.
+fn interface_name(i: u32) -> Option<String> {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: `buf` holds IF_NAMESIZE bytes, as if_indextoname requires.
+    let p = unsafe { libc::if_indextoname(i, buf.as_mut_ptr()) };
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: on success the kernel wrote a NUL-terminated name into `buf`.
+    let name = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) };
+    Some(name.to_string_lossy().into_owned())
 }
 
 fn metered(config: &Config) -> Vec<Metered<'_>> {

@@ -34,6 +34,9 @@ const NFTA_SET_ELEM_LIST_SET: u16 = 2;
 const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
 const NFTA_SET_ELEM_KEY: u16 = 1;
 const NFTA_SET_ELEM_DATA: u16 = 2;
+/// The element's stateful expression (one), or its list (several).
+const NFTA_SET_ELEM_EXPR: u16 = 7;
+const NFTA_SET_ELEM_EXPRESSIONS: u16 = 11;
 const NFTA_DATA_VALUE: u16 = 1;
 const NFTA_DATA_VERDICT: u16 = 2;
 const NFTA_VERDICT_CODE: u16 = 1;
@@ -184,6 +187,26 @@ impl Nfnl {
         set: &str,
         mut f: impl FnMut(&[u8], Option<&str>),
     ) -> Result<()> {
+        self.each_element(table, set, |key, target, _| f(key, target))
+    }
+
+    /// Hands each element of a set whose elements carry a counter (`counter` in the set's
+    /// declaration) to `f`: its key as the kernel stores it and the counter's bytes.
+    pub fn counted_elements(
+        &mut self,
+        table: &str,
+        set: &str,
+        mut f: impl FnMut(&[u8], u64),
+    ) -> Result<()> {
+        self.each_element(table, set, |key, _, bytes| f(key, bytes))
+    }
+
+    fn each_element(
+        &mut self,
+        table: &str,
+        set: &str,
+        mut f: impl FnMut(&[u8], Option<&str>, u64),
+    ) -> Result<()> {
         let mut req = Vec::new();
         put_str(&mut req, NFTA_SET_ELEM_LIST_TABLE, table);
         put_str(&mut req, NFTA_SET_ELEM_LIST_SET, set);
@@ -197,6 +220,16 @@ impl Nfnl {
                     for (_, e) in attrs(list).filter(|(k, _)| *k == NFTA_LIST_ELEM) {
                         let mut key: &[u8] = &[];
                         let mut target = None;
+                        let mut bytes = 0;
+                        let mut counted = |expr: &[u8]| {
+                            let name = attrs(expr).find(|(k, _)| *k == NFTA_EXPR_NAME);
+                            if name.map(|(_, n)| c_str(n)).as_deref() == Some("counter")
+                                && let Some((_, data)) =
+                                    attrs(expr).find(|(k, _)| *k == NFTA_EXPR_DATA)
+                            {
+                                bytes += counter(data).1;
+                            }
+                        };
                         for (kind, v) in attrs(e) {
                             match kind {
                                 NFTA_SET_ELEM_KEY => {
@@ -207,10 +240,16 @@ impl Nfnl {
                                     }
                                 }
                                 NFTA_SET_ELEM_DATA => target = verdict_chain(v),
+                                NFTA_SET_ELEM_EXPR => counted(v),
+                                NFTA_SET_ELEM_EXPRESSIONS => {
+                                    for (_, x) in attrs(v).filter(|(k, _)| *k == NFTA_LIST_ELEM) {
+                                        counted(x);
+                                    }
+                                }
                                 _ => {}
                             }
                         }
-                        f(key, target);
+                        f(key, target, bytes);
                     }
                 }
             },

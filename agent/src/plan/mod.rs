@@ -74,6 +74,8 @@ pub struct NftStructure {
     pub routed: Vec<ipnet::IpNet>,
     pub routed_idle: std::time::Duration,
     pub nflog_group: u16,
+    /// Count each client's bytes per uplink interface (`lan.client_usage`).
+    pub client_usage: bool,
     /// Addresses of the uplinks the first route lookup of the gateway's own traffic does
     /// not pick: a packet from one was sent by a socket bound to it, and leaves by its
     /// uplink unmarked.
@@ -312,6 +314,7 @@ pub fn plan_touched(config: &Config, model: &Model, touched: &Touched) -> Desire
         routed: model.routed_prefixes(),
         routed_idle: config.lan.client_idle_timeout,
         nflog_group: dp.nflog_group,
+        client_usage: config.lan.client_usage,
     };
     let client_mode = structure.default == Verdict::Clients;
     let unassigned = client_mode.then(|| verdict::unassigned(config, model));

@@ -266,6 +266,16 @@ impl<T> Shared<T> {
     }
 }
 
+/// One element of a usage set: a client address's bytes through an interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientBytes {
+    pub addr: IpAddr,
+    pub ifindex: u32,
+    /// From the client (out by the interface), or to it (in by it).
+    pub outbound: bool,
+    pub bytes: u64,
+}
+
 #[derive(Clone)]
 pub struct Counters {
     driver: NftDriver,
@@ -289,6 +299,12 @@ impl Counters {
             rules: Shared::new(),
             external: Arc::new(tokio::sync::Mutex::new(BTreeMap::new())),
         }
+    }
+
+    /// Each client address's bytes per interface, from the usage sets
+    /// (`lan.client_usage`); none while they do not exist.
+    pub async fn client_bytes(&self) -> Result<Vec<ClientBytes>, DataplaneError> {
+        self.driver.client_bytes().await
     }
 
     /// The rules' counters, shared and reused like the traffic counters.
@@ -534,6 +550,43 @@ impl NftDriver {
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// The usage sets' elements (`lan.client_usage`); none while the sets do not exist.
+    pub async fn client_bytes(&self) -> Result<Vec<ClientBytes>, DataplaneError> {
+        let table = self.table.clone();
+        self.netlink(move |n| {
+            let mut out = Vec::new();
+            for (set, v6, outbound) in render::USAGE_SETS {
+                let len = if v6 { 16 } else { 4 };
+                let read = n.counted_elements(&table, set, |key, bytes| {
+                    // The address, then the interface index in host order (a `meta` key).
+                    let (Some(a), Some(i)) = (key.get(..len), key.get(len..len + 4)) else {
+                        return;
+                    };
+                    let addr = match <[u8; 16]>::try_from(a) {
+                        Ok(b) => IpAddr::from(b),
+                        Err(_) => match <[u8; 4]>::try_from(a) {
+                            Ok(b) => IpAddr::from(b),
+                            Err(_) => return,
+                        },
+                    };
+                    let ifindex = u32::from_ne_bytes(i.try_into().expect("four bytes"));
+                    out.push(ClientBytes {
+                        addr,
+                        ifindex,
+                        outbound,
+                        bytes,
+                    });
+                });
+                match read {
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    r => r?,
+                }
+            }
+            Ok(out)
+        })
+        .await
     }
 
     /// Packets and bytes each `[[rule]]` decided, by rule name.
@@ -1014,6 +1067,7 @@ mod tests {
             routed: Vec::new(),
             routed_idle: std::time::Duration::from_secs(600),
             nflog_group: 4623,
+            client_usage: false,
         }
     }
 

@@ -271,6 +271,9 @@ pub(super) fn render_structure(s: &NftStructure) -> Vec<Value> {
     out.extend(client_sets(&s.table, &s.uplinks));
     out.extend(render_sets(&s.table, &s.sets));
     out.extend(routed_sets(&s.table));
+    if s.client_usage {
+        out.extend(usage_sets(&s.table));
+    }
     let (chains, mut rules): (Vec<_>, Vec<_>) = objs
         .iter()
         .map(|o| serde_json::to_value(o).expect("object serializes"))
@@ -311,8 +314,17 @@ pub(super) fn render_structure(s: &NftStructure) -> Vec<Value> {
         None,
     ));
     out.extend(chains);
+    if s.client_usage {
+        out.extend(
+            [USAGE_OUT, USAGE_IN]
+                .map(|c| json!({"chain": {"family": "inet", "table": s.table, "name": c}})),
+        );
+    }
     out.extend(rules);
     out.extend(accounting_rules(s));
+    if s.client_usage {
+        out.extend(usage_rules(s));
+    }
     out.extend(render_policies(s));
     out
 }
@@ -377,6 +389,77 @@ pub(super) fn accounting_rules(s: &NftStructure) -> Vec<Value> {
     .into_iter()
     .map(|expr| raw_rule(&s.table, ACCOUNTING, vec![expr], None))
     .collect()
+}
+
+/// Per client address and uplink interface (its index), the bytes out (`usage_out4/6`:
+/// LAN → uplink, by source) and in (`usage_in4/6`: uplink → LAN, by destination), each
+/// element with its own counter, added by the packet path (`lan.client_usage`).
+pub(crate) const USAGE_SETS: [(&str, bool, bool); 4] = [
+    ("usage_out4", false, true),
+    ("usage_out6", true, true),
+    ("usage_in4", false, false),
+    ("usage_in6", true, false),
+];
+/// Elements each usage set holds at most: beyond, a new client is not counted until an
+/// idle one expires.
+pub(super) const USAGE_SET_SIZE: u32 = 262_144;
+/// An element idle this long goes (its bytes were read long before).
+pub(super) const USAGE_IDLE_SECS: u64 = 600;
+const USAGE_OUT: &str = "usage_out";
+const USAGE_IN: &str = "usage_in";
+
+pub(super) fn usage_sets(table: &str) -> Vec<Value> {
+    USAGE_SETS
+        .iter()
+        .map(|(name, v6, _)| {
+            let addr = if *v6 { "ipv6_addr" } else { "ipv4_addr" };
+            json!({"set": {"family": "inet", "table": table, "name": name,
+                "type": [addr, "iface_index"], "flags": ["timeout"],
+                "timeout": USAGE_IDLE_SECS, "size": USAGE_SET_SIZE,
+                "stmt": [{"counter": null}]}})
+        })
+        .collect()
+}
+
+/// One lookup of the input interface sends a LAN packet to `usage_out` and an uplink's to
+/// `usage_in`, where the family picks the set to update: two more lookups per forwarded
+/// packet.
+pub(super) fn usage_rules(s: &NftStructure) -> Vec<Value> {
+    let by_iface: Vec<Value> = s
+        .lan_interfaces
+        .iter()
+        .map(|i| json!([i, {"jump": {"target": USAGE_OUT}}]))
+        .chain(
+            uplink_interfaces(s)
+                .into_iter()
+                .filter(|i| !s.lan_interfaces.iter().any(|l| l == i))
+                .map(|i| json!([i, {"jump": {"target": USAGE_IN}}])),
+        )
+        .collect();
+    let mut out = vec![raw_rule(
+        &s.table,
+        ACCOUNTING,
+        vec![json!({"vmap": {"key": {"meta": {"key": "iifname"}}, "data": {"set": by_iface}}})],
+        None,
+    )];
+    for (name, v6, outbound) in USAGE_SETS {
+        let (ip, nfproto) = if v6 { ("ip6", "ipv6") } else { ("ip", "ipv4") };
+        let (addr, iface) = if outbound {
+            ("saddr", "oif")
+        } else {
+            ("daddr", "iif")
+        };
+        out.push(raw_rule(
+            &s.table,
+            if outbound { USAGE_OUT } else { USAGE_IN },
+            vec![
+                matches(json!({"meta": {"key": "nfproto"}}), json!(nfproto)),
+                json!({"set": {"op": "update", "elem": {"concat": [payload(ip, addr), {"meta": {"key": iface}}]}, "set": format!("@{name}")}}),
+            ],
+            None,
+        ));
+    }
+    out
 }
 
 /// A rule object with its hash comment, followed by `tag` (a `[[rule]]`'s name, for its
