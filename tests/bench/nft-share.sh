@@ -8,15 +8,16 @@
 # (1 - share_uplinkd) / (1 - share_bare).
 #
 # usage (as root, after `cargo build --release --workspace`):
-#   tests/bench/nft-share.sh [CLIENTS] [UPLINKD_BIN]
+#   tests/bench/nft-share.sh [CLIENTS] [UPLINKD_BIN] [--client-usage]
 set -euo pipefail
 clients=${1:-100000}
 bin=${2:-target/release/uplinkd}
+extra=${3:-}
 data=$(mktemp /tmp/nft-share.XXXXXX)
 trap 'rm -f "$data" "$data.old"' EXIT
 command -v perf >/dev/null || { echo "nft-share: needs perf (Debian: linux-perf)" >&2; exit 2; }
 perf record -q -a -g -e cpu-clock -o "$data" -- \
-    env UPLINKD_BIN="$bin" target/release/uplink-bench forward --clients "$clients" --seconds 6 --runs 2 |
+    env UPLINKD_BIN="$bin" target/release/uplink-bench forward --clients "$clients" --seconds 6 --runs 2 $extra |
     grep -E "machine|paired"
 # Per second: samples, busy samples, busy samples inside nft chains, samples in
 # nft_objref_map_eval (uplinkd's accounting: it marks the uplinkd runs).

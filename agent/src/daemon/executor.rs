@@ -12,29 +12,7 @@ use tokio::sync::mpsc;
 use tracing::Instrument;
 
 use crate::dataplane::{ApplyReport, Dataplane, DataplaneError, ReadBack};
-use crate::plan::Desired;
-
-/// Conntrack entries to delete once a plan is in the kernel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Flush {
-    pub of: FlushOf,
-    /// Entries whose mark has `mark` in the `mask` bits.
-    pub mark: u32,
-    pub mask: u32,
-}
-
-/// Whose flows a flush deletes (config indices at the time the job was planned).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum FlushOf {
-    /// A dead uplink's.
-    Uplink(usize),
-    /// A policy's, on an uplink it left for its SLA.
-    Policy { policy: usize, uplink: usize },
-    /// Those a failover of this uplink placed elsewhere, now that it is back.
-    Failback(usize),
-    /// Those on an uplink that went over its quota (standby, stop).
-    Quota(usize),
-}
+use crate::plan::{Desired, Flush};
 
 /// A flush's outcome: how many entries went, when the tool says; `None`: not run, the
 /// plan did not apply cleanly.

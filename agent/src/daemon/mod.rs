@@ -27,7 +27,7 @@ use tokio::sync::broadcast;
 use uplink_api::v1;
 
 use crate::api::{self, view};
-use crate::config::{Config, FailbackFlows};
+use crate::config::Config;
 use crate::dataplane::{Dataplane, ReadBack, nft};
 use crate::discover::{self, Event};
 use crate::health::probe;
@@ -35,6 +35,7 @@ use crate::metrics::{self, Metrics};
 use crate::model::failover::{EventKind, EventLog, LogEntry};
 use crate::model::state_file::{Decisions, StateError, StateFile};
 use crate::model::{Model, Touched, now_millis};
+use crate::plan::FlushOf;
 use crate::plan::plan_touched;
 
 /// How often idle clients are released, state is saved and failed applies are retried.
@@ -760,61 +761,7 @@ impl Agent {
         if desired.nft.changed.is_some() && self.client_mode != Some(client_mode) {
             desired = plan_touched(&self.config, &self.model, &Touched::All);
         }
-        let dp = &self.config.dataplane;
-        let mut flushes: Vec<executor::Flush> = self
-            .model
-            .take_flushes()
-            .into_iter()
-            .map(|i| executor::Flush {
-                of: executor::FlushOf::Uplink(i),
-                mark: dp.fwmark(self.config.uplinks[i].mark),
-                mask: dp.fwmark_mask,
-            })
-            .collect();
-        flushes.extend(
-            self.model
-                .take_quota_flushes()
-                .into_iter()
-                .map(|i| executor::Flush {
-                    of: executor::FlushOf::Quota(i),
-                    mark: dp.fwmark(self.config.uplinks[i].mark),
-                    mask: dp.fwmark_mask,
-                }),
-        );
-        for i in self.model.take_failbacks() {
-            let Some(away) = dp.away_ctmark(self.config.uplinks[i].mark) else {
-                continue;
-            };
-            let of = executor::FlushOf::Failback(i);
-            if self.config.failover.failback_flows == FailbackFlows::Move {
-                flushes.push(executor::Flush {
-                    of,
-                    mark: away,
-                    mask: dp.policy_mark_mask,
-                });
-            } else {
-                // Off the metered uplinks only.
-                for m in self.config.uplinks.iter().filter(|m| m.metered) {
-                    flushes.push(executor::Flush {
-                        of,
-                        mark: away | dp.fwmark(m.mark),
-                        mask: dp.policy_mark_mask | dp.fwmark_mask,
-                    });
-                }
-            }
-        }
-        for (p, i) in self.model.take_sla_flushes() {
-            if let Some(id) = dp.policy_ctmark(p) {
-                flushes.push(executor::Flush {
-                    of: executor::FlushOf::Policy {
-                        policy: p,
-                        uplink: i,
-                    },
-                    mark: dp.fwmark(self.config.uplinks[i].mark) | id,
-                    mask: dp.fwmark_mask | dp.policy_mark_mask,
-                });
-            }
-        }
+        let flushes = crate::plan::take_flushes(&self.config, &mut self.model);
         let flight = schedule::InFlight {
             seq: 0,
             generation: self.generation,
@@ -967,13 +914,13 @@ impl Agent {
     }
 
     /// Logs a conntrack deletion's outcome; returns false when it is to be retried.
-    fn flushed(&mut self, f: executor::Flush, outcome: executor::FlushOutcome) -> bool {
+    fn flushed(&mut self, f: crate::plan::Flush, outcome: executor::FlushOutcome) -> bool {
         // Indices from when the job was planned; a reload since then makes them stale.
         let names = match f.of {
-            executor::FlushOf::Uplink(i)
-            | executor::FlushOf::Failback(i)
-            | executor::FlushOf::Quota(i) => self.config.uplinks.get(i).map(|u| (None, u)),
-            executor::FlushOf::Policy { policy, uplink } => self
+            FlushOf::Uplink(i) | FlushOf::Failback(i) | FlushOf::Quota(i) => {
+                self.config.uplinks.get(i).map(|u| (None, u))
+            }
+            FlushOf::Policy { policy, uplink } => self
                 .config
                 .policies
                 .get(policy)
@@ -985,21 +932,17 @@ impl Agent {
         };
         let uplink = u.name.clone();
         let requeue = |model: &mut Model| match f.of {
-            executor::FlushOf::Uplink(i) => model.uplinks[i].needs_flush = true,
-            executor::FlushOf::Quota(i) => model.uplinks[i].quota_flush = true,
+            FlushOf::Uplink(i) => model.uplinks[i].needs_flush = true,
+            FlushOf::Quota(i) => model.uplinks[i].quota_flush = true,
             // Due again at the next plan while the uplink still carries its clients.
-            executor::FlushOf::Failback(i) => model.uplinks[i].away = true,
-            executor::FlushOf::Policy { policy, uplink } => {
-                model.sla_flushes.push((policy, uplink))
-            }
+            FlushOf::Failback(i) => model.uplinks[i].away = true,
+            FlushOf::Policy { policy, uplink } => model.sla_flushes.push((policy, uplink)),
         };
         let whose = match f.of {
-            executor::FlushOf::Uplink(_) => "the dead uplink's conntrack entries",
-            executor::FlushOf::Quota(_) => "the flows on the uplink over its quota",
-            executor::FlushOf::Policy { .. } => {
-                "the policy's flows on the uplink that breaks its SLA"
-            }
-            executor::FlushOf::Failback(_) => {
+            FlushOf::Uplink(_) => "the dead uplink's conntrack entries",
+            FlushOf::Quota(_) => "the flows on the uplink over its quota",
+            FlushOf::Policy { .. } => "the policy's flows on the uplink that breaks its SLA",
+            FlushOf::Failback(_) => {
                 "the flows the failover had placed on other uplinks (all with failback_flows = \"move\", else those on metered ones)"
             }
         };
@@ -1011,11 +954,9 @@ impl Agent {
             }
             Some(Ok(n)) => {
                 let after = match f.of {
-                    executor::FlushOf::Uplink(_) | executor::FlushOf::Quota(_) => "",
-                    executor::FlushOf::Policy { .. } => {
-                        "; they continue on the uplinks it uses now"
-                    }
-                    executor::FlushOf::Failback(_) => "; they reopen through it",
+                    FlushOf::Uplink(_) | FlushOf::Quota(_) => "",
+                    FlushOf::Policy { .. } => "; they continue on the uplinks it uses now",
+                    FlushOf::Failback(_) => "; they reopen through it",
                 };
                 match &policy {
                     Some(p) => info!(policy = %p, %uplink, flows = ?n, "deleted {whose}{after}"),

@@ -9,9 +9,10 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::executor::{Applied, FlushOf, Job};
+use super::executor::{Applied, Job};
 use super::*;
 use crate::dataplane::{ApplyReport, DataplaneError};
+use crate::plan::FlushOf;
 
 const CONFIG: &str = "[lan]\ninterfaces = [\"lan0\"]\n[[uplink]]\nname = \"a\"\ninterface = \"wan0\"\ngateway = \"100.64.0.1\"\n[[uplink]]\nname = \"b\"\ninterface = \"wan1\"\ngateway = \"100.64.1.1\"\n";
 

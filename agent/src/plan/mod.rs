@@ -11,7 +11,9 @@ use crate::model::failover::HomeTarget;
 use crate::model::nexthop::Hop;
 use crate::model::{Model, Touched};
 
+pub mod flush;
 pub mod verdict;
+pub use flush::{Flush, FlushOf, take_flushes};
 pub use verdict::{NftPolicy, SpreadKey, Unassigned, Verdict};
 
 /// Largest number of hash buckets the new-client fallback uses.

@@ -67,7 +67,7 @@ const USAGE: &str = "usage: uplink-bench BENCHMARK [OPTIONS]   (as root: benchma
   ctflush  [--flows 2000] [--runs 3]
   abuse    [--clients 50000] [--dispatch 300] [--trials 10]
   rules    [--clients 100000] [--seconds 3] [--runs 3]
-  forward  [--clients 100000] [--seconds 3] [--runs 5]
+  forward  [--clients 100000] [--seconds 3] [--runs 5] [--client-usage]
   soak     [--seconds 3600] [--clients 10000] [--churn 1000] [--failover-every 60] [--watchers 20] [--warmup 60]
 
 docs/benchmarks.md has the figures and the commands that measured them.";
@@ -159,6 +159,7 @@ fn run(args: &[String]) -> Result<()> {
             arg(&args, "--clients", 100_000)? as u32,
             arg(&args, "--seconds", 3)?,
             arg(&args, "--runs", 5)?,
+            args.iter().any(|a| a == "--client-usage"),
             &machine,
         ),
         Some("lease") => lease(arg(&args, "--trials", 20)?, &machine),
@@ -1319,13 +1320,32 @@ fn sender_lab(tag: &str, clients: u32) -> Result<(Gw, Netns)> {
 /// rate of one tracked, masqueraded UDP flow through uplinkd with `clients` clients, next
 /// to bare forwarding on the same path (the same routing and masquerade, one mark rule,
 /// no classification).
-fn forward_bench(clients: u32, seconds: u64, runs: u64, machine: &str) -> Result<()> {
+fn forward_bench(
+    clients: u32,
+    seconds: u64,
+    runs: u64,
+    client_usage: bool,
+    machine: &str,
+) -> Result<()> {
     println!(
-        "per-packet cost of an established flow: {clients} clients, one sender (client #{}), one tracked UDP flow per run, masqueraded",
-        clients / 2
+        "per-packet cost of an established flow: {clients} clients, one sender (client #{}), one tracked UDP flow per run, masqueraded{}",
+        clients / 2,
+        if client_usage {
+            ", usage per client on"
+        } else {
+            ""
+        }
     );
     println!("machine: {machine}; agent {}", uplinkd_bin().display());
     let (gw, snd) = sender_lab("bfw", clients)?;
+    if client_usage {
+        let path = gw.dir.join("uplinkd.toml");
+        let text = std::fs::read_to_string(&path)?;
+        std::fs::write(
+            &path,
+            text.replace("[lan]\n", "[lan]\nclient_usage = true\n"),
+        )?;
+    }
     let (child, _, rx) = gw.start_agent()?;
     let (_, started) = wait_line(&rx, "initial apply done", Duration::from_secs(120))?;
     if !started.contains(&format!("clients={clients}")) {
