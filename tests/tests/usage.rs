@@ -180,7 +180,7 @@ fn a_used_up_quota_moves_new_and_established_flows_and_comes_back() -> anyhow::R
         "{:?}",
         remaining()?
     );
-    let ctl = |args: &[&str]| -> anyhow::Result<String> {
+    let ctl = |lab: &Lab, args: &[&str]| -> anyhow::Result<String> {
         let (code, out, err) = lab.ctl("op", args)?;
         anyhow::ensure!(code == 0, "uplinkctl {args:?}: {err}");
         Ok(out)
@@ -212,7 +212,7 @@ fn a_used_up_quota_moves_new_and_established_flows_and_comes_back() -> anyhow::R
         tcp.exchange().is_err(),
         "the TCP connection through isp1 was deleted"
     );
-    let events = ctl(&["events"])?;
+    let events = ctl(&lab, &["events"])?;
     for want in [
         "quota of isp1: 80 % used",
         "quota of isp1: used up",
@@ -220,9 +220,20 @@ fn a_used_up_quota_moves_new_and_established_flows_and_comes_back() -> anyhow::R
     ] {
         assert!(events.contains(want), "no {want:?} in:\n{events}");
     }
-    let uplinks = ctl(&["uplinks"])?;
+    let uplinks = ctl(&lab, &["uplinks"])?;
     assert!(uplinks.contains("quota used up (standby)"), "{uplinks}");
     assert!(uplinks.contains("1.0 MB"), "{uplinks}");
+
+    // The level is kept across a crash: the restarted agent holds the uplink from its
+    // first plan, and says nothing new about it.
+    lab.wait_for(Duration::from_secs(5), "the level saved", || {
+        Ok(usage_file(&lab, "isp1")?["level"] == "exhausted")
+    })?;
+    lab.stop_agent("KILL")?;
+    lab.start_agent()?;
+    assert_eq!(lab.via(1)?, "isp2");
+    let events = ctl(&lab, &["events"])?;
+    assert!(!events.contains("used up"), "{events}");
 
     // The other uplink dies: the standby is the last resort.
     lab.carrier("isp2", false)?;
@@ -233,7 +244,7 @@ fn a_used_up_quota_moves_new_and_established_flows_and_comes_back() -> anyhow::R
         "quota = \"1MB\"\n",
         "quota = \"1MB\"\nquota_action = \"stop\"\n",
     )?;
-    ctl(&["reload"])?;
+    ctl(&lab, &["reload"])?;
     let before = dropped(&lab, "home_isp1")?;
     lab.wait_for(
         Duration::from_secs(10),
@@ -245,22 +256,22 @@ fn a_used_up_quota_moves_new_and_established_flows_and_comes_back() -> anyhow::R
     )?;
 
     // An operator's larger quota brings it back; it shows as set.
-    let out = ctl(&["quota", "set", "isp1", "1GB"])?;
+    let out = ctl(&lab, &["quota", "set", "isp1", "1GB"])?;
     assert!(out.contains("1.0 GB set"), "{out}");
     lab.wait_via(1, "isp1", Duration::from_secs(10))?;
     // A reload that changes the config's quota drops the operator's.
     lab.edit_config("quota = \"1MB\"\n", "quota = \"3MB\"\n")?;
-    ctl(&["reload"])?;
-    let uplinks = ctl(&["uplinks"])?;
+    ctl(&lab, &["reload"])?;
+    let uplinks = ctl(&lab, &["uplinks"])?;
     assert!(
         uplinks.contains("3.0 MB") && !uplinks.contains(" set"),
         "{uplinks}"
     );
     // A reset: the period's count starts from zero.
-    let out = ctl(&["-o", "json", "quota", "reset", "isp1"])?;
+    let out = ctl(&lab, &["-o", "json", "quota", "reset", "isp1"])?;
     let v: serde_json::Value = serde_json::from_str(&out)?;
     assert_eq!(v["used_tx_bytes"].as_u64(), Some(0), "{out}");
-    assert!(ctl(&["events"])?.contains("an operator reset the period's count"));
+    assert!(ctl(&lab, &["events"])?.contains("an operator reset the period's count"));
     let udp = stream.finish()?;
     assert!(udp.received > 0, "{udp:?}");
     Ok(())

@@ -107,8 +107,8 @@ impl Usage {
     }
 }
 
-/// Starts the owner. Returns it and each uplink's quota level as the file left it, for the
-/// model's first plan.
+/// Starts the owner. Returns it and each uplink's quota level now, for the model's first
+/// plan.
 pub(super) fn spawn(
     config: Arc<Config>,
     state: StateFile,
@@ -128,14 +128,15 @@ pub(super) fn spawn(
     for name in ledger.configure(&metered(&config)) {
         info!(uplink = %name, "the operator's quota is dropped: the config's quota changed since it was set");
     }
-    // The levels as the file left them, then as the quotas say now: a change is reported
-    // once the loop runs.
+    // The levels as the quotas in force say, for the first plan; a change from what the
+    // file left (the config's quota changed meanwhile) is reported as an event once the
+    // loop runs.
+    let first = ledger.levels(&metered(&config), Some("the config's quota"));
     let levels: Vec<(String, QuotaLevel)> = config
         .uplinks
         .iter()
         .map(|u| (u.name.clone(), ledger.level(&u.name)))
         .collect();
-    let first = ledger.levels(&metered(&config), Some("the config's quota"));
     metrics.configure(&config);
     metrics.publish(&ledger);
     let handle = metrics.clone();
