@@ -237,6 +237,8 @@ fn uplinks(items: &[v1::Uplink], wide: bool) -> String {
             // The probes' pace now, and what a day of it costs (an estimate).
             "PROBE_EVERY",
             "PROBE_PER_DAY",
+            // Each probe's last result.
+            "PROBES",
         ]);
     }
     let rows = items
@@ -287,6 +289,11 @@ fn uplinks(items: &[v1::Uplink], wide: bool) -> String {
                     u.probe_interval_ms
                         .map_or("-".into(), |ms| format!("{}ms", ms.round())),
                     u.probe_bytes_per_day.map_or("-".into(), bytes),
+                    if u.probe_results.is_empty() {
+                        "-".into()
+                    } else {
+                        u.probe_results.join("; ")
+                    },
                 ]);
             }
             r

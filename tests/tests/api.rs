@@ -476,7 +476,7 @@ fn golden_uplinks_output() -> anyhow::Result<()> {
     let (_, wide, _) = lab.ctl("view", &["uplinks", "-o", "wide"])?;
     assert!(
         wide.lines().nth(1).unwrap().ends_with(
-            "wan1       0x1000000  1001   true     2001:db8:100:1::1  100.64.1.2,2001:db8:100:1::2  false    -            -"
+            "wan1       0x1000000  1001   true     2001:db8:100:1::1  100.64.1.2,2001:db8:100:1::2  false    -            -              -"
         ),
         "{wide}"
     );
@@ -487,7 +487,7 @@ fn golden_uplinks_output() -> anyhow::Result<()> {
     assert!(period.as_u64().is_some(), "{period}");
     assert_eq!(
         v[0],
-        serde_json::json!({"name": "isp1", "interface": "wan1", "weight": 1, "tier": 1, "state": "up", "balance": "client", "fwmark": 16777216, "table": 1001, "clients": 0, "rtt_ms": null, "loss_ratio": null, "jitter_ms": null, "serving": true, "tx_bytes": 0, "tx_packets": 0, "rx_bytes": 0, "rx_packets": 0, "failback_in_ms": null, "failback_manual": false, "clients_carried": 0, "down_reason": "", "gateway": "100.64.1.1", "gateway6": "2001:db8:100:1::1", "addresses": ["100.64.1.2", "2001:db8:100:1::2"], "probe_interval_ms": null, "probe_bytes_per_day": null, "metered": false, "used_rx_bytes": 0, "used_tx_bytes": 0, "period_start_ms": null, "quota_bytes": null, "quota_set": false, "quota_action": "", "quota_level": ""})
+        serde_json::json!({"name": "isp1", "interface": "wan1", "weight": 1, "tier": 1, "state": "up", "balance": "client", "fwmark": 16777216, "table": 1001, "clients": 0, "rtt_ms": null, "loss_ratio": null, "jitter_ms": null, "serving": true, "tx_bytes": 0, "tx_packets": 0, "rx_bytes": 0, "rx_packets": 0, "failback_in_ms": null, "failback_manual": false, "clients_carried": 0, "down_reason": "", "gateway": "100.64.1.1", "gateway6": "2001:db8:100:1::1", "addresses": ["100.64.1.2", "2001:db8:100:1::2"], "probe_interval_ms": null, "probe_bytes_per_day": null, "metered": false, "used_rx_bytes": 0, "used_tx_bytes": 0, "period_start_ms": null, "quota_bytes": null, "quota_set": false, "quota_action": "", "quota_level": "", "probe_results": []})
     );
     Ok(())
 }

@@ -86,6 +86,16 @@ pub fn uplink(config: &Config, model: &Model, carried: &[usize], i: usize) -> v1
         // where the config has none).
         quota_action: c.quota_action.as_str().into(),
         quota_level: String::new(),
+        probe_results: m
+            .health
+            .last
+            .iter()
+            .map(|(probe, r)| match r {
+                Ok(rtt) => format!("{probe}: {:.1} ms", rtt.as_secs_f64() * 1000.0),
+                Err(Some(why)) => format!("{probe}: {why}"),
+                Err(None) => format!("{probe}: no answer"),
+            })
+            .collect(),
     }
 }
 

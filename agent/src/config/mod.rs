@@ -169,10 +169,21 @@ pub struct FailoverConfig {
 }
 
 /// One active probe target.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Probe {
     Icmp(std::net::IpAddr),
     Tcp(std::net::SocketAddr),
+    /// `http://ADDRESS[:PORT]/PATH`: healthy on a 2xx answer (containing the uplink's
+    /// `probe_expect`, when set); a 3xx is a captive portal.
+    Http {
+        addr: std::net::SocketAddr,
+        path: String,
+    },
+    /// `dns:SERVER[:PORT]/NAME`: healthy on an answer with NOERROR.
+    Dns {
+        server: std::net::SocketAddr,
+        name: String,
+    },
 }
 
 impl Probe {
@@ -180,7 +191,29 @@ impl Probe {
         match self {
             Probe::Icmp(a) => *a,
             Probe::Tcp(s) => s.ip(),
+            Probe::Http { addr, .. } => addr.ip(),
+            Probe::Dns { server, .. } => server.ip(),
         }
+    }
+}
+
+/// `ADDRESS` or `ADDRESS:PORT` (`[V6]`, `[V6]:PORT`), with `port` when none is given.
+fn host_port(text: &str, port: u16) -> Option<std::net::SocketAddr> {
+    if let Ok(a) = text.parse::<std::net::SocketAddr>() {
+        return Some(a);
+    }
+    text.trim_matches(|c| c == '[' || c == ']')
+        .parse::<std::net::IpAddr>()
+        .ok()
+        .map(|ip| std::net::SocketAddr::new(ip, port))
+}
+
+/// `host_port` written back, the default port left out.
+fn show_host(a: &std::net::SocketAddr, default: u16) -> String {
+    match (a.ip(), a.port() == default) {
+        (std::net::IpAddr::V4(ip), true) => ip.to_string(),
+        (std::net::IpAddr::V6(ip), true) => format!("[{ip}]"),
+        _ => a.to_string(),
     }
 }
 
@@ -189,6 +222,8 @@ impl fmt::Display for Probe {
         match self {
             Probe::Icmp(a) => write!(f, "icmp:{a}"),
             Probe::Tcp(s) => write!(f, "tcp:{s}"),
+            Probe::Http { addr, path } => write!(f, "http://{}{path}", show_host(addr, 80)),
+            Probe::Dns { server, name } => write!(f, "dns:{}/{name}", show_host(server, 53)),
         }
     }
 }
@@ -199,9 +234,29 @@ impl std::str::FromStr for Probe {
     fn from_str(s: &str) -> Result<Probe, String> {
         let bad = || {
             format!(
-                "invalid probe {s:?}; use \"icmp:ADDRESS\" or \"tcp:ADDRESS:PORT\" (IPv6: \"tcp:[2001:db8::1]:80\")"
+                "invalid probe {s:?}; use \"icmp:ADDRESS\", \"tcp:ADDRESS:PORT\" (IPv6: \"tcp:[2001:db8::1]:80\"), \"http://ADDRESS[:PORT]/PATH\" or \"dns:SERVER[:PORT]/NAME\""
             )
         };
+        if let Some(rest) = s.strip_prefix("http://") {
+            let (host, path) = match rest.find('/') {
+                Some(i) => (&rest[..i], &rest[i..]),
+                None => (rest, "/"),
+            };
+            let addr = host_port(host, 80).ok_or_else(|| {
+                format!(
+                    "invalid probe {s:?}: the host must be an address (http://203.0.113.10/generate_204, http://[2001:db8::10]:8080/), since a name would be resolved outside the uplink"
+                )
+            })?;
+            if path.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(format!(
+                    "invalid probe {s:?}: the path has spaces or control characters"
+                ));
+            }
+            return Ok(Probe::Http {
+                addr,
+                path: path.to_string(),
+            });
+        }
         let (kind, rest) = s.split_once(':').ok_or_else(bad)?;
         match kind {
             "icmp" => rest
@@ -210,6 +265,28 @@ impl std::str::FromStr for Probe {
                 .map(Probe::Icmp)
                 .map_err(|_| bad()),
             "tcp" => rest.parse().map(Probe::Tcp).map_err(|_| bad()),
+            "dns" => {
+                let (server, name) = rest.rsplit_once('/').ok_or_else(bad)?;
+                let server = host_port(server, 53).ok_or_else(bad)?;
+                let name = name.trim_end_matches('.');
+                let valid = !name.is_empty()
+                    && name.len() <= 253
+                    && name.split('.').all(|l| {
+                        !l.is_empty()
+                            && l.len() <= 63
+                            && l.chars()
+                                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+                    });
+                if !valid {
+                    return Err(format!(
+                        "invalid probe {s:?}: {name:?} is not a DNS name (letters, digits, '-', '_', dot-separated labels of at most 63)"
+                    ));
+                }
+                Ok(Probe::Dns {
+                    server,
+                    name: name.to_string(),
+                })
+            }
             _ => Err(bad()),
         }
     }
@@ -369,6 +446,8 @@ pub struct UplinkConfig {
     pub mark: u32,
     pub table: u32,
     pub probes: Vec<Probe>,
+    /// Text an HTTP probe's 2xx answer must contain (a portal's page lacks it).
+    pub probe_expect: Option<String>,
     /// Probes of a round that must answer for the round to count as good.
     pub probe_quorum: u32,
     /// Lower tiers carry clients; a higher tier only while every lower one is down.
@@ -582,6 +661,7 @@ struct RawUplink {
     #[serde(default)]
     probes: Vec<Spanned<String>>,
     probe_quorum: Option<Spanned<i64>>,
+    probe_expect: Option<Spanned<String>>,
     tier: Option<Spanned<i64>>,
     metered: Option<bool>,
     quota_period: Option<RawQuotaPeriod>,
@@ -1113,6 +1193,24 @@ impl Validator<'_> {
                         as u32,
                 },
             };
+            let probe_expect = match &u.probe_expect {
+                None => None,
+                Some(e) if e.get_ref().is_empty() => {
+                    return Err(self.err(
+                        Some(e.span()),
+                        key("probe_expect"),
+                        "empty text matches every answer; leave probe_expect out instead",
+                    ));
+                }
+                Some(_) if !probes.iter().any(|p| matches!(p, Probe::Http { .. })) => {
+                    return Err(self.err(
+                        u.probe_expect.as_ref().map(|e| e.span()),
+                        key("probe_expect"),
+                        "probe_expect is the text an HTTP probe's answer must contain: add an \"http://ADDRESS/PATH\" probe, or remove it",
+                    ));
+                }
+                Some(e) => Some(e.get_ref().clone()),
+            };
             uplinks.push(UplinkConfig {
                 name,
                 interface,
@@ -1125,6 +1223,7 @@ impl Validator<'_> {
                 table,
                 probes,
                 probe_quorum,
+                probe_expect,
                 tier,
                 metered: u.metered.unwrap_or(false),
                 quota_period,
@@ -1748,6 +1847,44 @@ interface = "ppp0"
         let e = parse(&with("quota_period = \"year\"")).unwrap_err();
         assert!(e.to_string().contains("month"), "{e}");
         assert_eq!(e.key, "uplink[0].quota_period", "a bad value names its key");
+    }
+
+    #[test]
+    fn http_and_dns_probes_parse_and_print_back() {
+        for text in [
+            "http://203.0.113.80/generate_204",
+            "http://[2001:db8::80]:8080/",
+            "dns:203.0.113.53/uplink.test",
+            "dns:[2001:db8::53]:5353/example.org",
+            "icmp:203.0.113.10",
+            "tcp:203.0.113.10:443",
+        ] {
+            let p: Probe = text.parse().unwrap();
+            assert_eq!(p.to_string(), text);
+        }
+        assert_eq!(
+            "http://203.0.113.80".parse::<Probe>().unwrap(),
+            Probe::Http {
+                addr: "203.0.113.80:80".parse().unwrap(),
+                path: "/".into()
+            }
+        );
+        let e = "http://example.com/".parse::<Probe>().unwrap_err();
+        assert!(e.contains("must be an address"), "{e}");
+        assert!("dns:203.0.113.53/".parse::<Probe>().is_err());
+        assert!("dns:203.0.113.53/bad name".parse::<Probe>().is_err());
+        assert!("https://203.0.113.80/".parse::<Probe>().is_err());
+        let with = |keys: &str| GOOD.replacen("weight = 2", &format!("weight = 2\n{keys}"), 1);
+        let c = parse(&with(
+            "probes = [\"http://203.0.113.80/ok\"]\nprobe_expect = \"uplink-ok\"",
+        ))
+        .unwrap();
+        assert_eq!(c.uplinks[0].probe_expect.as_deref(), Some("uplink-ok"));
+        let e = parse(&with(
+            "probes = [\"icmp:203.0.113.10\"]\nprobe_expect = \"x\"",
+        ))
+        .unwrap_err();
+        assert_eq!(e.key, "uplink[0].probe_expect", "{e}");
     }
 
     #[test]

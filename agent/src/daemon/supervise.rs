@@ -229,6 +229,7 @@ fn wanted_spec(config: &Config, model: &Model, i: usize) -> Option<ProbeSpec> {
             _ => None,
         }),
         targets,
+        expect: u.probe_expect.clone(),
         quorum,
         interval: config.health.interval,
         timeout: config.health.timeout,

@@ -81,11 +81,21 @@ pub struct Round {
     /// Passive evidence: the uplink forwarded traffic from the internet to clients during
     /// the round. Probers never know it; the agent fills it in for failed rounds.
     pub forwarding: bool,
+    /// Per target, why it failed when its answer said so ("captive portal: HTTP 302 to
+    /// …", "DNS SERVFAIL"); `None` for an answer or a plain loss. Empty: none said.
+    pub why: Vec<Option<String>>,
+    /// The targets, as configured (`icmp:…`, `http://…`), in the same order.
+    pub targets: std::sync::Arc<Vec<String>>,
 }
 
 impl Round {
     pub fn ok(&self) -> bool {
         self.rtts.iter().filter(|r| r.is_some()).count() >= self.quorum
+    }
+
+    /// The first reason a target's answer gave for failing.
+    pub fn reason(&self) -> Option<&str> {
+        self.why.iter().flatten().next().map(String::as_str)
     }
 }
 
@@ -108,6 +118,10 @@ pub struct Health {
     /// Failed rounds in a row that passive evidence excused; capped by
     /// `health.passive_max_rounds` so that evidence cannot keep a dead path up forever.
     excused: u32,
+    /// What the last failed round's answers said was wrong (a portal, a DNS error).
+    failure: Option<String>,
+    /// Per target, the last round's outcome: its RTT, or why it failed (`None`: lost).
+    pub last: Vec<(String, Result<Duration, Option<String>>)>,
 }
 
 impl Health {
@@ -127,6 +141,8 @@ impl Health {
             since: now,
             settled: false,
             excused: 0,
+            failure: None,
+            last: Vec::new(),
         }
     }
 
@@ -203,7 +219,10 @@ impl Health {
                 self.goods
             ))
         } else {
-            Some(format!("{} failed probe rounds", self.fails))
+            match &self.failure {
+                Some(why) => Some(format!("{why} ({} failed probe rounds)", self.fails)),
+                None => Some(format!("{} failed probe rounds", self.fails)),
+            }
         }
     }
 
@@ -250,8 +269,21 @@ impl Health {
         for rtt in &round.rtts {
             self.stats.push(*rtt);
         }
-        let excuse = round.forwarding && self.excused < h.passive_max_rounds;
+        self.last = round
+            .rtts
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let name = round.targets.get(i).cloned().unwrap_or_default();
+                (name, r.ok_or_else(|| round.why.get(i).cloned().flatten()))
+            })
+            .collect();
+        // An answer that says the path is wrong (a portal's redirect) is not a reply lost
+        // on a busy link: traffic that flows excuses only the latter.
+        let excuse =
+            round.forwarding && self.excused < h.passive_max_rounds && round.reason().is_none();
         let cause = if round.ok() {
+            self.failure = None;
             self.goods += 1;
             self.fails = 0;
             self.excused = 0;
@@ -272,10 +304,13 @@ impl Health {
         } else {
             self.fails += 1;
             self.goods = 0;
+            self.failure = round.reason().map(str::to_string);
             if self.probes_ok && self.fails >= h.down_after {
                 self.probes_ok = false;
             }
-            if round.forwarding {
+            if let Some(why) = &self.failure {
+                format!("{why} ({} failed probe rounds)", self.fails)
+            } else if round.forwarding {
                 format!(
                     "{} failed probe rounds (traffic still flows, but {} rounds in a row were already excused: health.passive_max_rounds)",
                     self.fails, self.excused
@@ -423,6 +458,8 @@ mod tests {
             rtts: vec![ok.then_some(Duration::from_millis(5))],
             quorum: 1,
             forwarding: false,
+            why: Vec::new(),
+            targets: Default::default(),
         }
     }
 
@@ -518,6 +555,43 @@ mod tests {
     }
 
     #[test]
+    fn a_portal_answer_is_not_excused_by_traffic_and_names_the_down_reason() {
+        let (h, f) = cfg();
+        let t0 = Instant::now();
+        let mut x = Health::new(true, 50, t0);
+        x.on_link(Ok(()), t0, &h, &f);
+        let portal = Round {
+            rtts: vec![None],
+            quorum: 1,
+            // A portal answers the clients' traffic too: that must not excuse it.
+            forwarding: true,
+            why: vec![Some(
+                "captive portal: HTTP 302 to http://portal.example/".into(),
+            )],
+            targets: std::sync::Arc::new(vec!["http://203.0.113.80/".into()]),
+        };
+        let mut to = None;
+        for _ in 0..3 {
+            to = x.on_round(&portal, t0, &h, &f).map(|t| t.to).or(to);
+        }
+        assert_eq!(to, Some(UplinkState::Down));
+        let why = x.down_reason().unwrap();
+        assert!(
+            why.starts_with("captive portal: HTTP 302 to http://portal.example/"),
+            "{why}"
+        );
+        assert_eq!(
+            x.last,
+            [(
+                "http://203.0.113.80/".to_string(),
+                Err(Some(
+                    "captive portal: HTTP 302 to http://portal.example/".into()
+                ))
+            )]
+        );
+    }
+
+    #[test]
     fn returning_link_waits_for_probes() {
         let (h, f) = cfg();
         let t0 = Instant::now();
@@ -546,6 +620,8 @@ mod tests {
         assert_eq!(x.state(), UplinkState::Up);
         let busy = Round {
             forwarding: true,
+            why: Vec::new(),
+            targets: Default::default(),
             ..round(false)
         };
         // One lost round before traffic was seen, then many while it flows.
@@ -571,6 +647,8 @@ mod tests {
         x.on_link(Ok(()), t0, &h, &f);
         let busy = Round {
             forwarding: true,
+            why: Vec::new(),
+            targets: Default::default(),
             ..round(false)
         };
         for _ in 0..4 {
@@ -600,6 +678,8 @@ mod tests {
             rtts: vec![Some(Duration::from_millis(1)), None, None],
             quorum: 2,
             forwarding: false,
+            why: Vec::new(),
+            targets: Default::default(),
         };
         assert!(!r.ok());
         let r = Round {
@@ -610,6 +690,8 @@ mod tests {
             ],
             quorum: 2,
             forwarding: false,
+            why: Vec::new(),
+            targets: Default::default(),
         };
         assert!(r.ok());
     }

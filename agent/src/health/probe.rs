@@ -41,6 +41,8 @@ pub struct ProbeSpec {
     pub src4: Option<Ipv4Addr>,
     pub src6: Option<Ipv6Addr>,
     pub targets: Vec<Probe>,
+    /// Text an HTTP probe's 2xx answer must contain (`probe_expect`).
+    pub expect: Option<String>,
     pub quorum: usize,
     pub interval: Duration,
     pub timeout: Duration,
@@ -117,6 +119,12 @@ async fn run(
         }
     }
     let mut seq: u16 = 0;
+    let names = Arc::new(
+        spec.targets
+            .iter()
+            .map(Probe::to_string)
+            .collect::<Vec<_>>(),
+    );
     let mut every = *pace.borrow_and_update();
     let mut next = Instant::now();
     loop {
@@ -141,32 +149,49 @@ async fn run(
         let mut probes = Vec::new();
         for t in &spec.targets {
             seq = seq.wrapping_add(1);
-            let fut: std::pin::Pin<Box<dyn std::future::Future<Output = Option<Duration>> + Send>> =
-                match t {
-                    Probe::Icmp(a) => {
-                        let sock = if a.is_ipv4() {
-                            icmp4.clone()
-                        } else {
-                            icmp6.clone()
-                        }
-                        .expect("socket made above");
-                        Box::pin(icmp_probe(sock, *a, ident, seq))
+            let fut: std::pin::Pin<Box<dyn std::future::Future<Output = Outcome> + Send>> = match t
+            {
+                Probe::Icmp(a) => {
+                    let sock = if a.is_ipv4() {
+                        icmp4.clone()
+                    } else {
+                        icmp6.clone()
                     }
-                    Probe::Tcp(addr) => Box::pin(tcp_probe(spec.clone(), *addr, last.clone())),
-                };
+                    .expect("socket made above");
+                    let a = *a;
+                    Box::pin(async move { icmp_probe(sock, a, ident, seq).await.ok_or(None) })
+                }
+                Probe::Tcp(addr) => Box::pin(tcp_probe(spec.clone(), *addr, last.clone())),
+                Probe::Http { addr, path } => {
+                    Box::pin(http_probe(spec.clone(), *addr, path.clone(), last.clone()))
+                }
+                Probe::Dns { server, name } => Box::pin(dns_probe(
+                    spec.clone(),
+                    *server,
+                    name.clone(),
+                    seq,
+                    last.clone(),
+                )),
+            };
             let timeout = spec.timeout;
-            probes.push(async move { tokio::time::timeout(timeout, fut).await.ok().flatten() });
+            probes.push(async move {
+                tokio::time::timeout(timeout, fut)
+                    .await
+                    .unwrap_or(Err(None))
+            });
         }
         // The silence that fails a round is one pace: at the standby pace no earlier
         // round's answer is in flight to say the path is alive.
         let (quorum, interval, uplink, n) = (spec.quorum, every, spec.uplink, spec.targets.len());
-        let (last, tx) = (last.clone(), tx.clone());
+        let (last, tx, names) = (last.clone(), tx.clone(), names.clone());
         // Rounds overlap when the timeout is longer than the interval.
         tasks.spawn(async move {
-            let rtts = tokio::select! {
+            let outcomes = tokio::select! {
                 r = futures::future::join_all(probes) => r,
-                () = silent(last, started, interval) => vec![None; n],
+                () = silent(last, started, interval) => vec![Err(None); n],
             };
+            let rtts = outcomes.iter().map(|o| o.as_ref().ok().copied()).collect();
+            let why = outcomes.into_iter().map(|o| o.err().flatten()).collect();
             let _ = tx
                 .send(Report {
                     uplink,
@@ -174,6 +199,8 @@ async fn run(
                         rtts,
                         quorum,
                         forwarding: false,
+                        why,
+                        targets: names,
                     },
                 })
                 .await;
@@ -295,9 +322,26 @@ impl Drop for RemoveOnDrop<'_> {
     }
 }
 
-async fn tcp_probe(spec: ProbeSpec, dst: SocketAddr, last: LastReply) -> Option<Duration> {
+/// A probe's outcome: the RTT, or a failure with what its answer said was wrong (`None`:
+/// no answer).
+type Outcome = Result<Duration, Option<String>>;
+
+async fn tcp_probe(spec: ProbeSpec, dst: SocketAddr, last: LastReply) -> Outcome {
+    tcp_connect(&spec, dst, &last)
+        .await
+        .map(|(_, rtt)| rtt)
+        .ok_or(None)
+}
+
+/// A TCP connection to `dst` through the uplink, and the time its handshake took; a
+/// refusal counts (it came back through the uplink) but gives no stream.
+async fn tcp_connect(
+    spec: &ProbeSpec,
+    dst: SocketAddr,
+    last: &LastReply,
+) -> Option<(Option<tokio::net::TcpStream>, Duration)> {
     let sock = base_socket(
-        &spec,
+        spec,
         if dst.is_ipv4() {
             Domain::IPV4
         } else {
@@ -310,15 +354,157 @@ async fn tcp_probe(spec: ProbeSpec, dst: SocketAddr, last: LastReply) -> Option<
     .ok()?;
     let socket = tokio::net::TcpSocket::from_std_stream(sock.into());
     let sent = Instant::now();
-    match socket.connect(dst).await {
+    let stream = match socket.connect(dst).await {
+        Ok(s) => Some(s),
         // A refusal came back through the uplink: the path works.
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => None,
         Err(_) => return None,
-    }
+    };
     let now = Instant::now();
     last.mark(now);
-    Some(now.duration_since(sent))
+    Some((stream, now.duration_since(sent)))
+}
+
+/// Most of an HTTP answer a probe reads: the status line, the headers and the start of
+/// the body, where a portal's page differs from the expected one.
+const HTTP_READ: usize = 16 * 1024;
+
+/// `GET PATH` through the uplink; healthy on a 2xx answer that contains `spec.expect`
+/// (when set). A 3xx is a captive portal (or a broken path) and says where it leads.
+async fn http_probe(spec: ProbeSpec, dst: SocketAddr, path: String, last: LastReply) -> Outcome {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let sent = Instant::now();
+    let (stream, _) = tcp_connect(&spec, dst, &last).await.ok_or(None)?;
+    let mut stream = stream.ok_or_else(|| Some(format!("HTTP: {dst} refused the connection")))?;
+    let host = match dst {
+        SocketAddr::V4(a) if a.port() == 80 => a.ip().to_string(),
+        SocketAddr::V6(a) if a.port() == 80 => format!("[{}]", a.ip()),
+        a => a.to_string(),
+    };
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: uplinkd-probe\r\nAccept: */*\r\nConnection: close\r\n\r\n"
+    );
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .map_err(|_| None)?;
+    let mut buf = Vec::with_capacity(4096);
+    let mut rtt = None;
+    loop {
+        let mut chunk = [0u8; 4096];
+        let n = stream.read(&mut chunk).await.map_err(|_| None)?;
+        if n == 0 {
+            break;
+        }
+        rtt.get_or_insert_with(|| sent.elapsed());
+        buf.extend_from_slice(&chunk[..n]);
+        if buf.len() >= HTTP_READ {
+            break;
+        }
+    }
+    last.mark(Instant::now());
+    let rtt =
+        rtt.ok_or_else(|| Some("HTTP: the connection closed without an answer".to_string()))?;
+    http_verdict(
+        &buf,
+        spec.expect.as_deref(),
+        &format!("http://{host}{path}"),
+    )
+    .map(|()| rtt)
+}
+
+/// An HTTP answer judged: `Ok` for a 2xx (with `expect` in its body, when set); otherwise
+/// why not.
+pub fn http_verdict(answer: &[u8], expect: Option<&str>, url: &str) -> Result<(), Option<String>> {
+    let text = String::from_utf8_lossy(answer);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let mut lines = head.lines();
+    let status: u16 = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| Some(format!("HTTP: not an HTTP answer from {url}")))?;
+    match status {
+        200..=299 => match expect {
+            Some(e) if !body.contains(e) => Err(Some(format!(
+                "captive portal or broken path: HTTP {status} from {url} without the expected text {e:?}"
+            ))),
+            _ => Ok(()),
+        },
+        300..=399 => {
+            let location = lines
+                .filter_map(|l| l.split_once(':'))
+                .find(|(k, _)| k.trim().eq_ignore_ascii_case("location"))
+                .map(|(_, v)| v.trim().to_string())
+                .unwrap_or_else(|| "nowhere (no Location)".into());
+            Err(Some(format!("captive portal: HTTP {status} to {location}")))
+        }
+        _ => Err(Some(format!("HTTP {status} from {url}"))),
+    }
+}
+
+/// A query for `name` (type A) to `server` through the uplink; healthy on an answer with
+/// NOERROR.
+async fn dns_probe(
+    spec: ProbeSpec,
+    server: SocketAddr,
+    name: String,
+    id: u16,
+    last: LastReply,
+) -> Outcome {
+    let domain = if server.is_ipv4() {
+        Domain::IPV4
+    } else {
+        Domain::IPV6
+    };
+    let sock = base_socket(&spec, domain, Type::DGRAM, Protocol::UDP, server.is_ipv6())
+        .map_err(|_| None)?;
+    let sock = tokio::net::UdpSocket::from_std(sock.into()).map_err(|_| None)?;
+    sock.connect(server).await.map_err(|_| None)?;
+    let query = dns_query(id, &name);
+    let sent = Instant::now();
+    sock.send(&query).await.map_err(|_| None)?;
+    let mut buf = [0u8; 1500];
+    loop {
+        let n = sock.recv(&mut buf).await.map_err(|_| None)?;
+        let answer = &buf[..n];
+        // Someone else's answer (a late one of an earlier round): keep waiting.
+        if n < 12 || u16::from_be_bytes([answer[0], answer[1]]) != id || answer[2] & 0x80 == 0 {
+            continue;
+        }
+        last.mark(Instant::now());
+        return match answer[3] & 0x0f {
+            0 => Ok(sent.elapsed()),
+            rcode => Err(Some(format!(
+                "DNS {} from {server} for {name}",
+                rcode_name(rcode)
+            ))),
+        };
+    }
+}
+
+/// A DNS query with recursion desired: the header, then `name` type A class IN.
+pub fn dns_query(id: u16, name: &str) -> Vec<u8> {
+    let mut q = Vec::with_capacity(18 + name.len());
+    q.extend_from_slice(&id.to_be_bytes());
+    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for label in name.split('.').filter(|l| !l.is_empty()) {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    q
+}
+
+fn rcode_name(rcode: u8) -> String {
+    match rcode {
+        1 => "FORMERR".into(),
+        2 => "SERVFAIL".into(),
+        3 => "NXDOMAIN".into(),
+        4 => "NOTIMP".into(),
+        5 => "REFUSED".into(),
+        n => format!("rcode {n}"),
+    }
 }
 
 /// What an echo request carries after its 8-byte ICMP header.
@@ -342,6 +528,21 @@ pub fn probe_bytes(p: &Probe, answered: bool) -> u64 {
             } else {
                 syn
             }
+        }
+        // A handshake and close as for TCP, the request, and an answer of about a
+        // packet (a portal's page or a 204; larger bodies cost more).
+        Probe::Http { path, .. } => {
+            let syn = ip + 40;
+            if answered {
+                2 * syn + 4 * (ip + 32) + (ip + 32 + 80 + path.len() as u64) + (ip + 32 + 200)
+            } else {
+                syn
+            }
+        }
+        // The query and an answer of about twice its size.
+        Probe::Dns { name, .. } => {
+            let one = ip + 8 + 12 + name.len() as u64 + 6;
+            if answered { one + (one + 16) } else { one }
         }
     }
 }
@@ -387,7 +588,7 @@ mod tests {
         assert_eq!(probe_bytes(&icmp6, true), 2 * (40 + 8 + 13));
         assert_eq!(probe_bytes(&tcp4, false), 60);
         assert_eq!(probe_bytes(&tcp4, true), 2 * 60 + 4 * 52);
-        let both = [icmp4, tcp4];
+        let both = [icmp4.clone(), tcp4];
         assert_eq!(
             round_bytes(&both, &[Some(Duration::from_millis(5)), None]),
             82 + 60
@@ -395,10 +596,44 @@ mod tests {
         // One ICMP target every 200 ms: 432,000 rounds of 82 bytes, 35.4 MB a day (about
         // 1 GB a month); at the 5 s standby pace, 1.4 MB.
         assert_eq!(
-            bytes_per_day(&[icmp4], Duration::from_millis(200)),
+            bytes_per_day(std::slice::from_ref(&icmp4), Duration::from_millis(200)),
             35_424_000
         );
         assert_eq!(bytes_per_day(&[icmp4], Duration::from_secs(5)), 1_416_960);
+    }
+
+    #[test]
+    fn http_answers_are_judged_by_status_location_and_expected_text() {
+        let url = "http://203.0.113.80/generate_204";
+        assert_eq!(
+            http_verdict(b"HTTP/1.1 204 No Content\r\n\r\n", None, url),
+            Ok(())
+        );
+        let portal = b"HTTP/1.1 302 Found\r\nlocation: http://portal.example/login\r\n\r\n";
+        assert_eq!(
+            http_verdict(portal, None, url),
+            Err(Some(
+                "captive portal: HTTP 302 to http://portal.example/login".into()
+            ))
+        );
+        let page = b"HTTP/1.0 200 OK\r\nContent-Type: text/html\r\n\r\n<h1>Hotel WiFi</h1>";
+        assert_eq!(http_verdict(page, Some("Hotel"), url), Ok(()));
+        let e = http_verdict(page, Some("uplink-ok"), url)
+            .unwrap_err()
+            .unwrap();
+        assert!(e.contains("without the expected text \"uplink-ok\""), "{e}");
+        assert_eq!(
+            http_verdict(b"HTTP/1.1 503 Busy\r\n\r\n", None, url),
+            Err(Some(format!("HTTP 503 from {url}")))
+        );
+        assert!(http_verdict(b"SSH-2.0-OpenSSH\r\n", None, url).is_err());
+    }
+
+    #[test]
+    fn a_dns_query_asks_for_the_a_record_with_recursion() {
+        let q = dns_query(0x1234, "uplink.test");
+        assert_eq!(&q[..4], &[0x12, 0x34, 0x01, 0x00]);
+        assert_eq!(&q[12..], b"\x06uplink\x04test\x00\x00\x01\x00\x01");
     }
 
     #[test]
