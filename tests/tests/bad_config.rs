@@ -435,7 +435,7 @@ const CASES: &[Case] = &[
         edit: ("weight = 2", "weight = 2\nprobes = [\"ping:203.0.113.10\"]"),
         line: Some(17),
         key: "uplink[0].probes[0]",
-        hint: "use \"icmp:ADDRESS\" or \"tcp:ADDRESS:PORT\"",
+        hint: "\"http://ADDRESS[:PORT]/PATH\" or \"dns:SERVER[:PORT]/NAME\"",
     },
     Case {
         name: "quorum above probes",
@@ -606,6 +606,23 @@ const CASES: &[Case] = &[
         line: Some(18),
         key: "uplink[0].quota_reset",
         hint: "a daily period starts at midnight",
+    },
+    Case {
+        name: "http probe by name",
+        edit: (
+            "weight = 2",
+            "weight = 2\nprobes = [\"http://connectivitycheck.example/generate_204\"]",
+        ),
+        line: Some(17),
+        key: "uplink[0].probes[0]",
+        hint: "a name would be resolved outside the uplink",
+    },
+    Case {
+        name: "probe_expect without an http probe",
+        edit: ("weight = 2", "weight = 2\nprobe_expect = \"ok\""),
+        line: Some(17),
+        key: "uplink[0].probe_expect",
+        hint: "add an \"http://ADDRESS/PATH\" probe",
     },
     Case {
         name: "quota in an unknown unit",
