@@ -841,6 +841,16 @@ impl Lab {
         Ok(t.elapsed())
     }
 
+    /// How many of `ct_entries(k)` client `i` (IPv4) opened.
+    pub fn ct_count(&self, k: usize, i: u32) -> Result<usize> {
+        let src = format!("src={} ", client_v4(i));
+        Ok(self
+            .ct_entries(k)?
+            .iter()
+            .filter(|e| e.starts_with(&src))
+            .count())
+    }
+
     /// Conntrack entries (IPv4) in the gateway whose mark carries uplink `k`'s id, as
     /// "src=… dst=… sport=… dport=…".
     pub fn ct_entries(&self, k: usize) -> Result<std::collections::BTreeSet<String>> {

@@ -346,14 +346,7 @@ fn a_metered_backup_is_probed_lightly_and_its_flows_leave_on_failback() -> anyho
         Ok(rounds("isp2")? >= b1 + 10.0)
     })?;
     let stream = UdpStream::start(&lab, 1, false, Duration::from_millis(20))?;
-    let src = format!("src={} ", client_v4(1));
-    let mine = |k: usize| -> anyhow::Result<usize> {
-        Ok(lab
-            .ct_entries(k)?
-            .iter()
-            .filter(|e| e.starts_with(&src))
-            .count())
-    };
+    let mine = |k: usize| lab.ct_count(k, 1);
     lab.wait_for(Duration::from_secs(5), "the flow on the backup", || {
         Ok(mine(2)? > 0)
     })?;

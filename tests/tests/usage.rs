@@ -191,14 +191,7 @@ fn a_used_up_quota_moves_new_and_established_flows_and_comes_back() -> anyhow::R
         lab.uplink_of_source(tcp.exchange()?).as_deref(),
         Some("isp1")
     );
-    let src = format!("src={} ", client_v4(1));
-    let mine = |k: usize| -> anyhow::Result<usize> {
-        Ok(lab
-            .ct_entries(k)?
-            .iter()
-            .filter(|e| e.starts_with(&src))
-            .count())
-    };
+    let mine = |k: usize| lab.ct_count(k, 1);
     // About 1.2 MB in and out.
     transfer(&lab, 1, 600, 1000)?;
     lab.wait_for(Duration::from_secs(10), "the quota used up", || {
