@@ -116,10 +116,10 @@ impl QuotaLevel {
         }
     }
 
-    /// What the uplink is held to at this level: its action once used up (`alert` holds
-    /// nothing).
+    /// The action in force at this level: its `quota_action` once used up (the model's
+    /// `set_over_quota` takes `alert` as no hold).
     pub fn hold(self, action: QuotaAction) -> Option<QuotaAction> {
-        (self == QuotaLevel::Exhausted && action != QuotaAction::Alert).then_some(action)
+        (self == QuotaLevel::Exhausted).then_some(action)
     }
 
     pub fn of(used: u64, quota: Option<u64>) -> QuotaLevel {

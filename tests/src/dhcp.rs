@@ -104,12 +104,7 @@ impl Lab {
 
     /// A minimal DNS A query over UDP from client `i` to `server`; the first A record.
     pub fn resolve(&self, i: u32, server: SocketAddr, name: &str) -> Result<Ipv4Addr> {
-        let mut q = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
-        for label in name.split('.') {
-            q.push(label.len() as u8);
-            q.extend_from_slice(label.as_bytes());
-        }
-        q.extend_from_slice(&[0, 0, 1, 0, 1]);
+        let q = uplinkd::health::probe::dns_query(0x1234, name);
         let s = crate::in_netns(&self.ns(&format!("c{i}")), || {
             std::net::UdpSocket::bind("0.0.0.0:0")
         })??;

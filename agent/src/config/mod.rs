@@ -208,8 +208,8 @@ fn host_port(text: &str, port: u16) -> Option<std::net::SocketAddr> {
         .map(|ip| std::net::SocketAddr::new(ip, port))
 }
 
-/// `host_port` written back, the default port left out.
-fn show_host(a: &std::net::SocketAddr, default: u16) -> String {
+/// `host_port` written back, the default port left out (also an HTTP `Host` header).
+pub fn show_host(a: &std::net::SocketAddr, default: u16) -> String {
     match (a.ip(), a.port() == default) {
         (std::net::IpAddr::V4(ip), true) => ip.to_string(),
         (std::net::IpAddr::V6(ip), true) => format!("[{ip}]"),

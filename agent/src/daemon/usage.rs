@@ -125,13 +125,14 @@ pub(super) fn spawn(
             Ledger::default()
         }
     };
-    for name in ledger.configure(&metered(&config)) {
+    let uplinks = metered(&config);
+    for name in ledger.configure(&uplinks) {
         info!(uplink = %name, "the operator's quota is dropped: the config's quota changed since it was set");
     }
     // The levels as the quotas in force say, for the first plan; a change from what the
     // file left (the config's quota changed meanwhile) is reported as an event once the
     // loop runs.
-    let first = ledger.levels(&metered(&config), Some("the config's quota"));
+    let first = ledger.levels(&uplinks, Some("the config's quota"));
     let levels: Vec<(String, QuotaLevel)> = config
         .uplinks
         .iter()

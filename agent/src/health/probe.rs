@@ -376,11 +376,7 @@ async fn http_probe(spec: ProbeSpec, dst: SocketAddr, path: String, last: LastRe
     let sent = Instant::now();
     let (stream, _) = tcp_connect(&spec, dst, &last).await.ok_or(None)?;
     let mut stream = stream.ok_or_else(|| Some(format!("HTTP: {dst} refused the connection")))?;
-    let host = match dst {
-        SocketAddr::V4(a) if a.port() == 80 => a.ip().to_string(),
-        SocketAddr::V6(a) if a.port() == 80 => format!("[{}]", a.ip()),
-        a => a.to_string(),
-    };
+    let host = crate::config::show_host(&dst, 80);
     let request = format!(
         "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: uplinkd-probe\r\nAccept: */*\r\nConnection: close\r\n\r\n"
     );
