@@ -520,6 +520,16 @@ const CASES: &[Case] = &[
         hint: "between 1 and 1000000",
     },
     Case {
+        name: "client usage not a boolean",
+        edit: (
+            "client_idle_timeout = \"10m\"",
+            "client_idle_timeout = \"10m\"\nclient_usage = \"yes\"",
+        ),
+        line: Some(10),
+        key: "lan.client_usage",
+        hint: "expected a boolean",
+    },
+    Case {
         name: "routed default route",
         edit: (
             "client_idle_timeout = \"10m\"",
