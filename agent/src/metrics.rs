@@ -211,6 +211,7 @@ pub struct HealthMetrics {
     pub failbacks: IntCounterVec,
     pub flaps: IntCounterVec,
     pub lost_while_forwarding: IntCounterVec,
+    pub bursts: IntCounterVec,
     pub sla_changes: IntCounterVec,
 }
 
@@ -253,6 +254,11 @@ impl HealthMetrics {
                 "Failed probe rounds not counted toward down_after because the uplink forwarded traffic from the internet (passive health)",
                 &["uplink"],
             ),
+            bursts: r.counters(
+                "uplink_probe_bursts_total",
+                "Probe bursts sent because the LAN's packets out of the uplink went unanswered for health.passive_window, by result (answered, failed: the uplink went down)",
+                &["uplink", "result"],
+            ),
             sla_changes: r.counters(
                 "policy_sla_changes_total",
                 "Changes of a policy's SLA verdict on an uplink (each is also a `sla` event)",
@@ -282,6 +288,9 @@ impl HealthMetrics {
         let _ = self.probe_rtt.remove_label_values(&[name]);
         for c in self.counters() {
             let _ = c.remove_label_values(&[name]);
+        }
+        for result in ["answered", "failed"] {
+            let _ = self.bursts.remove_label_values(&[name, result]);
         }
     }
 }

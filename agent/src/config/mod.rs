@@ -89,6 +89,13 @@ pub struct HealthConfig {
     /// At most this many failed rounds in a row are excused by passive evidence; the next
     /// one counts toward `down_after` whatever the traffic.
     pub passive_max_rounds: u32,
+    /// LAN packets that left by an uplink and got no reply at all for this long make it
+    /// suspect: its probes are sent in a burst at once (passive evidence of failure).
+    pub passive_window: Duration,
+    /// Probes per target in a burst, `burst_interval` apart; the uplink goes down when
+    /// none is answered.
+    pub burst_count: u32,
+    pub burst_interval: Duration,
     /// The probe interval of a metered uplink that carries nothing.
     pub standby_interval: Duration,
 }
@@ -591,6 +598,9 @@ struct RawHealth {
     stats_window: Option<Spanned<i64>>,
     passive: Option<bool>,
     passive_max_rounds: Option<Spanned<i64>>,
+    passive_window: Option<Spanned<String>>,
+    burst_count: Option<Spanned<i64>>,
+    burst_interval: Option<Spanned<String>>,
     standby_interval: Option<Spanned<String>>,
 }
 
@@ -1458,6 +1468,17 @@ impl Validator<'_> {
                 50,
                 1..=10_000,
             )? as u32,
+            passive_window: self.duration(
+                "health.passive_window",
+                raw.passive_window,
+                Duration::from_millis(150),
+            )?,
+            burst_count: self.int("health.burst_count", raw.burst_count.as_ref(), 3, 1..=20)? as u32,
+            burst_interval: self.duration(
+                "health.burst_interval",
+                raw.burst_interval,
+                Duration::from_millis(20),
+            )?,
             standby_interval: self.duration(
                 "health.standby_interval",
                 raw.standby_interval,
@@ -1469,6 +1490,22 @@ impl Validator<'_> {
         }
         if h.timeout > Duration::from_secs(60) {
             return Err(self.err(timeout_span, "health.timeout", "must be at most 60s"));
+        }
+        if h.passive_window < Duration::from_millis(20) || h.passive_window > Duration::from_secs(10)
+        {
+            return Err(self.err(
+                None,
+                "health.passive_window",
+                "must be between 20ms and 10s",
+            ));
+        }
+        if h.burst_interval < Duration::from_millis(1) || h.burst_interval > Duration::from_secs(1)
+        {
+            return Err(self.err(
+                None,
+                "health.burst_interval",
+                "must be between 1ms and 1s",
+            ));
         }
         if h.standby_interval < h.interval || h.standby_interval > Duration::from_secs(3600) {
             return Err(self.err(

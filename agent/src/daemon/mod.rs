@@ -211,6 +211,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
     let (activity_tx, mut activity_rx) = mpsc::channel(4);
     let (probe_tx, mut probe_rx) = mpsc::channel(1024);
     let (passive_tx, mut passive_rx) = mpsc::channel(1024);
+    let (suspect_tx, mut suspect_rx) = mpsc::channel(64);
     let (quota_tx, mut quota_rx) = mpsc::channel(64);
     let counters = dataplane.counter_reader();
     let conntrack = dataplane.conntrack();
@@ -233,6 +234,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
             handle,
             probe_tx,
             passive_tx,
+            suspect_tx,
             activity_tx,
             quota_tx,
         },
@@ -375,6 +377,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
             Some(saved) = saved_rx.recv() => agent.on_decisions_saved(saved),
             Some(report) = probe_rx.recv() => agent.on_probe_report(report).await,
             Some(reading) = passive_rx.recv() => agent.on_passive_reading(reading).await,
+            Some(suspect) = suspect_rx.recv() => agent.on_suspect(suspect),
             Some(report) = quota_rx.recv() => agent.on_quota(report),
             Some(s) = routed_rx.recv() => {
                 // Coalesce a burst of new hosts into one apply.
@@ -456,6 +459,7 @@ struct Wiring {
     handle: rtnetlink::Handle,
     probe_tx: mpsc::Sender<probe::Report>,
     passive_tx: mpsc::Sender<supervise::PassiveReading>,
+    suspect_tx: mpsc::Sender<supervise::Suspect>,
     activity_tx: mpsc::Sender<std::collections::HashSet<IpAddr>>,
     quota_tx: mpsc::Sender<usage::QuotaReport>,
 }
@@ -501,6 +505,7 @@ impl Agent {
             health: supervise::Supervisor::new(
                 w.probe_tx,
                 w.passive_tx,
+                w.suspect_tx,
                 w.counters.clone(),
                 metrics.health.clone(),
             ),
@@ -1045,6 +1050,13 @@ impl Agent {
         self.persist.on_decisions_saved(saved);
         if self.publish.waiting() {
             self.publish_snapshot();
+        }
+    }
+
+    /// LAN traffic through an interface went unanswered: its uplinks burst their probes.
+    fn on_suspect(&mut self, s: supervise::Suspect) {
+        for i in self.health.on_suspect(&s.interface, &self.config, &self.model) {
+            debug!(uplink = %self.config.uplinks[i].name, "LAN traffic unanswered; probe burst");
         }
     }
 

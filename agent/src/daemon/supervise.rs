@@ -1,7 +1,10 @@
 //! The health supervision owner: one prober per uplink, started, restarted and stopped
 //! as the uplinks' addresses and next hops change; a failed round of a usable uplink
-//! first has the uplink's reply counters read beside the loop (passive evidence, judged
-//! by `health::passive`). The verdict on each round is the model's.
+//! first has the uplink's reply counters read beside the loop (passive evidence of life,
+//! judged by `health::passive`). A watcher beside the loop reads the same counters every
+//! fifth of `health.passive_window` and reports interfaces whose LAN traffic goes
+//! unanswered (passive evidence of failure); their uplinks' probers send a burst. The
+//! verdict on each round is the model's.
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
@@ -13,7 +16,7 @@ use tracing::warn;
 
 use crate::config::Config;
 use crate::dataplane::nft;
-use crate::health::passive::Forwarded;
+use crate::health::passive::{Forwarded, Silence};
 use crate::health::probe::{self, ProbeSpec};
 use crate::metrics::HealthMetrics;
 use crate::model::Model;
@@ -27,11 +30,83 @@ pub(super) struct PassiveReading {
     replies: Option<(u64, u64)>,
 }
 
-/// A running prober: what it probes, its task, and its pace.
+/// A running prober: what it probes, its task, its pace, and where to ask for a burst.
 struct Prober {
     spec: ProbeSpec,
     task: JoinHandle<()>,
     pace: watch::Sender<Duration>,
+    burst: mpsc::Sender<Duration>,
+    /// A burst was asked for and its round has not come back.
+    bursting: bool,
+}
+
+/// An interface whose LAN traffic went unanswered for `health.passive_window`.
+pub(super) struct Suspect {
+    pub interface: String,
+}
+
+/// After a suspicion, the same silence is suspected again this much later at the
+/// earliest (a client sending to one dead server keeps its interface unanswered).
+const SUSPECT_AGAIN: Duration = Duration::from_secs(1);
+
+/// Watches the uplink interfaces' counters while `window` holds a passive window (none:
+/// passive health is off), and sends each suspicion; runs until `window` is dropped.
+pub(super) fn watch_silence(
+    counters: nft::Counters,
+    mut window: watch::Receiver<Option<Duration>>,
+    tx: mpsc::Sender<Suspect>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let Some(w) = *window.borrow_and_update() else {
+                if window.changed().await.is_err() {
+                    return;
+                }
+                continue;
+            };
+            let mut silence = Silence::new(w, SUSPECT_AGAIN);
+            let every = (w / 5).max(Duration::from_millis(10));
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut failing = false;
+            loop {
+                tokio::select! {
+                    changed = window.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                        break;
+                    }
+                    _ = tick.tick() => {}
+                }
+                let traffic = match counters.read(every / 2).await {
+                    Ok(t) => t,
+                    Err(e) => {
+                        if !std::mem::replace(&mut failing, true) {
+                            warn!(error = %e, "cannot read the traffic counters for passive health; probes alone judge the uplinks until they can be read");
+                        }
+                        continue;
+                    }
+                };
+                failing = false;
+                let now = Instant::now();
+                for (interface, t) in traffic.iter() {
+                    if silence.reading(interface, t.tx.0, t.replies.0 + t.replies.1, now)
+                        && tx
+                            .send(Suspect {
+                                interface: interface.clone(),
+                            })
+                            .await
+                            .is_err()
+                    {
+                        return;
+                    }
+                }
+                let names: Vec<&str> = traffic.keys().map(String::as_str).collect();
+                silence.retain(&names);
+            }
+        }
+    })
 }
 
 pub(super) struct Supervisor {
@@ -45,6 +120,8 @@ pub(super) struct Supervisor {
     /// Reads nft counters beside the loop.
     counters: nft::Counters,
     passive_tx: mpsc::Sender<PassiveReading>,
+    /// The silence watcher's passive window; `None` stops it.
+    silence: watch::Sender<Option<Duration>>,
     metrics: HealthMetrics,
 }
 
@@ -52,9 +129,12 @@ impl Supervisor {
     pub fn new(
         probe_tx: mpsc::Sender<probe::Report>,
         passive_tx: mpsc::Sender<PassiveReading>,
+        suspect_tx: mpsc::Sender<Suspect>,
         counters: nft::Counters,
         metrics: HealthMetrics,
     ) -> Supervisor {
+        let (silence, window) = watch::channel(None);
+        watch_silence(counters.clone(), window, suspect_tx);
         Supervisor {
             probers: HashMap::new(),
             probe_tx,
@@ -62,6 +142,7 @@ impl Supervisor {
             forwarded: Forwarded::default(),
             counters,
             passive_tx,
+            silence,
             metrics,
         }
     }
@@ -71,6 +152,12 @@ impl Supervisor {
         if !self.probing {
             return;
         }
+        let window = config
+            .health
+            .passive
+            .then_some(config.health.passive_window);
+        self.silence
+            .send_if_modified(|now| std::mem::replace(now, window) != window);
         for i in 0..config.uplinks.len().min(model.uplinks.len()) {
             let want = wanted_spec(config, model, i);
             if self.probers.get(&i).map(|p| &p.spec) == want.as_ref() {
@@ -81,8 +168,18 @@ impl Supervisor {
             }
             if let Some(spec) = want {
                 let (pace, paced) = watch::channel(crate::plan::probe_interval(config, model, i));
-                let task = probe::spawn(spec.clone(), paced, self.probe_tx.clone());
-                self.probers.insert(i, Prober { spec, task, pace });
+                let (burst, bursts) = mpsc::channel(1);
+                let task = probe::spawn(spec.clone(), paced, bursts, self.probe_tx.clone());
+                self.probers.insert(
+                    i,
+                    Prober {
+                        spec,
+                        task,
+                        pace,
+                        burst,
+                        bursting: false,
+                    },
+                );
             }
         }
         self.pace(config, model);
@@ -105,22 +202,57 @@ impl Supervisor {
     /// (a reload), or the agent stops.
     pub fn stop_all(&mut self) {
         self.forwarded = Forwarded::default();
+        self.silence.send_replace(None);
         for (_, p) in self.probers.drain() {
             p.task.abort();
         }
     }
 
+    /// LAN traffic through `interface` went unanswered: each usable uplink on it with
+    /// probes sends a burst, unless one is on its way. The last probe of a burst waits
+    /// three times the uplink's median RTT for its answer (at least 50 ms, at most
+    /// `health.timeout`). Returns the uplinks that burst.
+    pub fn on_suspect(&mut self, interface: &str, config: &Config, model: &Model) -> Vec<usize> {
+        let mut burst = Vec::new();
+        for (&i, p) in &mut self.probers {
+            let (Some(u), Some(m)) = (config.uplinks.get(i), model.uplinks.get(i)) else {
+                continue;
+            };
+            if u.interface != interface || !m.usable() || p.bursting {
+                continue;
+            }
+            let wait = m
+                .health
+                .stats
+                .median_rtt()
+                .map_or(Duration::ZERO, |r| r * 3)
+                .max(Duration::from_millis(50))
+                .min(config.health.timeout);
+            if p.burst.try_send(wait).is_ok() {
+                p.bursting = true;
+                burst.push(i);
+            }
+        }
+        burst
+    }
+
     /// A probe round finished. Returns it when it is to be judged now; a failed round of
     /// a usable uplink (`usable`) with passive health on first has the uplink's reply
-    /// counters read beside the loop, and comes back as a `PassiveReading`.
+    /// counters read beside the loop, and comes back as a `PassiveReading`. A burst's
+    /// round is judged at once: the traffic it answers for went unanswered.
     pub fn on_report(
-        &self,
+        &mut self,
         report: probe::Report,
         usable: bool,
         config: &Config,
         generation: u64,
     ) -> Option<probe::Report> {
-        if report.round.ok() || !config.health.passive || !usable {
+        if report.round.burst
+            && let Some(p) = self.probers.get_mut(&report.uplink)
+        {
+            p.bursting = false;
+        }
+        if report.round.ok() || report.round.burst || !config.health.passive || !usable {
             return Some(report);
         }
         let (reader, tx) = (self.counters.clone(), self.passive_tx.clone());
@@ -193,10 +325,23 @@ impl Supervisor {
                 .observe(rtt.as_secs_f64());
         }
         if let Some(p) = self.probers.get(&report.uplink) {
+            // A burst sends at most `burst_count` probes per target.
+            let sent = if report.round.burst {
+                u64::from(p.spec.burst_count)
+            } else {
+                1
+            };
             self.metrics
                 .probe_bytes
                 .with_label_values(&[uplink])
-                .inc_by(probe::round_bytes(&p.spec.targets, &report.round.rtts));
+                .inc_by(sent * probe::round_bytes(&p.spec.targets, &report.round.rtts));
+        }
+        if report.round.burst {
+            let result = if report.round.ok() { "answered" } else { "failed" };
+            self.metrics
+                .bursts
+                .with_label_values(&[uplink, result])
+                .inc();
         }
     }
 }
@@ -233,6 +378,8 @@ fn wanted_spec(config: &Config, model: &Model, i: usize) -> Option<ProbeSpec> {
         quorum,
         interval: config.health.interval,
         timeout: config.health.timeout,
+        burst_count: config.health.burst_count,
+        burst_interval: config.health.burst_interval,
         hops,
     })
 }

@@ -81,6 +81,9 @@ pub struct Round {
     /// Passive evidence: the uplink forwarded traffic from the internet to clients during
     /// the round. Probers never know it; the agent fills it in for failed rounds.
     pub forwarding: bool,
+    /// A burst sent because LAN traffic went unanswered (passive evidence of failure):
+    /// failed, it takes the uplink down at once; answered, it is a good round.
+    pub burst: bool,
     /// Per target, why it failed when its answer said so ("captive portal: HTTP 302 to
     /// …", "DNS SERVFAIL"); `None` for an answer or a plain loss. Empty: none said.
     pub why: Vec<Option<String>>,
@@ -120,8 +123,22 @@ pub struct Health {
     excused: u32,
     /// What the last failed round's answers said was wrong (a portal, a DNS error).
     failure: Option<String>,
+    /// The last failed round was a burst (passive evidence of failure, confirmed).
+    burst_failed: bool,
     /// Per target, the last round's outcome: its RTT, or why it failed (`None`: lost).
     pub last: Vec<(String, Result<Duration, Option<String>>)>,
+}
+
+/// Why a failed burst took an uplink down.
+fn burst_failure(reason: Option<&str>, h: &HealthConfig) -> String {
+    let why = format!(
+        "LAN traffic unanswered for {} and a probe burst failed",
+        humantime::format_duration(h.passive_window)
+    );
+    match reason {
+        Some(r) => format!("{why}: {r}"),
+        None => why,
+    }
 }
 
 impl Health {
@@ -142,6 +159,7 @@ impl Health {
             settled: false,
             excused: 0,
             failure: None,
+            burst_failed: false,
             last: Vec::new(),
         }
     }
@@ -220,6 +238,7 @@ impl Health {
             ))
         } else {
             match &self.failure {
+                Some(why) if self.burst_failed => Some(why.clone()),
                 Some(why) => Some(format!("{why} ({} failed probe rounds)", self.fails)),
                 None => Some(format!("{} failed probe rounds", self.fails)),
             }
@@ -280,10 +299,13 @@ impl Health {
             .collect();
         // An answer that says the path is wrong (a portal's redirect) is not a reply lost
         // on a busy link: traffic that flows excuses only the latter.
-        let excuse =
-            round.forwarding && self.excused < h.passive_max_rounds && round.reason().is_none();
+        let excuse = round.forwarding
+            && !round.burst
+            && self.excused < h.passive_max_rounds
+            && round.reason().is_none();
         let cause = if round.ok() {
             self.failure = None;
+            self.burst_failed = false;
             self.goods += 1;
             self.fails = 0;
             self.excused = 0;
@@ -302,13 +324,26 @@ impl Health {
                 self.fails
             )
         } else {
-            self.fails += 1;
+            // A failed burst confirms what the traffic showed: its clients' packets go
+            // unanswered now, so it counts as all of `down_after` at once.
+            self.fails = if round.burst {
+                self.fails.max(h.down_after)
+            } else {
+                self.fails + 1
+            };
             self.goods = 0;
-            self.failure = round.reason().map(str::to_string);
+            self.failure = if round.burst {
+                Some(burst_failure(round.reason(), h))
+            } else {
+                round.reason().map(str::to_string)
+            };
+            self.burst_failed = round.burst;
             if self.probes_ok && self.fails >= h.down_after {
                 self.probes_ok = false;
             }
-            if let Some(why) = &self.failure {
+            if let Some(why) = self.failure.as_ref().filter(|_| round.burst) {
+                why.clone()
+            } else if let Some(why) = &self.failure {
                 format!("{why} ({} failed probe rounds)", self.fails)
             } else if round.forwarding {
                 format!(
@@ -440,6 +475,9 @@ mod tests {
                 stats_window: 50,
                 passive: true,
                 passive_max_rounds: 50,
+                passive_window: Duration::from_millis(150),
+                burst_count: 3,
+                burst_interval: Duration::from_millis(20),
                 standby_interval: Duration::from_secs(5),
             },
             FailoverConfig {
@@ -458,6 +496,7 @@ mod tests {
             rtts: vec![ok.then_some(Duration::from_millis(5))],
             quorum: 1,
             forwarding: false,
+            burst: false,
             why: Vec::new(),
             targets: Default::default(),
         }
@@ -565,6 +604,7 @@ mod tests {
             quorum: 1,
             // A portal answers the clients' traffic too: that must not excuse it.
             forwarding: true,
+            burst: false,
             why: vec![Some(
                 "captive portal: HTTP 302 to http://portal.example/".into(),
             )],
@@ -588,6 +628,38 @@ mod tests {
                     "captive portal: HTTP 302 to http://portal.example/".into()
                 ))
             )]
+        );
+    }
+
+    #[test]
+    fn a_failed_burst_takes_the_uplink_down_at_once_and_an_answered_one_changes_nothing() {
+        let (h, f) = cfg();
+        let t0 = Instant::now();
+        let mut x = Health::new(true, 50, t0);
+        x.on_link(Ok(()), t0, &h, &f);
+        let burst = |ok: bool| Round {
+            burst: true,
+            // Whatever the counters say: the burst answers for traffic that went unanswered.
+            forwarding: true,
+            ..round(ok)
+        };
+        // One dead server: the burst is answered, the uplink stays up.
+        assert!(x.on_round(&burst(true), t0, &h, &f).is_none());
+        assert_eq!(x.state(), UplinkState::Up);
+        // One failed round before: the burst still needs no more than itself.
+        assert!(x.on_round(&round(false), t0, &h, &f).is_none());
+        let t = x.on_round(&burst(false), t0, &h, &f).unwrap();
+        assert_eq!(t.to, UplinkState::Down);
+        let why = "LAN traffic unanswered for 150ms and a probe burst failed";
+        assert_eq!(t.cause, why);
+        assert_eq!(x.down_reason().as_deref(), Some(why));
+        // Back only after up_after good rounds, as after any down.
+        for _ in 0..4 {
+            assert!(x.on_round(&round(true), t0, &h, &f).is_none());
+        }
+        assert_eq!(
+            x.on_round(&round(true), t0, &h, &f).unwrap().to,
+            UplinkState::Up
         );
     }
 
@@ -620,6 +692,7 @@ mod tests {
         assert_eq!(x.state(), UplinkState::Up);
         let busy = Round {
             forwarding: true,
+            burst: false,
             why: Vec::new(),
             targets: Default::default(),
             ..round(false)
@@ -647,6 +720,7 @@ mod tests {
         x.on_link(Ok(()), t0, &h, &f);
         let busy = Round {
             forwarding: true,
+            burst: false,
             why: Vec::new(),
             targets: Default::default(),
             ..round(false)
@@ -678,6 +752,7 @@ mod tests {
             rtts: vec![Some(Duration::from_millis(1)), None, None],
             quorum: 2,
             forwarding: false,
+            burst: false,
             why: Vec::new(),
             targets: Default::default(),
         };
@@ -690,6 +765,7 @@ mod tests {
             ],
             quorum: 2,
             forwarding: false,
+            burst: false,
             why: Vec::new(),
             targets: Default::default(),
         };

@@ -1,6 +1,8 @@
-//! Passive evidence of life: a failed probe round is excused while the uplink keeps
+//! Passive evidence. Of life: a failed probe round is excused while the uplink keeps
 //! carrying replies to LAN flows (the probe targets may be what failed, not the path).
-//! The decision is a pure function of the reply counters and their readings.
+//! Of failure: LAN packets that leave by an uplink and get no reply at all for
+//! `health.passive_window` make it suspect (`Silence`). The decisions are pure functions
+//! of the counters and the times they were read.
 
 use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
@@ -39,9 +41,111 @@ impl Forwarded {
     }
 }
 
+/// Per uplink interface, whether LAN packets that left by it are going unanswered.
+#[derive(Debug)]
+pub struct Silence {
+    window: Duration,
+    /// After a suspicion, the next one of the same silence comes this much later at the
+    /// earliest: a client sending to one dead server keeps the interface unanswered, and
+    /// each suspicion costs a probe burst.
+    again: Duration,
+    seen: HashMap<String, Seen>,
+}
+
+#[derive(Debug)]
+struct Seen {
+    tx: u64,
+    replies: u64,
+    /// The reading that first saw packets leave after the last reply: they left at
+    /// most this long ago, so waiting from here never cuts a reply's time short.
+    unanswered: Option<Instant>,
+    suspected: Option<Instant>,
+}
+
+impl Silence {
+    pub fn new(window: Duration, again: Duration) -> Silence {
+        Silence {
+            window,
+            again,
+            seen: HashMap::new(),
+        }
+    }
+
+    /// Records a reading of `interface`'s counters: LAN packets out (`tx`), and replies in
+    /// (both families). True when the interface turns suspect now: packets left at least
+    /// `window` ago and not one reply came since. A reply ends the silence; counters that
+    /// went backwards (the table was replaced) start it afresh.
+    pub fn reading(&mut self, interface: &str, tx: u64, replies: u64, now: Instant) -> bool {
+        let Some(s) = self.seen.get_mut(interface) else {
+            self.seen.insert(
+                interface.to_string(),
+                Seen {
+                    tx,
+                    replies,
+                    unanswered: None,
+                    suspected: None,
+                },
+            );
+            return false;
+        };
+        if replies != s.replies || tx < s.tx {
+            s.unanswered = None;
+            s.suspected = None;
+        } else if tx > s.tx && s.unanswered.is_none() {
+            s.unanswered = Some(now);
+        }
+        (s.tx, s.replies) = (tx, replies);
+        let silent = s
+            .unanswered
+            .is_some_and(|t| now.duration_since(t) >= self.window);
+        let due = s
+            .suspected
+            .is_none_or(|t| now.duration_since(t) >= self.again);
+        if silent && due {
+            s.suspected = Some(now);
+        }
+        silent && due
+    }
+
+    /// Forgets interfaces no uplink uses any more.
+    pub fn retain(&mut self, interfaces: &[&str]) {
+        self.seen.retain(|i, _| interfaces.contains(&i.as_str()));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn packets_left_unanswered_for_the_window_make_the_interface_suspect_once_a_while() {
+        let ms = Duration::from_millis;
+        let t0 = Instant::now();
+        let mut s = Silence::new(ms(150), ms(1000));
+        assert!(!s.reading("wan0", 100, 90, t0), "a first reading proves nothing");
+        // Traffic both ways: nothing to suspect, however long.
+        assert!(!s.reading("wan0", 110, 99, t0 + ms(30)));
+        assert!(!s.reading("wan0", 120, 108, t0 + ms(300)));
+        // Idle for a long time, then one packet leaves: its reply has a whole window.
+        assert!(!s.reading("wan0", 121, 108, t0 + ms(5000)));
+        assert!(!s.reading("wan0", 121, 108, t0 + ms(5100)));
+        assert!(s.reading("wan0", 122, 108, t0 + ms(5150)), "150 ms unanswered");
+        assert!(!s.reading("wan0", 125, 108, t0 + ms(5180)), "said once");
+        assert!(
+            s.reading("wan0", 130, 108, t0 + ms(6150)),
+            "still unanswered a second later (one dead server): again"
+        );
+        // A reply ends it; the window starts from the next unanswered packet.
+        assert!(!s.reading("wan0", 131, 109, t0 + ms(6200)));
+        assert!(!s.reading("wan0", 132, 109, t0 + ms(6230)));
+        assert!(!s.reading("wan0", 133, 109, t0 + ms(6370)));
+        assert!(s.reading("wan0", 134, 109, t0 + ms(6380)));
+        // Counters that went backwards start afresh; another interface is its own.
+        assert!(!s.reading("wan0", 5, 0, t0 + ms(7000)));
+        assert!(!s.reading("wan1", 5, 0, t0 + ms(7000)));
+        s.retain(&["wan1"]);
+        assert!(!s.reading("wan0", 10, 0, t0 + ms(9000)), "forgotten: a first reading");
+    }
 
     #[test]
     fn replies_excuse_only_the_families_they_cross_and_only_lately() {

@@ -46,6 +46,9 @@ pub struct ProbeSpec {
     pub quorum: usize,
     pub interval: Duration,
     pub timeout: Duration,
+    /// Probes per target in a burst, and their spacing (`health.burst_*`).
+    pub burst_count: u32,
+    pub burst_interval: Duration,
     /// The uplink's next hops (IPv4, IPv6). Not used by the probes, which leave by the
     /// uplink's mark and table; a change restarts them, so a round starts the moment a
     /// learned gateway appears instead of finishing one that had no route.
@@ -82,22 +85,68 @@ struct IcmpSocket {
 }
 
 /// Starts probing, one round every `pace` (the interval, or a metered uplink's standby
-/// interval; a shorter one takes effect at once); the task runs until aborted.
+/// interval; a shorter one takes effect at once), and a burst whenever `bursts` asks for
+/// one (with how long the last probe of the burst may wait for its answer); the task
+/// runs until aborted.
 pub fn spawn(
     spec: ProbeSpec,
     pace: watch::Receiver<Duration>,
+    bursts: mpsc::Receiver<Duration>,
     tx: mpsc::Sender<Report>,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
-        if let Err(e) = run(spec.clone(), pace, tx).await {
+        if let Err(e) = run(spec.clone(), pace, bursts, tx).await {
             tracing::error!(interface = %spec.interface, error = %e, "prober stopped");
         }
     })
 }
 
+type Attempt = std::pin::Pin<Box<dyn std::future::Future<Output = Outcome> + Send>>;
+
+/// What a prober's probes share: its uplink, its ICMP sockets, and when the last answer
+/// of any kind came back.
+#[derive(Clone)]
+struct Sender {
+    spec: ProbeSpec,
+    icmp4: Option<Arc<IcmpSocket>>,
+    icmp6: Option<Arc<IcmpSocket>>,
+    ident: u16,
+    last: LastReply,
+}
+
+impl Sender {
+    /// One probe of target `t`, unbounded in time (the caller bounds it).
+    fn attempt(&self, t: &Probe, seq: u16) -> Attempt {
+        match t {
+            Probe::Icmp(a) => {
+                let sock = if a.is_ipv4() { &self.icmp4 } else { &self.icmp6 }
+                    .clone()
+                    .expect("a socket per family probed");
+                let (a, ident) = (*a, self.ident);
+                Box::pin(async move { icmp_probe(sock, a, ident, seq).await.ok_or(None) })
+            }
+            Probe::Tcp(addr) => Box::pin(tcp_probe(self.spec.clone(), *addr, self.last.clone())),
+            Probe::Http { addr, path } => Box::pin(http_probe(
+                self.spec.clone(),
+                *addr,
+                path.clone(),
+                self.last.clone(),
+            )),
+            Probe::Dns { server, name } => Box::pin(dns_probe(
+                self.spec.clone(),
+                *server,
+                name.clone(),
+                seq,
+                self.last.clone(),
+            )),
+        }
+    }
+}
+
 async fn run(
     spec: ProbeSpec,
     mut pace: watch::Receiver<Duration>,
+    mut bursts: mpsc::Receiver<Duration>,
     tx: mpsc::Sender<Report>,
 ) -> std::io::Result<()> {
     let last = LastReply(Arc::new(Mutex::new(None)));
@@ -118,6 +167,13 @@ async fn run(
             }
         }
     }
+    let sender = Sender {
+        spec: spec.clone(),
+        icmp4,
+        icmp6,
+        ident,
+        last: last.clone(),
+    };
     let mut seq: u16 = 0;
     let names = Arc::new(
         spec.targets
@@ -141,6 +197,17 @@ async fn run(
                 next = previous.map_or(next, |p| (p + every).min(next));
                 continue;
             }
+            Some(wait) = bursts.recv() => {
+                let (sender, tx, names) = (sender.clone(), tx.clone(), names.clone());
+                let first = seq;
+                // Each target's probes of the burst take sequence numbers of their own.
+                seq = seq.wrapping_add((spec.targets.len() * spec.burst_count as usize) as u16);
+                tasks.spawn(async move {
+                    let round = burst(&sender, first, wait, names).await;
+                    let _ = tx.send(Report { uplink: sender.spec.uplink, round }).await;
+                });
+                continue;
+            }
         }
         while tasks.try_join_next().is_some() {}
         let started = Instant::now();
@@ -149,30 +216,7 @@ async fn run(
         let mut probes = Vec::new();
         for t in &spec.targets {
             seq = seq.wrapping_add(1);
-            let fut: std::pin::Pin<Box<dyn std::future::Future<Output = Outcome> + Send>> = match t
-            {
-                Probe::Icmp(a) => {
-                    let sock = if a.is_ipv4() {
-                        icmp4.clone()
-                    } else {
-                        icmp6.clone()
-                    }
-                    .expect("socket made above");
-                    let a = *a;
-                    Box::pin(async move { icmp_probe(sock, a, ident, seq).await.ok_or(None) })
-                }
-                Probe::Tcp(addr) => Box::pin(tcp_probe(spec.clone(), *addr, last.clone())),
-                Probe::Http { addr, path } => {
-                    Box::pin(http_probe(spec.clone(), *addr, path.clone(), last.clone()))
-                }
-                Probe::Dns { server, name } => Box::pin(dns_probe(
-                    spec.clone(),
-                    *server,
-                    name.clone(),
-                    seq,
-                    last.clone(),
-                )),
-            };
+            let fut = sender.attempt(t, seq);
             let timeout = spec.timeout;
             probes.push(async move {
                 tokio::time::timeout(timeout, fut)
@@ -199,12 +243,55 @@ async fn run(
                         rtts,
                         quorum,
                         forwarding: false,
+                        burst: false,
                         why,
                         targets: names,
                     },
                 })
                 .await;
         });
+    }
+}
+
+/// A burst: every target probed `burst_count` times, `burst_interval` apart; a target
+/// answers with its first answer, and fails when none came `wait` after its last probe
+/// left. Sequence numbers from `first + 1` on.
+async fn burst(sender: &Sender, first: u16, wait: Duration, names: Arc<Vec<String>>) -> Round {
+    let spec = &sender.spec;
+    let start = Instant::now();
+    let count = spec.burst_count.max(1);
+    let deadline = start + spec.burst_interval * (count - 1) + wait;
+    let mut seq = first;
+    let mut per_target = Vec::new();
+    for t in &spec.targets {
+        let mut attempts = Vec::new();
+        for k in 0..count {
+            seq = seq.wrapping_add(1);
+            let fut = sender.attempt(t, seq);
+            let at = start + spec.burst_interval * k;
+            attempts.push(Box::pin(async move {
+                tokio::time::sleep_until(at.into()).await;
+                tokio::time::timeout_at(deadline.into(), fut)
+                    .await
+                    .unwrap_or(Err(None))
+            }));
+        }
+        // The first answer ends the target's burst: its later probes are not sent.
+        per_target.push(async move {
+            match futures::future::select_ok(attempts).await {
+                Ok((rtt, _)) => Ok(rtt),
+                Err(e) => Err(e),
+            }
+        });
+    }
+    let outcomes = futures::future::join_all(per_target).await;
+    Round {
+        rtts: outcomes.iter().map(|o| o.as_ref().ok().copied()).collect(),
+        quorum: spec.quorum,
+        forwarding: false,
+        burst: true,
+        why: outcomes.into_iter().map(|o| o.err().flatten()).collect(),
+        targets: names,
     }
 }
 
