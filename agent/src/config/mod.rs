@@ -1473,7 +1473,8 @@ impl Validator<'_> {
                 raw.passive_window,
                 Duration::from_millis(150),
             )?,
-            burst_count: self.int("health.burst_count", raw.burst_count.as_ref(), 3, 1..=20)? as u32,
+            burst_count: self.int("health.burst_count", raw.burst_count.as_ref(), 3, 1..=20)?
+                as u32,
             burst_interval: self.duration(
                 "health.burst_interval",
                 raw.burst_interval,
@@ -1491,7 +1492,8 @@ impl Validator<'_> {
         if h.timeout > Duration::from_secs(60) {
             return Err(self.err(timeout_span, "health.timeout", "must be at most 60s"));
         }
-        if h.passive_window < Duration::from_millis(20) || h.passive_window > Duration::from_secs(10)
+        if h.passive_window < Duration::from_millis(20)
+            || h.passive_window > Duration::from_secs(10)
         {
             return Err(self.err(
                 None,
@@ -1501,11 +1503,7 @@ impl Validator<'_> {
         }
         if h.burst_interval < Duration::from_millis(1) || h.burst_interval > Duration::from_secs(1)
         {
-            return Err(self.err(
-                None,
-                "health.burst_interval",
-                "must be between 1ms and 1s",
-            ));
+            return Err(self.err(None, "health.burst_interval", "must be between 1ms and 1s"));
         }
         if h.standby_interval < h.interval || h.standby_interval > Duration::from_secs(3600) {
             return Err(self.err(

@@ -1055,7 +1055,10 @@ impl Agent {
 
     /// LAN traffic through an interface went unanswered: its uplinks burst their probes.
     fn on_suspect(&mut self, s: supervise::Suspect) {
-        for i in self.health.on_suspect(&s.interface, &self.config, &self.model) {
+        for i in self
+            .health
+            .on_suspect(&s.interface, &self.config, &self.model)
+        {
             debug!(uplink = %self.config.uplinks[i].name, "LAN traffic unanswered; probe burst");
         }
     }

@@ -1,9 +1,9 @@
 //! The health supervision owner: one prober per uplink, started, restarted and stopped
 //! as the uplinks' addresses and next hops change; a failed round of a usable uplink
 //! first has the uplink's reply counters read beside the loop (passive evidence of life,
-//! judged by `health::passive`). A watcher beside the loop reads the same counters every
-//! fifth of `health.passive_window` and reports interfaces whose LAN traffic goes
-//! unanswered (passive evidence of failure); their uplinks' probers send a burst. The
+//! judged by `health::passive`). A watcher beside the loop reads the same counters
+//! several times per `health.passive_window` and reports interfaces whose LAN traffic
+//! goes unanswered (passive evidence of failure); their uplinks' probers send a burst. The
 //! verdict on each round is the model's.
 
 use std::collections::{BTreeSet, HashMap};
@@ -50,63 +50,68 @@ pub(super) struct Suspect {
 const SUSPECT_AGAIN: Duration = Duration::from_secs(1);
 
 /// Watches the uplink interfaces' counters while `window` holds a passive window (none:
-/// passive health is off), and sends each suspicion; runs until `window` is dropped.
-pub(super) fn watch_silence(
-    counters: nft::Counters,
+/// passive health is off), and sends each suspicion. A thread of its own with a netlink
+/// socket kept open; it reads five times a window while LAN packets leave, once a window
+/// while none do. It ends when `window` or `tx` is dropped.
+fn watch_silence(
+    mut reader: nft::TrafficReader,
     mut window: watch::Receiver<Option<Duration>>,
     tx: mpsc::Sender<Suspect>,
-) -> JoinHandle<()> {
-    tokio::spawn(async move {
+) {
+    let runtime = tokio::runtime::Handle::current();
+    let run = move || {
+        let mut judged: Option<(Duration, Silence)> = None;
+        let mut failing = false;
         loop {
             let Some(w) = *window.borrow_and_update() else {
-                if window.changed().await.is_err() {
+                judged = None;
+                // Off until the supervisor sets a window; gone with the supervisor.
+                if runtime.block_on(window.changed()).is_err() {
                     return;
                 }
                 continue;
             };
-            let mut silence = Silence::new(w, SUSPECT_AGAIN);
-            let every = (w / 5).max(Duration::from_millis(10));
-            let mut tick = tokio::time::interval(every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let mut failing = false;
-            loop {
-                tokio::select! {
-                    changed = window.changed() => {
-                        if changed.is_err() {
-                            return;
-                        }
-                        break;
-                    }
-                    _ = tick.tick() => {}
-                }
-                let traffic = match counters.read(every / 2).await {
-                    Ok(t) => t,
-                    Err(e) => {
-                        if !std::mem::replace(&mut failing, true) {
-                            warn!(error = %e, "cannot read the traffic counters for passive health; probes alone judge the uplinks until they can be read");
-                        }
-                        continue;
-                    }
-                };
-                failing = false;
-                let now = Instant::now();
-                for (interface, t) in traffic.iter() {
-                    if silence.reading(interface, t.tx.0, t.replies.0 + t.replies.1, now)
-                        && tx
-                            .send(Suspect {
-                                interface: interface.clone(),
-                            })
-                            .await
-                            .is_err()
-                    {
-                        return;
-                    }
-                }
-                let names: Vec<&str> = traffic.keys().map(String::as_str).collect();
-                silence.retain(&names);
+            if window.has_changed().is_err() {
+                return;
             }
+            // A new window starts a new judgement.
+            if judged.as_ref().is_none_or(|(was, _)| *was != w) {
+                judged = Some((w, Silence::new(w, SUSPECT_AGAIN)));
+            }
+            let silence = &mut judged.as_mut().expect("set above").1;
+            std::thread::sleep(silence.next_reading());
+            let traffic = match reader.read() {
+                Ok(t) => t,
+                Err(e) => {
+                    if !std::mem::replace(&mut failing, true) {
+                        warn!(error = %e, "cannot read the traffic counters for passive health; probes alone judge the uplinks until they can be read");
+                    }
+                    continue;
+                }
+            };
+            failing = false;
+            let now = Instant::now();
+            for (interface, t) in &traffic {
+                if silence.reading(interface, t.tx.0, t.replies.0 + t.replies.1, now)
+                    && tx
+                        .blocking_send(Suspect {
+                            interface: interface.clone(),
+                        })
+                        .is_err()
+                {
+                    return;
+                }
+            }
+            let names: Vec<&str> = traffic.keys().map(String::as_str).collect();
+            silence.retain(&names);
         }
-    })
+    };
+    if let Err(e) = std::thread::Builder::new()
+        .name("silence".into())
+        .spawn(run)
+    {
+        warn!(error = %e, "cannot start the passive-health watcher; probes alone judge the uplinks");
+    }
 }
 
 pub(super) struct Supervisor {
@@ -134,7 +139,7 @@ impl Supervisor {
         metrics: HealthMetrics,
     ) -> Supervisor {
         let (silence, window) = watch::channel(None);
-        watch_silence(counters.clone(), window, suspect_tx);
+        watch_silence(counters.traffic_reader(), window, suspect_tx);
         Supervisor {
             probers: HashMap::new(),
             probe_tx,
@@ -152,12 +157,7 @@ impl Supervisor {
         if !self.probing {
             return;
         }
-        let window = config
-            .health
-            .passive
-            .then_some(config.health.passive_window);
-        self.silence
-            .send_if_modified(|now| std::mem::replace(now, window) != window);
+
         for i in 0..config.uplinks.len().min(model.uplinks.len()) {
             let want = wanted_spec(config, model, i);
             if self.probers.get(&i).map(|p| &p.spec) == want.as_ref() {
@@ -182,6 +182,11 @@ impl Supervisor {
                 );
             }
         }
+        // Suspicion leads to a burst: without probers there is nothing to watch for.
+        let window = (config.health.passive && !self.probers.is_empty())
+            .then_some(config.health.passive_window);
+        self.silence
+            .send_if_modified(|now| std::mem::replace(now, window) != window);
         self.pace(config, model);
     }
 
@@ -210,7 +215,7 @@ impl Supervisor {
 
     /// LAN traffic through `interface` went unanswered: each usable uplink on it with
     /// probes sends a burst, unless one is on its way. The last probe of a burst waits
-    /// three times the uplink's median RTT for its answer (at least 50 ms, at most
+    /// three times the uplink's median RTT for its answer (at least 30 ms, at most
     /// `health.timeout`). Returns the uplinks that burst.
     pub fn on_suspect(&mut self, interface: &str, config: &Config, model: &Model) -> Vec<usize> {
         let mut burst = Vec::new();
@@ -226,7 +231,7 @@ impl Supervisor {
                 .stats
                 .median_rtt()
                 .map_or(Duration::ZERO, |r| r * 3)
-                .max(Duration::from_millis(50))
+                .max(Duration::from_millis(30))
                 .min(config.health.timeout);
             if p.burst.try_send(wait).is_ok() {
                 p.bursting = true;
@@ -337,7 +342,11 @@ impl Supervisor {
                 .inc_by(sent * probe::round_bytes(&p.spec.targets, &report.round.rtts));
         }
         if report.round.burst {
-            let result = if report.round.ok() { "answered" } else { "failed" };
+            let result = if report.round.ok() {
+                "answered"
+            } else {
+                "failed"
+            };
             self.metrics
                 .bursts
                 .with_label_values(&[uplink, result])

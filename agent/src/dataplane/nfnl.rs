@@ -66,6 +66,9 @@ pub struct KernelRule {
 pub struct Nfnl {
     fd: OwnedFd,
     seq: u32,
+    /// Where answers are received, kept across requests: a reader polling the counters
+    /// several times a second would otherwise map and unmap it each time.
+    buf: Vec<u8>,
 }
 
 impl Nfnl {
@@ -100,7 +103,11 @@ impl Nfnl {
         if r < 0 {
             return Err(Error::last_os_error());
         }
-        Ok(Nfnl { fd, seq: 0 })
+        Ok(Nfnl {
+            fd,
+            seq: 0,
+            buf: Vec::new(),
+        })
     }
 
     /// The ruleset's generation: it changes with every committed transaction, so two
@@ -312,7 +319,20 @@ impl Nfnl {
         }
         // A dump's datagrams hold up to a page or so of messages each; a larger buffer
         // never truncates one.
-        let mut buf = vec![0u8; 256 * 1024];
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.resize(256 * 1024, 0);
+        let r = self.receive(seq, dump, &mut buf, &mut f);
+        self.buf = buf;
+        r
+    }
+
+    fn receive(
+        &mut self,
+        seq: u32,
+        dump: bool,
+        buf: &mut [u8],
+        f: &mut impl FnMut(&[u8]),
+    ) -> Result<()> {
         loop {
             // SAFETY: buf outlives the call; its length is given.
             let n =

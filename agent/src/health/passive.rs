@@ -56,10 +56,14 @@ pub struct Silence {
 struct Seen {
     tx: u64,
     replies: u64,
-    /// The reading that first saw packets leave after the last reply: they left at
-    /// most this long ago, so waiting from here never cuts a reply's time short.
+    at: Instant,
+    /// When the packets that went unanswered since the last reply left, at the earliest:
+    /// after the reading before the one that saw them, and at most a fifth of the window
+    /// before that one.
     unanswered: Option<Instant>,
     suspected: Option<Instant>,
+    /// Packets left between the last two readings.
+    moved: bool,
 }
 
 impl Silence {
@@ -68,6 +72,17 @@ impl Silence {
             window,
             again,
             seen: HashMap::new(),
+        }
+    }
+
+    /// How long to wait for the next reading: a fifth of the window while packets leave
+    /// by some interface, the whole window while none does (an idle gateway reads its
+    /// counters seldom; traffic that starts is seen within a window).
+    pub fn next_reading(&self) -> Duration {
+        if self.seen.values().any(|s| s.moved) {
+            (self.window / 5).max(Duration::from_millis(5))
+        } else {
+            self.window
         }
     }
 
@@ -82,19 +97,23 @@ impl Silence {
                 Seen {
                     tx,
                     replies,
+                    at: now,
                     unanswered: None,
                     suspected: None,
+                    moved: false,
                 },
             );
             return false;
         };
+        s.moved = tx > s.tx;
         if replies != s.replies || tx < s.tx {
             s.unanswered = None;
             s.suspected = None;
-        } else if tx > s.tx && s.unanswered.is_none() {
-            s.unanswered = Some(now);
+        } else if s.moved && s.unanswered.is_none() {
+            let earliest = now.checked_sub(self.window / 5).unwrap_or(now);
+            s.unanswered = Some(s.at.max(earliest));
         }
-        (s.tx, s.replies) = (tx, replies);
+        (s.tx, s.replies, s.at) = (tx, replies, now);
         let silent = s
             .unanswered
             .is_some_and(|t| now.duration_since(t) >= self.window);
@@ -122,29 +141,42 @@ mod tests {
         let ms = Duration::from_millis;
         let t0 = Instant::now();
         let mut s = Silence::new(ms(150), ms(1000));
-        assert!(!s.reading("wan0", 100, 90, t0), "a first reading proves nothing");
+        assert!(
+            !s.reading("wan0", 100, 90, t0),
+            "a first reading proves nothing"
+        );
         // Traffic both ways: nothing to suspect, however long.
         assert!(!s.reading("wan0", 110, 99, t0 + ms(30)));
         assert!(!s.reading("wan0", 120, 108, t0 + ms(300)));
-        // Idle for a long time, then one packet leaves: its reply has a whole window.
+        assert_eq!(s.next_reading(), ms(30), "packets leave: read often");
+        // Idle for a long time, then one packet leaves: it left at most 30 ms (a fifth of
+        // the window) before it was seen, and its reply gets the rest of the window.
+        assert!(!s.reading("wan0", 120, 108, t0 + ms(4900)));
+        assert_eq!(s.next_reading(), ms(150), "idle: read once a window");
         assert!(!s.reading("wan0", 121, 108, t0 + ms(5000)));
         assert!(!s.reading("wan0", 121, 108, t0 + ms(5100)));
-        assert!(s.reading("wan0", 122, 108, t0 + ms(5150)), "150 ms unanswered");
+        assert!(
+            s.reading("wan0", 122, 108, t0 + ms(5120)),
+            "150 ms unanswered"
+        );
         assert!(!s.reading("wan0", 125, 108, t0 + ms(5180)), "said once");
         assert!(
             s.reading("wan0", 130, 108, t0 + ms(6150)),
             "still unanswered a second later (one dead server): again"
         );
-        // A reply ends it; the window starts from the next unanswered packet.
+        // A reply ends it; the window starts after the last reading that saw one.
         assert!(!s.reading("wan0", 131, 109, t0 + ms(6200)));
         assert!(!s.reading("wan0", 132, 109, t0 + ms(6230)));
-        assert!(!s.reading("wan0", 133, 109, t0 + ms(6370)));
-        assert!(s.reading("wan0", 134, 109, t0 + ms(6380)));
+        assert!(!s.reading("wan0", 133, 109, t0 + ms(6340)));
+        assert!(s.reading("wan0", 134, 109, t0 + ms(6350)));
         // Counters that went backwards start afresh; another interface is its own.
         assert!(!s.reading("wan0", 5, 0, t0 + ms(7000)));
         assert!(!s.reading("wan1", 5, 0, t0 + ms(7000)));
         s.retain(&["wan1"]);
-        assert!(!s.reading("wan0", 10, 0, t0 + ms(9000)), "forgotten: a first reading");
+        assert!(
+            !s.reading("wan0", 10, 0, t0 + ms(9000)),
+            "forgotten: a first reading"
+        );
     }
 
     #[test]

@@ -119,9 +119,13 @@ impl Sender {
     fn attempt(&self, t: &Probe, seq: u16) -> Attempt {
         match t {
             Probe::Icmp(a) => {
-                let sock = if a.is_ipv4() { &self.icmp4 } else { &self.icmp6 }
-                    .clone()
-                    .expect("a socket per family probed");
+                let sock = if a.is_ipv4() {
+                    &self.icmp4
+                } else {
+                    &self.icmp6
+                }
+                .clone()
+                .expect("a socket per family probed");
                 let (a, ident) = (*a, self.ident);
                 Box::pin(async move { icmp_probe(sock, a, ident, seq).await.ok_or(None) })
             }

@@ -372,12 +372,48 @@ impl Counters {
         Ok(out)
     }
 
+    /// A reader of the traffic counters with a netlink socket of its own, kept open: for
+    /// a thread that reads them many times a second.
+    pub fn traffic_reader(&self) -> TrafficReader {
+        TrafficReader {
+            socket: None,
+            table: self.driver.table.clone(),
+            timeout: self.driver.timeout,
+        }
+    }
+
     /// The traffic counters, shared and reused for `max_age`.
     pub async fn read(
         &self,
         max_age: std::time::Duration,
     ) -> Result<TrafficByInterface, DataplaneError> {
         self.traffic.get(max_age, self.driver.counters()).await
+    }
+}
+
+/// Reads the traffic counters over one netlink socket, opened on the first read and
+/// again after a failed one. Blocking.
+pub struct TrafficReader {
+    socket: Option<nfnl::Nfnl>,
+    table: String,
+    timeout: std::time::Duration,
+}
+
+impl TrafficReader {
+    pub fn read(&mut self) -> Result<BTreeMap<String, Traffic>, DataplaneError> {
+        let socket = match &mut self.socket {
+            Some(s) => s,
+            none => {
+                none.insert(nfnl::Nfnl::open(self.timeout).map_err(DataplaneError::NftNetlink)?)
+            }
+        };
+        match socket.counters(&self.table) {
+            Ok(c) => Ok(traffic_of(c)),
+            Err(e) => {
+                self.socket = None;
+                Err(DataplaneError::NftNetlink(e))
+            }
+        }
     }
 }
 
