@@ -1082,6 +1082,15 @@ impl Agent {
             &self.config.failover,
         );
         log.extend(self.model.evaluate_sla(&self.config.policies));
+        if self
+            .model
+            .uplinks
+            .get(report.uplink)
+            .is_some_and(|m| m.health.confirming())
+        {
+            self.health
+                .burst(report.uplink, &self.config, &self.model);
+        }
         if let (Some(u), Some(m)) = (
             self.config.uplinks.get(report.uplink),
             self.model.uplinks.get(report.uplink),

@@ -214,31 +214,38 @@ impl Supervisor {
     }
 
     /// LAN traffic through `interface` went unanswered: each usable uplink on it with
-    /// probes sends a burst, unless one is on its way. The last probe of a burst waits
-    /// three times the uplink's median RTT for its answer (at least 30 ms, at most
-    /// `health.timeout`). Returns the uplinks that burst.
+    /// probes sends a burst, unless one is on its way. Returns the uplinks that burst.
     pub fn on_suspect(&mut self, interface: &str, config: &Config, model: &Model) -> Vec<usize> {
-        let mut burst = Vec::new();
-        for (&i, p) in &mut self.probers {
-            let (Some(u), Some(m)) = (config.uplinks.get(i), model.uplinks.get(i)) else {
-                continue;
-            };
-            if u.interface != interface || !m.usable() || p.bursting {
-                continue;
-            }
-            let wait = m
-                .health
-                .stats
-                .median_rtt()
-                .map_or(Duration::ZERO, |r| r * 3)
-                .max(Duration::from_millis(30))
-                .min(config.health.timeout);
-            if p.burst.try_send(wait).is_ok() {
-                p.bursting = true;
-                burst.push(i);
-            }
+        let on: Vec<usize> = self
+            .probers
+            .keys()
+            .copied()
+            .filter(|&i| config.uplinks.get(i).is_some_and(|u| u.interface == interface))
+            .collect();
+        on.into_iter()
+            .filter(|&i| self.burst(i, config, model))
+            .collect()
+    }
+
+    /// Asks uplink `i`'s prober for a burst, unless one is on its way or the uplink
+    /// carries nothing. The last probe of a burst waits three times the uplink's median
+    /// RTT for its answer (at least 30 ms, at most `health.timeout`).
+    pub fn burst(&mut self, i: usize, config: &Config, model: &Model) -> bool {
+        let (Some(p), Some(m)) = (self.probers.get_mut(&i), model.uplinks.get(i)) else {
+            return false;
+        };
+        if !m.usable() || p.bursting {
+            return false;
         }
-        burst
+        let wait = m
+            .health
+            .stats
+            .median_rtt()
+            .map_or(Duration::ZERO, |r| r * 3)
+            .max(Duration::from_millis(30))
+            .min(config.health.timeout);
+        p.bursting = p.burst.try_send(wait).is_ok();
+        p.bursting
     }
 
     /// A probe round finished. Returns it when it is to be judged now; a failed round of

@@ -125,16 +125,23 @@ pub struct Health {
     failure: Option<String>,
     /// The last failed round was a burst (passive evidence of failure, confirmed).
     burst_failed: bool,
+    /// `down_after` rounds failed without saying why: a burst is to confirm the loss
+    /// before the uplink goes down (random loss rarely takes a whole burst too).
+    confirming: bool,
     /// Per target, the last round's outcome: its RTT, or why it failed (`None`: lost).
     pub last: Vec<(String, Result<Duration, Option<String>>)>,
 }
 
-/// Why a failed burst took an uplink down.
-fn burst_failure(reason: Option<&str>, h: &HealthConfig) -> String {
-    let why = format!(
-        "LAN traffic unanswered for {} and a probe burst failed",
-        humantime::format_duration(h.passive_window)
-    );
+/// Why a failed burst took an uplink down: it confirmed `rounds` failed probe rounds, or
+/// (none) LAN traffic that went unanswered.
+fn burst_failure(reason: Option<&str>, rounds: Option<u32>, h: &HealthConfig) -> String {
+    let why = match rounds {
+        Some(n) => format!("{n} failed probe rounds, and a probe burst failed too"),
+        None => format!(
+            "LAN traffic unanswered for {} and a probe burst failed",
+            humantime::format_duration(h.passive_window)
+        ),
+    };
     match reason {
         Some(r) => format!("{why}: {r}"),
         None => why,
@@ -160,6 +167,7 @@ impl Health {
             excused: 0,
             failure: None,
             burst_failed: false,
+            confirming: false,
             last: Vec::new(),
         }
     }
@@ -199,6 +207,7 @@ impl Health {
             self.fails = 0;
             self.goods = 0;
             self.excused = 0;
+            self.confirming = false;
         }
         let cause = match (was, probing) {
             (true, false) => "probes removed by a reload; the link alone judges it",
@@ -210,6 +219,11 @@ impl Health {
 
     pub fn probing(&self) -> bool {
         self.probing
+    }
+
+    /// Failed rounds would take the uplink down: a burst is to confirm them.
+    pub fn confirming(&self) -> bool {
+        self.confirming && self.probes_ok
     }
 
     /// The probes answer now: the latest round was good. While rounds fail, the window's
@@ -266,6 +280,7 @@ impl Health {
             // a link that is up is not yet a path that works.
             self.probes_ok = false;
             self.goods = 0;
+            self.confirming = false;
         }
         let cause = match link {
             Err(p) => p.to_string(),
@@ -306,6 +321,7 @@ impl Health {
         let cause = if round.ok() {
             self.failure = None;
             self.burst_failed = false;
+            self.confirming = false;
             self.goods += 1;
             self.fails = 0;
             self.excused = 0;
@@ -324,8 +340,9 @@ impl Health {
                 self.fails
             )
         } else {
-            // A failed burst confirms what the traffic showed: its clients' packets go
-            // unanswered now, so it counts as all of `down_after` at once.
+            // A failed burst confirms what the traffic (or the failed rounds) showed: it
+            // counts as all of `down_after` at once.
+            let confirmed_rounds = self.confirming.then_some(self.fails);
             self.fails = if round.burst {
                 self.fails.max(h.down_after)
             } else {
@@ -333,13 +350,23 @@ impl Health {
             };
             self.goods = 0;
             self.failure = if round.burst {
-                Some(burst_failure(round.reason(), h))
+                Some(burst_failure(round.reason(), confirmed_rounds, h))
             } else {
                 round.reason().map(str::to_string)
             };
             self.burst_failed = round.burst;
+            // Plain losses wait for a burst to confirm them, unless no burst comes back
+            // within as many rounds again (a prober restarted meanwhile).
+            let confirmed = round.burst
+                || self.failure.is_some()
+                || self.fails >= h.down_after.saturating_mul(2);
             if self.probes_ok && self.fails >= h.down_after {
-                self.probes_ok = false;
+                if confirmed {
+                    self.probes_ok = false;
+                    self.confirming = false;
+                } else {
+                    self.confirming = true;
+                }
             }
             if let Some(why) = self.failure.as_ref().filter(|_| round.burst) {
                 why.clone()
@@ -502,6 +529,13 @@ mod tests {
         }
     }
 
+    fn burst(ok: bool) -> Round {
+        Round {
+            burst: true,
+            ..round(ok)
+        }
+    }
+
     #[test]
     fn link_events_decide_at_once() {
         let (h, f) = cfg();
@@ -550,6 +584,7 @@ mod tests {
         for _ in 0..3 {
             x.on_round(&round(false), t0, &h, &f);
         }
+        x.on_round(&burst(false), t0, &h, &f);
         assert_eq!(x.state(), UplinkState::Down);
         // The same probes: the verdict stands.
         assert!(x.reconfigure(true, 50, t0, &h, &f).is_none());
@@ -578,12 +613,22 @@ mod tests {
         let mut x = Health::new(true, 50, t0);
         x.on_link(Ok(()), t0, &h, &f);
         assert_eq!(x.state(), UplinkState::Up);
-        assert!(x.on_round(&round(false), t0, &h, &f).is_none());
-        assert!(x.on_round(&round(false), t0, &h, &f).is_none());
-        assert_eq!(
-            x.on_round(&round(false), t0, &h, &f).unwrap().to,
-            UplinkState::Down
-        );
+        // down_after lost rounds ask for a burst; one answered clears them (random loss).
+        for _ in 0..3 {
+            assert!(x.on_round(&round(false), t0, &h, &f).is_none());
+        }
+        assert!(x.confirming());
+        assert!(x.on_round(&burst(true), t0, &h, &f).is_none());
+        assert!(!x.confirming());
+        assert_eq!(x.state(), UplinkState::Up);
+        // A failed burst confirms them.
+        for _ in 0..3 {
+            assert!(x.on_round(&round(false), t0, &h, &f).is_none());
+        }
+        let t = x.on_round(&burst(false), t0, &h, &f).unwrap();
+        assert_eq!(t.to, UplinkState::Down);
+        let why = "3 failed probe rounds, and a probe burst failed too";
+        assert_eq!((t.cause.as_str(), x.down_reason().as_deref()), (why, Some(why)));
         for _ in 0..4 {
             assert!(x.on_round(&round(true), t0, &h, &f).is_none());
         }
@@ -591,6 +636,9 @@ mod tests {
             x.on_round(&round(true), t0, &h, &f).unwrap().to,
             UplinkState::Up
         );
+        // No burst comes back (its prober restarted): down after down_after more rounds.
+        let t = (0..6).find_map(|_| x.on_round(&round(false), t0, &h, &f));
+        assert_eq!(t.map(|t| t.cause), Some("6 failed probe rounds".to_string()));
     }
 
     #[test]
@@ -706,8 +754,13 @@ mod tests {
         assert_ne!(x.state(), UplinkState::Down, "a busy uplink stays up");
         // The loss still counts: above max_loss the uplink is degraded, not down.
         assert_eq!(x.state(), UplinkState::Degraded);
-        // Silence: the failed rounds add up to down_after, including the one before.
-        let t = (0..2).find_map(|_| x.on_round(&round(false), t0, &h, &f));
+        // Silence: the failed rounds add up to down_after, including the one before, and
+        // a burst confirms them.
+        for _ in 0..2 {
+            assert_eq!(x.on_round(&round(false), t0, &h, &f), None);
+        }
+        assert!(x.confirming());
+        let t = x.on_round(&burst(false), t0, &h, &f);
         assert_eq!(t.map(|t| t.to), Some(UplinkState::Down));
     }
 
@@ -729,8 +782,11 @@ mod tests {
             assert_eq!(x.on_round(&busy, t0, &h, &f), None, "excused");
         }
         // Inbound traffic keeps coming, but the path never answers a probe: down after
-        // down_after more rounds.
-        let t = (0..3).find_map(|_| x.on_round(&busy, t0, &h, &f));
+        // down_after more rounds and a failed burst.
+        for _ in 0..3 {
+            assert_eq!(x.on_round(&busy, t0, &h, &f), None);
+        }
+        let t = x.on_round(&burst(false), t0, &h, &f);
         assert_eq!(t.map(|t| t.to), Some(UplinkState::Down));
     }
 
