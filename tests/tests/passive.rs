@@ -41,7 +41,9 @@ fn lab(tag: &str, health: &str) -> anyhow::Result<Lab> {
     lab.write_config(
         "10s",
         "10m",
-        &format!("{api}\n[health]\ndown_after = 25\n{health}\n[failover]\nfailback_delay = \"0s\"\n"),
+        &format!(
+            "{api}\n[health]\ndown_after = 25\n{health}\n[failover]\nfailback_delay = \"0s\"\n"
+        ),
     )?;
     lab.start_agent()?;
     let assigned = lab.greet_clients()?;

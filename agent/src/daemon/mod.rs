@@ -1088,8 +1088,7 @@ impl Agent {
             .get(report.uplink)
             .is_some_and(|m| m.health.confirming())
         {
-            self.health
-                .burst(report.uplink, &self.config, &self.model);
+            self.health.burst(report.uplink, &self.config, &self.model);
         }
         if let (Some(u), Some(m)) = (
             self.config.uplinks.get(report.uplink),

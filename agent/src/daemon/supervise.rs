@@ -220,7 +220,12 @@ impl Supervisor {
             .probers
             .keys()
             .copied()
-            .filter(|&i| config.uplinks.get(i).is_some_and(|u| u.interface == interface))
+            .filter(|&i| {
+                config
+                    .uplinks
+                    .get(i)
+                    .is_some_and(|u| u.interface == interface)
+            })
             .collect();
         on.into_iter()
             .filter(|&i| self.burst(i, config, model))

@@ -628,7 +628,10 @@ mod tests {
         let t = x.on_round(&burst(false), t0, &h, &f).unwrap();
         assert_eq!(t.to, UplinkState::Down);
         let why = "3 failed probe rounds, and a probe burst failed too";
-        assert_eq!((t.cause.as_str(), x.down_reason().as_deref()), (why, Some(why)));
+        assert_eq!(
+            (t.cause.as_str(), x.down_reason().as_deref()),
+            (why, Some(why))
+        );
         for _ in 0..4 {
             assert!(x.on_round(&round(true), t0, &h, &f).is_none());
         }
@@ -638,7 +641,10 @@ mod tests {
         );
         // No burst comes back (its prober restarted): down after down_after more rounds.
         let t = (0..6).find_map(|_| x.on_round(&round(false), t0, &h, &f));
-        assert_eq!(t.map(|t| t.cause), Some("6 failed probe rounds".to_string()));
+        assert_eq!(
+            t.map(|t| t.cause),
+            Some("6 failed probe rounds".to_string())
+        );
     }
 
     #[test]

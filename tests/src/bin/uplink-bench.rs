@@ -59,7 +59,8 @@ const USAGE: &str = "usage: uplink-bench BENCHMARK [OPTIONS]   (as root: benchma
   dispatch [--clients N] [--interval-ms M] [--runs R] [--rules N] [--held N]
   startup  [--clients N] [--runs R]
   failover [--clients N] [--trials T] [--rules N]
-  gap carrier|silent [--trials T]
+  gap carrier|silent|silent-idle [--trials T]
+  loss     [--percent 5] [--minutes 10]
   lease    [--trials T]
   idle     [--seconds S]
   fleet    [--max 1000] [--runs R] [--idle-seconds 30]
@@ -164,6 +165,11 @@ fn run(args: &[String]) -> Result<()> {
         ),
         Some("lease") => lease(arg(&args, "--trials", 20)?, &machine),
         Some("idle") => idle(arg(&args, "--seconds", 60)?, &machine),
+        Some("loss") => loss(
+            arg(&args, "--percent", 5)? as u32,
+            arg(&args, "--minutes", 10)?,
+            &machine,
+        ),
         Some("gap") => gap(
             args.get(1).map(String::as_str).unwrap_or("carrier"),
             arg(&args, "--trials", 20)?,
@@ -649,8 +655,8 @@ fn failover(clients: u32, trials: u64, rules: u32, machine: &str) -> Result<()> 
 /// 5 ms on one flow; the gap is the longest time without an answer around the failure.
 fn gap(kind: &str, trials: u64, machine: &str) -> Result<()> {
     use uplink_tests::Lab;
-    if kind != "carrier" && kind != "silent" {
-        bail!("gap: kind must be carrier or silent");
+    if !["carrier", "silent", "silent-idle"].contains(&kind) {
+        bail!("gap: kind must be carrier, silent or silent-idle");
     }
     println!(
         "traffic gap on a {kind} failure, default health settings, UDP every 5 ms, {trials} trials"
@@ -677,8 +683,12 @@ fn gap(kind: &str, trials: u64, machine: &str) -> Result<()> {
     for trial in 1..=trials {
         std::thread::sleep(Duration::from_millis(1500));
         let mark = lab.log_len();
-        let gap = uplink_tests::abuse::failure_gap(&lab, "isp1", "isp2", failure)
-            .with_context(|| format!("trial {trial}"))?;
+        let gap = if kind == "silent-idle" {
+            silent_detection(&lab, mark)
+        } else {
+            uplink_tests::abuse::failure_gap(&lab, "isp1", "isp2", failure)
+        }
+        .with_context(|| format!("trial {trial}"))?;
         println!("trial {trial}: gap {gap:.1} ms");
         gaps.push(gap);
         lab.wait_for(Duration::from_secs(10), "failback", || {
@@ -686,6 +696,101 @@ fn gap(kind: &str, trials: u64, machine: &str) -> Result<()> {
         })?;
     }
     summary(&format!("{kind} gap"), &mut gaps);
+    Ok(())
+}
+
+/// Without LAN traffic (the probes alone): from the moment ISP 1 starts dropping
+/// everything to the agent's log line that takes isp1 down, in milliseconds.
+fn silent_detection(lab: &uplink_tests::Lab, mark: usize) -> Result<f64> {
+    let since_midnight = |t: std::time::SystemTime| -> Result<f64> {
+        Ok(t.duration_since(std::time::UNIX_EPOCH)?.as_secs_f64() % 86_400.0)
+    };
+    let cut = since_midnight(std::time::SystemTime::now())?;
+    lab.upstream_loss("isp1", 100)?;
+    let line = "uplink isp1 up -> down";
+    lab.wait_for(Duration::from_secs(10), "isp1 down", || {
+        Ok(lab.log_since(mark).contains(line))
+    })?;
+    lab.upstream_loss("isp1", 0)?;
+    let log = lab.log_since(mark);
+    let at = log
+        .lines()
+        .find(|l| l.contains(line))
+        .and_then(log_time)
+        .context("no time on the down line")?;
+    Ok((at - cut) * 1000.0)
+}
+
+/// Random loss on both ISPs (nft `numgen random` in their namespaces) for `minutes`,
+/// client 1 sending a datagram every 20 ms through isp1 while isp2 carries nothing: how
+/// often each uplink went down (false downs: both paths work).
+fn loss(percent: u32, minutes: u64, machine: &str) -> Result<()> {
+    use uplink_tests::Lab;
+    println!(
+        "false downs under {percent} % random loss on both uplinks, default health settings, {minutes} min; isp1 carries a UDP flow (one datagram every 20 ms), isp2 only its probes"
+    );
+    println!("machine: {machine}; agent {}", uplinkd_bin().display());
+    let mut lab = Lab::build("loss", uplink_tests::probed_uplinks(), 1, 0)?;
+    lab.write_config(
+        "10s",
+        "10m",
+        "[failover]
+max_flaps = 1000
+",
+    )?;
+    lab.start_agent()?;
+    let assigned = lab.greet_clients()?;
+    if assigned.values().next().map(String::as_str) != Some("isp1") {
+        bail!("the client is not on isp1: {assigned:?}");
+    }
+    let stream = uplink_tests::UdpStream::start(&lab, 1, false, Duration::from_millis(20))?;
+    let flaps = |lab: &Lab, u: &str| -> Result<f64> {
+        Ok(lab
+            .scrape(9477)?
+            .get(&format!("uplinkd_uplink_flaps_total{{uplink=\"{u}\"}}"))
+            .copied()
+            .unwrap_or(0.0))
+    };
+    let before = (flaps(&lab, "isp1")?, flaps(&lab, "isp2")?);
+    let mark = lab.log_len();
+    lab.upstream_loss("isp1", percent)?;
+    lab.upstream_loss("isp2", percent)?;
+    std::thread::sleep(Duration::from_secs(minutes * 60));
+    lab.upstream_loss("isp1", 0)?;
+    lab.upstream_loss("isp2", 0)?;
+    let sent = stream.finish()?;
+    let log = lab.log_since(mark);
+    let hours = minutes as f64 / 60.0;
+    for (u, was) in [("isp1", before.0), ("isp2", before.1)] {
+        let downs = log
+            .lines()
+            .filter(|l| {
+                l.contains(&format!("uplink {u} up -> down"))
+                    || l.contains(&format!("uplink {u} degraded -> down"))
+            })
+            .count();
+        let changes = flaps(&lab, u)? - was;
+        println!(
+            "{u}: {downs} down transitions ({:.2} per hour; {changes} usable/unusable changes)",
+            downs as f64 / hours
+        );
+    }
+    println!(
+        "client flow: {} sent, {} answered ({:.1} % lost)",
+        sent.sent,
+        sent.received,
+        100.0 * (1.0 - sent.received as f64 / sent.sent.max(1) as f64)
+    );
+    let bursts: f64 = lab
+        .scrape(9477)?
+        .iter()
+        .filter(|(k, _)| k.starts_with("uplinkd_uplink_probe_bursts_total"))
+        .map(|(k, v)| {
+            println!("{k} {v}");
+            *v
+        })
+        .sum();
+    println!("bursts: {bursts}");
     Ok(())
 }
 
