@@ -8,7 +8,7 @@
 # (1 - share_uplinkd) / (1 - share_bare).
 #
 # usage (as root, after `cargo build --release --workspace`):
-#   tests/bench/nft-share.sh [CLIENTS] [UPLINKD_BIN] [--client-usage]
+#   tests/bench/nft-share.sh [CLIENTS] [UPLINKD_BIN] [--client-usage | --passive-dests]
 set -euo pipefail
 clients=${1:-100000}
 bin=${2:-target/release/uplinkd}

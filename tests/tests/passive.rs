@@ -148,3 +148,63 @@ fn a_blackout_shorter_than_the_burst_does_not_flap_the_uplink() -> anyhow::Resul
     );
     Ok(())
 }
+
+/// Two uplinks without probes. ISP 1 goes silent while the client talks to three servers:
+/// with nothing to send a burst, isp1 goes down on its traffic alone (three unanswered
+/// destinations, `health.passive_min_destinations`), the client's traffic moves to isp2,
+/// and isp1 is tried again 30 s later.
+#[test]
+fn an_uplink_without_probes_goes_down_when_three_destinations_go_unanswered() -> anyhow::Result<()>
+{
+    let mut lab = Lab::build("nodests", uplink_tests::two_uplinks(), 1, 0)?;
+    let api = lab.api_config()?;
+    lab.write_config(
+        "10s",
+        "10m",
+        &format!("{api}\n[failover]\nfailback_delay = \"0s\"\n"),
+    )?;
+    lab.start_agent()?;
+    let servers: Vec<std::net::SocketAddr> = (21..24)
+        .map(|last| uplink_tests::internet_v4(last, 7000))
+        .collect();
+    for s in &servers {
+        lab.serve_udp(*s)?;
+    }
+    let home = lab.udp_via(1, servers[0], None, None)?;
+    let other = if home == "isp1" { "isp2" } else { "isp1" };
+    let sock = lab.client_socket(1, false)?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    let targets = servers.clone();
+    let sender = std::thread::spawn(move || {
+        while !flag.load(std::sync::atomic::Ordering::SeqCst) {
+            for t in &targets {
+                let _ = sock.send_to(b"hello", t);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    });
+    lab.upstream_loss(&home, 100)?;
+    let down = lab.wait_for(Duration::from_secs(10), "the home down", || {
+        Ok(down_reason(&lab, &home)?.is_some())
+    });
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let _ = sender.join();
+    down?;
+    let why = down_reason(&lab, &home)?.unwrap_or_default();
+    assert!(
+        why.starts_with("LAN traffic to 3 destinations unanswered for 150ms (no probes"),
+        "{why}"
+    );
+    assert_eq!(lab.udp_via(1, servers[1], None, None)?, other);
+    lab.upstream_loss(&home, 0)?;
+    lab.wait_for(Duration::from_secs(45), "the home tried again", || {
+        Ok(down_reason(&lab, &home)?.is_none())
+    })?;
+    let (_, events, _) = lab.ctl("view", &["events"])?;
+    assert!(
+        events.contains("tried again after its LAN traffic went unanswered"),
+        "{events}"
+    );
+    Ok(())
+}

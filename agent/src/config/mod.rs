@@ -96,6 +96,9 @@ pub struct HealthConfig {
     /// none is answered.
     pub burst_count: u32,
     pub burst_interval: Duration,
+    /// An uplink without probes goes down on passive evidence alone when its LAN traffic
+    /// to at least this many destinations went unanswered.
+    pub passive_min_destinations: u32,
     /// The probe interval of a metered uplink that carries nothing.
     pub standby_interval: Duration,
 }
@@ -601,6 +604,7 @@ struct RawHealth {
     passive_window: Option<Spanned<String>>,
     burst_count: Option<Spanned<i64>>,
     burst_interval: Option<Spanned<String>>,
+    passive_min_destinations: Option<Spanned<i64>>,
     standby_interval: Option<Spanned<String>>,
 }
 
@@ -1480,6 +1484,12 @@ impl Validator<'_> {
                 raw.burst_interval,
                 Duration::from_millis(20),
             )?,
+            passive_min_destinations: self.int(
+                "health.passive_min_destinations",
+                raw.passive_min_destinations.as_ref(),
+                3,
+                1..=1000,
+            )? as u32,
             standby_interval: self.duration(
                 "health.standby_interval",
                 raw.standby_interval,

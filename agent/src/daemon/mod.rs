@@ -212,6 +212,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
     let (probe_tx, mut probe_rx) = mpsc::channel(1024);
     let (passive_tx, mut passive_rx) = mpsc::channel(1024);
     let (suspect_tx, mut suspect_rx) = mpsc::channel(64);
+    let (silent_tx, mut silent_rx) = mpsc::channel(64);
     let (quota_tx, mut quota_rx) = mpsc::channel(64);
     let counters = dataplane.counter_reader();
     let conntrack = dataplane.conntrack();
@@ -235,6 +236,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
             probe_tx,
             passive_tx,
             suspect_tx,
+            silent_tx,
             activity_tx,
             quota_tx,
         },
@@ -378,6 +380,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
             Some(report) = probe_rx.recv() => agent.on_probe_report(report).await,
             Some(reading) = passive_rx.recv() => agent.on_passive_reading(reading).await,
             Some(suspect) = suspect_rx.recv() => agent.on_suspect(suspect),
+            Some(silent) = silent_rx.recv() => agent.on_silent(silent),
             Some(report) = quota_rx.recv() => agent.on_quota(report),
             Some(s) = routed_rx.recv() => {
                 // Coalesce a burst of new hosts into one apply.
@@ -460,6 +463,7 @@ struct Wiring {
     probe_tx: mpsc::Sender<probe::Report>,
     passive_tx: mpsc::Sender<supervise::PassiveReading>,
     suspect_tx: mpsc::Sender<supervise::Suspect>,
+    silent_tx: mpsc::Sender<supervise::Silent>,
     activity_tx: mpsc::Sender<std::collections::HashSet<IpAddr>>,
     quota_tx: mpsc::Sender<usage::QuotaReport>,
 }
@@ -506,6 +510,7 @@ impl Agent {
                 w.probe_tx,
                 w.passive_tx,
                 w.suspect_tx,
+                w.silent_tx,
                 w.counters.clone(),
                 metrics.health.clone(),
             ),
@@ -1053,13 +1058,32 @@ impl Agent {
         }
     }
 
-    /// LAN traffic through an interface went unanswered: its uplinks burst their probes.
+    /// LAN traffic through an interface went unanswered: its uplinks burst their probes
+    /// (or, without probes, have their unanswered destinations counted).
     fn on_suspect(&mut self, s: supervise::Suspect) {
         for i in self
             .health
-            .on_suspect(&s.interface, &self.config, &self.model)
+            .on_suspect(&s, &self.config, &self.model, self.generation)
         {
             debug!(uplink = %self.config.uplinks[i].name, "LAN traffic unanswered; probe burst");
+        }
+    }
+
+    /// An uplink without probes went silent: its health judges by the destinations.
+    fn on_silent(&mut self, s: supervise::Silent) {
+        let Some(s) = self.health.on_silent(s, self.generation) else {
+            return;
+        };
+        let log = self.model.on_silence(
+            s.uplink,
+            s.destinations,
+            Instant::now(),
+            &self.config.health,
+            &self.config.failover,
+        );
+        if self.record(log) {
+            self.request_apply(ReadBack::Cache);
+            self.publish_metrics();
         }
     }
 

@@ -40,9 +40,19 @@ struct Prober {
     bursting: bool,
 }
 
-/// An interface whose LAN traffic went unanswered for `health.passive_window`.
+/// An interface whose LAN traffic went unanswered for `health.passive_window`, and for
+/// how long it has been.
 pub(super) struct Suspect {
     pub interface: String,
+    pub silent_for: Duration,
+}
+
+/// An uplink without probes whose interface went silent: how many destinations its LAN
+/// traffic went to meanwhile, unanswered.
+pub(super) struct Silent {
+    generation: u64,
+    pub uplink: usize,
+    pub destinations: usize,
 }
 
 /// After a suspicion, the same silence is suspected again this much later at the
@@ -92,10 +102,12 @@ fn watch_silence(
             failing = false;
             let now = Instant::now();
             for (interface, t) in &traffic {
-                if silence.reading(interface, t.tx.0, t.replies.0 + t.replies.1, now)
+                if let Some(silent_for) =
+                    silence.reading(interface, t.tx.0, t.replies.0 + t.replies.1, now)
                     && tx
                         .blocking_send(Suspect {
                             interface: interface.clone(),
+                            silent_for,
                         })
                         .is_err()
                 {
@@ -127,6 +139,7 @@ pub(super) struct Supervisor {
     passive_tx: mpsc::Sender<PassiveReading>,
     /// The silence watcher's passive window; `None` stops it.
     silence: watch::Sender<Option<Duration>>,
+    silent_tx: mpsc::Sender<Silent>,
     metrics: HealthMetrics,
 }
 
@@ -135,6 +148,7 @@ impl Supervisor {
         probe_tx: mpsc::Sender<probe::Report>,
         passive_tx: mpsc::Sender<PassiveReading>,
         suspect_tx: mpsc::Sender<Suspect>,
+        silent_tx: mpsc::Sender<Silent>,
         counters: nft::Counters,
         metrics: HealthMetrics,
     ) -> Supervisor {
@@ -148,6 +162,7 @@ impl Supervisor {
             counters,
             passive_tx,
             silence,
+            silent_tx,
             metrics,
         }
     }
@@ -182,9 +197,10 @@ impl Supervisor {
                 );
             }
         }
-        // Suspicion leads to a burst: without probers there is nothing to watch for.
-        let window = (config.health.passive && !self.probers.is_empty())
-            .then_some(config.health.passive_window);
+        // Suspicion leads to a burst, or to counting the destinations of an uplink
+        // without probes: with neither there is nothing to watch for.
+        let watched = !self.probers.is_empty() || !crate::plan::silent_dests(config).is_empty();
+        let window = (config.health.passive && watched).then_some(config.health.passive_window);
         self.silence
             .send_if_modified(|now| std::mem::replace(now, window) != window);
         self.pace(config, model);
@@ -213,9 +229,47 @@ impl Supervisor {
         }
     }
 
-    /// LAN traffic through `interface` went unanswered: each usable uplink on it with
-    /// probes sends a burst, unless one is on its way. Returns the uplinks that burst.
-    pub fn on_suspect(&mut self, interface: &str, config: &Config, model: &Model) -> Vec<usize> {
+    /// LAN traffic through an interface went unanswered: each usable uplink on it with
+    /// probes sends a burst, unless one is on its way; each one without probes has its
+    /// unanswered destinations counted beside the loop (they come back as `Silent`).
+    /// Returns the uplinks that burst.
+    pub fn on_suspect(
+        &mut self,
+        suspect: &Suspect,
+        config: &Config,
+        model: &Model,
+        generation: u64,
+    ) -> Vec<usize> {
+        let interface = suspect.interface.as_str();
+        for (i, u) in config.uplinks.iter().enumerate() {
+            let Some(m) = model.uplinks.get(i) else {
+                continue;
+            };
+            let Some(ifindex) = m.link.ifindex else {
+                continue;
+            };
+            if u.interface != interface || !u.probes.is_empty() || !m.usable() {
+                continue;
+            }
+            let (reader, tx) = (self.counters.clone(), self.silent_tx.clone());
+            let within = suspect.silent_for;
+            tokio::spawn(async move {
+                match reader.destinations(ifindex, within).await {
+                    Ok(destinations) => {
+                        let _ = tx
+                            .send(Silent {
+                                generation,
+                                uplink: i,
+                                destinations,
+                            })
+                            .await;
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "cannot read the destinations for passive health")
+                    }
+                }
+            });
+        }
         let on: Vec<usize> = self
             .probers
             .keys()
@@ -230,6 +284,12 @@ impl Supervisor {
         on.into_iter()
             .filter(|&i| self.burst(i, config, model))
             .collect()
+    }
+
+    /// The count of an uplink's unanswered destinations, unless it was started under
+    /// another config generation (uplink indices may have changed with a reload).
+    pub fn on_silent(&self, s: Silent, generation: u64) -> Option<Silent> {
+        (s.generation == generation).then_some(s)
     }
 
     /// Asks uplink `i`'s prober for a burst, unless one is on its way or the uplink

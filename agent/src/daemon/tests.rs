@@ -62,6 +62,7 @@ fn bench(tag: &str, extra: &str) -> Bench {
             probe_tx: mpsc::channel(1).0,
             passive_tx: mpsc::channel(1).0,
             suspect_tx: mpsc::channel(1).0,
+            silent_tx: mpsc::channel(1).0,
             activity_tx: mpsc::channel(1).0,
             quota_tx: mpsc::channel(1).0,
         },

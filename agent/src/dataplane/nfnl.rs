@@ -35,6 +35,7 @@ const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
 const NFTA_SET_ELEM_KEY: u16 = 1;
 const NFTA_SET_ELEM_DATA: u16 = 2;
 /// The element's stateful expression (one), or its list (several).
+const NFTA_SET_ELEM_EXPIRATION: u16 = 5;
 const NFTA_SET_ELEM_EXPR: u16 = 7;
 const NFTA_SET_ELEM_EXPRESSIONS: u16 = 11;
 const NFTA_DATA_VALUE: u16 = 1;
@@ -194,7 +195,7 @@ impl Nfnl {
         set: &str,
         mut f: impl FnMut(&[u8], Option<&str>),
     ) -> Result<()> {
-        self.each_element(table, set, |key, target, _| f(key, target))
+        self.each_element(table, set, |key, target, _, _| f(key, target))
     }
 
     /// Hands each element of a set whose elements carry a counter (`counter` in the set's
@@ -205,14 +206,25 @@ impl Nfnl {
         set: &str,
         mut f: impl FnMut(&[u8], u64),
     ) -> Result<()> {
-        self.each_element(table, set, |key, _, bytes| f(key, bytes))
+        self.each_element(table, set, |key, _, bytes, _| f(key, bytes))
+    }
+
+    /// Hands each element of a set with timeouts to `f`: its key and how long until it
+    /// expires (`None`: it never does).
+    pub fn aged_elements(
+        &mut self,
+        table: &str,
+        set: &str,
+        mut f: impl FnMut(&[u8], Option<Duration>),
+    ) -> Result<()> {
+        self.each_element(table, set, |key, _, _, expires| f(key, expires))
     }
 
     fn each_element(
         &mut self,
         table: &str,
         set: &str,
-        mut f: impl FnMut(&[u8], Option<&str>, u64),
+        mut f: impl FnMut(&[u8], Option<&str>, u64, Option<Duration>),
     ) -> Result<()> {
         let mut req = Vec::new();
         put_str(&mut req, NFTA_SET_ELEM_LIST_TABLE, table);
@@ -228,6 +240,7 @@ impl Nfnl {
                         let mut key: &[u8] = &[];
                         let mut target = None;
                         let mut bytes = 0;
+                        let mut expires = None;
                         let mut counted = |expr: &[u8]| {
                             let name = attrs(expr).find(|(k, _)| *k == NFTA_EXPR_NAME);
                             if name.map(|(_, n)| c_str(n)).as_deref() == Some("counter")
@@ -247,6 +260,12 @@ impl Nfnl {
                                     }
                                 }
                                 NFTA_SET_ELEM_DATA => target = verdict_chain(v),
+                                NFTA_SET_ELEM_EXPIRATION => {
+                                    expires = v
+                                        .get(..8)
+                                        .map(|b| u64::from_be_bytes(b.try_into().expect("8 bytes")))
+                                        .map(Duration::from_millis);
+                                }
                                 NFTA_SET_ELEM_EXPR => counted(v),
                                 NFTA_SET_ELEM_EXPRESSIONS => {
                                     for (_, x) in attrs(v).filter(|(k, _)| *k == NFTA_LIST_ELEM) {
@@ -256,7 +275,7 @@ impl Nfnl {
                                 _ => {}
                             }
                         }
-                        f(key, target, bytes);
+                        f(key, target, bytes, expires);
                     }
                 }
             },

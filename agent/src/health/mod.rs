@@ -125,12 +125,19 @@ pub struct Health {
     failure: Option<String>,
     /// The last failed round was a burst (passive evidence of failure, confirmed).
     burst_failed: bool,
+    /// Down on passive evidence alone (no probes) until then, and why.
+    silenced: Option<(Instant, String)>,
     /// `down_after` rounds failed without saying why: a burst is to confirm the loss
     /// before the uplink goes down (random loss rarely takes a whole burst too).
     confirming: bool,
     /// Per target, the last round's outcome: its RTT, or why it failed (`None`: lost).
     pub last: Vec<(String, Result<Duration, Option<String>>)>,
 }
+
+/// How long an uplink without probes stays down on passive evidence before its clients
+/// try it again (a path that is still dead takes it down again; repeated downs hold it,
+/// `failover.max_flaps`).
+pub const SILENCED_FOR: Duration = Duration::from_secs(30);
 
 /// Why a failed burst took an uplink down: it confirmed `rounds` failed probe rounds, or
 /// (none) LAN traffic that went unanswered.
@@ -168,6 +175,7 @@ impl Health {
             failure: None,
             burst_failed: false,
             confirming: false,
+            silenced: None,
             last: Vec::new(),
         }
     }
@@ -209,6 +217,9 @@ impl Health {
             self.excused = 0;
             self.confirming = false;
         }
+        if probing {
+            self.silenced = None;
+        }
         let cause = match (was, probing) {
             (true, false) => "probes removed by a reload; the link alone judges it",
             (false, true) => "probes added by a reload",
@@ -245,6 +256,8 @@ impl Health {
             Some("held down: it changed state too often (failover.max_flaps)".to_string())
         } else if let Err(p) = self.link {
             Some(p.to_string())
+        } else if let Some((_, why)) = &self.silenced {
+            Some(why.clone())
         } else if self.goods > 0 {
             Some(format!(
                 "{} good probe rounds; waiting for health.up_after",
@@ -384,13 +397,52 @@ impl Health {
         self.evaluate(now, cause, h, f)
     }
 
-    /// Time passed: a hold may have expired.
+    /// LAN traffic to `destinations` destinations went unanswered for the passive window.
+    /// An uplink without probes (none to send a burst) goes down on that alone when they
+    /// are at least `passive_min_destinations` (one dead server is not a dead path), and
+    /// is tried again `SILENCED_FOR` later.
+    pub fn on_silence(
+        &mut self,
+        destinations: usize,
+        now: Instant,
+        h: &HealthConfig,
+        f: &FailoverConfig,
+    ) -> Option<Transition> {
+        if self.probing
+            || !self.state.usable()
+            || destinations < h.passive_min_destinations as usize
+        {
+            return None;
+        }
+        let why = format!(
+            "LAN traffic to {destinations} destinations unanswered for {} (no probes to confirm it); tried again in {}",
+            humantime::format_duration(h.passive_window),
+            humantime::format_duration(SILENCED_FOR)
+        );
+        self.silenced = Some((now + SILENCED_FOR, why.clone()));
+        self.evaluate(now, why, h, f)
+    }
+
+    /// Time passed: a hold, or a passive verdict, may have expired.
     pub fn on_tick(
         &mut self,
         now: Instant,
         h: &HealthConfig,
         f: &FailoverConfig,
     ) -> Option<Transition> {
+        if self
+            .silenced
+            .as_ref()
+            .is_some_and(|(until, _)| now >= *until)
+        {
+            self.silenced = None;
+            return self.evaluate(
+                now,
+                "tried again after its LAN traffic went unanswered".to_string(),
+                h,
+                f,
+            );
+        }
         match self.held_until {
             Some(t) if now >= t => {
                 self.held_until = None;
@@ -410,7 +462,7 @@ impl Health {
     ) -> Option<Transition> {
         let mut target = if self.held_until.is_some() {
             UplinkState::Held
-        } else if self.link.is_err() || !self.probes_ok {
+        } else if self.link.is_err() || !self.probes_ok || self.silenced.is_some() {
             UplinkState::Down
         } else {
             UplinkState::Up
@@ -505,6 +557,7 @@ mod tests {
                 passive_window: Duration::from_millis(150),
                 burst_count: 3,
                 burst_interval: Duration::from_millis(20),
+                passive_min_destinations: 3,
                 standby_interval: Duration::from_secs(5),
             },
             FailoverConfig {
@@ -715,6 +768,33 @@ mod tests {
             x.on_round(&round(true), t0, &h, &f).unwrap().to,
             UplinkState::Up
         );
+    }
+
+    #[test]
+    fn without_probes_enough_unanswered_destinations_take_the_uplink_down_for_a_while() {
+        let (h, f) = cfg();
+        let t0 = Instant::now();
+        let mut x = Health::new(false, 50, t0);
+        x.on_link(Ok(()), t0, &h, &f);
+        assert!(
+            x.on_silence(2, t0, &h, &f).is_none(),
+            "two: a server or two"
+        );
+        assert_eq!(x.state(), UplinkState::Up);
+        let t = x.on_silence(3, t0, &h, &f).unwrap();
+        assert_eq!(t.to, UplinkState::Down);
+        assert!(
+            t.cause
+                .starts_with("LAN traffic to 3 destinations unanswered for 150ms")
+        );
+        assert_eq!(x.down_reason(), Some(t.cause));
+        assert!(x.on_tick(t0 + Duration::from_secs(29), &h, &f).is_none());
+        let t = x.on_tick(t0 + SILENCED_FOR, &h, &f).unwrap();
+        assert_eq!(t.to, UplinkState::Up);
+        // With probes, the burst decides instead.
+        let mut p = Health::new(true, 50, t0);
+        p.on_link(Ok(()), t0, &h, &f);
+        assert!(p.on_silence(10, t0, &h, &f).is_none());
     }
 
     #[test]

@@ -87,10 +87,16 @@ impl Silence {
     }
 
     /// Records a reading of `interface`'s counters: LAN packets out (`tx`), and replies in
-    /// (both families). True when the interface turns suspect now: packets left at least
-    /// `window` ago and not one reply came since. A reply ends the silence; counters that
-    /// went backwards (the table was replaced) start it afresh.
-    pub fn reading(&mut self, interface: &str, tx: u64, replies: u64, now: Instant) -> bool {
+    /// (both families). When the interface turns suspect now, how long it has been silent:
+    /// packets left at least `window` ago and not one reply came since. A reply ends the
+    /// silence; counters that went backwards (the table was replaced) start it afresh.
+    pub fn reading(
+        &mut self,
+        interface: &str,
+        tx: u64,
+        replies: u64,
+        now: Instant,
+    ) -> Option<Duration> {
         let Some(s) = self.seen.get_mut(interface) else {
             self.seen.insert(
                 interface.to_string(),
@@ -103,7 +109,7 @@ impl Silence {
                     moved: false,
                 },
             );
-            return false;
+            return None;
         };
         s.moved = tx > s.tx;
         if replies != s.replies || tx < s.tx {
@@ -116,14 +122,15 @@ impl Silence {
         (s.tx, s.replies, s.at) = (tx, replies, now);
         let silent = s
             .unanswered
-            .is_some_and(|t| now.duration_since(t) >= self.window);
+            .map(|t| now.duration_since(t))
+            .filter(|d| *d >= self.window)?;
         let due = s
             .suspected
             .is_none_or(|t| now.duration_since(t) >= self.again);
-        if silent && due {
+        if due {
             s.suspected = Some(now);
         }
-        silent && due
+        due.then_some(silent)
     }
 
     /// Forgets interfaces no uplink uses any more.
@@ -141,40 +148,39 @@ mod tests {
         let ms = Duration::from_millis;
         let t0 = Instant::now();
         let mut s = Silence::new(ms(150), ms(1000));
-        assert!(
-            !s.reading("wan0", 100, 90, t0),
-            "a first reading proves nothing"
-        );
+        let mut at = |tx, replies, t| s.reading("wan0", tx, replies, t0 + ms(t));
+        assert_eq!(at(100, 90, 0), None, "a first reading proves nothing");
         // Traffic both ways: nothing to suspect, however long.
-        assert!(!s.reading("wan0", 110, 99, t0 + ms(30)));
-        assert!(!s.reading("wan0", 120, 108, t0 + ms(300)));
+        assert_eq!(at(110, 99, 30), None);
+        assert_eq!(at(120, 108, 300), None);
         assert_eq!(s.next_reading(), ms(30), "packets leave: read often");
+        let mut at = |tx, replies, t| s.reading("wan0", tx, replies, t0 + ms(t));
         // Idle for a long time, then one packet leaves: it left at most 30 ms (a fifth of
         // the window) before it was seen, and its reply gets the rest of the window.
-        assert!(!s.reading("wan0", 120, 108, t0 + ms(4900)));
+        assert_eq!(at(120, 108, 4900), None);
         assert_eq!(s.next_reading(), ms(150), "idle: read once a window");
-        assert!(!s.reading("wan0", 121, 108, t0 + ms(5000)));
-        assert!(!s.reading("wan0", 121, 108, t0 + ms(5100)));
-        assert!(
-            s.reading("wan0", 122, 108, t0 + ms(5120)),
-            "150 ms unanswered"
-        );
-        assert!(!s.reading("wan0", 125, 108, t0 + ms(5180)), "said once");
-        assert!(
-            s.reading("wan0", 130, 108, t0 + ms(6150)),
+        let mut at = |tx, replies, t| s.reading("wan0", tx, replies, t0 + ms(t));
+        assert_eq!(at(121, 108, 5000), None);
+        assert_eq!(at(121, 108, 5100), None);
+        assert_eq!(at(122, 108, 5120), Some(ms(150)), "150 ms unanswered");
+        assert_eq!(at(125, 108, 5180), None, "said once");
+        assert_eq!(
+            at(130, 108, 6150),
+            Some(ms(1180)),
             "still unanswered a second later (one dead server): again"
         );
         // A reply ends it; the window starts after the last reading that saw one.
-        assert!(!s.reading("wan0", 131, 109, t0 + ms(6200)));
-        assert!(!s.reading("wan0", 132, 109, t0 + ms(6230)));
-        assert!(!s.reading("wan0", 133, 109, t0 + ms(6340)));
-        assert!(s.reading("wan0", 134, 109, t0 + ms(6350)));
+        assert_eq!(at(131, 109, 6200), None);
+        assert_eq!(at(132, 109, 6230), None);
+        assert_eq!(at(133, 109, 6340), None);
+        assert_eq!(at(134, 109, 6350), Some(ms(150)));
         // Counters that went backwards start afresh; another interface is its own.
-        assert!(!s.reading("wan0", 5, 0, t0 + ms(7000)));
-        assert!(!s.reading("wan1", 5, 0, t0 + ms(7000)));
+        assert_eq!(at(5, 0, 7000), None);
+        assert_eq!(s.reading("wan1", 5, 0, t0 + ms(7000)), None);
         s.retain(&["wan1"]);
-        assert!(
-            !s.reading("wan0", 10, 0, t0 + ms(9000)),
+        assert_eq!(
+            s.reading("wan0", 10, 0, t0 + ms(9000)),
+            None,
             "forgotten: a first reading"
         );
     }

@@ -291,6 +291,28 @@ impl Model {
         self.settle(transitions, now, f)
     }
 
+    /// LAN traffic through `uplink` to `destinations` destinations went unanswered (its
+    /// health judges whether that is enough without probes).
+    pub fn on_silence(
+        &mut self,
+        uplink: usize,
+        destinations: usize,
+        now: Instant,
+        h: &HealthConfig,
+        f: &FailoverConfig,
+    ) -> Vec<LogEntry> {
+        let Some(u) = self.uplinks.get_mut(uplink) else {
+            return Vec::new();
+        };
+        let transitions = u
+            .health
+            .on_silence(destinations, now, h, f)
+            .map(|t| (uplink, t))
+            .into_iter()
+            .collect();
+        self.settle(transitions, now, f)
+    }
+
     /// Time passed: holds expire, automatic failbacks come due.
     pub fn tick(&mut self, now: Instant, h: &HealthConfig, f: &FailoverConfig) -> Vec<LogEntry> {
         let mut transitions = Vec::new();

@@ -78,10 +78,28 @@ pub struct NftStructure {
     pub nflog_group: u16,
     /// Count each client's bytes per uplink interface (`lan.client_usage`).
     pub client_usage: bool,
+    /// The interfaces of uplinks without probes, while passive health is on: when each
+    /// destination last had a LAN packet through them (passive evidence of failure needs
+    /// `health.passive_min_destinations` of them unanswered).
+    pub silent_dests: Vec<String>,
     /// Addresses of the uplinks the first route lookup of the gateway's own traffic does
     /// not pick: a packet from one was sent by a socket bound to it, and leaves by its
     /// uplink unmarked.
     pub local_bound: Vec<IpAddr>,
+}
+
+/// The interfaces of the uplinks that have no probes (each once), when passive health
+/// is on.
+pub fn silent_dests(config: &Config) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    if config.health.passive {
+        for u in config.uplinks.iter().filter(|u| u.probes.is_empty()) {
+            if !out.contains(&u.interface) {
+                out.push(u.interface.clone());
+            }
+        }
+    }
+    out
 }
 
 /// Where the output chain sends the gateway's own new connections.
@@ -317,6 +335,7 @@ pub fn plan_touched(config: &Config, model: &Model, touched: &Touched) -> Desire
         routed_idle: config.lan.client_idle_timeout,
         nflog_group: dp.nflog_group,
         client_usage: config.lan.client_usage,
+        silent_dests: silent_dests(config),
     };
     let client_mode = structure.default == Verdict::Clients;
     let unassigned = client_mode.then(|| verdict::unassigned(config, model));

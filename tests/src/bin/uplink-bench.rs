@@ -68,7 +68,7 @@ const USAGE: &str = "usage: uplink-bench BENCHMARK [OPTIONS]   (as root: benchma
   ctflush  [--flows 2000] [--runs 3]
   abuse    [--clients 50000] [--dispatch 300] [--trials 10]
   rules    [--clients 100000] [--seconds 3] [--runs 3]
-  forward  [--clients 100000] [--seconds 3] [--runs 5] [--client-usage]
+  forward  [--clients 100000] [--seconds 3] [--runs 5] [--client-usage] [--passive-dests]
   soak     [--seconds 3600] [--clients 10000] [--churn 1000] [--failover-every 60] [--watchers 20] [--warmup 60]
 
 docs/benchmarks.md has the figures and the commands that measured them.";
@@ -161,6 +161,7 @@ fn run(args: &[String]) -> Result<()> {
             arg(&args, "--seconds", 3)?,
             arg(&args, "--runs", 5)?,
             args.iter().any(|a| a == "--client-usage"),
+            args.iter().any(|a| a == "--passive-dests"),
             &machine,
         ),
         Some("lease") => lease(arg(&args, "--trials", 20)?, &machine),
@@ -239,10 +240,14 @@ impl Gw {
         peer.exec(&["ip", "link", "set", "cpe2", "up"])?;
         let dir = std::env::temp_dir().join(&ns.0);
         std::fs::create_dir_all(&dir)?;
+        // The uplinks have no probes (the ISP namespaces answer nothing): passive health
+        // is off so that the ruleset is a probed site's, without the per-destination sets
+        // that passive health adds for uplinks without probes (`forward --passive-dests`
+        // measures those).
         std::fs::write(
             dir.join("uplinkd.toml"),
             format!(
-                "[agent]\nstate_dir = \"{}\"\nresync_interval = \"60s\"\n[failover]\nfailback_delay = \"0s\"\nmax_flaps = 1000\n[lan]\ninterfaces = [\"br-lan\"]\n[[uplink]]\nname = \"isp1\"\ninterface = \"wan1\"\ngateway = \"100.64.1.1\"\n[[uplink]]\nname = \"isp2\"\ninterface = \"wan2\"\ngateway = \"100.64.2.1\"\n",
+                "[agent]\nstate_dir = \"{}\"\nresync_interval = \"60s\"\n[health]\npassive = false\n[failover]\nfailback_delay = \"0s\"\nmax_flaps = 1000\n[lan]\ninterfaces = [\"br-lan\"]\n[[uplink]]\nname = \"isp1\"\ninterface = \"wan1\"\ngateway = \"100.64.1.1\"\n[[uplink]]\nname = \"isp2\"\ninterface = \"wan2\"\ngateway = \"100.64.2.1\"\n",
                 dir.join("state").display()
             ),
         )?;
@@ -1430,27 +1435,34 @@ fn forward_bench(
     seconds: u64,
     runs: u64,
     client_usage: bool,
+    passive_dests: bool,
     machine: &str,
 ) -> Result<()> {
     println!(
-        "per-packet cost of an established flow: {clients} clients, one sender (client #{}), one tracked UDP flow per run, masqueraded{}",
+        "per-packet cost of an established flow: {clients} clients, one sender (client #{}), one tracked UDP flow per run, masqueraded{}{}",
         clients / 2,
         if client_usage {
             ", usage per client on"
+        } else {
+            ""
+        },
+        if passive_dests {
+            ", passive health on uplinks without probes (per-destination sets)"
         } else {
             ""
         }
     );
     println!("machine: {machine}; agent {}", uplinkd_bin().display());
     let (gw, snd) = sender_lab("bfw", clients)?;
+    let path = gw.dir.join("uplinkd.toml");
+    let mut text = std::fs::read_to_string(&path)?;
     if client_usage {
-        let path = gw.dir.join("uplinkd.toml");
-        let text = std::fs::read_to_string(&path)?;
-        std::fs::write(
-            &path,
-            text.replace("[lan]\n", "[lan]\nclient_usage = true\n"),
-        )?;
+        text = text.replace("[lan]\n", "[lan]\nclient_usage = true\n");
     }
+    if passive_dests {
+        text = text.replace("passive = false\n", "");
+    }
+    std::fs::write(&path, text)?;
     let (child, _, rx) = gw.start_agent()?;
     let (_, started) = wait_line(&rx, "initial apply done", Duration::from_secs(120))?;
     if !started.contains(&format!("clients={clients}")) {

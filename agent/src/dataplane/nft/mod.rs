@@ -382,6 +382,15 @@ impl Counters {
         }
     }
 
+    /// How many destinations had a LAN packet through interface `ifindex` within `within`.
+    pub async fn destinations(
+        &self,
+        ifindex: u32,
+        within: std::time::Duration,
+    ) -> Result<usize, DataplaneError> {
+        self.driver.destinations(ifindex, within).await
+    }
+
     /// The traffic counters, shared and reused for `max_age`.
     pub async fn read(
         &self,
@@ -621,6 +630,38 @@ impl NftDriver {
                 }
             }
             Ok(out)
+        })
+        .await
+    }
+
+    /// How many destinations had a LAN packet through interface `ifindex` within `within`
+    /// (the `dests` sets; none while they do not exist).
+    pub async fn destinations(
+        &self,
+        ifindex: u32,
+        within: std::time::Duration,
+    ) -> Result<usize, DataplaneError> {
+        let table = self.table.clone();
+        let timeout = std::time::Duration::from_millis(render::DEST_TIMEOUT_MS);
+        self.netlink(move |n| {
+            let mut count = 0;
+            for (set, v6) in render::DEST_SETS {
+                let len = if v6 { 16 } else { 4 };
+                let read = n.aged_elements(&table, set, |key, expires| {
+                    // The address, then the interface index in host order (a `meta` key).
+                    let on = key.get(len..len + 4).is_some_and(|i| {
+                        u32::from_ne_bytes(i.try_into().expect("4 bytes")) == ifindex
+                    });
+                    if on && expires.is_some_and(|left| timeout.saturating_sub(left) <= within) {
+                        count += 1;
+                    }
+                });
+                match read {
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    r => r?,
+                }
+            }
+            Ok(count)
         })
         .await
     }
@@ -1104,6 +1145,7 @@ mod tests {
             routed_idle: std::time::Duration::from_secs(600),
             nflog_group: 4623,
             client_usage: false,
+            silent_dests: Vec::new(),
         }
     }
 

@@ -274,6 +274,9 @@ pub(super) fn render_structure(s: &NftStructure) -> Vec<Value> {
     if s.client_usage {
         out.extend(usage_sets(&s.table));
     }
+    if !s.silent_dests.is_empty() {
+        out.extend(dest_sets(&s.table));
+    }
     let (chains, mut rules): (Vec<_>, Vec<_>) = objs
         .iter()
         .map(|o| serde_json::to_value(o).expect("object serializes"))
@@ -320,10 +323,16 @@ pub(super) fn render_structure(s: &NftStructure) -> Vec<Value> {
                 .map(|c| json!({"chain": {"family": "inet", "table": s.table, "name": c}})),
         );
     }
+    if !s.silent_dests.is_empty() {
+        out.push(json!({"chain": {"family": "inet", "table": s.table, "name": DESTS}}));
+    }
     out.extend(rules);
     out.extend(accounting_rules(s));
     if s.client_usage {
         out.extend(usage_rules(s));
+    }
+    if !s.silent_dests.is_empty() {
+        out.extend(dest_rules(s));
     }
     out.extend(render_policies(s));
     out
@@ -419,6 +428,56 @@ pub(super) fn usage_sets(table: &str) -> Vec<Value> {
                 "stmt": [{"counter": null}]}})
         })
         .collect()
+}
+
+/// Per destination address and output interface, when a LAN packet last left for it
+/// (`dests4`, `dests6`; the element's expiry tells), on the interfaces of uplinks without
+/// probes: passive health counts the destinations that went unanswered.
+pub(crate) const DEST_SETS: [(&str, bool); 2] = [("dests4", false), ("dests6", true)];
+/// A destination is forgotten this long after its last packet.
+pub(crate) const DEST_TIMEOUT_MS: u64 = 2_000;
+const DEST_SET_SIZE: u32 = 65_536;
+const DESTS: &str = "dests";
+
+pub(super) fn dest_sets(table: &str) -> Vec<Value> {
+    DEST_SETS
+        .iter()
+        .map(|(name, v6)| {
+            let addr = if *v6 { "ipv6_addr" } else { "ipv4_addr" };
+            json!({"set": {"family": "inet", "table": table, "name": name,
+                "type": [addr, "iface_index"], "flags": ["timeout"],
+                "timeout": DEST_TIMEOUT_MS / 1000, "size": DEST_SET_SIZE}})
+        })
+        .collect()
+}
+
+/// Packets out of those interfaces refresh their destination: one lookup of the output
+/// interface for every forwarded packet, and a set update for theirs.
+pub(super) fn dest_rules(s: &NftStructure) -> Vec<Value> {
+    let by_iface: Vec<Value> = s
+        .silent_dests
+        .iter()
+        .map(|i| json!([i, {"jump": {"target": DESTS}}]))
+        .collect();
+    let mut out = vec![raw_rule(
+        &s.table,
+        ACCOUNTING,
+        vec![json!({"vmap": {"key": {"meta": {"key": "oifname"}}, "data": {"set": by_iface}}})],
+        None,
+    )];
+    for (name, v6) in DEST_SETS {
+        let (ip, nfproto) = if v6 { ("ip6", "ipv6") } else { ("ip", "ipv4") };
+        out.push(raw_rule(
+            &s.table,
+            DESTS,
+            vec![
+                matches(json!({"meta": {"key": "nfproto"}}), json!(nfproto)),
+                json!({"set": {"op": "update", "elem": {"concat": [payload(ip, "daddr"), {"meta": {"key": "oif"}}]}, "set": format!("@{name}")}}),
+            ],
+            None,
+        ));
+    }
+    out
 }
 
 /// One lookup of the input interface sends a LAN packet to `usage_out` and an uplink's to
