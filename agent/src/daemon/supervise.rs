@@ -293,8 +293,10 @@ impl Supervisor {
     }
 
     /// Asks uplink `i`'s prober for a burst, unless one is on its way or the uplink
-    /// carries nothing. The last probe of a burst waits three times the uplink's median
-    /// RTT for its answer (at least 30 ms, at most `health.timeout`).
+    /// carries nothing. The last probe of a burst waits for its answer three times the
+    /// uplink's median RTT or twice the slowest answer in its window, whichever is longer
+    /// (at least 30 ms, at most `health.timeout`): a link whose queue is filling answers
+    /// late, not never.
     pub fn burst(&mut self, i: usize, config: &Config, model: &Model) -> bool {
         let (Some(p), Some(m)) = (self.probers.get_mut(&i), model.uplinks.get(i)) else {
             return false;
@@ -302,11 +304,9 @@ impl Supervisor {
         if !m.usable() || p.bursting {
             return false;
         }
-        let wait = m
-            .health
-            .stats
-            .median_rtt()
-            .map_or(Duration::ZERO, |r| r * 3)
+        let stats = &m.health.stats;
+        let wait = (stats.median_rtt().unwrap_or_default() * 3)
+            .max(stats.max_rtt().unwrap_or_default() * 2)
             .max(Duration::from_millis(30))
             .min(config.health.timeout);
         p.bursting = p.burst.try_send(wait).is_ok();

@@ -63,6 +63,11 @@ impl Stats {
         Some(rtts[rtts.len() / 2])
     }
 
+    /// The slowest answer in the window.
+    pub fn max_rtt(&self) -> Option<Duration> {
+        self.samples.iter().flatten().max().copied()
+    }
+
     /// Mean absolute difference between consecutive answered probes.
     pub fn jitter(&self) -> Option<Duration> {
         let rtts: Vec<Duration> = self.samples.iter().flatten().copied().collect();
@@ -90,5 +95,7 @@ mod tests {
         assert_eq!(s.loss(), 0.25);
         assert_eq!(s.median_rtt(), Some(ms(30)));
         assert_eq!(s.jitter(), Some(ms(15)));
+        assert_eq!(s.max_rtt(), Some(ms(40)));
+        assert_eq!(Stats::new(4).max_rtt(), None);
     }
 }

@@ -453,6 +453,41 @@ mod tests {
     }
 
     #[test]
+    fn a_policy_with_max_loss_leaves_an_uplink_whose_traffic_went_unanswered() {
+        let text = "[lan]\ninterfaces = [\"lan0\"]\n[[uplink]]\nname = \"a\"\ninterface = \"wan0\"\ngateway = \"100.64.0.1\"\nprobes = [\"icmp:192.0.2.1\"]\n[[uplink]]\nname = \"b\"\ninterface = \"wan1\"\ngateway = \"100.64.1.1\"\nprobes = [\"icmp:192.0.2.1\"]\n[[policy]]\nname = \"voip\"\nbalance = \"failover\"\nmax_loss = 0.1\n";
+        let c = crate::config::Config::parse(std::path::Path::new("t"), text).unwrap();
+        let mut m = Model::new(&c);
+        for (n, iface) in ["wan0", "wan1"].iter().enumerate() {
+            m.set_link(
+                iface,
+                super::super::LinkState {
+                    ifindex: Some(n as u32 + 2),
+                    admin_up: true,
+                    carrier: true,
+                },
+            );
+            m.set_addr(iface, format!("100.64.{n}.2").parse().unwrap(), true);
+        }
+        let now = std::time::Instant::now();
+        m.refresh_links(now, &c.health, &c.failover);
+        assert!(m.policy_uses(&c.policies[0], 0, 0), "voip starts on a");
+        // The LAN's traffic through a went unanswered and the burst failed: one round,
+        // far too few samples for a loss figure, yet the policy leaves a at once.
+        let burst = crate::health::Round {
+            rtts: vec![None],
+            quorum: 1,
+            forwarding: false,
+            burst: true,
+            why: Vec::new(),
+            targets: Default::default(),
+        };
+        m.on_round(0, &burst, now, &c.health, &c.failover);
+        m.evaluate_sla(&c.policies);
+        assert!(!m.policy_uses(&c.policies[0], 0, 0));
+        assert!(m.policy_uses(&c.policies[0], 0, 1), "voip moved to b");
+    }
+
+    #[test]
     fn a_reload_keeps_sla_verdicts_by_name() {
         let cfg = |policies: &str| {
             crate::config::Config::parse(
