@@ -816,6 +816,20 @@ impl Lab {
             .copied())
     }
 
+    /// Uplink `name` as `uplinkctl -o json uplinks` shows it (null when it is not listed);
+    /// needs the API in the config (`api_config`).
+    pub fn uplink_json(&self, name: &str) -> Result<serde_json::Value> {
+        let (code, out, err) = self.ctl("view", &["-o", "json", "uplinks"])?;
+        anyhow::ensure!(code == 0, "{err}");
+        let v: serde_json::Value = serde_json::from_str(&out)?;
+        Ok(v.as_array()
+            .into_iter()
+            .flatten()
+            .find(|u| u["name"] == name)
+            .cloned()
+            .unwrap_or_default())
+    }
+
     /// The HTTP status code of `url`, fetched from the gateway's namespace ("000" when
     /// nothing answers).
     pub fn http_status(&self, url: &str) -> Result<String> {

@@ -39,18 +39,6 @@ fn serve_http(ns: &str, addr: SocketAddr, answer: Arc<Mutex<String>>) -> anyhow:
     Ok(())
 }
 
-fn uplink(lab: &Lab, name: &str) -> anyhow::Result<serde_json::Value> {
-    let (code, out, err) = lab.ctl("view", &["-o", "json", "uplinks"])?;
-    anyhow::ensure!(code == 0, "{err}");
-    let v: serde_json::Value = serde_json::from_str(&out)?;
-    Ok(v.as_array()
-        .into_iter()
-        .flatten()
-        .find(|u| u["name"] == name)
-        .cloned()
-        .unwrap_or_default())
-}
-
 const NO_CONTENT: &str = "HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n";
 
 /// An ISP that sends port 80 to its own portal (302): the uplink goes down with the
@@ -83,7 +71,7 @@ fn an_isp_redirecting_to_its_portal_takes_the_uplink_down_and_back() -> anyhow::
     lab.start_agent()?;
     lab.wait_for(Duration::from_secs(10), "both checks answered", || {
         Ok(["isp1", "isp2"].iter().all(|u| {
-            uplink(&lab, u).is_ok_and(|v| {
+            lab.uplink_json(u).is_ok_and(|v| {
                 v["probe_results"][0]
                     .as_str()
                     .is_some_and(|r| r.ends_with(" ms"))
@@ -100,17 +88,17 @@ fn an_isp_redirecting_to_its_portal_takes_the_uplink_down_and_back() -> anyhow::
     ])?;
     let want = "captive portal: HTTP 302 to http://portal.example/login";
     lab.wait_for(Duration::from_secs(10), "isp1 down for its portal", || {
-        let v = uplink(&lab, "isp1")?;
+        let v = lab.uplink_json("isp1")?;
         Ok(v["state"] == "down" && v["down_reason"].as_str().is_some_and(|r| r.contains(want)))
     })?;
-    let v = uplink(&lab, "isp1")?;
+    let v = lab.uplink_json("isp1")?;
     assert!(
         v["probe_results"][0]
             .as_str()
             .is_some_and(|r| r.contains(want)),
         "{v}"
     );
-    assert_eq!(uplink(&lab, "isp2")?["state"], "up");
+    assert_eq!(lab.uplink_json("isp2")?["state"], "up");
     let (_, wide, _) = lab.ctl("view", &["uplinks", "-o", "wide"])?;
     assert!(wide.contains(want), "{wide}");
 
@@ -118,7 +106,7 @@ fn an_isp_redirecting_to_its_portal_takes_the_uplink_down_and_back() -> anyhow::
         "ip", "netns", "exec", &isp1, "nft", "delete", "table", "ip", "portal",
     ])?;
     lab.wait_for(Duration::from_secs(15), "isp1 back", || {
-        Ok(uplink(&lab, "isp1")?["state"] == "up")
+        Ok(lab.uplink_json("isp1")?["state"] == "up")
     })?;
     Ok(())
 }
@@ -141,7 +129,7 @@ fn a_page_without_the_expected_text_takes_the_uplink_down() -> anyhow::Result<()
     lab.write_config("10s", "10m", &api)?;
     lab.start_agent()?;
     lab.wait_for(Duration::from_secs(10), "the check answered", || {
-        let v = uplink(&lab, "isp1")?;
+        let v = lab.uplink_json("isp1")?;
         Ok(v["state"] == "up"
             && v["probe_results"][0]
                 .as_str()
@@ -151,7 +139,7 @@ fn a_page_without_the_expected_text_takes_the_uplink_down() -> anyhow::Result<()
         "HTTP/1.1 200 OK\r\nContent-Length: 21\r\nConnection: close\r\n\r\nWelcome to Hotel WiFi"
             .into();
     lab.wait_for(Duration::from_secs(10), "isp1 down", || {
-        let v = uplink(&lab, "isp1")?;
+        let v = lab.uplink_json("isp1")?;
         Ok(v["state"] == "down"
             && v["down_reason"]
                 .as_str()
@@ -160,7 +148,7 @@ fn a_page_without_the_expected_text_takes_the_uplink_down() -> anyhow::Result<()
     *page.lock().unwrap() =
         "HTTP/1.1 200 OK\r\nContent-Length: 9\r\nConnection: close\r\n\r\nuplink-ok".into();
     lab.wait_for(Duration::from_secs(15), "isp1 back", || {
-        Ok(uplink(&lab, "isp1")?["state"] == "up")
+        Ok(lab.uplink_json("isp1")?["state"] == "up")
     })?;
     Ok(())
 }
@@ -196,7 +184,7 @@ fn a_dns_check_follows_the_resolver_through_the_uplink() -> anyhow::Result<()> {
     lab.write_config("10s", "10m", &api)?;
     lab.start_agent()?;
     lab.wait_for(Duration::from_secs(10), "the DNS check answered", || {
-        let v = uplink(&lab, "isp2")?;
+        let v = lab.uplink_json("isp2")?;
         Ok(v["state"] == "up"
             && v["probe_results"][0]
                 .as_str()
@@ -212,7 +200,7 @@ fn a_dns_check_follows_the_resolver_through_the_uplink() -> anyhow::Result<()> {
         "add table inet nodns { chain f { type filter hook forward priority 0; udp dport 53 drop; }; }",
     ])?;
     lab.wait_for(Duration::from_secs(10), "isp2 down", || {
-        let v = uplink(&lab, "isp2")?;
+        let v = lab.uplink_json("isp2")?;
         Ok(v["state"] == "down"
             && v["probe_results"][0]
                 .as_str()
@@ -222,7 +210,7 @@ fn a_dns_check_follows_the_resolver_through_the_uplink() -> anyhow::Result<()> {
         "ip", "netns", "exec", &isp2, "nft", "delete", "table", "inet", "nodns",
     ])?;
     lab.wait_for(Duration::from_secs(15), "isp2 back", || {
-        Ok(uplink(&lab, "isp2")?["state"] == "up")
+        Ok(lab.uplink_json("isp2")?["state"] == "up")
     })?;
     Ok(())
 }

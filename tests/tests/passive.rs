@@ -21,16 +21,10 @@ fn bursts(lab: &Lab, uplink: &str, result: &str) -> anyhow::Result<f64> {
         .sum())
 }
 
+/// Why `uplink` is down; `None` while it is not.
 fn down_reason(lab: &Lab, uplink: &str) -> anyhow::Result<Option<String>> {
-    let (code, out, err) = lab.ctl("view", &["-o", "json", "uplinks"])?;
-    anyhow::ensure!(code == 0, "{err}");
-    let v: serde_json::Value = serde_json::from_str(&out)?;
-    Ok(v.as_array()
-        .into_iter()
-        .flatten()
-        .find(|u| u["name"] == uplink)
-        .filter(|u| u["state"] == "down")
-        .map(|u| u["down_reason"].as_str().unwrap_or_default().to_string()))
+    let u = lab.uplink_json(uplink)?;
+    Ok((u["state"] == "down").then(|| u["down_reason"].as_str().unwrap_or_default().to_string()))
 }
 
 /// A lab whose probes alone would take many seconds to judge an uplink down

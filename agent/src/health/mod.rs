@@ -582,6 +582,17 @@ mod tests {
         }
     }
 
+    /// Four good rounds change nothing; the fifth (`up_after`) brings the uplink up.
+    fn up_after_good_rounds(x: &mut Health, t0: Instant, h: &HealthConfig, f: &FailoverConfig) {
+        for _ in 0..4 {
+            assert!(x.on_round(&round(true), t0, h, f).is_none());
+        }
+        assert_eq!(
+            x.on_round(&round(true), t0, h, f).unwrap().to,
+            UplinkState::Up
+        );
+    }
+
     fn burst(ok: bool) -> Round {
         Round {
             burst: true,
@@ -619,13 +630,7 @@ mod tests {
         // The lease: the link is fine, but no prober ran without a route.
         assert!(x.on_link(Ok(()), t0, &h, &f).is_none());
         assert_eq!(x.state(), UplinkState::Down);
-        for _ in 0..4 {
-            assert!(x.on_round(&round(true), t0, &h, &f).is_none());
-        }
-        assert_eq!(
-            x.on_round(&round(true), t0, &h, &f).unwrap().to,
-            UplinkState::Up
-        );
+        up_after_good_rounds(&mut x, t0, &h, &f);
     }
 
     #[test]
@@ -685,13 +690,7 @@ mod tests {
             (t.cause.as_str(), x.down_reason().as_deref()),
             (why, Some(why))
         );
-        for _ in 0..4 {
-            assert!(x.on_round(&round(true), t0, &h, &f).is_none());
-        }
-        assert_eq!(
-            x.on_round(&round(true), t0, &h, &f).unwrap().to,
-            UplinkState::Up
-        );
+        up_after_good_rounds(&mut x, t0, &h, &f);
         // No burst comes back (its prober restarted): down after down_after more rounds.
         let t = (0..6).find_map(|_| x.on_round(&round(false), t0, &h, &f));
         assert_eq!(
@@ -761,13 +760,7 @@ mod tests {
         assert_eq!(t.cause, why);
         assert_eq!(x.down_reason().as_deref(), Some(why));
         // Back only after up_after good rounds, as after any down.
-        for _ in 0..4 {
-            assert!(x.on_round(&round(true), t0, &h, &f).is_none());
-        }
-        assert_eq!(
-            x.on_round(&round(true), t0, &h, &f).unwrap().to,
-            UplinkState::Up
-        );
+        up_after_good_rounds(&mut x, t0, &h, &f);
     }
 
     #[test]

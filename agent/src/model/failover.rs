@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use super::{Model, Uplink, now_millis};
 use crate::config::{Failback, FailoverConfig, HealthConfig, QuotaAction};
-use crate::health::{LinkProblem, Round, Transition, UplinkState};
+use crate::health::{Health, LinkProblem, Round, Transition, UplinkState};
 use crate::usage::{QuotaChange, QuotaLevel};
 
 /// Entries kept in memory; the API streams them.
@@ -279,12 +279,21 @@ impl Model {
         h: &HealthConfig,
         f: &FailoverConfig,
     ) -> Vec<LogEntry> {
+        self.judge(uplink, now, f, |health| health.on_round(round, now, h, f))
+    }
+
+    /// Hands `uplink`'s health a verdict to take, and settles its transition.
+    fn judge(
+        &mut self,
+        uplink: usize,
+        now: Instant,
+        f: &FailoverConfig,
+        verdict: impl FnOnce(&mut Health) -> Option<Transition>,
+    ) -> Vec<LogEntry> {
         let Some(u) = self.uplinks.get_mut(uplink) else {
             return Vec::new();
         };
-        let transitions = u
-            .health
-            .on_round(round, now, h, f)
+        let transitions = verdict(&mut u.health)
             .map(|t| (uplink, t))
             .into_iter()
             .collect();
@@ -301,16 +310,9 @@ impl Model {
         h: &HealthConfig,
         f: &FailoverConfig,
     ) -> Vec<LogEntry> {
-        let Some(u) = self.uplinks.get_mut(uplink) else {
-            return Vec::new();
-        };
-        let transitions = u
-            .health
-            .on_silence(destinations, now, h, f)
-            .map(|t| (uplink, t))
-            .into_iter()
-            .collect();
-        self.settle(transitions, now, f)
+        self.judge(uplink, now, f, |health| {
+            health.on_silence(destinations, now, h, f)
+        })
     }
 
     /// Time passed: holds expire, automatic failbacks come due.

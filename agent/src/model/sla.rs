@@ -414,10 +414,12 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_policy_that_leaves_an_uplink_for_its_sla_deletes_its_flows_there() {
-        let text = "[lan]\ninterfaces = [\"lan0\"]\n[[uplink]]\nname = \"a\"\ninterface = \"wan0\"\ngateway = \"100.64.0.1\"\nprobes = [\"icmp:192.0.2.1\"]\n[[uplink]]\nname = \"b\"\ninterface = \"wan1\"\ngateway = \"100.64.1.1\"\nprobes = [\"icmp:192.0.2.1\"]\n[[policy]]\nname = \"voip\"\nbalance = \"failover\"\nmax_rtt = \"100ms\"\n";
-        let c = crate::config::Config::parse(std::path::Path::new("t"), text).unwrap();
+    /// Uplinks a and b, both up and probed, and a failover policy `voip` with `sla`.
+    fn two_uplinks_and_voip(sla: &str) -> (crate::config::Config, Model, std::time::Instant) {
+        let text = format!(
+            "[lan]\ninterfaces = [\"lan0\"]\n[[uplink]]\nname = \"a\"\ninterface = \"wan0\"\ngateway = \"100.64.0.1\"\nprobes = [\"icmp:192.0.2.1\"]\n[[uplink]]\nname = \"b\"\ninterface = \"wan1\"\ngateway = \"100.64.1.1\"\nprobes = [\"icmp:192.0.2.1\"]\n[[policy]]\nname = \"voip\"\nbalance = \"failover\"\n{sla}\n"
+        );
+        let c = crate::config::Config::parse(std::path::Path::new("t"), &text).unwrap();
         let mut m = Model::new(&c);
         for (n, iface) in ["wan0", "wan1"].iter().enumerate() {
             m.set_link(
@@ -432,6 +434,12 @@ mod tests {
         }
         let now = std::time::Instant::now();
         m.refresh_links(now, &c.health, &c.failover);
+        (c, m, now)
+    }
+
+    #[test]
+    fn a_policy_that_leaves_an_uplink_for_its_sla_deletes_its_flows_there() {
+        let (c, mut m, _) = two_uplinks_and_voip("max_rtt = \"100ms\"");
         let rtt = |m: &mut Model, u: usize, ms: u64| {
             for _ in 0..6 {
                 m.uplinks[u]
@@ -454,22 +462,7 @@ mod tests {
 
     #[test]
     fn a_policy_with_max_loss_leaves_an_uplink_whose_traffic_went_unanswered() {
-        let text = "[lan]\ninterfaces = [\"lan0\"]\n[[uplink]]\nname = \"a\"\ninterface = \"wan0\"\ngateway = \"100.64.0.1\"\nprobes = [\"icmp:192.0.2.1\"]\n[[uplink]]\nname = \"b\"\ninterface = \"wan1\"\ngateway = \"100.64.1.1\"\nprobes = [\"icmp:192.0.2.1\"]\n[[policy]]\nname = \"voip\"\nbalance = \"failover\"\nmax_loss = 0.1\n";
-        let c = crate::config::Config::parse(std::path::Path::new("t"), text).unwrap();
-        let mut m = Model::new(&c);
-        for (n, iface) in ["wan0", "wan1"].iter().enumerate() {
-            m.set_link(
-                iface,
-                super::super::LinkState {
-                    ifindex: Some(n as u32 + 2),
-                    admin_up: true,
-                    carrier: true,
-                },
-            );
-            m.set_addr(iface, format!("100.64.{n}.2").parse().unwrap(), true);
-        }
-        let now = std::time::Instant::now();
-        m.refresh_links(now, &c.health, &c.failover);
+        let (c, mut m, now) = two_uplinks_and_voip("max_loss = 0.1");
         assert!(m.policy_uses(&c.policies[0], 0, 0), "voip starts on a");
         // The LAN's traffic through a went unanswered and the burst failed: one round,
         // far too few samples for a loss figure, yet the policy leaves a at once.
