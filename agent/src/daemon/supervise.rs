@@ -172,7 +172,6 @@ impl Supervisor {
         if !self.probing {
             return;
         }
-
         for i in 0..config.uplinks.len().min(model.uplinks.len()) {
             let want = wanted_spec(config, model, i);
             if self.probers.get(&i).map(|p| &p.spec) == want.as_ref() {

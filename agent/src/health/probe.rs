@@ -106,7 +106,7 @@ type Attempt = std::pin::Pin<Box<dyn std::future::Future<Output = Outcome> + Sen
 /// What a prober's probes share: its uplink, its ICMP sockets, and when the last answer
 /// of any kind came back.
 #[derive(Clone)]
-struct Sender {
+struct ProbeSender {
     spec: ProbeSpec,
     icmp4: Option<Arc<IcmpSocket>>,
     icmp6: Option<Arc<IcmpSocket>>,
@@ -114,7 +114,7 @@ struct Sender {
     last: LastReply,
 }
 
-impl Sender {
+impl ProbeSender {
     /// One probe of target `t`, unbounded in time (the caller bounds it).
     fn attempt(&self, t: &Probe, seq: u16) -> Attempt {
         match t {
@@ -171,7 +171,7 @@ async fn run(
             }
         }
     }
-    let sender = Sender {
+    let sender = ProbeSender {
         spec: spec.clone(),
         icmp4,
         icmp6,
@@ -260,7 +260,7 @@ async fn run(
 /// A burst: every target probed `burst_count` times, `burst_interval` apart; a target
 /// answers with its first answer, and fails when none came `wait` after its last probe
 /// left. Sequence numbers from `first + 1` on.
-async fn burst(sender: &Sender, first: u16, wait: Duration, names: Arc<Vec<String>>) -> Round {
+async fn burst(sender: &ProbeSender, first: u16, wait: Duration, names: Arc<Vec<String>>) -> Round {
     let spec = &sender.spec;
     let start = Instant::now();
     let count = spec.burst_count.max(1);
