@@ -238,19 +238,10 @@ async fn run(
                 r = futures::future::join_all(probes) => r,
                 () = silent(last, started, interval) => vec![Err(None); n],
             };
-            let rtts = outcomes.iter().map(|o| o.as_ref().ok().copied()).collect();
-            let why = outcomes.into_iter().map(|o| o.err().flatten()).collect();
             let _ = tx
                 .send(Report {
                     uplink,
-                    round: Round {
-                        rtts,
-                        quorum,
-                        forwarding: false,
-                        burst: false,
-                        why,
-                        targets: names,
-                    },
+                    round: round_of(outcomes, quorum, false, names),
                 })
                 .await;
         });
@@ -282,20 +273,29 @@ async fn burst(sender: &ProbeSender, first: u16, wait: Duration, names: Arc<Vec<
         }
         // The first answer ends the target's burst: its later probes are not sent.
         per_target.push(async move {
-            match futures::future::select_ok(attempts).await {
-                Ok((rtt, _)) => Ok(rtt),
-                Err(e) => Err(e),
-            }
+            futures::future::select_ok(attempts)
+                .await
+                .map(|(rtt, _)| rtt)
         });
     }
     let outcomes = futures::future::join_all(per_target).await;
+    round_of(outcomes, spec.quorum, true, names)
+}
+
+/// The round that these outcomes (one per target, in order) make.
+fn round_of(
+    outcomes: Vec<Outcome>,
+    quorum: usize,
+    burst: bool,
+    targets: Arc<Vec<String>>,
+) -> Round {
     Round {
         rtts: outcomes.iter().map(|o| o.as_ref().ok().copied()).collect(),
-        quorum: spec.quorum,
+        quorum,
         forwarding: false,
-        burst: true,
+        burst,
         why: outcomes.into_iter().map(|o| o.err().flatten()).collect(),
-        targets: names,
+        targets,
     }
 }
 

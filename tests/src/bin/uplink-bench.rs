@@ -656,10 +656,22 @@ fn failover(clients: u32, trials: u64, rules: u32, machine: &str) -> Result<()> 
     Ok(())
 }
 
+/// The lab of two probed uplinks and one client, with `extra` in the agent's config,
+/// running, the client placed on isp1.
+fn probed_lab_on_isp1(tag: &str, extra: &str) -> Result<uplink_tests::Lab> {
+    let mut lab = uplink_tests::Lab::build(tag, uplink_tests::probed_uplinks(), 1, 0)?;
+    lab.write_config("10s", "10m", extra)?;
+    lab.start_agent()?;
+    let assigned = lab.greet_clients()?;
+    if assigned.values().next().map(String::as_str) != Some("isp1") {
+        bail!("the client is not on isp1: {assigned:?}");
+    }
+    Ok(lab)
+}
+
 /// The traffic gap a client sees when its uplink fails: it sends a UDP datagram every
 /// 5 ms on one flow; the gap is the longest time without an answer around the failure.
 fn gap(kind: &str, trials: u64, machine: &str) -> Result<()> {
-    use uplink_tests::Lab;
     if !["carrier", "silent", "silent-idle"].contains(&kind) {
         bail!("gap: kind must be carrier, silent or silent-idle");
     }
@@ -667,18 +679,11 @@ fn gap(kind: &str, trials: u64, machine: &str) -> Result<()> {
         "traffic gap on a {kind} failure, default health settings, UDP every 5 ms, {trials} trials"
     );
     println!("machine: {machine}; agent {}", uplinkd_bin().display());
-    let mut lab = Lab::build("gap", uplink_tests::probed_uplinks(), 1, 0)?;
     // Repeated cuts are flaps: raise the limit so that no trial is held down.
-    lab.write_config(
-        "10s",
-        "10m",
+    let lab = probed_lab_on_isp1(
+        "gap",
         "[failover]\nfailback_delay = \"0s\"\nmax_flaps = 1000\n",
     )?;
-    lab.start_agent()?;
-    let assigned = lab.greet_clients()?;
-    if assigned.values().next().map(String::as_str) != Some("isp1") {
-        bail!("the client is not on isp1: {assigned:?}");
-    }
     let failure = if kind == "carrier" {
         uplink_tests::abuse::Failure::Carrier
     } else {
@@ -730,24 +735,15 @@ fn silent_detection(lab: &uplink_tests::Lab, mark: usize) -> Result<f64> {
 /// client 1 sending a datagram every 20 ms through isp1 while isp2 carries nothing: how
 /// often each uplink went down (false downs: both paths work).
 fn loss(percent: u32, minutes: u64, machine: &str) -> Result<()> {
+    if minutes == 0 || percent == 0 || percent >= 100 {
+        bail!("loss: --minutes must be at least 1 and --percent between 1 and 99");
+    }
     use uplink_tests::Lab;
     println!(
         "false downs under {percent} % random loss on both uplinks, default health settings, {minutes} min; isp1 carries a UDP flow (one datagram every 20 ms), isp2 only its probes"
     );
     println!("machine: {machine}; agent {}", uplinkd_bin().display());
-    let mut lab = Lab::build("loss", uplink_tests::probed_uplinks(), 1, 0)?;
-    lab.write_config(
-        "10s",
-        "10m",
-        "[failover]
-max_flaps = 1000
-",
-    )?;
-    lab.start_agent()?;
-    let assigned = lab.greet_clients()?;
-    if assigned.values().next().map(String::as_str) != Some("isp1") {
-        bail!("the client is not on isp1: {assigned:?}");
-    }
+    let lab = probed_lab_on_isp1("loss", "[failover]\nmax_flaps = 1000\n")?;
     let stream = uplink_tests::UdpStream::start(&lab, 1, false, Duration::from_millis(20))?;
     let flaps = |lab: &Lab, u: &str| -> Result<f64> {
         Ok(lab
@@ -794,7 +790,7 @@ max_flaps = 1000
             println!("{k} {v}");
             *v
         })
-        .sum();
+        .fold(0.0, |a, b| a + b);
     println!("bursts: {bursts}");
     Ok(())
 }

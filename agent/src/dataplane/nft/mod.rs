@@ -400,6 +400,27 @@ impl Counters {
     }
 }
 
+/// An `addr . iface_index` element's key: the address (of the set's family), then the
+/// interface index in host order (a `meta` key).
+fn addr_iface_key(key: &[u8], v6: bool) -> Option<(IpAddr, u32)> {
+    let len = if v6 { 16 } else { 4 };
+    let (a, i) = (key.get(..len)?, key.get(len..len + 4)?);
+    let addr = if v6 {
+        IpAddr::from(<[u8; 16]>::try_from(a).ok()?)
+    } else {
+        IpAddr::from(<[u8; 4]>::try_from(a).ok()?)
+    };
+    Some((addr, u32::from_ne_bytes(i.try_into().ok()?)))
+}
+
+/// A set that does not exist (its feature is off) has no elements.
+fn absent_is_empty(read: std::io::Result<()>) -> std::io::Result<()> {
+    match read {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        r => r,
+    }
+}
+
 /// Reads the traffic counters over one netlink socket, opened on the first read and
 /// again after a failed one. Blocking.
 pub struct TrafficReader {
@@ -603,31 +624,17 @@ impl NftDriver {
         self.netlink(move |n| {
             let mut out = Vec::new();
             for (set, v6, outbound) in render::USAGE_SETS {
-                let len = if v6 { 16 } else { 4 };
                 let read = n.counted_elements(&table, set, |key, bytes| {
-                    // The address, then the interface index in host order (a `meta` key).
-                    let (Some(a), Some(i)) = (key.get(..len), key.get(len..len + 4)) else {
-                        return;
-                    };
-                    let addr = match <[u8; 16]>::try_from(a) {
-                        Ok(b) => IpAddr::from(b),
-                        Err(_) => match <[u8; 4]>::try_from(a) {
-                            Ok(b) => IpAddr::from(b),
-                            Err(_) => return,
-                        },
-                    };
-                    let ifindex = u32::from_ne_bytes(i.try_into().expect("four bytes"));
-                    out.push(ClientBytes {
-                        addr,
-                        ifindex,
-                        outbound,
-                        bytes,
-                    });
+                    if let Some((addr, ifindex)) = addr_iface_key(key, v6) {
+                        out.push(ClientBytes {
+                            addr,
+                            ifindex,
+                            outbound,
+                            bytes,
+                        });
+                    }
                 });
-                match read {
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    r => r?,
-                }
+                absent_is_empty(read)?;
             }
             Ok(out)
         })
@@ -646,20 +653,13 @@ impl NftDriver {
         self.netlink(move |n| {
             let mut count = 0;
             for (set, v6) in render::DEST_SETS {
-                let len = if v6 { 16 } else { 4 };
                 let read = n.aged_elements(&table, set, |key, expires| {
-                    // The address, then the interface index in host order (a `meta` key).
-                    let on = key.get(len..len + 4).is_some_and(|i| {
-                        u32::from_ne_bytes(i.try_into().expect("4 bytes")) == ifindex
-                    });
+                    let on = addr_iface_key(key, v6).is_some_and(|(_, i)| i == ifindex);
                     if on && expires.is_some_and(|left| timeout.saturating_sub(left) <= within) {
                         count += 1;
                     }
                 });
-                match read {
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    r => r?,
-                }
+                absent_is_empty(read)?;
             }
             Ok(count)
         })

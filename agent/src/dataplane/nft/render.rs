@@ -421,13 +421,42 @@ pub(super) fn usage_sets(table: &str) -> Vec<Value> {
     USAGE_SETS
         .iter()
         .map(|(name, v6, _)| {
-            let addr = if *v6 { "ipv6_addr" } else { "ipv4_addr" };
-            json!({"set": {"family": "inet", "table": table, "name": name,
-                "type": [addr, "iface_index"], "flags": ["timeout"],
-                "timeout": USAGE_IDLE_SECS, "size": USAGE_SET_SIZE,
-                "stmt": [{"counter": null}]}})
+            let mut set = addr_iface_set(table, name, *v6, USAGE_IDLE_SECS, USAGE_SET_SIZE);
+            set["set"]["stmt"] = json!([{"counter": null}]);
+            set
         })
         .collect()
+}
+
+/// A set of address (of the family) . interface index elements that time out, filled by
+/// the packet path (`update_addr_iface`).
+fn addr_iface_set(table: &str, name: &str, v6: bool, timeout_secs: u64, size: u32) -> Value {
+    let addr = if v6 { "ipv6_addr" } else { "ipv4_addr" };
+    json!({"set": {"family": "inet", "table": table, "name": name,
+        "type": [addr, "iface_index"], "flags": ["timeout"],
+        "timeout": timeout_secs, "size": size}})
+}
+
+/// In `chain`: a packet of the set's family refreshes (or adds) its element of `set`, the
+/// packet's `addr` (`saddr`, `daddr`) and interface (`iif`, `oif`).
+fn update_addr_iface(
+    table: &str,
+    chain: &str,
+    set: &str,
+    v6: bool,
+    addr: &str,
+    iface: &str,
+) -> Value {
+    let (ip, nfproto) = if v6 { ("ip6", "ipv6") } else { ("ip", "ipv4") };
+    raw_rule(
+        table,
+        chain,
+        vec![
+            matches(json!({"meta": {"key": "nfproto"}}), json!(nfproto)),
+            json!({"set": {"op": "update", "elem": {"concat": [payload(ip, addr), {"meta": {"key": iface}}]}, "set": format!("@{set}")}}),
+        ],
+        None,
+    )
 }
 
 /// Per destination address and output interface, when a LAN packet last left for it
@@ -442,12 +471,7 @@ const DESTS: &str = "dests";
 pub(super) fn dest_sets(table: &str) -> Vec<Value> {
     DEST_SETS
         .iter()
-        .map(|(name, v6)| {
-            let addr = if *v6 { "ipv6_addr" } else { "ipv4_addr" };
-            json!({"set": {"family": "inet", "table": table, "name": name,
-                "type": [addr, "iface_index"], "flags": ["timeout"],
-                "timeout": DEST_TIMEOUT_MS / 1000, "size": DEST_SET_SIZE}})
-        })
+        .map(|(name, v6)| addr_iface_set(table, name, *v6, DEST_TIMEOUT_MS / 1000, DEST_SET_SIZE))
         .collect()
 }
 
@@ -466,16 +490,7 @@ pub(super) fn dest_rules(s: &NftStructure) -> Vec<Value> {
         None,
     )];
     for (name, v6) in DEST_SETS {
-        let (ip, nfproto) = if v6 { ("ip6", "ipv6") } else { ("ip", "ipv4") };
-        out.push(raw_rule(
-            &s.table,
-            DESTS,
-            vec![
-                matches(json!({"meta": {"key": "nfproto"}}), json!(nfproto)),
-                json!({"set": {"op": "update", "elem": {"concat": [payload(ip, "daddr"), {"meta": {"key": "oif"}}]}, "set": format!("@{name}")}}),
-            ],
-            None,
-        ));
+        out.push(update_addr_iface(&s.table, DESTS, name, v6, "daddr", "oif"));
     }
     out
 }
@@ -502,21 +517,12 @@ pub(super) fn usage_rules(s: &NftStructure) -> Vec<Value> {
         None,
     )];
     for (name, v6, outbound) in USAGE_SETS {
-        let (ip, nfproto) = if v6 { ("ip6", "ipv6") } else { ("ip", "ipv4") };
-        let (addr, iface) = if outbound {
-            ("saddr", "oif")
+        let (chain, addr, iface) = if outbound {
+            (USAGE_OUT, "saddr", "oif")
         } else {
-            ("daddr", "iif")
+            (USAGE_IN, "daddr", "iif")
         };
-        out.push(raw_rule(
-            &s.table,
-            if outbound { USAGE_OUT } else { USAGE_IN },
-            vec![
-                matches(json!({"meta": {"key": "nfproto"}}), json!(nfproto)),
-                json!({"set": {"op": "update", "elem": {"concat": [payload(ip, addr), {"meta": {"key": iface}}]}, "set": format!("@{name}")}}),
-            ],
-            None,
-        ));
+        out.push(update_addr_iface(&s.table, chain, name, v6, addr, iface));
     }
     out
 }
