@@ -830,6 +830,13 @@ impl Lab {
             .unwrap_or_default())
     }
 
+    /// Why `uplink` is down, from the API; `None` while it is not.
+    pub fn down_reason(&self, uplink: &str) -> Result<Option<String>> {
+        let u = self.uplink_json(uplink)?;
+        Ok((u["state"] == "down")
+            .then(|| u["down_reason"].as_str().unwrap_or_default().to_string()))
+    }
+
     /// The HTTP status code of `url`, fetched from the gateway's namespace ("000" when
     /// nothing answers).
     pub fn http_status(&self, url: &str) -> Result<String> {

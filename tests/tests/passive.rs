@@ -21,12 +21,6 @@ fn bursts(lab: &Lab, uplink: &str, result: &str) -> anyhow::Result<f64> {
         .sum())
 }
 
-/// Why `uplink` is down; `None` while it is not.
-fn down_reason(lab: &Lab, uplink: &str) -> anyhow::Result<Option<String>> {
-    let u = lab.uplink_json(uplink)?;
-    Ok((u["state"] == "down").then(|| u["down_reason"].as_str().unwrap_or_default().to_string()))
-}
-
 /// A lab whose probes alone would take many seconds to judge an uplink down
 /// (`down_after`): what takes it down sooner is the traffic's evidence and its burst.
 fn lab(tag: &str, health: &str) -> anyhow::Result<Lab> {
@@ -57,9 +51,9 @@ fn unanswered_lan_traffic_takes_a_silent_uplink_down_by_a_failed_burst() -> anyh
     let stream = UdpStream::start(&lab, 1, false, Duration::from_millis(5))?;
     lab.upstream_loss("isp1", 100)?;
     lab.wait_for(Duration::from_secs(10), "isp1 down", || {
-        Ok(down_reason(&lab, "isp1")?.is_some())
+        Ok(lab.down_reason("isp1")?.is_some())
     })?;
-    let why = down_reason(&lab, "isp1")?.unwrap_or_default();
+    let why = lab.down_reason("isp1")?.unwrap_or_default();
     assert_eq!(
         why, "LAN traffic unanswered for 150ms and a probe burst failed",
         "taken down by the burst, not by 25 failed rounds"
@@ -107,7 +101,7 @@ fn a_client_whose_one_server_is_dead_does_not_take_the_uplink_down() -> anyhow::
     let _ = sender.join();
     answered?;
     assert_eq!(bursts(&lab, "isp1", "failed")?, 0.0);
-    assert_eq!(down_reason(&lab, "isp1")?, None);
+    assert_eq!(lab.down_reason("isp1")?, None);
     let (_, events, _) = lab.ctl("view", &["events"])?;
     assert!(!events.contains("uplink isp1 up -> down"), "{events}");
     assert_eq!(lab.via(1)?, "isp1");
@@ -180,12 +174,12 @@ fn an_uplink_without_probes_goes_down_when_three_destinations_go_unanswered() ->
     });
     lab.upstream_loss(&home, 100)?;
     let down = lab.wait_for(Duration::from_secs(10), "the home down", || {
-        Ok(down_reason(&lab, &home)?.is_some())
+        Ok(lab.down_reason(&home)?.is_some())
     });
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let _ = sender.join();
     down?;
-    let why = down_reason(&lab, &home)?.unwrap_or_default();
+    let why = lab.down_reason(&home)?.unwrap_or_default();
     assert!(
         why.starts_with("LAN traffic to 3 destinations unanswered for 150ms (no probes"),
         "{why}"
@@ -193,7 +187,7 @@ fn an_uplink_without_probes_goes_down_when_three_destinations_go_unanswered() ->
     assert_eq!(lab.udp_via(1, servers[1], None, None)?, other);
     lab.upstream_loss(&home, 0)?;
     lab.wait_for(Duration::from_secs(45), "the home tried again", || {
-        Ok(down_reason(&lab, &home)?.is_none())
+        Ok(lab.down_reason(&home)?.is_none())
     })?;
     let (_, events, _) = lab.ctl("view", &["events"])?;
     assert!(
