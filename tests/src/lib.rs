@@ -1160,25 +1160,35 @@ impl Lab {
 /// The client addresses of `family` (`"client4"`, `"client6"`) in uplinkd's table in
 /// namespace `ns`, from its per-uplink sets `client4.<uplink>`: address → `home_<uplink>`.
 pub fn kernel_clients(ns: &str, family: &str) -> Result<BTreeMap<IpAddr, String>> {
-    let out = sh(&[
-        "ip", "netns", "exec", ns, "nft", "-j", "list", "table", "inet", "uplinkd",
-    ])?;
-    let v: serde_json::Value = serde_json::from_str(&out)?;
-    let mut m = BTreeMap::new();
-    for item in v["nftables"].as_array().into_iter().flatten() {
-        let Some(uplink) = item["set"]["name"]
-            .as_str()
-            .and_then(|n| n.strip_prefix(family)?.strip_prefix('.'))
-        else {
-            continue;
-        };
-        for e in item["set"]["elem"].as_array().into_iter().flatten() {
-            if let Some(ip) = e.as_str() {
-                m.insert(ip.parse()?, format!("home_{uplink}"));
+    // A set listed while the kernel resizes its hash table (for about a second after a
+    // commit of many elements) repeats some elements and misses others: the dump resumes
+    // by count. A listing without repeats is one state.
+    for _ in 0..10 {
+        let out = sh(&[
+            "ip", "netns", "exec", ns, "nft", "-j", "list", "table", "inet", "uplinkd",
+        ])?;
+        let v: serde_json::Value = serde_json::from_str(&out)?;
+        let (mut m, mut listed) = (BTreeMap::new(), 0);
+        for item in v["nftables"].as_array().into_iter().flatten() {
+            let Some(uplink) = item["set"]["name"]
+                .as_str()
+                .and_then(|n| n.strip_prefix(family)?.strip_prefix('.'))
+            else {
+                continue;
+            };
+            for e in item["set"]["elem"].as_array().into_iter().flatten() {
+                if let Some(ip) = e.as_str() {
+                    listed += 1;
+                    m.insert(ip.parse()?, format!("home_{uplink}"));
+                }
             }
         }
+        if listed == m.len() {
+            return Ok(m);
+        }
+        std::thread::sleep(Duration::from_millis(300));
     }
-    Ok(m)
+    bail!("every listing of the {family} client sets in {ns} repeated elements")
 }
 
 impl Drop for Lab {

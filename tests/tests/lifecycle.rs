@@ -1,10 +1,10 @@
 //! Assignment, new clients, restarts and idle release, on the real dataplane.
 
-use std::collections::BTreeMap;
-use std::net::IpAddr;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
-use uplink_tests::{Lab, UdpStream, UplinkSpec, client_v4, client_v6, two_uplinks};
+use uplink_tests::{LAN_IF, Lab, UdpStream, UplinkSpec, client_v4, client_v6, two_uplinks};
 
 fn three_uplinks() -> Vec<UplinkSpec> {
     vec![
@@ -136,6 +136,54 @@ fn restart_keeps_assignments_and_loses_no_packets() -> anyhow::Result<()> {
         let seen = lab.probe(i, addr.is_ipv6(), 10)?;
         assert_eq!(lab.uplink_of_source(seen).as_ref(), Some(home));
     }
+    Ok(())
+}
+
+/// Neighbours the kernel held before uplinkd started are clients from its start, with no
+/// event and no traffic: the start-up dump reads them, over several datagrams and in both
+/// families.
+#[test]
+fn neighbours_known_before_the_start_are_clients_at_once() -> anyhow::Result<()> {
+    let mut lab = Lab::build("dump", two_uplinks(), 0, 0)?;
+    lab.write_config("10s", "10m", "")?;
+    let (mut batch, mut want) = (String::new(), BTreeSet::new());
+    let mut neighbour = |ip: IpAddr, n: u32| {
+        batch += &format!(
+            "neigh replace {ip} lladdr 02:00:{:02x}:00:{:02x}:{:02x} dev {LAN_IF} nud permanent\n",
+            u8::from(ip.is_ipv6()),
+            n >> 8,
+            n & 0xff
+        );
+        want.insert(ip);
+    };
+    for n in 0..200 {
+        neighbour(Ipv4Addr::new(198, 19, 0, 40 + n as u8).into(), n);
+    }
+    for n in 0..1000 {
+        neighbour(
+            Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 1, n as u16).into(),
+            n,
+        );
+    }
+    let file = lab.dir.join("neighbours.batch");
+    std::fs::write(&file, batch)?;
+    lab.gw(&["ip", "-batch", file.to_str().expect("utf-8 path")])?;
+    lab.start_agent()?;
+    lab.wait_for(
+        Duration::from_secs(10),
+        "1,200 persisted assignments",
+        || Ok(lab.assignments()?.len() >= want.len()),
+    )?;
+    assert_eq!(
+        lab.assignments()?.into_keys().collect::<BTreeSet<_>>(),
+        want
+    );
+    let kernel: BTreeSet<IpAddr> = lab
+        .kernel_map("client4")?
+        .into_keys()
+        .chain(lab.kernel_map("client6")?.into_keys())
+        .collect();
+    assert_eq!(kernel, want);
     Ok(())
 }
 

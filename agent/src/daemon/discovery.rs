@@ -276,8 +276,7 @@ impl Discovery {
         }
         self.read_routes(model, config).await?;
         let mut present = HashMap::new();
-        let handle = self.handle.clone();
-        discover::dump_neighbours(&handle, |e| {
+        discover::dump_neighbours(|e| {
             if let Event::Neighbour {
                 ip,
                 mac: Some(mac),

@@ -17,8 +17,11 @@ use netlink_packet_route::neighbour::{
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteType,
 };
-use rtnetlink::packet_core::NetlinkPayload;
-use rtnetlink::sys::AsyncSocket;
+use rtnetlink::packet_core::{
+    NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+};
+use rtnetlink::sys::protocols::NETLINK_ROUTE;
+use rtnetlink::sys::{AsyncSocket, AsyncSocketExt, SocketAddr, TokioSocket};
 use rtnetlink::{Handle, MulticastGroup};
 use tokio::sync::mpsc;
 
@@ -113,6 +116,8 @@ pub fn accepts_router_adverts(interface: &str) -> Option<bool> {
 pub enum DiscoverError {
     #[error("netlink socket: {0}")]
     Socket(#[from] std::io::Error),
+    #[error("netlink dump of neighbours: {0}")]
+    Neighbours(std::io::Error),
     #[error("netlink dump of {what}: {source}")]
     Dump {
         what: &'static str,
@@ -369,20 +374,70 @@ fn route_event(m: &RouteMessage, present: bool, replace: bool) -> Option<Event> 
     })
 }
 
-/// Dumps the neighbour tables, handing each entry to `f` as it arrives (100k entries are
-/// not collected first).
-pub async fn dump_neighbours(
-    handle: &Handle,
-    mut f: impl FnMut(Event),
-) -> Result<(), DiscoverError> {
-    for af in [AddressFamily::Inet, AddressFamily::Inet6] {
-        let mut s = handle.neighbours().get().set_address_family(af).execute();
-        while let Some(m) = s.try_next().await.map_err(|source| DiscoverError::Dump {
-            what: "neighbours",
-            source,
-        })? {
-            if let Some(e) = neighbour_event(&m, false) {
-                f(e);
+/// Dumps the neighbour tables on a socket of its own, handing each entry to `f` as its
+/// datagram is read. Not through rtnetlink's connection: it parses a dump ahead of its
+/// reader into an unbounded queue (about 20 MB at 100k neighbours, the largest part of a
+/// start's peak memory); here the kernel waits for the next read, so a dump holds one
+/// datagram at a time.
+pub async fn dump_neighbours(mut f: impl FnMut(Event)) -> Result<(), DiscoverError> {
+    let dump = |e: std::io::Error| DiscoverError::Neighbours(e);
+    let socket = TokioSocket::new(NETLINK_ROUTE).map_err(dump)?;
+    // The kernel caps a dump's datagrams at 32 KiB.
+    let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
+    for (seq, family) in [(1, AddressFamily::Inet), (2, AddressFamily::Inet6)] {
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+        header.sequence_number = seq;
+        let mut ask = NeighbourMessage::default();
+        ask.header.family = family;
+        let mut req = NetlinkMessage::new(
+            header,
+            NetlinkPayload::from(RouteNetlinkMessage::GetNeighbour(ask)),
+        );
+        req.finalize();
+        let mut out = vec![0; req.buffer_len()];
+        req.serialize(&mut out);
+        socket
+            .send_to(&out, &SocketAddr::new(0, 0))
+            .await
+            .map_err(dump)?;
+        'dump: loop {
+            buf.clear();
+            socket.recv(&mut buf).await.map_err(dump)?;
+            let mut data = &buf[..];
+            while !data.is_empty() {
+                let msg =
+                    NetlinkMessage::<RouteNetlinkMessage>::deserialize(data).map_err(|e| {
+                        dump(std::io::Error::new(
+                            std::io::ErrorKind::InvalidData,
+                            e.to_string(),
+                        ))
+                    })?;
+                let len = msg.header.length as usize;
+                if msg.header.sequence_number == seq {
+                    match msg.payload {
+                        NetlinkPayload::Done(d) if d.code < 0 => {
+                            return Err(dump(std::io::Error::from_raw_os_error(-d.code)));
+                        }
+                        NetlinkPayload::Done(_) => break 'dump,
+                        NetlinkPayload::Error(e) if e.code.is_some() => {
+                            return Err(dump(e.to_io()));
+                        }
+                        NetlinkPayload::Error(_) => break 'dump,
+                        NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewNeighbour(m)) => {
+                            if let Some(e) = neighbour_event(&m, false) {
+                                f(e);
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                // Messages start on 4-byte boundaries.
+                let next = (len + 3) & !3;
+                if len == 0 || next >= data.len() {
+                    break;
+                }
+                data = &data[next..];
             }
         }
     }

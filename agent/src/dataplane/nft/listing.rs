@@ -299,9 +299,30 @@ pub(super) struct Elements {
     map: BTreeMap<ElemKey, Arc<str>>,
     targets: BTreeMap<String, Arc<str>>,
     unknown: usize,
+    /// Elements read twice from the same set or map.
+    repeated: usize,
 }
 
 impl Elements {
+    /// Whether the reading was of one state. A set holds an element once, so one read
+    /// twice means the dump was not: the kernel resumes a dump by skipping as many
+    /// elements as it sent, and a hash set resized in between (as one is for about a
+    /// second after a commit of many elements) shifts what that skips, repeating some
+    /// elements and missing others.
+    pub(super) fn consistent(&self) -> bool {
+        self.repeated == 0
+    }
+
+    fn insert(&mut self, key: ElemKey, target: Arc<str>) {
+        // The same key with the same target: the same set (a client set's elements all
+        // lead to its uplink's home chain). In two sets it is the kernel's state.
+        if let Some(old) = self.map.insert(key, target.clone())
+            && Arc::ptr_eq(&old, &target)
+        {
+            self.repeated += 1;
+        }
+    }
+
     fn target(&mut self, t: &str) -> Arc<str> {
         if let Some(a) = self.targets.get(t) {
             return a.clone();
@@ -338,7 +359,7 @@ impl Elements {
             }
         };
         let target = self.target(&home_chain(uplink));
-        self.map.insert(key, target);
+        self.insert(key, target);
     }
 
     /// An element of the map `name` with the chain of its `goto`.
@@ -357,7 +378,7 @@ impl Elements {
         match (key, goto) {
             (Some(key), Some(goto)) => {
                 let target = self.target(goto);
-                self.map.insert(key, target);
+                self.insert(key, target);
             }
             // Not something uplinkd writes: the structure check replaces the table.
             _ => self.unknown += 1,

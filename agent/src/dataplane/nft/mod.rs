@@ -19,6 +19,7 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
+use std::time::Duration;
 
 use ipnet::IpNet;
 use nftables::expr::{
@@ -94,8 +95,12 @@ pub struct UnassignedChain {
     pub rules: usize,
 }
 
-/// Readings of the table tried before giving up while the ruleset keeps changing.
-const READ_ATTEMPTS: usize = 3;
+/// Readings of the table tried before giving up while the ruleset keeps changing, or a
+/// set keeps being resized.
+const READ_ATTEMPTS: usize = 5;
+/// After a reading that saw a set being resized (`Elements::consistent`), the wait before
+/// the next: a resize after a commit of 100k elements lasts about a second.
+const RESIZE_WAIT: Duration = Duration::from_millis(300);
 /// Stale rules the `unassigned` chain may hold before it is rewritten; it is also
 /// rewritten on every resync (`tidy`), off the path of a placement.
 const MAX_UNASSIGNED_RULES: usize = 256;
@@ -251,7 +256,7 @@ impl<T> Shared<T> {
     /// held across the read: who comes meanwhile gets this reading.
     async fn get(
         &self,
-        max_age: std::time::Duration,
+        max_age: Duration,
         read: impl std::future::Future<Output = Result<T, DataplaneError>>,
     ) -> Result<Arc<T>, DataplaneError> {
         let mut last = self.0.lock().await;
@@ -289,7 +294,7 @@ pub struct Counters {
 type ExternalSets = BTreeMap<String, (std::time::Instant, Arc<Vec<IpNet>>)>;
 
 /// How long an external set's reading is reused.
-const EXTERNAL_SET_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(1);
+const EXTERNAL_SET_MAX_AGE: Duration = Duration::from_secs(1);
 
 impl Counters {
     pub fn new(driver: NftDriver) -> Counters {
@@ -308,10 +313,7 @@ impl Counters {
     }
 
     /// The rules' counters, shared and reused like the traffic counters.
-    pub async fn rules(
-        &self,
-        max_age: std::time::Duration,
-    ) -> Result<RuleCounters, DataplaneError> {
+    pub async fn rules(&self, max_age: Duration) -> Result<RuleCounters, DataplaneError> {
         self.rules.get(max_age, self.driver.rule_counters()).await
     }
 
@@ -392,10 +394,7 @@ impl Counters {
     }
 
     /// The traffic counters, shared and reused for `max_age`.
-    pub async fn read(
-        &self,
-        max_age: std::time::Duration,
-    ) -> Result<TrafficByInterface, DataplaneError> {
+    pub async fn read(&self, max_age: Duration) -> Result<TrafficByInterface, DataplaneError> {
         self.traffic.get(max_age, self.driver.counters()).await
     }
 }
@@ -552,6 +551,11 @@ impl NftDriver {
                 }
                 r => r?,
             };
+            if !elems.consistent() {
+                tracing::debug!(table = %self.table, "a set was being resized during the reading; reading again");
+                tokio::time::sleep(RESIZE_WAIT).await;
+                continue;
+            }
             if before == after {
                 return Ok(Some(assemble(
                     structure,
@@ -562,7 +566,7 @@ impl NftDriver {
             }
         }
         Err(DataplaneError::NftNetlink(std::io::Error::other(format!(
-            "the ruleset changed during each of {READ_ATTEMPTS} readings of table inet {}",
+            "the ruleset changed, or a set was being resized, during each of {READ_ATTEMPTS} readings of table inet {}",
             self.table
         ))))
     }
@@ -1117,6 +1121,24 @@ pub fn without(s: &NftStructure, drop: &[Part]) -> NftStructure {
 mod tests {
     use super::*;
     use crate::plan::NftUplink;
+
+    #[test]
+    fn an_element_read_twice_from_one_set_makes_the_reading_inconsistent() {
+        let mut e = Elements::default();
+        let (a, b) = ([10, 0, 0, 1], [10, 0, 0, 2]);
+        e.add_netlink("client4.isp1", &a, None);
+        e.add_netlink("client4.isp2", &b, None);
+        e.add_netlink(MAP_STICKY, &7u32.to_ne_bytes(), Some("keep_isp1"));
+        // One address in two uplinks' sets is the kernel's state, not a torn dump.
+        e.add_netlink("client4.isp2", &a, None);
+        assert!(e.consistent());
+        e.add_netlink("client4.isp2", &b, None);
+        assert!(!e.consistent(), "b twice in client4.isp2");
+        let mut e = Elements::default();
+        e.add_netlink(MAP_STICKY, &7u32.to_ne_bytes(), Some("keep_isp1"));
+        e.add_netlink(MAP_STICKY, &7u32.to_ne_bytes(), Some("keep_isp1"));
+        assert!(!e.consistent(), "a mark twice in the sticky map");
+    }
 
     fn structure() -> NftStructure {
         NftStructure {
