@@ -14,7 +14,7 @@
 //! incremental plan that names only the client addresses an event touched.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -412,6 +412,26 @@ fn addr_iface_key(key: &[u8], v6: bool) -> Option<(IpAddr, u32)> {
     Some((addr, u32::from_ne_bytes(i.try_into().ok()?)))
 }
 
+/// Reads with `read` until a reading repeats no element, waiting `wait` between readings:
+/// a dump of a set being resized repeats some elements and misses others
+/// (`Elements::consistent`). `read` gives its result and whether an element came twice.
+fn untorn<T>(
+    wait: Duration,
+    mut read: impl FnMut() -> std::io::Result<(T, bool)>,
+) -> std::io::Result<T> {
+    for _ in 0..READ_ATTEMPTS {
+        let (v, repeated) = read()?;
+        if !repeated {
+            return Ok(v);
+        }
+        std::thread::sleep(wait);
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::Interrupted,
+        format!("a set was being resized during each of {READ_ATTEMPTS} readings"),
+    ))
+}
+
 /// A set that does not exist (its feature is off) has no elements.
 fn absent_is_empty(read: std::io::Result<()>) -> std::io::Result<()> {
     match read {
@@ -626,21 +646,24 @@ impl NftDriver {
     pub async fn client_bytes(&self) -> Result<Vec<ClientBytes>, DataplaneError> {
         let table = self.table.clone();
         self.netlink(move |n| {
-            let mut out = Vec::new();
-            for (set, v6, outbound) in render::USAGE_SETS {
-                let read = n.counted_elements(&table, set, |key, bytes| {
-                    if let Some((addr, ifindex)) = addr_iface_key(key, v6) {
-                        out.push(ClientBytes {
-                            addr,
-                            ifindex,
-                            outbound,
-                            bytes,
-                        });
-                    }
-                });
-                absent_is_empty(read)?;
-            }
-            Ok(out)
+            untorn(RESIZE_WAIT, || {
+                let (mut out, mut seen, mut repeated) = (Vec::new(), HashSet::new(), false);
+                for (set, v6, outbound) in render::USAGE_SETS {
+                    let read = n.counted_elements(&table, set, |key, bytes| {
+                        if let Some((addr, ifindex)) = addr_iface_key(key, v6) {
+                            repeated |= !seen.insert((addr, ifindex, outbound));
+                            out.push(ClientBytes {
+                                addr,
+                                ifindex,
+                                outbound,
+                                bytes,
+                            });
+                        }
+                    });
+                    absent_is_empty(read)?;
+                }
+                Ok((out, repeated))
+            })
         })
         .await
     }
@@ -655,17 +678,24 @@ impl NftDriver {
         let table = self.table.clone();
         let timeout = std::time::Duration::from_millis(render::DEST_TIMEOUT_MS);
         self.netlink(move |n| {
-            let mut count = 0;
-            for (set, v6) in render::DEST_SETS {
-                let read = n.aged_elements(&table, set, |key, expires| {
-                    let on = addr_iface_key(key, v6).is_some_and(|(_, i)| i == ifindex);
-                    if on && expires.is_some_and(|left| timeout.saturating_sub(left) <= within) {
-                        count += 1;
-                    }
-                });
-                absent_is_empty(read)?;
-            }
-            Ok(count)
+            untorn(RESIZE_WAIT, || {
+                let (mut count, mut seen, mut repeated) = (0, HashSet::new(), false);
+                for (set, v6) in render::DEST_SETS {
+                    let read = n.aged_elements(&table, set, |key, expires| {
+                        let Some((addr, i)) = addr_iface_key(key, v6) else {
+                            return;
+                        };
+                        repeated |= !seen.insert((addr, i));
+                        let recent =
+                            expires.is_some_and(|left| timeout.saturating_sub(left) <= within);
+                        if i == ifindex && recent {
+                            count += 1;
+                        }
+                    });
+                    absent_is_empty(read)?;
+                }
+                Ok((count, repeated))
+            })
         })
         .await
     }
@@ -1121,6 +1151,18 @@ pub fn without(s: &NftStructure, drop: &[Part]) -> NftStructure {
 mod tests {
     use super::*;
     use crate::plan::NftUplink;
+
+    #[test]
+    fn a_reading_that_repeats_an_element_is_read_again() {
+        let mut calls = 0;
+        let v = untorn(Duration::ZERO, || {
+            calls += 1;
+            Ok((calls, calls < 3))
+        });
+        assert_eq!(v.expect("third reading"), 3);
+        let e = untorn(Duration::ZERO, || Ok(((), true))).expect_err("always torn");
+        assert_eq!(e.kind(), std::io::ErrorKind::Interrupted);
+    }
 
     #[test]
     fn an_element_read_twice_from_one_set_makes_the_reading_inconsistent() {
