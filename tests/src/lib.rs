@@ -935,6 +935,17 @@ impl Lab {
         Ok(())
     }
 
+    /// `write_config` with the lab's API (`api_config`) and immediate failback, then
+    /// `extra`: for tests that read the uplinks' state from the API.
+    pub fn write_api_config(&self, extra: &str) -> Result<()> {
+        let api = self.api_config()?;
+        self.write_config(
+            "10s",
+            "10m",
+            &format!("{api}\n[failover]\nfailback_delay = \"0s\"\n{extra}"),
+        )
+    }
+
     /// Replaces `from` with `to` in the written config (e.g. a gateway by `"auto"`).
     pub fn edit_config(&self, from: &str, to: &str) -> Result<()> {
         let text = fs::read_to_string(self.config_path())?;

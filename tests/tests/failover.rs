@@ -115,12 +115,7 @@ fn carrier_cut_moves_only_the_dead_uplinks_clients() -> anyhow::Result<()> {
 /// failback; returns the lab and a client on isp1.
 fn probed_lab(tag: &str) -> anyhow::Result<(Lab, u32)> {
     let mut lab = Lab::build(tag, uplink_tests::probed_uplinks(), 2, 0)?;
-    let api = lab.api_config()?;
-    lab.write_config(
-        "10s",
-        "10m",
-        &format!("{api}\n[failover]\nfailback_delay = \"0s\"\n"),
-    )?;
+    lab.write_api_config("")?;
     lab.start_agent()?;
     let assigned = lab.greet_clients()?;
     let c = clients_on(&assigned, "isp1")[0];

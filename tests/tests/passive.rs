@@ -25,14 +25,7 @@ fn bursts(lab: &Lab, uplink: &str, result: &str) -> anyhow::Result<f64> {
 /// (`down_after`): what takes it down sooner is the traffic's evidence and its burst.
 fn lab(tag: &str, health: &str) -> anyhow::Result<Lab> {
     let mut lab = Lab::build(tag, probed_uplinks(), 1, 0)?;
-    let api = lab.api_config()?;
-    lab.write_config(
-        "10s",
-        "10m",
-        &format!(
-            "{api}\n[health]\ndown_after = 25\n{health}\n[failover]\nfailback_delay = \"0s\"\n"
-        ),
-    )?;
+    lab.write_api_config(&format!("[health]\ndown_after = 25\n{health}\n"))?;
     lab.start_agent()?;
     let assigned = lab.greet_clients()?;
     anyhow::ensure!(
@@ -145,12 +138,7 @@ fn a_blackout_shorter_than_the_burst_does_not_flap_the_uplink() -> anyhow::Resul
 fn an_uplink_without_probes_goes_down_when_three_destinations_go_unanswered() -> anyhow::Result<()>
 {
     let mut lab = Lab::build("nodests", uplink_tests::two_uplinks(), 1, 0)?;
-    let api = lab.api_config()?;
-    lab.write_config(
-        "10s",
-        "10m",
-        &format!("{api}\n[failover]\nfailback_delay = \"0s\"\n"),
-    )?;
+    lab.write_api_config("")?;
     lab.start_agent()?;
     let servers: Vec<std::net::SocketAddr> = (21..24)
         .map(|last| uplink_tests::internet_v4(last, 7000))
