@@ -604,8 +604,29 @@ impl Model {
 
     /// Tracks `ip` for client `mac` (a neighbour, or a routed host's key).
     fn place(&mut self, ip: IpAddr, mac: Mac, now: Millis, adopt: Option<&str>) -> Change {
-        // Limits first, so that a refusal changes nothing already tracked.
         let known = self.by_addr.get(&ip).is_some_and(|m| *m == mac);
+        // The common case (every entry of a resync's dump): a known address of its own
+        // client, seen again. One lookup of the client, and none for writing while its
+        // sighting is recent: a neighbour dump of 100k clients then leaves the maps (and
+        // the snapshot the API holds, which shares them) untouched.
+        if known && let Some(c) = self.clients.get(&mac) {
+            let fresh = c.addresses.get(&ip).is_some_and(|a| {
+                a.present && now.saturating_sub(a.last_seen) < LAST_SEEN_GRANULARITY
+            });
+            if fresh {
+                return Change::None;
+            }
+            let client = self.clients.get_mut(&mac).expect("looked up above");
+            let seen = Address {
+                present: true,
+                last_seen: now,
+            };
+            return match client.addresses.insert(ip, seen) {
+                Some(_) => Change::None,
+                None => Change::Clients,
+            };
+        }
+        // Limits first, so that a refusal changes nothing already tracked.
         if !known {
             match self.clients.get(&mac) {
                 None if self.clients.len() >= self.max_clients => {
@@ -650,17 +671,6 @@ impl Model {
                 via: None,
             });
             change = Change::Clients;
-        }
-        // A present address seen again is written only when its sighting is older than
-        // LAST_SEEN_GRANULARITY: a neighbour dump of 100k clients then leaves the maps (and
-        // the snapshot the API holds, which shares them) untouched.
-        let fresh = self.clients.get(&mac).and_then(|c| {
-            c.addresses
-                .get(&ip)
-                .filter(|a| a.present && now.saturating_sub(a.last_seen) < LAST_SEEN_GRANULARITY)
-        });
-        if fresh.is_some() && self.by_addr.get(&ip) == Some(&mac) {
-            return change;
         }
         let client = self.clients.get_mut(&mac).expect("inserted above");
         match client.addresses.insert(
