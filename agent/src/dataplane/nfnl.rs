@@ -34,8 +34,8 @@ const NFTA_SET_ELEM_LIST_SET: u16 = 2;
 const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
 const NFTA_SET_ELEM_KEY: u16 = 1;
 const NFTA_SET_ELEM_DATA: u16 = 2;
-/// The element's stateful expression (one), or its list (several).
 const NFTA_SET_ELEM_EXPIRATION: u16 = 5;
+/// The element's stateful expression (one), or its list (several).
 const NFTA_SET_ELEM_EXPR: u16 = 7;
 const NFTA_SET_ELEM_EXPRESSIONS: u16 = 11;
 const NFTA_DATA_VALUE: u16 = 1;

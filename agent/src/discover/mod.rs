@@ -380,7 +380,7 @@ fn route_event(m: &RouteMessage, present: bool, replace: bool) -> Option<Event> 
 /// start's peak memory); here the kernel waits for the next read, so a dump holds one
 /// datagram at a time.
 pub async fn dump_neighbours(mut f: impl FnMut(Event)) -> Result<(), DiscoverError> {
-    let dump = |e: std::io::Error| DiscoverError::Neighbours(e);
+    let dump = DiscoverError::Neighbours;
     let socket = TokioSocket::new(NETLINK_ROUTE).map_err(dump)?;
     // The kernel caps a dump's datagrams at 32 KiB.
     let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);

@@ -388,7 +388,7 @@ impl Counters {
     pub async fn destinations(
         &self,
         ifindex: u32,
-        within: std::time::Duration,
+        within: Duration,
     ) -> Result<usize, DataplaneError> {
         self.driver.destinations(ifindex, within).await
     }
@@ -673,10 +673,10 @@ impl NftDriver {
     pub async fn destinations(
         &self,
         ifindex: u32,
-        within: std::time::Duration,
+        within: Duration,
     ) -> Result<usize, DataplaneError> {
         let table = self.table.clone();
-        let timeout = std::time::Duration::from_millis(render::DEST_TIMEOUT_MS);
+        let timeout = Duration::from_millis(render::DEST_TIMEOUT_MS);
         self.netlink(move |n| {
             untorn(RESIZE_WAIT, || {
                 let (mut count, mut seen, mut repeated) = (0, HashSet::new(), false);

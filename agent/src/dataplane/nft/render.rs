@@ -475,6 +475,17 @@ pub(super) fn dest_sets(table: &str) -> Vec<Value> {
         .collect()
 }
 
+/// In the accounting chain: one lookup of the packet's interface (`key`: `iifname`,
+/// `oifname`) that jumps where `by_iface` says.
+fn accounting_vmap(table: &str, key: &str, by_iface: Vec<Value>) -> Value {
+    raw_rule(
+        table,
+        ACCOUNTING,
+        vec![json!({"vmap": {"key": {"meta": {"key": key}}, "data": {"set": by_iface}}})],
+        None,
+    )
+}
+
 /// Packets out of those interfaces refresh their destination: one lookup of the output
 /// interface for every forwarded packet, and a set update for theirs.
 pub(super) fn dest_rules(s: &NftStructure) -> Vec<Value> {
@@ -483,12 +494,7 @@ pub(super) fn dest_rules(s: &NftStructure) -> Vec<Value> {
         .iter()
         .map(|i| json!([i, {"jump": {"target": DESTS}}]))
         .collect();
-    let mut out = vec![raw_rule(
-        &s.table,
-        ACCOUNTING,
-        vec![json!({"vmap": {"key": {"meta": {"key": "oifname"}}, "data": {"set": by_iface}}})],
-        None,
-    )];
+    let mut out = vec![accounting_vmap(&s.table, "oifname", by_iface)];
     for (name, v6) in DEST_SETS {
         out.push(update_addr_iface(&s.table, DESTS, name, v6, "daddr", "oif"));
     }
@@ -510,12 +516,7 @@ pub(super) fn usage_rules(s: &NftStructure) -> Vec<Value> {
                 .map(|i| json!([i, {"jump": {"target": USAGE_IN}}])),
         )
         .collect();
-    let mut out = vec![raw_rule(
-        &s.table,
-        ACCOUNTING,
-        vec![json!({"vmap": {"key": {"meta": {"key": "iifname"}}, "data": {"set": by_iface}}})],
-        None,
-    )];
+    let mut out = vec![accounting_vmap(&s.table, "iifname", by_iface)];
     for (name, v6, outbound) in USAGE_SETS {
         let (chain, addr, iface) = if outbound {
             (USAGE_OUT, "saddr", "oif")
