@@ -1,7 +1,8 @@
 #!/bin/bash
 # The forward benchmark under `perf`, and uplinkd's per-packet cost estimated from the share
-# of the machine's busy CPU spent inside nf_tables chains (nft_do_chain_inet and what it
-# calls), in the uplinkd runs and in the bare runs. A share does not move when the
+# of the machine's busy CPU spent inside nf_tables chains (nft_do_chain_inet/_ipv4/_ipv6 and
+# what they call: uplinkd's and the sink's inet chains, bare's ip chain), in the uplinkd
+# runs and in the bare runs. A share does not move when the
 # hypervisor slows the whole machine down, which the rates do by ±20 % here.
 #
 # If the rest of a packet's path costs the same in both, the rate ratio is
@@ -19,14 +20,15 @@ command -v perf >/dev/null || { echo "nft-share: needs perf (Debian: linux-perf)
 perf record -q -a -g -e cpu-clock -o "$data" -- \
     env UPLINKD_BIN="$bin" target/release/uplink-bench forward --clients "$clients" --seconds 6 --runs 2 $extra |
     grep -E "machine|paired"
-# Per second: samples, busy samples, busy samples inside nft chains, samples in
-# nft_objref_map_eval (uplinkd's accounting: it marks the uplinkd runs).
+# Per second: samples, busy samples, busy samples inside nft chains, samples in a set
+# lookup or a named counter (uplinkd's chains have them, bare's and the sink's do not: they
+# mark the uplinkd runs).
 perf script -i "$data" -F time,ip,sym 2>/dev/null | awk '
 function flush() { tot[t]++; if (!idle) { busy[t]++; if (nft) innft[t]++ }; if (acct) marks[t]++ }
 /^ *[0-9]+\.[0-9]+:/ { if (open) flush(); open = 1; t = int($1); idle = nft = acct = 0; next }
 /pv_native_safe_halt|default_idle|intel_idle|acpi_idle/ { idle = 1 }
-/nft_do_chain_inet/ { nft = 1 }
-/nft_objref_map_eval/ { acct = 1 }
+/nft_do_chain_(inet|ipv4|ipv6)/ { nft = 1 }
+/nft_lookup_eval|nft_objref_eval|nft_objref_map_eval/ { acct = 1 }
 /^$/ { if (open) flush(); open = 0 }
 END {
     if (open) flush()

@@ -1457,6 +1457,9 @@ fn forward_bench(
     let bare_table = "add table ip bare { chain pre { type filter hook prerouting priority -150; meta mark set 0x01000000; }; chain post { type nat hook postrouting priority 100; oifname \"wan1\" masquerade; }; }";
     let uplinkd = gw.ns.exec(&["nft", "list", "table", "inet", "uplinkd"])?;
     stop(child)?;
+    // uplinkd leaves its table in place when it stops (a restart adopts it): loaded on top
+    // of it, the listing would add every rule a second time.
+    gw.ns.exec(&["nft", "delete", "table", "inet", "uplinkd"])?;
     for _ in 0..runs {
         // uplinkd's table back as it left it (its routing rules and tables stay).
         load_nft(&gw, &uplinkd)?;

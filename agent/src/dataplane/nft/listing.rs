@@ -13,8 +13,12 @@ pub(super) fn signature_of_items<'a, 'b: 'a>(
             sig.chains.insert(c.clone());
         }
         if let Some(m) = &it.map {
-            sig.maps
-                .insert((m.name.clone(), m.key_type.to_string(), m.map.to_string()));
+            sig.maps.insert((
+                m.name.clone(),
+                m.key_type.to_string(),
+                m.map.to_string(),
+                m.size,
+            ));
         }
         if let Some(r) = &it.rule
             && r.chain != UNASSIGNED
@@ -98,6 +102,9 @@ pub(super) struct ListMap<'a> {
     #[serde(rename = "type")]
     pub(super) key_type: serde_json::Value,
     pub(super) map: serde_json::Value,
+    /// Declared size: a map that had none (an earlier version's `sticky`) is replaced.
+    #[serde(default)]
+    pub(super) size: Option<u64>,
     #[serde(default, borrow)]
     pub(super) elem: Vec<(ListKey<'a>, ListVerdict<'a>)>,
 }

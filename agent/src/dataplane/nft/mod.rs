@@ -112,7 +112,8 @@ const TARGET_TAG: &str = " to:";
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Signature {
     chains: BTreeSet<ListChain>,
-    maps: BTreeSet<(String, String, String)>,
+    /// Name, key type, data type and size.
+    maps: BTreeSet<(String, String, String, Option<u64>)>,
     rules: Vec<(String, Option<String>)>,
     /// Name and type.
     sets: BTreeSet<(String, String)>,
@@ -1070,11 +1071,7 @@ fn replace_batch(table: &str, structure: &[Value], unassigned: Option<&str>) -> 
     let add = |o: &Value| json!({ "add": o }).to_string();
     let t = json!({"table": {"family": "inet", "name": table}});
     let mut batch = vec![add(&t), json!({ "delete": t }).to_string()];
-    let mut objs = structure.iter();
-    batch.extend(objs.next().map(add));
-    // Maps right after the table: the rules and elements that follow use them.
-    batch.extend(verdict_maps(table).iter().map(add));
-    batch.extend(objs.map(add));
+    batch.extend(structure.iter().map(add));
     batch.extend(unassigned.map(|w| add(&unassigned_rule(table, w))));
     batch
 }
@@ -1289,7 +1286,6 @@ mod tests {
             .filter(|o| o.get("rule").is_none() && o.get("counter").is_none())
             .cloned()
             .collect();
-        items.extend(verdict_maps("uplinkd"));
         // Another inet table's chain and map: listed by `list chains inet`, not ours.
         items.push(json!({"chain": {"family": "inet", "table": "fw", "name": "input"}}));
         items.push(json!({"map": {"family": "inet", "table": "fw", "name": "m", "type": "mark", "map": "verdict"}}));
@@ -1322,6 +1318,29 @@ mod tests {
     }
 
     #[test]
+    fn a_sticky_map_without_its_size_is_replaced() {
+        // An earlier version declared `sticky` without a size: the kernel gave it the
+        // resizable hash, which every established packet pays for. Its table is replaced.
+        let objs = render_structure(&structure());
+        let sticky = objs
+            .iter()
+            .find(|o| o["map"]["name"] == MAP_STICKY)
+            .expect("the sticky map");
+        assert_eq!(
+            sticky["map"]["size"], 63,
+            "one element per id of mask 0x3f000000"
+        );
+        let mut items: Vec<serde_json::Value> = objs.to_vec();
+        let k = parse_listing(&serde_json::json!({"nftables": items.clone()}).to_string()).unwrap();
+        assert!(k.signature.compatible(&signature_of(&objs)));
+        for o in items.iter_mut().filter(|o| o["map"]["name"] == MAP_STICKY) {
+            o["map"].as_object_mut().unwrap().remove("size");
+        }
+        let k = parse_listing(&serde_json::json!({"nftables": items}).to_string()).unwrap();
+        assert!(!k.signature.compatible(&signature_of(&objs)));
+    }
+
+    #[test]
     fn listing_round_trip_matches_signature() {
         // The shape `nft -j list table` prints for uplinkd's own objects.
         let objs = render_structure(&structure());
@@ -1331,9 +1350,11 @@ mod tests {
             .find(|o| o["set"]["name"] == "client4.a")
             .expect("the client set of uplink a");
         client4["set"]["elem"] = serde_json::json!(["10.0.0.1"]);
-        let mut maps = verdict_maps("uplinkd");
-        maps[0]["map"]["elem"] = serde_json::json!([[16777216, {"goto": {"target": "up_a"}}]]);
-        items.extend(maps);
+        let sticky = items
+            .iter_mut()
+            .find(|o| o["map"]["name"] == MAP_STICKY)
+            .expect("the sticky map");
+        sticky["map"]["elem"] = serde_json::json!([[16777216, {"goto": {"target": "up_a"}}]]);
         let listing = serde_json::json!({"nftables": items.clone()}).to_string();
         let k = parse_listing(&listing).unwrap();
         assert_eq!(k.signature, signature_of(&objs));
