@@ -365,7 +365,8 @@ pub(super) fn accounting_counters(s: &NftStructure) -> Vec<Value> {
 /// comparison per uplink interface before it (nearly always one or two: cheaper than a
 /// lookup, whose key would be the 16-byte name) and stops there; any other packet is
 /// counted in by one counter-map lookup of its input interface, the connection's direction
-/// and the family. Neither unsolicited packets nor port-forwarded connections count as
+/// and the family. Replies to the LAN are all counted in: no uplink is on a LAN interface
+/// (config refuses it); only a packet from one uplink out of another counts out alone. Neither unsolicited packets nor port-forwarded connections count as
 /// replies, and one family's traffic says nothing about the other's path. A packet without
 /// a connection (`notrack`, invalid) is not counted in. The opt-in per-client and
 /// per-destination rules come before these (`accounting_chain`).
