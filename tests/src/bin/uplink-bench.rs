@@ -68,7 +68,7 @@ const USAGE: &str = "usage: uplink-bench BENCHMARK [OPTIONS]   (as root: benchma
   ctflush  [--flows 2000] [--runs 3]
   abuse    [--clients 50000] [--dispatch 300] [--trials 10]
   rules    [--clients 100000] [--seconds 3] [--runs 3]
-  forward  [--clients 100000] [--seconds 3] [--runs 5] [--client-usage] [--passive-dests]
+  forward  [--clients 100000] [--seconds 3] [--runs 5] [--client-usage] [--passive-dests] [--replies]
   soak     [--seconds 3600] [--clients 10000] [--churn 1000] [--failover-every 60] [--watchers 20] [--warmup 60]
 
 docs/benchmarks.md has the figures and the commands that measured them.";
@@ -162,6 +162,7 @@ fn run(args: &[String]) -> Result<()> {
             arg(&args, "--runs", 5)?,
             args.iter().any(|a| a == "--client-usage"),
             args.iter().any(|a| a == "--passive-dests"),
+            args.iter().any(|a| a == "--replies"),
             &machine,
         ),
         Some("lease") => lease(arg(&args, "--trials", 20)?, &machine),
@@ -1375,6 +1376,52 @@ fn forwarding_rate(gw: &Gw, snd: &Netns, seconds: u64) -> Result<f64> {
     Ok((count()? - before) as f64 / t)
 }
 
+/// The rate of one established flow's replies (internet → LAN: what a download is): the
+/// LAN sender opens a flow to 203.0.113.10:9999, the internet side sends to the address and
+/// port it was masqueraded to, and the sender's namespace counts what arrives.
+fn reply_rate(gw: &Gw, snd: &Netns, seconds: u64) -> Result<f64> {
+    let count = || uplink_tests::nft_chain_packets(&snd.0, "inet", "rsink", "c");
+    let lan = uplink_tests::in_netns(&snd.0, || std::net::UdpSocket::bind("0.0.0.0:0"))??;
+    let port = lan.local_addr()?.port();
+    lan.send_to(b"uplink-bench replies", "203.0.113.10:9999")?;
+    // Where the replies go: the reply tuple of the flow's conntrack entry.
+    let sport = port.to_string();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let to = loop {
+        let out = gw
+            .ns
+            .exec(&["conntrack", "-L", "-p", "udp", "--sport", &sport])?;
+        let field = |key: &str| {
+            out.split_whitespace()
+                .filter_map(|w| w.strip_prefix(key))
+                .nth(1)
+        };
+        if let (Some(addr), Some(port)) = (field("dst="), field("dport=")) {
+            break format!("{addr}:{port}");
+        }
+        if Instant::now() > deadline {
+            bail!("no conntrack entry for the flow from port {port}: {out}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let sock = uplink_tests::in_netns(&gw.peer.0, || {
+        std::net::UdpSocket::bind("203.0.113.10:9999")
+    })??;
+    sock.connect(&to)?;
+    let until = Instant::now() + Duration::from_secs(seconds);
+    let before = count()?;
+    let t0 = Instant::now();
+    while Instant::now() < until {
+        for _ in 0..1000 {
+            // A full queue drops: the rate counted on the LAN is what got through.
+            let _ = sock.send(b"uplink-bench replies");
+        }
+    }
+    let t = t0.elapsed().as_secs_f64();
+    std::thread::sleep(Duration::from_millis(200));
+    Ok((count()? - before) as f64 / t)
+}
+
 /// A gateway with `clients` neighbours on its LAN and a sender namespace with the
 /// address of the middle one, whose UDP to 203.0.113.10:9999 the ISP side counts.
 fn sender_lab(tag: &str, clients: u32) -> Result<(Gw, Netns)> {
@@ -1407,6 +1454,25 @@ fn sender_lab(tag: &str, clients: u32) -> Result<(Gw, Netns)> {
     snd.exec(&["ip", "link", "set", "eth0", "up"])?;
     snd.exec(&["ip", "addr", "add", &format!("{me}/15"), "dev", "eth0"])?;
     snd.exec(&["ip", "route", "add", "default", "via", "198.18.0.1"])?;
+    // For `forward --replies`: the sender's own MAC for its address (the neighbours added
+    // above are fake), the internet host's address, and what reaches the sender.
+    let mac = snd.exec(&["cat", "/sys/class/net/eth0/address"])?;
+    gw.ns.exec(&[
+        "ip",
+        "neigh",
+        "replace",
+        &me.to_string(),
+        "lladdr",
+        mac.trim(),
+        "dev",
+        "br-lan",
+        "nud",
+        "permanent",
+    ])?;
+    gw.peer.exec(&["ip", "link", "set", "lo", "up"])?;
+    gw.peer
+        .exec(&["ip", "addr", "add", "203.0.113.10/32", "dev", "lo"])?;
+    snd.exec(&["nft", "add table inet rsink { chain c { type filter hook prerouting priority -300; udp sport 9999 counter drop; }; }"])?;
     Ok((gw, snd))
 }
 
@@ -1420,11 +1486,17 @@ fn forward_bench(
     runs: u64,
     client_usage: bool,
     passive_dests: bool,
+    replies: bool,
     machine: &str,
 ) -> Result<()> {
     println!(
-        "per-packet cost of an established flow: {clients} clients, one sender (client #{}), one tracked UDP flow per run, masqueraded{}{}",
+        "per-packet cost of an established flow: {clients} clients, one sender (client #{}), one tracked UDP flow per run, masqueraded{}{}{}",
         clients / 2,
+        if replies {
+            ", its replies (internet → LAN) measured"
+        } else {
+            ""
+        },
         if client_usage {
             ", usage per client on"
         } else {
@@ -1463,10 +1535,14 @@ fn forward_bench(
     for _ in 0..runs {
         // uplinkd's table back as it left it (its routing rules and tables stay).
         load_nft(&gw, &uplinkd)?;
-        agent.push(forwarding_rate(&gw, &snd, seconds)?);
+        let rate = |gw: &Gw| match replies {
+            true => reply_rate(gw, &snd, seconds),
+            false => forwarding_rate(gw, &snd, seconds),
+        };
+        agent.push(rate(&gw)?);
         gw.ns.exec(&["nft", "delete", "table", "inet", "uplinkd"])?;
         gw.ns.exec(&["nft", bare_table])?;
-        bare.push(forwarding_rate(&gw, &snd, seconds)?);
+        bare.push(rate(&gw)?);
         gw.ns.exec(&["nft", "delete", "table", "ip", "bare"])?;
     }
     // Each run's ratio to the bare run right after it: the machine's drift between runs
