@@ -1362,12 +1362,22 @@ fn forwarding_rate(gw: &Gw, snd: &Netns, seconds: u64) -> Result<f64> {
     let count = || uplink_tests::nft_chain_packets(&gw.peer.0, "inet", "sink", "c");
     let sock = uplink_tests::in_netns(&snd.0, || std::net::UdpSocket::bind("0.0.0.0:0"))??;
     sock.connect("203.0.113.10:9999")?;
+    send_rate(&sock, seconds, count)
+}
+
+/// Sends from `sock` for `seconds` as fast as it goes; the rate is what `count` (a drop
+/// counter at the receiving end) saw arrive meanwhile.
+fn send_rate(
+    sock: &std::net::UdpSocket,
+    seconds: u64,
+    count: impl Fn() -> Result<u64>,
+) -> Result<f64> {
     let until = Instant::now() + Duration::from_secs(seconds);
     let before = count()?;
     let t0 = Instant::now();
     while Instant::now() < until {
         for _ in 0..1000 {
-            // A full queue drops: the rate counted at the ISP is what got through.
+            // A full queue drops: the rate counted at the receiver is what got through.
             let _ = sock.send(b"uplink-bench rules");
         }
     }
@@ -1408,18 +1418,7 @@ fn reply_rate(gw: &Gw, snd: &Netns, seconds: u64) -> Result<f64> {
         std::net::UdpSocket::bind("203.0.113.10:9999")
     })??;
     sock.connect(&to)?;
-    let until = Instant::now() + Duration::from_secs(seconds);
-    let before = count()?;
-    let t0 = Instant::now();
-    while Instant::now() < until {
-        for _ in 0..1000 {
-            // A full queue drops: the rate counted on the LAN is what got through.
-            let _ = sock.send(b"uplink-bench replies");
-        }
-    }
-    let t = t0.elapsed().as_secs_f64();
-    std::thread::sleep(Duration::from_millis(200));
-    Ok((count()? - before) as f64 / t)
+    send_rate(&sock, seconds, count)
 }
 
 /// A gateway with `clients` neighbours on its LAN and a sender namespace with the
