@@ -70,14 +70,22 @@ fn a_new_client_lands_when_every_first_tier_uplink_is_drained() -> anyhow::Resul
     // The drains are operator decisions: a restart keeps them, even after a SIGKILL.
     lab.stop_agent("KILL")?;
     lab.start_agent()?;
-    let (_, out, _) = lab.ctl("view", &["uplinks"])?;
-    for u in ["isp1", "isp2"] {
-        assert!(
-            out.lines()
-                .any(|l| l.starts_with(u) && l.contains("draining")),
-            "{u} still drained after restart:\n{out}"
-        );
-    }
+    // The API shows the restored model once its first snapshot is out (held until the
+    // state writer has saved what it shows), which can come after the log line that
+    // start_agent waits for: until then it shows a fresh model.
+    let drained = |out: &str, u: &str| {
+        out.lines()
+            .any(|l| l.starts_with(u) && l.contains("draining"))
+    };
+    let mut out = String::new();
+    let waited = lab.wait_for(Duration::from_secs(5), "isp1 and isp2 drained", || {
+        out = lab.ctl("view", &["uplinks"])?.1;
+        Ok(drained(&out, "isp1") && drained(&out, "isp2"))
+    });
+    assert!(
+        waited.is_ok(),
+        "isp1 and isp2 still drained after restart:\n{out}"
+    );
     assert_eq!(lab.via(1)?, "lte");
     Ok(())
 }
