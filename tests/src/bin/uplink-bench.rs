@@ -1410,7 +1410,7 @@ fn reply_rate(gw: &Gw, snd: &Netns, seconds: u64) -> Result<f64> {
             break format!("{addr}:{port}");
         }
         if Instant::now() > deadline {
-            bail!("no conntrack entry for the flow from port {port}: {out}");
+            bail!("no conntrack entry for the flow from port {sport}: {out}");
         }
         std::thread::sleep(Duration::from_millis(20));
     };
@@ -1531,17 +1531,17 @@ fn forward_bench(
     // uplinkd leaves its table in place when it stops (a restart adopts it): loaded on top
     // of it, the listing would add every rule a second time.
     gw.ns.exec(&["nft", "delete", "table", "inet", "uplinkd"])?;
+    let rate = || match replies {
+        true => reply_rate(&gw, &snd, seconds),
+        false => forwarding_rate(&gw, &snd, seconds),
+    };
     for _ in 0..runs {
         // uplinkd's table back as it left it (its routing rules and tables stay).
         load_nft(&gw, &uplinkd)?;
-        let rate = |gw: &Gw| match replies {
-            true => reply_rate(gw, &snd, seconds),
-            false => forwarding_rate(gw, &snd, seconds),
-        };
-        agent.push(rate(&gw)?);
+        agent.push(rate()?);
         gw.ns.exec(&["nft", "delete", "table", "inet", "uplinkd"])?;
         gw.ns.exec(&["nft", bare_table])?;
-        bare.push(rate(&gw)?);
+        bare.push(rate()?);
         gw.ns.exec(&["nft", "delete", "table", "ip", "bare"])?;
     }
     // Each run's ratio to the bare run right after it: the machine's drift between runs

@@ -366,10 +366,11 @@ pub(super) fn accounting_counters(s: &NftStructure) -> Vec<Value> {
 /// lookup, whose key would be the 16-byte name) and stops there; any other packet is
 /// counted in by one counter-map lookup of its input interface, the connection's direction
 /// and the family. Replies to the LAN are all counted in: no uplink is on a LAN interface
-/// (config refuses it); only a packet from one uplink out of another counts out alone. Neither unsolicited packets nor port-forwarded connections count as
-/// replies, and one family's traffic says nothing about the other's path. A packet without
-/// a connection (`notrack`, invalid) is not counted in. The opt-in per-client and
-/// per-destination rules come before these (`accounting_chain`).
+/// (config refuses it); only a packet from one uplink out of another counts out alone.
+/// Neither unsolicited packets nor port-forwarded connections count as replies, and one
+/// family's traffic says nothing about the other's path. A packet without a connection
+/// (`notrack`, invalid) is not counted in. The opt-in per-client and per-destination rules
+/// come before these (`accounting_chain`).
 pub(super) fn accounting_rules(s: &NftStructure) -> Vec<Value> {
     let ifaces = uplink_interfaces(s);
     let meta = |key: &str| json!({"meta": {"key": key}});
@@ -1241,17 +1242,28 @@ pub(super) fn verdict_rules(v: &Verdict, uplinks: &[crate::plan::NftUplink]) -> 
 }
 
 /// Verdict maps, which the `nftables` crate's schema cannot express (its set types have no
-/// `verdict`), are written as raw JSON and spliced into the batch after the table.
+/// `verdict`), as raw JSON; `render_structure` puts them right after the table.
 pub(super) fn verdict_maps(table: &str, mask: u32) -> Vec<serde_json::Value> {
-    let mut maps: Vec<Value> = [(MAP_STICKY, "mark"), (MAP_PIN4, "ipv4_addr"), (MAP_PIN6, "ipv6_addr")]
-        .into_iter()
-        .map(|(name, key)| serde_json::json!({"map": {"family": "inet", "table": table, "name": name, "type": key, "map": "verdict"}}))
-        .collect();
-    // Every packet of an established connection looks its mark up here. Declared with a
-    // size (at most one element per mark id), a 4-byte key gets the kernel's fixed hash
-    // with its one-word hash instead of the resizable one: a third of that lookup's cost.
-    maps[0]["map"]["size"] = json!(mask >> mask.trailing_zeros());
-    maps
+    // Every packet of an established connection looks its mark up in `sticky`. Declared
+    // with a size (at most one element per mark id), a 4-byte key gets the kernel's fixed
+    // hash with its one-word hash instead of the resizable one: a third of that lookup's
+    // cost.
+    let sticky_size = mask >> mask.trailing_zeros();
+    [
+        (MAP_STICKY, "mark", Some(sticky_size)),
+        (MAP_PIN4, "ipv4_addr", None),
+        (MAP_PIN6, "ipv6_addr", None),
+    ]
+    .into_iter()
+    .map(|(name, key, size)| {
+        let mut map =
+            json!({"family": "inet", "table": table, "name": name, "type": key, "map": "verdict"});
+        if let Some(size) = size {
+            map["size"] = json!(size);
+        }
+        json!({ "map": map })
+    })
+    .collect()
 }
 
 /// The signature of uplinkd's own objects, read through the same parser as the kernel's
