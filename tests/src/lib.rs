@@ -980,8 +980,40 @@ impl Lab {
         self.dir.join("uplinkd.log")
     }
 
-    /// Starts uplinkd in the gateway namespace and waits for its first apply.
+    /// Starts uplinkd in the gateway namespace and waits for its first apply, and for its
+    /// API to show the model when it has one.
     pub fn start_agent(&mut self) -> Result<()> {
+        let before = self.spawn_agent()?;
+        self.wait_for(Duration::from_secs(20), "uplinkd's first apply", || {
+            Ok(fs::read_to_string(self.log_path())?
+                .matches("initial apply done")
+                .count()
+                > before)
+        })?;
+        // The API refuses reads until the loop publishes its first model, which waits for
+        // the state writer: a moment after that line. `/readyz` says when.
+        let config = fs::read_to_string(self.config_path())?;
+        if let Some(addr) = config
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("health_listen = "))
+        {
+            let url = format!("http://{}/readyz", addr.trim_matches('"'));
+            self.wait_for(
+                Duration::from_secs(20),
+                "uplinkd's first model shown",
+                || {
+                    Ok(!self
+                        .gw(&["curl", "-s", &url])?
+                        .starts_with("uplinkd is starting"))
+                },
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Starts uplinkd in the gateway namespace without waiting for anything; returns how
+    /// many "initial apply done" lines its log had before.
+    pub fn spawn_agent(&mut self) -> Result<usize> {
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -1012,12 +1044,7 @@ impl Lab {
             .dies_with_spawner()
             .spawn()?;
         self.agent = Some(child);
-        self.wait_for(Duration::from_secs(20), "uplinkd's first apply", || {
-            Ok(fs::read_to_string(self.log_path())?
-                .matches("initial apply done")
-                .count()
-                > before)
-        })
+        Ok(before)
     }
 
     /// Stops the agent with `signal` ("KILL", "TERM") and reaps it.

@@ -162,6 +162,8 @@ impl Default for Heartbeat {
 
 /// At most this many WatchEvents streams at once; each holds a copy of the history.
 pub const MAX_WATCHERS: usize = 64;
+/// What reads answer, and `/readyz` says, until the loop publishes its first model.
+const STARTING: &str = "uplinkd is starting: its state is restored and applied to the kernel before it is shown; try again in a moment";
 /// At most this many API connections (TLS handshakes included) at once, and from one
 /// address.
 pub const MAX_API_CONNECTIONS: usize = 256;
@@ -376,7 +378,10 @@ async fn serve_health(
             "/readyz",
             get(move || {
                 let ready = ready.clone();
-                let refused = snapshot.borrow().refused.clone();
+                let (refused, starting) = {
+                    let s = snapshot.borrow();
+                    (s.refused.clone(), s.starting)
+                };
                 async move {
                     // A config the kernel partly refuses runs without that part: not what
                     // the operator asked for, so a rollout must not go on as if it were.
@@ -386,6 +391,8 @@ async fn serve_health(
                             text += &format!("  {r}\n");
                         }
                         (StatusCode::SERVICE_UNAVAILABLE, text)
+                    } else if starting {
+                        (StatusCode::SERVICE_UNAVAILABLE, format!("{STARTING}\n"))
                     } else if ready.load(Ordering::SeqCst) {
                         (StatusCode::OK, "ready\n".to_string())
                     } else {
@@ -480,9 +487,14 @@ impl AgentService {
         r
     }
 
-    /// The model as the loop last published it.
-    fn snapshot(&self) -> Arc<snapshot::Snapshot> {
-        self.snapshot.borrow().clone()
+    /// The model as the loop last published it; refused until the loop has published
+    /// its first.
+    fn snapshot(&self) -> Result<Arc<snapshot::Snapshot>, Status> {
+        let s = self.snapshot.borrow().clone();
+        if s.starting {
+            return Err(Status::unavailable(STARTING));
+        }
+        Ok(s)
     }
 
     /// Fills in the traffic counters of uplink views.
@@ -568,7 +580,7 @@ impl agent_server::Agent for AgentService {
     ) -> Result<Response<v1::AgentStatus>, Status> {
         self.timed("GetStatus", async move {
             read(&req)?;
-            Ok(Response::new(self.snapshot().status()))
+            Ok(Response::new(self.snapshot()?.status()))
         })
         .await
     }
@@ -579,7 +591,7 @@ impl agent_server::Agent for AgentService {
     ) -> Result<Response<v1::ListUplinksResponse>, Status> {
         self.timed("ListUplinks", async move {
             read(&req)?;
-            let uplinks = self.with_traffic(self.snapshot().uplinks()).await?;
+            let uplinks = self.with_traffic(self.snapshot()?.uplinks()).await?;
             Ok(Response::new(v1::ListUplinksResponse { uplinks }))
         })
         .await
@@ -595,7 +607,7 @@ impl agent_server::Agent for AgentService {
             let uplink = (!r.uplink.trim().is_empty()).then(|| r.uplink.trim().to_string());
             let (limit, after) = validate::page(r.page_size, &r.page_token)?;
             // A page of 10k clients takes milliseconds: off the runtime's workers.
-            let snapshot = self.snapshot();
+            let snapshot = self.snapshot()?;
             let usage = self.clients.borrow().clone();
             let (clients, next) = tokio::task::spawn_blocking(move || {
                 snapshot
@@ -623,7 +635,7 @@ impl agent_server::Agent for AgentService {
         self.timed("GetClient", async move {
             read(&req)?;
             let key = validate::non_empty("client", &req.get_ref().client)?;
-            let mut c = self.snapshot().client(&key).map_err(to_status)?;
+            let mut c = self.snapshot()?.client(&key).map_err(to_status)?;
             with_usage(std::slice::from_mut(&mut c), &self.clients.borrow());
             Ok(Response::new(c))
         })
@@ -636,7 +648,7 @@ impl agent_server::Agent for AgentService {
     ) -> Result<Response<v1::ListOverridesResponse>, Status> {
         self.timed("ListOverrides", async move {
             read(&req)?;
-            let overrides = self.snapshot().overrides();
+            let overrides = self.snapshot()?.overrides();
             Ok(Response::new(v1::ListOverridesResponse { overrides }))
         })
         .await
@@ -648,7 +660,7 @@ impl agent_server::Agent for AgentService {
     ) -> Result<Response<v1::ListPoliciesResponse>, Status> {
         self.timed("ListPolicies", async move {
             read(&req)?;
-            let s = self.snapshot();
+            let s = self.snapshot()?;
             Ok(Response::new(v1::ListPoliciesResponse {
                 policies: view::policies(&s.config, &s.model),
             }))
@@ -662,7 +674,7 @@ impl agent_server::Agent for AgentService {
     ) -> Result<Response<v1::ListRulesResponse>, Status> {
         self.timed("ListRules", async move {
             read(&req)?;
-            let s = self.snapshot();
+            let s = self.snapshot()?;
             let counters = if s.config.rules.is_empty() {
                 Default::default()
             } else {
@@ -685,7 +697,7 @@ impl agent_server::Agent for AgentService {
         self.timed("Explain", async move {
             read(&req)?;
             let flow = validate::flow(req.get_ref())?;
-            let s = self.snapshot();
+            let s = self.snapshot()?;
             let sets = self.sets(&s).await?;
             let e = crate::plan::verdict::explain(&s.config, &s.model, &sets, &flow);
             Ok(Response::new(view::explanation(e)))
@@ -700,7 +712,7 @@ impl agent_server::Agent for AgentService {
         self.timed("ListTopTalkers", async move {
             read(&req)?;
             let r = req.into_inner();
-            let snapshot = self.snapshot();
+            let snapshot = self.snapshot()?;
             if !snapshot.config.lan.client_usage {
                 return Err(Status::failed_precondition(
                     "usage per client is off on this gateway: set lan.client_usage = true (it costs a set update per forwarded packet; docs/metered.md)",
@@ -750,7 +762,7 @@ impl agent_server::Agent for AgentService {
     ) -> Result<Response<v1::ListSetsResponse>, Status> {
         self.timed("ListSets", async move {
             read(&req)?;
-            let s = self.snapshot();
+            let s = self.snapshot()?;
             let elements = self.sets(&s).await?;
             Ok(Response::new(v1::ListSetsResponse {
                 sets: s

@@ -21,6 +21,10 @@ pub struct Snapshot {
     /// Parts of the config the kernel refused, with its words.
     pub refused: Arc<Vec<String>>,
     pub started: Instant,
+    /// The placeholder held until the loop publishes its first model (the state restored,
+    /// the kernel read, the first apply done and its decisions on disk): reads are refused
+    /// meanwhile, not answered from an empty model.
+    pub starting: bool,
 }
 
 /// The error for an uplink name the config does not have, naming the ones it has.

@@ -26,8 +26,9 @@ pub(super) struct Publisher {
 }
 
 impl Publisher {
-    /// Until the first apply the API sees an empty model, not in sync: a snapshot of the
-    /// restored one would make the start's mutations copy every client once.
+    /// Until the first snapshot the API refuses reads (`starting`): a snapshot of the
+    /// restored model would make the start's mutations copy every client once, and the
+    /// empty one would show every uplink down and no client.
     pub fn new(config: &Arc<Config>, metrics: Arc<Metrics>, started: Instant) -> Publisher {
         Publisher {
             snapshot: watch::Sender::new(Arc::new(Snapshot {
@@ -37,6 +38,7 @@ impl Publisher {
                 in_sync: false,
                 refused: Arc::new(Vec::new()),
                 started,
+                starting: true,
             })),
             waiting: false,
             gauges_dirty: true,
@@ -80,6 +82,7 @@ impl Publisher {
             in_sync: self.in_sync(),
             refused: refused.clone(),
             started: self.started,
+            starting: false,
         }));
     }
 
@@ -111,10 +114,15 @@ mod tests {
         p.snapshot(&config, &model, 2, &refused, false);
         assert!(p.waiting());
         assert_eq!(rx.borrow().generation, 1, "held back");
+        assert!(
+            rx.borrow().starting,
+            "the placeholder until the first snapshot"
+        );
         p.in_sync.store(true, Ordering::SeqCst);
         p.snapshot(&config, &model, 2, &refused, true);
         assert!(!p.waiting());
         assert_eq!(rx.borrow().generation, 2);
         assert!(rx.borrow().in_sync);
+        assert!(!rx.borrow().starting);
     }
 }
