@@ -364,8 +364,20 @@ fn uplink_interface_appears_and_is_recreated() -> anyhow::Result<()> {
         Ok(lab.assignments()?.contains_key(&c3))
     })?;
     assert_eq!(lab.assignments()?[&c3], "isp2");
+    // Replies are counted by the input interface's index: the chain follows the new one.
+    let replies = || -> anyhow::Result<u64> {
+        let out = lab.gw(&["nft", "list", "counter", "inet", "uplinkd", "reply4.wan2"])?;
+        let n = out
+            .split_whitespace()
+            .skip_while(|w| *w != "packets")
+            .nth(1)
+            .ok_or_else(|| anyhow::anyhow!("no packet count in {out}"))?;
+        Ok(n.parse()?)
+    };
+    let before = replies()?;
     let seen = lab.probe(3, false, 10)?;
     assert_eq!(lab.uplink_of_source(seen).as_deref(), Some("isp2"));
+    assert!(replies()? > before, "the answer counted as a reply on wan2");
 
     let old_index = lab.gw(&["cat", "/sys/class/net/wan2/ifindex"])?;
     lab.gw(&["ip", "link", "del", "wan2"])?;
@@ -380,8 +392,13 @@ fn uplink_interface_appears_and_is_recreated() -> anyhow::Result<()> {
                 .contains("dev wan2"))
         },
     )?;
+    let before = replies()?;
     let seen = lab.probe(3, false, 10)?;
     assert_eq!(lab.uplink_of_source(seen).as_deref(), Some("isp2"));
+    assert!(
+        replies()? > before,
+        "the answer counted as a reply on the recreated wan2"
+    );
     Ok(())
 }
 

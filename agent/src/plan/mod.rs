@@ -129,6 +129,9 @@ pub struct NftUplink {
     /// While the uplink has no IPv6 next hop (router advert withdrawn), `up_<name>` sends
     /// IPv6 connections to this uplink's `up_` chain instead.
     pub v6_detour: Option<String>,
+    /// The interface's index while it exists: the accounting looks a packet's input
+    /// interface up by it (a 4-byte load and key, not the 16-byte name).
+    pub ifindex: Option<u32>,
 }
 
 /// A map element key; the variant decides the map.
@@ -299,6 +302,7 @@ pub fn plan_touched(config: &Config, model: &Model, touched: &Touched) -> Desire
             v6_detour: model
                 .v6_detour(config, i)
                 .map(|j| config.uplinks[j].name.clone()),
+            ifindex: model.uplinks[i].link.ifindex,
         })
         .collect();
     let structure = NftStructure {

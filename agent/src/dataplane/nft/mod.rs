@@ -1193,6 +1193,7 @@ mod tests {
                 home: None,
                 away_mark: None,
                 v6_detour: None,
+                ifindex: Some(3),
             }],
             sets: Arc::new(Vec::new()),
             rules: Arc::new(Vec::new()),
@@ -1265,6 +1266,7 @@ mod tests {
             home: None,
             away_mark: None,
             v6_detour: None,
+            ifindex: None,
         });
         let sig4 = signature_of(&render_structure(&s4));
         assert!(base.compatible(&sig4));
@@ -1338,6 +1340,55 @@ mod tests {
         }
         let k = parse_listing(&serde_json::json!({"nftables": items}).to_string()).unwrap();
         assert!(!k.signature.compatible(&signature_of(&objs)));
+    }
+
+    #[test]
+    fn input_interfaces_are_looked_up_by_index_each_listed_once() {
+        let mut s = structure();
+        let mut b = s.uplinks[0].clone();
+        (b.name, b.interface, b.fwmark, b.ifindex) = ("b".into(), "wan1".into(), 0x0200_0000, None);
+        s.uplinks.push(b);
+        let keys = |s: &NftStructure| -> Vec<String> {
+            accounting_rules(s)
+                .iter()
+                .filter_map(|r| {
+                    let expr = r["rule"]["expr"].as_array()?;
+                    expr.iter()
+                        .find_map(|e| e["counter"]["map"]["data"]["set"].as_array())
+                        .map(|set| {
+                            set.iter()
+                                .map(|el| el[0].to_string())
+                                .collect::<Vec<_>>()
+                                .join(" ")
+                        })
+                })
+                .collect()
+        };
+        // wan1 does not exist: no element of its own, and its packets out still counted.
+        assert_eq!(
+            keys(&s),
+            [r#"{"concat":[3,"ipv4"]} {"concat":[3,"ipv6"]}"#, "3"]
+        );
+        assert!(
+            accounting_rules(&s)
+                .iter()
+                .any(|r| r.to_string().contains("tx.wan1"))
+        );
+        // A model behind the kernel (two interfaces with one index): listed once, which
+        // the kernel takes.
+        s.uplinks[1].ifindex = Some(3);
+        assert_eq!(
+            keys(&s),
+            [r#"{"concat":[3,"ipv4"]} {"concat":[3,"ipv6"]}"#, "3"]
+        );
+        // No uplink interface exists: no lookup with nothing to find.
+        s.uplinks.iter_mut().for_each(|u| u.ifindex = None);
+        assert!(keys(&s).is_empty());
+        assert_eq!(
+            accounting_rules(&s).len(),
+            2,
+            "the two interfaces' packets out"
+        );
     }
 
     #[test]

@@ -361,53 +361,87 @@ pub(super) fn accounting_counters(s: &NftStructure) -> Vec<Value> {
         .collect()
 }
 
-/// The accounting chain. A packet out of an uplink's interface is counted by one
-/// comparison per uplink interface before it (nearly always one or two: cheaper than a
-/// lookup, whose key would be the 16-byte name) and stops there; any other packet is
-/// counted in by one counter-map lookup of its input interface, the connection's direction
-/// and the family. Replies to the LAN are all counted in: no uplink is on a LAN interface
-/// (config refuses it); only a packet from one uplink out of another counts out alone.
-/// Neither unsolicited packets nor port-forwarded connections count as replies, and one
-/// family's traffic says nothing about the other's path. A packet without a connection
-/// (`notrack`, invalid) is not counted in. The opt-in per-client and per-destination rules
-/// come before these (`accounting_chain`).
+/// The accounting chain. A reply (to a connection the LAN opened: a download's packets)
+/// is counted in by one counter-map lookup of its input interface's index and family and
+/// stops there, after one comparison of the connection's direction. Any other packet out
+/// of an uplink's interface is counted out by one comparison per uplink interface (nearly
+/// always one or two: cheaper than a lookup, whose key would be the 16-byte name) and stops
+/// there; one that arrived on an uplink in its connection's original direction (a port
+/// forward, unsolicited) is counted in by its input interface's index. Indexes, not names:
+/// a 4-byte load and key; an interface that does not exist has no element (it has no
+/// packets either), and one that comes back under a new index rewrites this chain (a link
+/// event replans). Replies to the LAN are all counted in: no uplink is on a LAN interface
+/// (config refuses it); a packet from one uplink out of another counts on one side only,
+/// in if it is a reply and out if not. Neither unsolicited packets nor port-forwarded
+/// connections count as replies, and one family's traffic says nothing about the other's
+/// path. A packet without a connection (`notrack`, invalid) is not counted in. The opt-in
+/// per-client and per-destination rules come before these (`accounting_chain`).
 pub(super) fn accounting_rules(s: &NftStructure) -> Vec<Value> {
     let ifaces = uplink_interfaces(s);
     let meta = |key: &str| json!({"meta": {"key": key}});
-    let mut out: Vec<Value> = ifaces
-        .iter()
-        .map(|i| {
-            raw_rule(
-                &s.table,
-                ACCOUNTING,
-                vec![
-                    matches(meta("oifname"), json!(i)),
-                    json!({"counter": format!("tx.{i}")}),
-                    json!({"accept": null}),
-                ],
-                None,
-            )
-        })
-        .collect();
-    let inbound: Vec<Value> = ifaces
-        .iter()
-        .flat_map(|i| {
-            [
-                ("original", "ipv4", "rx"),
-                ("original", "ipv6", "rx"),
-                ("reply", "ipv4", "reply4"),
-                ("reply", "ipv6", "reply6"),
-            ]
-            .map(|(dir, f, k)| json!([{"concat": [i, dir, f]}, format!("{k}.{i}")]))
-        })
-        .collect();
-    let key = json!({"concat": [meta("iifname"), {"ct": {"key": "direction"}}, meta("nfproto")]});
-    out.push(raw_rule(
-        &s.table,
-        ACCOUNTING,
-        vec![json!({"counter": {"map": {"key": key, "data": {"set": inbound}}}})],
-        None,
-    ));
+    let direction = |dir: &str| matches(json!({"ct": {"key": "direction"}}), json!(dir));
+    // Uplinks that share an interface share its index. An index is listed once (a key
+    // twice is refused): two interfaces with one are a model behind the kernel, which
+    // the next event or resync repairs.
+    let mut present: Vec<(&str, u32)> = Vec::new();
+    for i in &ifaces {
+        let index = s
+            .uplinks
+            .iter()
+            .find(|u| u.interface == *i)
+            .and_then(|u| u.ifindex);
+        if let Some(x) = index.filter(|x| !present.iter().any(|(_, p)| p == x)) {
+            present.push((i, x));
+        }
+    }
+    let mut out = Vec::new();
+    if !present.is_empty() {
+        let replies: Vec<Value> = present
+            .iter()
+            .flat_map(|(i, x)| {
+                [("ipv4", "reply4"), ("ipv6", "reply6")]
+                    .map(|(f, k)| json!([{"concat": [x, f]}, format!("{k}.{i}")]))
+            })
+            .collect();
+        let key = json!({"concat": [meta("iif"), meta("nfproto")]});
+        out.push(raw_rule(
+            &s.table,
+            ACCOUNTING,
+            vec![
+                direction("reply"),
+                json!({"counter": {"map": {"key": key, "data": {"set": replies}}}}),
+                json!({"accept": null}),
+            ],
+            None,
+        ));
+    }
+    out.extend(ifaces.iter().map(|i| {
+        raw_rule(
+            &s.table,
+            ACCOUNTING,
+            vec![
+                matches(meta("oifname"), json!(i)),
+                json!({"counter": format!("tx.{i}")}),
+                json!({"accept": null}),
+            ],
+            None,
+        )
+    }));
+    if !present.is_empty() {
+        let inbound: Vec<Value> = present
+            .iter()
+            .map(|(i, x)| json!([x, format!("rx.{i}")]))
+            .collect();
+        out.push(raw_rule(
+            &s.table,
+            ACCOUNTING,
+            vec![
+                direction("original"),
+                json!({"counter": {"map": {"key": meta("iif"), "data": {"set": inbound}}}}),
+            ],
+            None,
+        ));
+    }
     out
 }
 
