@@ -6,6 +6,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
+use std::time::Duration;
 
 use prometheus::IntCounterVec;
 use tokio::sync::mpsc;
@@ -35,8 +36,65 @@ impl std::ops::BitOrAssign for Seen {
     }
 }
 
+/// Longest a resync's dump may take (the kernel answers one of 100k neighbours in well
+/// under a second): past it the reading is given up, said, and asked again next time.
+const DUMP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Events kept to replay over a dump read while they arrived; past this many the dump is
+/// read again instead.
+const REPLAY_MAX: usize = 65_536;
+
+/// What a dump read beside the loop covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) enum Read {
+    /// The routes (the learned next hops come from the default ones).
+    Routes,
+    /// Links, addresses, routes and neighbours.
+    Inputs,
+}
+
+/// The kernel's inputs as a dump read them, beside the loop.
+#[derive(Debug)]
+pub(super) struct Dump {
+    read: Read,
+    links: Vec<Event>,
+    addrs: Vec<Event>,
+    routes: Vec<Event>,
+    neighbours: Vec<Event>,
+}
+
+/// Reads what `read` covers.
+async fn read_dump(handle: &rtnetlink::Handle, read: Read) -> Result<Dump, DiscoverError> {
+    let mut d = Dump {
+        read,
+        links: Vec::new(),
+        addrs: Vec::new(),
+        routes: Vec::new(),
+        neighbours: Vec::new(),
+    };
+    if read == Read::Inputs {
+        d.links = discover::dump_links(handle).await?;
+        d.addrs = discover::dump_addrs(handle).await?;
+    }
+    d.routes = discover::dump_routes(handle).await?;
+    if read == Read::Inputs {
+        discover::dump_neighbours(|e| d.neighbours.push(e)).await?;
+    }
+    Ok(d)
+}
+
 pub(super) struct Discovery {
     handle: rtnetlink::Handle,
+    /// Resync dumps are read beside the loop (a kernel slow to answer one holds up
+    /// nothing) and come back here.
+    dump_tx: mpsc::Sender<Result<Dump, DiscoverError>>,
+    /// The dump being read, and the one asked for meanwhile.
+    reading: Option<Read>,
+    next: Option<Read>,
+    /// The events applied since the dump being read was asked for, replayed over it: any
+    /// of them may be newer than what it read. `None` past `REPLAY_MAX` (read again).
+    since: Option<Vec<Event>>,
+    /// Replaying: a refused address is not counted twice.
+    replaying: bool,
     /// Every link the kernel has: ifindex → name.
     links: HashMap<u32, String>,
     /// Address → uplink name found in the kernel's maps at start, for clients the state
@@ -66,9 +124,15 @@ impl Discovery {
         counters: nft::Counters,
         activity_tx: mpsc::Sender<HashSet<IpAddr>>,
         lan_refused: IntCounterVec,
+        dump_tx: mpsc::Sender<Result<Dump, DiscoverError>>,
     ) -> Discovery {
         Discovery {
             handle,
+            dump_tx,
+            reading: None,
+            next: None,
+            since: None,
+            replaying: false,
             links: HashMap::new(),
             adopt,
             routes_stale: false,
@@ -83,6 +147,15 @@ impl Discovery {
 
     /// One netlink event.
     pub fn on_event(&mut self, ev: Event, model: &mut Model, config: &Config) -> Seen {
+        if let Some(since) = &mut self.since
+            && self.reading.is_some()
+        {
+            if since.len() < REPLAY_MAX {
+                since.push(ev.clone());
+            } else {
+                self.since = None;
+            }
+        }
         let plan = |plan: bool| Seen {
             plan,
             clients: false,
@@ -216,6 +289,9 @@ impl Discovery {
     /// An address a LAN limit keeps untracked (a neighbour, or a host behind a LAN
     /// router): counted, and said at a bounded rate.
     fn refused(&self, ip: IpAddr, limit: Limit) {
+        if self.replaying {
+            return;
+        }
         self.lan_refused.with_label_values(&[limit.key()]).inc();
         self.lan_refusals.warn(|n| warn!(%ip, refused = n, limit = limit.key(), "LAN limit reached: address not tracked (its traffic is hashed over the surviving uplinks); raise the limit if this LAN really is that large"));
     }
@@ -240,14 +316,104 @@ impl Discovery {
     }
 
     /// Re-reads links, addresses, routes and neighbours from the kernel, so a lost event
-    /// is repaired.
+    /// is repaired; at start and on reload, before anything is applied (the neighbours
+    /// one datagram at a time: a start holds no copy of the dump).
     pub async fn resync(
         &mut self,
         model: &mut Model,
         config: &Config,
     ) -> Result<Seen, DiscoverError> {
+        let mut seen = self.apply_links(discover::dump_links(&self.handle).await?, model, config);
+        seen |= self.apply_addrs(discover::dump_addrs(&self.handle).await?, model, config);
+        self.routes_stale = false;
+        self.apply_routes(discover::dump_routes(&self.handle).await?, model, config);
+        let mut present = HashMap::new();
+        discover::dump_neighbours(|e| {
+            seen |= self.dumped_neighbour(e, &mut present, model, config)
+        })
+        .await?;
+        model.reconcile_present(&present, now_millis());
+        Ok(seen)
+    }
+
+    /// Asks for a dump beside the loop (or, while one is read, for another after it); it
+    /// comes back on the dump channel, for `apply_dump`.
+    pub fn ask(&mut self, read: Read) {
+        // What the dump reads of the routes is from after this point.
+        if !self.begin(read) {
+            return;
+        }
+        let (handle, tx) = (self.handle.clone(), self.dump_tx.clone());
+        tokio::spawn(async move {
+            let r = match tokio::time::timeout(DUMP_TIMEOUT, read_dump(&handle, read)).await {
+                Ok(r) => r,
+                Err(_) => Err(DiscoverError::Timeout(DUMP_TIMEOUT)),
+            };
+            let _ = tx.send(r).await;
+        });
+    }
+
+    /// Starts the reading of a dump, unless one is read already (then `read` is read
+    /// after it); returns whether it started.
+    fn begin(&mut self, read: Read) -> bool {
+        // What the dump reads of the routes is from after this point.
+        self.routes_stale = false;
+        if self.reading.is_some() {
+            self.next = self.next.max(Some(read));
+            return false;
+        }
+        self.reading = Some(read);
+        self.since = Some(Vec::new());
+        true
+    }
+
+    /// A dump read beside the loop, applied as if read now: what it read, then the events
+    /// that arrived meanwhile (any of them may be newer). Returns what it covered.
+    pub fn apply_dump(&mut self, d: Dump, model: &mut Model, config: &Config) -> (Read, Seen) {
+        self.reading = None;
         let mut seen = Seen::default();
-        let links = discover::dump_links(&self.handle).await?;
+        if d.read == Read::Inputs {
+            seen |= self.apply_links(d.links, model, config);
+            seen |= self.apply_addrs(d.addrs, model, config);
+        }
+        self.apply_routes(d.routes, model, config);
+        if d.read == Read::Inputs {
+            let mut present = HashMap::new();
+            for e in d.neighbours {
+                seen |= self.dumped_neighbour(e, &mut present, model, config);
+            }
+            model.reconcile_present(&present, now_millis());
+        }
+        match self.since.take() {
+            Some(events) => {
+                self.replaying = true;
+                for e in events {
+                    seen |= self.on_event(e, model, config);
+                }
+                self.replaying = false;
+            }
+            // Too many events meanwhile to replay: the dump may be older than some.
+            None => self.next = self.next.max(Some(d.read)),
+        }
+        (d.read, seen)
+    }
+
+    /// The dump asked for could not be read; returns what it was to cover.
+    pub fn dump_failed(&mut self) -> Option<Read> {
+        self.since = None;
+        self.reading.take()
+    }
+
+    /// The dump asked for while the last one was read, if any.
+    pub fn ask_next(&mut self) {
+        if let Some(read) = self.next.take() {
+            self.ask(read);
+        }
+    }
+
+    /// A links dump: links it no longer lists are gone.
+    fn apply_links(&mut self, links: Vec<Event>, model: &mut Model, config: &Config) -> Seen {
+        let mut seen = Seen::default();
         let live: HashSet<u32> = links
             .iter()
             .filter_map(|e| match e {
@@ -267,43 +433,23 @@ impl Discovery {
         for e in links {
             seen |= self.on_event(e, model, config);
         }
-        let addrs = discover::dump_addrs(&self.handle).await?;
+        seen
+    }
+
+    /// An addresses dump replaces the uplinks' addresses.
+    fn apply_addrs(&mut self, addrs: Vec<Event>, model: &mut Model, config: &Config) -> Seen {
+        let mut seen = Seen::default();
         for u in model.uplinks.clone() {
             model.clear_addrs(&u.interface);
         }
         for e in addrs {
             seen |= self.on_event(e, model, config);
         }
-        self.read_routes(model, config).await?;
-        let mut present = HashMap::new();
-        discover::dump_neighbours(|e| {
-            if let Event::Neighbour {
-                ip,
-                mac: Some(mac),
-                ifindex,
-            } = &e
-                && self
-                    .links
-                    .get(ifindex)
-                    .is_some_and(|n| config.lan.interfaces.contains(n))
-            {
-                present.insert(*ip, *mac);
-            }
-            seen |= self.on_event(e, model, config);
-        })
-        .await?;
-        model.reconcile_present(&present, now_millis());
-        Ok(seen)
+        seen
     }
 
-    /// Re-reads the default routes the learned next hops come from.
-    pub async fn read_routes(
-        &mut self,
-        model: &mut Model,
-        config: &Config,
-    ) -> Result<(), DiscoverError> {
-        self.routes_stale = false;
-        let routes = discover::dump_routes(&self.handle).await?;
+    /// A routes dump replaces the uplinks' routes and the LAN's.
+    fn apply_routes(&mut self, routes: Vec<Event>, model: &mut Model, config: &Config) {
         for u in model.uplinks.clone() {
             model.clear_routes(&u.interface);
         }
@@ -311,7 +457,29 @@ impl Discovery {
         for e in routes {
             self.on_event(e, model, config);
         }
-        Ok(())
+    }
+
+    /// One neighbour of a dump; a LAN one with a MAC is recorded in `present`.
+    fn dumped_neighbour(
+        &mut self,
+        e: Event,
+        present: &mut HashMap<IpAddr, crate::model::Mac>,
+        model: &mut Model,
+        config: &Config,
+    ) -> Seen {
+        if let Event::Neighbour {
+            ip,
+            mac: Some(mac),
+            ifindex,
+        } = &e
+            && self
+                .links
+                .get(ifindex)
+                .is_some_and(|n| config.lan.interfaces.contains(n))
+        {
+            present.insert(*ip, *mac);
+        }
+        self.on_event(e, model, config)
     }
 
     /// The learned next hops that changed since the last look, as events; warns once
@@ -352,6 +520,106 @@ pub(super) fn warn_floating_bridge_macs(config: &Config) {
         warn!(
             interface = i,
             "LAN bridge without a fixed MAC address: adding a port can change the gateway's MAC under its clients, who go unanswered until their ARP entries expire; set one (ip link set {i} address ..., or MACAddress= in systemd-networkd)"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CONFIG: &str = "[lan]\ninterfaces = [\"lan0\"]\n[[uplink]]\nname = \"a\"\ninterface = \"wan0\"\ngateway = \"100.64.0.1\"\n";
+
+    fn discovery() -> (Discovery, Model, Config) {
+        let config = Config::parse(std::path::Path::new("t"), CONFIG).unwrap();
+        let model = Model::new(&config);
+        let (_conn, handle, _) = rtnetlink::new_connection().unwrap();
+        let never = std::path::Path::new("/nonexistent");
+        let counters = nft::Counters::new(nft::NftDriver::new(
+            never,
+            "uplinkd",
+            Duration::from_secs(1),
+        ));
+        let d = Discovery::new(
+            handle,
+            BTreeMap::new(),
+            Vec::new(),
+            counters,
+            mpsc::channel(1).0,
+            crate::metrics::Metrics::new().lan_refused.clone(),
+            mpsc::channel(1).0,
+        );
+        (d, model, config)
+    }
+
+    fn link(ifindex: u32, name: &str, carrier: bool) -> Event {
+        Event::Link {
+            ifindex,
+            name: name.into(),
+            admin_up: true,
+            carrier,
+        }
+    }
+
+    fn dump(links: Vec<Event>) -> Dump {
+        Dump {
+            read: Read::Inputs,
+            links,
+            addrs: Vec::new(),
+            routes: Vec::new(),
+            neighbours: Vec::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn events_that_arrive_while_a_dump_is_read_win_over_it() {
+        let (mut d, mut model, config) = discovery();
+        d.on_event(link(1, "lan0", true), &mut model, &config);
+        d.on_event(link(2, "wan0", true), &mut model, &config);
+        assert!(d.begin(Read::Inputs));
+        assert!(!d.begin(Read::Routes), "one reading at a time");
+        // While it is read: wan0 loses its carrier, and a host appears.
+        d.on_event(link(2, "wan0", false), &mut model, &config);
+        let ip: IpAddr = "198.19.0.10".parse().unwrap();
+        d.on_event(
+            Event::Neighbour {
+                ifindex: 1,
+                ip,
+                mac: Some("02:00:00:00:00:0a".parse().unwrap()),
+            },
+            &mut model,
+            &config,
+        );
+        // The dump read before either: wan0 with its carrier, no neighbour.
+        let older = dump(vec![link(1, "lan0", true), link(2, "wan0", true)]);
+        let (read, _) = d.apply_dump(older, &mut model, &config);
+        assert_eq!(read, Read::Inputs);
+        assert!(!model.uplinks[0].link.carrier, "the carrier loss stands");
+        let client = model.client_by_addr(&ip).expect("the host is a client");
+        assert!(
+            client.addresses.get(&ip).is_some_and(|a| a.present),
+            "the host stays present"
+        );
+        assert_eq!(
+            d.next,
+            Some(Read::Routes),
+            "the routes asked for meanwhile follow"
+        );
+    }
+
+    #[tokio::test]
+    async fn too_many_events_while_a_dump_is_read_read_it_again() {
+        let (mut d, mut model, config) = discovery();
+        d.on_event(link(2, "wan0", true), &mut model, &config);
+        assert!(d.begin(Read::Inputs));
+        for i in 0..=REPLAY_MAX {
+            d.on_event(link(2, "wan0", i % 2 == 1), &mut model, &config);
+        }
+        d.apply_dump(dump(vec![link(2, "wan0", true)]), &mut model, &config);
+        assert_eq!(
+            d.next,
+            Some(Read::Inputs),
+            "read again: the dump may be older"
         );
     }
 }

@@ -150,6 +150,8 @@ pub struct Agent {
     refused: Arc<Vec<String>>,
     /// Whether the last apply's default policy read the client sets (`None`: none yet).
     client_mode: Option<bool>,
+    /// What the resync asked for reads back once its dump is in.
+    resync_read: Option<ReadBack>,
 }
 
 /// Connects to the kernel, adopts its state, and runs until SIGTERM/SIGINT. The dataplane
@@ -214,6 +216,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
     let (suspect_tx, mut suspect_rx) = mpsc::channel(64);
     let (silent_tx, mut silent_rx) = mpsc::channel(64);
     let (quota_tx, mut quota_rx) = mpsc::channel(64);
+    let (dump_tx, mut dump_rx) = mpsc::channel(1);
     let counters = dataplane.counter_reader();
     let conntrack = dataplane.conntrack();
     let takes_increment = dataplane.takes_increment(ReadBack::Cache);
@@ -239,6 +242,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
             silent_tx,
             activity_tx,
             quota_tx,
+            dump_tx,
         },
     );
     let (cmd_tx, mut cmd_rx) = mpsc::channel(256);
@@ -331,7 +335,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
                         Ok(rx) => events = rx,
                         Err(e) => error!(error = %e, "cannot resubscribe to netlink events; retrying"),
                     }
-                    agent.resync_and_apply(ReadBack::Full).await;
+                    agent.resync(ReadBack::Full);
                     continue;
                 };
                 let received = Instant::now();
@@ -346,18 +350,17 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
                     dirty |= agent.on_event(ev);
                     n += 1;
                 }
-                if agent.discovery.routes_stale
-                    && let Err(e) = agent.read_routes().await
-                {
-                    warn!(error = %e, "cannot re-read default routes after an address or link went away; the next resync will");
+                if agent.discovery.routes_stale {
+                    agent.discovery.ask(discovery::Read::Routes);
                 }
                 if links {
                     dirty |= agent.links_changed();
                 }
                 if overrun {
                     warn!("netlink events were dropped by the kernel; re-reading links and neighbours");
-                    agent.resync_and_apply(ReadBack::Full).await;
-                } else if dirty {
+                    agent.resync(ReadBack::Full);
+                }
+                if dirty {
                     agent.schedule.event_at(received);
                     agent.request_apply(ReadBack::Cache);
                     debug!(events = n, "dispatched");
@@ -377,6 +380,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
                 agent.on_applied(applied);
             }
             Some(saved) = saved_rx.recv() => agent.on_decisions_saved(saved),
+            Some(dump) = dump_rx.recv() => agent.on_dump(dump),
             Some(report) = probe_rx.recv() => agent.on_probe_report(report).await,
             Some(reading) = passive_rx.recv() => agent.on_passive_reading(reading).await,
             Some(suspect) = suspect_rx.recv() => agent.on_suspect(suspect),
@@ -398,11 +402,11 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
             }
             () = &mut resync => {
                 agent.discovery.read_routed_activity(&agent.model);
-                agent.resync_and_apply(ReadBack::Structure).await;
+                agent.resync(ReadBack::Structure);
                 resync.as_mut().reset(tokio::time::Instant::now() + jittered(agent.config.agent.resync_interval));
             }
             () = &mut full_resync => {
-                agent.resync_and_apply(ReadBack::Full).await;
+                agent.resync(ReadBack::Full);
                 full_resync.as_mut().reset(tokio::time::Instant::now() + jittered(agent.config.agent.full_resync_interval));
             }
             _ = housekeeping.tick() => {
@@ -466,6 +470,7 @@ struct Wiring {
     silent_tx: mpsc::Sender<supervise::Silent>,
     activity_tx: mpsc::Sender<std::collections::HashSet<IpAddr>>,
     quota_tx: mpsc::Sender<usage::QuotaReport>,
+    dump_tx: mpsc::Sender<Result<discovery::Dump, crate::discover::DiscoverError>>,
 }
 
 impl Agent {
@@ -493,6 +498,7 @@ impl Agent {
                 w.counters.clone(),
                 w.activity_tx,
                 metrics.lan_refused.clone(),
+                w.dump_tx,
             ),
             config_path,
             model,
@@ -523,6 +529,7 @@ impl Agent {
             heartbeat: Arc::new(api::Heartbeat::new()),
             refused: Arc::new(Vec::new()),
             client_mode: None,
+            resync_read: None,
             config,
         };
         // Before the first plan: an uplink whose quota the file says is used up stays
@@ -601,17 +608,37 @@ impl Agent {
         seen.plan
     }
 
-    /// Resync: re-read the inputs and the kernel (`read` says how much), repair drift.
-    async fn resync_and_apply(&mut self, read: ReadBack) {
-        if let Err(e) = self.resync_inputs().await {
-            warn!(error = %e, "resync dump failed");
-        }
-        // What the dump repaired (a link, address or route event lost to an overrun) is
-        // judged too: health agrees with the facts after every resync, not only the plan.
+    /// Resync: re-read the inputs (beside the loop) and then the kernel (`read` says how
+    /// much), repair drift.
+    fn resync(&mut self, read: ReadBack) {
+        self.resync_read = Some(schedule::read_merge(self.resync_read, read));
+        self.discovery.ask(discovery::Read::Inputs);
+    }
+
+    /// A dump read beside the loop (or its failure): what it repaired (a link, address or
+    /// route event lost to an overrun) is judged too, so health agrees with the facts
+    /// after every resync, not only the plan; then the apply.
+    fn on_dump(&mut self, dump: Result<discovery::Dump, crate::discover::DiscoverError>) {
+        let read = match dump {
+            Ok(d) => {
+                let (read, seen) = self.discovery.apply_dump(d, &mut self.model, &self.config);
+                self.persist.dirty |= seen.clients;
+                Some(read)
+            }
+            Err(e) => {
+                warn!(error = %e, "resync dump failed; the next resync reads again");
+                self.discovery.dump_failed()
+            }
+        };
         self.links_changed();
-        self.request_apply(read);
+        let then = match read {
+            Some(discovery::Read::Inputs) => self.resync_read.take(),
+            _ => None,
+        };
+        self.request_apply(then.unwrap_or(ReadBack::Cache));
         self.reconcile_probers_after_apply();
         self.publish_metrics();
+        self.discovery.ask_next();
     }
 
     /// Re-reads links and neighbours from the kernel, so a lost event is repaired.
@@ -619,13 +646,6 @@ impl Agent {
         let seen = self.discovery.resync(&mut self.model, &self.config).await?;
         self.persist.dirty |= seen.clients;
         Ok(())
-    }
-
-    /// Re-reads the default routes the learned next hops come from.
-    async fn read_routes(&mut self) -> Result<(), discover::DiscoverError> {
-        self.discovery
-            .read_routes(&mut self.model, &self.config)
-            .await
     }
 
     /// The periodic pass: health timers (a failback whose delay has run out), pins that

@@ -181,7 +181,7 @@ impl Scheduler {
 }
 
 /// How much an apply reads back: the most any request asked for.
-fn read_merge(a: Option<ReadBack>, b: ReadBack) -> ReadBack {
+pub(super) fn read_merge(a: Option<ReadBack>, b: ReadBack) -> ReadBack {
     let rank = |r: ReadBack| match r {
         ReadBack::Cache => 0,
         ReadBack::Structure => 1,

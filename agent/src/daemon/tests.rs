@@ -65,6 +65,7 @@ fn bench(tag: &str, extra: &str) -> Bench {
             silent_tx: mpsc::channel(1).0,
             activity_tx: mpsc::channel(1).0,
             quota_tx: mpsc::channel(1).0,
+            dump_tx: mpsc::channel(1).0,
         },
     );
     let mut b = Bench { agent, jobs, dir };

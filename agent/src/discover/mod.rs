@@ -123,6 +123,8 @@ pub enum DiscoverError {
         what: &'static str,
         source: rtnetlink::Error,
     },
+    #[error("the kernel did not finish a netlink dump within {0:?}")]
+    Timeout(std::time::Duration),
 }
 
 /// Subscribes to link and neighbour events. Subscribe before dumping, so nothing that
