@@ -779,9 +779,10 @@ impl Agent {
             return;
         };
         // Only the addresses that changed since the last apply, while the dataplane's copy
-        // of the kernel stands in for the rest; a resync plans whole.
+        // of the kernel stands in for the rest (a periodic resync reads back the structure,
+        // not the elements: its plan is one of them); a full resync plans whole.
         let touched = match self.model.take_touched() {
-            t if read == ReadBack::Cache && self.schedule.takes_increment => t,
+            t if read != ReadBack::Full && self.schedule.takes_increment => t,
             _ => Touched::All,
         };
         let mut desired = plan_touched(&self.config, &self.model, &touched);

@@ -200,7 +200,14 @@ impl Dataplane {
                         Err(e) => report.errors.push(e),
                     },
                 },
-                Ok(None) => self.nft_cache = None,
+                // The table went behind our back: what was last applied is what is
+                // wanted back, so its elements stay, and the apply replaces the table
+                // (whole, from them and what changed since) as for any foreign structure.
+                Ok(None) => {
+                    if let Some(cache) = &mut self.nft_cache {
+                        cache.signature = nft::Signature::default();
+                    }
+                }
                 Err(e) => report.errors.push(e),
             }
         }
