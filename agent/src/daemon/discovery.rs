@@ -62,6 +62,18 @@ pub(super) struct Dump {
     neighbours: Vec<Event>,
 }
 
+/// Neighbours of a dump applied per turn of the loop: 100k of them at once would hold it
+/// up for tens of milliseconds.
+const NEIGHBOURS_PER_TURN: usize = 4096;
+
+/// A dump whose neighbours are being applied.
+struct Applying {
+    read: Read,
+    neighbours: std::vec::IntoIter<Event>,
+    present: HashMap<IpAddr, crate::model::Mac>,
+    seen: Seen,
+}
+
 /// Reads what `read` covers.
 async fn read_dump(handle: &rtnetlink::Handle, read: Read) -> Result<Dump, DiscoverError> {
     let mut d = Dump {
@@ -95,6 +107,10 @@ pub(super) struct Discovery {
     since: Option<Vec<Event>>,
     /// Replaying: a refused address is not counted twice.
     replaying: bool,
+    /// A dump's neighbours being applied, a slice per turn of the loop.
+    applying: Option<Applying>,
+    /// The dump being read is older than a reload's own reading: dropped when it lands.
+    discard: bool,
     /// Every link the kernel has: ifindex → name.
     links: HashMap<u32, String>,
     /// Address → uplink name found in the kernel's maps at start, for clients the state
@@ -133,6 +149,8 @@ impl Discovery {
             next: None,
             since: None,
             replaying: false,
+            applying: None,
+            discard: false,
             links: HashMap::new(),
             adopt,
             routes_stale: false,
@@ -145,7 +163,7 @@ impl Discovery {
         }
     }
 
-    /// One netlink event.
+    /// One netlink event as it arrives (kept for replay while a dump is read or applied).
     pub fn on_event(&mut self, ev: Event, model: &mut Model, config: &Config) -> Seen {
         if let Some(since) = &mut self.since
             && self.reading.is_some()
@@ -156,6 +174,11 @@ impl Discovery {
                 self.since = None;
             }
         }
+        self.apply_event(ev, model, config)
+    }
+
+    /// One event, from the socket or a dump.
+    fn apply_event(&mut self, ev: Event, model: &mut Model, config: &Config) -> Seen {
         let plan = |plan: bool| Seen {
             plan,
             clients: false,
@@ -368,39 +391,85 @@ impl Discovery {
     }
 
     /// A dump read beside the loop, applied as if read now: what it read, then the events
-    /// that arrived meanwhile (any of them may be newer). Returns what it covered.
-    pub fn apply_dump(&mut self, d: Dump, model: &mut Model, config: &Config) -> (Read, Seen) {
-        self.reading = None;
+    /// that arrived meanwhile (any of them may be newer). Links, addresses and routes go at
+    /// once; the neighbours a slice per turn (`apply_more`). Returns what it covered once
+    /// it is all applied; `None` while neighbours remain, or when the dump was dropped.
+    pub fn apply_dump(
+        &mut self,
+        d: Dump,
+        model: &mut Model,
+        config: &Config,
+    ) -> Option<(Read, Seen)> {
+        if std::mem::take(&mut self.discard) {
+            self.reading = None;
+            self.since = None;
+            return None;
+        }
         let mut seen = Seen::default();
         if d.read == Read::Inputs {
             seen |= self.apply_links(d.links, model, config);
             seen |= self.apply_addrs(d.addrs, model, config);
         }
         self.apply_routes(d.routes, model, config);
-        if d.read == Read::Inputs {
-            let mut present = HashMap::new();
-            for e in d.neighbours {
-                seen |= self.dumped_neighbour(e, &mut present, model, config);
-            }
-            model.reconcile_present(&present, now_millis());
+        self.applying = Some(Applying {
+            read: d.read,
+            neighbours: d.neighbours.into_iter(),
+            present: HashMap::new(),
+            seen,
+        });
+        self.apply_more(model, config)
+    }
+
+    /// A dump's neighbours are being applied.
+    pub fn applying(&self) -> bool {
+        self.applying.is_some()
+    }
+
+    /// Applies the next slice of a dump's neighbours; once none remain, what they say
+    /// is gone and the events since the ask are replayed. Returns what the dump covered
+    /// then.
+    pub fn apply_more(&mut self, model: &mut Model, config: &Config) -> Option<(Read, Seen)> {
+        let mut a = self.applying.take()?;
+        for e in a.neighbours.by_ref().take(NEIGHBOURS_PER_TURN) {
+            a.seen |= self.dumped_neighbour(e, &mut a.present, model, config);
+        }
+        if a.neighbours.len() > 0 {
+            self.applying = Some(a);
+            return None;
+        }
+        self.reading = None;
+        if a.read == Read::Inputs {
+            model.reconcile_present(&a.present, now_millis());
         }
         match self.since.take() {
             Some(events) => {
                 self.replaying = true;
                 for e in events {
-                    seen |= self.on_event(e, model, config);
+                    a.seen |= self.apply_event(e, model, config);
                 }
                 self.replaying = false;
             }
             // Too many events meanwhile to replay: the dump may be older than some.
-            None => self.next = self.next.max(Some(d.read)),
+            None => self.next = self.next.max(Some(a.read)),
         }
-        (d.read, seen)
+        Some((a.read, a.seen))
+    }
+
+    /// A reload reads the kernel itself: a dump being read or applied is older, and
+    /// goes.
+    pub fn drop_dump(&mut self) {
+        if self.applying.take().is_some() {
+            self.reading = None;
+        }
+        self.discard = self.reading.is_some();
+        self.since = None;
+        self.next = None;
     }
 
     /// The dump asked for could not be read; returns what it was to cover.
     pub fn dump_failed(&mut self) -> Option<Read> {
         self.since = None;
+        self.discard = false;
         self.reading.take()
     }
 
@@ -428,10 +497,10 @@ impl Discovery {
             .copied()
             .collect();
         for ifindex in stale {
-            seen |= self.on_event(Event::LinkGone { ifindex }, model, config);
+            seen |= self.apply_event(Event::LinkGone { ifindex }, model, config);
         }
         for e in links {
-            seen |= self.on_event(e, model, config);
+            seen |= self.apply_event(e, model, config);
         }
         seen
     }
@@ -443,7 +512,7 @@ impl Discovery {
             model.clear_addrs(&u.interface);
         }
         for e in addrs {
-            seen |= self.on_event(e, model, config);
+            seen |= self.apply_event(e, model, config);
         }
         seen
     }
@@ -455,7 +524,7 @@ impl Discovery {
         }
         model.clear_lan_routes();
         for e in routes {
-            self.on_event(e, model, config);
+            self.apply_event(e, model, config);
         }
     }
 
@@ -479,7 +548,7 @@ impl Discovery {
         {
             present.insert(*ip, *mac);
         }
-        self.on_event(e, model, config)
+        self.apply_event(e, model, config)
     }
 
     /// The learned next hops that changed since the last look, as events; warns once
@@ -592,7 +661,7 @@ mod tests {
         );
         // The dump read before either: wan0 with its carrier, no neighbour.
         let older = dump(vec![link(1, "lan0", true), link(2, "wan0", true)]);
-        let (read, _) = d.apply_dump(older, &mut model, &config);
+        let (read, _) = d.apply_dump(older, &mut model, &config).expect("applied");
         assert_eq!(read, Read::Inputs);
         assert!(!model.uplinks[0].link.carrier, "the carrier loss stands");
         let client = model.client_by_addr(&ip).expect("the host is a client");
@@ -621,5 +690,56 @@ mod tests {
             Some(Read::Inputs),
             "read again: the dump may be older"
         );
+    }
+
+    fn neighbour(n: u32, mac: u8) -> Event {
+        Event::Neighbour {
+            ifindex: 1,
+            ip: IpAddr::from(std::net::Ipv4Addr::from(0xc612_0000 + n)),
+            mac: Some(format!("02:00:00:00:00:{mac:02x}").parse().unwrap()),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_dumps_neighbours_are_applied_a_slice_per_turn() {
+        let (mut d, mut model, config) = discovery();
+        d.on_event(link(1, "lan0", true), &mut model, &config);
+        assert!(d.begin(Read::Inputs));
+        let mut older = dump(vec![link(1, "lan0", true)]);
+        older.neighbours = (0..NEIGHBOURS_PER_TURN as u32 + 1)
+            .map(|n| neighbour(n, 1))
+            .collect();
+        assert!(d.apply_dump(older, &mut model, &config).is_none());
+        assert!(d.applying(), "one neighbour left for the next turn");
+        // Between two slices, the last neighbour of the dump changes its MAC.
+        let last = neighbour(NEIGHBOURS_PER_TURN as u32, 2);
+        d.on_event(last.clone(), &mut model, &config);
+        let (read, seen) = d.apply_more(&mut model, &config).expect("all applied");
+        assert_eq!(read, Read::Inputs);
+        assert!(seen.clients);
+        assert!(!d.applying());
+        let Event::Neighbour { ip, mac, .. } = last else {
+            unreachable!()
+        };
+        let client = model.client_by_addr(&ip).expect("a client");
+        assert_eq!(Some(client.mac), mac, "the newer MAC stands");
+    }
+
+    #[tokio::test]
+    async fn a_dump_older_than_a_reload_is_dropped() {
+        let (mut d, mut model, config) = discovery();
+        d.on_event(link(2, "wan0", true), &mut model, &config);
+        assert!(d.begin(Read::Inputs));
+        d.drop_dump();
+        // It lands after the reload read the kernel itself (wan0 down by then).
+        d.on_event(link(2, "wan0", false), &mut model, &config);
+        let older = dump(vec![link(2, "wan0", true)]);
+        assert!(d.apply_dump(older, &mut model, &config).is_none());
+        assert!(!d.applying());
+        assert!(
+            !model.uplinks[0].link.carrier,
+            "the reload's reading stands"
+        );
+        assert!(d.begin(Read::Routes), "nothing is being read any more");
     }
 }

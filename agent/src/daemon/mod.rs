@@ -381,6 +381,7 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), AgentError>
             }
             Some(saved) = saved_rx.recv() => agent.on_decisions_saved(saved),
             Some(dump) = dump_rx.recv() => agent.on_dump(dump),
+            () = std::future::ready(()), if agent.discovery.applying() => agent.apply_more_of_dump(),
             Some(report) = probe_rx.recv() => agent.on_probe_report(report).await,
             Some(reading) = passive_rx.recv() => agent.on_passive_reading(reading).await,
             Some(suspect) = suspect_rx.recv() => agent.on_suspect(suspect),
@@ -619,17 +620,31 @@ impl Agent {
     /// route event lost to an overrun) is judged too, so health agrees with the facts
     /// after every resync, not only the plan; then the apply.
     fn on_dump(&mut self, dump: Result<discovery::Dump, crate::discover::DiscoverError>) {
-        let read = match dump {
-            Ok(d) => {
-                let (read, seen) = self.discovery.apply_dump(d, &mut self.model, &self.config);
-                self.persist.dirty |= seen.clients;
-                Some(read)
-            }
+        match dump {
+            Ok(d) => match self.discovery.apply_dump(d, &mut self.model, &self.config) {
+                Some((read, seen)) => self.dump_applied(Some(read), seen),
+                // Neighbours left for the next turns, or dropped (older than a reload).
+                None if self.discovery.applying() => {}
+                None => self.discovery.ask_next(),
+            },
             Err(e) => {
                 warn!(error = %e, "resync dump failed; the next resync reads again");
-                self.discovery.dump_failed()
+                let read = self.discovery.dump_failed();
+                self.dump_applied(read, discovery::Seen::default());
             }
-        };
+        }
+    }
+
+    /// The next slice of a dump's neighbours.
+    fn apply_more_of_dump(&mut self) {
+        if let Some((read, seen)) = self.discovery.apply_more(&mut self.model, &self.config) {
+            self.dump_applied(Some(read), seen);
+        }
+    }
+
+    /// A dump is in the model (or could not be read): then the apply.
+    fn dump_applied(&mut self, read: Option<discovery::Read>, seen: discovery::Seen) {
+        self.persist.dirty |= seen.clients;
         self.links_changed();
         let then = match read {
             Some(discovery::Read::Inputs) => self.resync_read.take(),
@@ -1202,6 +1217,7 @@ impl Agent {
         self.hold_quotas();
         self.usage.reconfigure(self.config.clone());
         self.discovery.forget_links();
+        self.discovery.drop_dump();
         // Indexed by uplink position, which a reload may change.
         self.health.stop_all();
         if let Err(e) = self.resync_inputs().await {
