@@ -461,6 +461,45 @@ fn a_hung_nft_times_out_and_the_apply_is_retried() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// An `nft` that hangs on demand: a transaction (`-f -`) that starts while `hang` exists
+/// touches `hanging` and waits for `hang` to go; each transaction is logged to `log`;
+/// listings pass untouched.
+struct HungNft {
+    hang: std::path::PathBuf,
+    hanging: std::path::PathBuf,
+    log: std::path::PathBuf,
+}
+
+/// Writes the agent's config with the API and such an `nft` (and a resync every `resync`).
+fn hung_nft_config(lab: &Lab, resync: &str) -> anyhow::Result<HungNft> {
+    let files = HungNft {
+        hang: lab.dir.join("hang"),
+        hanging: lab.dir.join("hanging"),
+        log: lab.dir.join("transactions"),
+    };
+    let wrapper = script(
+        lab,
+        "nft",
+        format!(
+            "case \"$*\" in *\"-f -\"*)\n  tx=$(mktemp -p {dir})\n  cat > \"$tx\"\n  if [ -e {hang} ]; then touch {hanging}; while [ -e {hang} ]; do sleep 0.02; done; fi\n  {{ echo '=== transaction'; cat \"$tx\"; echo; }} >> {log}\n  exec /usr/sbin/nft \"$@\" < \"$tx\";;\nesac\nexec /usr/sbin/nft \"$@\"\n",
+            dir = lab.dir.display(),
+            hang = files.hang.display(),
+            hanging = files.hanging.display(),
+            log = files.log.display()
+        ),
+    )?;
+    let api = lab.api_config()?;
+    lab.write_config(
+        resync,
+        "10m",
+        &format!(
+            "[dataplane]\nnft = \"{}\"\ncommand_timeout = \"60s\"\n{api}",
+            wrapper.display()
+        ),
+    )?;
+    Ok(files)
+}
+
 /// Until the loop publishes its first model (the state restored, the kernel read, the
 /// first apply done and its decisions on disk), reads are refused with UNAVAILABLE and
 /// `/readyz` says the agent is starting. They were answered from an empty model: every
@@ -469,26 +508,7 @@ fn a_hung_nft_times_out_and_the_apply_is_retried() -> anyhow::Result<()> {
 #[test]
 fn reads_before_the_first_model_is_shown_are_refused() -> anyhow::Result<()> {
     let mut lab = Lab::build("starting", two_uplinks(), 1, 0)?;
-    let (hang, hanging) = (lab.dir.join("hang"), lab.dir.join("hanging"));
-    // Transactions (`-f -`) started while `hang` exists wait for it to go.
-    let wrapper = script(
-        &lab,
-        "nft",
-        format!(
-            "case \"$*\" in *\"-f -\"*)\n  if [ -e {hang} ]; then touch {hanging}; while [ -e {hang} ]; do sleep 0.02; done; fi;;\nesac\nexec /usr/sbin/nft \"$@\"\n",
-            hang = hang.display(),
-            hanging = hanging.display(),
-        ),
-    )?;
-    let api = lab.api_config()?;
-    lab.write_config(
-        "10s",
-        "10m",
-        &format!(
-            "[dataplane]\nnft = \"{}\"\ncommand_timeout = \"60s\"\n{api}",
-            wrapper.display()
-        ),
-    )?;
+    let HungNft { hang, hanging, .. } = hung_nft_config(&lab, "10s")?;
     lab.start_agent()?;
     lab.greet_clients()?;
     let (code, _, err) = lab.ctl("op", &["drain", "isp1"])?;
@@ -544,33 +564,7 @@ fn reads_before_the_first_model_is_shown_are_refused() -> anyhow::Result<()> {
 #[test]
 fn a_hung_nft_holds_no_decision_back() -> anyhow::Result<()> {
     let mut lab = Lab::build("nfthang", probed_uplinks(), 1, 0)?;
-    let (hang, hanging, log) = (
-        lab.dir.join("hang"),
-        lab.dir.join("hanging"),
-        lab.dir.join("transactions"),
-    );
-    // Transactions (`-f -`) are logged; one that starts while `hang` exists waits for it
-    // to go. Listings pass untouched.
-    let wrapper = script(
-        &lab,
-        "nft",
-        format!(
-            "case \"$*\" in *\"-f -\"*)\n  tx=$(mktemp -p {dir})\n  cat > \"$tx\"\n  if [ -e {hang} ]; then touch {hanging}; while [ -e {hang} ]; do sleep 0.02; done; fi\n  {{ echo '=== transaction'; cat \"$tx\"; echo; }} >> {log}\n  exec /usr/sbin/nft \"$@\" < \"$tx\";;\nesac\nexec /usr/sbin/nft \"$@\"\n",
-            dir = lab.dir.display(),
-            hang = hang.display(),
-            hanging = hanging.display(),
-            log = log.display()
-        ),
-    )?;
-    let api = lab.api_config()?;
-    lab.write_config(
-        "10m",
-        "10m",
-        &format!(
-            "[dataplane]\nnft = \"{}\"\ncommand_timeout = \"60s\"\n{api}",
-            wrapper.display()
-        ),
-    )?;
+    let HungNft { hang, hanging, log } = hung_nft_config(&lab, "10m")?;
     lab.start_agent()?;
     lab.greet_clients()?;
     let new: Vec<IpAddr> = (30..33).map(|i| IpAddr::from(client_v4(i))).collect();
