@@ -609,11 +609,15 @@ impl Agent {
         seen.plan
     }
 
-    /// Resync: re-read the inputs (beside the loop) and then the kernel (`read` says how
-    /// much), repair drift.
+    /// Resync: re-read the inputs (beside the loop; the neighbours too when `read` is
+    /// `Full`: the full resync, an overrun) and then the kernel (`read` says how much),
+    /// repair drift.
     fn resync(&mut self, read: ReadBack) {
         self.resync_read = Some(schedule::read_merge(self.resync_read, read));
-        self.discovery.ask(discovery::Read::Inputs);
+        self.discovery.ask(match read {
+            ReadBack::Full => discovery::Read::Inputs,
+            _ => discovery::Read::Links,
+        });
     }
 
     /// A dump read beside the loop (or its failure): what it repaired (a link, address or
@@ -647,7 +651,7 @@ impl Agent {
         self.persist.dirty |= seen.clients;
         self.links_changed();
         let then = match read {
-            Some(discovery::Read::Inputs) => self.resync_read.take(),
+            Some(discovery::Read::Links | discovery::Read::Inputs) => self.resync_read.take(),
             _ => None,
         };
         self.request_apply(then.unwrap_or(ReadBack::Cache));
