@@ -517,7 +517,7 @@ fn reads_before_the_first_model_is_shown_are_refused() -> anyhow::Result<()> {
     // Without its table the next start has a transaction to make, and it hangs.
     lab.gw(&["nft", "delete", "table", "inet", "uplinkd"])?;
     std::fs::write(&hang, "")?;
-    let before = lab.spawn_agent()?;
+    lab.spawn_agent()?;
     lab.wait_for(Duration::from_secs(10), "the first apply hanging", || {
         Ok(hanging.exists())
     })?;
@@ -538,12 +538,6 @@ fn reads_before_the_first_model_is_shown_are_refused() -> anyhow::Result<()> {
     let ready = lab.gw(&["curl", "-s", "http://127.0.0.1:7444/readyz"])?;
     assert!(ready.starts_with("uplinkd is starting"), "/readyz: {ready}");
     std::fs::remove_file(&hang)?;
-    lab.wait_for(Duration::from_secs(20), "the first apply done", || {
-        Ok(std::fs::read_to_string(lab.log_path())?
-            .matches("initial apply done")
-            .count()
-            > before)
-    })?;
     lab.wait_for(Duration::from_secs(20), "/readyz ready", || {
         Ok(lab.http_status("http://127.0.0.1:7444/readyz")? == "200")
     })?;

@@ -107,7 +107,8 @@ pub(super) struct Discovery {
     reading: Option<Read>,
     next: Option<Read>,
     /// The events applied since the dump being read was asked for, replayed over it: any
-    /// of them may be newer than what it read. `None` past `REPLAY_MAX` (read again).
+    /// of them may be newer than what it read. `None` past `REPLAY_MAX` (read again), and
+    /// while no dump is read or applied.
     since: Option<Vec<Event>>,
     /// Replaying: a refused address is not counted twice.
     replaying: bool,
@@ -169,9 +170,7 @@ impl Discovery {
 
     /// One netlink event as it arrives (kept for replay while a dump is read or applied).
     pub fn on_event(&mut self, ev: Event, model: &mut Model, config: &Config) -> Seen {
-        if let Some(since) = &mut self.since
-            && self.reading.is_some()
-        {
+        if let Some(since) = &mut self.since {
             if since.len() < REPLAY_MAX {
                 since.push(ev.clone());
             } else {
@@ -366,7 +365,6 @@ impl Discovery {
     /// Asks for a dump beside the loop (or, while one is read, for another after it); it
     /// comes back on the dump channel, for `apply_dump`.
     pub fn ask(&mut self, read: Read) {
-        // What the dump reads of the routes is from after this point.
         if !self.begin(read) {
             return;
         }

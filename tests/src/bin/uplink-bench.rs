@@ -407,8 +407,8 @@ fn dispatch(
     let mut cpus = Vec::new();
     for run in 1..=runs {
         let gw = Gw::new("bd")?;
-        // The agent's default: a resync re-reads every neighbour, which the events that
-        // arrive meanwhile must not wait for.
+        // The agent's default: the events that arrive during a resync must not wait for
+        // it.
         gw.set_resync(resync_s)?;
         gw.add_rules(rules)?;
         gw.add_neighbours(0..held)?;
