@@ -1587,7 +1587,7 @@ impl Fleet {
             fs::write(
                 &config,
                 format!(
-                    "[agent]\nname = \"gw-{i:03}\"\nstate_dir = \"{}\"\n[lan]\ninterfaces = [\"br-lan\"]\n[[uplink]]\nname = \"isp1\"\ninterface = \"wan1\"\ngateway = \"100.64.1.1\"\n[[uplink]]\nname = \"isp2\"\ninterface = \"wan2\"\ngateway = \"100.64.2.1\"\n[[set]]\nname = \"saas\"\n[api]\nlisten = \"{ip}:7443\"\nca = \"{d}/ca.crt\"\ncert = \"{d}/gw.crt\"\nkey = \"{d}/gw.key\"\n",
+                    "[agent]\nname = \"gw-{i:03}\"\nstate_dir = \"{}\"\n[lan]\ninterfaces = [\"br-lan\"]\n[[uplink]]\nname = \"isp1\"\ninterface = \"wan1\"\ngateway = \"100.64.1.1\"\n[[uplink]]\nname = \"isp2\"\ninterface = \"wan2\"\ngateway = \"100.64.2.1\"\n[[set]]\nname = \"saas\"\n[api]\nlisten = \"{ip}:7443\"\nca = \"{d}/ca.crt\"\ncert = \"{d}/gw.crt\"\nkey = \"{d}/gw.key\"\nhealth_listen = \"{ip}:7444\"\n",
                     state.display()
                 ),
             )?;
@@ -1623,7 +1623,9 @@ impl Fleet {
             .spawn()?)
     }
 
-    /// Waits until gateway `i`'s log says its API serves for the `nth` time.
+    /// Waits until gateway `i`'s log says its API serves for the `nth` time, and then
+    /// until its `/readyz` no longer says it is starting (reads are refused until its first
+    /// model is shown).
     fn wait_serving(&self, i: usize, nth: usize) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(30);
         let log = || fs::read_to_string(self.dir.join(format!("gw{i}.log")));
@@ -1633,7 +1635,24 @@ impl Fleet {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        Ok(())
+        let addr = std::net::SocketAddr::from((Self::address(i), 7444));
+        loop {
+            let conn = in_netns(&self.gateways[i].0, move || {
+                std::net::TcpStream::connect(addr)
+            })?;
+            let mut body = String::new();
+            if let Ok(mut c) = conn {
+                std::io::Write::write_all(&mut c, b"GET /readyz HTTP/1.0\r\n\r\n")?;
+                std::io::Read::read_to_string(&mut c, &mut body)?;
+            }
+            if body.starts_with("HTTP/") && !body.contains("uplinkd is starting") {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("agent {i} still starting: {body}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Stops gateway `i`'s agent (SIGTERM) and starts it again; waits until it serves.
