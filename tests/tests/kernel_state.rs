@@ -556,6 +556,16 @@ fn the_netlink_reading_of_the_table_equals_nfts_listing() -> anyhow::Result<()> 
         "pin4",
         "{ 198.51.100.7 : goto home_isp2 }",
     ])?;
+    // The sticky map holds uplinks past the fourth only: one planted, to be read.
+    lab.gw(&[
+        "nft",
+        "add",
+        "element",
+        "inet",
+        "uplinkd",
+        "sticky",
+        "{ 0x05000000 : goto keep_isp2 }",
+    ])?;
     let (read, structure, counters, rules) = uplink_tests::in_netns(&lab.ns("gw"), || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -579,13 +589,14 @@ fn the_netlink_reading_of_the_table_equals_nfts_listing() -> anyhow::Result<()> 
         .elements
         .keys()
         .any(|k| matches!(k, uplinkd::plan::ElemKey::V6(_)));
-    let marks = read
+    let marks: Vec<_> = read
         .elements
-        .keys()
-        .filter(|k| matches!(k, uplinkd::plan::ElemKey::Mark(_)))
-        .count();
+        .iter()
+        .filter(|(k, _)| matches!(k, uplinkd::plan::ElemKey::Mark(_)))
+        .collect();
     let pin = uplinkd::plan::ElemKey::Pin4("198.51.100.7".parse()?);
-    assert!(v6 && marks == 2, "{:?}", read.elements);
+    assert!(v6, "{:?}", read.elements);
+    assert_eq!(format!("{marks:?}"), r#"[(Mark(83886080), "keep_isp2")]"#);
     assert_eq!(read.elements.get(&pin).map(|t| &**t), Some("home_isp2"));
     let structure = structure?.expect("the table exists");
     assert_eq!(structure.elements.len(), 0);

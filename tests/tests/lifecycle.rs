@@ -4,7 +4,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
-use uplink_tests::{LAN_IF, Lab, UdpStream, UplinkSpec, client_v4, client_v6, two_uplinks};
+use uplink_tests::{
+    LAN_IF, Lab, TcpFlow, UdpStream, UplinkSpec, client_v4, client_v6, two_uplinks,
+};
 
 fn three_uplinks() -> Vec<UplinkSpec> {
     vec![
@@ -474,6 +476,40 @@ fn a_new_clients_first_flow_keeps_its_uplink() -> anyhow::Result<()> {
         counts(&homes),
         BTreeMap::from([("isp1".into(), 4), ("isp2".into(), 2), ("lte".into(), 2)])
     );
+    Ok(())
+}
+
+/// A connection keeps the uplink it started on when its client moves: on an uplink whose
+/// mark the prerouting chain compares (the first four) and on one it looks up in the
+/// `sticky` map (the fifth); the client's new connections take its new uplink.
+#[test]
+fn connections_keep_their_uplink_whether_compared_or_looked_up() -> anyhow::Result<()> {
+    let uplinks = (1..=5)
+        .map(|i| UplinkSpec::new(&format!("isp{i}"), 1, false))
+        .collect();
+    let mut lab = Lab::build("keep5", uplinks, 1, 0)?;
+    let api = lab.api_config()?;
+    lab.write_config("10s", "10m", &api)?;
+    lab.start_agent()?;
+    lab.greet_clients()?;
+    let ip = client_v4(1).to_string();
+    for (from, to) in [("isp1", "isp5"), ("isp5", "isp1")] {
+        let (code, _, err) = lab.ctl("op", &["pin", &ip, from])?;
+        assert_eq!(code, 0, "{err}");
+        let mut tcp = TcpFlow::connect(&lab, 1)?;
+        assert_eq!(lab.uplink_of_source(tcp.exchange()?).as_deref(), Some(from));
+        let (code, _, err) = lab.ctl("op", &["pin", &ip, to])?;
+        assert_eq!(code, 0, "{err}");
+        assert_eq!(lab.via(1)?, to, "the client's new connections");
+        let seen = tcp
+            .exchange()
+            .map_err(|e| e.context(format!("the connection opened on {from}, moved to {to}")))?;
+        assert_eq!(
+            lab.uplink_of_source(seen).as_deref(),
+            Some(from),
+            "the connection opened on {from} keeps it"
+        );
+    }
     Ok(())
 }
 

@@ -130,9 +130,17 @@ pub struct NftUplink {
     /// IPv6 connections to this uplink's `up_` chain instead.
     pub v6_detour: Option<String>,
     /// The interface's index while it exists: the accounting looks a packet's input
-    /// interface up by it (a 4-byte load and key, not the 16-byte name).
+    /// and output interface up by it (a 4-byte load and key, not the 16-byte name).
     pub ifindex: Option<u32>,
+    /// Usable and not stopped by its quota: its connections keep it (`STICKY_COMPARED`).
+    pub open: bool,
 }
+
+/// The first uplinks (config order) whose mark an established connection's packet is
+/// compared with, one rule each, before the `sticky` map is looked up for the others:
+/// a comparison costs the kernel about a quarter of a map lookup, and nearly every packet
+/// takes this path (measured: docs/benchmarks.md).
+pub const STICKY_COMPARED: usize = 4;
 
 /// A map element key; the variant decides the map.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -303,6 +311,7 @@ pub fn plan_touched(config: &Config, model: &Model, touched: &Touched) -> Desire
                 .v6_detour(config, i)
                 .map(|j| config.uplinks[j].name.clone()),
             ifindex: model.uplinks[i].link.ifindex,
+            open: model.open(i),
         })
         .collect();
     let structure = NftStructure {
@@ -346,11 +355,12 @@ pub fn plan_touched(config: &Config, model: &Model, touched: &Touched) -> Desire
 
     let mut elements = BTreeMap::new();
     // A connection keeps its uplink only while that uplink is open (usable, and not
-    // taken out by its quota).
+    // taken out by its quota); the first ones are compared by rules instead.
     for (_, u) in config
         .uplinks
         .iter()
         .enumerate()
+        .skip(STICKY_COMPARED)
         .filter(|(i, _)| model.open(*i))
     {
         elements.insert(
@@ -820,7 +830,9 @@ interface = "ppp0"
             &*d.nft.elements[&ElemKey::V6("2001:db8::1".parse().unwrap())],
             "home_a"
         );
-        assert_eq!(&*d.nft.elements[&ElemKey::Mark(0x0200_0000)], "keep_b");
+        // Both connections keep their uplink by a comparison, not the map.
+        assert!(d.nft.structure.uplinks.iter().all(|u| u.open));
+        assert!(!d.nft.elements.keys().any(|k| matches!(k, ElemKey::Mark(_))));
         // The next client goes to b (a has one client at weight 2, b none).
         assert_eq!(d.nft.unassigned, Some(Unassigned::Next("b".into())));
     }
@@ -923,10 +935,53 @@ interface = "ppp0"
         assert_eq!(d.nft.structure.uplinks[0].home, Some(vec!["b".to_string()]));
         assert_eq!(d.nft.structure.uplinks[1].home, None);
         assert!(
-            !d.nft.elements.contains_key(&ElemKey::Mark(0x0100_0000)),
+            !d.nft.structure.uplinks[0].open && d.nft.structure.uplinks[1].open,
             "dead uplink's flows are not sticky"
         );
         assert_eq!(d.nft.unassigned, Some(Unassigned::Next("b".into())));
+    }
+
+    /// The first `STICKY_COMPARED` uplinks keep their connections by comparisons; the
+    /// others' open ones are in the `sticky` map.
+    #[test]
+    fn uplinks_past_the_compared_ones_keep_their_connections_by_the_map() {
+        let mut text = String::from("[lan]\ninterfaces = [\"lan0\"]\n");
+        for i in 0..6 {
+            text.push_str(&format!(
+                "[[uplink]]\nname = \"u{i}\"\ninterface = \"ppp{i}\"\n"
+            ));
+        }
+        let c = Config::parse(Path::new("t"), &text).unwrap();
+        let mut m = Model::new(&c);
+        for i in [0, 1, 4] {
+            m.set_link(
+                &format!("ppp{i}"),
+                LinkState {
+                    ifindex: Some(10 + i as u32),
+                    admin_up: true,
+                    carrier: true,
+                },
+            );
+            m.set_addr(
+                &format!("ppp{i}"),
+                format!("100.64.{i}.2").parse().unwrap(),
+                true,
+            );
+        }
+        m.refresh_links(std::time::Instant::now(), &c.health, &c.failover);
+        let d = plan(&c, &m);
+        let open: Vec<bool> = d.nft.structure.uplinks.iter().map(|u| u.open).collect();
+        assert_eq!(open, [true, true, false, false, true, false]);
+        let marks: Vec<(u32, &str)> = d
+            .nft
+            .elements
+            .iter()
+            .filter_map(|(k, v)| match k {
+                ElemKey::Mark(m) => Some((*m, &**v)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(marks, [(c.dataplane.fwmark(c.uplinks[4].mark), "keep_u4")]);
     }
 
     /// An incremental plan applied to what the previous whole plan put in the maps gives

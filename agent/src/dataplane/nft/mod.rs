@@ -35,7 +35,8 @@ use tokio::io::AsyncWriteExt;
 use crate::config::{AddrMatch, SetConfig, Target};
 use crate::plan::{
     ElemKey, MAP_CLIENT4, MAP_CLIENT6, MAP_PIN4, MAP_PIN6, MAP_STICKY, NftDesired, NftStructure,
-    SpreadKey, Unassigned, Verdict, client_set, home_chain, keep_chain, policy_chain, up_chain,
+    STICKY_COMPARED, SpreadKey, Unassigned, Verdict, client_set, home_chain, keep_chain,
+    policy_chain, up_chain,
 };
 
 use super::{DataplaneError, nfnl};
@@ -1194,6 +1195,7 @@ mod tests {
                 away_mark: None,
                 v6_detour: None,
                 ifindex: Some(3),
+                open: true,
             }],
             sets: Arc::new(Vec::new()),
             rules: Arc::new(Vec::new()),
@@ -1267,6 +1269,7 @@ mod tests {
             away_mark: None,
             v6_detour: None,
             ifindex: None,
+            open: true,
         });
         let sig4 = signature_of(&render_structure(&s4));
         assert!(base.compatible(&sig4));
@@ -1364,16 +1367,24 @@ mod tests {
                 })
                 .collect()
         };
-        // wan1 does not exist: no element of its own, and its packets out still counted.
+        let counted_out = |s: &NftStructure| -> Vec<String> {
+            accounting_rules(s)
+                .iter()
+                .filter_map(|r| {
+                    let expr = r["rule"]["expr"].as_array()?;
+                    (expr[0]["match"]["left"]["meta"]["key"] == "oif")
+                        .then(|| format!("{} {}", expr[0]["match"]["right"], expr[1]["counter"]))
+                })
+                .collect()
+        };
+        // wan1 does not exist: no element or rule of its own (it has no packets).
         assert_eq!(
             keys(&s),
             [r#"{"concat":[3,"ipv4"]} {"concat":[3,"ipv6"]}"#, "3"]
         );
-        assert!(
-            accounting_rules(&s)
-                .iter()
-                .any(|r| r.to_string().contains("tx.wan1"))
-        );
+        assert_eq!(counted_out(&s), [r#"3 "tx.wan0""#]);
+        s.uplinks[1].ifindex = Some(4);
+        assert_eq!(counted_out(&s), [r#"3 "tx.wan0""#, r#"4 "tx.wan1""#]);
         // A model behind the kernel (two interfaces with one index): listed once, which
         // the kernel takes.
         s.uplinks[1].ifindex = Some(3);
@@ -1381,14 +1392,60 @@ mod tests {
             keys(&s),
             [r#"{"concat":[3,"ipv4"]} {"concat":[3,"ipv6"]}"#, "3"]
         );
-        // No uplink interface exists: no lookup with nothing to find.
+        assert_eq!(counted_out(&s), [r#"3 "tx.wan0""#]);
+        // No uplink interface exists: no rule with nothing to find.
         s.uplinks.iter_mut().for_each(|u| u.ifindex = None);
-        assert!(keys(&s).is_empty());
+        assert!(accounting_rules(&s).is_empty());
+    }
+
+    /// An established connection's mark is compared with the first uplinks' (the open
+    /// ones), then looked up in the map for the rest; in prerouting and in the gateway's
+    /// own output chain alike.
+    #[test]
+    fn sticky_marks_are_compared_for_the_first_uplinks_then_looked_up() {
+        let mut s = structure();
+        let first = s.uplinks[0].clone();
+        for i in 1..6u32 {
+            let mut u = first.clone();
+            u.name = format!("u{i}");
+            u.interface = format!("wan{i}");
+            u.fwmark = (i + 1) << 24;
+            u.open = i != 2;
+            s.uplinks.push(u);
+        }
+        let shown = |s: &NftStructure| -> Vec<String> {
+            sticky_rules(s, PREROUTING)
+                .iter()
+                .map(|r| {
+                    let expr = &r["rule"]["expr"];
+                    match expr[0].get("vmap") {
+                        Some(v) => format!("vmap {}", v["data"]),
+                        None => format!(
+                            "{} {}",
+                            expr[0]["match"]["right"], expr[1]["goto"]["target"]
+                        ),
+                    }
+                })
+                .collect()
+        };
         assert_eq!(
-            accounting_rules(&s).len(),
-            2,
-            "the two interfaces' packets out"
+            shown(&s),
+            [
+                r#"16777216 "keep_a""#,
+                r#"33554432 "keep_u1""#,
+                r#"67108864 "keep_u3""#,
+                r#"vmap "@sticky""#
+            ]
         );
+        assert!(
+            sticky_rules(&s, OUTPUT)
+                .iter()
+                .all(|r| r["rule"]["chain"] == OUTPUT)
+        );
+        // No uplink past the compared ones: no lookup.
+        s.uplinks.truncate(STICKY_COMPARED);
+        assert_eq!(shown(&s).len(), 3);
+        assert!(!shown(&s).iter().any(|r| r.starts_with("vmap")));
     }
 
     #[test]

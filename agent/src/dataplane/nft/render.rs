@@ -195,21 +195,6 @@ pub(super) fn render_structure(s: &NftStructure) -> Vec<Value> {
         ));
     }
 
-    // A connection keeps the uplink it started on while that uplink is in the map: the
-    // first lookup of every packet, so that an established connection's (nearly every
-    // packet) is one lookup and one mark write. Its packets from the uplink get the mark
-    // too, which sends none of them elsewhere: the `main` rule before the uplinks' mark
-    // rules routes them by the main table's specific routes, as a LAN packet to the LAN.
-    objs.push(rule(
-        PREROUTING,
-        vec![Statement::VerdictMap(VerdictMap {
-            key: Expression::BinaryOperation(Box::new(BinaryOperation::AND(
-                ct_mark(),
-                Expression::Number(s.mask),
-            ))),
-            data: Expression::String(Cow::Owned(format!("@{MAP_STICKY}"))),
-        })],
-    ));
     // Only new connections are classified: one past the sticky lookup without an uplink
     // mark went by the main table (a `main` rule, or open before uplinkd) and stays
     // there; re-marking it mid-flow would send it out of another uplink with its old NAT
@@ -315,6 +300,7 @@ pub(super) fn render_structure(s: &NftStructure) -> Vec<Value> {
                 .map(|(_, u)| json!([u.interface, goto(&inbound_chain(&u.name))])),
         )
         .collect();
+    rules.extend(sticky_rules(s, PREROUTING));
     rules.push(raw_rule(
         &s.table,
         PREROUTING,
@@ -334,6 +320,45 @@ pub(super) fn render_structure(s: &NftStructure) -> Vec<Value> {
     out.extend(rules);
     out.extend(accounting_chain(s));
     out.extend(render_policies(s));
+    out
+}
+
+/// A connection keeps the uplink it started on while that uplink is open: the first test
+/// of every packet, so that an established connection's (nearly every packet) costs a
+/// comparison or two and one mark write. The mark is compared with the first
+/// `STICKY_COMPARED` uplinks' (no rule for one that is closed: its connections go on to
+/// be classified), then looked up in the `sticky` map, which holds the other open
+/// uplinks' (the rule is there only when the config has more). Packets from an uplink
+/// get the mark too, which sends none of them elsewhere: the `main` rule before the
+/// uplinks' mark rules routes them by the main table's specific routes, as a LAN packet
+/// to the LAN.
+pub(super) fn sticky_rules(s: &NftStructure, chain: &str) -> Vec<Value> {
+    let mark = json!({"&": [{"ct": {"key": "mark"}}, s.mask]});
+    let mut out: Vec<Value> = s
+        .uplinks
+        .iter()
+        .take(STICKY_COMPARED)
+        .filter(|u| u.open)
+        .map(|u| {
+            raw_rule(
+                &s.table,
+                chain,
+                vec![
+                    matches(mark.clone(), json!(u.fwmark)),
+                    goto(&keep_chain(&u.name)),
+                ],
+                None,
+            )
+        })
+        .collect();
+    if s.uplinks.len() > STICKY_COMPARED {
+        out.push(raw_rule(
+            &s.table,
+            chain,
+            vec![json!({"vmap": {"key": mark, "data": format!("@{MAP_STICKY}")}})],
+            None,
+        ));
+    }
     out
 }
 
@@ -364,13 +389,13 @@ pub(super) fn accounting_counters(s: &NftStructure) -> Vec<Value> {
 /// The accounting chain. A reply (to a connection the LAN opened: a download's packets)
 /// is counted in by one counter-map lookup of its input interface's index and family and
 /// stops there, after one comparison of the connection's direction. Any other packet out
-/// of an uplink's interface is counted out by one comparison per uplink interface (nearly
-/// always one or two: cheaper than a lookup, whose key would be the 16-byte name) and stops
+/// of an uplink's interface is counted out by one comparison of the output interface's
+/// index per uplink interface (nearly always one or two: cheaper than a lookup) and stops
 /// there; one that arrived on an uplink in its connection's original direction (a port
 /// forward, unsolicited) is counted in by its input interface's index. Indexes, not names:
-/// a 4-byte load and key; an interface that does not exist has no element (it has no
-/// packets either), and one that comes back under a new index rewrites this chain (a link
-/// event replans). Replies to the LAN are all counted in: no uplink is on a LAN interface
+/// a 4-byte load and key (copying a 16-byte name was a fifth of the chain's cost); an
+/// interface that does not exist has no element or rule (it has no packets either), and
+/// one that comes back under a new index rewrites this chain (a link event replans). Replies to the LAN are all counted in: no uplink is on a LAN interface
 /// (config refuses it); a packet from one uplink out of another counts on one side only,
 /// in if it is a reply and out if not. Neither unsolicited packets nor port-forwarded
 /// connections count as replies, and one family's traffic says nothing about the other's
@@ -415,12 +440,12 @@ pub(super) fn accounting_rules(s: &NftStructure) -> Vec<Value> {
             None,
         ));
     }
-    out.extend(ifaces.iter().map(|i| {
+    out.extend(present.iter().map(|(i, x)| {
         raw_rule(
             &s.table,
             ACCOUNTING,
             vec![
-                matches(meta("oifname"), json!(i)),
+                matches(meta("oif"), json!(x)),
                 json!({"counter": format!("tx.{i}")}),
                 json!({"accept": null}),
             ],
@@ -1092,13 +1117,8 @@ pub(super) fn render_local(s: &NftStructure, local: &crate::plan::LocalVerdict) 
             ],
             None,
         ),
-        raw_rule(
-            table,
-            OUTPUT,
-            vec![json!({"vmap": {"key": masked(ct("mark")), "data": format!("@{MAP_STICKY}")}})],
-            None,
-        ),
     ];
+    out.extend(sticky_rules(s, OUTPUT));
     out.extend(bound.into_iter().flatten());
     out.extend([
         // A connection that was open before (no mark) keeps its route: re-marking it
