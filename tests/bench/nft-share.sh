@@ -20,15 +20,15 @@ command -v perf >/dev/null || { echo "nft-share: needs perf (Debian: linux-perf)
 perf record -q -a -g -e cpu-clock -o "$data" -- \
     env UPLINKD_BIN="$bin" target/release/uplink-bench forward --clients "$clients" --seconds 6 --runs 2 $extra |
     grep -E "machine|paired"
-# Per second: samples, busy samples, busy samples inside nft chains, samples in a set
-# lookup or a named counter (uplinkd's chains have them, bare's and the sink's do not: they
+# Per second: samples, busy samples, busy samples inside nft chains, samples inside an nft
+# chain on the forward hook (uplinkd's accounting chain; bare and the sink have none: they
 # mark the uplinkd runs).
 perf script -i "$data" -F time,ip,sym 2>/dev/null | awk '
-function flush() { tot[t]++; if (!idle) { busy[t]++; if (nft) innft[t]++ }; if (acct) marks[t]++ }
-/^ *[0-9]+\.[0-9]+:/ { if (open) flush(); open = 1; t = int($1); idle = nft = acct = 0; next }
+function flush() { tot[t]++; if (!idle) { busy[t]++; if (nft) innft[t]++ }; if (nft && fwd) marks[t]++ }
+/^ *[0-9]+\.[0-9]+:/ { if (open) flush(); open = 1; t = int($1); idle = nft = fwd = 0; next }
 /pv_native_safe_halt|default_idle|intel_idle|acpi_idle/ { idle = 1 }
 /nft_do_chain_(inet|ipv4|ipv6)/ { nft = 1 }
-/nft_lookup_eval|nft_objref_eval|nft_objref_map_eval/ { acct = 1 }
+/ip_forward/ { fwd = 1 }
 /^$/ { if (open) flush(); open = 0 }
 END {
     if (open) flush()

@@ -56,7 +56,7 @@ fn arg(args: &[String], name: &str, default: u64) -> Result<u64> {
 
 const USAGE: &str = "usage: uplink-bench BENCHMARK [OPTIONS]   (as root: benchmarks build namespaces)
 
-  dispatch [--clients N] [--interval-ms M] [--runs R] [--rules N] [--held N] [--resync-s 10]
+  dispatch [--clients N] [--interval-ms M] [--runs R] [--rules N] [--held N] [--resync-s 10] [--full-resync-s 300]
   startup  [--clients N] [--runs R]
   failover [--clients N] [--trials T] [--rules N]
   gap carrier|silent|silent-idle [--trials T]
@@ -108,6 +108,7 @@ fn run(args: &[String]) -> Result<()> {
             arg(&args, "--rules", 0)? as u32,
             arg(&args, "--held", 0)? as u32,
             arg(&args, "--resync-s", 10)?,
+            arg(&args, "--full-resync-s", 300)?,
             &machine,
         ),
         Some("startup") => startup(
@@ -258,14 +259,16 @@ impl Gw {
 
     /// Sets the agent's `resync_interval` (the other benchmarks keep 60 s: a resync of
     /// what they hold would add its own work to what they measure).
-    fn set_resync(&self, seconds: u64) -> Result<()> {
+    fn set_resync(&self, seconds: u64, full_seconds: u64) -> Result<()> {
         let path = self.dir.join("uplinkd.toml");
         let text = std::fs::read_to_string(&path)?;
         std::fs::write(
             &path,
             text.replace(
                 "resync_interval = \"60s\"",
-                &format!("resync_interval = \"{seconds}s\""),
+                &format!(
+                    "resync_interval = \"{seconds}s\"\nfull_resync_interval = \"{full_seconds}s\""
+                ),
             ),
         )?;
         Ok(())
@@ -396,10 +399,11 @@ fn dispatch(
     rules: u32,
     held: u32,
     resync_s: u64,
+    full_resync_s: u64,
     machine: &str,
 ) -> Result<()> {
     println!(
-        "dispatch latency: neighbour added -> client4 element committed (nft monitor), {clients} clients, one every {interval_ms} ms, {held} clients held before, a resync every {resync_s} s"
+        "dispatch latency: neighbour added -> client4 element committed (nft monitor), {clients} clients, one every {interval_ms} ms, {held} clients held before, a resync every {resync_s} s, a full one every {full_resync_s} s"
     );
     println!("machine: {machine}; agent {}", uplinkd_bin().display());
     let mut p50s = Vec::new();
@@ -409,7 +413,7 @@ fn dispatch(
         let gw = Gw::new("bd")?;
         // The agent's default: the events that arrive during a resync must not wait for
         // it.
-        gw.set_resync(resync_s)?;
+        gw.set_resync(resync_s, full_resync_s)?;
         gw.add_rules(rules)?;
         gw.add_neighbours(0..held)?;
         let (child, _, rx) = gw.start_agent()?;
