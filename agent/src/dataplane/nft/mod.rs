@@ -1360,7 +1360,7 @@ mod tests {
                         .find_map(|e| e["counter"]["map"]["data"]["set"].as_array())
                         .map(|set| {
                             set.iter()
-                                .map(|el| el[0].to_string())
+                                .map(|el| format!("{}:{}", el[0], el[1]))
                                 .collect::<Vec<_>>()
                                 .join(" ")
                         })
@@ -1380,7 +1380,7 @@ mod tests {
         // wan1 does not exist: no element or rule of its own (it has no packets).
         assert_eq!(
             keys(&s),
-            [r#"{"concat":[3,"ipv4"]} {"concat":[3,"ipv6"]}"#, "3"]
+            [r#"3:"reply4.wan0""#, r#"3:"reply6.wan0""#, r#"3:"rx.wan0""#]
         );
         assert_eq!(counted_out(&s), [r#"3 "tx.wan0""#]);
         s.uplinks[1].ifindex = Some(4);
@@ -1390,7 +1390,7 @@ mod tests {
         s.uplinks[1].ifindex = Some(3);
         assert_eq!(
             keys(&s),
-            [r#"{"concat":[3,"ipv4"]} {"concat":[3,"ipv6"]}"#, "3"]
+            [r#"3:"reply4.wan0""#, r#"3:"reply6.wan0""#, r#"3:"rx.wan0""#]
         );
         assert_eq!(counted_out(&s), [r#"3 "tx.wan0""#]);
         // No uplink interface exists: no rule with nothing to find.

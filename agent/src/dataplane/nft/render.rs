@@ -387,8 +387,8 @@ pub(super) fn accounting_counters(s: &NftStructure) -> Vec<Value> {
 }
 
 /// The accounting chain. A reply (to a connection the LAN opened: a download's packets)
-/// is counted in by one counter-map lookup of its input interface's index and family and
-/// stops there, after one comparison of the connection's direction. Any other packet out
+/// is counted in by one counter-map lookup of its input interface's index, in its family's
+/// rule, and stops there, after comparisons of the connection's direction and the family. Any other packet out
 /// of an uplink's interface is counted out by one comparison of the output interface's
 /// index per uplink interface (nearly always one or two: cheaper than a lookup) and stops
 /// there; one that arrived on an uplink in its connection's original direction (a port
@@ -421,24 +421,20 @@ pub(super) fn accounting_rules(s: &NftStructure) -> Vec<Value> {
     }
     let mut out = Vec::new();
     if !present.is_empty() {
-        let replies: Vec<Value> = present
-            .iter()
-            .flat_map(|(i, x)| {
-                [("ipv4", "reply4"), ("ipv6", "reply6")]
-                    .map(|(f, k)| json!([{"concat": [x, f]}, format!("{k}.{i}")]))
-            })
-            .collect();
-        let key = json!({"concat": [meta("iif"), meta("nfproto")]});
-        out.push(raw_rule(
-            &s.table,
-            ACCOUNTING,
-            vec![
-                direction("reply"),
-                json!({"counter": {"map": {"key": key, "data": {"set": replies}}}}),
-                json!({"accept": null}),
-            ],
-            None,
-        ));
+        // A rule per family, keyed by the 4-byte index alone: the IPv6 one tests the
+        // family first, so that a packet out (IPv4, mostly) pays one more comparison, not
+        // another connection lookup.
+        for (family, kind, family_first) in [("ipv4", "reply4", false), ("ipv6", "reply6", true)] {
+            let replies: Vec<Value> = present
+                .iter()
+                .map(|(i, x)| json!([x, format!("{kind}.{i}")]))
+                .collect();
+            let (a, b) = (direction("reply"), matches(meta("nfproto"), json!(family)));
+            let mut expr = if family_first { vec![b, a] } else { vec![a, b] };
+            expr.push(json!({"counter": {"map": {"key": meta("iif"), "data": {"set": replies}}}}));
+            expr.push(json!({"accept": null}));
+            out.push(raw_rule(&s.table, ACCOUNTING, expr, None));
+        }
     }
     out.extend(present.iter().map(|(i, x)| {
         raw_rule(
