@@ -107,8 +107,10 @@ fn run(args: &[String]) -> Result<()> {
             arg(&args, "--runs", 3)?,
             arg(&args, "--rules", 0)? as u32,
             arg(&args, "--held", 0)? as u32,
-            arg(&args, "--resync-s", 10)?,
-            arg(&args, "--full-resync-s", 300)?,
+            (
+                arg(&args, "--resync-s", 10)?,
+                arg(&args, "--full-resync-s", 300)?,
+            ),
             &machine,
         ),
         Some("startup") => startup(
@@ -398,8 +400,7 @@ fn dispatch(
     runs: u64,
     rules: u32,
     held: u32,
-    resync_s: u64,
-    full_resync_s: u64,
+    (resync_s, full_resync_s): (u64, u64),
     machine: &str,
 ) -> Result<()> {
     println!(
