@@ -547,25 +547,13 @@ fn the_netlink_reading_of_the_table_equals_nfts_listing() -> anyhow::Result<()> 
     assert!(lab.send_udp(1, to, None, None, 10)?.is_some(), "no echo");
     // A quiet table: the agent stopped (its table stays), nothing crosses the gateway.
     lab.stop_agent("TERM")?;
-    lab.gw(&[
-        "nft",
-        "add",
-        "element",
-        "inet",
-        "uplinkd",
-        "pin4",
-        "{ 198.51.100.7 : goto home_isp2 }",
-    ])?;
-    // The sticky map holds uplinks past the fourth only: one planted, to be read.
-    lab.gw(&[
-        "nft",
-        "add",
-        "element",
-        "inet",
-        "uplinkd",
-        "sticky",
-        "{ 0x05000000 : goto keep_isp2 }",
-    ])?;
+    // A pin, and a sticky mark (the map holds uplinks past the fourth only), to be read.
+    for (map, elem) in [
+        ("pin4", "{ 198.51.100.7 : goto home_isp2 }"),
+        ("sticky", "{ 0x05000000 : goto keep_isp2 }"),
+    ] {
+        lab.gw(&["nft", "add", "element", "inet", "uplinkd", map, elem])?;
+    }
     let (read, structure, counters, rules) = uplink_tests::in_netns(&lab.ns("gw"), || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()

@@ -326,9 +326,9 @@ pub(super) fn render_structure(s: &NftStructure) -> Vec<Value> {
 /// A connection keeps the uplink it started on while that uplink is open: the first test
 /// of every packet, so that an established connection's (nearly every packet) costs a
 /// comparison or two and one mark write. The mark is compared with the first
-/// `STICKY_COMPARED` uplinks' (no rule for one that is closed: its connections go on to
-/// be classified), then looked up in the `sticky` map, which holds the other open
-/// uplinks' (the rule is there only when the config has more). Packets from an uplink
+/// `STICKY_COMPARED` uplinks' (no rule for one that is closed: the failover that closed it
+/// deletes its connections), then looked up in the `sticky` map, which holds the other
+/// open uplinks' (the rule is there only when the config has more). Packets from an uplink
 /// get the mark too, which sends none of them elsewhere: the `main` rule before the
 /// uplinks' mark rules routes them by the main table's specific routes, as a LAN packet
 /// to the LAN.
@@ -387,20 +387,22 @@ pub(super) fn accounting_counters(s: &NftStructure) -> Vec<Value> {
 }
 
 /// The accounting chain. A reply (to a connection the LAN opened: a download's packets)
-/// is counted in by one counter-map lookup of its input interface's index, in its family's
-/// rule, and stops there, after comparisons of the connection's direction and the family. Any other packet out
-/// of an uplink's interface is counted out by one comparison of the output interface's
-/// index per uplink interface (nearly always one or two: cheaper than a lookup) and stops
-/// there; one that arrived on an uplink in its connection's original direction (a port
-/// forward, unsolicited) is counted in by its input interface's index. Indexes, not names:
-/// a 4-byte load and key (copying a 16-byte name was a fifth of the chain's cost); an
-/// interface that does not exist has no element or rule (it has no packets either), and
-/// one that comes back under a new index rewrites this chain (a link event replans). Replies to the LAN are all counted in: no uplink is on a LAN interface
-/// (config refuses it); a packet from one uplink out of another counts on one side only,
-/// in if it is a reply and out if not. Neither unsolicited packets nor port-forwarded
-/// connections count as replies, and one family's traffic says nothing about the other's
-/// path. A packet without a connection (`notrack`, invalid) is not counted in. The opt-in
-/// per-client and per-destination rules come before these (`accounting_chain`).
+/// is counted in by one counter-map lookup of its input interface's index, in its
+/// family's rule, and stops there, after comparisons of the connection's direction and
+/// the family. Any other packet out of an uplink's interface is counted out by one
+/// comparison of the output interface's index per uplink interface (nearly always one or
+/// two: cheaper than a lookup) and stops there; one that arrived on an uplink in its
+/// connection's original direction (a port forward, unsolicited) is counted in by its
+/// input interface's index. Indexes, not names: a 4-byte load and key (copying a 16-byte
+/// name was a fifth of the chain's cost); an interface that does not exist has no element
+/// or rule (it has no packets either), and one that comes back under a new index rewrites
+/// this chain (a link event replans). Replies to the LAN are all counted in: no uplink is
+/// on a LAN interface (config refuses it); a packet from one uplink out of another counts
+/// on one side only, in if it is a reply and out if not. Neither unsolicited packets nor
+/// port-forwarded connections count as replies, and one family's traffic says nothing
+/// about the other's path. A packet without a connection (`notrack`, invalid) is not
+/// counted in. The opt-in per-client and per-destination rules come before these
+/// (`accounting_chain`).
 pub(super) fn accounting_rules(s: &NftStructure) -> Vec<Value> {
     let ifaces = uplink_interfaces(s);
     let meta = |key: &str| json!({"meta": {"key": key}});
