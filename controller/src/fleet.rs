@@ -183,6 +183,20 @@ pub enum Failure {
     Error(String),
     /// No answer: connection refused, TLS refused, or the deadline passed.
     Unreachable(String),
+    /// The gateway answered that it cannot serve yet (UNAVAILABLE: uplinkd is starting).
+    /// Counted with the unreachable ones (exit code 4, `unreachable` in JSON): try again.
+    NotReady(String),
+}
+
+impl Failure {
+    /// One line for an operator.
+    pub fn text(&self) -> String {
+        match self {
+            Failure::Error(e) => e.clone(),
+            Failure::Unreachable(e) => format!("unreachable: {e}"),
+            Failure::NotReady(e) => format!("not ready: {e}"),
+        }
+    }
 }
 
 pub struct GatewayResult {
@@ -198,6 +212,10 @@ fn status_failure(s: tonic::Status) -> Failure {
         None => s.message().to_string(),
     };
     match s.code() {
+        // Said by the server itself: no transport error under it.
+        tonic::Code::Unavailable if s.source().is_none() && s.message() != "transport error" => {
+            Failure::NotReady(detail)
+        }
         tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => Failure::Unreachable(detail),
         // A refused TLS client certificate surfaces on the first request (TLS 1.3 checks it
         // after the client's side of the handshake is done): like Ansible, a refused login
@@ -462,7 +480,7 @@ pub fn exit_code(results: &[GatewayResult]) -> u8 {
         match &r.result {
             Ok(_) => {}
             Err(Failure::Error(_)) => code |= 2,
-            Err(Failure::Unreachable(_)) => code |= 4,
+            Err(Failure::Unreachable(_) | Failure::NotReady(_)) => code |= 4,
         }
     }
     code
@@ -493,8 +511,8 @@ pub async fn follow_events(
         };
         match first {
             Ok(()) => {}
-            Err(Failure::Unreachable(e)) => {
-                eprintln!("{}: unreachable: {e}", t.name);
+            Err(f @ (Failure::Unreachable(_) | Failure::NotReady(_))) => {
+                eprintln!("{}: {}", t.name, f.text());
                 return Ok(4);
             }
             Err(Failure::Error(e)) => {
@@ -536,7 +554,7 @@ async fn watch(
                 .await
                 .map(|s| s.into_inner())
                 .map_err(|s| format!("{:?}: {}", s.code(), s.message())),
-            Err(Failure::Unreachable(e) | Failure::Error(e)) => Err(e),
+            Err(Failure::Unreachable(e) | Failure::NotReady(e) | Failure::Error(e)) => Err(e),
         };
         match stream {
             Ok(mut stream) => {

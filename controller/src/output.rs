@@ -24,7 +24,7 @@ pub fn print(results: &[GatewayResult], out: Output, single: bool) {
                         .iter()
                         .map(|r| match &r.result {
                             Ok(a) => serde_json::json!({"gateway": r.target.name, "address": r.target.address, "ok": true, "result": a.json()}),
-                            Err(f) => serde_json::json!({"gateway": r.target.name, "address": r.target.address, "ok": false, "error": failure_text(f), "unreachable": matches!(f, Failure::Unreachable(_))}),
+                            Err(f) => serde_json::json!({"gateway": r.target.name, "address": r.target.address, "ok": false, "error": f.text(), "unreachable": matches!(f, Failure::Unreachable(_) | Failure::NotReady(_))}),
                         })
                         .collect(),
                 )
@@ -49,15 +49,8 @@ pub fn print(results: &[GatewayResult], out: Output, single: bool) {
     }
     for r in results {
         if let Err(f) = &r.result {
-            eprintln!("{}: {}", r.target.name, failure_text(f));
+            eprintln!("{}: {}", r.target.name, f.text());
         }
-    }
-}
-
-fn failure_text(f: &Failure) -> String {
-    match f {
-        Failure::Error(e) => e.clone(),
-        Failure::Unreachable(e) => format!("unreachable: {e}"),
     }
 }
 

@@ -527,9 +527,13 @@ fn reads_before_the_first_model_is_shown_are_refused() -> anyhow::Result<()> {
             code, 0,
             "view {what} answered before the first model:\n{out}"
         );
-        // UNAVAILABLE, which uplinkctl counts as unreachable (exit code 4: try again).
+        // UNAVAILABLE, which uplinkctl counts with the unreachable (exit code 4: try
+        // again), and words as what it is.
         assert_eq!(code, 4, "view {what}: {err}");
-        assert!(err.contains("uplinkd is starting"), "view {what}: {err}");
+        assert!(
+            err.contains("not ready: uplinkd is starting"),
+            "view {what}: {err}"
+        );
     }
     let (code, out, err) = lab.ctl("view", &["status"])?;
     assert_ne!(code, 0, "status answered before the first model: {out}");
