@@ -421,23 +421,45 @@ pub(super) fn accounting_rules(s: &NftStructure) -> Vec<Value> {
             present.push((i, x));
         }
     }
-    let mut out = Vec::new();
-    if !present.is_empty() {
-        // A rule per family, keyed by the 4-byte index alone: the IPv6 one tests the
-        // family first, so that a packet out (IPv4, mostly) pays one more comparison, not
-        // another connection lookup.
-        for (family, kind, family_first) in [("ipv4", "reply4", false), ("ipv6", "reply6", true)] {
-            let replies: Vec<Value> = present
-                .iter()
-                .map(|(i, x)| json!([x, format!("{kind}.{i}")]))
-                .collect();
-            let (a, b) = (direction("reply"), matches(meta("nfproto"), json!(family)));
-            let mut expr = if family_first { vec![b, a] } else { vec![a, b] };
-            expr.push(json!({"counter": {"map": {"key": meta("iif"), "data": {"set": replies}}}}));
-            expr.push(json!({"accept": null}));
-            out.push(raw_rule(&s.table, ACCOUNTING, expr, None));
-        }
+    if present.is_empty() {
+        return Vec::new();
     }
+    // A named-counter lookup keyed by the input interface's index alone (4 bytes).
+    let by_iif = |kind: &str| {
+        let elems: Vec<Value> = present
+            .iter()
+            .map(|(i, x)| json!([x, format!("{kind}.{i}")]))
+            .collect();
+        json!({"counter": {"map": {"key": meta("iif"), "data": {"set": elems}}}})
+    };
+    let family = |f: &str| matches(meta("nfproto"), json!(f));
+    let accept = || json!({"accept": null});
+    let mut out = vec![
+        raw_rule(
+            &s.table,
+            ACCOUNTING,
+            vec![
+                direction("reply"),
+                family("ipv4"),
+                by_iif("reply4"),
+                accept(),
+            ],
+            None,
+        ),
+        // The family first: a packet out (IPv4, mostly) pays one more comparison, not
+        // another connection lookup.
+        raw_rule(
+            &s.table,
+            ACCOUNTING,
+            vec![
+                family("ipv6"),
+                direction("reply"),
+                by_iif("reply6"),
+                accept(),
+            ],
+            None,
+        ),
+    ];
     out.extend(present.iter().map(|(i, x)| {
         raw_rule(
             &s.table,
@@ -445,26 +467,17 @@ pub(super) fn accounting_rules(s: &NftStructure) -> Vec<Value> {
             vec![
                 matches(meta("oif"), json!(x)),
                 json!({"counter": format!("tx.{i}")}),
-                json!({"accept": null}),
+                accept(),
             ],
             None,
         )
     }));
-    if !present.is_empty() {
-        let inbound: Vec<Value> = present
-            .iter()
-            .map(|(i, x)| json!([x, format!("rx.{i}")]))
-            .collect();
-        out.push(raw_rule(
-            &s.table,
-            ACCOUNTING,
-            vec![
-                direction("original"),
-                json!({"counter": {"map": {"key": meta("iif"), "data": {"set": inbound}}}}),
-            ],
-            None,
-        ));
-    }
+    out.push(raw_rule(
+        &s.table,
+        ACCOUNTING,
+        vec![direction("original"), by_iif("rx")],
+        None,
+    ));
     out
 }
 
