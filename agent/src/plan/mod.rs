@@ -355,18 +355,15 @@ pub fn plan_touched(config: &Config, model: &Model, touched: &Touched) -> Desire
 
     let mut elements = BTreeMap::new();
     // A connection keeps its uplink only while that uplink is open (usable, and not
-    // taken out by its quota); the first ones are compared by rules instead.
-    for (_, u) in config
+    // taken out by its quota); the first ones are compared by rules instead, from the
+    // same `open`.
+    for u in structure
         .uplinks
         .iter()
-        .enumerate()
         .skip(STICKY_COMPARED)
-        .filter(|(i, _)| model.open(*i))
+        .filter(|u| u.open)
     {
-        elements.insert(
-            ElemKey::Mark(dp.fwmark(u.mark)),
-            Arc::from(keep_chain(&u.name)),
-        );
+        elements.insert(ElemKey::Mark(u.fwmark), Arc::from(keep_chain(&u.name)));
     }
     // One allocation per uplink, shared by all its clients' elements.
     let homes: BTreeMap<&str, Arc<str>> = config
